@@ -1,0 +1,180 @@
+"""gRPC server bootstrap shared by the services: health, reflection, request ids, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Histogram
+
+from nats.errors import Error as NatsError
+
+from services.common.errors import (
+    InvalidArgument, KefuError, NotFound, PermissionDenied, Unavailable, UpstreamError, UpstreamTimeout,
+)
+from services.common.logs import REQUEST_ID_METADATA_KEY, request_id_var
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    # Without this a second server can bind the same port and silently take calls.
+    ("grpc.so_reuseport", 0),
+    # Long streams: allow client keepalive pings every 20 s without a call in flight.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+)
+
+
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    """Puts the caller's request id into the logging context and times every call."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._duration = Histogram(
+            "kefu_grpc_server_handling_seconds", "Time to handle a gRPC call (streams: until the last message).",
+            ["method"], registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        request_id = ""
+        for key, value in details.invocation_metadata or ():
+            if key == REQUEST_ID_METADATA_KEY:
+                request_id = str(value)
+                break
+        histogram = self._duration.labels(details.method.rsplit("/", 1)[-1])
+        return _wrap(handler, request_id, histogram)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any) -> grpc.RpcMethodHandler:
+    # Each RPC runs in its own task, so setting the context variable scopes it to the call.
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id_var.set(request_id)
+            start = time.perf_counter()
+            try:
+                return await inner_uu(request, context)
+            finally:
+                histogram.observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request_id_var.set(request_id)
+            start = time.perf_counter()
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            finally:
+                histogram.observe(time.perf_counter() - start)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request_id_var.set(request_id)
+            start = time.perf_counter()
+            try:
+                async for item in inner_ss(requests, context):
+                    yield item
+            finally:
+                histogram.observe(time.perf_counter() - start)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+def create_grpc_server(registry: CollectorRegistry) -> grpc.aio.Server:
+    """A grpc.aio server with kefu's options and interceptors; services are added by the caller."""
+    return grpc.aio.server(interceptors=[RequestContextInterceptor(registry)], options=SERVER_OPTIONS)
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (every service SERVING) and reflection."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return health_servicer
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind an insecure port and return the bound one (port 0 picks a free one)."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind gRPC port {host}:{port}")
+    return bound
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on the first SIGTERM or SIGINT; a second one is ignored (shutdown is idempotent)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stop signal received")
+
+
+async def stop_gracefully(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                          grace_s: float) -> None:
+    """Report NOT_SERVING, let calls in flight finish for up to `grace_s`, then stop."""
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+
+
+_STATUS_BY_ERROR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (UpstreamTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (UpstreamError, grpc.StatusCode.UNAVAILABLE),
+    (NatsError, grpc.StatusCode.UNAVAILABLE),
+    (TimeoutError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: Exception) -> grpc.StatusCode:
+    for error_type, code in _STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@asynccontextmanager
+async def grpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Turn domain and NATS errors into a gRPC status; anything else is INTERNAL, logged once."""
+    try:
+        yield
+    except (KefuError, NatsError, TimeoutError) as error:
+        code = status_for(error)
+        message = error.message if isinstance(error, KefuError) else f"backend unavailable: {type(error).__name__}"
+        if code is grpc.StatusCode.UNAVAILABLE:
+            log.warning("%s: %s", type(error).__name__, error)
+        await context.abort(code, message)

@@ -1,0 +1,61 @@
+"""Connecting to NATS and creating the JetStream buckets and streams a service needs."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+
+async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1) -> NatsClient:
+    """Connect and keep reconnecting forever (a restarted nats-server is picked up by itself)."""
+
+    async def on_error(error: Exception) -> None:
+        # nats-py's default callback logs a full traceback on every failed attempt.
+        log.warning("nats: %s", error or type(error).__name__)
+
+    async def on_disconnected() -> None:
+        log.warning("nats: disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats: reconnected")
+
+    return await nats.connect(
+        url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+        max_reconnect_attempts=max_reconnect_attempts, error_cb=on_error,
+        disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+    )
+
+
+async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """Open a bucket, creating it on first use (two processes racing to create it is fine)."""
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError:
+        # Another process created it between our two calls.
+        return await js.key_value(config.bucket)
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create a stream on first use; an existing one is updated to `config`."""
+    assert config.name
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            return
+        except BadRequestError:
+            pass
+    await js.update_stream(config)

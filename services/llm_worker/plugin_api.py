@@ -1,0 +1,113 @@
+"""The provider plugin contract: what a module in plugins/ exports and the worker calls.
+
+A plugin module exports one name, `plugin`: a factory (usually the provider class itself)
+with a `name` attribute that routes refer to. The worker calls it once per route with that
+route's settings, then `setup()`, then `self_test()` before the generation goes live.
+
+Plugins import only this module (and their own libraries). They do no work at import time:
+no sockets, no threads, no metrics; they acquire those in `setup()` and release them in
+`aclose()`. The contract only grows: new arguments are keyword-only and optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+ROLES = frozenset({"system", "user", "assistant", "agent"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of the context; `role` is one of ROLES ("agent" is a human agent's reply)."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Knobs of one generation; None means the provider's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The next piece of the answer, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The last event of every successful stream."""
+
+    finish_reason: str
+    """"stop" when the answer is complete, "length" when `max_tokens` cut it."""
+    usage: Usage
+    model: str
+    """The model that answered (an upstream name, or the plugin's own for offline ones)."""
+
+
+StreamEvent = Delta | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What the host gives every provider besides its route settings."""
+
+    plugins_dir: Path
+    """The folder the plugin was loaded from; data files sit beside the modules (flat: ConfigMaps hold no folders)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """A provider failed for a reason the caller should see; `retryable` when trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One configured provider instance, serving one route."""
+
+    capabilities: frozenset[str]
+    """What it can do, e.g. {"stream", "temperature", "max_tokens", "offline"}."""
+
+    async def setup(self) -> None:
+        """Acquire clients and load data. Called once, before `self_test()`."""
+
+    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[StreamEvent]:
+        """Stream the answer to `messages`: zero or more `Delta`, then exactly one `Finish`.
+
+        Raise `ProviderError` on failure. Cancellation (the client went away) arrives as
+        `asyncio.CancelledError` at an `await`: stop at once and release the upstream request.
+        """
+
+    async def self_test(self) -> None:
+        """Raise if the provider cannot serve; must not call paid upstreams."""
+
+    async def aclose(self) -> None:
+        """Release what `setup()` acquired. Called when the generation is dropped."""
+
+
+class ProviderFactory(Protocol):
+    """The module's `plugin` object: builds a provider from a route's settings."""
+
+    name: str
+    """The provider name routes refer to, e.g. "knowledge_base"."""
+
+    def __call__(self, settings: Mapping[str, Any], context: PluginContext) -> Provider: ...

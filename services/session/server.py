@@ -1,0 +1,112 @@
+"""gRPC wiring of the session service: protobuf <-> domain, nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health
+
+from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_server import (
+    add_health_and_reflection, bind, create_grpc_server, grpc_errors, stop_gracefully, wait_for_stop_signal,
+)
+from services.common.metrics import start_metrics_server
+from services.common.nats_client import connect_nats
+from services.session.context import build_context
+from services.session.metrics import SessionMetrics
+from services.session.models import Principal, StoredMessage
+from services.session.settings import SessionSettings
+from services.session.store import SessionStore
+from services.session.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+
+
+def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
+                 | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest) -> Principal:
+    p = request.principal
+    return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
+
+
+def to_proto(message: StoredMessage) -> session_pb2.Message:
+    return session_pb2.Message(id=message.id, role=message.role, content=message.content,
+                               created_at=message.created_at, tokens=message.tokens, seq=message.seq)
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, settings: SessionSettings, store: SessionStore, counter: TokenCounter,
+                 metrics: SessionMetrics) -> None:
+        self._settings = settings
+        self._store = store
+        self._counter = counter
+        self._metrics = metrics
+
+    async def Append(self, request: session_pb2.AppendRequest,
+                     context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
+        async with grpc_errors(context):
+            with self._metrics.operation_seconds.labels("append").time():
+                result = await self._store.append(principal_of(request), request.session_id, request.role,
+                                                  request.content, request.message_id)
+        if result.created:
+            self._metrics.sessions_created.inc()
+        self._metrics.messages_appended.labels(result.message.role).inc()
+        return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
+                                          created=result.created)
+
+    async def BuildContext(self, request: session_pb2.BuildContextRequest,
+                           context: grpc.aio.ServicerContext) -> session_pb2.BuildContextResponse:
+        async with grpc_errors(context):
+            with self._metrics.operation_seconds.labels("build_context").time():
+                meta, history = await self._store.messages(principal_of(request), request.session_id)
+        budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
+        built = build_context(history, request.system_prompt, budget, self._counter)
+        self._metrics.context_tokens.observe(built.total_tokens)
+        return session_pb2.BuildContextResponse(
+            messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
+            truncated=built.truncated, user_message_count=meta.user_message_count)
+
+    async def ListMessages(self, request: session_pb2.ListMessagesRequest,
+                           context: grpc.aio.ServicerContext) -> session_pb2.ListMessagesResponse:
+        async with grpc_errors(context):
+            with self._metrics.operation_seconds.labels("list").time():
+                _, history = await self._store.messages(principal_of(request), request.session_id)
+        return session_pb2.ListMessagesResponse(session_id=request.session_id,
+                                                messages=[to_proto(m) for m in history])
+
+    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest,
+                            context: grpc.aio.ServicerContext) -> session_pb2.DeleteSessionResponse:
+        async with grpc_errors(context):
+            with self._metrics.operation_seconds.labels("delete").time():
+                deleted = await self._store.delete(principal_of(request), request.session_id)
+        return session_pb2.DeleteSessionResponse(deleted_messages=deleted)
+
+
+async def create_server(settings: SessionSettings, servicer: SessionServicer,
+                        metrics: SessionMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Build the server with health and reflection and bind it; do not start."""
+    server = create_grpc_server(metrics.registry)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
+    health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, settings.host, settings.grpc_port)
+    return server, health_servicer, port
+
+
+async def serve(settings: SessionSettings) -> None:
+    metrics = SessionMetrics()
+    metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
+    counter = TokenCounter.named(settings.encoding)
+    nc = await connect_nats(settings.nats_url, "kefu-session")
+    try:
+        store = await SessionStore.open(nc, counter, max_history=settings.max_history_messages,
+                                        max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s)
+        server, health_servicer, port = await create_server(
+            settings, SessionServicer(settings, store, counter, metrics), metrics)
+        await server.start()
+        log.info("session service on %s:%d", settings.host, port)
+        await wait_for_stop_signal()
+        await stop_gracefully(server, health_servicer, settings.grace_s)
+    finally:
+        await nc.drain()
+        metrics_server.close()

