@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
@@ -32,6 +34,14 @@ async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1)
         max_reconnect_attempts=max_reconnect_attempts, error_cb=on_error,
         disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
     )
+
+
+async def close_nats(nc: NatsClient, timeout_s: float = 5.0) -> None:
+    """Drain (flush what is pending), but never hang a shutdown on an unreachable server."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except (asyncio.TimeoutError, nats.errors.Error):
+        await nc.close()
 
 
 async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

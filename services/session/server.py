@@ -12,7 +12,7 @@ from services.common.grpc_server import (
     add_health_and_reflection, bind, create_grpc_server, grpc_errors, stop_gracefully, wait_for_stop_signal,
 )
 from services.common.metrics import start_metrics_server
-from services.common.nats_client import connect_nats
+from services.common.nats_client import close_nats, connect_nats
 from services.session.context import build_context
 from services.session.metrics import SessionMetrics
 from services.session.models import Principal, StoredMessage
@@ -108,5 +108,5 @@ async def serve(settings: SessionSettings) -> None:
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
-        await nc.drain()
+        await close_nats(nc)
         metrics_server.close()

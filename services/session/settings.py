@@ -10,7 +10,8 @@ from typing import Self
 from services.common.settings import SettingsError, env_float, env_int, env_str, nats_url
 
 
-@dataclass(frozen=True, slots=True)
+# No slots: from_env reads the defaults off the class attributes.
+@dataclass(frozen=True)
 class SessionSettings:
     host: str = "127.0.0.1"
     grpc_port: int = 50051

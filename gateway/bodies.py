@@ -1,0 +1,36 @@
+"""Reading request bodies: size, media type, UTF-8 JSON, then a pydantic schema."""
+
+from __future__ import annotations
+
+import json
+from typing import TypeVar
+
+import pydantic
+from aiohttp import web
+
+from gateway import keys
+from gateway.errors import ApiError, BodyTooLarge, InvalidJson, InvalidRequest
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+async def read_json_body(request: web.Request, model: type[Model]) -> Model:
+    limit = request.app[keys.SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(request.content_length, limit)
+    content_type = request.headers.get("Content-Type", "")
+    if content_type and request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        raise ApiError("unsupported_media_type", "send the body as application/json", 415)
+    raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidJson("not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise InvalidJson(f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    try:
+        return model.model_validate(data, strict=True)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}") from None

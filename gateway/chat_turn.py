@@ -1,0 +1,177 @@
+"""One chat turn across the three services: check input, store it, build context, stream, filter, store.
+
+The turn is an async generator of events; everything before `TurnStarted` may raise
+ApiError (the client gets a plain JSON error), everything after ends in `TurnDone` or
+raises StreamFailed (the client gets an SSE `error` event).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.auth import Principal
+from gateway.clients import BackendClients
+from gateway.errors import ContentBlocked, api_error_from_grpc
+from gateway.settings import GatewaySettings
+from kefu.llm.v1 import llm_pb2
+from kefu.moderation.v1 import moderation_pb2
+from kefu.session.v1 import session_pb2
+from services.common.logs import REQUEST_ID_METADATA_KEY
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    message: str
+    session_id: str = ""
+    route: str = ""
+    max_tokens: int = 0
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    session_id: str
+    message_id: str
+    """Id of the assistant message this turn produces."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDone:
+    message_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    model: str
+
+
+TurnEvent = TurnStarted | TurnDelta | TurnDone
+
+
+class StreamFailed(Exception):
+    """The stream started and then failed; `code` goes into the SSE `error` event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
+    api_error = api_error_from_grpc(error, backend)
+    return StreamFailed(api_error.code, api_error.message)
+
+
+class ChatTurn:
+    def __init__(self, clients: BackendClients, settings: GatewaySettings, principal: Principal,
+                 request_id: str) -> None:
+        self._clients = clients
+        self._settings = settings
+        self._principal = session_pb2.Principal(tenant=principal.tenant, subject=principal.subject,
+                                                role=principal.role)
+        self._tenant = principal.tenant
+        self._metadata = ((REQUEST_ID_METADATA_KEY, request_id),)
+
+    async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+        text = await self._check_input(request.message)
+        try:
+            appended = await self._clients.session.Append(session_pb2.AppendRequest(
+                principal=self._principal, session_id=request.session_id, role="user", content=text),
+                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            context = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
+                principal=self._principal, session_id=appended.session_id,
+                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens),
+                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise api_error_from_grpc(error, "session") from None
+        session_id = appended.session_id
+        message_id = secrets.token_hex(16)
+        yield TurnStarted(session_id, message_id)
+        answer: list[str] = []
+        done: llm_pb2.Done | None = None
+        async for item in self._filtered_answer(request, context.messages):
+            if isinstance(item, str):
+                answer.append(item)
+                yield TurnDelta(item)
+            else:
+                done = item
+        assert done is not None
+        if answer:
+            try:
+                await self._clients.session.Append(session_pb2.AppendRequest(
+                    principal=self._principal, session_id=session_id, role="assistant",
+                    content="".join(answer), message_id=message_id),
+                    timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as error:
+                raise _stream_failure(error, "session") from None
+        yield TurnDone(message_id, done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens,
+                       done.cached, done.model)
+
+    async def _check_input(self, text: str) -> str:
+        try:
+            verdict = await self._clients.moderation.Check(
+                moderation_pb2.CheckRequest(tenant=self._tenant, text=text),
+                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            # Fail closed: nothing unfiltered goes on when moderation cannot answer.
+            raise api_error_from_grpc(error, "moderation") from None
+        if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
+            raise ContentBlocked()
+        return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
+
+    async def _filtered_answer(self, request: TurnRequest, context: list[session_pb2.Message],
+                               ) -> AsyncIterator[str | llm_pb2.Done]:
+        """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed."""
+        generate = llm_pb2.GenerateRequest(
+            route=request.route, tenant=self._tenant, session_id=request.session_id,
+            max_tokens=request.max_tokens,
+            messages=[llm_pb2.ChatMessage(role=m.role, content=m.content) for m in context])
+        if request.temperature is not None:
+            generate.temperature = request.temperature
+        answer = self._clients.llm.Generate(generate, timeout=self._settings.stream_timeout_s,
+                                            metadata=self._metadata)
+        check = self._clients.moderation.CheckStream(timeout=self._settings.stream_timeout_s,
+                                                     metadata=self._metadata)
+        backend = "llm"
+        try:
+            done: llm_pb2.Done | None = None
+            async for response in answer:
+                if response.HasField("done"):
+                    done = response.done
+                    break
+                backend = "moderation"
+                safe = await self._check_delta(check, response.delta, final=False)
+                backend = "llm"
+                if safe:
+                    yield safe
+            if done is None:
+                raise StreamFailed("upstream_unavailable", "the answer stream ended early")
+            backend = "moderation"
+            tail = await self._check_delta(check, "", final=True)
+            if tail:
+                yield tail
+            yield done
+        except grpc.aio.AioRpcError as error:
+            raise _stream_failure(error, backend) from None
+        finally:
+            # Leaving the loop does not cancel a gRPC stream by itself (NOTES §5).
+            answer.cancel()
+            check.cancel()
+
+    async def _check_delta(self, check: grpc.aio.StreamStreamCall, delta: str, *, final: bool) -> str:
+        await check.write(moderation_pb2.CheckStreamRequest(tenant=self._tenant, delta=delta, final=final))
+        verdict = await check.read()
+        if verdict is grpc.aio.EOF:
+            raise StreamFailed("moderation_unavailable", "output moderation ended early")
+        if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
+            raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
+        return str(verdict.safe_delta)

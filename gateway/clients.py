@@ -1,0 +1,77 @@
+"""gRPC channels and stubs to the three services, created once per process and reused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.settings import GatewaySettings
+from kefu.llm.v1 import llm_pb2_grpc
+from kefu.moderation.v1 import moderation_pb2_grpc
+from kefu.session.v1 import session_pb2_grpc
+
+# A call that fails before the backend answered anything (a restarted pod, a connection in
+# reconnect backoff) is retried by gRPC itself; once a response has started it never is.
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    # `dns:///host:port` targets resolve to every address; round robin spreads calls over
+    # the replicas behind a headless Service instead of pinning one HTTP/2 connection.
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+)
+
+
+@dataclass
+class BackendClients:
+    session_channel: grpc.aio.Channel
+    moderation_channel: grpc.aio.Channel
+    worker_channel: grpc.aio.Channel
+    session: session_pb2_grpc.SessionServiceStub
+    moderation: moderation_pb2_grpc.ModerationServiceStub
+    llm: llm_pb2_grpc.LlmServiceStub
+
+    @classmethod
+    def connect(cls, settings: GatewaySettings) -> BackendClients:
+        session = grpc.aio.insecure_channel(settings.session_addr, options=CHANNEL_OPTIONS)
+        moderation = grpc.aio.insecure_channel(settings.moderation_addr, options=CHANNEL_OPTIONS)
+        worker = grpc.aio.insecure_channel(settings.worker_addr, options=CHANNEL_OPTIONS)
+        return cls(session, moderation, worker, session_pb2_grpc.SessionServiceStub(session),
+                   moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker))
+
+    def channels(self) -> dict[str, grpc.aio.Channel]:
+        return {"session": self.session_channel, "moderation": self.moderation_channel,
+                "llm_worker": self.worker_channel}
+
+    async def health(self, timeout_s: float) -> dict[str, bool]:
+        """Whether each backend answers its health check with SERVING."""
+        result: dict[str, bool] = {}
+        for name, channel in self.channels().items():
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+                result[name] = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                result[name] = False
+        return result
+
+    async def close(self) -> None:
+        for channel in self.channels().values():
+            await channel.close()

@@ -1,0 +1,94 @@
+"""API errors, their HTTP status and JSON shape, and the mapping from gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.errors import KefuError
+
+
+class ApiError(KefuError):
+    """An error the client sees as `{"error": {"code", "message", "request_id"}}`."""
+
+    status = 500
+
+    def __init__(self, code: str, message: str, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class BodyTooLarge(ApiError):
+    status = 413
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__("body_too_large", f"request body is larger than {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidJson(ApiError):
+    status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_json", f"body is not UTF-8 JSON: {detail}")
+
+
+class InvalidRequest(ApiError):
+    status = 422
+
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_request", message)
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="kefu"'})
+
+
+class Forbidden(ApiError):
+    status = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__("forbidden", message)
+
+
+class ContentBlocked(ApiError):
+    status = 400
+
+    def __init__(self) -> None:
+        super().__init__("content_blocked", "the message contains blocked content")
+
+
+# gRPC status of a backend call -> (HTTP status, error code) for a client, by backend.
+_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
+    grpc.StatusCode.INVALID_ARGUMENT: (422, "invalid_request"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthorized"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limited"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
+    grpc.StatusCode.UNKNOWN: (502, "upstream_error"),
+}
+
+
+def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
+    """`backend` names the service ("session", "moderation", "llm") so 503s say which one is down."""
+    code = error.code()
+    status, name = _GRPC_TO_HTTP.get(code, (500, "internal"))
+    if code is grpc.StatusCode.UNAVAILABLE:
+        name = "upstream_unavailable" if backend == "llm" else f"{backend}_unavailable"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        name = "upstream_timeout" if backend == "llm" else f"{backend}_timeout"
+    message = error.details() or name
+    if status >= 500 and code is not grpc.StatusCode.UNKNOWN:
+        message = f"{backend} service: {message}"
+    if status == 500:
+        message = "internal error"  # never leak a backend's internals
+    return ApiError(name, message, status)

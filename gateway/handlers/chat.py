@@ -1,0 +1,99 @@
+"""POST /v1/chat: one turn, streamed as SSE or answered as one JSON object."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+import pydantic
+from aiohttp import web
+
+from gateway.responses import json_response
+from gateway import keys
+from gateway.bodies import read_json_body
+from gateway.chat_turn import ChatTurn, StreamFailed, TurnDelta, TurnDone, TurnEvent, TurnRequest, TurnStarted
+from gateway.errors import InvalidRequest
+from gateway.sse import sse_event
+
+log = logging.getLogger(__name__)
+
+
+class ChatBody(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    message: Annotated[str, pydantic.StringConstraints(min_length=1)]
+    session_id: Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None
+    stream: bool = True
+
+
+def done_payload(done: TurnDone) -> dict[str, object]:
+    return {"message_id": done.message_id, "finish_reason": done.finish_reason,
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+            "cached": done.cached, "model": done.model}
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    settings = request.app[keys.SETTINGS]
+    body = await read_json_body(request, ChatBody)
+    if len(body.message) > settings.max_message_chars:
+        raise InvalidRequest(f"message: longer than {settings.max_message_chars} characters")
+    if not body.message.strip():
+        raise InvalidRequest("message: must not be blank")
+    turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID])
+    events = turn.run(TurnRequest(message=body.message, session_id=body.session_id or ""))
+    try:
+        # Errors before the first event are plain JSON errors (404, 400 content_blocked, 503).
+        started = await anext(events)
+        assert isinstance(started, TurnStarted)
+        if body.stream:
+            return await _stream(request, started, events)
+        return await _collect(started, events)
+    finally:
+        await events.aclose()
+
+
+async def _collect(started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.Response:
+    reply: list[str] = []
+    async for event in events:
+        if isinstance(event, TurnDelta):
+            reply.append(event.text)
+        elif isinstance(event, TurnDone):
+            return json_response({"session_id": started.session_id, "reply": "".join(reply),
+                                      **done_payload(event)})
+    raise RuntimeError("turn ended without done")
+
+
+async def _stream(request: web.Request, started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.StreamResponse:
+    metrics = request.app[keys.METRICS]
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no", "X-Request-Id": request[keys.REQUEST_ID]})
+    await response.prepare(request)
+    request.app[keys.OPEN_STREAMS].add(response)
+    metrics.active_streams.inc()
+    start = time.perf_counter()
+    first = True
+    try:
+        await response.write(sse_event("session", {"session_id": started.session_id,
+                                                   "message_id": started.message_id}))
+        try:
+            async for event in events:
+                if isinstance(event, TurnDelta):
+                    if first:
+                        metrics.ttft_seconds.observe(time.perf_counter() - start)
+                        first = False
+                    await response.write(sse_event("message", {"delta": event.text}))
+                elif isinstance(event, TurnDone):
+                    await response.write(sse_event("done", done_payload(event)))
+        except StreamFailed as failure:
+            metrics.stream_errors.labels(failure.code).inc()
+            log.info("stream %s ended with %s", started.session_id, failure.code)
+            await response.write(sse_event("error", {"code": failure.code, "message": failure.message}))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client went away during the stream of %s", started.session_id)
+    finally:
+        metrics.active_streams.dec()
+    return response

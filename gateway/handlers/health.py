@@ -1,0 +1,25 @@
+"""Liveness, readiness and metrics: public, unauthenticated."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.responses import json_response
+from gateway import keys
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    backends = await request.app[keys.CLIENTS].health(timeout_s=1.0)
+    ready = all(backends.values())
+    return json_response({"status": "ready" if ready else "not_ready", "backends": backends},
+                             status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,46 @@
+"""GET /v1/sessions/{id}/messages and DELETE /v1/sessions/{id}, scoped to the caller."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from gateway.responses import json_response
+from gateway import keys
+from gateway.errors import api_error_from_grpc
+from kefu.session.v1 import session_pb2
+from services.common.logs import REQUEST_ID_METADATA_KEY
+
+
+def _principal(request: web.Request) -> session_pb2.Principal:
+    p = request[keys.REQUEST_PRINCIPAL]
+    return session_pb2.Principal(tenant=p.tenant, subject=p.subject, role=p.role)
+
+
+def _call_options(request: web.Request) -> dict[str, object]:
+    return {"timeout": request.app[keys.SETTINGS].rpc_timeout_s,
+            "metadata": ((REQUEST_ID_METADATA_KEY, request[keys.REQUEST_ID]),)}
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    try:
+        reply = await request.app[keys.CLIENTS].session.ListMessages(
+            session_pb2.ListMessagesRequest(principal=_principal(request), session_id=session_id),
+            **_call_options(request))
+    except grpc.aio.AioRpcError as error:
+        raise api_error_from_grpc(error, "session") from None
+    return json_response({"session_id": session_id, "messages": [
+        {"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}
+        for m in reply.messages if m.role != "system"]})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    try:
+        await request.app[keys.CLIENTS].session.DeleteSession(
+            session_pb2.DeleteSessionRequest(principal=_principal(request),
+                                             session_id=request.match_info["session_id"]),
+            **_call_options(request))
+    except grpc.aio.AioRpcError as error:
+        raise api_error_from_grpc(error, "session") from None
+    return web.Response(status=204)

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the edge, on a registry the app owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class EdgeMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.request_seconds = Histogram(
+            "kefu_http_request_duration_seconds", "Time to answer an HTTP request (streams: to the last event).",
+            ["route", "status"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft_seconds = Histogram(
+            "kefu_chat_time_to_first_delta_seconds", "Time from request to the first message event sent.",
+            registry=self.registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30))
+        self.active_streams = Gauge(
+            "kefu_active_streams", "SSE answer streams open right now.", registry=self.registry)
+        self.stream_errors = Counter(
+            "kefu_stream_errors", "Streams ended by an error event, by code.", ["code"], registry=self.registry)
+        self.rate_limited = Counter(
+            "kefu_rate_limited", "Requests refused with 429, by scope.", ["scope"], registry=self.registry)

@@ -1,0 +1,85 @@
+"""Settings of the edge, read once from `KEFU_*` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from services.common.settings import SettingsError, env_float, env_int, env_str
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the customer-service assistant of an online shop. Answer politely and briefly, "
+    "in the visitor's language. If you cannot help, offer to pass the visitor to a human agent."
+)
+
+
+# No slots: from_env reads the defaults off the class attributes.
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    jwt_secret: str = ""
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: float = 30.0
+    max_body_bytes: int = 1024 * 1024
+    max_message_chars: int = 8000
+    rate_limit_rps: float = 1000.0
+    rate_limit_burst: int = 2000
+    tenant_rate_limit_rps: float = 5000.0
+    session_addr: str = "127.0.0.1:50051"
+    moderation_addr: str = "127.0.0.1:50052"
+    worker_addr: str = "127.0.0.1:50053"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    context_max_tokens: int = 3000
+    rpc_timeout_s: float = 5.0
+    """Deadline of each unary gRPC call (moderation, session)."""
+    stream_timeout_s: float = 300.0
+    """Deadline of a whole answer stream."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long streams in flight may run before the edge closes them."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.jwt_secret and self.jwt_public_key_file is None:
+            raise SettingsError("set KEFU_JWT_SECRET (HS256) or KEFU_JWT_PUBLIC_KEY_FILE (RS256/ES256)")
+        if self.jwt_public_key_file is not None and not self.jwt_public_key_file.is_file():
+            raise SettingsError(f"KEFU_JWT_PUBLIC_KEY_FILE: no such file {self.jwt_public_key_file}")
+        if not 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
+            raise SettingsError(f"KEFU_MAX_BODY_BYTES must be 1024..67108864, got {self.max_body_bytes}")
+
+    def __repr__(self) -> str:
+        return f"GatewaySettings(http_port={self.http_port}, session={self.session_addr}, " \
+               f"moderation={self.moderation_addr}, worker={self.worker_addr})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
+        key_file = env_str(env, "KEFU_JWT_PUBLIC_KEY_FILE", "")
+        return cls(
+            host=env_str(env, "KEFU_BIND_HOST", cls.host),
+            http_port=env_int(env, "KEFU_HTTP_PORT", cls.http_port, minimum=0, maximum=65535),
+            jwt_secret=env.get("KEFU_JWT_SECRET", ""),
+            jwt_public_key_file=Path(key_file) if key_file else None,
+            jwt_issuer=env_str(env, "KEFU_JWT_ISSUER", ""),
+            jwt_audience=env_str(env, "KEFU_JWT_AUDIENCE", ""),
+            jwt_leeway_s=env_float(env, "KEFU_JWT_LEEWAY_S", cls.jwt_leeway_s, minimum=0),
+            max_body_bytes=env_int(env, "KEFU_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
+            rate_limit_rps=env_float(env, "KEFU_RATE_LIMIT_RPS", cls.rate_limit_rps, minimum=0.001),
+            rate_limit_burst=env_int(env, "KEFU_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=1),
+            tenant_rate_limit_rps=env_float(env, "KEFU_TENANT_RATE_LIMIT_RPS", cls.tenant_rate_limit_rps,
+                                            minimum=0.001),
+            session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
+            moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
+            worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
+            system_prompt=env_str(env, "KEFU_SYSTEM_PROMPT", cls.system_prompt),
+            context_max_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.context_max_tokens, minimum=16),
+            rpc_timeout_s=env_float(env, "KEFU_RPC_TIMEOUT_S", cls.rpc_timeout_s, minimum=0.05),
+            stream_timeout_s=env_float(env, "KEFU_STREAM_TIMEOUT_S", cls.stream_timeout_s, minimum=1),
+            shutdown_grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0),
+            log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+        )

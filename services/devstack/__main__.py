@@ -1,0 +1,100 @@
+"""`python -m services.devstack` (make run): the whole system on this machine until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from gateway.mint_token import mint
+from services.common.settings import SettingsError, env_int
+from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+
+log = logging.getLogger("devstack")
+
+
+def dev_secret(data_dir: Path) -> str:
+    """KEFU_JWT_SECRET, else a random one kept under data/ so tokens survive a restart."""
+    if secret := os.environ.get("KEFU_JWT_SECRET", ""):
+        return secret
+    path = data_dir / "dev_jwt_secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def ports_from_env() -> StackPorts:
+    defaults = StackPorts()
+    return StackPorts(
+        http=env_int(os.environ, "KEFU_HTTP_PORT", defaults.http),
+        session=env_int(os.environ, "KEFU_SESSION_PORT", defaults.session),
+        moderation=env_int(os.environ, "KEFU_MODERATION_PORT", defaults.moderation),
+        worker=env_int(os.environ, "KEFU_WORKER_PORT", defaults.worker),
+        session_metrics=env_int(os.environ, "KEFU_SESSION_METRICS_PORT", defaults.session_metrics),
+        moderation_metrics=env_int(os.environ, "KEFU_MODERATION_METRICS_PORT", defaults.moderation_metrics),
+        worker_metrics=env_int(os.environ, "KEFU_WORKER_METRICS_PORT", defaults.worker_metrics),
+        nats=env_int(os.environ, "KEFU_NATS_PORT", defaults.nats),
+    )
+
+
+def banner(stack: Stack, secret: str, log_dir: Path) -> str:
+    token = mint(secret, tenant="demo", subject="visitor-1", role="visitor", ttl_s=24 * 3600)
+    body = '{"message": "下单后多久发货？"}'
+    curl = (f"curl -N {stack.base_url}/v1/chat -H 'Authorization: Bearer {token}' "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    return "\n".join([
+        "", f"kefu is running at {stack.base_url}   (NATS {stack.nats_url}, logs in {log_dir})", "",
+        "Ask it something (a dev token for tenant 'demo', valid 24 h):", "", f"  {curl}", "",
+        "Mint other tokens: KEFU_JWT_SECRET=$(cat data/dev_jwt_secret) make token ARGS='--role agent'",
+        "Ctrl-C stops everything.", ""])
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
+    data_dir = Path(os.environ.get("KEFU_DATA_DIR", "") or REPO_ROOT / "data")
+    log_dir = data_dir / "logs"
+    try:
+        config = StackConfig(data_dir=data_dir, jwt_secret=dev_secret(data_dir), ports=ports_from_env(),
+                             nats_url=os.environ.get("KEFU_NATS_URL", ""), log_dir=log_dir,
+                             env={k: v for k, v in os.environ.items() if k.startswith("KEFU_")})
+    except SettingsError as error:
+        sys.exit(f"devstack: {error}")
+    stack = Stack(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    log.info("starting nats-server, session, moderation, llm_worker and the edge ...")
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError, OSError) as error:
+        sys.exit(f"devstack: {error} (see {log_dir})")
+    print(banner(stack, config.jwt_secret, log_dir), flush=True)
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for name, process in stack.processes.items():
+            if process.poll() is not None and name not in reported:
+                # One child's death does not stop the rest (restart it by hand with the same argv).
+                reported.add(name)
+                log.warning("%s exited with code %s; the others keep running (see %s)",
+                            name, process.returncode, log_dir / f"{name}.log")
+            elif process.poll() is None:
+                reported.discard(name)
+    log.info("stopping ...")
+    stack.stop()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Starting and stopping the whole system as real processes (make run, end-to-end tests, bench)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.devstack.nats_server import NatsServer, start_nats_server
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("session", "moderation", "llm_worker")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    http: int = 8080
+    session: int = 50051
+    moderation: int = 50052
+    worker: int = 50053
+    session_metrics: int = 9101
+    moderation_metrics: int = 9102
+    worker_metrics: int = 9103
+    nats: int = 4222
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(*(free_port() for _ in range(8)))
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path
+    jwt_secret: str
+    ports: StackPorts = field(default_factory=StackPorts)
+    nats_url: str = ""
+    """An existing NATS; empty starts a local nats-server on ports.nats."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra KEFU_* settings for every process (e.g. KEFU_OPENAI_BASE_URL)."""
+    log_dir: Path | None = None
+    """Where each process writes its log; None inherits the caller's stderr."""
+
+
+class Stack:
+    """nats-server, the three services and the edge, each its own process group."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.nats: NatsServer | None = None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._argv: dict[str, list[str]] = {}
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.http}"
+
+    @property
+    def nats_url(self) -> str:
+        return self.config.nats_url or (self.nats.url if self.nats else "")
+
+    def environment(self) -> dict[str, str]:
+        ports = self.config.ports
+        env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "KEFU_NATS_URL": self.nats_url,
+            "KEFU_JWT_SECRET": self.config.jwt_secret,
+            "KEFU_HTTP_PORT": str(ports.http),
+            "KEFU_SESSION_PORT": str(ports.session),
+            "KEFU_MODERATION_PORT": str(ports.moderation),
+            "KEFU_WORKER_PORT": str(ports.worker),
+            "KEFU_SESSION_METRICS_PORT": str(ports.session_metrics),
+            "KEFU_MODERATION_METRICS_PORT": str(ports.moderation_metrics),
+            "KEFU_WORKER_METRICS_PORT": str(ports.worker_metrics),
+            "KEFU_SESSION_ADDR": f"127.0.0.1:{ports.session}",
+            "KEFU_MODERATION_ADDR": f"127.0.0.1:{ports.moderation}",
+            "KEFU_WORKER_ADDR": f"127.0.0.1:{ports.worker}",
+        })
+        env.update(self.config.env)
+        return env
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        try:
+            if not self.config.nats_url:
+                self.nats = start_nats_server(self.config.data_dir / "nats", port=self.config.ports.nats)
+            ports = self.config.ports
+            for name, port in (("session", ports.session), ("moderation", ports.moderation),
+                               ("llm_worker", ports.worker)):
+                self.start_process(name)
+            deadline = time.monotonic() + timeout_s
+            for name, port in (("session", ports.session), ("moderation", ports.moderation),
+                               ("llm_worker", ports.worker)):
+                self.wait_grpc_serving(name, port, deadline)
+            self.start_process("gateway")
+            self.wait_http_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_process(self, name: str) -> subprocess.Popen[bytes]:
+        """Start (or start again, with the same argv and env) `python -m <module>`."""
+        module = "gateway" if name == "gateway" else f"services.{name}"
+        argv = self._argv.setdefault(name, [sys.executable, "-m", module])
+        log_file = None
+        if self.config.log_dir is not None:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.config.log_dir / f"{name}.log", "ab")
+        try:
+            process = subprocess.Popen(
+                argv, cwd=REPO_ROOT, env=self.environment(), stdout=log_file,
+                stderr=subprocess.STDOUT if log_file else None, start_new_session=True)
+        finally:
+            if log_file is not None:
+                log_file.close()  # the child holds its own descriptor
+        self.processes[name] = process
+        return process
+
+    def wait_grpc_serving(self, name: str, port: int, deadline: float) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(name)
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not report SERVING on port {port}")
+                time.sleep(0.05)
+
+    def wait_http_ready(self, deadline: float) -> None:
+        while True:
+            self._check_alive("gateway")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as reply:
+                    if json.load(reply).get("status") == "ready":
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the edge did not become ready")
+            time.sleep(0.05)
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode} during start-up")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (crash tests)."""
+        process = self.processes[name]
+        process.kill()
+        process.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM everything, edge first, then wait; SIGKILL what is left at the deadline."""
+        order = [n for n in ("gateway", "llm_worker", "moderation", "session") if n in self.processes]
+        for name in order:
+            _signal(self.processes[name], signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name in order:
+            process = self.processes[name]
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", name)
+                process.kill()
+                process.wait()
+        if self.nats is not None:
+            self.nats.stop()
+
+
+def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the LLM worker, on a registry it owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.request_seconds = Histogram(
+            "kefu_llm_request_duration_seconds", "Time of a generation, from request to last delta.",
+            ["route", "provider", "outcome"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.ttft_seconds = Histogram(
+            "kefu_llm_time_to_first_token_seconds", "Time from request to the first delta.",
+            ["route"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.completion_tokens = Counter(
+            "kefu_llm_completion_tokens", "Tokens generated, by route.", ["route"], registry=self.registry)
+        self.active_streams = Gauge(
+            "kefu_active_streams", "Generations streaming right now.", registry=self.registry)
+        self.plugin_generation = Gauge(
+            "kefu_plugin_generation", "Number of the plugin generation serving new requests.",
+            registry=self.registry)
+        self.plugin_reloads = Counter(
+            "kefu_plugin_reloads", "Attempted plugin generation swaps, by result (ok or refused).",
+            ["result"], registry=self.registry)

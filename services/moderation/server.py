@@ -1,0 +1,110 @@
+"""gRPC wiring of the moderation service: protobuf <-> domain, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+from grpc_health.v1 import health
+
+from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.common.grpc_server import (
+    add_health_and_reflection, bind, create_grpc_server, stop_gracefully, wait_for_stop_signal,
+)
+from services.common.metrics import start_metrics_server
+from services.moderation.lexicon import Action, load_lexicon
+from services.moderation.matcher import Hit, Matcher
+from services.moderation.metrics import ModerationMetrics
+from services.moderation.settings import ModerationSettings
+from services.moderation.stream_filter import StreamFilter
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name
+
+VERDICTS = {
+    Action.ALLOW: moderation_pb2.VERDICT_ALLOW,
+    Action.MASK: moderation_pb2.VERDICT_MASK,
+    Action.REVIEW: moderation_pb2.VERDICT_REVIEW,
+    Action.BLOCK: moderation_pb2.VERDICT_BLOCK,
+}
+
+
+def hits_to_proto(hits: Iterable[Hit]) -> list[moderation_pb2.Hit]:
+    return [moderation_pb2.Hit(category=h.category, word=h.word, start=h.start, end=h.end,
+                               action=h.action.name.lower()) for h in hits]
+
+
+class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
+    def __init__(self, settings: ModerationSettings, matcher: Matcher, metrics: ModerationMetrics) -> None:
+        self._settings = settings
+        self._matcher = matcher
+        self._metrics = metrics
+
+    def _count_hits(self, hits: Iterable[Hit]) -> None:
+        for hit in hits:
+            self._metrics.hits.labels(hit.category, hit.action.name.lower()).inc()
+
+    async def Check(self, request: moderation_pb2.CheckRequest,
+                    context: grpc.aio.ServicerContext) -> moderation_pb2.CheckResponse:
+        if len(request.text) > self._settings.max_text_chars:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"text is longer than {self._settings.max_text_chars} characters")
+        with self._metrics.check_seconds.labels("unary").time():
+            result = self._matcher.check(request.text)
+        self._metrics.checks.labels(result.verdict.name.lower()).inc()
+        self._count_hits(result.hits)
+        return moderation_pb2.CheckResponse(verdict=VERDICTS[result.verdict], masked_text=result.masked_text,
+                                            hits=hits_to_proto(result.hits))
+
+    async def CheckStream(self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
+        # One matcher for the whole stream, so a reload mid-stream cannot change the rules half-way.
+        stream = StreamFilter(self._matcher)
+        verdict = Action.ALLOW
+        async for request in requests:
+            start = time.perf_counter()
+            step = stream.feed(request.delta, final=request.final)
+            self._metrics.check_seconds.labels("stream").observe(time.perf_counter() - start)
+            if stream.held_chars > self._settings.max_text_chars:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "held-back text grew beyond the limit")
+            if step.blocked is not None:
+                self._count_hits([step.blocked])
+                self._metrics.checks.labels("block").inc()
+                yield moderation_pb2.CheckStreamResponse(verdict=moderation_pb2.VERDICT_BLOCK,
+                                                         hits=hits_to_proto([step.blocked]))
+                return
+            self._count_hits(step.hits)
+            verdict = max(verdict, max((h.action for h in step.hits), default=Action.ALLOW))
+            yield moderation_pb2.CheckStreamResponse(safe_delta=step.safe_text, verdict=VERDICTS[verdict],
+                                                     hits=hits_to_proto(step.hits))
+            if request.final:
+                break
+        self._metrics.checks.labels(verdict.name.lower()).inc()
+
+
+async def create_server(settings: ModerationSettings, servicer: ModerationServicer,
+                        metrics: ModerationMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Build the server with health and reflection and bind it; do not start."""
+    server = create_grpc_server(metrics.registry)
+    moderation_pb2_grpc.add_ModerationServiceServicer_to_server(servicer, server)
+    health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, settings.host, settings.grpc_port)
+    return server, health_servicer, port
+
+
+async def serve(settings: ModerationSettings) -> None:
+    metrics = ModerationMetrics()
+    lexicon = load_lexicon(settings.lexicon_dir)
+    metrics.lexicon_words.set(lexicon.word_count)
+    metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
+    try:
+        server, health_servicer, port = await create_server(
+            settings, ModerationServicer(settings, Matcher(lexicon), metrics), metrics)
+        await server.start()
+        log.info("moderation service on %s:%d, %d words", settings.host, port, lexicon.word_count)
+        await wait_for_stop_signal()
+        await stop_gracefully(server, health_servicer, settings.grace_s)
+    finally:
+        metrics_server.close()

@@ -1,0 +1,39 @@
+"""Helpers for end-to-end tests: start the real system, mint tokens, wait for conditions."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+from gateway.mint_token import mint
+from services.devstack.stack import Stack, StackConfig, StackPorts
+
+# Fixed per run of the interpreter; imported by conftest and tests alike.
+SECRET = "e2e-" + secrets.token_hex(16)
+
+
+def start_stack(data_dir: Path, env: dict[str, str] | None = None) -> Stack:
+    stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
+                              env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs"))
+    stack.start()
+    return stack
+
+
+def token(tenant: str = "shop1", sub: str = "visitor-1", role: str = "visitor", ttl_s: int = 600) -> str:
+    return mint(SECRET, tenant=tenant, subject=sub, role=role, ttl_s=ttl_s)
+
+
+def auth(tenant: str = "shop1", sub: str = "visitor-1", role: str = "visitor") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(tenant, sub, role)}"}
+
+
+def wait_until(predicate: object, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s")
+
+

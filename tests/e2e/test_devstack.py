@@ -1,0 +1,87 @@
+"""`make run`'s supervisor: starts everything, prints a working curl, Ctrl-C leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.sse_reader import read_sse
+from services.devstack.stack import REPO_ROOT, StackPorts
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Field 4 (after the parenthesised command name) is the parent pid.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    ports = StackPorts.free()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
+    env.update({"KEFU_DATA_DIR": str(tmp_path), "KEFU_HTTP_PORT": str(ports.http),
+                "KEFU_SESSION_PORT": str(ports.session), "KEFU_MODERATION_PORT": str(ports.moderation),
+                "KEFU_WORKER_PORT": str(ports.worker), "KEFU_NATS_PORT": str(ports.nats),
+                "KEFU_SESSION_METRICS_PORT": str(ports.session_metrics),
+                "KEFU_MODERATION_METRICS_PORT": str(ports.moderation_metrics),
+                "KEFU_WORKER_METRICS_PORT": str(ports.worker_metrics)})
+    supervisor = subprocess.Popen([sys.executable, "-m", "services.devstack"], cwd=REPO_ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+    children: list[int] = []
+    try:
+        assert supervisor.stdout is not None
+        output = []
+        for line in supervisor.stdout:
+            output.append(line)
+            if line.strip().startswith("curl "):
+                break
+        curl = shlex.split(output[-1].strip())
+        assert curl[:3] == ["curl", "-N", f"http://127.0.0.1:{ports.http}/v1/chat"], "".join(output)
+        headers = dict(h.split(": ", 1) for h in (curl[i + 1] for i, a in enumerate(curl) if a == "-H"))
+        body = curl[curl.index("-d") + 1]
+        children = children_of(supervisor.pid)
+        assert len(children) == 5  # nats-server, three services, the edge: no wrappers between
+        async with aiohttp.ClientSession() as http:
+            async with http.post(curl[2], data=body.encode(), headers=headers) as response:
+                names = [event.event async for event in read_sse(response)]
+        assert names[0] == "session" and names[-1] == "done" and "message" in names
+
+        os.killpg(supervisor.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        supervisor.wait(timeout=10)
+        deadline = time.monotonic() + 2
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if supervisor.stdout is not None:
+            supervisor.stdout.close()
+        supervisor.wait()

@@ -1,0 +1,137 @@
+"""The edge's answers to bad requests: strict auth, size, media type, JSON, schema; never a 500."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import jwt
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.mint_token import mint
+from gateway.settings import GatewaySettings
+from services.devstack.stack import free_port
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+
+
+def settings(**overrides: object) -> GatewaySettings:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: backends are unreachable
+    values: dict[str, object] = {"jwt_secret": SECRET, "max_body_bytes": 4096, "session_addr": dead,
+                                 "moderation_addr": dead, "worker_addr": dead, "rpc_timeout_s": 1.0}
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def good_token(**claims: object) -> str:
+    return mint(SECRET, tenant=str(claims.get("tenant", "shop1")), subject="alice",
+                role=str(claims.get("role", "visitor")))
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory) -> TestClient:
+    return await aiohttp_client(create_app(settings()))
+
+
+async def assert_error(response: ClientResponse, status: int, code: str) -> None:
+    assert response.status == status
+    body = await response.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["request_id"] == response.headers["X-Request-Id"]
+
+
+@pytest.mark.parametrize("token", [
+    pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "visitor", "exp": int(time.time()) + 60},
+                            "some-other-secret-of-sufficient-length", algorithm="HS256"), id="bad-signature"),
+    pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "visitor", "exp": int(time.time()) - 3600},
+                            SECRET, algorithm="HS256"), id="expired"),
+    pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "visitor", "exp": int(time.time()) + 60},
+                            None, algorithm="none"), id="alg-none"),
+    pytest.param(jwt.encode({"sub": "a", "role": "visitor", "exp": int(time.time()) + 60},
+                            SECRET, algorithm="HS256"), id="missing-tenant"),
+    pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "root", "exp": int(time.time()) + 60},
+                            SECRET, algorithm="HS256"), id="unknown-role"),
+    pytest.param("not-a-jwt", id="garbage"),
+])
+async def test_edge_rejects_bad_tokens_with_401_json(client: TestClient, token: str) -> None:
+    response = await client.post("/v1/chat", json={"message": "hi"}, headers=bearer(token))
+    await assert_error(response, 401, "unauthorized")
+
+
+async def test_edge_missing_authorization_is_401(client: TestClient) -> None:
+    await assert_error(await client.post("/v1/chat", json={"message": "hi"}), 401, "unauthorized")
+
+
+async def test_edge_body_over_limit_is_413(client: TestClient) -> None:
+    response = await client.post("/v1/chat", data=b'{"message": "' + b"x" * 5000 + b'"}',
+                                 headers={**bearer(good_token()), "Content-Type": "application/json"})
+    await assert_error(response, 413, "body_too_large")
+
+
+async def test_edge_body_over_limit_without_length_is_413(client: TestClient) -> None:
+    async def chunks():  # chunked upload: no Content-Length to refuse early
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = await client.post("/v1/chat", data=chunks(),
+                                 headers={**bearer(good_token()), "Content-Type": "application/json"})
+    await assert_error(response, 413, "body_too_large")
+
+
+@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe{}", b'{"message": "unterminated'])
+async def test_edge_body_not_json_is_400(client: TestClient, body: bytes) -> None:
+    response = await client.post("/v1/chat", data=body,
+                                 headers={**bearer(good_token()), "Content-Type": "application/json"})
+    await assert_error(response, 400, "invalid_json")
+
+
+@pytest.mark.parametrize("body", [{}, {"message": 42}, {"message": "hi", "stream": "yes"},
+                                  {"message": "hi", "surprise": 1}, {"message": "hi", "session_id": "../x"},
+                                  {"message": "   "}, [1, 2]])
+async def test_edge_schema_violations_are_422(client: TestClient, body: object) -> None:
+    response = await client.post("/v1/chat", json=body, headers=bearer(good_token()))
+    await assert_error(response, 422, "invalid_request")
+
+
+async def test_edge_wrong_media_type_is_415(client: TestClient) -> None:
+    response = await client.post("/v1/chat", data="message=hi",
+                                 headers={**bearer(good_token()), "Content-Type": "text/plain"})
+    await assert_error(response, 415, "unsupported_media_type")
+
+
+async def test_edge_unknown_route_is_json_404(client: TestClient) -> None:
+    await assert_error(await client.get("/v1/nope", headers=bearer(good_token())), 404, "not_found")
+
+
+async def test_edge_moderation_unreachable_fails_closed_with_503(client: TestClient) -> None:
+    response = await client.post("/v1/chat", json={"message": "hi"}, headers=bearer(good_token()))
+    await assert_error(response, 503, "moderation_unavailable")
+
+
+async def test_edge_rate_limit_is_429_with_headers(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(settings(rate_limit_rps=0.5, rate_limit_burst=2)))
+    headers = bearer(good_token())
+    statuses = [(await client.post("/v1/chat", json={}, headers=headers)).status for _ in range(2)]
+    assert statuses == [422, 422]
+    response = await client.post("/v1/chat", json={}, headers=headers)
+    await assert_error(response, 429, "rate_limited")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["RateLimit-Limit"] == "2" and response.headers["RateLimit-Remaining"] == "0"
+    assert int(response.headers["RateLimit-Reset"]) >= 1
+
+
+async def test_edge_health_and_metrics_are_public(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["backends"]["session"] is False
+    await client.post("/v1/chat", json={"message": "hi"})
+    metrics = await (await client.get("/metrics")).text()
+    assert 'kefu_http_request_duration_seconds_count{route="/v1/chat",status="401"} 1.0' in metrics
