@@ -101,6 +101,8 @@ def detect_language(text: str, default: str = "zh") -> str:
 
 @dataclass(frozen=True, slots=True)
 class Match:
+    """The FAQ entry closest to a question."""
+
     entry_id: str
     score: float
     """Cosine similarity in [0, 1] with the closest phrasing of the entry."""
