@@ -394,7 +394,7 @@ def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, 
         f"{machine['cpu_count']} CPUs, Python {machine['python']}, load average "
         f"{machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end. "
         f"Upstream: TTFT {p['ttft_ms']:g} ms, {p['chunks']} chunks {p['interval_ms']:g} ms apart. "
-        f"{p['rounds']} rounds × {p['requests_per_user']} requests per user per path, "
+        f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
         f"paths alternating; figures are medians of the rounds, times in ms.",
         "",
     ]

@@ -20,6 +20,11 @@ class WorkerMetrics:
         self.ttft_seconds = Histogram(
             "kefu_llm_time_to_first_token_seconds", "Time from request to the first delta.",
             ["route"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.requests = Counter(
+            "kefu_llm_requests", "Generations by route, provider, upstream model and outcome (shows a canary split).",
+            ["route", "provider", "model", "outcome"], registry=self.registry)
+        self.prompt_tokens = Counter(
+            "kefu_llm_prompt_tokens", "Context tokens sent to providers, by route.", ["route"], registry=self.registry)
         self.completion_tokens = Counter(
             "kefu_llm_completion_tokens", "Tokens generated, by route.", ["route"], registry=self.registry)
         self.active_streams = Gauge(

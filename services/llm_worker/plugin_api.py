@@ -11,7 +11,7 @@ no sockets, no threads, no metrics; they acquire those in `setup()` and release 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -53,7 +53,8 @@ class Finish:
     """The last event of every successful stream."""
 
     finish_reason: str
-    """"stop" when the answer is complete, "length" when `max_tokens` cut it."""
+    """"stop" when the answer is complete, "length" when `max_tokens` cut it, "handoff" when the
+    provider has no answer and offers a human agent."""
     usage: Usage
     model: str
     """The model that answered (an upstream name, or the plugin's own for offline ones)."""
@@ -90,9 +91,11 @@ class Provider(Protocol):
     async def setup(self) -> None:
         """Acquire clients and load data. Called once, before `self_test()`."""
 
-    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[StreamEvent]:
+    def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncGenerator[StreamEvent, None]:
         """Stream the answer to `messages`: zero or more `Delta`, then exactly one `Finish`.
 
+        An async generator function (`async def` with `yield`); the host closes it with
+        `aclose()` when the consumer stops early, so `finally` blocks release the upstream.
         Raise `ProviderError` on failure. Cancellation (the client went away) arrives as
         `asyncio.CancelledError` at an `await`: stop at once and release the upstream request.
         """

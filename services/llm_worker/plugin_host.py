@@ -1,4 +1,4 @@
-"""Loading a generation of plugins as fresh module objects, checking it, and serving from it."""
+"""Generations of plugins: load a snapshot as fresh module objects, check it, swap it in atomically."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import importlib.util
 import inspect
 import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +17,8 @@ from types import ModuleType
 from typing import Any
 
 from services.llm_worker.plugin_api import PluginContext, Provider, ProviderFactory
-from services.llm_worker.routes import RouteSpec, load_routes
+from services.llm_worker.routes import RouteSpec, TargetSpec, parse_routes, pick_target
+from services.llm_worker.snapshot import FolderSnapshot, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,8 @@ class PluginLoadError(Exception):
 
 
 @dataclass
-class Route:
-    spec: RouteSpec
+class Target:
+    spec: TargetSpec
     provider: Provider
 
     @property
@@ -37,12 +40,26 @@ class Route:
 
 
 @dataclass
-class Generation:
-    """One loaded set of plugins and routes; dropped when retired and its last request ends."""
+class Route:
+    name: str
+    targets: list[Target]
 
-    number: int
-    routes: dict[str, Route]
+    def pick(self, session_id: str, fallback_key: str) -> Target:
+        target: Target = pick_target(self.targets, [t.spec.weight for t in self.targets], self.name,
+                                     session_id, fallback_key)
+        return target
+
+
+@dataclass
+class Generation:
+    """One loaded snapshot of plugins and routes; closed when retired and its last request ends."""
+
+    attempt: int
+    fingerprint: str
+    folder: Path
+    routes: dict[str, Route] = field(default_factory=dict)
     modules: list[ModuleType] = field(default_factory=list)
+    number: int = 0
     active: int = 0
     retired: bool = False
     closed: bool = False
@@ -55,19 +72,21 @@ class Generation:
             return
         self.closed = True
         for route in self.routes.values():
-            try:
-                await route.provider.aclose()
-            except Exception:
-                log.exception("generation %d: route %s: aclose failed", self.number, route.spec.name)
+            for target in route.targets:
+                try:
+                    await target.provider.aclose()
+                except Exception:
+                    log.exception("generation %d: route %s: aclose failed", self.number, route.name)
         for module in self.modules:
             sys.modules.pop(module.__name__, None)
         self.modules.clear()
         self.routes.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _import_fresh(path: Path, generation: int) -> ModuleType:
-    """Import `path` under a name unique to this generation (never importlib.reload)."""
-    name = f"kefu_plugins_g{generation}.{path.stem}"
+def _import_fresh(path: Path, attempt: int) -> ModuleType:
+    """Import `path` under a name unique to this load attempt (never importlib.reload)."""
+    name = f"kefu_plugins_a{attempt}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise PluginLoadError(f"plugin {path.name}: cannot be imported")
@@ -76,8 +95,10 @@ def _import_fresh(path: Path, generation: int) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as error:
+    except BaseException as error:
         sys.modules.pop(name, None)
+        if not isinstance(error, Exception):
+            raise
         raise PluginLoadError(f"plugin {path.name}: import failed: {type(error).__name__}: {error}") from error
     return module
 
@@ -94,60 +115,64 @@ def _factory_of(module: ModuleType, path: Path) -> ProviderFactory:
     return factory
 
 
-def _check_provider(provider: object, route: str) -> Provider:
+def _check_provider(provider: object, where: str) -> Provider:
     for member in PROVIDER_METHODS:
         if not callable(getattr(provider, member, None)):
-            raise PluginLoadError(f"route {route}: provider has no method {member}()")
+            raise PluginLoadError(f"{where}: provider has no method {member}()")
     if not inspect.isasyncgenfunction(getattr(provider, "stream")):
-        raise PluginLoadError(f"route {route}: provider.stream must be an async generator function")
-    capabilities = getattr(provider, "capabilities", None)
-    if not isinstance(capabilities, frozenset):
-        raise PluginLoadError(f"route {route}: provider.capabilities must be a frozenset")
+        raise PluginLoadError(f"{where}: provider.stream must be an async generator function")
+    if not isinstance(getattr(provider, "capabilities", None), frozenset):
+        raise PluginLoadError(f"{where}: provider.capabilities must be a frozenset")
     assert isinstance(provider, Provider)
     return provider
 
 
-async def load_generation(plugins_dir: Path, routes_file: str, number: int,
+async def load_generation(snapshot: FolderSnapshot, folder: Path, attempt: int, routes_file: str,
                           route_overrides: Mapping[str, RouteSpec], extra: Mapping[str, Any] | None = None,
                           ) -> Generation:
-    """Import every plugin, build every route's provider, set it up and self-test it.
+    """Write `snapshot` to `folder`, import every plugin, build, set up and self-test every target.
 
-    Raises PluginLoadError naming what is wrong; on failure nothing of the new
-    generation stays alive (providers closed, modules unregistered).
+    Raises PluginLoadError naming what is wrong; on failure nothing of the attempt stays
+    alive (providers closed, modules unregistered, folder removed).
     """
-    generation = Generation(number, {})
+    snapshot.write_to(folder)
+    generation = Generation(attempt, snapshot.fingerprint, folder)
     try:
         factories: dict[str, ProviderFactory] = {}
-        for path in sorted(plugins_dir.glob("*.py")):
-            if path.name.startswith(("_", ".")):
-                continue
-            module = _import_fresh(path, number)
+        for path in sorted(folder.glob("*.py")):
+            module = _import_fresh(path, attempt)
             generation.modules.append(module)
             factory = _factory_of(module, path)
             if factory.name in factories:
                 raise PluginLoadError(f"plugin {path.name}: provider name {factory.name!r} is taken twice")
             factories[factory.name] = factory
+        routes_text = snapshot.files.get(routes_file)
+        if routes_text is None:
+            raise PluginLoadError(f"routes: {routes_file} is missing")
         try:
-            specs = {**load_routes(plugins_dir / routes_file), **route_overrides}
-        except ValueError as error:
-            raise PluginLoadError(str(error)) from error
+            specs = {**parse_routes(routes_text.decode("utf-8")), **route_overrides}
+        except (ValueError, UnicodeDecodeError) as error:
+            raise PluginLoadError(f"routes: {error}") from error
         if "default" not in specs:
             raise PluginLoadError("routes: there is no `default` route")
-        context = PluginContext(plugins_dir=plugins_dir, extra=dict(extra or {}))
+        context = PluginContext(plugins_dir=folder, extra=dict(extra or {}))
         for spec in specs.values():
-            factory = factories.get(spec.provider)
-            if factory is None:
-                raise PluginLoadError(f"route {spec.name}: no plugin provides {spec.provider!r} "
-                                      f"(have {sorted(factories)})")
-            try:
-                provider = _check_provider(factory(spec.settings, context), spec.name)
-                generation.routes[spec.name] = Route(spec, provider)
-                await provider.setup()
-                await provider.self_test()
-            except PluginLoadError:
-                raise
-            except Exception as error:
-                raise PluginLoadError(f"route {spec.name} ({spec.provider}): {type(error).__name__}: {error}") from error
+            route = Route(spec.name, [])
+            generation.routes[spec.name] = route
+            for index, target_spec in enumerate(spec.targets, start=1):
+                where = f"route {spec.name} target {index} ({target_spec.provider})"
+                factory = factories.get(target_spec.provider)
+                if factory is None:
+                    raise PluginLoadError(f"{where}: no plugin provides it (have {sorted(factories)})")
+                try:
+                    provider = _check_provider(factory(target_spec.settings, context), where)
+                    route.targets.append(Target(target_spec, provider))
+                    await provider.setup()
+                    await provider.self_test()
+                except PluginLoadError:
+                    raise
+                except Exception as error:
+                    raise PluginLoadError(f"{where}: {type(error).__name__}: {error}") from error
     except BaseException:
         await generation.aclose()
         raise
@@ -157,36 +182,90 @@ async def load_generation(plugins_dir: Path, routes_file: str, number: int,
 class PluginHost:
     """Owns the generation serving new requests; older ones live until their last request ends."""
 
-    def __init__(self, generation: Generation) -> None:
-        self._current = generation
+    def __init__(self, plugins_dir: Path, routes_file: str, route_overrides: Mapping[str, RouteSpec], *,
+                 work_dir: Path | None = None, settle_s: float = 0.05) -> None:
+        self.plugins_dir = plugins_dir
+        self._routes_file = routes_file
+        self._overrides = dict(route_overrides)
+        self._own_work_dir = work_dir is None
+        self._work_dir = work_dir or Path(tempfile.mkdtemp(prefix="kefu-plugins-"))
+        self._settle_s = settle_s
+        self._attempts = 0
+        self._current: Generation | None = None
         self._lock = asyncio.Lock()
+        self.generations_alive: set[int] = set()
+        self.last_error: str = ""
 
     @property
     def current(self) -> Generation:
+        assert self._current is not None, "start() first"
         return self._current
+
+    async def start(self) -> None:
+        """Load the first generation; a broken folder at start-up stops the worker (PluginLoadError)."""
+        await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the folder as a new generation and swap it in; False if nothing changed.
+
+        Raises PluginLoadError when the new version is refused; the old one keeps serving.
+        The folder is read until two reads `settle_s` apart agree, so a copy in progress
+        is loaded only once it is complete.
+        """
+        async with self._lock:
+            snapshot = await self._settled_snapshot()
+            if self._current is not None and snapshot.fingerprint == self._current.fingerprint:
+                return False
+            self._attempts += 1
+            try:
+                generation = await load_generation(
+                    snapshot, self._work_dir / f"a{self._attempts}", self._attempts, self._routes_file,
+                    self._overrides)
+            except PluginLoadError as error:
+                self.last_error = str(error)
+                log.error("plugin reload refused: %s", error)
+                raise
+            old, self._current = self._current, generation
+            generation.number = old.number + 1 if old else 1
+            self.generations_alive.add(generation.number)
+            log.info("plugin generation %d serving routes %s", generation.number, sorted(generation.routes))
+            if old is not None:
+                await self._retire(old)
+            return True
+
+    async def _settled_snapshot(self) -> FolderSnapshot:
+        snapshot = await asyncio.to_thread(take_snapshot, self.plugins_dir)
+        for _ in range(100):
+            await asyncio.sleep(self._settle_s)
+            again = await asyncio.to_thread(take_snapshot, self.plugins_dir)
+            if again.fingerprint == snapshot.fingerprint:
+                return snapshot
+            snapshot = again
+        return snapshot
+
+    async def _retire(self, generation: Generation) -> None:
+        generation.retired = True
+        if generation.active == 0:
+            await self._close(generation)
+
+    async def _close(self, generation: Generation) -> None:
+        await generation.aclose()
+        self.generations_alive.discard(generation.number)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Generation]:
         """The current generation, kept alive until the block ends."""
-        generation = self._current
+        generation = self.current
         generation.active += 1
         try:
             yield generation
         finally:
             generation.active -= 1
             if generation.retired and generation.active == 0:
-                await generation.aclose()
-
-    async def swap(self, generation: Generation) -> Generation:
-        """Make `generation` serve new requests; the old one closes when idle."""
-        async with self._lock:
-            old, self._current = self._current, generation
-            old.retired = True
-            if old.active == 0:
-                await old.aclose()
-            return old
+                await self._close(generation)
 
     async def aclose(self) -> None:
-        self._current.retired = True
-        if self._current.active == 0:
-            await self._current.aclose()
+        if self._current is not None:
+            await self._retire(self._current)
+        if self._own_work_dir:
+            shutil.rmtree(self._work_dir, ignore_errors=True)

@@ -1,15 +1,33 @@
-"""Routes as data: model aliases mapped to a provider and its settings (routes.toml)."""
+"""Routes as data: a model alias maps to one or more weighted (provider, settings) targets.
+
+routes.toml, two forms per alias:
+
+    [routes.default]                      # one target
+    provider = "knowledge_base"
+    settings = { faq_file = "shop_faq.json" }
+
+    [[routes.support.targets]]            # a canary split, stable per session
+    provider = "openai_compatible"
+    weight = 90
+    settings = { model = "model-a", base_url = "http://upstream/v1" }
+    [[routes.support.targets]]
+    provider = "openai_compatible"
+    weight = 10
+    settings = { model = "model-b", base_url = "http://upstream/v1" }
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+MAX_WEIGHT = 1_000_000
 
 
 class RoutesError(ValueError):
@@ -17,14 +35,54 @@ class RoutesError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class RouteSpec:
-    name: str
+class TargetSpec:
     provider: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    name: str
+    targets: tuple[TargetSpec, ...]
+
+    @classmethod
+    def single(cls, name: str, provider: str, settings: Mapping[str, Any]) -> RouteSpec:
+        return cls(name, (TargetSpec(provider, settings, 1),))
+
+
+def pick_target(targets: Sequence[Any], weights: Sequence[int], route: str, session_id: str,
+                fallback_key: str) -> Any:
+    """The target a conversation goes to: a hash of route and session over the weights.
+
+    Deterministic, so one conversation stays on one version while the weights stay the
+    same; a request without a session uses `fallback_key` (e.g. a request id) instead.
+    """
+    total = sum(weights)
+    if len(targets) == 1 or total <= 0:
+        return targets[0]
+    digest = hashlib.blake2b(f"{route}\0{session_id or fallback_key}".encode(), digest_size=8).digest()
+    point = int.from_bytes(digest, "big") % total
+    for target, weight in zip(targets, weights):
+        if point < weight:
+            return target
+        point -= weight
+    return targets[-1]
+
+
+def _target(route: str, raw: Any, where: str) -> TargetSpec:
+    if not isinstance(raw, dict) or not isinstance(raw.get("provider"), str) or not raw["provider"]:
+        raise RoutesError(f"route {route!r}{where}: needs provider = \"<plugin name>\"")
+    settings = raw.get("settings", {})
+    if not isinstance(settings, dict):
+        raise RoutesError(f"route {route!r}{where}: settings must be a table")
+    weight = raw.get("weight", 1)
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+        raise RoutesError(f"route {route!r}{where}: weight must be an integer 0..{MAX_WEIGHT}")
+    return TargetSpec(raw["provider"], settings, weight)
 
 
 def parse_routes(text: str) -> dict[str, RouteSpec]:
-    """`[routes.<alias>]` tables with `provider = "..."` and an optional `settings` table."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -35,16 +93,23 @@ def parse_routes(text: str) -> dict[str, RouteSpec]:
     routes: dict[str, RouteSpec] = {}
     for name, table in tables.items():
         if not ROUTE_NAME.fullmatch(name):
-            raise RoutesError(f"route {name!r}: name must be 1-64 letters, digits or . _ : -")
-        if not isinstance(table, dict) or not isinstance(table.get("provider"), str):
-            raise RoutesError(f"route {name!r}: needs provider = \"<plugin name>\"")
-        settings = table.get("settings", {})
-        if not isinstance(settings, dict):
-            raise RoutesError(f"route {name!r}: settings must be a table")
-        unknown = set(table) - {"provider", "settings"}
+            raise RoutesError(f"route {name!r}: name must be 1-64 letters, digits or . _ : / -")
+        if not isinstance(table, dict):
+            raise RoutesError(f"route {name!r}: must be a table")
+        if "targets" in table:
+            unknown = set(table) - {"targets"}
+            raw_targets = table["targets"]
+            if not isinstance(raw_targets, list) or not raw_targets:
+                raise RoutesError(f"route {name!r}: targets must be a non-empty array of tables")
+            targets = tuple(_target(name, raw, f" target {i + 1}") for i, raw in enumerate(raw_targets))
+        else:
+            unknown = set(table) - {"provider", "settings", "weight"}
+            targets = (_target(name, table, ""),)
         if unknown:
             raise RoutesError(f"route {name!r}: unknown keys {sorted(unknown)}")
-        routes[name] = RouteSpec(name, table["provider"], settings)
+        if sum(t.weight for t in targets) <= 0:
+            raise RoutesError(f"route {name!r}: the weights add up to 0")
+        routes[name] = RouteSpec(name, targets)
     return routes
 
 
@@ -52,4 +117,6 @@ def load_routes(path: Path) -> dict[str, RouteSpec]:
     try:
         return parse_routes(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RoutesError(f"routes file {path} does not exist") from None
+        raise RoutesError(f"routes file {path.name} does not exist") from None
+    except UnicodeDecodeError:
+        raise RoutesError(f"routes file {path.name} is not UTF-8") from None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,12 +16,14 @@ from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_server import (
     add_health_and_reflection, bind, create_grpc_server, stop_gracefully, wait_for_stop_signal,
 )
+from services.common.logs import request_id_var
 from services.common.metrics import start_metrics_server
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, ProviderError
-from services.llm_worker.plugin_host import PluginHost, load_generation
+from services.llm_worker.plugin_host import PluginHost
 from services.llm_worker.routes import RouteSpec
 from services.llm_worker.settings import WorkerSettings
+from services.llm_worker.watcher import watch_plugins
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
@@ -30,17 +34,25 @@ def route_overrides(settings: WorkerSettings) -> dict[str, RouteSpec]:
     """KEFU_OPENAI_BASE_URL replaces the `default` route with the OpenAI-compatible provider."""
     if not settings.openai_base_url:
         return {}
-    return {"default": RouteSpec("default", "openai_compatible", {
+    return {"default": RouteSpec.single("default", "openai_compatible", {
         "base_url": settings.openai_base_url, "api_key": settings.openai_api_key,
-        "model": settings.model, "timeout_s": settings.upstream_timeout_s})}
+        "model": settings.model, "total_timeout_s": settings.upstream_timeout_s})}
 
 
 def status_of(error: ProviderError) -> grpc.StatusCode:
-    if isinstance(error.__cause__, TimeoutError) or "timed out" in str(error):
+    """Upstream failures as gRPC codes; the edge turns them into HTTP statuses and error codes."""
+    if isinstance(error.__cause__, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    # Retryable (connection refused, 429, 5xx): the edge says "unavailable";
-    # anything else is the upstream refusing this request: the edge says "upstream error".
-    return grpc.StatusCode.UNAVAILABLE if error.retryable else grpc.StatusCode.UNKNOWN
+    status = error.status
+    if status == 429:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if status is None or status >= 500:
+        return grpc.StatusCode.UNAVAILABLE
+    if status in (401, 403):
+        return grpc.StatusCode.FAILED_PRECONDITION  # our key or account, not the client's request
+    if 400 <= status < 500:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.UNKNOWN
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
@@ -58,34 +70,39 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         params = GenerationParams(
             max_tokens=request.max_tokens or None,
             temperature=request.temperature if request.HasField("temperature") else None)
+        # Every delta of this stream comes from the generation leased here, even if a reload
+        # swaps in a new one meanwhile.
         async with self._host.lease() as generation:
             route = generation.route(route_name)
             if route is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no route {route_name!r}")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {route_name!r}")
                 return
-            provider_name = route.spec.provider
+            target = route.pick(request.session_id, request_id_var.get() or uuid.uuid4().hex)
+            provider_name = target.spec.provider
             start = time.perf_counter()
             outcome = "error"
             first = True
             self._metrics.active_streams.inc()
             try:
-                async for event in route.provider.stream(messages, params):
-                    if isinstance(event, Delta):
-                        if not event.text:
-                            continue
-                        if first:
-                            self._metrics.ttft_seconds.labels(route_name).observe(time.perf_counter() - start)
-                            first = False
-                        yield llm_pb2.GenerateResponse(delta=event.text)
-                    elif isinstance(event, Finish):
-                        self._metrics.completion_tokens.labels(route_name).inc(event.usage.completion_tokens)
-                        outcome = "ok"
-                        yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
-                            finish_reason=event.finish_reason, model=event.model, cached=False,
-                            provider=provider_name,
-                            usage=llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
-                                                completion_tokens=event.usage.completion_tokens)))
-                        break
+                async with contextlib.aclosing(target.provider.stream(messages, params)) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            if not event.text:
+                                continue
+                            if first:
+                                self._metrics.ttft_seconds.labels(route_name).observe(time.perf_counter() - start)
+                                first = False
+                            yield llm_pb2.GenerateResponse(delta=event.text)
+                        elif isinstance(event, Finish):
+                            self._metrics.prompt_tokens.labels(route_name).inc(event.usage.prompt_tokens)
+                            self._metrics.completion_tokens.labels(route_name).inc(event.usage.completion_tokens)
+                            outcome = "ok"
+                            yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
+                                finish_reason=event.finish_reason, model=event.model, cached=False,
+                                provider=provider_name, generation=generation.number, route=route_name,
+                                usage=llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
+                                                    completion_tokens=event.usage.completion_tokens)))
+                            break
                 if outcome != "ok":
                     raise ProviderError(f"provider {provider_name} ended its stream without a finish")
             except ProviderError as error:
@@ -98,12 +115,16 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 self._metrics.active_streams.dec()
                 self._metrics.request_seconds.labels(route_name, provider_name, outcome).observe(
                     time.perf_counter() - start)
+                self._metrics.requests.labels(route_name, provider_name, target.model, outcome).inc()
 
-    async def ListRoutes(self, request: llm_pb2.ListRoutesRequest,
-                         context: grpc.aio.ServicerContext) -> llm_pb2.ListRoutesResponse:
-        routes = self._host.current.routes.values()
-        return llm_pb2.ListRoutesResponse(routes=[
-            llm_pb2.Route(name=r.spec.name, provider=r.spec.provider, model=r.model) for r in routes])
+    async def ListModels(self, request: llm_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> llm_pb2.ListModelsResponse:
+        generation = self._host.current
+        return llm_pb2.ListModelsResponse(generation=generation.number, models=[
+            llm_pb2.Model(name=route.name, targets=[
+                llm_pb2.Target(provider=t.spec.provider, model=t.model, weight=t.spec.weight)
+                for t in route.targets])
+            for route in generation.routes.values()])
 
 
 async def create_server(settings: WorkerSettings, servicer: LlmServicer,
@@ -118,16 +139,21 @@ async def create_server(settings: WorkerSettings, servicer: LlmServicer,
 
 async def serve(settings: WorkerSettings) -> None:
     metrics = WorkerMetrics()
-    generation = await load_generation(settings.plugins_dir, settings.routes_file, 1, route_overrides(settings))
-    host = PluginHost(generation)
-    metrics.plugin_generation.set(generation.number)
+    host = PluginHost(settings.plugins_dir, settings.routes_file, route_overrides(settings))
+    await host.start()
+    metrics.plugin_generation.set(host.current.number)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
+    stop_watching = asyncio.Event()
+    watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
         server, health_servicer, port = await create_server(settings, LlmServicer(host, metrics), metrics)
         await server.start()
-        log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(generation.routes))
+        log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))
         await wait_for_stop_signal()
+        stop_watching.set()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
+        stop_watching.set()
+        await asyncio.wait([watcher], timeout=5)
         await host.aclose()
         metrics_server.close()

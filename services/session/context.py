@@ -20,9 +20,11 @@ def build_context(history: Sequence[StoredMessage], system_prompt: str, budget: 
                   counter: TokenCounter) -> Context:
     """System prompt, then the newest messages that fit `budget`, oldest first.
 
-    Every message costs its content plus MESSAGE_OVERHEAD_TOKENS. The system prompt
-    comes first; the newest message is always kept, cut to its beginning if it alone is
-    too long; older messages are added while they fit whole.
+    Every message costs its content plus MESSAGE_OVERHEAD_TOKENS, in `counter`'s
+    encoding (a message counted in another one when stored is counted again, only as far
+    back as the budget reaches). The system prompt comes first; the newest message is
+    always kept, cut to its beginning if it alone is too long; older messages are added
+    while they fit whole.
     """
     chosen: list[StoredMessage] = []
     used = 0
@@ -33,9 +35,11 @@ def build_context(history: Sequence[StoredMessage], system_prompt: str, budget: 
         text = counter.cut_prefix(system_prompt, room)
         truncated = text != system_prompt
         if text:
-            system = StoredMessage.system(text, counter.count(text))
+            system = StoredMessage.system(text, counter.count(text), counter.name)
             used += system.tokens + MESSAGE_OVERHEAD_TOKENS
     for index, message in enumerate(reversed(history)):
+        if message.encoding != counter.name:
+            message = replace(message, tokens=counter.count(message.content), encoding=counter.name)
         cost = message.tokens + MESSAGE_OVERHEAD_TOKENS
         if used + cost <= budget:
             chosen.append(message)

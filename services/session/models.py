@@ -50,10 +50,14 @@ class StoredMessage:
     created_at: float
     tokens: int
     seq: int = 0
+    """JetStream sequence of the message: the order of acknowledgement. Not stored, assigned."""
+    encoding: str = ""
+    """Encoding `tokens` was counted with; context building recounts for another one."""
 
     @classmethod
-    def system(cls, content: str, tokens: int) -> Self:
-        return cls(id="", role="system", content=content, created_at=time.time(), tokens=tokens)
+    def system(cls, content: str, tokens: int, encoding: str) -> Self:
+        return cls(id="", role="system", content=content, created_at=time.time(), tokens=tokens,
+                   encoding=encoding)
 
     def to_json(self) -> bytes:
         return json.dumps({k: v for k, v in asdict(self).items() if k != "seq"}, ensure_ascii=False).encode()
@@ -61,25 +65,48 @@ class StoredMessage:
     @classmethod
     def from_json(cls, data: bytes, seq: int) -> Self:
         raw = json.loads(data)
+        # Messages stored before `encoding` existed have an unknown count: recounted on use.
         return cls(id=raw["id"], role=raw["role"], content=raw["content"],
-                   created_at=float(raw["created_at"]), tokens=int(raw["tokens"]), seq=seq)
+                   created_at=float(raw["created_at"]), tokens=int(raw["tokens"]), seq=seq,
+                   encoding=str(raw.get("encoding", "")))
+
+
+@dataclass(slots=True)
+class MetaDelta:
+    """Counters of stored messages not yet added to the session's metadata (one batch)."""
+
+    messages: int = 0
+    user_messages: int = 0
+    tokens: int = 0
+    updated_at: float = 0.0
+
+    def add(self, message: StoredMessage) -> None:
+        self.messages += 1
+        self.user_messages += message.role == "user"
+        self.tokens += message.tokens
+        self.updated_at = max(self.updated_at, message.created_at)
 
 
 @dataclass(frozen=True, slots=True)
 class SessionMeta:
     tenant: str
     owner: str
+    """JWT `sub` of the visitor who created the session."""
     created_at: float
     updated_at: float
+    """Time of the newest message (Unix seconds)."""
     message_count: int = 0
+    """Messages ever appended, including those the history bound has dropped since."""
     user_message_count: int = 0
     token_count: int = 0
+    """Tokens of all appended messages, in the store's encoding."""
 
-    def with_message(self, message: StoredMessage) -> Self:
+    def with_delta(self, delta: MetaDelta) -> Self:
         return replace(
-            self, updated_at=message.created_at, message_count=self.message_count + 1,
-            user_message_count=self.user_message_count + (message.role == "user"),
-            token_count=self.token_count + message.tokens,
+            self, updated_at=max(self.updated_at, delta.updated_at),
+            message_count=self.message_count + delta.messages,
+            user_message_count=self.user_message_count + delta.user_messages,
+            token_count=self.token_count + delta.tokens,
         )
 
     def to_json(self) -> bytes:

