@@ -95,3 +95,13 @@ async def test_delete_session_erases_it(kb_stack: Stack) -> None:
             assert response.status == 204
         async with http.get(f"{url}/messages", headers=auth(sub="eraser")) as response:
             assert response.status == 404
+
+
+async def test_models_lists_the_routes_and_generation(kb_stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{kb_stack.base_url}/v1/models", headers=auth()) as response:
+            assert response.status == 200
+            body = await response.json()
+    assert body["object"] == "list" and body["generation"] == 1
+    default = next(m for m in body["data"] if m["id"] == "default")
+    assert default["object"] == "model" and default["targets"][0]["provider"] == "knowledge_base"

@@ -99,3 +99,22 @@ async def test_client_disconnect_cancels_the_upstream_request(upstream_stack: St
         while upstream.stats.cancelled < 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert upstream.stats.cancelled == 1 and upstream.stats.in_flight == 0
+
+
+async def test_upstream_killed_mid_stream_gives_error_event(upstream_stack: Stack, upstream_port: int) -> None:
+    upstream = FakeUpstream(FakeUpstreamConfig(reply="y" * 60, chunk_count=60, chunk_interval_s=0.05),
+                            port=upstream_port)
+    await upstream.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{upstream_stack.base_url}/v1/chat", json={"message": "hi"},
+                                 headers=auth()) as response:
+                events = []
+                async for event in read_sse(response):
+                    events.append((event.event, event.json()))
+                    if event.event == "message" and len(events) == 3:
+                        await upstream.close()  # the upstream goes away mid-answer
+    finally:
+        await upstream.close()
+    assert events[-1][0] == "error" and "done" not in [n for n, _ in events]
+    assert events[-1][1]["code"] == "upstream_unavailable"
