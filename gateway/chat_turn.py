@@ -8,14 +8,14 @@ raises StreamFailed (the client gets an SSE `error` event).
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import grpc
 
 from gateway.auth import Principal
 from gateway.clients import BackendClients
-from gateway.errors import ContentBlocked, api_error_from_grpc
+from gateway.errors import ApiError, ContentBlocked, api_error_from_grpc
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2
 from kefu.moderation.v1 import moderation_pb2
@@ -24,12 +24,26 @@ from services.common.logs import REQUEST_ID_METADATA_KEY
 
 
 @dataclass(frozen=True, slots=True)
+class ContextMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnRequest:
     message: str
+    """The visitor's new text (checked by moderation, stored in the session)."""
     session_id: str = ""
     route: str = ""
     max_tokens: int = 0
     temperature: float | None = None
+    history: tuple[ContextMessage, ...] | None = None
+    """The context before `message`, supplied by the client (OpenAI API); None builds it from the
+    session. With a history, the session (if any) only records the turn."""
+    sticky_key: str = ""
+    """Keeps a canary split stable for a client without a session (OpenAI `user`)."""
+    start_on_first_delta: bool = False
+    """Hold TurnStarted until the answer has begun, so a failing model is a plain HTTP error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +74,20 @@ TurnEvent = TurnStarted | TurnDelta | TurnDone
 class StreamFailed(Exception):
     """The stream started and then failed; `code` goes into the SSE `error` event."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 502) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
+        """The HTTP status it would have had before the stream started."""
+
+    def as_api_error(self) -> ApiError:
+        return ApiError(self.code, self.message, self.status)
 
 
 def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
     api_error = api_error_from_grpc(error, backend)
-    return StreamFailed(api_error.code, api_error.message)
+    return StreamFailed(api_error.code, api_error.message, api_error.status)
 
 
 class ChatTurn:
@@ -83,38 +102,57 @@ class ChatTurn:
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         text = await self._check_input(request.message)
-        try:
-            appended = await self._clients.session.Append(session_pb2.AppendRequest(
-                principal=self._principal, session_id=request.session_id, role="user", content=text),
-                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
-            context = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
-                principal=self._principal, session_id=appended.session_id,
-                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens),
-                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise api_error_from_grpc(error, "session") from None
-        session_id = appended.session_id
+        session_id, context = await self._prepare(request, text)
         message_id = secrets.token_hex(16)
-        yield TurnStarted(session_id, message_id)
-        answer: list[str] = []
-        done: llm_pb2.Done | None = None
-        async for item in self._filtered_answer(request, context.messages):
-            if isinstance(item, str):
-                answer.append(item)
-                yield TurnDelta(item)
-            else:
-                done = item
+        answer = self._filtered_answer(request, session_id, context)
+        first: str | llm_pb2.Done | None = None
+        try:
+            if request.start_on_first_delta:
+                try:
+                    first = await anext(answer)
+                except StreamFailed as failure:
+                    raise failure.as_api_error() from None
+            yield TurnStarted(session_id, message_id)
+            parts: list[str] = []
+            done: llm_pb2.Done | None = None
+            pending = [first] if first is not None else []
+            async for item in _chain(pending, answer):
+                if isinstance(item, str):
+                    parts.append(item)
+                    yield TurnDelta(item)
+                else:
+                    done = item
+        finally:
+            await answer.aclose()
         assert done is not None
-        if answer:
+        if session_id and parts:
             try:
                 await self._clients.session.Append(session_pb2.AppendRequest(
                     principal=self._principal, session_id=session_id, role="assistant",
-                    content="".join(answer), message_id=message_id),
+                    content="".join(parts), message_id=message_id),
                     timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
                 raise _stream_failure(error, "session") from None
         yield TurnDone(message_id, done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens,
                        done.cached, done.model)
+
+    async def _prepare(self, request: TurnRequest, text: str) -> tuple[str, list[ContextMessage]]:
+        """Store the visitor's message (when there is a session) and return the context to send."""
+        if request.history is not None and not request.session_id:
+            return "", [*request.history, ContextMessage("user", text)]
+        try:
+            appended = await self._clients.session.Append(session_pb2.AppendRequest(
+                principal=self._principal, session_id=request.session_id, role="user", content=text),
+                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            if request.history is not None:
+                return appended.session_id, [*request.history, ContextMessage("user", text)]
+            built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
+                principal=self._principal, session_id=appended.session_id,
+                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens),
+                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise api_error_from_grpc(error, "session") from None
+        return appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages]
 
     async def _check_input(self, text: str) -> str:
         try:
@@ -128,11 +166,11 @@ class ChatTurn:
             raise ContentBlocked()
         return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
 
-    async def _filtered_answer(self, request: TurnRequest, context: list[session_pb2.Message],
-                               ) -> AsyncIterator[str | llm_pb2.Done]:
+    async def _filtered_answer(self, request: TurnRequest, session_id: str, context: list[ContextMessage],
+                               ) -> AsyncGenerator[str | llm_pb2.Done, None]:
         """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed."""
         generate = llm_pb2.GenerateRequest(
-            route=request.route, tenant=self._tenant, session_id=request.session_id,
+            route=request.route, tenant=self._tenant, session_id=session_id or request.sticky_key,
             max_tokens=request.max_tokens,
             messages=[llm_pb2.ChatMessage(role=m.role, content=m.content) for m in context])
         if request.temperature is not None:
@@ -175,3 +213,11 @@ class ChatTurn:
         if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
             raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
         return str(verdict.safe_delta)
+
+
+async def _chain(first: Iterable[str | llm_pb2.Done],
+                 rest: AsyncIterator[str | llm_pb2.Done]) -> AsyncIterator[str | llm_pb2.Done]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item

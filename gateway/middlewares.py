@@ -15,6 +15,8 @@ from gateway.responses import json_response
 from gateway import keys
 from gateway.auth import bearer_token
 from gateway.errors import ApiError, BodyTooLarge, api_error_from_grpc
+from gateway.openai_format import OPENAI_PATHS
+from gateway.openai_format import error_body as openai_error_body
 from services.common.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,10 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
-def error_response(error: ApiError, request_id: str) -> web.Response:
-    return json_response(
-        {"error": {"code": error.code, "message": error.message, "request_id": request_id}},
-        status=error.status, headers=error.headers)
+def error_response(error: ApiError, request_id: str, path: str = "") -> web.Response:
+    body = (openai_error_body(error, request_id) if path in OPENAI_PATHS
+            else {"error": {"code": error.code, "message": error.message, "request_id": request_id}})
+    return json_response(body, status=error.status, headers=error.headers)
 
 
 @web.middleware
@@ -42,19 +44,20 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error, request_id)
+        response = error_response(error, request_id, request.path)
     except web.HTTPRequestEntityTooLarge:
-        response = error_response(BodyTooLarge(None, request.app[keys.SETTINGS].max_body_bytes), request_id)
+        response = error_response(BodyTooLarge(None, request.app[keys.SETTINGS].max_body_bytes), request_id,
+                                  request.path)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
-        response = error_response(ApiError(code, error.reason, error.status), request_id)
+        response = error_response(ApiError(code, error.reason, error.status), request_id, request.path)
     except grpc.aio.AioRpcError as error:
-        response = error_response(api_error_from_grpc(error, "backend"), request_id)
+        response = error_response(api_error_from_grpc(error, "backend"), request_id, request.path)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(ApiError("internal", "internal error"), request_id)
+        response = error_response(ApiError("internal", "internal error"), request_id, request.path)
     if not response.prepared:  # streams set the header themselves before their first byte
         response.headers["X-Request-Id"] = request_id
     request.app[keys.METRICS].request_seconds.labels(route, str(response.status)).observe(

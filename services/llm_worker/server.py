@@ -20,7 +20,7 @@ from services.common.logs import request_id_var
 from services.common.metrics import start_metrics_server
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, ProviderError
-from services.llm_worker.plugin_host import PluginHost
+from services.llm_worker.plugin_host import PluginHost, PluginLoadError
 from services.llm_worker.routes import RouteSpec
 from services.llm_worker.settings import WorkerSettings
 from services.llm_worker.watcher import watch_plugins
@@ -140,7 +140,11 @@ async def create_server(settings: WorkerSettings, servicer: LlmServicer,
 async def serve(settings: WorkerSettings) -> None:
     metrics = WorkerMetrics()
     host = PluginHost(settings.plugins_dir, settings.routes_file, route_overrides(settings))
-    await host.start()
+    try:
+        await host.start()
+    except PluginLoadError as error:
+        await host.aclose()
+        raise SystemExit(f"llm_worker: cannot start, the plugins in {settings.plugins_dir} are broken: {error}")
     metrics.plugin_generation.set(host.current.number)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()
