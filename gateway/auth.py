@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import Forbidden, Unauthorized
 from gateway.settings import GatewaySettings
+from services.common.settings import SettingsError
+
+log = logging.getLogger(__name__)
 
 ROLES = frozenset({"visitor", "agent", "admin"})
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -26,26 +36,88 @@ class Principal:
         return f"{self.tenant}/{self.subject}"
 
 
+class JwksFile:
+    """Public keys from a JWKS file, chosen by the token's `kid`; re-read when the file changes."""
+
+    CHECK_INTERVAL_S = 1.0
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._clock = clock
+        self._mtime = -1.0
+        self._checked = -1e9
+        self._keys: dict[str, tuple[Any, str]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            keys: dict[str, tuple[Any, str]] = {}
+            for jwk in jwt.PyJWKSet.from_json(self._path.read_text()).keys:
+                algorithm = jwk.algorithm_name if jwk.algorithm_name in ASYMMETRIC else _algorithm_of(jwk.key)
+                if jwk.key_id and algorithm in ASYMMETRIC:
+                    keys[jwk.key_id] = (jwk.key, algorithm)
+        except (OSError, ValueError, jwt.PyJWTError) as error:
+            # Keep the keys we had: a half-written or broken file must not lock everyone out.
+            log.warning("JWKS file %s not (re)loaded: %s", self._path, error)
+            return
+        self._keys, self._mtime = keys, mtime
+        log.info("JWKS: %d keys from %s", len(keys), self._path)
+
+    def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+        now = self._clock()
+        if now - self._checked >= self.CHECK_INTERVAL_S:
+            self._checked = now
+            self._load()
+        found = self._keys.get(str(header.get("kid", "")))
+        if found is None:
+            raise Unauthorized("invalid token")
+        return found[0], [found[1]]
+
+
+ASYMMETRIC = frozenset({"RS256", "ES256"})
+
+
+def _algorithm_of(key: Any) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        return "ES256"
+    return ""
+
+
 class JwtVerifier:
-    """HS256 with a shared secret, or RS256/ES256 with a PEM public key; never `none`, never mixed."""
+    """HS256 with a shared secret, or RS256/ES256 with a PEM public key or a JWKS file.
+
+    The algorithm is fixed by the key, never taken from the token: `alg: none` and an
+    HS256 token "signed" with the public key text (algorithm confusion) both fail.
+    """
 
     def __init__(self, settings: GatewaySettings) -> None:
-        if settings.jwt_public_key_file is not None:
-            # Only asymmetric algorithms with a public key: an HS256 token "signed" with the
-            # public key text (algorithm confusion) is refused by the algorithm list.
-            self._key: str | bytes = settings.jwt_public_key_file.read_bytes()
-            self._algorithms = ["RS256", "ES256"]
-        else:
-            self._key = settings.jwt_secret
-            self._algorithms = ["HS256"]
+        self._jwks: JwksFile | None = None
+        self._key: Any = settings.jwt_secret
+        self._algorithms = ["HS256"]
+        if settings.jwt_jwks_file is not None:
+            self._jwks = JwksFile(settings.jwt_jwks_file)
+        elif settings.jwt_public_key_file is not None:
+            self._key = serialization.load_pem_public_key(settings.jwt_public_key_file.read_bytes())
+            algorithm = _algorithm_of(self._key)
+            if not algorithm:
+                raise SettingsError("KEFU_JWT_PUBLIC_KEY_FILE must hold an RSA or P-256 EC public key")
+            self._algorithms = [algorithm]
         self._issuer = settings.jwt_issuer or None
         self._audience = settings.jwt_audience or None
         self._leeway = settings.jwt_leeway_s
 
     def verify(self, token: str) -> Principal:
         try:
+            key, algorithms = self._key, self._algorithms
+            if self._jwks is not None:
+                key, algorithms = self._jwks.key_for(jwt.get_unverified_header(token))
             claims = jwt.decode(
-                token, self._key, algorithms=self._algorithms, leeway=self._leeway,
+                token, key, algorithms=algorithms, leeway=self._leeway,
                 issuer=self._issuer, audience=self._audience,
                 options={"require": REQUIRED_CLAIMS, "verify_aud": self._audience is not None},
             )
@@ -53,7 +125,7 @@ class JwtVerifier:
             raise Unauthorized("token expired") from None
         except jwt.MissingRequiredClaimError as error:
             raise Unauthorized(f"token lacks the {error.claim!r} claim") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:
             raise Unauthorized("invalid token") from None
         subject, tenant, role = claims["sub"], claims["tenant"], claims["role"]
         if not isinstance(subject, str) or not 0 < len(subject) <= 256:

@@ -23,6 +23,7 @@ class GatewaySettings:
     http_port: int = 8080
     jwt_secret: str = ""
     jwt_public_key_file: Path | None = None
+    jwt_jwks_file: Path | None = None
     jwt_issuer: str = ""
     jwt_audience: str = ""
     jwt_leeway_s: float = 30.0
@@ -45,10 +46,13 @@ class GatewaySettings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        if not self.jwt_secret and self.jwt_public_key_file is None:
-            raise SettingsError("set KEFU_JWT_SECRET (HS256) or KEFU_JWT_PUBLIC_KEY_FILE (RS256/ES256)")
-        if self.jwt_public_key_file is not None and not self.jwt_public_key_file.is_file():
-            raise SettingsError(f"KEFU_JWT_PUBLIC_KEY_FILE: no such file {self.jwt_public_key_file}")
+        if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
+            raise SettingsError("set KEFU_JWT_SECRET (HS256), KEFU_JWT_PUBLIC_KEY_FILE or KEFU_JWT_JWKS_FILE "
+                                "(RS256/ES256)")
+        for name, path in (("KEFU_JWT_PUBLIC_KEY_FILE", self.jwt_public_key_file),
+                           ("KEFU_JWT_JWKS_FILE", self.jwt_jwks_file)):
+            if path is not None and not path.is_file():
+                raise SettingsError(f"{name}: no such file {path}")
         if not 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
             raise SettingsError(f"KEFU_MAX_BODY_BYTES must be 1024..67108864, got {self.max_body_bytes}")
 
@@ -59,11 +63,13 @@ class GatewaySettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
         key_file = env_str(env, "KEFU_JWT_PUBLIC_KEY_FILE", "")
+        jwks_file = env_str(env, "KEFU_JWT_JWKS_FILE", "")
         return cls(
             host=env_str(env, "KEFU_BIND_HOST", cls.host),
             http_port=env_int(env, "KEFU_HTTP_PORT", cls.http_port, minimum=0, maximum=65535),
             jwt_secret=env.get("KEFU_JWT_SECRET", ""),
             jwt_public_key_file=Path(key_file) if key_file else None,
+            jwt_jwks_file=Path(jwks_file) if jwks_file else None,
             jwt_issuer=env_str(env, "KEFU_JWT_ISSUER", ""),
             jwt_audience=env_str(env, "KEFU_JWT_AUDIENCE", ""),
             jwt_leeway_s=env_float(env, "KEFU_JWT_LEEWAY_S", cls.jwt_leeway_s, minimum=0),

@@ -24,7 +24,7 @@ async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1)
         log.warning("nats: %s", error or type(error).__name__)
 
     async def on_disconnected() -> None:
-        log.warning("nats: disconnected")
+        log.info("nats: disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
