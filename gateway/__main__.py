@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from aiohttp import web
 
+from gateway import keys
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
@@ -25,8 +28,20 @@ async def serve(settings: GatewaySettings) -> None:
     log.info("edge on http://%s:%d", settings.host, settings.http_port)
     try:
         await wait_for_stop_signal()
+        await drain(runner.app, settings.shutdown_grace_s)
     finally:
         await runner.cleanup()
+
+
+async def drain(app: web.Application, grace_s: float) -> None:
+    """Refuse new work at once (readyz 503), let open streams finish for up to `grace_s`."""
+    state = app[keys.STATE]
+    state.draining = True
+    deadline = time.monotonic() + grace_s
+    while state.open_streams and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.open_streams:
+        log.warning("closing %d streams still open after %.0f s", state.open_streams, grace_s)
 
 
 if __name__ == "__main__":

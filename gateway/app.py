@@ -11,10 +11,11 @@ from gateway import keys
 from gateway.auth import JwtVerifier
 from gateway.clients import BackendClients
 from gateway.metrics import EdgeMetrics
-from gateway.middlewares import auth_middleware, request_context_middleware
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.middlewares import add_cors_headers, auth_middleware, cors_middleware, request_context_middleware
+from gateway.ratelimit import EdgeRateLimits
 from gateway.routes import setup_routes
 from gateway.settings import GatewaySettings
+from gateway.state import EdgeState
 
 
 async def backend_clients(app: web.Application) -> AsyncIterator[None]:
@@ -33,16 +34,19 @@ async def close_open_streams(app: web.Application) -> None:
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(middlewares=[request_context_middleware, auth_middleware],
+    app = web.Application(middlewares=[cors_middleware, request_context_middleware, auth_middleware],
                           client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
     app[keys.METRICS] = EdgeMetrics()
-    app[keys.PRINCIPAL_LIMITER] = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-    app[keys.TENANT_LIMITER] = TokenBucketLimiter(
-        settings.tenant_rate_limit_rps, max(settings.rate_limit_burst, int(settings.tenant_rate_limit_rps * 2)))
+    app[keys.RATE_LIMITS] = EdgeRateLimits(
+        settings.rate_limit_rps, settings.rate_limit_burst, settings.tenant_rate_limit_rps,
+        routes=settings.route_rate_limits, tenants=settings.tenant_rate_limits)
+    app[keys.ROUTE_ROLES] = {}
+    app[keys.STATE] = EdgeState()
     app[keys.OPEN_STREAMS] = weakref.WeakSet()
     app.cleanup_ctx.append(backend_clients)
     app.on_shutdown.append(close_open_streams)
+    app.on_response_prepare.append(add_cors_headers)
     setup_routes(app)
     return app

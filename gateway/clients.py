@@ -19,7 +19,7 @@ from kefu.session.v1 import session_pb2_grpc
 # reconnect backoff) is retried by gRPC itself; once a response has started it never is.
 SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{}],
-    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
 

@@ -85,7 +85,12 @@ def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
     if code is grpc.StatusCode.UNAVAILABLE:
         name = "upstream_unavailable" if backend == "llm" else f"{backend}_unavailable"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        name = "upstream_timeout" if backend == "llm" else f"{backend}_timeout"
+        if backend == "llm":
+            name = "upstream_timeout"
+        else:
+            # A session or moderation call that cannot finish in seconds is as good as down
+            # (gRPC's own retries against a dead backend end here too).
+            status, name = 503, f"{backend}_unavailable"
     message = error.details() or name
     if status >= 500 and code is not grpc.StatusCode.UNKNOWN:
         message = f"{backend} service: {message}"

@@ -9,15 +9,18 @@ from aiohttp import web
 from gateway.auth import JwtVerifier, Principal
 from gateway.clients import BackendClients
 from gateway.metrics import EdgeMetrics
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.ratelimit import EdgeRateLimits
 from gateway.settings import GatewaySettings
+from gateway.state import EdgeState
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 CLIENTS = web.AppKey("clients", BackendClients)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
 METRICS = web.AppKey("metrics", EdgeMetrics)
-PRINCIPAL_LIMITER = web.AppKey("principal_limiter", TokenBucketLimiter)
-TENANT_LIMITER = web.AppKey("tenant_limiter", TokenBucketLimiter)
+RATE_LIMITS = web.AppKey("rate_limits", EdgeRateLimits)
+ROUTE_ROLES = web.AppKey("route_roles", dict[str, frozenset[str]])
+"""Roles each protected route accepts, by its canonical path (filled by setup_routes)."""
+STATE = web.AppKey("state", EdgeState)
 OPEN_STREAMS = web.AppKey("open_streams", weakref.WeakSet[web.StreamResponse])
 
 # Per request (set by the middlewares).

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.responses import json_response
 from gateway import keys
-from gateway.auth import bearer_token
+from gateway.auth import bearer_token, require_role
 from gateway.errors import ApiError, BodyTooLarge, api_error_from_grpc
 from gateway.openai_format import OPENAI_PATHS
 from gateway.openai_format import error_body as openai_error_body
@@ -67,17 +67,61 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /v1/* route needs a verified JWT; then the principal's and tenant's buckets."""
+    """Every /v1/* route needs a verified JWT with a role the route accepts, then room in its buckets."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
+    if request.app[keys.STATE].draining:
+        raise ApiError("draining", "this edge is shutting down; retry on another", 503,
+                       headers={"Retry-After": "1", "Connection": "close"})
     principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
     request[keys.REQUEST_PRINCIPAL] = principal
-    for scope, limiter, key in (("principal", request.app[keys.PRINCIPAL_LIMITER], principal.key),
-                                ("tenant", request.app[keys.TENANT_LIMITER], principal.tenant)):
-        decision = limiter.take(key)
-        if not decision.allowed:
-            request.app[keys.METRICS].rate_limited.labels(scope).inc()
-            raise ApiError("rate_limited", f"too many requests for this {scope}", 429, headers={
-                "Retry-After": str(decision.retry_after_s), "RateLimit-Limit": str(decision.limit),
-                "RateLimit-Remaining": "0", "RateLimit-Reset": str(decision.reset_s)})
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    roles = request.app[keys.ROUTE_ROLES].get(route)
+    if roles is not None:
+        require_role(principal, roles)
+    refusal = request.app[keys.RATE_LIMITS].take(route, principal.key, principal.tenant)
+    if refusal is not None:
+        request.app[keys.METRICS].rate_limited.labels(refusal.scope).inc()
+        decision = refusal.decision
+        raise ApiError("rate_limited", f"too many requests for this {refusal.scope}", 429, headers={
+            "Retry-After": str(decision.retry_after_s), "RateLimit-Limit": str(decision.limit),
+            "RateLimit-Remaining": "0", "RateLimit-Reset": str(decision.reset_s)})
     return await handler(request)
+
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Session-Id"
+CORS_EXPOSE_HEADERS = "X-Request-Id, X-Session-Id, Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset"
+
+
+def allowed_origin(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin", "")
+    allowed = request.app[keys.SETTINGS].cors_origins
+    if not origin or not allowed:
+        return None
+    if "*" in allowed or origin in allowed:
+        return origin
+    return None
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights for allowed origins (before auth: a preflight carries no token)."""
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        origin = allowed_origin(request)
+        if origin is None:
+            return web.Response(status=403)
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs for plain and streamed responses alike, before the first byte."""
+    origin = allowed_origin(request)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        response.headers.add("Vary", "Origin")

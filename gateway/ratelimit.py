@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -56,3 +56,52 @@ class TokenBucketLimiter:
         reset = math.ceil((self.burst - bucket.tokens) / self.rate)
         retry = 0 if allowed else max(1, math.ceil((1 - bucket.tokens) / self.rate))
         return Decision(allowed, self.burst, int(bucket.tokens), reset, retry)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    scope: str
+    """"principal" or "tenant": whose bucket is empty."""
+    decision: Decision
+
+
+class EdgeRateLimits:
+    """A bucket per (route, principal) and per tenant, with per-route and per-tenant rates.
+
+    Buckets live in this process only: with N edge replicas a tenant's effective limit is
+    N times the configured one.
+    """
+
+    def __init__(self, principal_rps: float, principal_burst: int, tenant_rps: float, *,
+                 routes: Mapping[str, tuple[float, int]] | None = None, tenants: Mapping[str, float] | None = None,
+                 max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._principal_default = (principal_rps, principal_burst)
+        self._route_rates = dict(routes or {})
+        self._tenant_rates = dict(tenants or {})
+        self._max_keys = max_keys
+        self._clock = clock
+        self._per_route: dict[str, TokenBucketLimiter] = {}
+        self._tenant_default = TokenBucketLimiter(tenant_rps, _burst_for(tenant_rps), max_keys=max_keys, clock=clock)
+        self._per_tenant = {tenant: TokenBucketLimiter(rps, _burst_for(rps), max_keys=1, clock=clock)
+                            for tenant, rps in self._tenant_rates.items()}
+
+    def take(self, route: str, principal_key: str, tenant: str) -> Refusal | None:
+        limiter = self._per_route.get(route)
+        if limiter is None:
+            rps, burst = self._route_rates.get(route, self._principal_default)
+            limiter = self._per_route[route] = TokenBucketLimiter(rps, burst, max_keys=self._max_keys,
+                                                                  clock=self._clock)
+        decision = limiter.take(principal_key)
+        if not decision.allowed:
+            return Refusal("principal", decision)
+        decision = self._per_tenant.get(tenant, self._tenant_default).take(tenant)
+        if not decision.allowed:
+            return Refusal("tenant", decision)
+        return None
+
+    def tracked_keys(self) -> int:
+        return sum(len(limiter) for limiter in self._per_route.values()) + len(self._tenant_default)
+
+
+def _burst_for(rps: float) -> int:
+    return max(1, int(rps * 2))

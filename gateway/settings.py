@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -32,6 +32,12 @@ class GatewaySettings:
     rate_limit_rps: float = 1000.0
     rate_limit_burst: int = 2000
     tenant_rate_limit_rps: float = 5000.0
+    route_rate_limits: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    """Per-route principal buckets, e.g. KEFU_RATE_LIMIT_ROUTES="/v1/chat=20:40" (rps:burst)."""
+    tenant_rate_limits: Mapping[str, float] = field(default_factory=dict)
+    """Per-tenant rates, e.g. KEFU_TENANT_RATE_LIMITS="acme=200,beta=50"."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API ("*" for any); empty turns CORS off."""
     session_addr: str = "127.0.0.1:50051"
     moderation_addr: str = "127.0.0.1:50052"
     worker_addr: str = "127.0.0.1:50053"
@@ -79,6 +85,9 @@ class GatewaySettings:
             rate_limit_burst=env_int(env, "KEFU_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=1),
             tenant_rate_limit_rps=env_float(env, "KEFU_TENANT_RATE_LIMIT_RPS", cls.tenant_rate_limit_rps,
                                             minimum=0.001),
+            route_rate_limits=parse_route_limits(env.get("KEFU_RATE_LIMIT_ROUTES", "")),
+            tenant_rate_limits=parse_tenant_limits(env.get("KEFU_TENANT_RATE_LIMITS", "")),
+            cors_origins=tuple(o.strip().rstrip("/") for o in env.get("KEFU_CORS_ORIGINS", "").split(",") if o.strip()),
             session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
             moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
             worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
@@ -89,3 +98,41 @@ class GatewaySettings:
             shutdown_grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )
+
+
+def _pairs(raw: str, name: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SettingsError(f"{name}: expected key=value items separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def parse_route_limits(raw: str) -> dict[str, tuple[float, int]]:
+    """"/v1/chat=20:40,/v1/chat/completions=100" -> {route: (rps, burst)}; burst defaults to 2 x rps."""
+    limits: dict[str, tuple[float, int]] = {}
+    for route, value in _pairs(raw, "KEFU_RATE_LIMIT_ROUTES"):
+        rps_text, _, burst_text = value.partition(":")
+        try:
+            rps = float(rps_text)
+            burst = int(burst_text) if burst_text else max(1, int(rps * 2))
+        except ValueError:
+            raise SettingsError(f"KEFU_RATE_LIMIT_ROUTES: {route}: expected rps[:burst], got {value!r}") from None
+        if rps <= 0 or burst < 1:
+            raise SettingsError(f"KEFU_RATE_LIMIT_ROUTES: {route}: rps and burst must be positive")
+        limits[route] = (rps, burst)
+    return limits
+
+
+def parse_tenant_limits(raw: str) -> dict[str, float]:
+    limits: dict[str, float] = {}
+    for tenant, value in _pairs(raw, "KEFU_TENANT_RATE_LIMITS"):
+        try:
+            limits[tenant] = float(value)
+        except ValueError:
+            raise SettingsError(f"KEFU_TENANT_RATE_LIMITS: {tenant}: expected a number, got {value!r}") from None
+        if limits[tenant] <= 0:
+            raise SettingsError(f"KEFU_TENANT_RATE_LIMITS: {tenant}: must be positive")
+    return limits

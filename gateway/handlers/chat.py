@@ -16,6 +16,7 @@ from gateway.bodies import read_json_body
 from gateway.chat_turn import ChatTurn, StreamFailed, TurnDelta, TurnDone, TurnEvent, TurnRequest, TurnStarted
 from gateway.errors import InvalidRequest
 from gateway.sse import sse_event
+from gateway.streaming import event_stream
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +66,12 @@ async def _collect(started: TurnStarted, events: AsyncGenerator[TurnEvent, None]
     raise RuntimeError("turn ended without done")
 
 
-async def _stream(request: web.Request, started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.StreamResponse:
+async def _stream(request: web.Request, started: TurnStarted,
+                  events: AsyncGenerator[TurnEvent, None]) -> web.StreamResponse:
     metrics = request.app[keys.METRICS]
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", "X-Request-Id": request[keys.REQUEST_ID]})
-    await response.prepare(request)
-    request.app[keys.OPEN_STREAMS].add(response)
-    metrics.active_streams.inc()
     start = time.perf_counter()
     first = True
-    try:
+    async with event_stream(request) as response:
         await response.write(sse_event("session", {"session_id": started.session_id,
                                                    "message_id": started.message_id}))
         try:
@@ -91,9 +87,4 @@ async def _stream(request: web.Request, started: TurnStarted, events: AsyncGener
             metrics.stream_errors.labels(failure.code).inc()
             log.info("stream %s ended with %s", started.session_id, failure.code)
             await response.write(sse_event("error", {"code": failure.code, "message": failure.message}))
-        await response.write_eof()
-    except ConnectionResetError:
-        log.info("client went away during the stream of %s", started.session_id)
-    finally:
-        metrics.active_streams.dec()
     return response

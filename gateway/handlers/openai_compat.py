@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import AsyncGenerator
@@ -20,8 +19,8 @@ from gateway.openai_format import (
 )
 from gateway.responses import json_response
 from gateway.sse import sse_data
+from gateway.streaming import event_stream
 
-log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_HISTORY_MESSAGES = 200
 
@@ -79,17 +78,10 @@ async def _collect(model: str, started: TurnStarted, events: AsyncGenerator[Turn
 async def _stream(request: web.Request, model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None],
                   include_usage: bool) -> web.StreamResponse:
     metrics = request.app[keys.METRICS]
-    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no", "X-Request-Id": request[keys.REQUEST_ID]}
-    if started.session_id:
-        headers["X-Session-Id"] = started.session_id
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    request.app[keys.OPEN_STREAMS].add(response)
-    metrics.active_streams.inc()
     created = int(time.time())
     message_id = started.message_id
-    try:
+    headers = {"X-Session-Id": started.session_id} if started.session_id else None
+    async with event_stream(request, headers) as response:
         await response.write(sse_data(chunk(message_id, model, created, {"role": "assistant", "content": ""}, None)))
         try:
             async for event in events:
@@ -107,9 +99,4 @@ async def _stream(request: web.Request, model: str, started: TurnStarted, events
             metrics.stream_errors.labels(failure.code).inc()
             await response.write(sse_data({"error": {"message": failure.message, "type": "api_error",
                                                      "param": None, "code": failure.code}}))
-        await response.write_eof()
-    except ConnectionResetError:
-        log.info("client went away during completion %s", message_id)
-    finally:
-        metrics.active_streams.dec()
     return response

@@ -58,18 +58,22 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             if key == REQUEST_ID_METADATA_KEY:
                 request_id = str(value)
                 break
-        histogram = self._duration.labels(details.method.rsplit("/", 1)[-1])
-        return _wrap(handler, request_id, histogram)
+        method = details.method.rsplit("/", 1)[-1]
+        return _wrap(handler, request_id, self._duration.labels(method), method)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any, method: str) -> grpc.RpcMethodHandler:
     # Each RPC runs in its own task, so setting the context variable scopes it to the call.
+    def begin() -> float:
+        request_id_var.set(request_id)
+        log.debug("rpc %s", method)
+        return time.perf_counter()
+
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id_var.set(request_id)
-            start = time.perf_counter()
+            start = begin()
             try:
                 return await inner_uu(request, context)
             finally:
@@ -81,8 +85,7 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any) -> gr
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id_var.set(request_id)
-            start = time.perf_counter()
+            start = begin()
             try:
                 async for item in inner_us(request, context):
                     yield item
@@ -95,8 +98,7 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any) -> gr
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id_var.set(request_id)
-            start = time.perf_counter()
+            start = begin()
             try:
                 async for item in inner_ss(requests, context):
                     yield item
