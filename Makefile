@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := kefu/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test test-unit test-e2e bench token check clean
+.PHONY: help venv proto run test test-unit bench token check clean k8s-sync k8s-validate
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,7 @@ proto: $(GEN_STAMP) ## generate the Python gRPC code from protos/ into kefu/ (gi
 run: $(GEN_STAMP) ## start nats-server, the three services and the edge; Ctrl-C stops them all
 	$(PY) -m services.devstack
 
-test: $(GEN_STAMP) ## run every test (unit and end-to-end, real processes)
+test: $(GEN_STAMP) k8s-validate ## run every test (unit, end-to-end with real processes, manifests)
 	$(PY) -m pytest -q
 
 test-unit: $(GEN_STAMP) ## run the tests that start no process
@@ -39,6 +39,12 @@ test-unit: $(GEN_STAMP) ## run the tests that start no process
 
 bench: $(GEN_STAMP) ## measure kefu against the direct path to the upstream (bench/results/)
 	$(PY) -m bench
+
+k8s-sync: $(STAMP) ## generate k8s/base/config/ (the ConfigMap sources) from plugins/ and the lexicon
+	$(PY) k8s/sync_config.py
+
+k8s-validate: $(STAMP) ## render both kustomize overlays and validate them offline (strict Kubernetes 1.30)
+	$(PY) k8s/validate.py
 
 token: $(GEN_STAMP) ## mint a dev token: make token ARGS="--tenant demo --sub alice --role visitor"
 	@$(PY) -m gateway.mint_token $(ARGS)

@@ -221,3 +221,17 @@ async def _chain(first: Iterable[str | llm_pb2.Done],
         yield item
     async for item in rest:
         yield item
+
+
+async def collect_answer(events: AsyncIterator[TurnEvent]) -> tuple[str, TurnDone]:
+    """The whole answer of a started turn (non-streaming replies); a failure becomes an HTTP error."""
+    parts: list[str] = []
+    try:
+        async for event in events:
+            if isinstance(event, TurnDelta):
+                parts.append(event.text)
+            elif isinstance(event, TurnDone):
+                return "".join(parts), event
+    except StreamFailed as failure:
+        raise failure.as_api_error() from None
+    raise RuntimeError("turn ended without done")

@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
-from gateway.responses import json_response
 from gateway import keys
 from gateway.auth import bearer_token, require_role
 from gateway.errors import ApiError, BodyTooLarge, api_error_from_grpc
 from gateway.openai_format import OPENAI_PATHS
 from gateway.openai_format import error_body as openai_error_body
+from gateway.responses import json_response
 from services.common.logs import request_id_var
 
 log = logging.getLogger(__name__)

@@ -60,10 +60,10 @@ def render_kustomization(plugins: Source, lexicon: Source) -> str:
         folder = source.copy_dir.name
         return "".join(f"      - {folder}/{name}\n" for name in source.files())
 
-    # kefu-plugins keeps a fixed name: an edit is applied to the same ConfigMap in place, the
-    # kubelet swaps the volume's `..data` symlink and the worker hot-reloads (no pod restart).
-    # kefu-lexicon gets a content hash in its name: moderation reads the lexicon only at start,
-    # so a changed lexicon must roll the Deployment, which a new name does.
+    # Both ConfigMaps keep a fixed name (no content-hash suffix): an edit is applied to the same
+    # ConfigMap in place, the kubelet swaps the volume's `..data` symlink, and the worker
+    # (plugins) and moderation (lexicon) hot-reload without a pod restart. A hashed name would
+    # instead roll the Deployments on every edit, which is the other swap path (README).
     return (
         KUSTOMIZATION_HEADER
         + "apiVersion: kustomize.config.k8s.io/v1beta1\n"
@@ -75,6 +75,8 @@ def render_kustomization(plugins: Source, lexicon: Source) -> str:
         + "    files:\n"
         + file_list(plugins)
         + f"  - name: {lexicon.configmap}\n"
+        + "    options:\n"
+        + "      disableNameSuffixHash: true\n"
         + "    files:\n"
         + file_list(lexicon)
     )

@@ -10,11 +10,20 @@ from typing import Annotated
 import pydantic
 from aiohttp import web
 
-from gateway.responses import json_response
 from gateway import keys
 from gateway.bodies import read_json_body
-from gateway.chat_turn import ChatTurn, StreamFailed, TurnDelta, TurnDone, TurnEvent, TurnRequest, TurnStarted
+from gateway.chat_turn import (
+    ChatTurn,
+    StreamFailed,
+    TurnDelta,
+    TurnDone,
+    TurnEvent,
+    TurnRequest,
+    TurnStarted,
+    collect_answer,
+)
 from gateway.errors import InvalidRequest
+from gateway.responses import json_response
 from gateway.sse import sse_event
 from gateway.streaming import event_stream
 
@@ -56,14 +65,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _collect(started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.Response:
-    reply: list[str] = []
-    async for event in events:
-        if isinstance(event, TurnDelta):
-            reply.append(event.text)
-        elif isinstance(event, TurnDone):
-            return json_response({"session_id": started.session_id, "reply": "".join(reply),
-                                      **done_payload(event)})
-    raise RuntimeError("turn ended without done")
+    reply, done = await collect_answer(events)
+    return json_response({"session_id": started.session_id, "reply": reply, **done_payload(done)})
 
 
 async def _stream(request: web.Request, started: TurnStarted,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.responses import json_response
 from gateway import keys
+from gateway.responses import json_response
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -11,11 +11,23 @@ from aiohttp import web
 from gateway import keys
 from gateway.bodies import read_json_body
 from gateway.chat_turn import (
-    ChatTurn, ContextMessage, StreamFailed, TurnDelta, TurnDone, TurnEvent, TurnRequest, TurnStarted,
+    ChatTurn,
+    ContextMessage,
+    StreamFailed,
+    TurnDelta,
+    TurnDone,
+    TurnEvent,
+    TurnRequest,
+    TurnStarted,
+    collect_answer,
 )
 from gateway.errors import InvalidRequest
 from gateway.openai_format import (
-    CompletionRequest, chunk, completion, openai_finish_reason, usage_chunk,
+    CompletionRequest,
+    chunk,
+    completion,
+    openai_finish_reason,
+    usage_chunk,
 )
 from gateway.responses import json_response
 from gateway.sse import sse_data
@@ -63,16 +75,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _collect(model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.Response:
-    parts: list[str] = []
-    async for event in events:
-        if isinstance(event, TurnDelta):
-            parts.append(event.text)
-        elif isinstance(event, TurnDone):
-            headers = {"X-Session-Id": started.session_id} if started.session_id else None
-            return json_response(completion(event.message_id, model, "".join(parts),
-                                            openai_finish_reason(event.finish_reason), event.prompt_tokens,
-                                            event.completion_tokens), headers=headers)
-    raise RuntimeError("turn ended without done")
+    text, done = await collect_answer(events)
+    headers = {"X-Session-Id": started.session_id} if started.session_id else None
+    return json_response(completion(done.message_id, model, text, openai_finish_reason(done.finish_reason),
+                                    done.prompt_tokens, done.completion_tokens), headers=headers)
 
 
 async def _stream(request: web.Request, model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None],

@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
-from gateway.responses import json_response
 from gateway import keys
 from gateway.errors import api_error_from_grpc
+from gateway.responses import json_response
 from kefu.session.v1 import session_pb2
 from services.common.logs import REQUEST_ID_METADATA_KEY
 

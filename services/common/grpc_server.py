@@ -13,12 +13,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry, Histogram
 
-from nats.errors import Error as NatsError
-
 from services.common.errors import (
-    InvalidArgument, KefuError, NotFound, PermissionDenied, Unavailable, UpstreamError, UpstreamTimeout,
+    InvalidArgument,
+    KefuError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
 )
 from services.common.logs import REQUEST_ID_METADATA_KEY, request_id_var
 
@@ -33,6 +38,10 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # Clients reconnect every few minutes, so DNS round robin finds pods added by a scale-up;
+    # streams open at that moment get a long grace to finish.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
 )
 
 

@@ -40,7 +40,7 @@ async def close_nats(nc: NatsClient, timeout_s: float = 5.0) -> None:
     """Drain (flush what is pending), but never hang a shutdown on an unreachable server."""
     try:
         await asyncio.wait_for(nc.drain(), timeout_s)
-    except (asyncio.TimeoutError, nats.errors.Error):
+    except (TimeoutError, nats.errors.Error):
         await nc.close()
 
 

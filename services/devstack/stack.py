@@ -105,8 +105,7 @@ class Stack:
             if not self.config.nats_url:
                 self.nats = start_nats_server(self.config.data_dir / "nats", port=self.config.ports.nats)
             ports = self.config.ports
-            for name, port in (("session", ports.session), ("moderation", ports.moderation),
-                               ("llm_worker", ports.worker)):
+            for name in SERVICES:
                 self.start_process(name)
             deadline = time.monotonic() + timeout_s
             for name, port in (("session", ports.session), ("moderation", ports.moderation),

@@ -119,7 +119,7 @@ def _check_provider(provider: object, where: str) -> Provider:
     for member in PROVIDER_METHODS:
         if not callable(getattr(provider, member, None)):
             raise PluginLoadError(f"{where}: provider has no method {member}()")
-    if not inspect.isasyncgenfunction(getattr(provider, "stream")):
+    if not inspect.isasyncgenfunction(provider.stream):
         raise PluginLoadError(f"{where}: provider.stream must be an async generator function")
     if not isinstance(getattr(provider, "capabilities", None), frozenset):
         raise PluginLoadError(f"{where}: provider.capabilities must be a frozenset")

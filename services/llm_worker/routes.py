@@ -63,7 +63,7 @@ def pick_target(targets: Sequence[Any], weights: Sequence[int], route: str, sess
         return targets[0]
     digest = hashlib.blake2b(f"{route}\0{session_id or fallback_key}".encode(), digest_size=8).digest()
     point = int.from_bytes(digest, "big") % total
-    for target, weight in zip(targets, weights):
+    for target, weight in zip(targets, weights, strict=True):
         if point < weight:
             return target
         point -= weight

@@ -14,7 +14,11 @@ from grpc_health.v1 import health
 
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_server import (
-    add_health_and_reflection, bind, create_grpc_server, stop_gracefully, wait_for_stop_signal,
+    add_health_and_reflection,
+    bind,
+    create_grpc_server,
+    stop_gracefully,
+    wait_for_stop_signal,
 )
 from services.common.logs import request_id_var
 from services.common.metrics import start_metrics_server
@@ -144,7 +148,7 @@ async def serve(settings: WorkerSettings) -> None:
         await host.start()
     except PluginLoadError as error:
         await host.aclose()
-        raise SystemExit(f"llm_worker: cannot start, the plugins in {settings.plugins_dir} are broken: {error}")
+        raise SystemExit(f"llm_worker: cannot start, plugins in {settings.plugins_dir} are broken: {error}") from None
     metrics.plugin_generation.set(host.current.number)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()

@@ -77,6 +77,11 @@ async def test_worker_killed_mid_stream_gives_error_event_then_recovers(upstream
                         break
                 assert time.monotonic() - killed_at < 5
     assert events[-1] == "error" and "done" not in events
+    async with aiohttp.ClientSession() as http:  # while it is down, a non-streaming turn is a clean 503
+        async with http.post(f"{upstream_stack.base_url}/v1/chat", json={"message": "hi", "stream": False},
+                             headers=auth()) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "upstream_unavailable"
     upstream_stack.start_process("llm_worker")
     await asyncio.to_thread(upstream_stack.wait_grpc_serving, "llm_worker", upstream_stack.config.ports.worker,
                             time.monotonic() + 30)

@@ -66,7 +66,8 @@ def plan() -> list[tuple[str, dict[str, str]]]:
         if n == 5:
             steps.append(("broken-syntax", {"versioned.py": plugin_source("broken1") + "\ndef x(:\n"}))
         elif n == 9:
-            steps.append(("broken-self-test", {"versioned.py": plugin_source("broken2", self_test="raise RuntimeError('no')")}))
+            failing = plugin_source("broken2", self_test="raise RuntimeError('no')")
+            steps.append(("broken-self-test", {"versioned.py": failing}))
         elif n == 12:
             steps.append(("broken-routes", {"routes.toml": "[routes.default\n"}))
     assert len(steps) == 20

@@ -69,7 +69,8 @@ async def test_host_refuses_broken_versions_and_keeps_serving(host: PluginHost, 
     with pytest.raises(PluginLoadError) as refused:
         await host.reload()
     expected = {"syntax": "versioned.py", "import": "kefu_no_such_module", "self_test": "upstream key missing",
-                "routes": "TOML", "unknown_provider": "(nope): no plugin provides it", "no_plugin": "extra.py"}[breakage]
+                "routes": "TOML", "unknown_provider": "(nope): no plugin provides it",
+                "no_plugin": "extra.py"}[breakage]
     assert expected in str(refused.value)
     assert host.current.number == 1 and await answer(host.current) == "v1/model-a " * 3
     assert not [name for name in sys.modules if name.startswith("kefu_plugins_a2")]

@@ -1,0 +1,78 @@
+"""The Grafana dashboard: valid JSON, the panels an operator needs, only catalogued metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "kefu-dashboard.json"
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+# PromQL functions and keywords that look like metric names to a plain regex never start with kefu_.
+METRIC = re.compile(r"\b(kefu_[a-z0-9_]+)\b")
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_dashboard_panels_have_unique_ids_and_fit_the_grid(dashboard: dict[str, Any]) -> None:
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert dashboard["uid"] and dashboard["title"]
+
+
+def test_dashboard_expressions_are_balanced(dashboard: dict[str, Any]) -> None:
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for title, expr in expressions(dashboard):
+        stack: list[str] = []
+        for char in re.sub(r'"[^"]*"', '""', expr):  # brackets inside label matchers don't count
+            if char in "([{":
+                stack.append(char)
+            elif char in pairs:
+                assert stack and stack.pop() == pairs[char], (title, expr)
+        assert not stack, (title, expr)
+
+
+def test_every_dashboard_metric_is_in_the_catalogue(dashboard: dict[str, Any], catalogue: Any) -> None:
+    documented = {name: entry for section in catalogue.values() for name, entry in section.items()}
+    for title, expr in expressions(dashboard):
+        for name in METRIC.findall(expr):
+            if name in documented:
+                continue
+            base = next((name[: -len(s)] for s in HISTOGRAM_SERIES if name.endswith(s)), None)
+            assert base in documented and documented[base].type == "histogram", (
+                f"panel {title!r} uses {name}, which docs/metrics.md does not list")
+
+
+def test_dashboard_has_the_operator_panels(dashboard: dict[str, Any]) -> None:
+    exprs = "\n".join(expr for _, expr in expressions(dashboard))
+    required = [
+        r"rate\(kefu_http_request_duration_seconds_count",                       # request rate
+        r"kefu_http_request_duration_seconds_count\{[^}]*status=~",               # errors by status
+        r"sum by \(code\) \(rate\(kefu_stream_errors_total",                      # errors by code
+        r"histogram_quantile\(0\.95, [^\n]*kefu_chat_time_to_first_delta_seconds_bucket",  # TTFT
+        r"histogram_quantile\(0\.95, [^\n]*kefu_llm_request_duration_seconds_bucket",      # duration
+        r"kefu_cache_requests_total\{[^}]*result=\"hit\"[^\n]*/[^\n]*kefu_cache_requests_total",  # hit ratio
+        r"kefu_moderation_checks_total\{[^}]*verdict=\"block\"",                  # moderation blocks
+        r"kefu_active_streams",                                                   # active streams
+        r"kefu_plugin_generation",                                                # plugin generation
+        r"kefu_plugin_reloads_total\{[^}]*result=\"refused\"",                    # reload failures
+        r"sum by \(provider, outcome\) \(rate\(kefu_llm_request_duration_seconds_count",  # swap signal
+    ]
+    for pattern in required:
+        assert re.search(pattern, exprs), pattern

@@ -1,0 +1,64 @@
+"""docs/metrics.md lists exactly the metrics each process's code registers, with type and labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+
+from gateway.metrics import EdgeMetrics
+from services.common.grpc_server import RequestContextInterceptor
+from services.llm_worker.metrics import WorkerMetrics
+from services.moderation.metrics import ModerationMetrics
+from services.session.metrics import SessionMetrics
+
+
+def exported(metrics: Any, grpc_service: bool) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{name as exposed: (type, labels)} of one process's registry."""
+    found: list[MetricWrapperBase] = [v for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)]
+    if grpc_service:
+        interceptor = RequestContextInterceptor(metrics.registry)
+        found += [v for v in vars(interceptor).values() if isinstance(v, MetricWrapperBase)]
+    # Everything registered must be one of the objects looked at above.
+    assert {family.name for family in metrics.registry.collect()} == {m._name for m in found}
+    return {m._name + ("_total" if m._type == "counter" else ""): (m._type, tuple(m._labelnames)) for m in found}
+
+
+PROCESSES = {
+    "edge": (EdgeMetrics, False),
+    "session": (SessionMetrics, True),
+    "moderation": (ModerationMetrics, True),
+    "llm-worker": (WorkerMetrics, True),
+}
+
+
+def test_catalogue_has_a_section_per_process(catalogue: Any) -> None:
+    assert set(PROCESSES) <= set(catalogue)
+
+
+def test_catalogue_matches_what_each_process_registers(catalogue: Any) -> None:
+    for process, (metrics_class, grpc_service) in PROCESSES.items():
+        metrics = metrics_class(registry=CollectorRegistry())
+        in_code = exported(metrics, grpc_service)
+        documented = {name: (entry.type, entry.labels) for name, entry in catalogue[process].items()}
+        missing = sorted(in_code.keys() - documented.keys())
+        undocumented_in_code = sorted(documented.keys() - in_code.keys())
+        assert not missing, f"{process}: exported but not in docs/metrics.md: {missing}"
+        assert not undocumented_in_code, f"{process}: in docs/metrics.md but not exported: {undocumented_in_code}"
+        for name, (kind, labels) in in_code.items():
+            assert documented[name] == (kind, labels), f"{process}: {name} is {kind} {labels} in the code"
+
+
+def test_no_process_exports_default_collectors() -> None:
+    # Each process serves the registry its metrics class creates by default: no process_* or
+    # python_* metrics of prometheus_client's global registry.
+    for metrics_class, _ in PROCESSES.values():
+        names = {family.name for family in metrics_class().registry.collect()}
+        assert not {n for n in names if n.startswith(("process_", "python_"))}
+
+
+def test_reserved_metrics_are_not_also_listed_under_a_process(catalogue: Any) -> None:
+    reserved = set(catalogue.get("reserved", {}))
+    for process in PROCESSES:
+        assert not reserved & set(catalogue[process]), process
