@@ -37,7 +37,8 @@ TENANT = "bench"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # A realistic customer-service answer (76 characters) with no lexicon word in it, so output
 # moderation scans it in full and lets all of it through.
-REPLY = ("您好！您的订单已于今天上午发货，预计两到三天送达。物流单号可以在“我的订单”页面查看；"
+REPLY = ("您好！您的订单已于今天上午发货，预计两到三天送达。"
+         "物流单号可以在“我的订单”页面查看；"
          "如果还有其他问题，请随时联系我们，祝您购物愉快。")
 PATHS = ("direct", "kefu")
 TIMINGS = ("ttft_p50", "ttft_p95", "ttft_p99", "total_p50", "total_p95", "total_p99")
@@ -91,14 +92,15 @@ Processes = dict[str, int]
 def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--concurrency", help="comma-separated virtual users per run (default 10,100)")
-    parser.add_argument("--requests-per-user", type=int, help="requests per virtual user per run (default 10)")
+    parser.add_argument("--requests-per-user", type=int,
+                        help="requests per virtual user per run (default 10)")
     parser.add_argument("--rounds", type=int, help="measured rounds per concurrency and path (default 3)")
     parser.add_argument("--warmup", type=int, help="unreported requests per path first (default 20)")
     parser.add_argument("--ttft-ms", type=float, help="upstream time to first token (default 50)")
     parser.add_argument("--chunks", type=int, help="upstream content chunks per answer (default 20)")
     parser.add_argument("--interval-ms", type=float, help="upstream delay between chunks (default 10)")
     parser.add_argument("--timeout-s", type=float, help="deadline of one request (default 60)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user: about 30 s")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user: about 15 s")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
     args = parser.parse_args(argv)
@@ -106,9 +108,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     given = {name: getattr(args, name) for name in ("requests_per_user", "rounds", "warmup", "ttft_ms",
                                                      "chunks", "interval_ms", "timeout_s")}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if args.concurrency:
-        overrides["concurrency"] = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
     try:
+        if args.concurrency:
+            overrides["concurrency"] = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
         return replace(base, **overrides), args
     except ValueError as error:
         parser.error(str(error))
@@ -119,7 +121,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
 
 def start_upstream(params: BenchParams, log_path: Path, timeout_s: float = 20.0,
                    ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start the fake upstream as its own process (its own event loop and core); return it and its base URL."""
+    """Start the fake upstream as its own process, off the load generator's loop; return it and its URL."""
     argv = [sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--ttft-ms", str(params.ttft_ms),
             "--chunks", str(params.chunks), "--interval-ms", str(params.interval_ms),
             "--reply", params.reply, "--model", MODEL]
@@ -158,7 +160,12 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> No
 
 
 def start_stack(data_dir: Path, upstream_url: str, secret: str) -> Stack:
+    # A private copy of plugins/: the worker hot-reloads on any change there, and edits to the
+    # checkout during a run would otherwise reload it mid-measurement.
+    plugins = shutil.copytree(REPO_ROOT / "plugins", data_dir / "plugins",
+                              ignore=shutil.ignore_patterns("__pycache__"))
     env = {
+        "KEFU_PLUGINS_DIR": str(plugins),
         "KEFU_OPENAI_BASE_URL": upstream_url,
         "KEFU_MODEL": MODEL,
         # Rate limits high enough never to refuse: the bench measures the turn, not the limiter.
@@ -215,7 +222,8 @@ def targets(upstream_url: str, edge_url: str, secret: str) -> dict[str, Target]:
     serial = itertools.count()
 
     def question(user: int, seq: int) -> str:
-        return f"您好，我是第 {user} 位顾客，这是我的第 {seq} 个问题（#{next(serial)}）：我的订单什么时候发货？"
+        return (f"您好，我是第 {user} 位顾客，这是我的第 {seq} 个问题"
+                f"（#{next(serial)}）：我的订单什么时候发货？")
 
     def direct_body(user: int, seq: int) -> Mapping[str, Any]:
         # kefu sends the system prompt plus the question; the direct client sends the same.
@@ -350,7 +358,8 @@ def latency_table(table: Mapping[int, Mapping[str, Any]]) -> list[str]:
         for path in PATHS:
             f = row[path]
             cells = [_cell(f[k], ".1f") for k in TIMINGS] + [_cell(f["throughput_rps"], ".1f")]
-            lines.append(f"| {concurrency} | {path} | {f['requests']} | {f['failed']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {concurrency} | {path} | {f['requests']} | {f['failed']} | "
+                         + " | ".join(cells) + " |")
         diff, ratio = row["overhead"]["diff_ms"], row["overhead"]["ratio"]
         lines.append(f"| {concurrency} | kefu − direct (ms) | | | "
                      + " | ".join(_cell(diff[k], "+.1f") for k in TIMINGS) + " | |")
@@ -461,7 +470,8 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path) -> tuple[str, Pa
         measured = asyncio.run(run_rounds(params, paths, processes))
         memory = {name: memory_mib(pid) for name, pid in processes.items()
                   if name in KEFU_PROCESSES}
-        upstream = {"base_url": upstream_url, "stats": fetch_json(upstream_url.removesuffix("/v1") + "/stats")}
+        stats = fetch_json(upstream_url.removesuffix("/v1") + "/stats")
+        upstream = {"base_url": upstream_url, "stats": stats}
     finally:
         if stack is not None:
             stack.stop()

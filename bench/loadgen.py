@@ -17,7 +17,7 @@ import aiohttp
 from bench.sse_reader import SseEvent, read_sse
 
 Flavour = Literal["kefu", "openai"]
-"""`kefu`: /v1/chat events (message/done/error); `openai`: `data: {chunk}` lines ending with `data: [DONE]`."""
+"""`kefu`: /v1/chat events (message, done, error); `openai`: `data: {chunk}` lines, then `data: [DONE]`."""
 
 FLAVOURS: tuple[Flavour, ...] = ("kefu", "openai")
 
@@ -293,7 +293,9 @@ async def run_load(target: Target, spec: LoadSpec) -> LoadResult:
 def format_summary(result: LoadResult) -> str:
     """One line for logs: counts, TTFT and total p50/p99 in ms, throughput."""
     def ms(summary: Summary | None, name: str) -> str:
-        return f"{name} -" if summary is None else f"{name} p50 {summary.p50 * 1e3:.1f} p99 {summary.p99 * 1e3:.1f} ms"
+        if summary is None:
+            return f"{name} -"
+        return f"{name} p50 {summary.p50 * 1e3:.1f} p99 {summary.p99 * 1e3:.1f} ms"
     return (f"{result.target} c={result.concurrency}: {result.succeeded}/{result.requests} ok, "
             f"{ms(result.ttft, 'ttft')}, {ms(result.total, 'total')}, {result.throughput_rps:.1f} req/s"
             + (f", errors {json.dumps(result.errors)}" if result.errors else ""))
