@@ -99,7 +99,8 @@ async def run(reloads: int) -> ReloadFigures:
         (folder / "routes.toml").write_text(ROUTES)
         port = free_port()
         env = {**os.environ, "KEFU_PLUGINS_DIR": str(folder), "KEFU_WORKER_PORT": str(port),
-               "KEFU_WORKER_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING"}
+               "KEFU_WORKER_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING",
+               "KEFU_CACHE_SHARED": "false"}
         worker = subprocess.Popen([sys.executable, "-m", "services.llm_worker"], cwd=REPO_ROOT, env=env)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -148,7 +148,8 @@ class ChatTurn:
                 return appended.session_id, [*request.history, ContextMessage("user", text)]
             built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
                 principal=self._principal, session_id=appended.session_id,
-                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens),
+                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens,
+                model=self._settings.model if not request.route or request.route == "default" else ""),
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
-from gateway.handlers import chat, health, models, openai_compat, sessions
+from gateway.handlers import chat, health, models, openai_compat, openapi, sessions
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
 STAFF = frozenset({"agent", "admin"})
@@ -15,6 +15,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.openapi_document)
     protected = (
         ("POST", "/v1/chat", chat.chat, EVERYONE),
         ("POST", "/v1/chat/completions", openai_compat.chat_completions, EVERYONE),

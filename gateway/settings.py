@@ -41,6 +41,8 @@ class GatewaySettings:
     session_addr: str = "127.0.0.1:50051"
     moderation_addr: str = "127.0.0.1:50052"
     worker_addr: str = "127.0.0.1:50053"
+    model: str = ""
+    """KEFU_MODEL: the default route's upstream model; picks the token encoding of its contexts."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     context_max_tokens: int = 3000
     rpc_timeout_s: float = 5.0
@@ -91,6 +93,7 @@ class GatewaySettings:
             session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
             moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
             worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
+            model=env_str(env, "KEFU_MODEL", "") if env.get("KEFU_OPENAI_BASE_URL") else "",
             system_prompt=env_str(env, "KEFU_SYSTEM_PROMPT", cls.system_prompt),
             context_max_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.context_max_tokens, minimum=16),
             rpc_timeout_s=env_float(env, "KEFU_RPC_TIMEOUT_S", cls.rpc_timeout_s, minimum=0.05),

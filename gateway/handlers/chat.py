@@ -34,7 +34,8 @@ class ChatBody(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     message: Annotated[str, pydantic.StringConstraints(min_length=1)]
-    session_id: Annotated[str, pydantic.StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = None
+    # Any string: an id that is malformed answers 404 exactly like one that never existed.
+    session_id: Annotated[str, pydantic.StringConstraints(max_length=128)] | None = None
     stream: bool = True
 
 

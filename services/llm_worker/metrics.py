@@ -32,6 +32,17 @@ class WorkerMetrics:
         self.plugin_generation = Gauge(
             "kefu_plugin_generation", "Number of the plugin generation serving new requests.",
             registry=self.registry)
+        self.cache_requests = Counter(
+            "kefu_cache_requests", "Cache lookups of cacheable turns, by tier (local, shared) and result (hit, miss).",
+            ["tier", "result"], registry=self.registry)
+        self.cache_local_bytes = Gauge(
+            "kefu_cache_local_bytes", "Bytes of answers held by this process's cache tier.", registry=self.registry)
+        self.cache_hit_ratio = Gauge(
+            "kefu_cache_hit_ratio", "Share of cacheable turns answered from a cache tier since start.",
+            registry=self.registry)
+        self.pregenerations = Counter(
+            "kefu_pregenerations", "Pre-generated answers: started, served (later hit), wasted (dropped unserved), "
+            "skipped (busy or over budget).", ["result"], registry=self.registry)
         self.plugin_reloads = Counter(
             "kefu_plugin_reloads", "Attempted plugin generation swaps, by result (ok or refused).",
             ["result"], registry=self.registry)

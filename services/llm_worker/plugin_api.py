@@ -114,3 +114,18 @@ class ProviderFactory(Protocol):
     """The provider name routes refer to, e.g. "knowledge_base"."""
 
     def __call__(self, settings: Mapping[str, Any], context: PluginContext) -> Provider: ...
+
+
+@runtime_checkable
+class KnowsQuestions(Protocol):
+    """Optional: a provider that knows the shop's common questions (the knowledge base does).
+
+    The worker uses it for the cache rule (standalone questions) and pre-generates answers to
+    the suggested next questions in the background.
+    """
+
+    def suggest_next(self, question: str, limit: int = 3) -> list[str]:
+        """Up to `limit` likely next questions after `question`, in its language; [] when unsure."""
+
+    def is_standalone(self, question: str) -> bool:
+        """True when `question` is a general one (an FAQ question) whose answer depends on nobody."""

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.errors import NotFound
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
@@ -22,9 +23,13 @@ from services.common.grpc_server import (
 )
 from services.common.logs import request_id_var
 from services.common.metrics import start_metrics_server
+from services.common.nats_client import close_nats, connect_nats
+from services.llm_worker.answering import Answerer, AnswerRequest
+from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.metrics import WorkerMetrics
-from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, ProviderError
+from services.llm_worker.plugin_api import ChatMessage, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import PluginHost, PluginLoadError
+from services.llm_worker.pregen import Pregenerator
 from services.llm_worker.routes import RouteSpec
 from services.llm_worker.settings import WorkerSettings
 from services.llm_worker.watcher import watch_plugins
@@ -60,66 +65,37 @@ def status_of(error: ProviderError) -> grpc.StatusCode:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, host: PluginHost, metrics: WorkerMetrics) -> None:
+    def __init__(self, host: PluginHost, answerer: Answerer, cache: AnswerCache | None) -> None:
         self._host = host
-        self._metrics = metrics
+        self._answerer = answerer
+        self._cache = cache
 
     async def Generate(self, request: llm_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        route_name = request.route or "default"
         if not request.messages or len(request.messages) > MAX_CONTEXT_MESSAGES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"messages must hold 1..{MAX_CONTEXT_MESSAGES} entries")
-        messages = [ChatMessage(m.role, m.content) for m in request.messages]
-        params = GenerationParams(
-            max_tokens=request.max_tokens or None,
-            temperature=request.temperature if request.HasField("temperature") else None)
-        # Every delta of this stream comes from the generation leased here, even if a reload
-        # swaps in a new one meanwhile.
-        async with self._host.lease() as generation:
-            route = generation.route(route_name)
-            if route is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {route_name!r}")
-                return
-            target = route.pick(request.session_id, request_id_var.get() or uuid.uuid4().hex)
-            provider_name = target.spec.provider
-            start = time.perf_counter()
-            outcome = "error"
-            first = True
-            self._metrics.active_streams.inc()
-            try:
-                async with contextlib.aclosing(target.provider.stream(messages, params)) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            if not event.text:
-                                continue
-                            if first:
-                                self._metrics.ttft_seconds.labels(route_name).observe(time.perf_counter() - start)
-                                first = False
-                            yield llm_pb2.GenerateResponse(delta=event.text)
-                        elif isinstance(event, Finish):
-                            self._metrics.prompt_tokens.labels(route_name).inc(event.usage.prompt_tokens)
-                            self._metrics.completion_tokens.labels(route_name).inc(event.usage.completion_tokens)
-                            outcome = "ok"
-                            yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
-                                finish_reason=event.finish_reason, model=event.model, cached=False,
-                                provider=provider_name, generation=generation.number, route=route_name,
-                                usage=llm_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
-                                                    completion_tokens=event.usage.completion_tokens)))
-                            break
-                if outcome != "ok":
-                    raise ProviderError(f"provider {provider_name} ended its stream without a finish")
-            except ProviderError as error:
-                log.warning("route %s (%s): %s", route_name, provider_name, error)
-                await context.abort(status_of(error), str(error))
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                raise
-            finally:
-                self._metrics.active_streams.dec()
-                self._metrics.request_seconds.labels(route_name, provider_name, outcome).observe(
-                    time.perf_counter() - start)
-                self._metrics.requests.labels(route_name, provider_name, target.model, outcome).inc()
+        answer = AnswerRequest(
+            route=request.route or "default",
+            messages=[ChatMessage(m.role, m.content) for m in request.messages],
+            params=GenerationParams(max_tokens=request.max_tokens or None,
+                                    temperature=request.temperature if request.HasField("temperature") else None),
+            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get())
+        try:
+            async for event in self._answerer.answer(answer):
+                if isinstance(event, str):
+                    yield llm_pb2.GenerateResponse(delta=event)
+                else:
+                    yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
+                        finish_reason=event.finish_reason, model=event.model, cached=event.cached,
+                        provider=event.provider, generation=event.generation, route=event.route,
+                        usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens,
+                                            completion_tokens=event.completion_tokens)))
+        except NotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, error.message)
+        except ProviderError as error:
+            log.warning("route %s: %s", answer.route, error)
+            await context.abort(status_of(error), str(error))
 
     async def ListModels(self, request: llm_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> llm_pb2.ListModelsResponse:
@@ -129,6 +105,14 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 llm_pb2.Target(provider=t.spec.provider, model=t.model, weight=t.spec.weight)
                 for t in route.targets])
             for route in generation.routes.values()])
+
+    async def InvalidateCache(self, request: llm_pb2.InvalidateCacheRequest,
+                              context: grpc.aio.ServicerContext) -> llm_pb2.InvalidateCacheResponse:
+        scope = "tenant" if request.tenant else "route" if request.route else "all"
+        if self._cache is not None:
+            await self._cache.invalidate(request.tenant, "" if request.tenant else request.route)
+        log.info("cache invalidated: %s", scope)
+        return llm_pb2.InvalidateCacheResponse(scope=scope)
 
 
 async def create_server(settings: WorkerSettings, servicer: LlmServicer,
@@ -141,6 +125,32 @@ async def create_server(settings: WorkerSettings, servicer: LlmServicer,
     return server, health_servicer, port
 
 
+async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[AnswerCache | None, NatsClient | None]:
+    if not settings.cache_enabled:
+        return None, None
+
+    def dropped(answer: CachedAnswer, served: bool) -> None:
+        if answer.pregenerated and not served:
+            metrics.pregenerations.labels("wasted").inc()
+
+    local = LocalTier(settings.cache_local_max_bytes, settings.cache_ttl_s, on_drop=dropped)
+    if not settings.cache_shared:
+        return AnswerCache(local), None
+    nc = await connect_nats(settings.nats_url, "kefu-llm-worker")
+    cache = await AnswerCache.with_nats(local, nc, settings.cache_ttl_s)
+
+    async def on_invalidate(message: Msg) -> None:
+        # {"tenant": "..."} or {"route": "..."} or {} for all; one replica (queue group) bumps the epoch.
+        try:
+            scope = json.loads(message.data or b"{}")
+            await cache.invalidate(str(scope.get("tenant", "")), str(scope.get("route", "")))
+        except (ValueError, AttributeError) as error:
+            log.warning("bad message on %s: %s", INVALIDATE_SUBJECT, error)
+
+    await nc.subscribe(INVALIDATE_SUBJECT, queue="kefu-llm-worker", cb=on_invalidate)
+    return cache, nc
+
+
 async def serve(settings: WorkerSettings) -> None:
     metrics = WorkerMetrics()
     host = PluginHost(settings.plugins_dir, settings.routes_file, route_overrides(settings))
@@ -150,11 +160,18 @@ async def serve(settings: WorkerSettings) -> None:
         await host.aclose()
         raise SystemExit(f"llm_worker: cannot start, plugins in {settings.plugins_dir} are broken: {error}") from None
     metrics.plugin_generation.set(host.current.number)
+    cache, nc = await open_cache(settings, metrics)
+    pregen = None
+    if cache is not None and settings.pregen_enabled:
+        pregen = Pregenerator(cache, metrics, live_streams=lambda: int(metrics.active_streams._value.get()),
+                              concurrency=settings.pregen_concurrency,
+                              tokens_per_minute=settings.pregen_tokens_per_minute)
+    answerer = Answerer(host, metrics, cache, pregen)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
-        server, health_servicer, port = await create_server(settings, LlmServicer(host, metrics), metrics)
+        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics)
         await server.start()
         log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))
         await wait_for_stop_signal()
@@ -163,5 +180,11 @@ async def serve(settings: WorkerSettings) -> None:
     finally:
         stop_watching.set()
         await asyncio.wait([watcher], timeout=5)
+        if pregen is not None:
+            await pregen.aclose()
+        if cache is not None:
+            await cache.aclose()
+        if nc is not None:
+            await close_nats(nc)
         await host.aclose()
         metrics_server.close()

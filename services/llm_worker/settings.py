@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import urlparse
 
-from services.common.settings import SettingsError, env_float, env_int, env_str
+from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, nats_url
 
 BUNDLED_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
@@ -27,6 +27,17 @@ class WorkerSettings:
     openai_api_key: str = ""
     model: str = "gpt-4o-mini"
     upstream_timeout_s: float = 120.0
+    nats_url: str = "nats://127.0.0.1:4222"
+    cache_enabled: bool = True
+    cache_shared: bool = True
+    """Also keep answers in JetStream KV, shared by every worker replica."""
+    cache_local_max_bytes: int = 64 * 1024 * 1024
+    cache_ttl_s: float = 3600.0
+    pregen_enabled: bool = True
+    pregen_concurrency: int = 2
+    """Pre-generations running at once per tenant."""
+    pregen_tokens_per_minute: int = 20_000
+    """Tokens pre-generation may spend per tenant and minute."""
     grace_s: float = 30.0
     log_level: str = "INFO"
 
@@ -50,6 +61,15 @@ class WorkerSettings:
             openai_api_key=env.get("KEFU_OPENAI_API_KEY", ""),
             model=env_str(env, "KEFU_MODEL", cls.model),
             upstream_timeout_s=env_float(env, "KEFU_UPSTREAM_TIMEOUT_S", cls.upstream_timeout_s, minimum=1),
+            nats_url=nats_url(env),
+            cache_enabled=env_bool(env, "KEFU_CACHE_ENABLED", cls.cache_enabled),
+            cache_shared=env_bool(env, "KEFU_CACHE_SHARED", cls.cache_shared),
+            cache_local_max_bytes=env_int(env, "KEFU_CACHE_LOCAL_MAX_BYTES", cls.cache_local_max_bytes, minimum=0),
+            cache_ttl_s=env_float(env, "KEFU_CACHE_TTL_S", cls.cache_ttl_s, minimum=1),
+            pregen_enabled=env_bool(env, "KEFU_PREGEN_ENABLED", cls.pregen_enabled),
+            pregen_concurrency=env_int(env, "KEFU_PREGEN_CONCURRENCY", cls.pregen_concurrency, minimum=1),
+            pregen_tokens_per_minute=env_int(env, "KEFU_PREGEN_TOKENS_PER_MINUTE", cls.pregen_tokens_per_minute,
+                                             minimum=0),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -18,7 +20,7 @@ from services.session.metrics import SessionMetrics
 from services.session.models import Principal, StoredMessage
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
-from services.session.tokens import TokenCounter
+from services.session.tokens import TokenCounters
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
@@ -36,11 +38,11 @@ def to_proto(message: StoredMessage) -> session_pb2.Message:
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    def __init__(self, settings: SessionSettings, store: SessionStore, counter: TokenCounter,
+    def __init__(self, settings: SessionSettings, store: SessionStore, counters: TokenCounters,
                  metrics: SessionMetrics) -> None:
         self._settings = settings
         self._store = store
-        self._counter = counter
+        self._counters = counters
         self._metrics = metrics
 
     async def Append(self, request: session_pb2.AppendRequest,
@@ -60,9 +62,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         async with grpc_errors(context):
             with self._metrics.operation_seconds.labels("build_context").time():
                 meta, history = await self._store.messages(principal_of(request), request.session_id)
-        budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
-        built = build_context(history, request.system_prompt, budget, self._counter)
-        self._metrics.context_tokens.observe(built.total_tokens)
+                counter = await self._counters.for_model(request.model)
+                budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
+                built = build_context(history, request.system_prompt, budget, counter)
+        self._metrics.context_tokens.labels(counter.name).observe(built.total_tokens)
         return session_pb2.BuildContextResponse(
             messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
             truncated=built.truncated, user_message_count=meta.user_message_count)
@@ -96,17 +99,25 @@ async def create_server(settings: SessionSettings, servicer: SessionServicer,
 async def serve(settings: SessionSettings) -> None:
     metrics = SessionMetrics()
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
-    counter = TokenCounter.named(settings.encoding)
+    counters = TokenCounters(settings.encoding)
+    counters.preload()  # the default encoding; others load on their first model
     nc = await connect_nats(settings.nats_url, "kefu-session")
+    expiry_watch: asyncio.Task[None] | None = None
     try:
-        store = await SessionStore.open(nc, counter, max_history=settings.max_history_messages,
-                                        max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s)
+        store = await SessionStore.open(
+            nc, counters.default_counter, max_history=settings.max_history_messages,
+            max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s)
+        expiry_watch = asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc))
         server, health_servicer, port = await create_server(
-            settings, SessionServicer(settings, store, counter, metrics), metrics)
+            settings, SessionServicer(settings, store, counters, metrics), metrics)
         await server.start()
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
+        if expiry_watch is not None:
+            expiry_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry_watch
         await close_nats(nc)
         metrics_server.close()

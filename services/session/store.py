@@ -2,39 +2,56 @@
 
 - KV `kefu_sessions`, key `<tenant>.<session_id>`: owner and counters, updated by
   compare-and-set; the bucket's max age is the idle TTL, and every append rewrites the
-  key, so a session expires when nobody wrote to it for that long.
+  key, so a session expires when nobody wrote to it for that long. The bucket asks the
+  server (2.11+) for a `Nats-Marker-Reason: MaxAge` marker when a key ages out, which is
+  how expiries are counted (`watch_expired`).
 - Stream `KEFU_MESSAGES`, subject `kefu.msg.<tenant>.<session_id>`: one message each.
   JetStream assigns the sequence, so concurrent appends are never lost nor reordered;
   `max_msgs_per_subject` bounds the history (oldest dropped first); `Nats-Msg-Id`
   makes a retried append with the same message id a no-op.
+- Counters: concurrent appends to one session in this process join one batch that a
+  single CAS writes (group commit), so 1,000 racing appends cost a handful of KV writes
+  instead of a conflict storm; CAS conflicts with other replicas back off with jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyValueLimitMarkerTTLNotSupportedError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.models import (
-    MESSAGE_ID_PATTERN, ROLES, SESSION_ID_PATTERN, Principal, SessionMeta, StoredMessage, new_id,
+    MESSAGE_ID_PATTERN, ROLES, SESSION_ID_PATTERN, MetaDelta, Principal, SessionMeta, StoredMessage, new_id,
 )
 from services.session.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
 META_BUCKET = "kefu_sessions"
+META_STREAM = f"KV_{META_BUCKET}"
+META_SUBJECT_PREFIX = f"$KV.{META_BUCKET}"
 MESSAGE_STREAM = "KEFU_MESSAGES"
 MESSAGE_SUBJECT_PREFIX = "kefu.msg"
-CAS_ATTEMPTS = 50
+EXPIRY_CONSUMER = "kefu_session_expiry"
+"""Durable consumer of the metadata bucket shared by every replica: each marker is counted once."""
+CAS_ATTEMPTS = 20
+EXPIRY_MARKER_TTL_S = 3600.0
+"""How long an expiry marker stays; a replica down for less than this still counts it later."""
+MAX_DUPLICATE_WINDOW_S = 120.0
+READ_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +59,21 @@ class AppendResult:
     session_id: str
     message: StoredMessage
     created: bool
+
+
+@dataclass(slots=True)
+class _Batch:
+    delta: MetaDelta = field(default_factory=MetaDelta)
+    written: bool = False
+
+
+@dataclass(slots=True)
+class _MetaSlot:
+    """Appends of one session waiting for their counters; whoever holds `lock` writes a batch."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    open_batch: _Batch | None = None
+    waiting: int = 0
 
 
 class SessionStore:
@@ -55,17 +87,40 @@ class SessionStore:
         self._counter = counter
         self._max_history = max_history
         self._max_message_chars = max_message_chars
+        self._slots: dict[str, _MetaSlot] = {}
+        self.expiry_markers = True
+        """False on a server older than 2.11: expiries happen but cannot be counted."""
+        version = nc.connected_server_version
+        self.batch_reads = (version.major, version.minor) >= (2, 11)
+        """Read a history with one batched direct get (server 2.11+), else with a short-lived consumer."""
 
     @classmethod
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
                    max_message_chars: int, ttl_s: float) -> SessionStore:
+        """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
+        SessionSettings holds production to at least 60 s."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         js = nc.jetstream()
-        meta = await ensure_key_value(js, KeyValueConfig(
-            bucket=META_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE))
+        config = KeyValueConfig(bucket=META_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
+                                limit_marker_ttl=EXPIRY_MARKER_TTL_S)
+        markers = True
+        try:
+            meta = await ensure_key_value(js, config)
+        except KeyValueLimitMarkerTTLNotSupportedError:
+            log.warning("nats-server older than 2.11: expired sessions are not counted")
+            markers = False
+            config.limit_marker_ttl = None
+            meta = await ensure_key_value(js, config)
+        await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None)
         await ensure_stream(js, StreamConfig(
             name=MESSAGE_STREAM, subjects=[f"{MESSAGE_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
-            max_msgs_per_subject=max_history, max_age=ttl_s * 2, duplicate_window=120.0))
-        return cls(nc, meta, counter, max_history=max_history, max_message_chars=max_message_chars)
+            max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
+            # The server refuses a duplicate window longer than the max age.
+            duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
+        store = cls(nc, meta, counter, max_history=max_history, max_message_chars=max_message_chars)
+        store.expiry_markers = markers
+        return store
 
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
                      message_id: str = "") -> AppendResult:
@@ -81,28 +136,37 @@ class SessionStore:
         if created:
             session_id = new_id()
             now = time.time()
-            await self._meta.create(_meta_key(principal.tenant, session_id),
-                                    SessionMeta(principal.tenant, principal.subject, now, now).to_json())
+            meta = SessionMeta(principal.tenant, principal.subject, now, now)
+            revision = await self._meta.create(meta_key(principal.tenant, session_id), meta.to_json())
         else:
-            await self._authorize(principal, session_id)
+            meta, revision = await self._authorize_entry(principal, session_id)
+            if meta.owner != principal.subject and role != "agent":
+                # Staff may read a visitor's conversation and answer in it as an agent, but
+                # never speak as the visitor or the AI: that is the owner's (and the edge's).
+                raise NotFound("no such session")
         message = StoredMessage(id=message_id or new_id(), role=role, content=content,
-                                created_at=time.time(), tokens=self._counter.count(content))
-        ack = await self._js.publish(_subject(principal.tenant, session_id), message.to_json(),
+                                created_at=time.time(), tokens=self._counter.count(content),
+                                encoding=self._counter.name)
+        ack = await self._js.publish(message_subject(principal.tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         if ack.duplicate:
             raw = await self._js.get_msg(MESSAGE_STREAM, seq=ack.seq)
             assert raw.data is not None
             return AppendResult(session_id, StoredMessage.from_json(raw.data, ack.seq), created)
-        stored = StoredMessage(message.id, role, content, message.created_at, message.tokens, ack.seq)
-        await self._bump_meta(principal.tenant, session_id, stored)
+        stored = StoredMessage(message.id, role, content, message.created_at, message.tokens, ack.seq,
+                               message.encoding)
+        await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
         return AppendResult(session_id, stored, created)
 
     async def messages(self, principal: Principal, session_id: str) -> tuple[SessionMeta, list[StoredMessage]]:
-        """The session's kept messages, oldest first."""
+        """The session's kept messages, oldest first (JetStream sequence = order of acknowledgement)."""
         meta = await self._authorize(principal, session_id)
         if meta.message_count == 0:
             return meta, []
-        return meta, await self._read_subject(_subject(principal.tenant, session_id))
+        subject = message_subject(principal.tenant, session_id)
+        if self.batch_reads:
+            return meta, await self._read_subject_batch(subject)
+        return meta, await self._read_subject(subject)
 
     async def delete(self, principal: Principal, session_id: str) -> int:
         meta = await self._authorize(principal, session_id)
@@ -110,43 +174,156 @@ class SessionStore:
             # Staff may read a visitor's conversation, but erasing it is the owner's right.
             raise NotFound("no such session")
         kept = min(meta.message_count, self._max_history)
-        await self._meta.purge(_meta_key(principal.tenant, session_id))
-        await self._js.purge_stream(MESSAGE_STREAM, subject=_subject(principal.tenant, session_id))
+        # A subject purge leaves no tombstone: nothing of the session remains, and no
+        # MaxAge marker appears later to be mistaken for an expiry.
+        key = meta_key(principal.tenant, session_id)
+        await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
+        await self._js.purge_stream(MESSAGE_STREAM, subject=message_subject(principal.tenant, session_id))
         return kept
 
+    async def watch_expired(self, on_expired: Callable[[], None], *, fetch_timeout_s: float = 5.0) -> None:
+        """Call `on_expired` once per session whose metadata aged out (idle TTL); runs until cancelled.
+
+        JetStream removes aged-out messages silently; with the bucket's limit markers the
+        server writes a `Nats-Marker-Reason: MaxAge` message in the key's place, which a
+        durable consumer shared by all replicas sees once. Deleted sessions are purged
+        without a tombstone, so they are not counted. Without markers (server < 2.11)
+        this returns at once and nothing is counted.
+        """
+        if not self.expiry_markers:
+            return
+        while True:
+            try:
+                subscription = await self._js.pull_subscribe(
+                    f"{META_SUBJECT_PREFIX}.>", durable=EXPIRY_CONSUMER, stream=META_STREAM,
+                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE,
+                                          headers_only=True))
+                try:
+                    while True:
+                        try:
+                            batch = await subscription.fetch(512, timeout=fetch_timeout_s)
+                        except NatsTimeoutError:
+                            continue
+                        for message in batch:
+                            if message.headers and message.headers.get("Nats-Marker-Reason") == "MaxAge":
+                                on_expired()
+                finally:
+                    await subscription.unsubscribe()
+            except (NatsError, TimeoutError) as error:
+                # A restarted nats-server: subscribe again once the client reconnects.
+                log.warning("expiry watch: %s; retrying", error or type(error).__name__)
+                await asyncio.sleep(1.0)
+            except Exception:
+                # A metric is not worth the service: log, pause, go on.
+                log.exception("expiry watch failed; retrying")
+                await asyncio.sleep(5.0)
+
     async def _authorize(self, principal: Principal, session_id: str) -> SessionMeta:
+        return (await self._authorize_entry(principal, session_id))[0]
+
+    async def _authorize_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int]:
+        """The session's metadata and its KV revision, if `principal` may see it; else NotFound."""
         if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise NotFound("no such session")
         try:
-            entry = await self._meta.get(_meta_key(principal.tenant, session_id))
+            entry = await self._meta.get(meta_key(principal.tenant, session_id))
         except KeyNotFoundError:
             raise NotFound("no such session") from None
-        if entry.value is None:
+        if not entry.value:
+            # An expiry marker stands where the key was until the marker itself expires.
             raise NotFound("no such session")
         meta = SessionMeta.from_json(entry.value)
         if meta.tenant != principal.tenant or (meta.owner != principal.subject and not principal.is_staff):
             raise NotFound("no such session")
-        return meta
+        assert entry.revision is not None
+        return meta, entry.revision
 
-    async def _bump_meta(self, tenant: str, session_id: str, message: StoredMessage) -> None:
-        key = _meta_key(tenant, session_id)
-        for _ in range(CAS_ATTEMPTS):
+    async def _add_to_meta(self, key: str, message: StoredMessage, seen: tuple[SessionMeta, int]) -> None:
+        """Add the message to the session's counters; return once a write includes it.
+
+        `seen` is the metadata and revision this append read when it checked access: the
+        first CAS tries it, which saves a read whenever nobody wrote in between.
+        """
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _MetaSlot()
+        if slot.open_batch is None:
+            slot.open_batch = _Batch()
+        batch = slot.open_batch
+        batch.delta.add(message)
+        slot.waiting += 1
+        try:
+            async with slot.lock:
+                if batch.written:
+                    return  # an earlier holder of the lock wrote our batch
+                if slot.open_batch is batch:
+                    slot.open_batch = None  # appends from now on gather in the next batch
+                # If this write fails, the next waiter of the same batch tries it again.
+                await self._write_meta(key, batch.delta, seen)
+                batch.written = True
+        finally:
+            slot.waiting -= 1
+            if slot.waiting == 0:
+                del self._slots[key]
+
+    async def _write_meta(self, key: str, delta: MetaDelta, seen: tuple[SessionMeta, int] | None) -> None:
+        for attempt in range(CAS_ATTEMPTS):
+            if seen is None:
+                try:
+                    entry = await self._meta.get(key)
+                except KeyNotFoundError:
+                    return  # deleted meanwhile; the message expires with the stream
+                if not entry.value:
+                    return  # expired meanwhile (an expiry marker stands there)
+                assert entry.revision is not None
+                seen = SessionMeta.from_json(entry.value), entry.revision
+            meta, revision = seen
             try:
-                entry = await self._meta.get(key)
-            except KeyNotFoundError:
-                return  # deleted or expired meanwhile; the message expires with the stream
-            assert entry.value is not None and entry.revision is not None
-            updated = SessionMeta.from_json(entry.value).with_message(message)
-            try:
-                await self._meta.update(key, updated.to_json(), last=entry.revision)
+                await self._meta.update(key, meta.with_delta(delta).to_json(), last=revision)
                 return
             except KeyWrongLastSequenceError:
-                await asyncio.sleep(0)
-        log.warning("session %s: gave up updating counters after %d conflicts", session_id, CAS_ATTEMPTS)
+                seen = None
+                if attempt:
+                    # Another replica keeps writing: back off with jitter so writers spread out.
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
+        log.warning("session %s: gave up updating counters after %d conflicts", key, CAS_ATTEMPTS)
+
+    async def _read_subject_batch(self, subject: str) -> list[StoredMessage]:
+        """One request and one round trip for the whole history (paged if the server caps a batch).
+
+        A batched direct get (ADR-31, server 2.11+; nats-py has no API for it) answers with
+        the messages, then a `204 EOB` status carrying how many are still pending. Unlike a
+        consumer per read, it creates no server state, which matters in a clustered JetStream.
+        """
+        messages: list[StoredMessage] = []
+        inbox = self._nc.new_inbox()
+        subscription = await self._nc.subscribe(inbox)
+        request: dict[str, object] = {"batch": self._max_history, "next_by_subj": subject}
+        try:
+            while True:
+                await self._nc.publish(f"$JS.API.DIRECT.GET.{MESSAGE_STREAM}", json.dumps(request).encode(),
+                                       reply=inbox)
+                while True:
+                    reply = await subscription.next_msg(timeout=READ_TIMEOUT_S)
+                    headers = reply.headers or {}
+                    status = headers.get("Status")
+                    if status is None:
+                        messages.append(StoredMessage.from_json(reply.data, int(headers["Nats-Sequence"])))
+                    elif status == "404":  # nothing (more) on the subject
+                        return messages
+                    elif status == "204":  # end of this batch
+                        if int(headers.get("Nats-Num-Pending", "0")) == 0:
+                            return messages
+                        request["seq"] = int(headers["Nats-Last-Sequence"]) + 1
+                        break
+                    else:
+                        raise Unavailable(f"direct get on {MESSAGE_STREAM}: {status} {headers.get('Description', '')}")
+        finally:
+            await subscription.unsubscribe()
 
     async def _read_subject(self, subject: str) -> list[StoredMessage]:
-        # A short-lived named consumer, deleted right after: one create, one or two
-        # fetches and one delete, however long the history.
+        # Servers before 2.11: a short-lived named consumer, deleted right after: one
+        # create, one or two fetches and one delete, however long the history.
         name = new_id()
         await self._js.add_consumer(MESSAGE_STREAM, ConsumerConfig(
             name=name, filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
@@ -168,9 +345,25 @@ class SessionStore:
             await self._js.delete_consumer(MESSAGE_STREAM, name)
         return messages
 
-def _meta_key(tenant: str, session_id: str) -> str:
+
+async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: float | None) -> None:
+    """An existing bucket keeps the config it was created with: bring TTL and markers up to date."""
+    js = nc.jetstream()
+    config = (await js.stream_info(META_STREAM)).config
+    if config.max_age == ttl_s and (config.subject_delete_marker_ttl or None) == marker_ttl_s:
+        return
+    log.info("updating %s: max age %s -> %s s", META_STREAM, config.max_age, ttl_s)
+    config.max_age = ttl_s
+    config.duplicate_window = min(config.duplicate_window or MAX_DUPLICATE_WINDOW_S, ttl_s)
+    config.subject_delete_marker_ttl = marker_ttl_s
+    if marker_ttl_s:
+        config.allow_msg_ttl = True
+    await js.update_stream(config)
+
+
+def meta_key(tenant: str, session_id: str) -> str:
     return f"{tenant}.{session_id}"
 
 
-def _subject(tenant: str, session_id: str) -> str:
+def message_subject(tenant: str, session_id: str) -> str:
     return f"{MESSAGE_SUBJECT_PREFIX}.{tenant}.{session_id}"

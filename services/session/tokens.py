@@ -43,7 +43,6 @@ class EncodingSpec:
     special_tokens: dict[str, int]
     sha256: str
     """tiktoken's expected hash of the uncompressed `.tiktoken` file."""
-    n_vocab: int
 
 
 _SPECS: dict[str, EncodingSpec] = {
@@ -51,10 +50,9 @@ _SPECS: dict[str, EncodingSpec] = {
         pat_str=r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
         special_tokens={"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                         "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
-        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-        n_vocab=100277),
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
     O200K: EncodingSpec(
-        pat_str="|".join([
+        pat_str="|".join([  # noqa: FLY002 - one alternative a line, as tiktoken writes it
             r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
             r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
             r"""\p{N}{1,3}""",
@@ -64,8 +62,7 @@ _SPECS: dict[str, EncodingSpec] = {
             r"""\s+""",
         ]),
         special_tokens={"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
-        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
-        n_vocab=200019),
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
 }
 ENCODINGS = tuple(_SPECS)
 
@@ -123,9 +120,10 @@ def load_encoding(name: str, path: Path | None = None) -> tiktoken.Encoding:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != spec.sha256:
         raise ValueError(f"{path}: sha256 {digest} is not {name}'s expected {spec.sha256}")
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in raw.splitlines() if line)}
+    lines = (line.split() for line in raw.splitlines() if line)
+    ranks = {base64.b64decode(token): int(rank) for token, rank in lines}
     return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
-                             special_tokens=dict(spec.special_tokens), explicit_n_vocab=spec.n_vocab)
+                             special_tokens=dict(spec.special_tokens))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def upstream_stack(tmp_path_factory: pytest.TempPathFactory, upstream_port: int)
     Each test starts its own FakeUpstream on that port, with the behaviour it needs.
     """
     stack = start_stack(tmp_path_factory.mktemp("upstream-stack"), {
-        "KEFU_LOG_LEVEL": "DEBUG",
+        "KEFU_LOG_LEVEL": "DEBUG", "KEFU_CACHE_ENABLED": "false",  # these tests exercise the stream path
         "KEFU_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1", "KEFU_MODEL": "fake-model",
         "KEFU_OPENAI_API_KEY": "sk-test"})
     try:

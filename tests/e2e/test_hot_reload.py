@@ -101,7 +101,7 @@ async def test_hot_reload_under_load_fails_no_stream(tmp_path: Path, mode: str) 
     folder = PluginsFolder(tmp_path / "plugins", mode)
     folder.write(**{"versioned.py": plugin_source("v1"), "routes.toml": one_route()})
     stack = await asyncio.to_thread(start_stack, tmp_path / "stack", {
-        "KEFU_PLUGINS_DIR": str(folder.path), "KEFU_RATE_LIMIT_RPS": "100000",
+        "KEFU_PLUGINS_DIR": str(folder.path), "KEFU_RATE_LIMIT_RPS": "100000", "KEFU_CACHE_ENABLED": "false",
         "KEFU_TENANT_RATE_LIMIT_RPS": "100000"})
     outcomes: Counter[str] = Counter()
     versions_seen: Counter[str] = Counter()

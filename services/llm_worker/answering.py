@@ -1,0 +1,187 @@
+"""One generation: pick the route's target, answer from the cache when the turn allows, else stream
+from the provider, fill the cache and schedule pre-generation of the likely next questions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.common.errors import NotFound
+from services.llm_worker.cache import AnswerCache, CachedAnswer
+from services.llm_worker.cache_key import CacheKey, cacheable_question, target_version
+from services.llm_worker.metrics import WorkerMetrics
+from services.llm_worker.plugin_api import (
+    ChatMessage,
+    Delta,
+    Finish,
+    GenerationParams,
+    KnowsQuestions,
+    ProviderError,
+)
+from services.llm_worker.plugin_host import Generation, PluginHost, Target
+from services.llm_worker.pregen import Pregenerator, PregenJob
+
+log = logging.getLogger(__name__)
+REPLAY_CHUNK_CHARS = 24
+MAX_SUGGESTIONS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRequest:
+    route: str
+    messages: list[ChatMessage]
+    params: GenerationParams
+    tenant: str
+    sticky_key: str
+    """Session (or client) id: keeps a conversation on one canary target."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDone:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    cached: bool
+    provider: str
+    generation: int
+    route: str
+
+
+AnswerEvent = str | AnswerDone
+
+
+class Answerer:
+    def __init__(self, host: PluginHost, metrics: WorkerMetrics, cache: AnswerCache | None = None,
+                 pregenerator: Pregenerator | None = None) -> None:
+        self._host = host
+        self._metrics = metrics
+        self._cache = cache
+        self._pregen = pregenerator
+        self._hits = 0
+        self._lookups = 0
+        metrics.cache_hit_ratio.set_function(lambda: self._hits / self._lookups if self._lookups else 0.0)
+        if cache is not None:
+            metrics.cache_local_bytes.set_function(lambda: cache.local.bytes)
+
+    async def answer(self, request: AnswerRequest) -> AsyncIterator[AnswerEvent]:
+        # Every delta comes from the generation leased here, even if a reload swaps meanwhile.
+        async with self._host.lease() as generation:
+            route = generation.route(request.route)
+            if route is None:
+                raise NotFound(f"no model {request.route!r}")
+            target = route.pick(request.sticky_key, str(id(request)))
+            knower = _knower(generation, target)
+            question = None
+            if self._cache is not None and request.tenant:
+                question = cacheable_question(request.messages, knower.is_standalone if knower else None)
+            key = None
+            if question is not None and self._cache is not None:
+                version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
+                key = CacheKey.of(request.tenant, request.route, version,
+                                  request.messages, question, request.params,
+                                  self._cache.epoch_token(request.tenant, request.route))
+                hit = await self._lookup(key)
+                if hit is not None:
+                    for start in range(0, len(hit.text), REPLAY_CHUNK_CHARS):
+                        yield hit.text[start:start + REPLAY_CHUNK_CHARS]
+                    yield AnswerDone(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, hit.model, True,
+                                     target.spec.provider, generation.number, request.route)
+                    self._schedule_pregen(generation, request, target)
+                    return
+            async for event in self._generate(generation, request, target, key):
+                yield event
+            if key is not None:
+                self._schedule_pregen(generation, request, target)
+
+    async def _lookup(self, key: CacheKey) -> CachedAnswer | None:
+        assert self._cache is not None
+        self._lookups += 1
+        found = await self._cache.lookup(key)
+        if found is None:
+            self._metrics.cache_requests.labels("local", "miss").inc()
+            self._metrics.cache_requests.labels("shared", "miss").inc()
+            return None
+        answer, tier = found
+        if tier == "shared":
+            self._metrics.cache_requests.labels("local", "miss").inc()
+        self._metrics.cache_requests.labels(tier, "hit").inc()
+        self._hits += 1
+        if answer.pregenerated:
+            self._metrics.pregenerations.labels("served").inc()
+        return answer
+
+    async def _generate(self, generation: Generation, request: AnswerRequest, target: Target,
+                        key: CacheKey | None) -> AsyncIterator[AnswerEvent]:
+        provider = target.spec.provider
+        start = time.perf_counter()
+        outcome = "error"
+        first = True
+        parts: list[str] = []
+        self._metrics.active_streams.inc()
+        try:
+            async with contextlib.aclosing(target.provider.stream(request.messages, request.params)) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        if not event.text:
+                            continue
+                        if first:
+                            self._metrics.ttft_seconds.labels(request.route).observe(time.perf_counter() - start)
+                            first = False
+                        if key is not None:
+                            parts.append(event.text)
+                        yield event.text
+                    elif isinstance(event, Finish):
+                        self._metrics.prompt_tokens.labels(request.route).inc(event.usage.prompt_tokens)
+                        self._metrics.completion_tokens.labels(request.route).inc(event.usage.completion_tokens)
+                        outcome = "ok"
+                        if key is not None and self._cache is not None and event.finish_reason != "length":
+                            await self._cache.store(key, CachedAnswer(
+                                "".join(parts), event.finish_reason, event.model, event.usage.prompt_tokens,
+                                event.usage.completion_tokens))
+                        yield AnswerDone(event.finish_reason, event.usage.prompt_tokens,
+                                         event.usage.completion_tokens, event.model, False, provider,
+                                         generation.number, request.route)
+                        break
+            if outcome != "ok":
+                raise ProviderError(f"provider {provider} ended its stream without a finish", retryable=True)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._metrics.active_streams.dec()
+            self._metrics.request_seconds.labels(request.route, provider, outcome).observe(time.perf_counter() - start)
+            self._metrics.requests.labels(request.route, provider, target.model, outcome).inc()
+
+    def _schedule_pregen(self, generation: Generation, request: AnswerRequest, target: Target) -> None:
+        if self._pregen is None:
+            return
+        knower = _knower(generation, target)
+        if knower is None:
+            return
+        question = [m.content for m in request.messages if m.role == "user"][-1]
+        try:
+            suggestions = knower.suggest_next(question, MAX_SUGGESTIONS)[:MAX_SUGGESTIONS]
+        except Exception:
+            log.exception("suggest_next failed")
+            return
+        system = tuple(m for m in request.messages if m.role == "system")
+        version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
+        self._pregen.schedule([PregenJob(request.tenant, request.route, version, target, system, suggestion,
+                                         request.params) for suggestion in suggestions])
+
+
+def _knower(generation: Generation, target: Target) -> KnowsQuestions | None:
+    """The route's own provider if it knows the common questions, else any provider of the
+    generation that does (the knowledge base serves an LLM route too)."""
+    if isinstance(target.provider, KnowsQuestions):
+        return target.provider
+    for route in generation.routes.values():
+        for candidate in route.targets:
+            if isinstance(candidate.provider, KnowsQuestions):
+                return candidate.provider
+    return None

@@ -1,0 +1,73 @@
+"""The answer cache through the real processes: per tenant, first questions only, invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import aiohttp
+import grpc
+import nats
+
+from bench.sse_reader import read_sse
+from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.devstack.stack import Stack
+from tests.e2e.stack_helpers import auth
+
+
+async def turn(stack: Stack, tenant: str, message: str, session_id: str = "") -> tuple[str, dict, str]:
+    body: dict[str, object] = {"message": message}
+    if session_id:
+        body["session_id"] = session_id
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{stack.base_url}/v1/chat", json=body, headers=auth(tenant=tenant)) as response:
+            events = [(e.event, e.json()) async for e in read_sse(response)]
+    assert events[-1][0] == "done", events
+    reply = "".join(data["delta"] for name, data in events if name == "message")
+    return reply, events[-1][1], events[0][1]["session_id"]
+
+
+async def test_cache_serves_a_tenant_its_own_answers_only(kb_stack: Stack) -> None:
+    tenant_a, tenant_b = f"cache-a-{secrets.token_hex(4)}", f"cache-b-{secrets.token_hex(4)}"
+    reply_a, done_a, _ = await turn(kb_stack, tenant_a, "怎么退货？")
+    again_a, done_again, _ = await turn(kb_stack, tenant_a, "怎麼退貨")  # traditional, no punctuation
+    reply_b, done_b, _ = await turn(kb_stack, tenant_b, "怎么退货？")
+    assert (done_a["cached"], done_again["cached"], done_b["cached"]) == (False, True, False)
+    assert again_a == reply_a and reply_b == reply_a  # same FAQ, but B's came from the provider
+
+
+async def test_cache_never_serves_a_second_turn(kb_stack: Stack) -> None:
+    tenant = f"cache-c-{secrets.token_hex(4)}"
+    _, _, session_id = await turn(kb_stack, tenant, "你好")
+    for _ in range(2):
+        _, done, _ = await turn(kb_stack, tenant, "怎么退货？", session_id)
+        assert done["cached"] is False
+
+
+async def test_cache_invalidation_rpc_drops_a_tenants_answers(kb_stack: Stack) -> None:
+    tenant = f"cache-d-{secrets.token_hex(4)}"
+    await turn(kb_stack, tenant, "多久发货？")
+    assert (await turn(kb_stack, tenant, "多久发货？"))[1]["cached"] is True
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{kb_stack.config.ports.worker}") as channel:
+        reply = await llm_pb2_grpc.LlmServiceStub(channel).InvalidateCache(
+            llm_pb2.InvalidateCacheRequest(tenant=tenant), timeout=5)
+    assert reply.scope == "tenant"
+    assert (await turn(kb_stack, tenant, "多久发货？"))[1]["cached"] is False
+
+
+async def test_cache_invalidation_over_the_nats_subject(kb_stack: Stack) -> None:
+    tenant = f"cache-e-{secrets.token_hex(4)}"
+    await turn(kb_stack, tenant, "有哪些付款方式？")
+    assert (await turn(kb_stack, tenant, "有哪些付款方式？"))[1]["cached"] is True
+    nc = await nats.connect(kb_stack.nats_url, max_reconnect_attempts=3, connect_timeout=1)
+    try:
+        await nc.publish("kefu.cache.invalidate", json.dumps({"tenant": tenant}).encode())
+        await nc.flush()
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 5
+    while (await turn(kb_stack, tenant, "有哪些付款方式？"))[1]["cached"]:
+        assert time.monotonic() < deadline, "the invalidation message was not acted on"
+        await asyncio.sleep(0.05)
