@@ -45,5 +45,5 @@ def configure_logging(process_name: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter stays at warning unless debugging.
-    for noisy in ("aiohttp.access", "nats", "grpc"):
+    for noisy in ("aiohttp.access", "nats", "grpc", "watchfiles"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

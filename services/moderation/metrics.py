@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+RELOAD_RESULTS = ("ok", "refused")
+
 
 @dataclass
 class ModerationMetrics:
@@ -24,3 +26,14 @@ class ModerationMetrics:
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05))
         self.lexicon_words = Gauge(
             "kefu_moderation_lexicon_words", "Words in the lexicon in use.", registry=self.registry)
+        self.lexicon_generation = Gauge(
+            "kefu_moderation_lexicon_generation",
+            "Number of the lexicon serving new checks: 1 at start, +1 per successful reload.",
+            registry=self.registry)
+        self.lexicon_reloads = Counter(
+            "kefu_moderation_lexicon_reloads",
+            "Lexicon reloads after a change of its folder: ok (swapped in) or refused (the old one "
+            "kept serving); a change that leaves every word as it was is not counted.",
+            ["result"], registry=self.registry)
+        for result in RELOAD_RESULTS:
+            self.lexicon_reloads.labels(result)

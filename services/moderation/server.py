@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -11,12 +12,17 @@ from grpc_health.v1 import health
 
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.common.grpc_server import (
-    add_health_and_reflection, bind, create_grpc_server, stop_gracefully, wait_for_stop_signal,
+    add_health_and_reflection,
+    bind,
+    create_grpc_server,
+    stop_gracefully,
+    wait_for_stop_signal,
 )
 from services.common.metrics import start_metrics_server
-from services.moderation.lexicon import Action, load_lexicon
-from services.moderation.matcher import Hit, Matcher
+from services.moderation.lexicon import Action, LexiconError
+from services.moderation.matcher import Hit
 from services.moderation.metrics import ModerationMetrics
+from services.moderation.reload import LexiconReloader
 from services.moderation.settings import ModerationSettings
 from services.moderation.stream_filter import StreamFilter
 
@@ -37,10 +43,14 @@ def hits_to_proto(hits: Iterable[Hit]) -> list[moderation_pb2.Hit]:
 
 
 class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
-    def __init__(self, settings: ModerationSettings, matcher: Matcher, metrics: ModerationMetrics) -> None:
+    def __init__(self, settings: ModerationSettings, lexicon: LexiconReloader, metrics: ModerationMetrics) -> None:
         self._settings = settings
-        self._matcher = matcher
+        self._lexicon = lexicon
         self._metrics = metrics
+        # Bound once: labels() costs a lock and a dict lookup per call on the hot path.
+        self._unary_seconds = metrics.check_seconds.labels("unary")
+        self._stream_seconds = metrics.check_seconds.labels("stream")
+        self._checks = {action: metrics.checks.labels(action.name.lower()) for action in Action}
 
     def _count_hits(self, hits: Iterable[Hit]) -> None:
         for hit in hits:
@@ -51,9 +61,11 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         if len(request.text) > self._settings.max_text_chars:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"text is longer than {self._settings.max_text_chars} characters")
-        with self._metrics.check_seconds.labels("unary").time():
-            result = self._matcher.check(request.text)
-        self._metrics.checks.labels(result.verdict.name.lower()).inc()
+        start = time.perf_counter()
+        # The matcher in use right now; a reload swaps it for the next call, never mid-check.
+        result = self._lexicon.matcher.check(request.text)
+        self._unary_seconds.observe(time.perf_counter() - start)
+        self._checks[result.verdict].inc()
         self._count_hits(result.hits)
         return moderation_pb2.CheckResponse(verdict=VERDICTS[result.verdict], masked_text=result.masked_text,
                                             hits=hits_to_proto(result.hits))
@@ -61,17 +73,17 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
     async def CheckStream(self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
         # One matcher for the whole stream, so a reload mid-stream cannot change the rules half-way.
-        stream = StreamFilter(self._matcher)
+        stream = StreamFilter(self._lexicon.matcher)
         verdict = Action.ALLOW
         async for request in requests:
             start = time.perf_counter()
             step = stream.feed(request.delta, final=request.final)
-            self._metrics.check_seconds.labels("stream").observe(time.perf_counter() - start)
+            self._stream_seconds.observe(time.perf_counter() - start)
             if stream.held_chars > self._settings.max_text_chars:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "held-back text grew beyond the limit")
             if step.blocked is not None:
                 self._count_hits([step.blocked])
-                self._metrics.checks.labels("block").inc()
+                self._checks[Action.BLOCK].inc()
                 yield moderation_pb2.CheckStreamResponse(verdict=moderation_pb2.VERDICT_BLOCK,
                                                          hits=hits_to_proto([step.blocked]))
                 return
@@ -81,7 +93,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
                                                      hits=hits_to_proto(step.hits))
             if request.final:
                 break
-        self._metrics.checks.labels(verdict.name.lower()).inc()
+        self._checks[verdict].inc()
 
 
 async def create_server(settings: ModerationSettings, servicer: ModerationServicer,
@@ -96,15 +108,26 @@ async def create_server(settings: ModerationSettings, servicer: ModerationServic
 
 async def serve(settings: ModerationSettings) -> None:
     metrics = ModerationMetrics()
-    lexicon = load_lexicon(settings.lexicon_dir)
-    metrics.lexicon_words.set(lexicon.word_count)
+    try:
+        lexicon = LexiconReloader.load(settings.lexicon_dir, metrics)
+    except LexiconError as error:
+        raise SystemExit(f"moderation: KEFU_LEXICON_DIR: {error}") from None
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
+    stop_watching = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
     try:
         server, health_servicer, port = await create_server(
-            settings, ModerationServicer(settings, Matcher(lexicon), metrics), metrics)
+            settings, ModerationServicer(settings, lexicon, metrics), metrics)
+        if settings.lexicon_watch:
+            watcher = asyncio.create_task(lexicon.watch(
+                stop_watching, quiet_ms=settings.lexicon_quiet_ms, debounce_ms=settings.lexicon_debounce_ms))
         await server.start()
-        log.info("moderation service on %s:%d, %d words", settings.host, port, lexicon.word_count)
+        log.info("moderation service on %s:%d, %d words from %s%s", settings.host, port,
+                 lexicon.matcher.word_count, settings.lexicon_dir, " (watched)" if watcher else "")
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
+        stop_watching.set()
+        if watcher is not None:
+            await watcher
         metrics_server.close()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from services.common.settings import env_float, env_int, env_str
+from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str
 
 BUNDLED_LEXICON = Path(__file__).parent / "lexicon"
 
@@ -20,9 +20,21 @@ class ModerationSettings:
     grpc_port: int = 50052
     metrics_port: int = 9102
     lexicon_dir: Path = BUNDLED_LEXICON
+    lexicon_watch: bool = True
+    """Reload the lexicon when its folder changes (watchfiles)."""
+    lexicon_quiet_ms: int = 200
+    """A change batch is complete once the folder was quiet this long (watchfiles' `step`)."""
+    lexicon_debounce_ms: int = 1600
+    """Longest a batch groups changes before a reload is tried anyway (watchfiles' `debounce`)."""
     max_text_chars: int = 64_000
     grace_s: float = 10.0
     log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.lexicon_quiet_ms > self.lexicon_debounce_ms:
+            raise SettingsError(
+                f"KEFU_LEXICON_QUIET_MS ({self.lexicon_quiet_ms}) must not exceed "
+                f"KEFU_LEXICON_DEBOUNCE_MS ({self.lexicon_debounce_ms})")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
@@ -31,6 +43,11 @@ class ModerationSettings:
             grpc_port=env_int(env, "KEFU_MODERATION_PORT", cls.grpc_port, minimum=0, maximum=65535),
             metrics_port=env_int(env, "KEFU_MODERATION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             lexicon_dir=Path(env_str(env, "KEFU_LEXICON_DIR", str(cls.lexicon_dir))),
+            lexicon_watch=env_bool(env, "KEFU_LEXICON_WATCH", cls.lexicon_watch),
+            lexicon_quiet_ms=env_int(env, "KEFU_LEXICON_QUIET_MS", cls.lexicon_quiet_ms, minimum=10,
+                                     maximum=60_000),
+            lexicon_debounce_ms=env_int(env, "KEFU_LEXICON_DEBOUNCE_MS", cls.lexicon_debounce_ms, minimum=10,
+                                        maximum=600_000),
             max_text_chars=env_int(env, "KEFU_MAX_MODERATION_CHARS", cls.max_text_chars, minimum=1),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),

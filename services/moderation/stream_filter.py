@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from services.moderation.lexicon import Action
 from services.moderation.matcher import Hit, Matcher, apply_masks
-from services.moderation.normalize import normalize
+from services.moderation.normalize import Normalized, normalize
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,11 @@ class StreamFilter:
     def __init__(self, matcher: Matcher) -> None:
         self._matcher = matcher
         self._pending = ""
+        # The normalised form of `_pending`, kept delta by delta (folding is per character):
+        # noise after an open tail ("f" and then pages of dots) makes `_pending` long but not
+        # this, so a delta costs the same however much noise is held.
+        self._text = ""
+        self._origin: list[int] = []
         self._released = 0
         self._blocked = False
 
@@ -39,14 +45,26 @@ class StreamFilter:
     def feed(self, delta: str, *, final: bool = False) -> StreamStep:
         if self._blocked:
             raise RuntimeError("stream already blocked")
+        added = normalize(delta)
+        if added.text:
+            base = len(self._pending)
+            self._text += added.text
+            self._origin.extend(base + index for index in added.origin())
         self._pending += delta
-        norm = normalize(self._pending)
+        norm = Normalized.joined(self._pending, self._text, self._origin)
         hits = self._matcher.hits(norm)
+        offset = self._released
         if final:
             release = len(self._pending)
         else:
             tail = self._matcher.open_tail_start(norm)
-            release = norm.origin[tail] if tail < len(norm.text) else len(self._pending)
+            release = self._origin[tail] if tail < len(self._text) else len(self._pending)
+            # A hit that starts before the open tail is final: no whitelisted phrase can still
+            # cover it (the tail would then start at or before it). A BLOCK ends the stream now,
+            # even if the hit overlaps the tail.
+            for hit in hits:
+                if hit.action is Action.BLOCK and hit.start < release:
+                    return self._block(hit, offset)
             # A complete hit may straddle that point (it overlaps the open tail): hold all of it.
             moved = True
             while moved:
@@ -55,15 +73,21 @@ class StreamFilter:
                     if hit.start < release < hit.end:
                         release, moved = hit.start, True
         done = [h for h in hits if h.end <= release]
-        offset = self._released
         for hit in done:
             if hit.action is Action.BLOCK:
-                self._blocked = True
-                return StreamStep("", (), _shift(hit, offset))
+                return self._block(hit, offset)
         safe = apply_masks(self._pending[:release], done)
         self._pending = self._pending[release:]
+        kept = bisect_left(self._origin, release)
+        self._text = self._text[kept:]
+        self._origin = [index - release for index in self._origin[kept:]]
         self._released += release
         return StreamStep(safe, tuple(_shift(h, offset) for h in done))
+
+
+    def _block(self, hit: Hit, offset: int) -> StreamStep:
+        self._blocked = True
+        return StreamStep("", (), _shift(hit, offset))
 
 
 def _shift(hit: Hit, offset: int) -> Hit:

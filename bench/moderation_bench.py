@@ -1,0 +1,507 @@
+"""`python -m bench.moderation_bench`: sensitive-word checks in process and over gRPC.
+
+Writes a synthetic lexicon (`--words`, default 20,000: Chinese words of 2-4 characters and
+English words and phrases in mask, review and block categories, plus a whitelist) and a
+corpus of customer-service messages (Chinese and English mixed, some traditional, emoji and
+full-width characters, 50-500 characters; about one in twenty carries a listed word, some
+with noise between its characters or in traditional characters). Then measures:
+
+- in process, on one core (what the servicer calls): `Matcher.check` over the corpus and over
+  200-character messages (checks/s, MB/s of UTF-8 text, p50/p99), and the parts alone:
+  normalisation, and the raw automaton over already-normalised text;
+- `StreamFilter` on 500-character answers fed in 4-character deltas (per-delta p50/p99);
+- over gRPC, against `python -m services.moderation` started as its own process on the same
+  lexicon (lexicon watcher on, as deployed): Check one call at a time (200-character messages
+  and the corpus), Check at `--concurrency` (checks/s, and the service's CPU time per check),
+  and CheckStream in lockstep as the edge drives it (per-delta p50/p99);
+- the lexicon build time and memory, and the service process's resident memory.
+
+The machine is shared: MB/s "per core" divides by this process's CPU time, not wall time,
+so other load on the machine inflates it less; latencies are wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ahocorasick_rs
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.devstack.stack import REPO_ROOT, free_port
+from services.moderation.lexicon import Action, load_lexicon
+from services.moderation.matcher import Matcher
+from services.moderation.normalize import normalize
+from services.moderation.stream_filter import StreamFilter
+
+log = logging.getLogger("bench.moderation")
+
+# Sentences a shop's visitors and assistant write; none holds a generated word (checked).
+SENTENCES = [
+    "您好，我的订单号是20240518001，快递三天了还没到，请帮我查一下物流状态，谢谢！",
+    "请问这款绿茶还有货吗？我想买两盒送人，能帮忙包装一下吗？",
+    "Can I return the green tea if the box is already opened?",
+    "已经拆封了还能退吗？质量没有问题，只是口味不太喜欢。",
+    "退款审核通过后1-3个工作日原路退回，信用卡可能需要更久。",
+    "Hi, my order #A1234 hasn't arrived yet. Could you check the tracking number for me?",
+    "请問這個商品還有貨嗎？寄到香港需要幾天？運費怎麼算？",
+    "我收到的杯子有一个裂了🙁，可以换一个新的吗？",
+    "The size chart says M fits 170cm, but the jacket is too small. How do I exchange it?",
+    "发票抬头写公司名称，税号是９１３１０１１５ＭＡ１ＦＬ２３４５Ｘ，麻烦开电子发票。",
+    "Thanks for the quick reply 😊 I'll wait for the courier tomorrow.",
+    "优惠券为什么用不了？页面显示满199减30，我买了215元的东西。",
+    "會員積分可以抵扣現金嗎？上次的積分好像沒有到帳。",
+    "Is there a discount if I buy ten boxes for our office? We need them before Friday.",
+    "你们的客服电话一直占线，能不能在这里帮我改一下收货地址？",
+    "新地址是上海市浦东新区张江路88号3栋1201室，收件人不变。",
+    "Do you ship to Singapore? What payment methods do you accept: PayPal, Visa, Alipay?",
+    "这个充电宝能带上飞机吗？容量是多少毫安？",
+    "The app keeps logging me out when I open my cart, on Android 14.",
+    "麻烦尽快处理，明天是我妈妈的生日，想当天送到。谢谢！！",
+    "您好！已为您查询：包裹目前在上海转运中心，预计明天送达。",
+    "Opened food items can be returned within 7 days if the quality is at fault.",
+    "如有其他问题请随时联系我们，祝您购物愉快～",
+    "非常抱歉给您带来不便，我们会为您补发一件新的商品，运费由我们承担。",
+    "Your refund of ¥89.00 has been issued and should reach your card in 3-5 business days.",
+]
+# Listed words planted in one message in twenty, written plainly or with evasions.
+PLANTED = [
+    ("fraud", "刷单返利", ["刷单返利", "刷*单*返*利", "刷單返利", "刷 单 返 利"]),
+    ("fraud", "网络赌博", ["网络赌博", "網絡賭博", "网🙂络赌博"]),
+    ("contact_leak", "加微信", ["加微信", "加\u200b微\u200b信", "加·微·信"]),
+    ("fraud", "fake invoice", ["fake invoice", "FAKE-INVOICE", "ｆａｋｅ ｉｎｖｏｉｃｅ"]),
+]
+HAN = ("的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后"
+       "小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民"
+       "样现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打"
+       "便位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才"
+       "场师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计或司利受光王果亲")
+CATEGORIES = (("abuse", Action.MASK), ("contact_leak", Action.REVIEW), ("fraud", Action.BLOCK),
+              ("spam", Action.MASK))
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    """Latencies of single operations and what they processed."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    cpu_latencies_s: list[float] = field(default_factory=list)
+    """Per-call CPU time of this thread (in process only): what other load on the machine does not inflate."""
+    chars: int = 0
+    utf8_bytes: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    calls: int = 0
+    """Calls behind chars, wall_s and cpu_s, when they were not timed one by one."""
+
+    def summary(self) -> dict[str, float]:
+        ordered = sorted(self.latencies_s)
+        count = self.calls or len(ordered)
+        return {
+            "count": count,
+            "per_s": round(count / self.wall_s, 1) if self.wall_s else 0.0,
+            "mb_per_cpu_s": round(self.utf8_bytes / self.cpu_s / 1e6, 1) if self.cpu_s else 0.0,
+            "p50_us": round(percentile(ordered, 50) * 1e6, 1),
+            "p99_us": round(percentile(ordered, 99) * 1e6, 1),
+            "cpu_p50_us": round(percentile(sorted(self.cpu_latencies_s), 50) * 1e6, 1),
+            "cpu_p99_us": round(percentile(sorted(self.cpu_latencies_s), 99) * 1e6, 1),
+            "mean_chars": round(self.chars / count, 1) if count else 0.0,
+        }
+
+
+def build_corpus(rng: random.Random, count: int, low: int, high: int, *, plant: bool = True) -> list[str]:
+    """Messages of `low`..`high` characters made of whole sentences, one in twenty with a listed word."""
+    messages = []
+    for n in range(count):
+        target = rng.randint(low, high)
+        parts: list[str] = []
+        while sum(map(len, parts)) < target:
+            parts.append(rng.choice(SENTENCES))
+        if plant and n % 20 == 7:
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice(rng.choice(PLANTED)[2]))
+        messages.append("".join(parts)[:target])
+    return messages
+
+
+def write_lexicon(folder: Path, rng: random.Random, words: int) -> None:
+    """`words` synthetic words in four categories, none found in the sample sentences."""
+    corpus = normalize("".join(SENTENCES)).text
+    chosen: set[str] = set()
+    while len(chosen) < words - len(PLANTED):
+        if rng.random() < 0.8:
+            word = "".join(rng.choice(HAN) for _ in range(rng.choice((2, 3, 3, 4, 4))))
+        else:
+            word = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9)))
+                            for _ in range(rng.choice((1, 1, 2))))
+        if normalize(word).text not in corpus:
+            chosen.add(word)
+    listed = sorted(chosen)
+    rng.shuffle(listed)
+    folder.mkdir(parents=True, exist_ok=True)
+    share = len(listed) // len(CATEGORIES)
+    for index, (name, action) in enumerate(CATEGORIES):
+        planted = [word for category, word, _ in PLANTED if category == name]
+        body = listed[index * share:(index + 1) * share] + planted
+        (folder / f"{name}.txt").write_text(f"# action: {action.name.lower()}\n" + "\n".join(body) + "\n",
+                                            encoding="utf-8")
+    whitelist = [w + rng.choice(HAN) for w in listed[:200] if not w.isascii()]
+    (folder / "whitelist.txt").write_text("\n".join(whitelist) + "\n", encoding="utf-8")
+
+
+def time_calls(function: Callable[[str], object], texts: Sequence[str], seconds: float,
+               rounds: int = 5) -> Timing:
+    """Call `function` on the texts in turn: half the time for throughput, half for latencies.
+
+    Throughput (calls/s, MB per CPU-second) is the best of `rounds` rounds of whole passes over
+    `texts` with no clock read per call (which would cost as much as the fastest calls here):
+    on a shared machine the best round is the one least disturbed by other load.
+    """
+    clock, cpu, thread_cpu = time.perf_counter, time.process_time, time.thread_time
+    chars, utf8_bytes = sum(map(len, texts)), sum(len(text.encode()) for text in texts)
+    best = Timing()
+    for _ in range(rounds):
+        start_wall, start_cpu = clock(), cpu()
+        deadline = start_wall + seconds / 2 / rounds
+        passes = 0
+        while passes == 0 or clock() < deadline:
+            for text in texts:
+                function(text)
+            passes += 1
+        wall_s, cpu_s = clock() - start_wall, cpu() - start_cpu
+        if best.calls == 0 or cpu_s / passes < best.cpu_s / (best.calls / len(texts)):
+            best = Timing(chars=chars * passes, utf8_bytes=utf8_bytes * passes, wall_s=wall_s, cpu_s=cpu_s,
+                          calls=passes * len(texts))
+    deadline = clock() + seconds / 2
+    while not best.latencies_s or clock() < deadline:
+        for text in texts:
+            began, began_cpu = clock(), thread_cpu()
+            function(text)
+            best.cpu_latencies_s.append(thread_cpu() - began_cpu)
+            best.latencies_s.append(clock() - began)
+    return best
+
+
+def time_stream(matcher: Matcher, answers: Sequence[str], delta_chars: int, seconds: float) -> Timing:
+    timing = Timing()
+    clock, thread_cpu = time.perf_counter, time.thread_time
+    start_wall, start_cpu = clock(), time.process_time()
+    deadline = start_wall + seconds
+    while clock() < deadline:
+        for answer in answers:
+            stream = StreamFilter(matcher)
+            deltas = [answer[i:i + delta_chars] for i in range(0, len(answer), delta_chars)] + [""]
+            for index, delta in enumerate(deltas):
+                began, began_cpu = clock(), thread_cpu()
+                step = stream.feed(delta, final=index == len(deltas) - 1)
+                timing.cpu_latencies_s.append(thread_cpu() - began_cpu)
+                timing.latencies_s.append(clock() - began)
+                if step.blocked:
+                    break
+            timing.chars += len(answer)
+            timing.utf8_bytes += len(answer.encode())
+    timing.wall_s, timing.cpu_s = clock() - start_wall, time.process_time() - start_cpu
+    return timing
+
+
+def measure_in_process(folder: Path, corpus: list[str], short: list[str], answers: list[str],
+                       seconds: float) -> dict[str, Any]:
+    rss_before = memory_kib(os.getpid())["VmRSS"]
+    began = time.perf_counter()
+    lexicon = load_lexicon(folder)
+    matcher = Matcher(lexicon)
+    build_s = time.perf_counter() - began
+    results: dict[str, Any] = {
+        "lexicon_words": lexicon.word_count, "whitelist_phrases": len(lexicon.whitelist),
+        "build_s": round(build_s, 3),
+        "matcher_rss_kib": memory_kib(os.getpid())["VmRSS"] - rss_before,
+    }
+    verdicts = [matcher.check(text).verdict for text in corpus]
+    results["corpus_flagged_share"] = round(sum(v is not Action.ALLOW for v in verdicts) / len(verdicts), 3)
+    normalized = [normalize(text).text for text in corpus]
+    # "Raw matching" (issue 4): the automaton alone, built as Matcher builds it, on normalised text.
+    automaton = ahocorasick_rs.AhoCorasick(sorted({normalize(w).text for c in lexicon.categories for w in c.words}))
+    results["normalize"] = time_calls(normalize, corpus, seconds).summary()
+    results["raw_automaton"] = time_calls(
+        lambda text: automaton.find_matches_as_indexes(text, overlapping=True), normalized, seconds).summary()
+    results["check_corpus"] = time_calls(matcher.check, corpus, seconds).summary()
+    results["check_200"] = time_calls(matcher.check, short, seconds).summary()
+    results["stream_delta_4"] = time_stream(matcher, answers, 4, seconds).summary()
+    return results
+
+
+def start_service(folder: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+    env.update({"KEFU_LEXICON_DIR": str(folder), "KEFU_MODERATION_PORT": str(port), "KEFU_BIND_HOST": "127.0.0.1",
+                "KEFU_MODERATION_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1"})
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "services.moderation"], cwd=REPO_ROOT, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"moderation service exited with {process.returncode}; see {log_path}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return process, port
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                process.kill()
+                raise TimeoutError("moderation service did not report SERVING")
+            time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def grpc_floor(channel: grpc.aio.Channel, seconds: float) -> Timing:
+    """grpc.health.v1 Check one at a time: the cost of a call that does no work, for comparison."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    timing = Timing()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        timing.latencies_s.append(time.perf_counter() - began)
+    timing.wall_s = time.perf_counter() - start
+    return timing
+
+
+async def grpc_sequential(stub: moderation_pb2_grpc.ModerationServiceStub, texts: Sequence[str],
+                          seconds: float) -> Timing:
+    timing = Timing()
+    start = time.perf_counter()
+    deadline = start + seconds
+    index = 0
+    while time.perf_counter() < deadline or index < len(texts):
+        text = texts[index % len(texts)]
+        began = time.perf_counter()
+        await stub.Check(moderation_pb2.CheckRequest(tenant="bench", text=text), timeout=10)
+        timing.latencies_s.append(time.perf_counter() - began)
+        timing.chars += len(text)
+        timing.utf8_bytes += len(text.encode())
+        index += 1
+    timing.wall_s = time.perf_counter() - start
+    return timing
+
+
+async def grpc_concurrent(stub: moderation_pb2_grpc.ModerationServiceStub, texts: Sequence[str],
+                          concurrency: int, seconds: float, pid: int) -> dict[str, Any]:
+    timing = Timing()
+    start = time.perf_counter()
+    deadline = start + seconds
+    cpu_before = cpu_seconds(pid)
+
+    async def worker(offset: int) -> None:
+        index = offset
+        while time.perf_counter() < deadline:
+            text = texts[index % len(texts)]
+            began = time.perf_counter()
+            await stub.Check(moderation_pb2.CheckRequest(tenant="bench", text=text), timeout=10)
+            timing.latencies_s.append(time.perf_counter() - began)
+            timing.chars += len(text)
+            timing.utf8_bytes += len(text.encode())
+            index += concurrency
+
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    timing.wall_s = time.perf_counter() - start
+    summary = timing.summary()
+    service_cpu = cpu_seconds(pid) - cpu_before
+    summary["service_cpu_us_per_check"] = round(service_cpu / summary["count"] * 1e6, 1)
+    summary["service_mb_per_cpu_s"] = round(timing.utf8_bytes / service_cpu / 1e6, 1) if service_cpu else 0.0
+    return summary
+
+
+async def grpc_stream(stub: moderation_pb2_grpc.ModerationServiceStub, answers: Sequence[str], delta_chars: int,
+                      seconds: float) -> Timing:
+    timing = Timing()
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for answer in answers:
+            deltas = [answer[i:i + delta_chars] for i in range(0, len(answer), delta_chars)] + [""]
+            call = stub.CheckStream(timeout=30)
+            try:
+                for index, delta in enumerate(deltas):
+                    began = time.perf_counter()
+                    final = index == len(deltas) - 1
+                    await call.write(moderation_pb2.CheckStreamRequest(tenant="bench", delta=delta, final=final))
+                    response = await call.read()
+                    timing.latencies_s.append(time.perf_counter() - began)
+                    if response is grpc.aio.EOF or response.verdict == moderation_pb2.VERDICT_BLOCK:
+                        break
+            finally:
+                call.cancel()  # leaving the loop does not end a gRPC stream (NOTES §5)
+            timing.chars += len(answer)
+            timing.utf8_bytes += len(answer.encode())
+    timing.wall_s = time.perf_counter() - start
+    return timing
+
+
+async def measure_grpc(port: int, pid: int, corpus: list[str], short: list[str], answers: list[str],
+                       args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        await grpc_sequential(stub, short[:50], 0)  # warm the channel and the service's tables
+        results["health_floor"] = (await grpc_floor(channel, args.seconds)).summary()
+        results["check_200"] = (await grpc_sequential(stub, short, args.seconds)).summary()
+        results["check_corpus"] = (await grpc_sequential(stub, corpus, args.seconds)).summary()
+        results["check_corpus_concurrent"] = await grpc_concurrent(stub, corpus, args.concurrency, args.seconds, pid)
+        results["stream_delta_4"] = (await grpc_stream(stub, answers, 4, args.seconds)).summary()
+    return results
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    folder = workdir / "lexicon"
+    log.info("writing a %d-word lexicon and %d messages", args.words, args.messages)
+    write_lexicon(folder, rng, args.words)
+    corpus = build_corpus(rng, args.messages, 50, 500)
+    short = build_corpus(rng, max(50, args.messages // 4), 200, 200)
+    answers = build_corpus(rng, 20, 500, 500, plant=False)  # no BLOCK word: every delta is checked
+    results: dict[str, Any] = {"words": args.words, "messages": len(corpus), "cpus": os.cpu_count(),
+                               "load_average_start": os.getloadavg()}
+    log.info("measuring in process")
+    results["in_process"] = measure_in_process(folder, corpus, short, answers, args.seconds)
+    if not args.no_grpc:
+        log.info("measuring over gRPC")
+        process, port = start_service(folder, workdir / "moderation.log")
+        try:
+            results["service_idle_kib"] = memory_kib(process.pid)
+            results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))
+            results["service_kib"] = memory_kib(process.pid)
+        finally:
+            stop_process(process)
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    local = results["in_process"]
+    lines = [
+        f"lexicon: {local['lexicon_words']:,} words, {local['whitelist_phrases']} whitelisted phrases; "
+        f"built in {local['build_s'] * 1000:.0f} ms, ~{local['matcher_rss_kib'] / 1024:.0f} MiB; "
+        f"{results['messages']} messages of 50-500 characters, {local['corpus_flagged_share']:.1%} flagged; "
+        f"{results['cpus']} CPUs, load average {results['load_average_start'][0]:.1f} -> "
+        f"{results['load_average_end'][0]:.1f}",
+        "per s = calls per second of wall time, one at a time unless 'concurrent' (in process: the best of "
+        "5 rounds); p50/p99 = wall-clock latency; cpu p50/p99 = the same call's CPU time (in process), which "
+        "other load does not inflate",
+        f"{'path':8} {'what':36} {'per s':>9} {'MB/cpu-s':>9} {'p50 us':>8} {'p99 us':>8} "
+        f"{'cpu p50':>8} {'cpu p99':>8} {'chars':>6}",
+    ]
+
+    def row(path: str, name: str, figures: dict[str, float]) -> None:
+        rate = f"{figures['mb_per_cpu_s']:9.1f}" if figures["mb_per_cpu_s"] else f"{'':9}"
+        cpu = (f"{figures['cpu_p50_us']:8.1f} {figures['cpu_p99_us']:8.1f}" if path == "process" else f"{'':17}")
+        lines.append(f"{path:8} {name:36} {figures['per_s']:9,.0f} {rate} {figures['p50_us']:8.1f} "
+                     f"{figures['p99_us']:8.1f} {cpu} {figures['mean_chars']:6.0f}")
+
+    for name, label in (("raw_automaton", "raw automaton (normalised text)"), ("normalize", "normalise"),
+                        ("check_corpus", "Check, 50-500 chars"), ("check_200", "Check, 200 chars"),
+                        ("stream_delta_4", "stream, per 4-char delta")):
+        row("process", label, local[name])
+    if "grpc" in results:
+        remote = results["grpc"]
+        for name, label in (("health_floor", "health Check (no work), 1 at a time"),
+                            ("check_corpus", "Check, 50-500 chars, 1 at a time"),
+                            ("check_200", "Check, 200 chars, 1 at a time"),
+                            ("check_corpus_concurrent", "Check, 50-500 chars, concurrent"),
+                            ("stream_delta_4", "stream, per 4-char delta")):
+            row("gRPC", label, remote[name])
+        concurrent, memory = remote["check_corpus_concurrent"], results["service_kib"]
+        lines.append(f"service CPU per concurrent Check: {concurrent['service_cpu_us_per_check']} us "
+                     f"({concurrent['service_mb_per_cpu_s']} MB per CPU-second); service RSS "
+                     f"{memory['VmRSS'] / 1024:.0f} MiB (peak {memory['VmHWM'] / 1024:.0f})")
+    raw = local["raw_automaton"]["mb_per_cpu_s"]
+    check, short = local["check_corpus"]["mb_per_cpu_s"], local["check_200"]
+    over_grpc = f", over gRPC {results['grpc']['check_200']['p99_us'] / 1000:.3f} ms" if "grpc" in results else ""
+    lines.append(f"targets (issue 4): raw matching >= 50 MB/s per core: {raw} ({'met' if raw >= 50 else 'NOT met'}), "
+                 f"whole Check {check} MB/s; Check p99 < 1 ms at 200 chars: in process "
+                 f"{short['p99_us'] / 1000:.3f} ms wall, {short['cpu_p99_us'] / 1000:.3f} ms CPU{over_grpc}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.moderation_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--words", type=int, default=20_000, help="lexicon size (default 20000)")
+    parser.add_argument("--messages", type=int, default=2000, help="messages in the corpus (default 2000)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement (default 3)")
+    parser.add_argument("--concurrency", type=int, default=16, help="Check calls in flight (default 16)")
+    parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC measurements")
+    parser.add_argument("--quick", action="store_true", help="500 messages, 1 s per measurement")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.messages, args.seconds = min(args.messages, 500), min(args.seconds, 1.0)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    workdir = Path(tempfile.mkdtemp(prefix="kefu-moderation-bench-"))
+    try:
+        results = run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
