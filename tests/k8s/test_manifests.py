@@ -357,7 +357,8 @@ def test_dev_runs_one_of_each_and_a_single_nats(rendered: dict[str, list[Obj]]) 
 
 
 def _nats_conf(rendered: dict[str, list[Obj]], variant: str) -> str:
-    configmaps = [o for o in rendered[variant] if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("nats-config")]
+    configmaps = [o for o in rendered[variant]
+                  if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("nats-config")]
     assert len(configmaps) == 1
     return str(configmaps[0]["data"]["nats.conf"])
 
