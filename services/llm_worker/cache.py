@@ -176,12 +176,12 @@ class AnswerCache:
         self.epochs = epochs
 
     @classmethod
-    async def with_nats(cls, local: LocalTier, nc: NatsClient, ttl_s: float) -> AnswerCache:
+    async def with_nats(cls, local: LocalTier, nc: NatsClient, ttl_s: float, replicas: int = 1) -> AnswerCache:
         js = nc.jetstream()
         shared = await ensure_key_value(js, KeyValueConfig(bucket=CACHE_BUCKET, history=1, ttl=ttl_s,
-                                                           storage=StorageType.FILE))
+                                                           storage=StorageType.FILE, replicas=replicas))
         epoch_kv = await ensure_key_value(js, KeyValueConfig(bucket=EPOCH_BUCKET, history=1,
-                                                             storage=StorageType.FILE))
+                                                             storage=StorageType.FILE, replicas=replicas))
         epochs = Epochs(epoch_kv)
         await epochs.start()
         return cls(local, shared, epochs)

@@ -137,7 +137,7 @@ async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[
     if not settings.cache_shared:
         return AnswerCache(local), None
     nc = await connect_nats(settings.nats_url, "kefu-llm-worker")
-    cache = await AnswerCache.with_nats(local, nc, settings.cache_ttl_s)
+    cache = await AnswerCache.with_nats(local, nc, settings.cache_ttl_s, settings.nats_replicas)
 
     async def on_invalidate(message: Msg) -> None:
         # {"tenant": "..."} or {"route": "..."} or {} for all; one replica (queue group) bumps the epoch.

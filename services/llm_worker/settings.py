@@ -28,6 +28,8 @@ class WorkerSettings:
     model: str = "gpt-4o-mini"
     upstream_timeout_s: float = 120.0
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_replicas: int = 1
+    """JetStream replicas of the shared cache buckets (3 on a 3-node NATS cluster)."""
     cache_enabled: bool = True
     cache_shared: bool = True
     """Also keep answers in JetStream KV, shared by every worker replica."""
@@ -62,6 +64,7 @@ class WorkerSettings:
             model=env_str(env, "KEFU_MODEL", cls.model),
             upstream_timeout_s=env_float(env, "KEFU_UPSTREAM_TIMEOUT_S", cls.upstream_timeout_s, minimum=1),
             nats_url=nats_url(env),
+            nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
             cache_enabled=env_bool(env, "KEFU_CACHE_ENABLED", cls.cache_enabled),
             cache_shared=env_bool(env, "KEFU_CACHE_SHARED", cls.cache_shared),
             cache_local_max_bytes=env_int(env, "KEFU_CACHE_LOCAL_MAX_BYTES", cls.cache_local_max_bytes, minimum=0),

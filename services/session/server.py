@@ -106,7 +106,8 @@ async def serve(settings: SessionSettings) -> None:
     try:
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
-            max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s)
+            max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
+            replicas=settings.nats_replicas)
         expiry_watch = asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc))
         server, health_servicer, port = await create_server(
             settings, SessionServicer(settings, store, counters, metrics), metrics)

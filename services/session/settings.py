@@ -19,6 +19,8 @@ class SessionSettings:
     """Port of the gRPC server; 0 picks a free one (tests)."""
     metrics_port: int = 9101
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_replicas: int = 1
+    """JetStream replicas of the session bucket and stream (3 on a 3-node NATS cluster)."""
     max_history_messages: int = 200
     """Messages kept per session; the oldest are dropped first."""
     max_message_chars: int = 32_000
@@ -51,6 +53,7 @@ class SessionSettings:
             grpc_port=env_int(env, "KEFU_SESSION_PORT", cls.grpc_port, minimum=0, maximum=65535),
             metrics_port=env_int(env, "KEFU_SESSION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             nats_url=nats_url(env),
+            nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages),
             max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
             session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),

@@ -96,14 +96,14 @@ class SessionStore:
 
     @classmethod
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
-                   max_message_chars: int, ttl_s: float) -> SessionStore:
+                   max_message_chars: int, ttl_s: float, replicas: int = 1) -> SessionStore:
         """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
         SessionSettings holds production to at least 60 s."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         js = nc.jetstream()
         config = KeyValueConfig(bucket=META_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                                limit_marker_ttl=EXPIRY_MARKER_TTL_S)
+                                limit_marker_ttl=EXPIRY_MARKER_TTL_S, replicas=replicas)
         markers = True
         try:
             meta = await ensure_key_value(js, config)
@@ -112,9 +112,10 @@ class SessionStore:
             markers = False
             config.limit_marker_ttl = None
             meta = await ensure_key_value(js, config)
-        await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None)
+        await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None, replicas)
         await ensure_stream(js, StreamConfig(
             name=MESSAGE_STREAM, subjects=[f"{MESSAGE_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
+            num_replicas=replicas,
             max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
             # The server refuses a duplicate window longer than the max age.
             duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
@@ -346,12 +347,15 @@ class SessionStore:
         return messages
 
 
-async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: float | None) -> None:
-    """An existing bucket keeps the config it was created with: bring TTL and markers up to date."""
+async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: float | None,
+                                 replicas: int) -> None:
+    """An existing bucket keeps the config it was created with: bring TTL, markers and replicas up to date."""
     js = nc.jetstream()
     config = (await js.stream_info(META_STREAM)).config
-    if config.max_age == ttl_s and (config.subject_delete_marker_ttl or None) == marker_ttl_s:
+    if (config.max_age == ttl_s and (config.subject_delete_marker_ttl or None) == marker_ttl_s
+            and (config.num_replicas or 1) == replicas):
         return
+    config.num_replicas = replicas
     log.info("updating %s: max age %s -> %s s", META_STREAM, config.max_age, ttl_s)
     config.max_age = ttl_s
     config.duplicate_window = min(config.duplicate_window or MAX_DUPLICATE_WINDOW_S, ttl_s)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.sse_reader import read_sse
 from services.devstack.stack import Stack
@@ -144,5 +145,12 @@ async def test_hot_reload_under_load_fails_no_stream(tmp_path: Path, mode: str) 
     assert {v.split("/")[1] for v in versions_seen} == {"model-a", "model-b"}
     assert 'kefu_plugin_reloads_total{result="refused"} 3.0' in metrics
     assert 'kefu_plugin_generation 18.0' in metrics  # v1 and 17 good versions
+    # The runbook's signal: generations per upstream model show the canary split, then all on B.
+    per_model = Counter[str]()
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "kefu_llm_requests_total" and sample.labels["outcome"] == "ok":
+                per_model[sample.labels["model"]] += int(sample.value)
+    assert per_model["model-a"] > per_model["model-b"] > 0
     print(f"\n{mode}: {sum(outcomes.values())} streams, version switch after write: "
           f"median {sorted(switch_latencies)[len(switch_latencies) // 2]:.3f} s, max {max(switch_latencies):.3f} s")
