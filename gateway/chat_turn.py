@@ -74,20 +74,21 @@ TurnEvent = TurnStarted | TurnDelta | TurnDone
 class StreamFailed(Exception):
     """The stream started and then failed; `code` goes into the SSE `error` event."""
 
-    def __init__(self, code: str, message: str, status: int = 502) -> None:
+    def __init__(self, code: str, message: str, status: int = 502, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
-        """The HTTP status it would have had before the stream started."""
+        """The HTTP status (and headers) it would have had before the stream started."""
+        self.headers = headers or {}
 
     def as_api_error(self) -> ApiError:
-        return ApiError(self.code, self.message, self.status)
+        return ApiError(self.code, self.message, self.status, headers=self.headers)
 
 
 def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
     api_error = api_error_from_grpc(error, backend)
-    return StreamFailed(api_error.code, api_error.message, api_error.status)
+    return StreamFailed(api_error.code, api_error.message, api_error.status, api_error.headers)
 
 
 class ChatTurn:

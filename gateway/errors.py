@@ -75,6 +75,7 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
     grpc.StatusCode.UNKNOWN: (502, "upstream_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (502, "upstream_error"),
 }
 
 
@@ -82,6 +83,11 @@ def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
     """`backend` names the service ("session", "moderation", "llm") so 503s say which one is down."""
     code = error.code()
     status, name = _GRPC_TO_HTTP.get(code, (500, "internal"))
+    headers: dict[str, str] = {}
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        headers["Retry-After"] = "1"
+        if backend == "llm":
+            name = "upstream_rate_limited"  # the model's provider refused: our client did nothing wrong
     if code is grpc.StatusCode.UNAVAILABLE:
         name = "upstream_unavailable" if backend == "llm" else f"{backend}_unavailable"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -92,8 +98,8 @@ def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
             # (gRPC's own retries against a dead backend end here too).
             status, name = 503, f"{backend}_unavailable"
     message = error.details() or name
-    if status >= 500 and code is not grpc.StatusCode.UNKNOWN:
+    if status >= 500 and code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION):
         message = f"{backend} service: {message}"
     if status == 500:
         message = "internal error"  # never leak a backend's internals
-    return ApiError(name, message, status)
+    return ApiError(name, message, status, headers=headers)

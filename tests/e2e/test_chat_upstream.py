@@ -123,3 +123,17 @@ async def test_upstream_killed_mid_stream_gives_error_event(upstream_stack: Stac
         await upstream.close()
     assert events[-1][0] == "error" and "done" not in [n for n, _ in events]
     assert events[-1][1]["code"] == "upstream_unavailable"
+
+
+async def test_upstream_refusals_map_to_clear_http_errors(upstream_stack: Stack, upstream_port: int) -> None:
+    expected = {429: (429, "upstream_rate_limited"), 401: (502, "upstream_error"), 400: (422, "invalid_request"),
+                503: (503, "upstream_unavailable")}
+    for upstream_status, (status, code) in expected.items():
+        async with FakeUpstream(FakeUpstreamConfig(fail_status=upstream_status), port=upstream_port):
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{upstream_stack.base_url}/v1/chat/completions", headers=auth(), json={
+                        "model": "default", "messages": [{"role": "user", "content": "hi"}]}) as response:
+                    body = await response.json()
+        assert (response.status, body["error"]["code"]) == (status, code), upstream_status
+        if status == 429:
+            assert response.headers["Retry-After"] == "1"
