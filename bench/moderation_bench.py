@@ -29,8 +29,6 @@ import logging
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,8 +40,9 @@ import ahocorasick_rs
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.loadgen import percentile
+from bench.processes import memory_kib, start_service, stop_process
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
-from services.devstack.stack import REPO_ROOT, free_port
 from services.moderation.lexicon import Action, load_lexicon
 from services.moderation.matcher import Matcher
 from services.moderation.normalize import normalize
@@ -95,21 +94,9 @@ CATEGORIES = (("abuse", Action.MASK), ("contact_leak", Action.REVIEW), ("fraud",
               ("spam", Action.MASK))
 
 
-def percentile(ordered: Sequence[float], p: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
+def _micros(values: Sequence[float], q: float) -> float:
+    """A percentile in microseconds; NaN when the figure was not timed call by call."""
+    return round(percentile(values, q) * 1e6, 1) if values else float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -140,10 +127,10 @@ class Timing:
             "count": count,
             "per_s": round(count / self.wall_s, 1) if self.wall_s else 0.0,
             "mb_per_cpu_s": round(self.utf8_bytes / self.cpu_s / 1e6, 1) if self.cpu_s else 0.0,
-            "p50_us": round(percentile(ordered, 50) * 1e6, 1),
-            "p99_us": round(percentile(ordered, 99) * 1e6, 1),
-            "cpu_p50_us": round(percentile(sorted(self.cpu_latencies_s), 50) * 1e6, 1),
-            "cpu_p99_us": round(percentile(sorted(self.cpu_latencies_s), 99) * 1e6, 1),
+            "p50_us": _micros(ordered, 50),
+            "p99_us": _micros(ordered, 99),
+            "cpu_p50_us": _micros(self.cpu_latencies_s, 50),
+            "cpu_p99_us": _micros(self.cpu_latencies_s, 99),
             "mean_chars": round(self.chars / count, 1) if count else 0.0,
         }
 
@@ -268,43 +255,6 @@ def measure_in_process(folder: Path, corpus: list[str], short: list[str], answer
     return results
 
 
-def start_service(folder: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
-    env.update({"KEFU_LEXICON_DIR": str(folder), "KEFU_MODERATION_PORT": str(port), "KEFU_BIND_HOST": "127.0.0.1",
-                "KEFU_MODERATION_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING",
-                "PYTHONUNBUFFERED": "1"})
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "services.moderation"], cwd=REPO_ROOT, env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moderation service exited with {process.returncode}; see {log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return process, port
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                process.kill()
-                raise TimeoutError("moderation service did not report SERVING")
-            time.sleep(0.05)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def grpc_floor(channel: grpc.aio.Channel, seconds: float) -> Timing:
     """grpc.health.v1 Check one at a time: the cost of a call that does no work, for comparison."""
     stub = health_pb2_grpc.HealthStub(channel)
@@ -417,7 +367,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["in_process"] = measure_in_process(folder, corpus, short, answers, args.seconds)
     if not args.no_grpc:
         log.info("measuring over gRPC")
-        process, port = start_service(folder, workdir / "moderation.log")
+        process, port = start_service("moderation", {"KEFU_LEXICON_DIR": str(folder)}, workdir / "moderation.log")
         try:
             results["service_idle_kib"] = memory_kib(process.pid)
             results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.processes import memory_kib
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.devstack.stack import REPO_ROOT, free_port
 
@@ -69,13 +70,6 @@ class ReloadFigures:
     rss_end_kib: int
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def write_version(folder: Path, version: int) -> None:
     temp = folder / ".versioned.py.tmp"
     temp.write_text(PLUGIN.format(version=f"v{version}", payload="x" * 1000))
@@ -107,7 +101,7 @@ async def run(reloads: int) -> ReloadFigures:
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 stub = llm_pb2_grpc.LlmServiceStub(channel)
                 assert await serving_version(stub) == "v1"
-                rss_start = rss_kib(worker.pid)
+                rss_start = memory_kib(worker.pid)["VmRSS"]
                 latencies = []
                 rss_after_10 = 0
                 for version in range(2, reloads + 2):
@@ -117,8 +111,8 @@ async def run(reloads: int) -> ReloadFigures:
                         await asyncio.sleep(0.005)
                     latencies.append(time.perf_counter() - written)
                     if version == 11:
-                        rss_after_10 = rss_kib(worker.pid)
-                rss_end = rss_kib(worker.pid)
+                        rss_after_10 = memory_kib(worker.pid)["VmRSS"]
+                rss_end = memory_kib(worker.pid)["VmRSS"]
         finally:
             worker.terminate()
             worker.wait(10)

@@ -23,11 +23,9 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,12 +35,12 @@ from typing import Any
 
 import grpc
 import nats
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client as NatsClient
 
+from bench.loadgen import percentile
+from bench.processes import memory_kib, start_service, stop_process
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.devstack.nats_server import NatsServer, start_nats_server
-from services.devstack.stack import REPO_ROOT, free_port
 from services.session.context import build_context
 from services.session.models import MetaDelta, Principal, SessionMeta, StoredMessage, new_id
 from services.session.store import META_SUBJECT_PREFIX, SessionStore, message_subject, meta_key
@@ -76,23 +74,6 @@ class Stats:
             "p50_ms": round(percentile(ordered, 50), 2),
             "p99_ms": round(percentile(ordered, 99), 2),
         }
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
 
 
 def dir_size_bytes(path: Path) -> int:
@@ -187,43 +168,6 @@ async def closed_loop(operation: Callable[[], Awaitable[object]], concurrency: i
     return stats
 
 
-def start_session_service(nats_url: str, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
-    env.update({"KEFU_NATS_URL": nats_url, "KEFU_SESSION_PORT": str(port), "KEFU_BIND_HOST": "127.0.0.1",
-                "KEFU_SESSION_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING",
-                "PYTHONUNBUFFERED": "1"})
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "services.session"], cwd=REPO_ROOT, env=env,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"session service exited with {process.returncode}; see {log_path}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return process, port
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                process.kill()
-                raise TimeoutError("session service did not report SERVING")
-            time.sleep(0.05)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def to_proto(principal: Principal) -> session_pb2.Principal:
     return session_pb2.Principal(tenant=principal.tenant, subject=principal.subject, role=principal.role)
 
@@ -307,7 +251,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         log.info("measuring through the store")
         results["store"] = await measure_store(store, counters, sessions, args)
         if not args.no_grpc:
-            service, port = start_session_service(server.url, workdir / "session.log")
+            service, port = start_service("session", {"KEFU_NATS_URL": server.url}, workdir / "session.log")
             results["session_process_idle_kib"] = memory_kib(service.pid)
             log.info("measuring through gRPC")
             results["grpc"] = await measure_grpc(port, sessions, args)
