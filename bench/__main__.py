@@ -159,7 +159,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> No
         process.stdout.close()
 
 
-def start_stack(data_dir: Path, upstream_url: str, secret: str) -> Stack:
+def start_stack(data_dir: Path, upstream_url: str, secret: str, extra_env: Mapping[str, str] | None = None) -> Stack:
     # A private copy of plugins/: the worker hot-reloads on any change there, and edits to the
     # checkout during a run would otherwise reload it mid-measurement.
     plugins = shutil.copytree(REPO_ROOT / "plugins", data_dir / "plugins",
@@ -173,6 +173,7 @@ def start_stack(data_dir: Path, upstream_url: str, secret: str) -> Stack:
         "KEFU_RATE_LIMIT_BURST": "100000",
         "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
         "KEFU_SHUTDOWN_GRACE_S": "2",
+        **(extra_env or {}),
     }
     stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
                               log_dir=data_dir / "logs"))

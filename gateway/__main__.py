@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 
 from aiohttp import web
@@ -17,7 +18,16 @@ from services.common.grpc_server import wait_for_stop_signal
 log = logging.getLogger("gateway")
 
 
+def raise_open_file_limit() -> None:
+    """One socket per stream: take the whole hard limit, so a busy edge does not hit EMFILE at 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open file limit raised from %d to %d", soft, hard)
+
+
 async def serve(settings: GatewaySettings) -> None:
+    raise_open_file_limit()
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
     # it the gRPC streams and the upstream request (NOTES §6).
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None,

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_server import (
-    add_health_and_reflection, bind, create_grpc_server, grpc_errors, stop_gracefully, wait_for_stop_signal,
+    add_health_and_reflection,
+    bind,
+    create_grpc_server,
+    grpc_errors,
+    stop_gracefully,
+    wait_for_stop_signal,
 )
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
@@ -23,11 +29,14 @@ from services.session.store import SessionStore
 from services.session.tokens import TokenCounters
 
 log = logging.getLogger(__name__)
+WATCH_READY_HEADER = "kefu-watch"
+"""Initial metadata of a Watch that passed its access check (the edge waits for it)."""
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
-                 | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest) -> Principal:
+                 | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
+                 | session_pb2.WatchRequest) -> Principal:
     p = request.principal
     return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
 
@@ -84,6 +93,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             with self._metrics.operation_seconds.labels("delete").time():
                 deleted = await self._store.delete(principal_of(request), request.session_id)
         return session_pb2.DeleteSessionResponse(deleted_messages=deleted)
+
+    async def Watch(self, request: session_pb2.WatchRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.WatchResponse]:
+        async with grpc_errors(context):
+            messages = await self._store.watch(principal_of(request), request.session_id, request.after_seq)
+        # Access is checked: this header tells the caller so before any message arrives.
+        await context.send_initial_metadata(((WATCH_READY_HEADER, "on"),))
+        try:
+            async with grpc_errors(context):
+                async for message in messages:
+                    yield session_pb2.WatchResponse(message=to_proto(message))
+        finally:
+            await messages.aclose()
 
 
 async def create_server(settings: SessionSettings, servicer: SessionServicer,

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -34,7 +35,14 @@ from nats.js.kv import KeyValue
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.models import (
-    MESSAGE_ID_PATTERN, ROLES, SESSION_ID_PATTERN, MetaDelta, Principal, SessionMeta, StoredMessage, new_id,
+    MESSAGE_ID_PATTERN,
+    ROLES,
+    SESSION_ID_PATTERN,
+    MetaDelta,
+    Principal,
+    SessionMeta,
+    StoredMessage,
+    new_id,
 )
 from services.session.tokens import TokenCounter
 
@@ -169,6 +177,37 @@ class SessionStore:
             return meta, await self._read_subject_batch(subject)
         return meta, await self._read_subject(subject)
 
+    async def watch(self, principal: Principal, session_id: str, after_seq: int) -> AsyncGenerator[StoredMessage, None]:
+        """The kept messages with `seq` > `after_seq`, in order, then each new one; runs until closed.
+
+        Checks access at once (NotFound before the first message). One ordered push
+        consumer, server-side and in memory, filtered on the session's subject: it starts
+        at `after_seq + 1` and replays and follows in one, so nothing falls between the
+        replay and the live part; the client library recreates it after a gap or a
+        reconnect, from the last sequence it delivered. Closing the iterator removes it.
+        """
+        await self._authorize(principal, session_id)
+        return self._follow(message_subject(principal.tenant, session_id), after_seq)
+
+    async def _follow(self, subject: str, after_seq: int) -> AsyncGenerator[StoredMessage, None]:
+        config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
+                  if after_seq else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        subscription = await self._js.subscribe(subject, stream=MESSAGE_STREAM, ordered_consumer=True,
+                                                config=config)
+        try:
+            async for raw in subscription.messages:
+                seq = raw.metadata.sequence.stream
+                if seq > after_seq:
+                    after_seq = seq
+                    yield StoredMessage.from_json(raw.data, seq)
+        finally:
+            await subscription.unsubscribe()
+            # Unsubscribing leaves the ephemeral consumer for the server's inactivity timer
+            # (5 s); delete it now. nats-py keeps its current name (it changes on a reset)
+            # only in a private attribute.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.delete_consumer(MESSAGE_STREAM, subscription._consumer)
+
     async def delete(self, principal: Principal, session_id: str) -> int:
         meta = await self._authorize(principal, session_id)
         if meta.owner != principal.subject:
@@ -212,7 +251,7 @@ class SessionStore:
                     await subscription.unsubscribe()
             except (NatsError, TimeoutError) as error:
                 # A restarted nats-server: subscribe again once the client reconnects.
-                log.warning("expiry watch: %s; retrying", error or type(error).__name__)
+                log.warning("expiry watch: %s; retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(1.0)
             except Exception:
                 # A metric is not worth the service: log, pause, go on.
