@@ -4,6 +4,7 @@
 # sys.modules, and dataclasses then fail to resolve string annotations (cpython gh-89681).
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import opencc
 import tiktoken
 
 from services.llm_worker.plugin_api import (
@@ -54,9 +56,15 @@ _EN_STOP = frozenset(
 _PERSONAL = re.compile(r"\d{5,}|[^\s@]+@[^\s@]+")
 
 
+@functools.lru_cache(maxsize=1)
+def _t2s() -> opencc.OpenCC:
+    # Built on first use, not at import: plugins do no work at import time.
+    return opencc.OpenCC("t2s")
+
+
 def normalize(text: str) -> str:
-    """NFKC, case folded, every character that is not a letter or digit turned into a space."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
+    """NFKC, traditional folded to simplified, case folded, every non letter or digit a space."""
+    folded = _t2s().convert(unicodedata.normalize("NFKC", text)).casefold()
     kept = "".join(ch if unicodedata.category(ch)[0] in "LN" else " " for ch in folded)
     return " ".join(kept.split())
 

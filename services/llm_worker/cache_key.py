@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,13 @@ import opencc
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams
 
 _T2S = opencc.OpenCC("t2s")
+# What makes a message personal whatever the knowledge base says: five or more digits in a row
+# (order, phone, tracking numbers; NFKC turns full-width digits into these) or an e-mail address.
+_PERSONAL = re.compile(r"\d{5,}|[^\s@]+@[^\s@]+\.[^\s@]+")
+
+
+def looks_personal(text: str) -> bool:
+    return _PERSONAL.search(unicodedata.normalize("NFKC", text)) is not None
 
 
 def normalize_question(text: str) -> str:
@@ -31,14 +39,15 @@ def cacheable_question(messages: Sequence[ChatMessage],
     The rule (DESIGN.md): a turn is cacheable only if it is the first user message of its
     conversation, or it is standalone and so is every earlier user message (general FAQ
     questions, judged by the knowledge base), with nothing but the AI's answers between
-    them. A human agent's message, or any user message that is not a general question
+    them; and no user message may look personal (an order or phone number, an e-mail), not
+    even a first one. A human agent's message, or any user message that is not a general question
     (an order number, an address), may make the context user-specific: such a turn is never
     served from nor stored into the cache.
     """
     if any(m.role not in ("user", "system", "assistant") for m in messages):
         return None
     users = [m.content for m in messages if m.role == "user"]
-    if not users or messages[-1].role != "user":
+    if not users or messages[-1].role != "user" or any(looks_personal(text) for text in users):
         return None
     if len(users) > 1 and (standalone is None or not all(standalone(text) for text in users)):
         return None

@@ -53,6 +53,8 @@ class Pregenerator:
     clock: Callable[[], float] = time.monotonic
     _budgets: dict[str, _TenantBudget] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _in_flight: set[str] = field(default_factory=set)
+    """Keys being pre-generated: two visitors' overlapping suggestions run once."""
 
     def schedule(self, jobs: list[PregenJob]) -> None:
         for job in jobs:
@@ -64,8 +66,15 @@ class Pregenerator:
         key = CacheKey.of(job.tenant, job.route, job.version, [*job.system, ChatMessage("user", job.question)],
                           normalize_question(job.question), job.params,
                           self.cache.epoch_token(job.tenant, job.route))
-        if self.cache.contains_locally(key):
+        if self.cache.contains_locally(key) or key.kv_key in self._in_flight:
             return
+        self._in_flight.add(key.kv_key)
+        try:
+            await self._run_once(job, key)
+        finally:
+            self._in_flight.discard(key.kv_key)
+
+    async def _run_once(self, job: PregenJob, key: CacheKey) -> None:
         budget = self._budgets.setdefault(job.tenant, _TenantBudget(asyncio.Semaphore(self.concurrency)))
         deadline = self.clock() + self.max_wait_s
         while self.live_streams() >= self.max_live_streams:  # live requests first

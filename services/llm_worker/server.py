@@ -26,6 +26,7 @@ from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.answering import Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
+from services.llm_worker.coalesce import coalesced
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import PluginHost, PluginLoadError
@@ -82,7 +83,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                                     temperature=request.temperature if request.HasField("temperature") else None),
             tenant=request.tenant, sticky_key=request.session_id or request_id_var.get())
         try:
-            async for event in self._answerer.answer(answer):
+            async for event in coalesced(self._answerer.answer(answer)):
                 if isinstance(event, str):
                     yield llm_pb2.GenerateResponse(delta=event)
                 else:
@@ -165,7 +166,8 @@ async def serve(settings: WorkerSettings) -> None:
     if cache is not None and settings.pregen_enabled:
         pregen = Pregenerator(cache, metrics, live_streams=lambda: int(metrics.active_streams._value.get()),
                               concurrency=settings.pregen_concurrency,
-                              tokens_per_minute=settings.pregen_tokens_per_minute)
+                              tokens_per_minute=settings.pregen_tokens_per_minute,
+                              max_live_streams=settings.pregen_max_live_streams)
     answerer = Answerer(host, metrics, cache, pregen)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()

@@ -40,6 +40,8 @@ class WorkerSettings:
     """Pre-generations running at once per tenant."""
     pregen_tokens_per_minute: int = 20_000
     """Tokens pre-generation may spend per tenant and minute."""
+    pregen_max_live_streams: int = 8
+    """Pre-generation waits while this many live answers stream on the worker."""
     grace_s: float = 30.0
     log_level: str = "INFO"
 
@@ -73,6 +75,8 @@ class WorkerSettings:
             pregen_concurrency=env_int(env, "KEFU_PREGEN_CONCURRENCY", cls.pregen_concurrency, minimum=1),
             pregen_tokens_per_minute=env_int(env, "KEFU_PREGEN_TOKENS_PER_MINUTE", cls.pregen_tokens_per_minute,
                                              minimum=0),
+            pregen_max_live_streams=env_int(env, "KEFU_PREGEN_MAX_LIVE_STREAMS", cls.pregen_max_live_streams,
+                                            minimum=1),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )

@@ -49,7 +49,8 @@ async def test_upstream_mask_word_split_across_chunks_is_masked(upstream_stack: 
 
 async def test_upstream_block_word_ends_stream_with_error_and_nothing_of_it(upstream_stack: Stack,
                                                                               upstream_port: int) -> None:
-    config = FakeUpstreamConfig(reply="欢迎加入我们的刷单返利群，日赚千元", chunk_count=16)
+    # Chunks apart in time, so the harmless start is released before the blocked word arrives.
+    config = FakeUpstreamConfig(reply="欢迎加入我们的刷单返利群，日赚千元", chunk_count=16, chunk_interval_s=0.03)
     async with FakeUpstream(config, port=upstream_port):
         events = await collect(upstream_stack, "hello")
     assert events[-1] == ("error", {"code": "content_blocked",

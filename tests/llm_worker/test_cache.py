@@ -40,6 +40,9 @@ def test_cache_rule_only_the_first_question_of_a_conversation() -> None:
                                ChatMessage("user", "my order 123 is late")]) is None
     assert cacheable_question([ChatMessage("user", "a"), ChatMessage("user", "b")]) is None
     assert cacheable_question([ChatMessage("user", "??")]) is None
+    # Personal data makes even a first question uncacheable (full-width digits included).
+    assert cacheable_question([ChatMessage("user", "我的订单２０２５０００１１１１到哪了？")]) is None
+    assert cacheable_question([ChatMessage("user", "please mail me at li@example.com")]) is None
 
 
 def test_cache_rule_later_questions_only_when_all_are_standalone() -> None:

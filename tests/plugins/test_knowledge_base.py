@@ -343,3 +343,7 @@ async def test_knowledge_base_knows_standalone_questions_and_suggests_next(provi
 
 def detect_cjk(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+async def test_knowledge_base_traditional_chinese_matches_like_simplified(provider: Provider) -> None:
+    assert await reply(provider, "怎麼退貨？") == await reply(provider, "怎么退货？")
