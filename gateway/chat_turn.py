@@ -44,6 +44,8 @@ class TurnRequest:
     """Keeps a canary split stable for a client without a session (OpenAI `user`)."""
     start_on_first_delta: bool = False
     """Hold TurnStarted until the answer has begun, so a failing model is a plain HTTP error."""
+    message_id: str = ""
+    """Id to store the visitor's message under (32 hex); the same id again is stored once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,8 @@ class ChatTurn:
             return "", [*request.history, ContextMessage("user", text)]
         try:
             appended = await self._clients.session.Append(session_pb2.AppendRequest(
-                principal=self._principal, session_id=request.session_id, role="user", content=text),
+                principal=self._principal, session_id=request.session_id, role="user", content=text,
+                message_id=request.message_id),
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
             if request.history is not None:
                 return appended.session_id, [*request.history, ContextMessage("user", text)]

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.auth import JwtVerifier, Principal
 from gateway.clients import BackendClients
+from gateway.live.hub import LiveHub
 from gateway.metrics import EdgeMetrics
 from gateway.ratelimit import EdgeRateLimits
 from gateway.settings import GatewaySettings
@@ -22,6 +23,8 @@ ROUTE_ROLES = web.AppKey("route_roles", dict[str, frozenset[str]])
 """Roles each protected route accepts, by its canonical path (filled by setup_routes)."""
 STATE = web.AppKey("state", EdgeState)
 OPEN_STREAMS = web.AppKey("open_streams", weakref.WeakSet[web.StreamResponse])
+LIVE_HUB = web.AppKey("live_hub", LiveHub)
+"""Open WebSockets of this process and the conversation feeds they share (set by handlers.ws.live_hub)."""
 
 # Per request (set by the middlewares).
 REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)

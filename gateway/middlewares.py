@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+WS_PATH = "/v1/ws"
+"""Authenticates in its handler: a browser cannot set headers on a WebSocket and sends its token in a frame."""
 
 
 def error_response(error: ApiError, request_id: str, path: str = "") -> web.Response:
@@ -68,7 +70,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /v1/* route needs a verified JWT with a role the route accepts, then room in its buckets."""
-    if not request.path.startswith("/v1/"):
+    if not request.path.startswith("/v1/") or request.path == WS_PATH:
         return await handler(request)
     if request.app[keys.STATE].draining:
         raise ApiError("draining", "this edge is shutting down; retry on another", 503,

@@ -52,6 +52,10 @@ class GatewaySettings:
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long streams in flight may run before the edge closes them."""
     log_level: str = "INFO"
+    ws_heartbeat_s: float = 30.0
+    """KEFU_WS_HEARTBEAT_S: the edge pings each WebSocket this often; a peer that misses the pong is closed."""
+    ws_send_queue: int = 256
+    """KEFU_WS_SEND_QUEUE: frames queued for one socket; a client that lets it fill is closed (1013)."""
 
     def __post_init__(self) -> None:
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
@@ -100,6 +104,8 @@ class GatewaySettings:
             stream_timeout_s=env_float(env, "KEFU_STREAM_TIMEOUT_S", cls.stream_timeout_s, minimum=1),
             shutdown_grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+            ws_heartbeat_s=env_float(env, "KEFU_WS_HEARTBEAT_S", cls.ws_heartbeat_s, minimum=1),
+            ws_send_queue=env_int(env, "KEFU_WS_SEND_QUEUE", cls.ws_send_queue, minimum=8, maximum=65536),
         )
 
 

@@ -12,7 +12,14 @@ import tiktoken.load
 import tiktoken_ext.openai_public
 
 from services.session.tokens import (
-    CL100K, O200K, TokenCounter, TokenCounters, _data_file, _SPECS, encoding_for_model, load_encoding,
+    _SPECS,
+    CL100K,
+    O200K,
+    TokenCounter,
+    TokenCounters,
+    _data_file,
+    encoding_for_model,
+    load_encoding,
 )
 
 

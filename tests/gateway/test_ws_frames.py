@@ -1,0 +1,159 @@
+"""Live-chat frames (pure), the per-socket writer, and the socket lifecycle of an edge without backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType
+from pytest_aiohttp import AiohttpClient
+
+from gateway import keys
+from gateway.app import create_app
+from gateway.live.connection import Connection
+from gateway.live.frames import (
+    FrameError,
+    Hello,
+    Ping,
+    ResumePoint,
+    Send,
+    Unsupported,
+    message_id_for,
+    msg_frame,
+    nack_frame,
+    parse_frame,
+)
+from gateway.mint_token import mint
+from gateway.settings import GatewaySettings
+from kefu.session.v1 import session_pb2
+
+SECRET = "ws-frames-test-secret-0123456789abcdef"
+
+
+def parse(frame: Any, max_text_chars: int = 100) -> Any:
+    return parse_frame(frame if isinstance(frame, str) else json.dumps(frame), max_text_chars=max_text_chars)
+
+
+def test_parse_frame_reads_hello_send_and_ping() -> None:
+    assert parse({"type": "hello"}) == Hello(None, ())
+    assert parse({"type": "hello", "token": "t", "resume": [{"conversation_id": "c", "after_seq": 7}]}) == \
+        Hello("t", (ResumePoint("c", 7),))
+    assert parse({"type": "send", "cid": "a" * 64, "text": "你好"}) == Send("a" * 64, None, "你好")
+    assert parse({"type": "send", "cid": "1", "conversation_id": "c", "text": "x" * 100}) == Send("1", "c", "x" * 100)
+    assert parse({"type": "ping"}) == Ping()
+    assert parse({"type": "claim", "conversation_id": "c", "cid": "k"}) == Unsupported("claim", "k")
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    ("{nope", "invalid_json"),
+    ("[1, 2]", "invalid_frame"),
+    ({"no": "type"}, "invalid_frame"),
+    ({"type": 3}, "invalid_frame"),
+    ({"type": "dance"}, "unknown_type"),
+    ({"type": "send", "text": "hi"}, "invalid_frame"),
+    ({"type": "send", "cid": "", "text": "hi"}, "invalid_frame"),
+    ({"type": "send", "cid": "a" * 65, "text": "hi"}, "invalid_frame"),
+    ({"type": "send", "cid": "1"}, "invalid_frame"),
+    ({"type": "send", "cid": "1", "text": "   "}, "invalid_frame"),
+    ({"type": "send", "cid": "1", "text": "x" * 101}, "invalid_frame"),
+    ({"type": "send", "cid": "1", "text": "hi", "conversation_id": 5}, "invalid_frame"),
+    ({"type": "hello", "token": ""}, "invalid_frame"),
+    ({"type": "hello", "resume": {"conversation_id": "c"}}, "invalid_frame"),
+    ({"type": "hello", "resume": [{"after_seq": 1}]}, "invalid_frame"),
+    ({"type": "hello", "resume": [{"conversation_id": "c", "after_seq": -1}]}, "invalid_frame"),
+    ({"type": "hello", "resume": [{"conversation_id": "c", "after_seq": True}]}, "invalid_frame"),
+    ({"type": "hello", "resume": [{"conversation_id": "c"}, {"conversation_id": "c"}]}, "invalid_frame"),
+    ({"type": "hello", "resume": [{"conversation_id": str(i)} for i in range(33)]}, "invalid_frame"),
+    ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+])
+def test_parse_frame_names_what_is_wrong(frame: Any, code: str) -> None:
+    with pytest.raises(FrameError) as error:
+        parse(frame)
+    assert error.value.code == code and error.value.message
+
+
+def test_message_id_for_is_stable_per_visitor_and_cid() -> None:
+    first = message_id_for("shop1", "alice", "c-1")
+    assert first == message_id_for("shop1", "alice", "c-1") and len(first) == 32 and int(first, 16) >= 0
+    assert len({first, message_id_for("shop1", "bob", "c-1"), message_id_for("shop2", "alice", "c-1"),
+                message_id_for("shop1", "alice", "c-2")}) == 4
+
+
+def test_msg_frame_names_the_sender() -> None:
+    def frame(role: str) -> dict[str, Any]:
+        message = session_pb2.Message(id="m" * 32, role=role, content="hi", created_at=1.5, seq=9)
+        return msg_frame("conv", message, "alice")
+
+    assert frame("user") == {"type": "msg", "conversation_id": "conv", "seq": 9, "ts": 1.5, "message_id": "m" * 32,
+                             "sender": {"type": "visitor", "id": "alice"}, "text": "hi"}
+    assert frame("assistant")["sender"] == {"type": "ai", "id": "ai"}
+    assert frame("agent")["sender"]["type"] == "agent"
+
+
+def test_nack_frame_carries_the_refused_request() -> None:
+    assert nack_frame("send", "content_blocked", "no", cid="c", conversation_id="x") == {
+        "type": "nack", "request_type": "send", "cid": "c", "conversation_id": "x",
+        "code": "content_blocked", "message": "no"}
+    assert nack_frame("typing", "not_supported", "later") == {
+        "type": "nack", "request_type": "typing", "code": "not_supported", "message": "later"}
+
+
+class StuckSocket:
+    """A WebSocket whose peer stopped reading: every send waits forever."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed_with: int | None = None
+        self._never = asyncio.Event()
+
+    async def send_str(self, data: str) -> None:
+        self.sent.append(data)
+        await self._never.wait()
+
+    async def close(self, *, code: int, message: bytes = b"", drain: bool = True) -> bool:
+        self.closed_with = code
+        return True
+
+
+async def test_connection_closes_a_socket_that_stops_reading_with_1013() -> None:
+    ws = StuckSocket()
+    socket = Connection(ws, queue_size=8, transport=None)  # type: ignore[arg-type]
+    for n in range(8 + 1):  # one in the writer's hands, eight queued
+        socket.send({"type": "pong", "n": n})
+        await asyncio.sleep(0)
+    assert socket.close_code is None
+    socket.send({"type": "pong", "n": 9})
+    assert socket.close_code == 1013
+    await socket.finish(1.0)
+    assert ws.closed_with == 1013 and len(ws.sent) == 1
+    socket.send({"type": "pong"})  # ignored once closing
+    assert len(ws.sent) == 1
+
+
+def edge_settings() -> GatewaySettings:
+    # Backends point nowhere: a hello without resume needs none of them.
+    return GatewaySettings(jwt_secret=SECRET, session_addr="127.0.0.1:9", moderation_addr="127.0.0.1:9",
+                           worker_addr="127.0.0.1:9", ws_heartbeat_s=5)
+
+
+async def test_draining_edge_closes_sockets_1012_and_refuses_new_ones(aiohttp_client: AiohttpClient) -> None:
+    app = create_app(edge_settings())
+    client = await aiohttp_client(app)
+    header = {"Authorization": f"Bearer {mint(SECRET, tenant='shop1', subject='v', role='visitor', ttl_s=60)}"}
+    ws = await client.ws_connect("/v1/ws", headers=header)
+    await ws.send_json({"type": "hello"})
+    assert (await ws.receive_json(timeout=5))["type"] == "welcome"
+    app[keys.STATE].draining = True
+    message = await ws.receive(timeout=5)
+    assert message.type is WSMsgType.CLOSE and ws.close_code == 1012
+    response = await client.get("/v1/ws", headers=header)
+    assert response.status == 503
+
+
+async def test_plain_http_get_of_the_socket_route_is_426(aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(create_app(edge_settings()))
+    response = await client.get("/v1/ws")
+    assert response.status == 426 and (await response.json())["error"]["code"] == "websocket_required"
+    assert response.headers["X-Request-Id"]
