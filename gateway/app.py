@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.auth import JwtVerifier
 from gateway.clients import BackendClients
+from gateway.handlers import ws
 from gateway.metrics import EdgeMetrics
 from gateway.middlewares import add_cors_headers, auth_middleware, cors_middleware, request_context_middleware
 from gateway.ratelimit import EdgeRateLimits
@@ -46,6 +47,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.STATE] = EdgeState()
     app[keys.OPEN_STREAMS] = weakref.WeakSet()
     app.cleanup_ctx.append(backend_clients)
+    app.cleanup_ctx.append(ws.live_hub)  # shared conversation feeds; needs the clients above
+    app.on_shutdown.append(ws.close_sockets)  # 1012: reconnect elsewhere
     app.on_shutdown.append(close_open_streams)
     app.on_response_prepare.append(add_cors_headers)
     setup_routes(app)

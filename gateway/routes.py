@@ -16,11 +16,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/openapi.json", openapi.openapi_document)
-    # Live chat authenticates in its handler (a browser sends its token in the first frame);
-    # its hub (shared conversation feeds) lives and dies with the app.
+    # Live chat authenticates in its handler (a browser sends its token in the first frame).
     app.router.add_get("/v1/ws", ws.websocket)
-    app.cleanup_ctx.append(ws.live_hub)
-    app.on_shutdown.append(ws.close_sockets)
     protected = (
         ("POST", "/v1/chat", chat.chat, EVERYONE),
         ("POST", "/v1/chat/completions", openai_compat.chat_completions, EVERYONE),
