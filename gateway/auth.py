@@ -125,7 +125,7 @@ class JwtVerifier:
             raise Unauthorized("token expired") from None
         except jwt.MissingRequiredClaimError as error:
             raise Unauthorized(f"token lacks the {error.claim!r} claim") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, UnicodeError):  # bytes that are no text at all: not a token either
             raise Unauthorized("invalid token") from None
         subject, tenant, role = claims["sub"], claims["tenant"], claims["role"]
         if not isinstance(subject, str) or not 0 < len(subject) <= 256:

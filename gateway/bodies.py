@@ -28,6 +28,14 @@ async def read_json_body(request: web.Request, model: type[Model]) -> Model:
         raise InvalidJson("not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise InvalidJson(f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    except (ValueError, RecursionError):
+        # Integers of thousands of digits, arrays nested thousands deep: not JSON we accept.
+        raise InvalidJson("numbers too long or nesting too deep") from None
+    try:
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 (or protobuf string) can hold.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("strings must be valid Unicode text (no lone surrogates)") from None
     try:
         return model.model_validate(data, strict=True)
     except pydantic.ValidationError as error:

@@ -54,7 +54,9 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         if error.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
-        response = error_response(ApiError(code, error.reason, error.status), request_id, request.path)
+        allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+        response = error_response(ApiError(code, error.reason, error.status, headers=allow), request_id,
+                                  request.path)
     except grpc.aio.AioRpcError as error:
         response = error_response(api_error_from_grpc(error, "backend"), request_id, request.path)
     except Exception:

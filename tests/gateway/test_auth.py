@@ -58,6 +58,7 @@ def test_auth_hs256_rejects_what_it_must(tmp_path: Path) -> None:
     rejects(v, jwt.encode(claims(role="root"), SECRET, algorithm="HS256"), "role")
     rejects(v, jwt.encode(claims(tenant="a b"), SECRET, algorithm="HS256"), "tenant")
     rejects(v, "a.b.c", "invalid token")
+    rejects(v, "\udcff\udcfe", "invalid token")  # what aiohttp makes of non-UTF-8 header bytes
 
 
 def test_auth_leeway_accepts_small_clock_skew_only(tmp_path: Path) -> None:

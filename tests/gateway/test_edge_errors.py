@@ -86,11 +86,30 @@ async def test_edge_body_over_limit_without_length_is_413(client: TestClient) ->
     await assert_error(response, 413, "body_too_large")
 
 
-@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe{}", b'{"message": "unterminated'])
+@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe{}", b'{"message": "unterminated', b"[" * 3000])
 async def test_edge_body_not_json_is_400(client: TestClient, body: bytes) -> None:
     response = await client.post("/v1/chat", data=body,
                                  headers={**bearer(good_token()), "Content-Type": "application/json"})
     await assert_error(response, 400, "invalid_json")
+
+
+async def test_edge_integer_of_thousands_of_digits_is_400(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(settings(max_body_bytes=65536)))
+    response = await client.post("/v1/chat", data=b'{"message": "hi", "n": ' + b"9" * 5000 + b"}",
+                                 headers={**bearer(good_token()), "Content-Type": "application/json"})
+    await assert_error(response, 400, "invalid_json")
+
+
+async def test_edge_lone_surrogate_is_422_not_500(client: TestClient) -> None:
+    response = await client.post("/v1/chat", data=b'{"message": "\\udc00 hi"}',
+                                 headers={**bearer(good_token()), "Content-Type": "application/json"})
+    await assert_error(response, 422, "invalid_request")
+
+
+async def test_edge_wrong_method_is_405_with_allow(client: TestClient) -> None:
+    response = await client.patch("/healthz")
+    await assert_error(response, 405, "method_not_allowed")
+    assert "GET" in response.headers["Allow"].split(",")
 
 
 @pytest.mark.parametrize("body", [{}, {"message": 42}, {"message": "hi", "stream": "yes"},
