@@ -15,7 +15,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadResult, LoadSpec, Target, format_summary, run_load
+from bench.processes import bench_work_dir
 from gateway.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
 from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
@@ -486,20 +486,10 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path) -> tuple[str, Pa
 def main(argv: Sequence[str] | None = None) -> None:
     params, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    work_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
-    keep = args.keep_logs
     t0 = time.monotonic()
-    try:
-        markdown, json_path, had_errors = run(params, work_dir, args.results_dir)
-        keep = keep or had_errors
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            log.info("data and logs kept in %s", work_dir)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with bench_work_dir("kefu-bench-", args.keep_logs) as work:
+        markdown, json_path, had_errors = run(params, work.path, args.results_dir)
+        work.keep = work.keep or had_errors
     print(markdown, end="")
     log.info("wrote %s and %s in %.0f s", json_path, json_path.with_name("latest.md"), time.monotonic() - t0)
 

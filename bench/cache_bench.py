@@ -23,9 +23,7 @@ import platform
 import random
 import re
 import secrets
-import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -47,14 +45,16 @@ from bench.__main__ import (
     _write,
     cpu_snapshot,
     fetch_json,
+    start_stack,
     start_upstream,
     stop_process,
 )
 from bench.loadgen import LoadSpec, Target, _error_code, percentiles, run_load
+from bench.processes import bench_work_dir
 from bench.sse_reader import read_sse
 from gateway.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from services.devstack.stack import REPO_ROOT, Stack
 from services.llm_worker.cache_key import cacheable_question, normalize_question
 from services.llm_worker.plugin_api import ChatMessage, PluginContext
 
@@ -474,26 +474,12 @@ MODES = {
 
 def start_mode_stack(work_dir: Path, upstream_url: str, secret: str, mode: Mode,
                      worker_env: Mapping[str, str]) -> Stack:
-    """A fresh stack like bench/__main__'s start_stack (private plugins copy, limits out of the way),
-    with the mode's cache switches."""
-    plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "plugins",
-                              ignore=shutil.ignore_patterns("__pycache__"))
-    env = {
-        "KEFU_PLUGINS_DIR": str(plugins),
-        "KEFU_OPENAI_BASE_URL": upstream_url,
-        "KEFU_MODEL": MODEL,
-        "KEFU_RATE_LIMIT_RPS": "100000",
-        "KEFU_RATE_LIMIT_BURST": "100000",
-        "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
-        "KEFU_SHUTDOWN_GRACE_S": "2",
+    """bench/__main__'s stack with the mode's cache switches."""
+    return start_stack(work_dir, upstream_url, secret, {
         "KEFU_CACHE_ENABLED": "1" if mode.cache else "0",
         "KEFU_PREGEN_ENABLED": "1" if mode.pregen else "0",
         **worker_env,
-    }
-    stack = Stack(StackConfig(data_dir=work_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
-                              log_dir=work_dir / "logs"))
-    stack.start()
-    return stack
+    })
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -875,20 +861,10 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
 def main(argv: Sequence[str] | None = None) -> None:
     params, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    work_dir = Path(tempfile.mkdtemp(prefix="kefu-cache-bench-"))
-    keep = args.keep_logs
     t0 = time.monotonic()
-    try:
-        markdown, json_path, had_errors = run(params, work_dir, args.results_dir)
-        keep = keep or had_errors
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            log.info("data and logs kept in %s", work_dir)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with bench_work_dir("kefu-cache-bench-", args.keep_logs) as work:
+        markdown, json_path, had_errors = run(params, work.path, args.results_dir)
+        work.keep = work.keep or had_errors
     print(markdown, end="")
     log.info("wrote %s in %.0f s", json_path, time.monotonic() - t0)
 

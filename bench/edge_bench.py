@@ -31,10 +31,8 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -62,6 +60,7 @@ from bench.__main__ import (
 )
 from bench.loadgen import LoadResult, RequestResult, Target, _error_code, _one_request, format_summary, summarise
 from bench.open_streams import OpenStreamsSpec, open_files_limit, raise_open_files_limit, run_open_streams
+from bench.processes import bench_work_dir
 from gateway.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
 from services.devstack.stack import Stack
@@ -668,19 +667,9 @@ def had_errors(report: Mapping[str, Any]) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     params, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    work_dir = Path(tempfile.mkdtemp(prefix="kefu-edge-bench-"))
-    keep = args.keep_logs
-    try:
-        report = run(params, work_dir)
-        keep = keep or had_errors(report)
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            log.info("data and logs kept in %s", work_dir)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with bench_work_dir("kefu-edge-bench-", args.keep_logs) as work:
+        report = run(params, work.path)
+        work.keep = work.keep or had_errors(report)
     report["markdown"] = render_markdown(report)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.results_dir / f"edge-{report['timestamp']}.json"

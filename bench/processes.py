@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.devstack.stack import REPO_ROOT, free_port
+
+log = logging.getLogger(__name__)
 
 METRICS_PORT_ENV = {"session": "KEFU_SESSION_METRICS_PORT", "moderation": "KEFU_MODERATION_METRICS_PORT",
                     "llm_worker": "KEFU_WORKER_METRICS_PORT"}
@@ -66,3 +73,26 @@ def memory_kib(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 values[key] = int(rest.split()[0])
     return values
+
+
+@dataclass
+class WorkDir:
+    path: Path
+    keep: bool
+    """Keep the folder (data and logs) after the run; set it when something went wrong."""
+
+
+@contextmanager
+def bench_work_dir(prefix: str, keep: bool = False) -> Iterator[WorkDir]:
+    """A temporary folder for a benchmark's stacks, removed afterwards unless kept (always on an error)."""
+    work = WorkDir(Path(tempfile.mkdtemp(prefix=prefix)), keep)
+    try:
+        yield work
+    except BaseException:
+        work.keep = True
+        raise
+    finally:
+        if work.keep:
+            log.info("data and logs kept in %s", work.path)
+        else:
+            shutil.rmtree(work.path, ignore_errors=True)
