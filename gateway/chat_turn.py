@@ -73,6 +73,15 @@ class TurnDone:
 TurnEvent = TurnStarted | TurnDelta | TurnDone
 
 
+class DuplicateMessage(Exception):
+    """The visitor's message id was stored before (a resend): nothing new to answer."""
+
+    def __init__(self, session_id: str, seq: int) -> None:
+        super().__init__(f"message already stored as seq {seq}")
+        self.session_id = session_id
+        self.seq = seq
+
+
 class StreamFailed(Exception):
     """The stream started and then failed; `code` goes into the SSE `error` event."""
 
@@ -148,6 +157,8 @@ class ChatTurn:
                 principal=self._principal, session_id=request.session_id, role="user", content=text,
                 message_id=request.message_id),
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            if appended.duplicate:
+                raise DuplicateMessage(appended.session_id, appended.message.seq)
             if request.history is not None:
                 return appended.session_id, [*request.history, ContextMessage("user", text)]
             built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from gateway import keys
 from gateway.auth import Principal, bearer_token
-from gateway.chat_turn import ChatTurn, StreamFailed, TurnDelta, TurnEvent, TurnRequest, TurnStarted
+from gateway.chat_turn import ChatTurn, DuplicateMessage, StreamFailed, TurnDelta, TurnEvent, TurnRequest, TurnStarted
 from gateway.errors import ApiError
 from gateway.live.connection import Connection
 from gateway.live.frames import (
@@ -238,6 +238,12 @@ class LiveSocket:
         try:
             try:
                 started = await anext(events)
+            except DuplicateMessage as duplicate:
+                # Stored by a resend that raced this one (or whose session id was lost): the first
+                # copy's seq, and no second answer.
+                socket.current = duplicate.session_id
+                socket.send({"type": "ack", "cid": send.cid, "seq": duplicate.seq, "duplicate": True})
+                return
             except ApiError as error:
                 if error.code == "not_found":
                     self._refuse(CLOSE_FORBIDDEN, "forbidden", "not your conversation")

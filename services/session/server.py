@@ -62,9 +62,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                                   request.content, request.message_id)
         if result.created:
             self._metrics.sessions_created.inc()
-        self._metrics.messages_appended.labels(result.message.role).inc()
+        if not result.duplicate:
+            self._metrics.messages_appended.labels(result.message.role).inc()
         return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
-                                          created=result.created)
+                                          created=result.created, duplicate=result.duplicate)
 
     async def BuildContext(self, request: session_pb2.BuildContextRequest,
                            context: grpc.aio.ServicerContext) -> session_pb2.BuildContextResponse:

@@ -67,6 +67,7 @@ class AppendResult:
     session_id: str
     message: StoredMessage
     created: bool
+    duplicate: bool = False
 
 
 @dataclass(slots=True)
@@ -159,13 +160,34 @@ class SessionStore:
         ack = await self._js.publish(message_subject(principal.tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         if ack.duplicate:
-            raw = await self._js.get_msg(MESSAGE_STREAM, seq=ack.seq)
-            assert raw.data is not None
-            return AppendResult(session_id, StoredMessage.from_json(raw.data, ack.seq), created)
+            return await self._first_copy(principal, session_id, created, ack.seq)
         stored = StoredMessage(message.id, role, content, message.created_at, message.tokens, ack.seq,
                                message.encoding)
         await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
         return AppendResult(session_id, stored, created)
+
+    async def _first_copy(self, principal: Principal, session_id: str, created: bool, seq: int) -> AppendResult:
+        """A retried message id: answer with the first copy, wherever the caller may see it.
+
+        Message ids are unique stream-wide, so the first copy may sit in another session: the
+        caller's own earlier one (a first message retried without its session id: the empty
+        session just created is dropped again), or, if an internal caller reused an id,
+        someone else's, which is refused without telling anything about it.
+        """
+        raw = await self._js.get_msg(MESSAGE_STREAM, seq=seq)
+        assert raw.data is not None
+        if raw.subject != message_subject(principal.tenant, session_id):
+            if created:  # no tombstone, as in delete(): the session never existed
+                await self._js.purge_stream(
+                    META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(principal.tenant, session_id)}")
+            prefix = message_subject(principal.tenant, "")
+            original = raw.subject.removeprefix(prefix) if raw.subject.startswith(prefix) else ""
+            try:
+                await self._authorize(principal, original)
+            except NotFound:
+                raise InvalidArgument("message_id is already taken") from None
+            session_id, created = original, False
+        return AppendResult(session_id, StoredMessage.from_json(raw.data, seq), created, duplicate=True)
 
     async def messages(self, principal: Principal, session_id: str) -> tuple[SessionMeta, list[StoredMessage]]:
         """The session's kept messages, oldest first (JetStream sequence = order of acknowledgement)."""

@@ -267,3 +267,23 @@ async def test_ws_answer_is_stored_when_the_socket_drops_mid_turn(kb_stack: Stac
         assert [f["sender"]["type"] for f in frames] == ["visitor", "ai"]
         assert frames[0]["text"] == "怎么退货？" and frames[1]["text"]
         await ws.close()
+
+
+async def test_ws_first_send_retried_without_its_conversation_is_not_stored_again(kb_stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await open_ws(http, kb_stack, auth(sub="ws-lost-id"))
+        await hello(ws)
+        first = await send_and_answer(ws, "first")
+        conversation_id, seq = first[0]["conversation_id"], first[0]["seq"]
+        await ws.close()
+        # A new socket that never learnt the conversation id resends the same cid.
+        ws = await open_ws(http, kb_stack, auth(sub="ws-lost-id"))
+        await hello(ws)
+        await ws.send_json({"type": "send", "cid": "first", "text": QUESTION})
+        assert await recv(ws) == {"type": "ack", "cid": "first", "seq": seq, "duplicate": True}
+        await ws.send_json({"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}  # and no second answer before it
+        await ws.close()
+        async with http.get(f"{kb_stack.base_url}/v1/sessions/{conversation_id}/messages",
+                            headers=auth(sub="ws-lost-id")) as response:
+            assert [m["role"] for m in (await response.json())["messages"]] == ["user", "assistant"]

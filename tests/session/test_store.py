@@ -269,3 +269,24 @@ async def test_store_batched_read_pages_and_matches_the_consumer_read(store: Ses
     _, consumed = await store.messages(ALICE, session_id)
     assert batched == paged == consumed
     assert [m.content for m in batched] == [f"m{i}" for i in range(5, 25)]
+
+
+async def test_store_first_message_retried_without_its_session_lands_in_the_first_one(
+        store: SessionStore, nats_client: NatsClient) -> None:
+    sessions = await nats_client.jetstream().key_value("kefu_sessions")
+    message_id = "cd" * 16
+    first = await store.append(ALICE, "", "user", "hello", message_id)
+    keys_before = set(await sessions.keys())
+    retry = await store.append(ALICE, "", "user", "hello", message_id)  # the client lost the session id
+    assert retry.duplicate and not retry.created
+    assert (retry.session_id, retry.message.seq) == (first.session_id, first.message.seq)
+    assert set(await sessions.keys()) == keys_before  # the empty session made for the retry is gone
+    assert [m.id for m in (await store.messages(ALICE, first.session_id))[1]] == [message_id]
+
+
+async def test_store_message_id_of_another_tenant_is_refused_without_its_content(store: SessionStore) -> None:
+    message_id = "ef" * 16
+    await store.append(OTHER_TENANT_ALICE, "", "user", "secret order details", message_id)
+    with pytest.raises(InvalidArgument) as refused:
+        await store.append(ALICE, "", "user", "hi", message_id)
+    assert "secret" not in str(refused.value)
