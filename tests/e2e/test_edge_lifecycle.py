@@ -41,10 +41,11 @@ async def test_request_id_reaches_every_service_log(upstream_stack: Stack, upstr
 
 
 async def test_two_hundred_hang_ups_leave_no_stream_open(upstream_stack: Stack, upstream_port: int) -> None:
-    config = FakeUpstreamConfig(reply="z" * 40, chunk_count=40, chunk_interval_s=0.02)
+    # 40 chunks over 2 s; every client leaves within its first 10 events, i.e. mid-answer.
+    config = FakeUpstreamConfig(reply="z" * 40, chunk_count=40, chunk_interval_s=0.05)
     async with FakeUpstream(config, port=upstream_port) as upstream:
         async def hang_up_somewhere(http: aiohttp.ClientSession, index: int) -> None:
-            keep = random.randint(0, 30)
+            keep = random.randint(0, 10)
             async with http.post(f"{upstream_stack.base_url}/v1/chat", json={"message": f"hi {index}"},
                                  headers=auth(sub=f"leaver-{index}")) as response:
                 seen = 0
@@ -66,8 +67,10 @@ async def test_two_hundred_hang_ups_leave_no_stream_open(upstream_stack: Stack, 
         assert gauges == (0, 0, 0)
         stats = upstream.stats
         # Clients that left before the answer began never reached the upstream; every one that
-        # left mid-answer shows up there as a cancelled request.
-        assert stats.cancelled > 100 and stats.cancelled + stats.completed == stats.requests_total <= 200
+        # left mid-answer shows up there as a cancelled request (a few may have seen the whole
+        # answer in 10 events when deltas were batched under load).
+        assert stats.cancelled + stats.completed == stats.requests_total <= 200
+        assert stats.cancelled >= 0.9 * stats.requests_total > 0
 
 
 async def test_sigterm_drains_the_stream_in_flight_and_exits_zero(upstream_stack: Stack, upstream_port: int) -> None:
