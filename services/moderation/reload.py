@@ -109,8 +109,12 @@ class LexiconReloader:
                     # Changes made while nothing watched (the folder was replaced) sent no event.
                     await self.reload()
                 started = True
-                async for _changes in awatch(self.folder, stop_event=stop, step=quiet_ms, debounce=debounce_ms):
-                    await self.reload()
+                # Wake up every second even without events: a folder replaced before inotify
+                # registered (or between two events) is then noticed by its inode all the same.
+                async for changes in awatch(self.folder, stop_event=stop, step=quiet_ms, debounce=debounce_ms,
+                                            rust_timeout=1000, yield_on_timeout=True):
+                    if changes:
+                        await self.reload()
                     if _inode(self.folder) != watched:
                         # inotify follows the old folder's inode: it would never report again.
                         log.warning("lexicon folder %s was replaced; watching the new one", self.folder)
