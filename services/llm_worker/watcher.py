@@ -28,7 +28,7 @@ async def reload_and_count(host: PluginHost, metrics: WorkerMetrics) -> str:
 
 
 async def watch_plugins(host: PluginHost, metrics: WorkerMetrics, stop: asyncio.Event, *,
-                        debounce_ms: int = 100) -> None:
+                        debounce_ms: int = 100, rescan_ms: int = 5000) -> None:
     """Reload after every batch of changes until `stop` is set.
 
     The whole folder is watched, never single files: an editor's save-by-rename and a
@@ -36,7 +36,11 @@ async def watch_plugins(host: PluginHost, metrics: WorkerMetrics, stop: asyncio.
     Which names changed does not matter (a ConfigMap reports only `..` names): the
     snapshot fingerprint tells whether anything a generation uses changed.
     """
-    async for _ in awatch(host.plugins_dir, stop_event=stop, debounce=debounce_ms, step=20,
-                          recursive=False):
+    # Also wake every few seconds without events: a change inotify missed (one made before the
+    # watch was registered, a network filesystem) is then still picked up; an unchanged folder
+    # costs one read of a few small files.
+    async for changes in awatch(host.plugins_dir, stop_event=stop, debounce=debounce_ms, step=20,
+                                recursive=False, rust_timeout=rescan_ms, yield_on_timeout=True):
         result = await reload_and_count(host, metrics)
-        log.info("plugins folder changed: %s", result)
+        if changes or result != "unchanged":
+            log.info("plugins folder changed: %s", result)
