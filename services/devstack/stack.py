@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("session", "moderation", "llm_worker")
 
 
+# Below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out for port 0
+# may also be taken meanwhile by any outgoing connection, before the process meant to listen binds.
+_FREE_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, for a process that will bind it shortly (tests, benchmarks)."""
+    for _ in range(200):
+        port = random.randrange(*_FREE_PORT_RANGE)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,11 @@ class StackPorts:
 
     @classmethod
     def free(cls) -> StackPorts:
-        return cls(*(free_port() for _ in range(8)))
+        ports: list[int] = []
+        while len(ports) < 8:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        return cls(*ports)
 
 
 @dataclass

@@ -13,11 +13,18 @@ from services.devstack.stack import Stack, StackConfig, StackPorts
 SECRET = "e2e-" + secrets.token_hex(16)
 
 
-def start_stack(data_dir: Path, env: dict[str, str] | None = None) -> Stack:
-    stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
-                              env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs"))
-    stack.start()
-    return stack
+def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3) -> Stack:
+    """The whole system on free ports; a port taken between choosing and binding it means a retry."""
+    for attempt in range(1, attempts + 1):
+        stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
+                                  env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs"))
+        try:
+            stack.start()  # stops whatever it started when it fails
+            return stack
+        except (RuntimeError, TimeoutError):
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def token(tenant: str = "shop1", sub: str = "visitor-1", role: str = "visitor", ttl_s: int = 600) -> str:
