@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import percentile
-from bench.processes import memory_kib, start_service, stop_process
+from bench.processes import bench_work_dir, memory_kib, start_service, stop_process
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.moderation.lexicon import Action, load_lexicon
 from services.moderation.matcher import Matcher
@@ -443,11 +441,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    workdir = Path(tempfile.mkdtemp(prefix="kefu-moderation-bench-"))
-    try:
-        results = run(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with bench_work_dir("kefu-moderation-bench-") as work:
+        results = run(args, work.path)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -24,9 +24,7 @@ import itertools
 import json
 import logging
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 
 from bench.loadgen import percentile
-from bench.processes import memory_kib, start_service, stop_process
+from bench.processes import bench_work_dir, memory_kib, start_service, stop_process
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.session.context import build_context
@@ -313,11 +311,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    workdir = Path(tempfile.mkdtemp(prefix="kefu-session-bench-"))
-    try:
-        results = asyncio.run(run(args, workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with bench_work_dir("kefu-session-bench-") as work:
+        results = asyncio.run(run(args, work.path))
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.auth import Principal
-from gateway.clients import BackendClients
+from gateway.clients import BackendClients, request_metadata
 from gateway.errors import ApiError, ContentBlocked, api_error_from_grpc
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2
 from kefu.moderation.v1 import moderation_pb2
 from kefu.session.v1 import session_pb2
-from services.common.logs import REQUEST_ID_METADATA_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +109,7 @@ class ChatTurn:
         self._principal = session_pb2.Principal(tenant=principal.tenant, subject=principal.subject,
                                                 role=principal.role)
         self._tenant = principal.tenant
-        self._metadata = ((REQUEST_ID_METADATA_KEY, request_id),)
+        self._metadata = request_metadata(request_id)
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         text = await self._check_input(request.message)

@@ -14,6 +14,7 @@ from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
 from kefu.session.v1 import session_pb2_grpc
+from services.common.logs import REQUEST_ID_METADATA_KEY
 
 # A call that fails before the backend answered anything (a restarted pod, a connection in
 # reconnect backoff) is retried by gRPC itself; once a response has started it never is.
@@ -37,6 +38,11 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 )
+
+
+def request_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata of every backend call: the request id, so each service's logs carry it."""
+    return ((REQUEST_ID_METADATA_KEY, request_id),)
 
 
 @dataclass

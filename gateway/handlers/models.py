@@ -6,17 +6,17 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
+from gateway.clients import request_metadata
 from gateway.errors import api_error_from_grpc
 from gateway.responses import json_response
 from kefu.llm.v1 import llm_pb2
-from services.common.logs import REQUEST_ID_METADATA_KEY
 
 
 async def list_models(request: web.Request) -> web.Response:
     try:
         reply = await request.app[keys.CLIENTS].llm.ListModels(
             llm_pb2.ListModelsRequest(), timeout=request.app[keys.SETTINGS].rpc_timeout_s,
-            metadata=((REQUEST_ID_METADATA_KEY, request[keys.REQUEST_ID]),))
+            metadata=request_metadata(request[keys.REQUEST_ID]))
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "llm") from None
     return json_response({"object": "list", "generation": reply.generation, "data": [

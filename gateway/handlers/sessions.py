@@ -6,10 +6,10 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
+from gateway.clients import request_metadata
 from gateway.errors import api_error_from_grpc
 from gateway.responses import json_response
 from kefu.session.v1 import session_pb2
-from services.common.logs import REQUEST_ID_METADATA_KEY
 
 
 def _principal(request: web.Request) -> session_pb2.Principal:
@@ -19,7 +19,7 @@ def _principal(request: web.Request) -> session_pb2.Principal:
 
 def _call_options(request: web.Request) -> dict[str, object]:
     return {"timeout": request.app[keys.SETTINGS].rpc_timeout_s,
-            "metadata": ((REQUEST_ID_METADATA_KEY, request[keys.REQUEST_ID]),)}
+            "metadata": request_metadata(request[keys.REQUEST_ID])}
 
 
 async def list_messages(request: web.Request) -> web.Response:

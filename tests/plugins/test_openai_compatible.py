@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import importlib.util
 import random
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any, cast
 
 import pytest
@@ -31,22 +28,13 @@ from services.llm_worker.plugin_api import (
     ProviderError,
     StreamEvent,
 )
+from tests.plugins.plugin_loading import PLUGINS_DIR, load_plugin
 
 pytestmark = pytest.mark.timeout(20)
 
-PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 CONTEXT = PluginContext(plugins_dir=PLUGINS_DIR)
 QUESTION = [ChatMessage("user", "满多少包邮？")]
 REPLY = "您好！国内订单满99元包邮。Anything else?"
-
-
-def load_plugin(name: str) -> ModuleType:
-    """Import a plugin the way the host does: a fresh module object from its file."""
-    spec = importlib.util.spec_from_file_location(f"kefu_plugin_test_{name}", PLUGINS_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 OPENAI = load_plugin("openai_compatible")
