@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import JwtVerifier
+from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
 from gateway.handlers import ws
 from gateway.metrics import EdgeMetrics
@@ -23,6 +24,13 @@ async def backend_clients(app: web.Application) -> AsyncIterator[None]:
     app[keys.CLIENTS] = BackendClients.connect(app[keys.SETTINGS])
     yield
     await app[keys.CLIENTS].close()
+
+
+async def nats_bus(app: web.Application) -> AsyncIterator[None]:
+    bus = app[keys.BUS] = EdgeBus(app[keys.SETTINGS].nats_url)
+    bus.start()
+    yield
+    await bus.close()
 
 
 async def close_open_streams(app: web.Application) -> None:
@@ -46,6 +54,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.ROUTE_ROLES] = {}
     app[keys.STATE] = EdgeState()
     app[keys.OPEN_STREAMS] = weakref.WeakSet()
+    app.cleanup_ctx.append(nats_bus)
     app.cleanup_ctx.append(backend_clients)
     app.cleanup_ctx.append(ws.live_hub)  # shared conversation feeds; needs the clients above
     app.on_shutdown.append(ws.close_sockets)  # 1012: reconnect elsewhere

@@ -7,6 +7,7 @@ import weakref
 from aiohttp import web
 
 from gateway.auth import JwtVerifier, Principal
+from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
 from gateway.live.hub import LiveHub
 from gateway.metrics import EdgeMetrics
@@ -18,6 +19,8 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 CLIENTS = web.AppKey("clients", BackendClients)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+BUS = web.AppKey("bus", EdgeBus)
+"""The edge's NATS connection: live-chat fan-out and the KV buckets the edge reads and writes."""
 RATE_LIMITS = web.AppKey("rate_limits", EdgeRateLimits)
 ROUTE_ROLES = web.AppKey("route_roles", dict[str, frozenset[str]])
 """Roles each protected route accepts, by its canonical path (filled by setup_routes)."""

@@ -38,6 +38,8 @@ class GatewaySettings:
     """Per-tenant rates, e.g. KEFU_TENANT_RATE_LIMITS="acme=200,beta=50"."""
     cors_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the API ("*" for any); empty turns CORS off."""
+    nats_url: str = "nats://127.0.0.1:4222"
+    """KEFU_NATS_URL: live-chat fan-out between edge processes and the edge's shared state (KV)."""
     session_addr: str = "127.0.0.1:50051"
     moderation_addr: str = "127.0.0.1:50052"
     worker_addr: str = "127.0.0.1:50053"
@@ -94,6 +96,7 @@ class GatewaySettings:
             route_rate_limits=parse_route_limits(env.get("KEFU_RATE_LIMIT_ROUTES", "")),
             tenant_rate_limits=parse_tenant_limits(env.get("KEFU_TENANT_RATE_LIMITS", "")),
             cors_origins=tuple(o.strip().rstrip("/") for o in env.get("KEFU_CORS_ORIGINS", "").split(",") if o.strip()),
+            nats_url=env_str(env, "KEFU_NATS_URL", cls.nats_url),
             session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
             moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
             worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
