@@ -154,13 +154,34 @@ def message_id_for(tenant: str, subject: str, cid: str) -> str:
     return hashlib.sha256(f"{tenant}\x00{subject}\x00{cid}".encode()).hexdigest()[:32]
 
 
-def msg_frame(conversation_id: str, message: session_pb2.Message, owner: str) -> dict[str, Any]:
-    """A stored message as the `msg` event every subscribed socket gets (without `cid`)."""
+def event_frame(conversation_id: str, message: session_pb2.Message, owner: str) -> dict[str, Any]:
+    """A stored event of the conversation log as a frame: `msg`, `state` or `note` (without `cid`).
+
+    Notes are for agents only; whoever sends frames to a visitor must leave them out (the
+    session service never gives a visitor principal a note in the first place)."""
+    base = {"conversation_id": conversation_id, "seq": message.seq, "ts": message.created_at}
+    if message.kind == "state":
+        state = message.state
+        frame: dict[str, Any] = {"type": "state", **base, "status": state.status, "version": state.version,
+                                 "reason": state.reason}
+        if state.assignee:
+            frame["assignee"] = state.assignee
+            frame["assignee_name"] = state.assignee_name or state.assignee
+        return frame
     sender_type = SENDER_TYPES.get(message.role, "system")
-    sender_id = owner if sender_type == "visitor" else sender_type
-    return {"type": "msg", "conversation_id": conversation_id, "seq": message.seq, "ts": message.created_at,
-            "message_id": message.id, "sender": {"type": sender_type, "id": sender_id},
-            "text": message.content}
+    if sender_type == "visitor":
+        sender: dict[str, str] = {"type": "visitor", "id": message.sender_id or owner}
+    elif sender_type == "agent":
+        sender = {"type": "agent", "id": message.sender_id}
+        if message.sender_name:
+            sender["name"] = message.sender_name
+    else:
+        sender = {"type": sender_type, "id": sender_type}
+    return {"type": "note" if message.kind == "note" else "msg", **base, "message_id": message.id,
+            "sender": sender, "text": message.content}
+
+
+msg_frame = event_frame
 
 
 def error_frame(code: str, message: str) -> dict[str, Any]:
