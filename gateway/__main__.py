@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Self
 
 from aiohttp import web
 
@@ -14,6 +18,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
 from services.common.grpc_server import wait_for_stop_signal
+from services.common.settings import SettingsError, env_int
 
 log = logging.getLogger("gateway")
 
@@ -26,16 +31,53 @@ def raise_open_file_limit() -> None:
         log.info("open file limit raised from %d to %d", soft, hard)
 
 
-async def serve(settings: GatewaySettings) -> None:
+MAX_WORKERS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeProcessSettings:
+    """The edge's settings plus how this process shares its port with the other edge processes."""
+
+    edge: GatewaySettings
+    workers: int = 1
+    """KEFU_GATEWAY_WORKERS: edge processes on this machine sharing KEFU_HTTP_PORT (make run starts them).
+    Above 1 every one binds the port with SO_REUSEPORT and the kernel spreads new connections over
+    them. At 1 the bind is exclusive, so a stray second edge on the port fails at start instead of
+    silently taking part of the traffic (the pitfall NOTES §5 shows for gRPC)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SettingsError(f"KEFU_GATEWAY_WORKERS must be 1..{MAX_WORKERS}, got {self.workers}")
+
+    @property
+    def log_level(self) -> str:
+        return self.edge.log_level
+
+    @property
+    def reuse_port(self) -> bool:
+        return self.workers > 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
+        return cls(GatewaySettings.from_env(env),
+                   env_int(env, "KEFU_GATEWAY_WORKERS", 1, minimum=1, maximum=MAX_WORKERS))
+
+
+async def serve(process: EdgeProcessSettings) -> None:
+    settings = process.edge
     raise_open_file_limit()
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
     # it the gRPC streams and the upstream request (NOTES §6).
     runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.http_port)
+    # With several workers, /metrics on the shared port answers from whichever process the
+    # kernel hands the connection to: each scrape sees one worker. Acceptable for a dev machine;
+    # in Kubernetes every pod is one edge process, scraped on its own address.
+    site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
     await site.start()
-    log.info("edge on http://%s:%d", settings.host, settings.http_port)
+    log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
+             f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")
     try:
         await wait_for_stop_signal()
         await drain(runner.app, settings.shutdown_grace_s)
@@ -55,4 +97,4 @@ async def drain(app: web.Application, grace_s: float) -> None:
 
 
 if __name__ == "__main__":
-    run_process("gateway", GatewaySettings.from_env, serve)
+    run_process("gateway", EdgeProcessSettings.from_env, serve)

@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -45,14 +46,32 @@ def ports_from_env() -> StackPorts:
     )
 
 
+DEMO_TENANT = "demo"
+DEV_AGENT = "dev-agent"
+DEV_TOKEN_TTL_S = 24 * 3600
+
+
+def edge_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The KEFU_* settings passed on to every process; the demo shop's widget may get tokens for 'demo'."""
+    env = {key: value for key, value in environ.items() if key.startswith("KEFU_")}
+    env.setdefault("KEFU_WIDGET_TENANTS", DEMO_TENANT)
+    return env
+
+
 def banner(stack: Stack, secret: str, log_dir: Path) -> str:
-    token = mint(secret, tenant="demo", subject="visitor-1", role="visitor", ttl_s=24 * 3600)
+    token = mint(secret, tenant=DEMO_TENANT, subject="visitor-1", role="visitor", ttl_s=DEV_TOKEN_TTL_S)
+    agent = mint(secret, tenant=DEMO_TENANT, subject=DEV_AGENT, role="agent", ttl_s=DEV_TOKEN_TTL_S)
     body = '{"message": "下单后多久发货？"}'
     curl = (f"curl -N {stack.base_url}/v1/chat -H 'Authorization: Bearer {token}' "
             f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    workers = stack.config.gateway_workers
+    edges = f", {workers} edge processes sharing the port" if workers > 1 else ""
     return "\n".join([
-        "", f"kefu is running at {stack.base_url}   (NATS {stack.nats_url}, logs in {log_dir})", "",
-        "Ask it something (a dev token for tenant 'demo', valid 24 h):", "", f"  {curl}", "",
+        "", f"kefu is running at {stack.base_url}   (NATS {stack.nats_url}{edges}, logs in {log_dir})", "",
+        f"Demo shop with the chat widget (tenant '{DEMO_TENANT}'):", "", f"  {stack.base_url}/", "",
+        f"Agent console, logged in as '{DEV_AGENT}' (the token stays in the URL fragment, valid 24 h):", "",
+        f"  {stack.base_url}/console/#token={agent}", "",
+        f"Ask it something (a dev token for tenant '{DEMO_TENANT}', valid 24 h):", "", f"  {curl}", "",
         "Mint other tokens: KEFU_JWT_SECRET=$(cat data/dev_jwt_secret) make token ARGS='--role agent'",
         "Ctrl-C stops everything.", ""])
 
@@ -64,7 +83,8 @@ def main() -> None:
     try:
         config = StackConfig(data_dir=data_dir, jwt_secret=dev_secret(data_dir), ports=ports_from_env(),
                              nats_url=os.environ.get("KEFU_NATS_URL", ""), log_dir=log_dir,
-                             env={k: v for k, v in os.environ.items() if k.startswith("KEFU_")})
+                             env=edge_environment(os.environ),
+                             gateway_workers=env_int(os.environ, "KEFU_GATEWAY_WORKERS", 1, minimum=1, maximum=64))
     except SettingsError as error:
         sys.exit(f"devstack: {error}")
     stack = Stack(config)
@@ -75,7 +95,8 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    log.info("starting nats-server, session, moderation, llm_worker and the edge ...")
+    edges = "the edge" if config.gateway_workers == 1 else f"{config.gateway_workers} edge processes"
+    log.info("starting nats-server, session, moderation, llm_worker and %s ...", edges)
     try:
         stack.start()
     except (RuntimeError, TimeoutError, OSError) as error:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("session", "moderation", "llm_worker")
+EDGE = "gateway"
+"""Process name of the first edge; the other workers are gateway-2, gateway-3, ..."""
 
 
 # Below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out for port 0
@@ -77,6 +79,16 @@ class StackConfig:
     """Extra KEFU_* settings for every process (e.g. KEFU_OPENAI_BASE_URL)."""
     log_dir: Path | None = None
     """Where each process writes its log; None inherits the caller's stderr."""
+    gateway_workers: int = 1
+    """KEFU_GATEWAY_WORKERS: edge processes sharing ports.http through SO_REUSEPORT."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.gateway_workers <= 64:
+            raise ValueError(f"KEFU_GATEWAY_WORKERS must be 1..64, got {self.gateway_workers}")
+
+    @property
+    def edge_names(self) -> tuple[str, ...]:
+        return (EDGE, *(f"{EDGE}-{n}" for n in range(2, self.gateway_workers + 1)))
 
 
 class Stack:
@@ -87,6 +99,9 @@ class Stack:
         self.nats: NatsServer | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._argv: dict[str, list[str]] = {}
+        self._env_overrides: dict[str, dict[str, str]] = {}
+        """Per-process settings on top of environment() (an extra edge on its own port)."""
+        self._http_ports: dict[str, int] = {name: config.ports.http for name in config.edge_names}
 
     @property
     def base_url(self) -> str:
@@ -115,7 +130,14 @@ class Stack:
             "KEFU_WORKER_ADDR": f"127.0.0.1:{ports.worker}",
         })
         env.update(self.config.env)
+        # The stack's own count wins over a stray value in env: every worker must agree to share.
+        env["KEFU_GATEWAY_WORKERS"] = str(self.config.gateway_workers)
         return env
+
+    @property
+    def edges(self) -> dict[str, int]:
+        """Edge process name -> its HTTP port (the workers share ports.http; extra edges have their own)."""
+        return dict(self._http_ports)
 
     def start(self, timeout_s: float = 60.0) -> None:
         try:
@@ -128,15 +150,27 @@ class Stack:
             for name, port in (("session", ports.session), ("moderation", ports.moderation),
                                ("llm_worker", ports.worker)):
                 self.wait_grpc_serving(name, port, deadline)
-            self.start_process("gateway")
-            self.wait_http_ready(deadline)
+            for name in self.config.edge_names:
+                self.start_process(name)
+            for name in self.config.edge_names:
+                self.wait_edge_ready(name, deadline)
         except BaseException:
             self.stop()
             raise
 
+    def start_edge(self, name: str, http_port: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+        """One more edge process on a port of its own (benchmarks: visitor and agent on different edges)."""
+        if name in self._http_ports:
+            raise ValueError(f"an edge named {name} exists already")
+        self._http_ports[name] = http_port
+        self._env_overrides[name] = {"KEFU_HTTP_PORT": str(http_port), "KEFU_GATEWAY_WORKERS": "1"}
+        process = self.start_process(name)
+        self.wait_edge_ready(name, time.monotonic() + timeout_s)
+        return process
+
     def start_process(self, name: str) -> subprocess.Popen[bytes]:
         """Start (or start again, with the same argv and env) `python -m <module>`."""
-        module = "gateway" if name == "gateway" else f"services.{name}"
+        module = "gateway" if name in self._http_ports else f"services.{name}"
         argv = self._argv.setdefault(name, [sys.executable, "-m", module])
         log_file = None
         if self.config.log_dir is not None:
@@ -144,7 +178,8 @@ class Stack:
             log_file = open(self.config.log_dir / f"{name}.log", "ab")
         try:
             process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=self.environment(), stdout=log_file,
+                argv, cwd=REPO_ROOT, env={**self.environment(), **self._env_overrides.get(name, {})},
+                stdout=log_file,
                 stderr=subprocess.STDOUT if log_file else None, start_new_session=True)
         finally:
             if log_file is not None:
@@ -167,11 +202,24 @@ class Stack:
                     raise TimeoutError(f"{name} did not report SERVING on port {port}")
                 time.sleep(0.05)
 
-    def wait_http_ready(self, deadline: float) -> None:
+    def wait_edge_ready(self, name: str, deadline: float) -> None:
+        """The edge process listens on its port, and its port answers /readyz with ready."""
+        port = self._http_ports[name]
         while True:
-            self._check_alive("gateway")
+            self._check_alive(name)
+            if listens_on(self.processes[name].pid, port):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not listen on port {port}")
+            time.sleep(0.05)
+        self.wait_http_ready(deadline, name)
+
+    def wait_http_ready(self, deadline: float, name: str = EDGE) -> None:
+        url = f"http://127.0.0.1:{self._http_ports[name]}/readyz"
+        while True:
+            self._check_alive(name)
             try:
-                with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as reply:
+                with urllib.request.urlopen(url, timeout=1) as reply:
                     if json.load(reply).get("status") == "ready":
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
@@ -193,7 +241,8 @@ class Stack:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM everything, edge first, then wait; SIGKILL what is left at the deadline."""
-        order = [n for n in ("gateway", "llm_worker", "moderation", "session") if n in self.processes]
+        order = [*(n for n in self.processes if n in self._http_ports),
+                 *(n for n in ("llm_worker", "moderation", "session") if n in self.processes)]
         for name in order:
             _signal(self.processes[name], signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -207,6 +256,64 @@ class Stack:
                 process.wait()
         if self.nats is not None:
             self.nats.stop()
+
+
+# ---------------------------------------------------------------- who holds a TCP port (Linux /proc)
+
+TCP_LISTEN = "0A"
+TCP_ESTABLISHED = "01"
+
+
+def tcp_socket_inodes(port: int, state: str) -> set[int]:
+    """Inodes of the TCP sockets whose local port is `port`, in `state` (hex, as /proc/net/tcp shows it)."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def socket_inodes_of(pid: int) -> set[int]:
+    """Inodes of the sockets a process holds open (its /proc/<pid>/fd links `socket:[inode]`)."""
+    inodes: set[int] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def sockets_by_pid(pids: list[int], port: int, state: str) -> dict[int, int]:
+    """How many TCP sockets on local `port` in `state` each process holds."""
+    wanted = tcp_socket_inodes(port, state)
+    return {pid: len(socket_inodes_of(pid) & wanted) for pid in pids}
+
+
+def listens_on(pid: int, port: int) -> bool:
+    return bool(socket_inodes_of(pid) & tcp_socket_inodes(port, TCP_LISTEN))
+
+
+def listening_pids(port: int) -> set[int]:
+    """Processes of this machine holding a listening socket on `port` (those /proc lets us see)."""
+    wanted = tcp_socket_inodes(port, TCP_LISTEN)
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and socket_inodes_of(int(entry.name)) & wanted:
+            found.add(int(entry.name))
+    return found
 
 
 def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import jwt
+import pytest
 
 from bench.sse_reader import read_sse
-from services.devstack.stack import REPO_ROOT, StackPorts
+from services.devstack.stack import REPO_ROOT, StackPorts, listens_on
 
 
 def children_of(pid: int) -> list[int]:
@@ -38,7 +40,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+def argv_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_text().split("\0")[:-1]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path: Path, workers: int) -> None:
     ports = StackPorts.free()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
     env.update({"KEFU_DATA_DIR": str(tmp_path), "KEFU_HTTP_PORT": str(ports.http),
@@ -47,6 +59,8 @@ async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path
                 "KEFU_SESSION_METRICS_PORT": str(ports.session_metrics),
                 "KEFU_MODERATION_METRICS_PORT": str(ports.moderation_metrics),
                 "KEFU_WORKER_METRICS_PORT": str(ports.worker_metrics)})
+    if workers > 1:
+        env["KEFU_GATEWAY_WORKERS"] = str(workers)
     supervisor = subprocess.Popen([sys.executable, "-m", "services.devstack"], cwd=REPO_ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)
@@ -62,8 +76,20 @@ async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path
         assert curl[:3] == ["curl", "-N", f"http://127.0.0.1:{ports.http}/v1/chat"], "".join(output)
         headers = dict(h.split(": ", 1) for h in (curl[i + 1] for i, a in enumerate(curl) if a == "-H"))
         body = curl[curl.index("-d") + 1]
+        banner = "".join(output)
+        base = f"http://127.0.0.1:{ports.http}"
+        assert f"  {base}/\n" in banner  # the demo shop
+        console = next(line.strip() for line in output if line.strip().startswith(f"{base}/console/#token="))
+        secret = (tmp_path / "dev_jwt_secret").read_text().strip()
+        claims = jwt.decode(console.split("#token=", 1)[1], secret, algorithms=["HS256"])
+        assert (claims["tenant"], claims["sub"], claims["role"]) == ("demo", "dev-agent", "agent")
+        assert claims["exp"] - claims["iat"] == 24 * 3600
         children = children_of(supervisor.pid)
-        assert len(children) == 5  # nats-server, three services, the edge: no wrappers between
+        # nats-server, three services, the edge workers: no wrappers between
+        assert len(children) == 4 + workers
+        edges = [pid for pid in children if argv_of(pid)[1:] == ["-m", "gateway"]]
+        assert len(edges) == workers and all(listens_on(pid, ports.http) for pid in edges)
+        assert {environ_of(pid)["KEFU_WIDGET_TENANTS"] for pid in edges} == {"demo"}
         async with aiohttp.ClientSession() as http:
             async with http.post(curl[2], data=body.encode(), headers=headers) as response:
                 names = [event.event async for event in read_sse(response)]
