@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass
@@ -29,3 +29,13 @@ class SessionMetrics:
             "kefu_session_context_tokens", "Tokens in a built context, by encoding.", ["encoding"],
             registry=self.registry,
             buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768))
+        self.handoffs = Counter(
+            "kefu_handoffs", "Conversations handed to the human queue (ai -> waiting_human), by trigger.",
+            ["trigger"], registry=self.registry)
+        self.queue_wait_seconds = Histogram(
+            "kefu_queue_wait_seconds", "Time a conversation waited in the queue until an agent claimed it.",
+            registry=self.registry, buckets=(1, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 1800))
+        # Every replica reads the same index: take one replica's value (max), never the sum.
+        self.conversations = Gauge(
+            "kefu_conversations", "Conversations by status over every tenant, from the conversation index.",
+            ["status"], registry=self.registry)

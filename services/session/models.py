@@ -6,12 +6,18 @@ import json
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Self
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Self
 
 from services.common.errors import InvalidArgument
 
 ROLES = frozenset({"user", "assistant", "agent", "system"})
+KINDS = frozenset({"message", "state", "note"})
+"""`message` is said to someone; `state` records a status change; `note` is staff-only."""
+STATUSES = ("ai", "waiting_human", "human", "closed")
+OPEN_STATUSES = ("ai", "waiting_human", "human")
+PREVIEW_CHARS = 120
 PRINCIPAL_ROLES = frozenset({"visitor", "agent", "admin"})
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SESSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -43,6 +49,29 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationState:
+    """Where a conversation stands; every change bumps `version` by compare-and-set on the meta key."""
+
+    status: str = "ai"
+    version: int = 1
+    assignee: str = ""
+    """JWT `sub` of the agent holding it (status "human"), else empty."""
+    assignee_name: str = ""
+    reason: str = "created"
+    since: float = 0.0
+    """When the conversation entered `status` (Unix seconds)."""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        return cls(status=str(raw["status"]), version=int(raw["version"]),
+                   assignee=str(raw.get("assignee", "")), assignee_name=str(raw.get("assignee_name", "")),
+                   reason=str(raw.get("reason", "")), since=float(raw.get("since", 0.0)))
+
+
+@dataclass(frozen=True, slots=True)
 class StoredMessage:
     id: str
     role: str
@@ -53,6 +82,14 @@ class StoredMessage:
     """JetStream sequence of the message: the order of acknowledgement. Not stored, assigned."""
     encoding: str = ""
     """Encoding `tokens` was counted with; context building recounts for another one."""
+    kind: str = "message"
+    sender_id: str = ""
+    """JWT `sub` of the visitor or agent who wrote it; empty for the AI and the system."""
+    sender_name: str = ""
+    state: ConversationState | None = None
+    """For kind "state": the conversation's state after the change."""
+    version: int = 0
+    """For a conditional append (AI replies): the state version it was generated under."""
 
     @classmethod
     def system(cls, content: str, tokens: int, encoding: str) -> Self:
@@ -60,15 +97,32 @@ class StoredMessage:
                    encoding=encoding)
 
     def to_json(self) -> bytes:
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "seq"}, ensure_ascii=False).encode()
+        raw: dict[str, object] = {"id": self.id, "role": self.role, "content": self.content,
+                                  "created_at": self.created_at, "tokens": self.tokens, "encoding": self.encoding}
+        # Optional fields only when set: messages stay as small as before the live chat.
+        if self.kind != "message":
+            raw["kind"] = self.kind
+        if self.sender_id:
+            raw["sender_id"] = self.sender_id
+        if self.sender_name:
+            raw["sender_name"] = self.sender_name
+        if self.state is not None:
+            raw["state"] = self.state.to_dict()
+        if self.version:
+            raw["version"] = self.version
+        return json.dumps(raw, ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes, seq: int) -> Self:
         raw = json.loads(data)
+        state = raw.get("state")
         # Messages stored before `encoding` existed have an unknown count: recounted on use.
         return cls(id=raw["id"], role=raw["role"], content=raw["content"],
                    created_at=float(raw["created_at"]), tokens=int(raw["tokens"]), seq=seq,
-                   encoding=str(raw.get("encoding", "")))
+                   encoding=str(raw.get("encoding", "")), kind=str(raw.get("kind", "message")),
+                   sender_id=str(raw.get("sender_id", "")), sender_name=str(raw.get("sender_name", "")),
+                   state=ConversationState.from_dict(state) if state else None,
+                   version=int(raw.get("version", 0)))
 
 
 @dataclass(slots=True)
@@ -79,12 +133,16 @@ class MetaDelta:
     user_messages: int = 0
     tokens: int = 0
     updated_at: float = 0.0
+    preview: str = ""
+    preview_seq: int = 0
 
     def add(self, message: StoredMessage) -> None:
         self.messages += 1
-        self.user_messages += message.role == "user"
+        self.user_messages += message.role == "user" and message.kind == "message"
         self.tokens += message.tokens
         self.updated_at = max(self.updated_at, message.created_at)
+        if message.role == "user" and message.kind == "message" and message.seq > self.preview_seq:
+            self.preview, self.preview_seq = message.content[:PREVIEW_CHARS], message.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +158,31 @@ class SessionMeta:
     user_message_count: int = 0
     token_count: int = 0
     """Tokens of all appended messages, in the store's encoding."""
+    state: ConversationState = field(default_factory=ConversationState)
+    preview: str = ""
+    """The start of the visitor's newest message (agents' lists)."""
+    preview_seq: int = 0
+    """Sequence of the message `preview` comes from: an older batch never overwrites a newer one."""
 
     def with_delta(self, delta: MetaDelta) -> Self:
+        newer_preview = delta.preview_seq > self.preview_seq
         return replace(
             self, updated_at=max(self.updated_at, delta.updated_at),
             message_count=self.message_count + delta.messages,
             user_message_count=self.user_message_count + delta.user_messages,
             token_count=self.token_count + delta.tokens,
+            preview=delta.preview if newer_preview else self.preview,
+            preview_seq=delta.preview_seq if newer_preview else self.preview_seq,
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        return json.dumps(asdict(self), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Self:
-        return cls(**json.loads(data))
+        raw = json.loads(data)
+        state = raw.pop("state", None)
+        # Sessions stored before the live chat have no state: they read as a new one, in "ai".
+        raw["state"] = (ConversationState.from_dict(state) if state
+                        else ConversationState(since=float(raw["created_at"])))
+        return cls(**raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -22,11 +23,17 @@ from services.common.grpc_server import (
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.session.context import build_context
+from services.session.conversation import Change
+from services.session.errors import Conflict, WrongStatus
+from services.session.index import ConversationSummary
+from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
-from services.session.models import Principal, StoredMessage
+from services.session.models import ConversationState, Principal, StoredMessage
 from services.session.settings import SessionSettings
-from services.session.store import SessionStore
+from services.session.store import SessionStore, TransitionResult
+from services.session.timers import ConversationTimers
 from services.session.tokens import TokenCounters
+from services.session.visibility import for_model
 
 log = logging.getLogger(__name__)
 WATCH_READY_HEADER = "kefu-watch"
@@ -36,14 +43,43 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_na
 
 def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
-                 | session_pb2.WatchRequest) -> Principal:
+                 | session_pb2.WatchRequest | session_pb2.TransitionRequest
+                 | session_pb2.ListConversationsRequest) -> Principal:
     p = request.principal
     return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
 
 
+def state_to_proto(state: ConversationState) -> session_pb2.ConversationState:
+    return session_pb2.ConversationState(status=state.status, version=state.version, assignee=state.assignee,
+                                         assignee_name=state.assignee_name, reason=state.reason, since=state.since)
+
+
 def to_proto(message: StoredMessage) -> session_pb2.Message:
-    return session_pb2.Message(id=message.id, role=message.role, content=message.content,
-                               created_at=message.created_at, tokens=message.tokens, seq=message.seq)
+    proto = session_pb2.Message(id=message.id, role=message.role, content=message.content,
+                                created_at=message.created_at, tokens=message.tokens, seq=message.seq,
+                                kind=message.kind, sender_id=message.sender_id, sender_name=message.sender_name,
+                                version=message.version)
+    if message.state is not None:
+        proto.state.CopyFrom(state_to_proto(message.state))
+    return proto
+
+
+def summary_to_proto(summary: ConversationSummary) -> session_pb2.ConversationSummary:
+    return session_pb2.ConversationSummary(session_id=summary.session_id, owner=summary.owner,
+                                           state=state_to_proto(summary.state), created_at=summary.created_at,
+                                           updated_at=summary.updated_at, preview=summary.preview)
+
+
+@contextlib.asynccontextmanager
+async def session_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """grpc_errors plus the refusals of conversation changes, which the common tree has no class for."""
+    async with grpc_errors(context):
+        try:
+            yield
+        except Conflict as error:
+            await context.abort(grpc.StatusCode.ABORTED, error.message)
+        except WrongStatus as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, error.message)
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -56,25 +92,56 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def Append(self, request: session_pb2.AppendRequest,
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
-        async with grpc_errors(context):
+        async with session_errors(context):
             with self._metrics.operation_seconds.labels("append").time():
                 result = await self._store.append(principal_of(request), request.session_id, request.role,
-                                                  request.content, request.message_id)
+                                                  request.content, request.message_id, kind=request.kind,
+                                                  sender_name=request.sender_name, if_version=request.if_version)
         if result.created:
             self._metrics.sessions_created.inc()
         if not result.duplicate:
             self._metrics.messages_appended.labels(result.message.role).inc()
         return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
-                                          created=result.created, duplicate=result.duplicate)
+                                          created=result.created, duplicate=result.duplicate,
+                                          state=state_to_proto(result.state))
+
+    async def Transition(self, request: session_pb2.TransitionRequest,
+                         context: grpc.aio.ServicerContext) -> session_pb2.TransitionResponse:
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("transition").time():
+                change = Change(request.action, request.expected_version, request.assignee,
+                                request.assignee_name, request.reason)
+                result = await self._store.transition(principal_of(request), request.session_id, change)
+        self._observe(result)
+        response = session_pb2.TransitionResponse(state=state_to_proto(result.state), unchanged=result.unchanged)
+        if result.event is not None:
+            response.event.CopyFrom(to_proto(result.event))
+        return response
+
+    def _observe(self, result: TransitionResult) -> None:
+        if result.unchanged:
+            return
+        if result.state.status == "waiting_human" and result.previous.status == "ai":
+            self._metrics.handoffs.labels(result.state.reason).inc()
+        if result.state.status == "human" and result.previous.status == "waiting_human":
+            self._metrics.queue_wait_seconds.observe(max(0.0, time.time() - result.previous.since))
+
+    async def ListConversations(self, request: session_pb2.ListConversationsRequest,
+                                context: grpc.aio.ServicerContext) -> session_pb2.ListConversationsResponse:
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("list_conversations").time():
+                summaries = await list_conversations(self._store, principal_of(request), request.status,
+                                                     request.assignee, request.limit)
+        return session_pb2.ListConversationsResponse(conversations=[summary_to_proto(s) for s in summaries])
 
     async def BuildContext(self, request: session_pb2.BuildContextRequest,
                            context: grpc.aio.ServicerContext) -> session_pb2.BuildContextResponse:
-        async with grpc_errors(context):
+        async with session_errors(context):
             with self._metrics.operation_seconds.labels("build_context").time():
                 meta, history = await self._store.messages(principal_of(request), request.session_id)
                 counter = await self._counters.for_model(request.model)
                 budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
-                built = build_context(history, request.system_prompt, budget, counter)
+                built = build_context(for_model(history), request.system_prompt, budget, counter)
         self._metrics.context_tokens.labels(counter.name).observe(built.total_tokens)
         return session_pb2.BuildContextResponse(
             messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
@@ -82,7 +149,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def ListMessages(self, request: session_pb2.ListMessagesRequest,
                            context: grpc.aio.ServicerContext) -> session_pb2.ListMessagesResponse:
-        async with grpc_errors(context):
+        async with session_errors(context):
             with self._metrics.operation_seconds.labels("list").time():
                 _, history = await self._store.messages(principal_of(request), request.session_id)
         return session_pb2.ListMessagesResponse(session_id=request.session_id,
@@ -90,19 +157,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def DeleteSession(self, request: session_pb2.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> session_pb2.DeleteSessionResponse:
-        async with grpc_errors(context):
+        async with session_errors(context):
             with self._metrics.operation_seconds.labels("delete").time():
                 deleted = await self._store.delete(principal_of(request), request.session_id)
         return session_pb2.DeleteSessionResponse(deleted_messages=deleted)
 
     async def Watch(self, request: session_pb2.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.WatchResponse]:
-        async with grpc_errors(context):
+        async with session_errors(context):
             messages = await self._store.watch(principal_of(request), request.session_id, request.after_seq)
         # Access is checked: this header tells the caller so before any message arrives.
         await context.send_initial_metadata(((WATCH_READY_HEADER, "on"),))
         try:
-            async with grpc_errors(context):
+            async with session_errors(context):
                 async for message in messages:
                     yield session_pb2.WatchResponse(message=to_proto(message))
         finally:
@@ -125,13 +192,17 @@ async def serve(settings: SessionSettings) -> None:
     counters = TokenCounters(settings.encoding)
     counters.preload()  # the default encoding; others load on their first model
     nc = await connect_nats(settings.nats_url, "kefu-session")
-    expiry_watch: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
             replicas=settings.nats_replicas)
-        expiry_watch = asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc))
+        timers = await ConversationTimers.open(
+            nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
+            sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)
+        background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
+        background.append(asyncio.create_task(timers.run()))
         server, health_servicer, port = await create_server(
             settings, SessionServicer(settings, store, counters, metrics), metrics)
         await server.start()
@@ -139,9 +210,9 @@ async def serve(settings: SessionSettings) -> None:
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
-        if expiry_watch is not None:
-            expiry_watch.cancel()
+        for task in background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await expiry_watch
+                await task
         await close_nats(nc)
         metrics_server.close()

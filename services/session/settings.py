@@ -32,6 +32,12 @@ class SessionSettings:
 
     cl100k counts more tokens than newer tokenizers for Chinese (1.09 vs o200k's 0.74 a
     character), so an unknown model's context errs on the short side."""
+    handoff_wait_s: float = 120.0
+    """A conversation waiting for an agent longer than this goes back to the AI, with a leave-a-message reply."""
+    idle_close_s: float = 600.0
+    """An open conversation with no stored event for this long is closed."""
+    session_sweep_s: float = 0.0
+    """How often the timers look; 0: a quarter of the shorter limit, held to 0.2..5 s."""
     grace_s: float = 10.0
     log_level: str = "INFO"
 
@@ -40,11 +46,23 @@ class SessionSettings:
             raise SettingsError(f"KEFU_MAX_HISTORY_MESSAGES must be 1..10000, got {self.max_history_messages}")
         if self.session_ttl_s < 60:
             raise SettingsError(f"KEFU_SESSION_TTL_S must be at least 60, got {self.session_ttl_s}")
+        if self.handoff_wait_s <= 0:
+            raise SettingsError(f"KEFU_HANDOFF_WAIT_S must be positive, got {self.handoff_wait_s}")
+        if self.idle_close_s <= 0:
+            raise SettingsError(f"KEFU_IDLE_CLOSE_S must be positive, got {self.idle_close_s}")
+        if self.session_sweep_s < 0:
+            raise SettingsError(f"KEFU_SESSION_SWEEP_S must not be negative, got {self.session_sweep_s}")
         try:
             canonical_encoding(self.encoding)
         except ValueError:
             raise SettingsError(
                 f"KEFU_TOKEN_ENCODING must be one of {list(ENCODINGS)}, got {self.encoding!r}") from None
+
+    @property
+    def sweep_interval_s(self) -> float:
+        if self.session_sweep_s:
+            return self.session_sweep_s
+        return min(5.0, max(0.2, min(self.handoff_wait_s, self.idle_close_s) / 4))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
@@ -59,6 +77,9 @@ class SessionSettings:
             session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),
             default_context_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.default_context_tokens, minimum=16),
             encoding=env_str(env, "KEFU_TOKEN_ENCODING", cls.encoding),
+            handoff_wait_s=env_float(env, "KEFU_HANDOFF_WAIT_S", cls.handoff_wait_s),
+            idle_close_s=env_float(env, "KEFU_IDLE_CLOSE_S", cls.idle_close_s),
+            session_sweep_s=env_float(env, "KEFU_SESSION_SWEEP_S", cls.session_sweep_s),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )

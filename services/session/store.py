@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import hashlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
@@ -32,19 +32,25 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import KeyNotFoundError, KeyValueLimitMarkerTTLNotSupportedError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
+from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
+from services.session.errors import Conflict
+from services.session.index import ConversationIndex
 from services.session.models import (
     MESSAGE_ID_PATTERN,
     ROLES,
     SESSION_ID_PATTERN,
+    ConversationState,
     MetaDelta,
     Principal,
     SessionMeta,
     StoredMessage,
     new_id,
 )
+from services.session.reads import direct_get
 from services.session.tokens import TokenCounter
+from services.session.visibility import LogFilter, version_at, visible
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ CAS_ATTEMPTS = 20
 EXPIRY_MARKER_TTL_S = 3600.0
 """How long an expiry marker stays; a replica down for less than this still counts it later."""
 MAX_DUPLICATE_WINDOW_S = 120.0
-READ_TIMEOUT_S = 5.0
+APPEND_KINDS = frozenset({"message", "note"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +74,33 @@ class AppendResult:
     message: StoredMessage
     created: bool
     duplicate: bool = False
+    state: ConversationState = field(default_factory=ConversationState)
+    """The conversation's state after the append."""
+    reopened: TransitionResult | None = None
+    """The reopen a visitor's message to a closed conversation caused."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    state: ConversationState
+    """The state after the change (the current one when nothing changed)."""
+    previous: ConversationState
+    event: StoredMessage | None
+    """The stored `state` event; None when nothing changed."""
+    meta: SessionMeta
+    revision: int
+
+    @property
+    def unchanged(self) -> bool:
+        return self.event is None
 
 
 @dataclass(slots=True)
 class _Batch:
     delta: MetaDelta = field(default_factory=MetaDelta)
     written: bool = False
+    result: SessionMeta | None = None
+    """The metadata the batch's write stored (read after every message of the batch was published)."""
 
 
 @dataclass(slots=True)
@@ -88,11 +115,12 @@ class _MetaSlot:
 class SessionStore:
     """Every operation is scoped to the principal: another owner's session is NotFound."""
 
-    def __init__(self, nc: NatsClient, meta: KeyValue, counter: TokenCounter, *,
+    def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
                  max_history: int, max_message_chars: int) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
+        self.index = index
         self._counter = counter
         self._max_history = max_history
         self._max_message_chars = max_message_chars
@@ -128,25 +156,43 @@ class SessionStore:
             max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
             # The server refuses a duplicate window longer than the max age.
             duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
-        store = cls(nc, meta, counter, max_history=max_history, max_message_chars=max_message_chars)
+        index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
+        store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars)
         store.expiry_markers = markers
         return store
 
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
-                     message_id: str = "") -> AppendResult:
+                     message_id: str = "", *, kind: str = "", sender_name: str = "",
+                     if_version: int = 0) -> AppendResult:
+        """Store one message. `if_version` non-zero: only while the state version is still that one
+        (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
+        caught by the check after it, which deletes the message again)."""
+        kind = kind or "message"
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {sorted(ROLES)}")
+        if kind not in APPEND_KINDS:
+            raise InvalidArgument(f"kind must be one of {sorted(APPEND_KINDS)}")
+        if kind == "note":
+            if not principal.is_staff:
+                raise PermissionDenied("only staff may write notes")
+            if role != "agent":
+                raise InvalidArgument("a note's role must be agent")
         if not content:
             raise InvalidArgument("content must not be empty")
         if len(content) > self._max_message_chars:
             raise InvalidArgument(f"content is longer than {self._max_message_chars} characters")
+        if len(sender_name) > MAX_NAME_CHARS:
+            raise InvalidArgument(f"sender_name must be at most {MAX_NAME_CHARS} characters")
         if message_id and not MESSAGE_ID_PATTERN.fullmatch(message_id):
             raise InvalidArgument("message_id must be 32 lowercase hex characters")
+        if if_version < 0:
+            raise InvalidArgument("if_version must not be negative")
         created = not session_id
         if created:
             session_id = new_id()
             now = time.time()
-            meta = SessionMeta(principal.tenant, principal.subject, now, now)
+            meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))
+            await self.index.add_new(principal.tenant, session_id, meta)
             revision = await self._meta.create(meta_key(principal.tenant, session_id), meta.to_json())
         else:
             meta, revision = await self._authorize_entry(principal, session_id)
@@ -154,17 +200,126 @@ class SessionStore:
                 # Staff may read a visitor's conversation and answer in it as an agent, but
                 # never speak as the visitor or the AI: that is the owner's (and the edge's).
                 raise NotFound("no such session")
+        if if_version and meta.state.version != if_version:
+            raise Conflict("version_conflict", meta.state.version)
+        reopened: TransitionResult | None = None
+        if role == "user" and kind == "message" and meta.state.status == "closed":
+            reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
+                                         (meta, revision))
+            meta, revision = reopened.meta, reopened.revision
         message = StoredMessage(id=message_id or new_id(), role=role, content=content,
                                 created_at=time.time(), tokens=self._counter.count(content),
-                                encoding=self._counter.name)
+                                encoding=self._counter.name, kind=kind,
+                                sender_id=principal.subject if role in ("user", "agent") else "",
+                                sender_name=sender_name, version=if_version)
         ack = await self._js.publish(message_subject(principal.tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         if ack.duplicate:
-            return await self._first_copy(principal, session_id, created, ack.seq)
-        stored = StoredMessage(message.id, role, content, message.created_at, message.tokens, ack.seq,
-                               message.encoding)
-        await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
-        return AppendResult(session_id, stored, created)
+            first = await self._first_copy(principal, session_id, created, ack.seq)
+            return replace(first, state=meta.state, reopened=reopened)
+        stored = replace(message, seq=ack.seq)
+        written = await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
+        if written is None:
+            written = await self.read_meta(principal.tenant, session_id)
+        state = written.state if written is not None else meta.state
+        if if_version and state.version != if_version:
+            # A change landed between the check and the publish: take the message back.
+            with contextlib.suppress(NatsError):
+                await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
+            raise Conflict("version_conflict", state.version)
+        if (written is not None and role == "user" and kind == "message"
+                and state.status in ("waiting_human", "human")):
+            # The agents' lists show the newest visitor message of queued and held conversations.
+            await self.index.project(principal.tenant, session_id, written,
+                                     self._rereader(principal.tenant, session_id), moved=False)
+        return AppendResult(session_id, stored, created, state=state, reopened=reopened)
+
+    async def append_system(self, tenant: str, session_id: str, content: str) -> StoredMessage | None:
+        """A message of the service itself (role system), without an access check; None if the session is gone."""
+        entry = await self.read_entry(tenant, session_id)
+        if entry is None:
+            return None
+        message = StoredMessage(id=new_id(), role="system", content=content, created_at=time.time(),
+                                tokens=self._counter.count(content), encoding=self._counter.name)
+        ack = await self._js.publish(message_subject(tenant, session_id), message.to_json(),
+                                     headers={"Nats-Msg-Id": message.id})
+        stored = replace(message, seq=ack.seq)
+        await self._add_to_meta(meta_key(tenant, session_id), stored, entry)
+        return stored
+
+    async def transition(self, principal: Principal, session_id: str, change: Change) -> TransitionResult:
+        """Change the conversation's status by CAS and store its `state` event (NotFound as every read)."""
+        seen = await self._authorize_entry(principal, session_id)
+        return await self._apply(principal.tenant, session_id, principal, change, seen)
+
+    async def transition_as_service(self, tenant: str, session_id: str, change: Change,
+                                    seen: tuple[SessionMeta, int] | None = None) -> TransitionResult | None:
+        """A change the service itself makes (timers); None if the session is gone."""
+        if seen is None:
+            seen = await self.read_entry(tenant, session_id)
+            if seen is None:
+                return None
+        try:
+            return await self._apply(tenant, session_id, None, change, seen)
+        except NotFound:
+            return None
+
+    async def _apply(self, tenant: str, session_id: str, actor: Principal | None, change: Change,
+                     seen: tuple[SessionMeta, int] | None) -> TransitionResult:
+        """Decide against the current state and write it by CAS; on a lost CAS read and decide again.
+
+        The state event's counters go into the same write, so a change costs one KV write;
+        counter batches and changes meet in the CAS and never overwrite each other.
+        """
+        key = meta_key(tenant, session_id)
+        for attempt in range(CAS_ATTEMPTS):
+            if seen is None:
+                seen = await self.read_entry(tenant, session_id)
+                if seen is None:
+                    raise NotFound("no such session")
+            meta, revision = seen
+            now = time.time()
+            state = decide(meta.state, actor, change, now)
+            if state is None:
+                return TransitionResult(meta.state, meta.state, None, meta, revision)
+            event = StoredMessage(id=_event_id(tenant, session_id, state.version), role="system",
+                                  content=describe(state), created_at=now, tokens=0,
+                                  encoding=self._counter.name, kind="state", state=state)
+            delta = MetaDelta()
+            delta.add(event)
+            updated = replace(meta.with_delta(delta), state=state)
+            try:
+                new_revision = await self._meta.update(key, updated.to_json(), last=revision)
+            except KeyWrongLastSequenceError:
+                seen = None
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
+                continue
+            # The id is the version's: a retried publish of the same change is stored once.
+            ack = await self._js.publish(message_subject(tenant, session_id), event.to_json(),
+                                         headers={"Nats-Msg-Id": event.id})
+            await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
+            return TransitionResult(state, meta.state, replace(event, seq=ack.seq), updated, new_revision)
+        raise Unavailable(f"conversation {session_id}: too many concurrent changes")
+
+    async def read_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
+        """The session's metadata without an access check (internal callers); None if gone."""
+        entry = await self.read_entry(tenant, session_id)
+        return entry[0] if entry is not None else None
+
+    async def read_entry(self, tenant: str, session_id: str) -> tuple[SessionMeta, int] | None:
+        """The metadata and its KV revision without an access check (internal callers); None if gone."""
+        try:
+            entry = await self._meta.get(meta_key(tenant, session_id))
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None  # an expiry marker
+        assert entry.revision is not None
+        return SessionMeta.from_json(entry.value), entry.revision
+
+    def _rereader(self, tenant: str, session_id: str) -> Callable[[], Awaitable[SessionMeta | None]]:
+        return lambda: self.read_meta(tenant, session_id)
 
     async def _first_copy(self, principal: Principal, session_id: str, created: bool, seq: int) -> AppendResult:
         """A retried message id: answer with the first copy, wherever the caller may see it.
@@ -180,6 +335,7 @@ class SessionStore:
             if created:  # no tombstone, as in delete(): the session never existed
                 await self._js.purge_stream(
                     META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(principal.tenant, session_id)}")
+                await self.index.remove(principal.tenant, session_id, principal.subject)
             prefix = message_subject(principal.tenant, "")
             original = raw.subject.removeprefix(prefix) if raw.subject.startswith(prefix) else ""
             try:
@@ -190,14 +346,18 @@ class SessionStore:
         return AppendResult(session_id, StoredMessage.from_json(raw.data, seq), created, duplicate=True)
 
     async def messages(self, principal: Principal, session_id: str) -> tuple[SessionMeta, list[StoredMessage]]:
-        """The session's kept messages, oldest first (JetStream sequence = order of acknowledgement)."""
+        """The session's kept events the principal may see, oldest first (JetStream sequence =
+        order of acknowledgement): no void AI replies, and no notes for a visitor."""
         meta = await self._authorize(principal, session_id)
+        return meta, visible(await self._history(principal.tenant, session_id, meta), principal.is_staff)
+
+    async def _history(self, tenant: str, session_id: str, meta: SessionMeta) -> list[StoredMessage]:
         if meta.message_count == 0:
-            return meta, []
-        subject = message_subject(principal.tenant, session_id)
+            return []
+        subject = message_subject(tenant, session_id)
         if self.batch_reads:
-            return meta, await self._read_subject_batch(subject)
-        return meta, await self._read_subject(subject)
+            return await self._read_subject_batch(subject)
+        return await self._read_subject(subject)
 
     async def watch(self, principal: Principal, session_id: str, after_seq: int) -> AsyncGenerator[StoredMessage, None]:
         """The kept messages with `seq` > `after_seq`, in order, then each new one; runs until closed.
@@ -208,10 +368,17 @@ class SessionStore:
         replay and the live part; the client library recreates it after a gap or a
         reconnect, from the last sequence it delivered. Closing the iterator removes it.
         """
-        await self._authorize(principal, session_id)
-        return self._follow(message_subject(principal.tenant, session_id), after_seq)
+        meta = await self._authorize(principal, session_id)
+        log_filter = LogFilter(principal.is_staff)
+        if after_seq and meta.state.version > 1:
+            # The version in force at `after_seq` decides whether a reply after it is void: one
+            # history read, only for conversations whose state ever changed.
+            history = await self._history(principal.tenant, session_id, meta)
+            log_filter.version = version_at(history, after_seq)
+        return self._follow(message_subject(principal.tenant, session_id), after_seq, log_filter)
 
-    async def _follow(self, subject: str, after_seq: int) -> AsyncGenerator[StoredMessage, None]:
+    async def _follow(self, subject: str, after_seq: int,
+                      log_filter: LogFilter) -> AsyncGenerator[StoredMessage, None]:
         config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
                   if after_seq else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         subscription = await self._js.subscribe(subject, stream=MESSAGE_STREAM, ordered_consumer=True,
@@ -221,7 +388,9 @@ class SessionStore:
                 seq = raw.metadata.sequence.stream
                 if seq > after_seq:
                     after_seq = seq
-                    yield StoredMessage.from_json(raw.data, seq)
+                    message = StoredMessage.from_json(raw.data, seq)
+                    if log_filter.admit(message):
+                        yield message
         finally:
             await subscription.unsubscribe()
             # Unsubscribing leaves the ephemeral consumer for the server's inactivity timer
@@ -241,6 +410,7 @@ class SessionStore:
         key = meta_key(principal.tenant, session_id)
         await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
         await self._js.purge_stream(MESSAGE_STREAM, subject=message_subject(principal.tenant, session_id))
+        await self.index.remove(principal.tenant, session_id, meta.owner)
         return kept
 
     async def watch_expired(self, on_expired: Callable[[], None], *, fetch_timeout_s: float = 5.0) -> None:
@@ -300,8 +470,10 @@ class SessionStore:
         assert entry.revision is not None
         return meta, entry.revision
 
-    async def _add_to_meta(self, key: str, message: StoredMessage, seen: tuple[SessionMeta, int]) -> None:
-        """Add the message to the session's counters; return once a write includes it.
+    async def _add_to_meta(self, key: str, message: StoredMessage,
+                           seen: tuple[SessionMeta, int]) -> SessionMeta | None:
+        """Add the message to the session's counters; return once a write includes it, with what
+        that write stored (None if the session vanished or the write gave up).
 
         `seen` is the metadata and revision this append read when it checked access: the
         first CAS tries it, which saves a read whenever nobody wrote in between.
@@ -317,71 +489,49 @@ class SessionStore:
         try:
             async with slot.lock:
                 if batch.written:
-                    return  # an earlier holder of the lock wrote our batch
+                    return batch.result  # an earlier holder of the lock wrote our batch
                 if slot.open_batch is batch:
                     slot.open_batch = None  # appends from now on gather in the next batch
                 # If this write fails, the next waiter of the same batch tries it again.
-                await self._write_meta(key, batch.delta, seen)
+                batch.result = await self._write_meta(key, batch.delta, seen)
                 batch.written = True
+                return batch.result
         finally:
             slot.waiting -= 1
             if slot.waiting == 0:
                 del self._slots[key]
 
-    async def _write_meta(self, key: str, delta: MetaDelta, seen: tuple[SessionMeta, int] | None) -> None:
+    async def _write_meta(self, key: str, delta: MetaDelta,
+                          seen: tuple[SessionMeta, int] | None) -> SessionMeta | None:
         for attempt in range(CAS_ATTEMPTS):
             if seen is None:
                 try:
                     entry = await self._meta.get(key)
                 except KeyNotFoundError:
-                    return  # deleted meanwhile; the message expires with the stream
+                    return None  # deleted meanwhile; the message expires with the stream
                 if not entry.value:
-                    return  # expired meanwhile (an expiry marker stands there)
+                    return None  # expired meanwhile (an expiry marker stands there)
                 assert entry.revision is not None
                 seen = SessionMeta.from_json(entry.value), entry.revision
             meta, revision = seen
+            updated = meta.with_delta(delta)
             try:
-                await self._meta.update(key, meta.with_delta(delta).to_json(), last=revision)
-                return
+                await self._meta.update(key, updated.to_json(), last=revision)
+                return updated
             except KeyWrongLastSequenceError:
                 seen = None
                 if attempt:
                     # Another replica keeps writing: back off with jitter so writers spread out.
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
         log.warning("session %s: gave up updating counters after %d conflicts", key, CAS_ATTEMPTS)
+        return None
 
     async def _read_subject_batch(self, subject: str) -> list[StoredMessage]:
-        """One request and one round trip for the whole history (paged if the server caps a batch).
-
-        A batched direct get (ADR-31, server 2.11+; nats-py has no API for it) answers with
-        the messages, then a `204 EOB` status carrying how many are still pending. Unlike a
-        consumer per read, it creates no server state, which matters in a clustered JetStream.
-        """
-        messages: list[StoredMessage] = []
-        inbox = self._nc.new_inbox()
-        subscription = await self._nc.subscribe(inbox)
-        request: dict[str, object] = {"batch": self._max_history, "next_by_subj": subject}
-        try:
-            while True:
-                await self._nc.publish(f"$JS.API.DIRECT.GET.{MESSAGE_STREAM}", json.dumps(request).encode(),
-                                       reply=inbox)
-                while True:
-                    reply = await subscription.next_msg(timeout=READ_TIMEOUT_S)
-                    headers = reply.headers or {}
-                    status = headers.get("Status")
-                    if status is None:
-                        messages.append(StoredMessage.from_json(reply.data, int(headers["Nats-Sequence"])))
-                    elif status == "404":  # nothing (more) on the subject
-                        return messages
-                    elif status == "204":  # end of this batch
-                        if int(headers.get("Nats-Num-Pending", "0")) == 0:
-                            return messages
-                        request["seq"] = int(headers["Nats-Last-Sequence"]) + 1
-                        break
-                    else:
-                        raise Unavailable(f"direct get on {MESSAGE_STREAM}: {status} {headers.get('Description', '')}")
-        finally:
-            await subscription.unsubscribe()
+        """One request and one round trip for the whole history (paged if the server caps a
+        batch). Unlike a consumer per read, it creates no server state, which matters in a
+        clustered JetStream."""
+        found = await direct_get(self._nc, MESSAGE_STREAM, {"batch": self._max_history, "next_by_subj": subject})
+        return [StoredMessage.from_json(m.data, int((m.headers or {})["Nats-Sequence"])) for m in found]
 
     async def _read_subject(self, subject: str) -> list[StoredMessage]:
         # Servers before 2.11: a short-lived named consumer, deleted right after: one
@@ -432,3 +582,8 @@ def meta_key(tenant: str, session_id: str) -> str:
 
 def message_subject(tenant: str, session_id: str) -> str:
     return f"{MESSAGE_SUBJECT_PREFIX}.{tenant}.{session_id}"
+
+
+def _event_id(tenant: str, session_id: str, version: int) -> str:
+    """The id of a conversation's `state` event for one version: the same on every retry and replica."""
+    return hashlib.sha256(f"{tenant}.{session_id}.state.{version}".encode()).hexdigest()[:32]

@@ -1,0 +1,27 @@
+"""Refusals of conversation changes that services.common.errors has no class for (mapped in server.py)."""
+
+from __future__ import annotations
+
+from services.common.errors import KefuError
+
+
+class Conflict(KefuError):
+    """Another change won (gRPC ABORTED): a lost claim race, a stale `expected_version` or `if_version`."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+        """The conversation's state version the request lost against."""
+
+
+class WrongStatus(KefuError):
+    """The action is not allowed from the conversation's current status (gRPC FAILED_PRECONDITION)."""
+
+    code = "wrong_status"
+
+    def __init__(self, action: str, status: str) -> None:
+        super().__init__(f"cannot {action} a conversation in status {status}")
+        self.action = action
+        self.status = status

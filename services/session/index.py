@@ -1,0 +1,149 @@
+"""The conversation index: who is in which status, per tenant, for agents' lists and the timers.
+
+KV bucket `kefu_conversations` (a projection of the sessions' metadata, which stays the truth):
+- `<tenant>.<status>.<session_id>`: a ConversationSummary; moved on every status change, so
+  listing a tenant's queue reads `<tenant>.waiting_human.>` and nothing else.
+- `<tenant>.visitor.<sha256(owner)[:32]>.<session_id>`: one per session of a visitor, for
+  the visitor's own list (the summaries then come from the metadata itself).
+
+Old entries are purged, not deleted, so no tombstones pile up in listings. Two projections
+of one conversation may interleave; each re-reads the metadata after writing and projects
+again when the version moved, so the last one to finish writes the newest state. A process
+that dies between the metadata write and the projection leaves the index behind until the
+sweeper repairs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Self
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from services.common.nats_client import ensure_key_value
+from services.session.models import ConversationState, SessionMeta
+from services.session.reads import count_subjects, last_per_subject
+
+INDEX_BUCKET = "kefu_conversations"
+INDEX_STREAM = f"KV_{INDEX_BUCKET}"
+INDEX_SUBJECT_PREFIX = f"$KV.{INDEX_BUCKET}"
+VISITOR_TOKEN = "visitor"
+PROJECTION_ROUNDS = 5
+"""A projection chasing a conversation that keeps changing stops after this many rounds (the sweeper goes on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    tenant: str
+    session_id: str
+    owner: str
+    state: ConversationState
+    created_at: float
+    updated_at: float
+    """Time of the newest stored event when the entry was written: it lags for "ai" conversations."""
+    preview: str = ""
+
+    @classmethod
+    def of(cls, session_id: str, meta: SessionMeta) -> Self:
+        return cls(meta.tenant, session_id, meta.owner, meta.state, meta.created_at, meta.updated_at, meta.preview)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"owner": self.owner, "state": self.state.to_dict(), "created_at": self.created_at,
+                           "updated_at": self.updated_at, "preview": self.preview}, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, tenant: str, session_id: str, data: bytes) -> Self:
+        raw = json.loads(data)
+        return cls(tenant, session_id, str(raw["owner"]), ConversationState.from_dict(raw["state"]),
+                   float(raw["created_at"]), float(raw["updated_at"]), str(raw.get("preview", "")))
+
+
+MetaReader = Callable[[], Awaitable[SessionMeta | None]]
+"""Reads a conversation's metadata again (None: it is gone)."""
+
+
+class ConversationIndex:
+    def __init__(self, nc: NatsClient, kv: KeyValue, *, batch_reads: bool) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._kv = kv
+        self._batch_reads = batch_reads
+
+    @classmethod
+    async def open(cls, nc: NatsClient, *, ttl_s: float, replicas: int = 1) -> ConversationIndex:
+        """Entries age out with the sessions (every open conversation is written again within
+        the idle limit, by a change or by the sweeper)."""
+        kv = await ensure_key_value(nc.jetstream(), KeyValueConfig(
+            bucket=INDEX_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas, direct=True))
+        version = nc.connected_server_version
+        return cls(nc, kv, batch_reads=(version.major, version.minor) >= (2, 11))
+
+    async def add_new(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
+        """Index a session about to be created. Written before its metadata exists, so no
+        change of it can race this write; a dangling entry (the create failed) is skipped by readers."""
+        await self._kv.put(status_key(tenant, meta.state.status, session_id),
+                           ConversationSummary.of(session_id, meta).to_json())
+        await self._kv.put(visitor_key(tenant, meta.owner, session_id), b"1")
+
+    async def project(self, tenant: str, session_id: str, meta: SessionMeta, reread: MetaReader, *,
+                      moved: bool = True) -> None:
+        """Write the entry of `meta` (the metadata just written) until it matches the metadata read back.
+
+        `moved` False: the status did not change (a new preview), so the other statuses'
+        entries need no purge unless the state turns out to have moved meanwhile.
+        """
+        for _ in range(PROJECTION_ROUNDS):
+            await self._kv.put(status_key(tenant, meta.state.status, session_id),
+                               ConversationSummary.of(session_id, meta).to_json())
+            if moved:
+                # Keep only the newest entry of this conversation across statuses: ours, unless
+                # a concurrent projection wrote after us (then its re-read fixes what it wrote).
+                await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}",
+                                            keep=1)
+            current = await reread()
+            if current is None:
+                await self.remove(tenant, session_id, meta.owner)
+                return
+            if current.state == meta.state and current.preview == meta.preview:
+                return
+            moved = moved or current.state.status != meta.state.status
+            meta = current
+
+    async def remove(self, tenant: str, session_id: str, owner: str) -> None:
+        await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}")
+        visitor = visitor_key(tenant, owner, session_id)
+        await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}")
+
+    async def in_status(self, tenant: str, status: str) -> list[ConversationSummary]:
+        """Entries of one status; `tenant` "*" means every tenant (the sweeper)."""
+        found = await last_per_subject(self._nc, INDEX_STREAM, f"{INDEX_SUBJECT_PREFIX}.{tenant}.{status}.*",
+                                       batch_reads=self._batch_reads)
+        summaries = []
+        for subject, data in found:
+            tenant_token, _, session_id = subject.removeprefix(INDEX_SUBJECT_PREFIX + ".").split(".")
+            summaries.append(ConversationSummary.from_json(tenant_token, session_id, data))
+        return summaries
+
+    async def sessions_of_visitor(self, tenant: str, owner: str) -> list[str]:
+        found = await last_per_subject(self._nc, INDEX_STREAM,
+                                       f"{INDEX_SUBJECT_PREFIX}.{visitor_key(tenant, owner, '*')}",
+                                       batch_reads=self._batch_reads)
+        return [subject.rsplit(".", 1)[1] for subject, _ in found]
+
+    async def count(self, status: str) -> int:
+        """Conversations in `status` over every tenant, counted by the server without reading them."""
+        return await count_subjects(self._nc, INDEX_STREAM, f"{INDEX_SUBJECT_PREFIX}.*.{status}.*")
+
+
+def status_key(tenant: str, status: str, session_id: str) -> str:
+    return f"{tenant}.{status}.{session_id}"
+
+
+def visitor_key(tenant: str, owner: str, session_id: str) -> str:
+    # Hashed: a `sub` may hold characters a subject token may not (dots, spaces, wildcards).
+    return f"{tenant}.{VISITOR_TOKEN}.{hashlib.sha256(owner.encode()).hexdigest()[:32]}.{session_id}"

@@ -1,0 +1,63 @@
+"""Lists of conversations: a tenant's for staff (from the index), a visitor's own (from the metadata)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from services.common.errors import InvalidArgument
+from services.session.index import ConversationSummary
+from services.session.models import OPEN_STATUSES, SESSION_ID_PATTERN, STATUSES, Principal
+from services.session.store import SessionStore
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+
+def check_limit(limit: int) -> int:
+    if limit < 0:
+        raise InvalidArgument("limit must not be negative")
+    return min(limit or DEFAULT_LIMIT, MAX_LIMIT)
+
+
+async def list_conversations(store: SessionStore, principal: Principal, status: str, assignee: str,
+                             limit: int) -> list[ConversationSummary]:
+    """Staff: their tenant's conversations in `status` (empty: every open one), optionally only
+    those `assignee` holds. Visitors: their own (`assignee` does not apply)."""
+    if status and status not in STATUSES:
+        raise InvalidArgument(f"status must be one of {list(STATUSES)} or empty")
+    limit = check_limit(limit)
+    statuses = (status,) if status else OPEN_STATUSES
+    if not principal.is_staff:
+        return order(await _own(store, principal, statuses), status)[:limit]
+    found = await asyncio.gather(*(store.index.in_status(principal.tenant, s) for s in statuses))
+    summaries = newest_entries(s for entries in found for s in entries)
+    if assignee:
+        summaries = [s for s in summaries if s.state.assignee == assignee]
+    return order(summaries, status)[:limit]
+
+
+async def _own(store: SessionStore, principal: Principal, statuses: tuple[str, ...]) -> list[ConversationSummary]:
+    # A visitor has few conversations, and the one the edge looks for must be exact: read the metadata.
+    session_ids = await store.index.sessions_of_visitor(principal.tenant, principal.subject)
+    session_ids = [s for s in session_ids if SESSION_ID_PATTERN.fullmatch(s)]
+    metas = await asyncio.gather(*(store.read_meta(principal.tenant, s) for s in session_ids))
+    return [ConversationSummary.of(session_id, meta) for session_id, meta in zip(session_ids, metas, strict=True)
+            if meta is not None and meta.owner == principal.subject and meta.state.status in statuses]
+
+
+def newest_entries(summaries: Iterable[ConversationSummary]) -> list[ConversationSummary]:
+    """One summary per conversation: while a projection moves an entry, it may briefly stand in two statuses."""
+    newest: dict[str, ConversationSummary] = {}
+    for summary in summaries:
+        seen = newest.get(summary.session_id)
+        if seen is None or summary.state.version > seen.state.version:
+            newest[summary.session_id] = summary
+    return list(newest.values())
+
+
+def order(summaries: list[ConversationSummary], status: str) -> list[ConversationSummary]:
+    """The queue ("waiting_human") oldest first by `since`, as it is served; any other list newest first."""
+    if status == "waiting_human":
+        return sorted(summaries, key=lambda s: (s.state.since, s.session_id))
+    return sorted(summaries, key=lambda s: (s.updated_at, s.session_id), reverse=True)
