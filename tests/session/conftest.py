@@ -1,0 +1,39 @@
+"""The session gRPC service on port 0 over a real nats-server, for the live-chat tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from kefu.session.v1 import session_pb2_grpc
+from services.session.metrics import SessionMetrics
+from services.session.server import SessionServicer, create_server
+from services.session.settings import SessionSettings
+from services.session.store import SessionStore
+from services.session.tokens import CL100K, TokenCounters
+from tests.session.live_helpers import Live
+
+
+@pytest.fixture(scope="session")
+def live_counters() -> TokenCounters:
+    counters = TokenCounters(CL100K)
+    counters.preload()
+    return counters
+
+
+@pytest.fixture
+async def live(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncIterator[Live]:
+    settings = SessionSettings(grpc_port=0)
+    metrics = SessionMetrics()
+    store = await SessionStore.open(nats_client, live_counters.default_counter, max_history=200,
+                                    max_message_chars=1000, ttl_s=3600)
+    server, _, port = await create_server(settings, SessionServicer(settings, store, live_counters, metrics), metrics)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Live(session_pb2_grpc.SessionServiceStub(channel), store, metrics, nats_client)
+    finally:
+        await server.stop(None)
