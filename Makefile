@@ -28,14 +28,19 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 
 proto: $(GEN_STAMP) ## generate the Python gRPC code from protos/ into kefu/ (git-ignored)
 
+# The browser tests (tests/browser) drive Debian's headless chromium through Playwright.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 run: $(GEN_STAMP) ## start nats-server, the three services and the edge; Ctrl-C stops them all
 	$(PY) -m services.devstack
 
-test: $(GEN_STAMP) k8s-validate ## run every test (unit, end-to-end with real processes, manifests)
+test: $(GEN_STAMP) $(CHROMIUM) k8s-validate ## run every test (unit, end-to-end with real processes, browser, manifests)
 	$(PY) -m pytest -q
 
 test-unit: $(GEN_STAMP) ## run the tests that start no process
-	$(PY) -m pytest -q --ignore=tests/e2e
+	$(PY) -m pytest -q --ignore=tests/e2e --ignore=tests/browser
 
 bench: $(GEN_STAMP) ## measure kefu against the direct path to the upstream (bench/results/)
 	$(PY) -m bench

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.handlers import chat, health, models, openai_compat, openapi, sessions, ws
+from gateway.pages import setup_pages
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
 STAFF = frozenset({"agent", "admin"})
@@ -16,6 +17,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/openapi.json", openapi.openapi_document)
+    setup_pages(app)  # the shop page, widget.js and the agent console: public static files
     # Live chat authenticates in its handler (a browser sends its token in the first frame).
     app.router.add_get("/v1/ws", ws.websocket)
     protected = (

@@ -1,0 +1,163 @@
+"""Helpers of the browser tests: pages screenshotted on failure, agent tokens, the widget-token shim, a TCP relay."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from pathlib import Path
+
+import jwt
+from playwright.sync_api import Browser, BrowserContext, Page, Route
+
+from services.devstack.stack import Stack
+from tests.e2e.stack_helpers import SECRET, token
+
+OUTPUT = Path(__file__).resolve().parent / "output"
+TENANT = "demo"
+
+
+class BrowserPages:
+    """Contexts opened by one test (one per person), screenshotted and logged if the test fails."""
+
+    def __init__(self, browser: Browser, test_name: str) -> None:
+        self._browser = browser
+        self._name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
+        self.pages: dict[str, Page] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.contexts: list[BrowserContext] = []
+
+    def open(self, who: str, *, width: int = 1280, height: int = 800) -> Page:
+        context = self._browser.new_context(viewport={"width": width, "height": height}, locale="zh-CN")
+        self.contexts.append(context)
+        page = context.new_page()
+        log = self.logs.setdefault(who, [])
+        page.on("console", lambda message: log.append(f"console.{message.type}: {message.text}"))
+        page.on("pageerror", lambda error: log.append(f"pageerror: {error}"))
+        self.pages[who] = page
+        return page
+
+    def save_failure_artifacts(self) -> None:
+        OUTPUT.mkdir(exist_ok=True)
+        for who, page in self.pages.items():
+            try:
+                page.screenshot(path=str(OUTPUT / f"{self._name}-{who}.png"), full_page=True)
+            except Exception as error:  # a crashed page still gets its log written
+                self.logs.setdefault(who, []).append(f"screenshot failed: {error}")
+            (OUTPUT / f"{self._name}-{who}.log").write_text("\n".join(self.logs.get(who, [])), encoding="utf-8")
+
+    def close(self) -> None:
+        for context in self.contexts:
+            context.close()
+
+
+def csp_violations(pages: BrowserPages) -> list[str]:
+    return [line for lines in pages.logs.values() for line in lines
+            if "Content Security Policy" in line or "Refused to" in line]
+
+
+def agent_token(sub: str = "agent-1", name: str = "Alice") -> str:
+    return jwt.encode({**jwt.decode(token(TENANT, sub, "agent", ttl_s=3600), options={"verify_signature": False}),
+                       "name": name}, SECRET, algorithm="HS256")
+
+
+# ---- the widget token route, until the edge serves POST /v1/widget/token ----------------------------------
+
+def install_widget_token_shim(page: Page, stack: Stack) -> bool:
+    """Answer POST /v1/widget/token in the browser when the edge does not serve it (yet).
+
+    Mirrors the contract: a new visitor id, or the same one when the previous token comes along.
+    Returns whether the shim was needed.
+    """
+    if "/v1/widget/token" in page.request.get(f"{stack.base_url}/openapi.json").json()["paths"]:
+        return False
+    counter = iter(range(1, 1_000_000))
+
+    def answer(route: Route) -> None:
+        previous = (route.request.headers.get("authorization") or "").removeprefix("Bearer ")
+        subject = ""
+        if previous:
+            subject = jwt.decode(previous, SECRET, algorithms=["HS256"], options={"verify_exp": False})["sub"]
+        subject = subject or f"visitor-{threading.get_ident()}-{next(counter)}"
+        route.fulfill(json={"token": token(TENANT, subject, "visitor", ttl_s=3600), "visitor_id": subject,
+                            "expires_in": 3600})
+
+    page.context.route("**/v1/widget/token", answer)
+    return True
+
+
+# ---- a TCP relay between the browser and the edge that the test can cut for real --------------------------
+
+class Relay:
+    """127.0.0.1:<port> -> the edge. `cut()` closes every open connection and refuses new ones; `restore()`."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._down = False
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                down = self._down
+            if down:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            self._drop(source)
+            self._drop(sink)
+
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._down = True
+            sockets = list(self._open)
+        for sock in sockets:
+            self._drop(sock)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._down = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()

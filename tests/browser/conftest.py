@@ -1,0 +1,74 @@
+"""Browser tests: the real system, Debian's headless Chromium driven by Playwright, a TCP relay the test can cut."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Playwright, sync_playwright
+
+from services.devstack.stack import Stack
+from tests.browser.browser_helpers import TENANT, BrowserPages, Relay
+from tests.e2e.stack_helpers import start_stack
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"report_{report.when}", report)  # read by the `browser_pages` fixture to screenshot failures
+    return report
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole system with the widget enabled for the demo tenant (the knowledge base answers)."""
+    stack = start_stack(tmp_path_factory.mktemp("web-stack"), {
+        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_WIDGET_TENANTS": TENANT, "KEFU_CACHE_ENABLED": "false"})
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="session")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    # Debian's chromium: Playwright's own browser download is not reachable from these machines.
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"{CHROMIUM} is missing: `apt-get install chromium` (make test does it)")
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def browser_pages(browser: Browser, request: pytest.FixtureRequest) -> Iterator[BrowserPages]:
+    pages = BrowserPages(browser, request.node.name)
+    try:
+        yield pages
+    finally:
+        failed = any(getattr(request.node, f"report_{when}", None) is not None
+                     and getattr(request.node, f"report_{when}").failed for when in ("setup", "call"))
+        if failed:
+            pages.save_failure_artifacts()
+        pages.close()
+
+
+@pytest.fixture
+def relay(web_stack: Stack) -> Iterator[Relay]:
+    relay = Relay(web_stack.config.ports.http)
+    try:
+        yield relay
+    finally:
+        relay.close()
+

@@ -1,0 +1,127 @@
+"""The visitor widget on the demo shop page, in headless Chromium against the real system."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from services.devstack.stack import Stack
+from tests.browser.browser_helpers import BrowserPages, csp_violations, install_widget_token_shim
+
+pytestmark = pytest.mark.timeout(300)
+
+QUESTION = "下单后多久发货？"
+ANSWER_PART = "下午4点前付款的订单当天发货"
+WAIT_MS = 30_000
+
+
+def open_shop(pages: BrowserPages, stack: Stack, who: str = "visitor", base_url: str | None = None,
+              **viewport: int) -> Page:
+    page = pages.open(who, **viewport)
+    install_widget_token_shim(page, stack)
+    page.goto(f"{base_url or stack.base_url}/")
+    return page
+
+
+def open_widget(page: Page) -> None:
+    page.get_by_test_id("kefu-launcher").click()
+    expect(page.get_by_test_id("kefu-input")).to_be_visible()
+
+
+def say(page: Page, text: str) -> None:
+    page.get_by_test_id("kefu-input").fill(text)
+    page.get_by_test_id("kefu-send").click()
+
+
+def messages(page: Page, sender: str):  # noqa: ANN201 - a Playwright Locator
+    return page.locator(f"[data-testid=kefu-message][data-sender={sender}]")
+
+
+def record_ai_text_lengths(page: Page) -> None:
+    """Note every length the AI answer's text goes through, so the test can tell a stream from one write."""
+    page.evaluate("""() => {
+        const root = document.getElementById('kefu-widget').shadowRoot;
+        window.__aiLengths = [];
+        new MutationObserver(() => {
+            const answers = root.querySelectorAll('[data-testid=kefu-message][data-sender=ai] .text');
+            if (answers.length) window.__aiLengths.push(answers[answers.length - 1].textContent.length);
+        }).observe(root, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def stored_state(page: Page) -> dict[str, object]:
+    state: dict[str, object] = page.evaluate("""() => {
+        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
+        return key ? JSON.parse(localStorage.getItem(key)) : {};
+    }""")
+    return state
+
+
+def test_widget_visitor_asks_and_sees_the_answer_stream_in(web_stack: Stack, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack)
+    open_widget(page)
+    expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "ai", timeout=WAIT_MS)
+    record_ai_text_lengths(page)
+    say(page, QUESTION)
+    expect(messages(page, "visitor").locator(".text")).to_have_text([QUESTION], timeout=WAIT_MS)
+    answer = messages(page, "ai")
+    expect(answer).to_have_count(1, timeout=WAIT_MS)
+    expect(answer.locator(".text")).to_contain_text(ANSWER_PART, timeout=WAIT_MS)
+    expect(answer).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
+    expect(answer.locator(".who")).to_have_text("AI 助手")
+    lengths: list[int] = page.evaluate("window.__aiLengths")
+    final = len(answer.locator(".text").text_content() or "")
+    assert len({n for n in lengths if 0 < n < final}) >= 2, f"the answer did not stream in: {lengths}"
+    assert stored_state(page)["conversationId"], "the conversation id is kept for a reload"
+    assert csp_violations(browser_pages) == []
+
+
+def test_widget_reload_keeps_the_conversation(web_stack: Stack, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack)
+    open_widget(page)
+    say(page, QUESTION)
+    expect(messages(page, "ai").locator(".text")).to_contain_text(ANSWER_PART, timeout=WAIT_MS)
+    expect(messages(page, "ai")).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
+    before = stored_state(page)
+
+    page.reload()
+    # The panel was open: it opens again with the whole conversation, each message once.
+    expect(messages(page, "visitor").locator(".text")).to_have_text([QUESTION], timeout=WAIT_MS)
+    expect(messages(page, "ai")).to_have_count(1, timeout=WAIT_MS)
+    expect(messages(page, "ai").locator(".text")).to_contain_text(ANSWER_PART)
+    say(page, "运费多少钱？")
+    expect(messages(page, "ai")).to_have_count(2, timeout=WAIT_MS)
+    expect(messages(page, "ai").nth(1).locator(".text")).to_contain_text("满99元包邮", timeout=WAIT_MS)
+    after = stored_state(page)
+    assert after["conversationId"] == before["conversationId"]
+    assert after["visitorId"] == before["visitorId"]
+    assert after["outbox"] == []
+    expect(messages(page, "visitor")).to_have_count(2)
+
+
+def test_widget_shows_html_in_a_message_as_text(web_stack: Stack, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack)
+    open_widget(page)
+    html = '<img src=x onerror="window.__pwned=1"><b>bold</b>'
+    say(page, html)
+    visitor = messages(page, "visitor")
+    expect(visitor.locator(".text")).to_have_text([html], timeout=WAIT_MS)
+    expect(visitor).not_to_have_attribute("data-pending", "", timeout=WAIT_MS)  # the stored copy, not the draft
+    expect(messages(page, "ai")).to_have_count(1, timeout=WAIT_MS)
+    assert page.evaluate("document.getElementById('kefu-widget').shadowRoot.querySelectorAll('img, b').length") == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_widget_fits_a_phone_screen(web_stack: Stack, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack, width=375, height=667)
+    open_widget(page)
+    box = page.locator("#kefu-panel").bounding_box()
+    assert box is not None and box["width"] == 375 and box["height"] == 667
+    page.get_by_test_id("kefu-input").press("Escape")  # keyboard: Escape closes, focus back on the launcher
+    expect(page.locator("#kefu-panel")).to_be_hidden()
+    expect(page.get_by_test_id("kefu-launcher")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("kefu-input")).to_be_focused()
+    page.keyboard.type(QUESTION)
+    page.keyboard.press("Enter")
+    expect(messages(page, "ai").locator(".text")).to_contain_text(ANSWER_PART, timeout=WAIT_MS)
