@@ -65,6 +65,7 @@ TENANTS = ("bench-a", "bench-b")
 WARMUP_TENANT = "bench-warmup"
 """Warm-up turns go to their own tenant: their cache entries can never serve a measured turn."""
 P95_GOAL_MS = 380.0
+PRIOR_INDEX_OFFSET = 1_000_000
 
 # ---------------------------------------------------------------- the question stream
 
@@ -80,6 +81,42 @@ PERSONAL_TEMPLATES = {
     "en": ("Where is my order {n}?", "Has order {n} shipped yet?", "Please check the status of order #{n}",
            "I want a refund for order {n}"),
 }
+FREE_WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Wordings a visitor may use that are NOT phrasings in the FAQ (held out: the knowledge base never
+    # saw them). The matcher decides, as it would for a real visitor, whether each is close enough to
+    # its entry; several are not (e.g. "how fast do you ship" scores best on shipping-cost).
+    "shipping-time": {"zh": ("一般几天能发货", "发货要多久"),
+                      "en": ("how fast do you ship", "how many days until it ships")},
+    "shipping-cost": {"zh": ("运费怎么算", "买多少钱可以包邮"),
+                      "en": ("what does delivery cost", "do you have free shipping")},
+    "shipping-international": {"zh": ("我在美国能买吗", "寄到日本可以吗"), "en": ("do you deliver to japan",)},
+    "order-tracking": {"zh": ("快递单号在哪看", "包裹到哪里了"),
+                       "en": ("where can i see my tracking number", "where is my parcel")},
+    "order-change-address": {"zh": ("收货地址写错了能改吗",), "en": ("can i fix the address on my order",)},
+    "order-cancel": {"zh": ("订单还能取消吗",), "en": ("can i still cancel my order",)},
+    "returns-policy": {"zh": ("退货要怎么操作", "怎么申请退货"), "en": ("how do i send something back",)},
+    "refund-time": {"zh": ("退款几天能到", "退的钱多久到账"), "en": ("how many days for my refund",)},
+    "damaged-item": {"zh": ("东西收到是碎的",), "en": ("my cup arrived cracked",)},
+    "payment-methods": {"zh": ("能用支付宝付款吗", "可以货到付款吗"),
+                        "en": ("do you take paypal", "can i pay by apple pay")},
+    "invoice": {"zh": ("能开个发票吗", "能开专票吗"), "en": ("can i get a receipt",)},
+    "coupons": {"zh": ("有什么优惠吗", "有没有新人优惠券"),
+                "en": ("any discounts right now", "do you have a welcome coupon")},
+    "membership": {"zh": ("会员积分有什么用",), "en": ("what do members get",)},
+    "account-password": {"zh": ("密码忘了",), "en": ("i lost my password",)},
+    "tea-storage": {"zh": ("茶叶放冰箱可以吗",), "en": ("how do i keep tea fresh",)},
+    "tea-shelf-life": {"zh": ("茶叶放多久会坏",), "en": ("how long does tea stay fresh",)},
+    "brewing-green": {"zh": ("龙井怎么泡好喝",), "en": ("how do i make longjing",)},
+    "brewing-puer": {"zh": ("普洱要泡几次",), "en": ("how many times can i steep pu-erh",)},
+}
+NOVEL_QUESTIONS = {
+    # Questions the FAQ does not cover at all: the knowledge base hands them over, the LLM answers them.
+    "zh": ("你们有实体店吗", "有茶艺课程吗", "你们招聘吗", "可以开直播带货吗", "茶叶可以做面膜吗",
+           "能帮我推荐一款送长辈的茶吗", "你们和哪家快递合作", "茶具可以刻字吗", "有没有无糖的奶茶", "周末发货吗"),
+    "en": ("Do you have a physical store?", "Do you run tea classes?", "Are you hiring?", "Do you sell coffee?",
+           "Which tea would you recommend for my dad?", "Which courier do you use?", "Can you engrave a teapot?",
+           "Do you ship on weekends?"),
+}
 _S2T = opencc.OpenCC("s2t")
 _TRAILING_PUNCTUATION = "？?！!。.～~ "
 
@@ -94,6 +131,10 @@ class WorkloadSpec:
     """Chance that a visitor's next FAQ question is one of the previous entry's `related` entries."""
     personal_share: float = 0.10
     """Chance that a question is about the visitor's own order (a fresh order number: never reusable)."""
+    free_share: float = 0.0
+    """Chance that an FAQ question is worded in a way the FAQ does not list (FREE_WORDINGS), when its entry has one."""
+    novel_share: float = 0.0
+    """Chance that a question is one the FAQ does not cover at all (NOVEL_QUESTIONS, uniform)."""
     zh_share: float = 0.7
     """Chance that a visitor writes Chinese (else English); a visitor keeps one language."""
     think_s: tuple[float, float] = (1.5, 4.0)
@@ -102,7 +143,7 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         if self.visitors < 1:
             raise ValueError(f"--visitors must be >= 1, got {self.visitors}")
-        for name in ("related_bias", "personal_share", "zh_share"):
+        for name in ("related_bias", "personal_share", "zh_share", "free_share", "novel_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be within 0..1")
         if self.zipf_s < 0:
@@ -115,7 +156,7 @@ class WorkloadSpec:
 class Question:
     text: str
     kind: str
-    """`faq` or `personal`."""
+    """`faq`, `novel` or `personal`."""
     language: str
     entry: str = ""
     """FAQ entry id (the entry the question was drawn from; for `personal`, empty)."""
@@ -202,9 +243,17 @@ class WorkloadBuilder:
                 number = f"2025{rng.randrange(10 ** 8):08d}"
                 questions.append(Question(template.format(n=number), "personal", language))
                 continue
+            # Draws only when a share is set, so the default stream stays what it was before these existed.
+            if spec.novel_share and rng.random() < spec.novel_share:
+                questions.append(Question(rng.choice(NOVEL_QUESTIONS[language]), "novel", language))
+                continue
             entry = self._next_entry(previous, asked)
             previous = entry
             asked.add(entry)
+            free = FREE_WORDINGS.get(entry, {}).get(language, ())
+            if free and spec.free_share and rng.random() < spec.free_share:
+                questions.append(Question(rng.choice(free), "faq", language, entry, -1, "free"))
+                continue
             phrasings = self._entries[entry]["questions"][language]
             phrasing = rng.choices(range(len(phrasings)), weights=zipf_weights(len(phrasings), spec.zipf_s))[0]
             variant = rng.choices(VARIANTS, weights=VARIANT_WEIGHTS)[0]
@@ -235,6 +284,8 @@ def load_faq(plugins_dir: Path) -> dict[str, Any]:
 
 class _Knower(Protocol):
     def is_standalone(self, question: str) -> bool: ...
+
+    def canonical_question(self, question: str) -> str | None: ...
 
     def suggest_next(self, question: str, limit: int = 3) -> list[str]: ...
 
@@ -278,10 +329,15 @@ def workload_stats(faq: Mapping[str, Any], visitors: Sequence[Visitor], cacheabl
     candidates = {(v.index % tenants, normalize_question(s)) for v, q, c in turns if c
                   for s in knower.suggest_next(q.text, 3)}
     pregen_shaped = sum(1 for _, q, c in turns if c and q.kind == "faq" and q.key == pregen_keys[q.entry, q.language])
+    # The answer a cacheable turn can be served: its own wording's, or its canonical question's.
+    canonical = {q.text: knower.canonical_question(q.text) for _, q, c in turns if c}
+    slots = [(v.index % tenants, normalize_question(canonical[q.text] or q.text)) for v, q, c in turns if c]
     return {
         "visitors": len(visitors),
         "turns": len(turns),
         "faq_turns": sum(1 for _, q, _ in turns if q.kind == "faq"),
+        "free_wording_turns": sum(1 for _, q, _ in turns if q.variant == "free"),
+        "novel_turns": sum(1 for _, q, _ in turns if q.kind == "novel"),
         "personal_turns": sum(1 for _, q, _ in turns if q.kind == "personal"),
         "turns_per_visitor": dict(sorted(Counter(len(v.questions) for v in visitors).items())),
         "languages": dict(Counter(v.language for v in visitors)),
@@ -293,6 +349,11 @@ def workload_stats(faq: Mapping[str, Any], visitors: Sequence[Visitor], cacheabl
         # With an unbounded cache and no pre-generation, every key misses once.
         "cache_only_ceiling": (len(keys) - len(set(keys))) / len(turns) if turns else 0.0,
         "cacheable_share": len(keys) / len(turns) if turns else 0.0,
+        # With canonical keys: cacheable turns the knowledge base maps to an FAQ entry's first phrasing,
+        # and what an unbounded cold cache could then answer (every answer slot misses once).
+        "canonical_turns": sum(1 for text in (q.text for _, q, c in turns if c) if canonical[text]),
+        "distinct_answer_slots": len(set(slots)),
+        "canonical_cache_only_ceiling": (len(slots) - len(set(slots))) / len(turns) if turns else 0.0,
         # Cacheable FAQ turns worded (after normalisation) as pre-generation words them.
         "cacheable_pregen_shaped_turns": pregen_shaped,
         "pregen_candidates": len(candidates),
@@ -572,6 +633,11 @@ def turn_figures(turns: Sequence[Turn], duration_s: float) -> dict[str, Any]:
         "ttft_ms_hits": _ms([t.ttft_s for t in good if t.cached and t.ttft_s is not None]),
         "ttft_ms_misses": _ms([t.ttft_s for t in good if not t.cached and t.ttft_s is not None]),
         "ttft_ms_personal": _ms([t.ttft_s for t in good if t.kind == "personal" and t.ttft_s is not None]),
+        "ttft_ms_novel": _ms([t.ttft_s for t in good if t.kind == "novel" and t.ttft_s is not None]),
+        # The turns the DESIGN rule lets the cache serve at all (predicted with the worker's own rule).
+        "ttft_ms_cacheable": _ms([t.ttft_s for t in good if t.predicted_cacheable and t.ttft_s is not None]),
+        "hit_ratio_cacheable": (sum(t.cached for t in good if t.predicted_cacheable)
+                                / max(1, sum(1 for t in good if t.predicted_cacheable))),
         "ttft_ms_later_turns": _ms([t.ttft_s for t in good if t.index > 0 and t.ttft_s is not None]),
         "hit_ratio_later_turns": (sum(t.cached for t in good if t.index > 0)
                                   / max(1, sum(1 for t in good if t.index > 0))),
@@ -597,7 +663,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{machine['loadavg_end'][0]:.2f} at end. Upstream TTFT {p['ttft_ms']:g} ms, {p['chunks']} chunks "
         f"{p['interval_ms']:g} ms apart. {w['visitors']} visitors ({p['concurrency']} at a time), {w['turns']} "
         f"turns ({w['personal_turns']} personal), seed {p['workload']['seed']}, Zipf s={p['workload']['zipf_s']}, "
-        f"reading time {p['workload']['think_s'][0]:g}-{p['workload']['think_s'][1]:g} s; times in ms.",
+        f"reading time {p['workload']['think_s'][0]:g}-{p['workload']['think_s'][1]:g} s; "
+        f"free wordings {p['workload']['free_share']:g}, novel {p['workload']['novel_share']:g}, personal "
+        f"{p['workload']['personal_share']:g}; "
+        + (f"measured after {p['prior_visitors']} unmeasured earlier visitors (seed+1) in the same tenants "
+           f"(steady state); " if p['prior_visitors'] else "measured from a cold start; ")
+        + "times in ms.",
         "",
         "| mode | turns | errors | from cache, all turns | hits / lookups (metrics) | TTFT p50 | TTFT p95 "
         "| TTFT p99 | TTFT mean | under 380 ms | p95, later half | cache hits p50 / p95 | upstream calls "
@@ -618,21 +689,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{run['upstream_calls']} | {_cell(run['cpu_s'].get('llm_worker'), '.1f')} |")
     lines += [
         "",
-        f"Workload: {w['faq_turns']} FAQ turns and {w['personal_turns']} personal ones; {w['distinct_texts']} "
+        f"Workload: {w['faq_turns']} FAQ turns ({w['free_wording_turns']} worded as the FAQ does not), "
+        f"{w['novel_turns']} the FAQ does not cover and {w['personal_turns']} personal ones; {w['distinct_texts']} "
         f"distinct texts, {w['distinct_keys']} distinct normalised questions. The worker's rule lets "
         f"{w['cacheable_turns']} turns ({_pct(w['cacheable_share'])}) use the cache (predicted with the "
         f"knowledge-base plugin); with {w['distinct_cacheable_keys']} distinct keys among them, a cache alone "
         f"(unbounded, cold start, no pre-generation) can answer at most {_pct(w['cache_only_ceiling'])} of the "
-        f"turns. Pre-generation can be asked for {w['pregen_candidates']} distinct questions, of which "
+        f"turns; {w['canonical_turns']} cacheable turns map to an FAQ entry's canonical question, leaving "
+        f"{w['distinct_answer_slots']} distinct answers, so with canonical keys a cache alone can answer at most "
+        f"{_pct(w['canonical_cache_only_ceiling'])}. Pre-generation can be asked for "
+        f"{w['pregen_candidates']} distinct questions, of which "
         f"{w['pregen_candidates_asked']} are ever asked by a cacheable turn ({w['cacheable_pregen_shaped_turns']} "
         f"cacheable turns are worded, after normalisation, as pre-generation words their entry). "
         f"p95 under {P95_GOAL_MS:g} ms needs at least 95 % of all turns answered from the cache: every other "
         f"turn waits for the upstream's first token ({p['ttft_ms']:g} ms).",
         "",
         "| mode | cacheable: lookups / predicted | from cache, 2nd+ turns | TTFT p50 / p95, 2nd+ turns "
-        "| TTFT p95, personal | pregen started / served / skipped / wasted | live streams mean / max / ≥ 8 "
-        "| local / shared hits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| from cache / TTFT p50 / p95, cacheable turns | TTFT p95, personal / novel "
+        "| pregen started / served / skipped / wasted | live streams mean / max / ≥ 8 | local / shared hits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report["modes"]:
         f, m, live = run["figures"], run["metrics"], run["live_streams"]
@@ -647,7 +722,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {run['mode']['name']} | {lookups} | {_pct(f['hit_ratio_later_turns'])} | "
             f"{_cell(f['ttft_ms_later_turns']['p50'])} / {_cell(f['ttft_ms_later_turns']['p95'])} | "
-            f"{_cell(f['ttft_ms_personal']['p95'])} | {pregen_cell} | "
+            f"{_pct(f['hit_ratio_cacheable'])} / {_cell(f['ttft_ms_cacheable']['p50'])} / "
+            f"{_cell(f['ttft_ms_cacheable']['p95'])} | "
+            f"{_cell(f['ttft_ms_personal']['p95'])} / {_cell(f['ttft_ms_novel']['p95'])} | {pregen_cell} | "
             f"{live['mean']:.1f} / {live['max']:.0f} / {_pct(live['share_at_or_over_8'])} | {tiers} |")
     verdicts = []
     for run in report["modes"]:
@@ -656,7 +733,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             met = p95 is not None and p95 < P95_GOAL_MS
             verdicts.append(f"- {run['mode']['name']}: p95 {_cell(p95)} ms, goal {P95_GOAL_MS:g} ms "
                             f"{'met' if met else 'NOT met'}; {_pct(run['figures']['under_goal'])} of the turns "
-                            f"had their first token within {P95_GOAL_MS:g} ms (95 % needed).")
+                            f"had their first token within {P95_GOAL_MS:g} ms (95 % needed); over the turns the "
+                            f"cache may serve at all, p95 {_cell(run['figures']['ttft_ms_cacheable']['p95'])} ms.")
     problems = [f"- {mode}/{proc}: {line}" for mode, by_proc in report["log_problems"].items()
                 for proc, found in by_proc.items() for line in found]
     errors = [f"- {run['mode']['name']}: {json.dumps(run['figures']['errors'])}"
@@ -687,12 +765,16 @@ class CacheBenchParams:
     """KEFU_PREGEN_TOKENS_PER_MINUTE for the worker; None keeps its default."""
     pregen_concurrency: int | None = None
     """KEFU_PREGEN_CONCURRENCY for the worker; None keeps its default."""
+    prior_visitors: int = 0
+    """Unmeasured earlier traffic, in the measured tenants, before the measured stream: visitors drawn
+    like the stream's but with seed+1 (other questions from the same distribution). 0 measures a cold
+    start; a few hundred measure a worker that has been serving for a while (steady state)."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"--modes takes a comma-separated subset of {list(MODES)}, got {list(self.modes)}")
-        if self.concurrency < 1 or self.direct_requests < 0 or self.warmup < 0:
+        if self.concurrency < 1 or self.direct_requests < 0 or self.warmup < 0 or self.prior_visitors < 0:
             raise ValueError("--concurrency must be >= 1, --direct-requests and --warmup >= 0")
 
     def worker_env(self) -> dict[str, str]:
@@ -718,6 +800,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[CacheBenchParams, argparse.N
     parser.add_argument("--zipf-s", type=float, help="Zipf exponent over entries and phrasings (default 1.1)")
     parser.add_argument("--related-bias", type=float, help="chance the next question follows `related` (0.6)")
     parser.add_argument("--personal-share", type=float, help="share of questions about the visitor's order (0.1)")
+    parser.add_argument("--free-share", type=float,
+                        help="share of FAQ questions worded as the FAQ does not (held-out wordings; 0)")
+    parser.add_argument("--novel-share", type=float, help="share of questions the FAQ does not cover (0)")
+    parser.add_argument("--prior-visitors", type=int,
+                        help="unmeasured earlier visitors (seed+1) in the measured tenants first: steady state (0)")
     parser.add_argument("--think-s", help="reading time between a visitor's questions, 'min,max' s (1.5,4)")
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--direct-requests", type=int, help="requests on the direct path (default 100)")
@@ -735,13 +822,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[CacheBenchParams, argparse.N
     try:
         workload_over: dict[str, Any] = {k: v for k, v in (
             ("visitors", args.visitors), ("seed", args.seed), ("zipf_s", args.zipf_s),
-            ("related_bias", args.related_bias), ("personal_share", args.personal_share)) if v is not None}
+            ("related_bias", args.related_bias), ("personal_share", args.personal_share),
+            ("free_share", args.free_share), ("novel_share", args.novel_share)) if v is not None}
         if args.think_s:
             low, high = (float(x) for x in args.think_s.split(","))
             workload_over["think_s"] = (low, high)
         over: dict[str, Any] = {k: getattr(args, k) for k in (
             "concurrency", "direct_requests", "warmup", "ttft_ms", "chunks", "interval_ms", "timeout_s",
-            "pregen_tokens_per_minute", "pregen_concurrency") if getattr(args, k) is not None}
+            "pregen_tokens_per_minute", "pregen_concurrency", "prior_visitors") if getattr(args, k) is not None}
         if args.modes:
             over["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
         return replace(base, workload=replace(base.workload, **workload_over), **over), args
@@ -767,7 +855,8 @@ async def measure_direct(params: CacheBenchParams, upstream_url: str, visitors: 
 
 
 def run_mode(params: CacheBenchParams, mode: Mode, work_dir: Path, upstream_url: str, secret: str,
-             visitors: Sequence[Visitor], cacheable: Sequence[Sequence[bool]]) -> dict[str, Any]:
+             visitors: Sequence[Visitor], cacheable: Sequence[Sequence[bool]],
+             prior: Sequence[Visitor] = (), prior_cacheable: Sequence[Sequence[bool]] = ()) -> dict[str, Any]:
     stats_url = upstream_url.removesuffix("/v1") + "/stats"
     t0 = time.monotonic()
     stack = start_mode_stack(work_dir, upstream_url, secret, mode, params.worker_env())
@@ -776,6 +865,17 @@ def run_mode(params: CacheBenchParams, mode: Mode, work_dir: Path, upstream_url:
     principals = Principals(secret)
     try:
         asyncio.run(warm_up(stack.base_url, principals, params.warmup, params.timeout_s))
+        prior_summary = None
+        if prior:
+            t0 = time.monotonic()
+            prior_turns, _, _ = asyncio.run(run_stream(
+                stack.base_url, prior, prior_cacheable, TENANTS[:mode.tenants], principals, params.concurrency,
+                params.timeout_s, metrics_url))
+            prior_summary = {"visitors": len(prior), "turns": len(prior_turns),
+                             "failed": sum(1 for t in prior_turns if not t.ok),
+                             "cached": sum(1 for t in prior_turns if t.ok and t.cached),
+                             "duration_s": round(time.monotonic() - t0, 1)}
+            log.info("%s: prior traffic %s", mode.name, prior_summary)
         pids = {name: process.pid for name, process in stack.processes.items()}
         if stack.nats is not None:
             pids["nats"] = stack.nats.process.pid
@@ -792,6 +892,7 @@ def run_mode(params: CacheBenchParams, mode: Mode, work_dir: Path, upstream_url:
     metrics = cache_figures(before, after)
     result = {
         "mode": asdict(mode),
+        "prior": prior_summary,
         "figures": figures,
         "metrics": metrics,
         "upstream_calls": upstream_after["requests_total"] - upstream_before["requests_total"],
@@ -817,6 +918,12 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
     visitors = WorkloadBuilder(faq, params.workload).build()
     knower = asyncio.run(load_knowledge_base(plugins_dir))
     cacheable = [predicted_cacheable(v, knower) for v in visitors]
+    # Earlier traffic: other visitors of the same distribution, indices far from the measured ones (same
+    # parity, so the same tenant split) so no principal is reused.
+    prior = [replace(v, index=v.index + PRIOR_INDEX_OFFSET) for v in WorkloadBuilder(faq, replace(
+        params.workload, seed=params.workload.seed + 1, visitors=max(1, params.prior_visitors))).build()
+             ][:params.prior_visitors]
+    prior_cacheable = [predicted_cacheable(v, knower) for v in prior]
     workload = {tenants: workload_stats(faq, visitors, cacheable, tenants, knower)
                 for tenants in sorted({MODES[m].tenants for m in params.modes})}
     upstream_params = BenchParams(ttft_ms=params.ttft_ms, chunks=params.chunks, interval_ms=params.interval_ms)
@@ -831,7 +938,8 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
             mode_dir = work_dir / re.sub(r"[^a-z0-9]+", "-", name)
             mode_dir.mkdir(parents=True)
             try:
-                runs.append(run_mode(params, MODES[name], mode_dir, upstream_url, secret, visitors, cacheable))
+                runs.append(run_mode(params, MODES[name], mode_dir, upstream_url, secret, visitors, cacheable,
+                                     prior, prior_cacheable))
             finally:
                 found = log_problems(mode_dir / "logs") if (mode_dir / "logs").exists() else {}
                 if found:

@@ -38,7 +38,8 @@ MODEL_NAME = "knowledge-base"
 HANDOFF = "handoff"
 """`Finish.finish_reason` of a reply that hands the visitor over to a human agent."""
 LANGUAGES = ("zh", "en")
-_KNOWN_SETTINGS = frozenset({"faq_file", "min_score", "chunk_chars", "chunk_delay_s", "default_language"})
+_KNOWN_SETTINGS = frozenset({"faq_file", "min_score", "chunk_chars", "chunk_delay_s", "default_language",
+                             "canonical_min_score", "canonical_min_margin"})
 
 # Han, kana and hangul: scripts written without spaces, matched by characters instead of words.
 _CJK_CLASS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0003134f"
@@ -163,6 +164,21 @@ class FaqMatcher:
         entry_id, question = self._docs[index]
         return Match(entry_id=entry_id, score=min(1.0, scores[index]), question=question)
 
+    def ranked(self, text: str, limit: int = 2) -> list[Match]:
+        """The `limit` closest entries, best first, each with its closest phrasing (one per entry)."""
+        query = self._vector(features(text))
+        scores: dict[int, float] = defaultdict(float)
+        for feat, weight in query.items():
+            for index, doc_weight in self._postings.get(feat, ()):
+                scores[index] += weight * doc_weight
+        best_per_entry: dict[str, int] = {}
+        for index in sorted(scores, key=lambda i: (-scores[i], i)):
+            best_per_entry.setdefault(self._docs[index][0], index)
+            if len(best_per_entry) == limit:
+                break
+        return [Match(entry_id=self._docs[i][0], score=min(1.0, scores[i]), question=self._docs[i][1])
+                for i in best_per_entry.values()]
+
     def _vector(self, feats: Counter[str]) -> dict[str, float]:
         unknown_idf = math.log(1 + self._count)
         weighted = {f: (1 + math.log(n)) * self._idf.get(f, unknown_idf) for f, n in feats.items()}
@@ -284,6 +300,11 @@ class KnowledgeBaseSettings:
     """Pause between chunks, so the answer streams like a model's would; tests set 0."""
     default_language: str = "zh"
     """For a question with no letters at all (e.g. only digits or emoji)."""
+    canonical_min_score: float = 0.6
+    """`canonical_question` names an entry only at this confidence or more (stricter than `min_score`:
+    the worker then serves the entry's cached answer to the question)."""
+    canonical_min_margin: float = 0.2
+    """... and only when the runner-up entry scores at least this much lower (the match is unambiguous)."""
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "KnowledgeBaseSettings":
@@ -312,6 +333,10 @@ class KnowledgeBaseSettings:
             or self.chunk_delay_s < 0
         ):
             raise ValueError(f"knowledge_base: setting 'chunk_delay_s' must be >= 0, got {self.chunk_delay_s!r}")
+        for name in ("canonical_min_score", "canonical_min_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"knowledge_base: setting {name!r} must be in [0, 1], got {value!r}")
         if self.default_language not in LANGUAGES:
             raise ValueError(f"knowledge_base: setting 'default_language' must be one of {list(LANGUAGES)}")
 
@@ -380,6 +405,35 @@ class KnowledgeBaseProvider:
         if _PERSONAL.search(question):
             return False
         return not self.answer(question).handoff
+
+    def canonical_question(self, question: str) -> str | None:
+        """plugin_api.CanonicalQuestions: the first phrasing, in the question's language, of the entry
+        `question` unambiguously asks; None when the match is weak or close to another entry's, when
+        the question looks personal, or when the entry hands over to a human.
+
+        Every phrasing of an entry shares the entry's one answer, so the worker may serve the answer
+        to the first phrasing to all of them; a looser match than `canonical_min_score` (with a
+        runner-up within `canonical_min_margin`) is not trusted that far.
+        """
+        if _PERSONAL.search(question):
+            return None
+        faq, matcher = self._loaded()
+        ranked = matcher.ranked(question, 2)
+        if not ranked or ranked[0].score < max(self._settings.canonical_min_score, self._settings.min_score):
+            return None
+        if len(ranked) > 1 and ranked[0].score - ranked[1].score < self._settings.canonical_min_margin:
+            return None
+        entry = faq.entries[ranked[0].entry_id]
+        if entry.handoff:
+            return None
+        return entry.questions[detect_language(question, self._settings.default_language)][0]
+
+    def common_questions(self, like: str, limit: int = 100) -> list[str]:
+        """plugin_api.CanonicalQuestions: the first phrasing of every entry that answers (not the
+        hand-over ones), in the language of `like`, in the FAQ's order (most asked first, by convention)."""
+        faq, _ = self._loaded()
+        language = detect_language(like, self._settings.default_language)
+        return [e.questions[language][0] for e in faq.entries.values() if not e.handoff][:max(0, limit)]
 
     def suggest_next(self, question: str, limit: int = 3) -> list[str]:
         """plugin_api.KnowsQuestions: the matched entry's related questions, in the question's

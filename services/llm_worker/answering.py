@@ -7,14 +7,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import NotFound
 from services.llm_worker.cache import AnswerCache, CachedAnswer
-from services.llm_worker.cache_key import CacheKey, cacheable_question, target_version
+from services.llm_worker.cache_key import (
+    CacheKey,
+    cacheable_question,
+    normalize_question,
+    system_digest,
+    target_version,
+)
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import (
+    CanonicalQuestions,
     ChatMessage,
     Delta,
     Finish,
@@ -28,6 +36,7 @@ from services.llm_worker.pregen import Pregenerator, PregenJob
 log = logging.getLogger(__name__)
 REPLAY_CHUNK_CHARS = 24
 MAX_SUGGESTIONS = 3
+MAX_WARM_QUESTIONS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,7 @@ class Answerer:
         self._pregen = pregenerator
         self._hits = 0
         self._lookups = 0
+        self._warmed = WarmedContexts()
         metrics.cache_hit_ratio.set_function(lambda: self._hits / self._lookups if self._lookups else 0.0)
         if cache is not None:
             metrics.cache_local_bytes.set_function(lambda: cache.local.bytes)
@@ -82,26 +92,51 @@ class Answerer:
             key = None
             if question is not None and self._cache is not None:
                 version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
+                epochs = self._cache.epoch_token(request.tenant, request.route)
                 key = CacheKey.of(request.tenant, request.route, version,
-                                  request.messages, question, request.params,
-                                  self._cache.epoch_token(request.tenant, request.route))
-                hit = await self._lookup(key)
+                                  request.messages, question, request.params, epochs)
+                # A paraphrase of a common question is also looked up under its canonical wording,
+                # whose entry only ever holds the answer to that wording (see _canonical).
+                canonical = self._canonical(generation, target, request)
+                canonical_key = None
+                if canonical is not None and normalize_question(canonical) not in ("", question):
+                    canonical_key = CacheKey.of(request.tenant, request.route, version, request.messages,
+                                                normalize_question(canonical), request.params, epochs)
+                hit = await self._lookup(key, canonical_key)
                 if hit is not None:
                     for start in range(0, len(hit.text), REPLAY_CHUNK_CHARS):
                         yield hit.text[start:start + REPLAY_CHUNK_CHARS]
                     yield AnswerDone(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, hit.model, True,
                                      target.spec.provider, generation.number, request.route)
                     self._schedule_pregen(generation, request, target)
+                    self._schedule_warming(generation, request, target, version, epochs)
                     return
             async for event in self._generate(generation, request, target, key):
                 yield event
             if key is not None:
-                self._schedule_pregen(generation, request, target)
+                # After the live answer is stored: warming never generates the question just answered.
+                self._schedule_pregen(generation, request, target, canonical)
+                self._schedule_warming(generation, request, target, version, epochs)
 
-    async def _lookup(self, key: CacheKey) -> CachedAnswer | None:
+    def _canonical(self, generation: Generation, target: Target, request: AnswerRequest) -> str | None:
+        """The canonical wording of the turn's question, from the provider that knows the common
+        questions; None when there is none or the provider is unsure."""
+        canonizer = _canonizer(generation, target)
+        if canonizer is None:
+            return None
+        try:
+            return canonizer.canonical_question(request.messages[-1].content)
+        except Exception:
+            log.exception("canonical_question failed")
+            return None
+
+    async def _lookup(self, key: CacheKey, canonical_key: CacheKey | None = None) -> CachedAnswer | None:
+        """One lookup of a turn (counted once): its own wording first, then its canonical one."""
         assert self._cache is not None
         self._lookups += 1
         found = await self._cache.lookup(key)
+        if found is None and canonical_key is not None:
+            found = await self._cache.lookup(canonical_key)
         if found is None:
             self._metrics.cache_requests.labels("local", "miss").inc()
             self._metrics.cache_requests.labels("shared", "miss").inc()
@@ -157,7 +192,10 @@ class Answerer:
             self._metrics.request_seconds.labels(request.route, provider, outcome).observe(time.perf_counter() - start)
             self._metrics.requests.labels(request.route, provider, target.model, outcome).inc()
 
-    def _schedule_pregen(self, generation: Generation, request: AnswerRequest, target: Target) -> None:
+    def _schedule_pregen(self, generation: Generation, request: AnswerRequest, target: Target,
+                         canonical: str | None = None) -> None:
+        """The likely next questions, and after a miss on a paraphrase its canonical question (so the
+        next paraphrase hits), are pre-generated before any warming job."""
         if self._pregen is None:
             return
         knower = _knower(generation, target)
@@ -169,10 +207,75 @@ class Answerer:
         except Exception:
             log.exception("suggest_next failed")
             return
+        if canonical is not None and normalize_question(canonical) != normalize_question(question):
+            suggestions = [canonical, *suggestions]
         system = tuple(m for m in request.messages if m.role == "system")
         version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
         self._pregen.schedule([PregenJob(request.tenant, request.route, version, target, system, suggestion,
                                          request.params) for suggestion in suggestions])
+
+    def _schedule_warming(self, generation: Generation, request: AnswerRequest, target: Target, version: str,
+                          epochs: str) -> None:
+        """Once per tenant, route, serving version, system prompt, parameters, epochs and language: the
+        canonical answers to the common questions, pre-generated behind every other job.
+
+        The worker cannot warm at start: the tenants and the system prompt it will be asked with
+        arrive with the first request. A model swap or an invalidation gives a new context, so the
+        new version is warmed by its first cacheable turn.
+        """
+        if self._pregen is None:
+            return
+        canonizer = _canonizer(generation, target)
+        if canonizer is None:
+            return
+        try:
+            questions = canonizer.common_questions(request.messages[-1].content, MAX_WARM_QUESTIONS)
+        except Exception:
+            log.exception("common_questions failed")
+            return
+        if not questions:
+            return
+        system = tuple(m for m in request.messages if m.role == "system")
+        context = (request.tenant, request.route, version, system_digest(system), str(request.params.max_tokens),
+                   str(request.params.temperature), epochs, questions[0])
+        if not self._warmed.claim(context):
+            return
+        self._pregen.schedule([PregenJob(request.tenant, request.route, version, target, system, question,
+                                         request.params, warming=True) for question in questions])
+
+
+def _canonizer(generation: Generation, target: Target) -> CanonicalQuestions | None:
+    """Like `_knower`, for the canonical questions."""
+    if isinstance(target.provider, CanonicalQuestions):
+        return target.provider
+    for route in generation.routes.values():
+        for candidate in route.targets:
+            if isinstance(candidate.provider, CanonicalQuestions):
+                return candidate.provider
+    return None
+
+
+class WarmedContexts:
+    """Contexts already warmed, each for `rewarm_s` (then a turn warms it again: entries expire), bounded."""
+
+    def __init__(self, rewarm_s: float = 900.0, max_contexts: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._rewarm_s = rewarm_s
+        self._max = max_contexts
+        self._clock = clock
+        self._seen: OrderedDict[tuple[str, ...], float] = OrderedDict()
+
+    def claim(self, context: tuple[str, ...]) -> bool:
+        """True (and remembered) when `context` was not warmed within `rewarm_s`."""
+        now = self._clock()
+        when = self._seen.get(context)
+        if when is not None and now - when < self._rewarm_s:
+            return False
+        self._seen[context] = now
+        self._seen.move_to_end(context)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        return True
 
 
 def _knower(generation: Generation, target: Target) -> KnowsQuestions | None:

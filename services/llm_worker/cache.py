@@ -212,6 +212,21 @@ class AnswerCache:
     def contains_locally(self, key: CacheKey) -> bool:
         return key.kv_key in self.local
 
+    async def contains(self, key: CacheKey) -> bool:
+        """Held by either tier (without counting as served)."""
+        if key.kv_key in self.local:
+            return True
+        if self._shared is None:
+            return False
+        try:
+            entry = await self._shared.get(key.kv_key)
+        except KeyNotFoundError:
+            return False
+        except Exception as error:
+            log.warning("shared cache unavailable: %s", error)
+            return False
+        return bool(entry.value)
+
     async def store(self, key: CacheKey, answer: CachedAnswer) -> None:
         self.local.put(key.kv_key, answer)
         if self._shared is None:

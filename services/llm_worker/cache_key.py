@@ -68,6 +68,11 @@ def target_version(plugins_fingerprint: str, provider: str, settings: Mapping[st
     return _digest(plugins_fingerprint, provider, json.dumps(visible, sort_keys=True, default=str))
 
 
+def system_digest(messages: Sequence[ChatMessage]) -> str:
+    """The system prompt's part of a key (its version: any change gives new keys)."""
+    return _digest("\n".join(m.content for m in messages if m.role == "system"))
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     tenant: str
@@ -79,8 +84,7 @@ class CacheKey:
            params: GenerationParams, epochs: str) -> CacheKey:
         """Keyed on the question alone (plus prompt and version): earlier turns, when allowed at
         all, are general questions that do not change the answer."""
-        system = "\n".join(m.content for m in messages if m.role == "system")
-        digest = _digest(tenant, route, version, _digest(system), question, str(params.max_tokens),
+        digest = _digest(tenant, route, version, system_digest(messages), question, str(params.max_tokens),
                          str(params.temperature), epochs)
         return cls(tenant, route, digest)
 

@@ -129,3 +129,22 @@ class KnowsQuestions(Protocol):
 
     def is_standalone(self, question: str) -> bool:
         """True when `question` is a general one (an FAQ question) whose answer depends on nobody."""
+
+
+@runtime_checkable
+class CanonicalQuestions(Protocol):
+    """Optional: a provider that can tell which common question a visitor's wording asks.
+
+    The worker keys the cache of standalone questions by this canonical wording too, so a
+    paraphrase is served the answer generated for the canonical question (never another visitor's
+    wording of it), and it warms the cache with the answers to `common_questions`.
+    """
+
+    def canonical_question(self, question: str) -> str | None:
+        """The canonical wording (in the question's language) of the common question `question`
+        asks, only when one answer serves both and the match is unambiguous; None when unsure,
+        when the question is personal, or when it asks for something the cache must not answer."""
+
+    def common_questions(self, like: str, limit: int = 100) -> list[str]:
+        """Up to `limit` canonical questions in the language of `like`, most asked first: what the
+        worker pre-generates to warm the cache (each is its own canonical question)."""

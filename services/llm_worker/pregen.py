@@ -1,16 +1,19 @@
 """Pre-generation: answer the questions a visitor is likely to ask next, in the background, into the cache.
 
 It never delays live traffic: it waits while live streams are above a threshold, runs at most
-`concurrency` generations per tenant, and spends at most `tokens_per_minute` per tenant.
+`concurrency` generations per tenant, and spends at most `tokens_per_minute` per tenant. Warming
+jobs (the common questions of a tenant) take a tenant's slots only when no likely-next job waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.llm_worker.cache import AnswerCache, CachedAnswer
@@ -22,9 +25,47 @@ from services.llm_worker.plugin_host import Target
 log = logging.getLogger(__name__)
 
 
+class PrioritySlots:
+    """`size` slots; a waiter with a lower `priority` number gets a freed slot first, FIFO within one."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # handed the slot just as the waiter was cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():  # cancelled waiters are skipped
+                future.set_result(None)
+                return
+        self._free += 1
+
+
 @dataclass
 class _TenantBudget:
-    semaphore: asyncio.Semaphore
+    slots: PrioritySlots
     window_start: float = 0.0
     tokens_used: int = 0
 
@@ -38,6 +79,9 @@ class PregenJob:
     system: tuple[ChatMessage, ...]
     question: str
     params: GenerationParams
+    warming: bool = False
+    """A common question pre-generated to warm the cache: runs after every likely-next job and waits
+    longer for live traffic to calm down."""
 
 
 @dataclass
@@ -50,11 +94,15 @@ class Pregenerator:
     tokens_per_minute: int = 20_000
     max_live_streams: int = 8
     max_wait_s: float = 30.0
+    """How long a job waits for live traffic to calm down before it is skipped."""
+    warming_max_wait_s: float = 600.0
     clock: Callable[[], float] = time.monotonic
     _budgets: dict[str, _TenantBudget] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _in_flight: set[str] = field(default_factory=set)
     """Keys being pre-generated: two visitors' overlapping suggestions run once."""
+    _waiting: set[tuple[str, int]] = field(default_factory=set)
+    """(key, priority) of jobs waiting for a slot: a job waits only if none as urgent waits for its key."""
 
     def schedule(self, jobs: list[PregenJob]) -> None:
         for job in jobs:
@@ -66,32 +114,43 @@ class Pregenerator:
         key = CacheKey.of(job.tenant, job.route, job.version, [*job.system, ChatMessage("user", job.question)],
                           normalize_question(job.question), job.params,
                           self.cache.epoch_token(job.tenant, job.route))
-        if self.cache.contains_locally(key) or key.kv_key in self._in_flight:
+        priority = 1 if job.warming else 0
+        if self.cache.contains_locally(key) or key.kv_key in self._in_flight \
+                or any((key.kv_key, p) in self._waiting for p in range(priority + 1)):
             return
-        self._in_flight.add(key.kv_key)
+        budget = self._budgets.setdefault(job.tenant, _TenantBudget(PrioritySlots(self.concurrency)))
+        deadline = self.clock() + (self.warming_max_wait_s if job.warming else self.max_wait_s)
+        self._waiting.add((key.kv_key, priority))
         try:
-            await self._run_once(job, key)
+            async with budget.slots.slot(priority):
+                self._waiting.discard((key.kv_key, priority))
+                # A more urgent job for the key may have run meanwhile; another replica (or an earlier
+                # run of this one) may have it in the shared tier.
+                if key.kv_key in self._in_flight or await self.cache.contains(key):
+                    return
+                self._in_flight.add(key.kv_key)
+                try:
+                    await self._run_once(job, key, budget, deadline)
+                finally:
+                    self._in_flight.discard(key.kv_key)
         finally:
-            self._in_flight.discard(key.kv_key)
+            self._waiting.discard((key.kv_key, priority))
 
-    async def _run_once(self, job: PregenJob, key: CacheKey) -> None:
-        budget = self._budgets.setdefault(job.tenant, _TenantBudget(asyncio.Semaphore(self.concurrency)))
-        deadline = self.clock() + self.max_wait_s
+    async def _run_once(self, job: PregenJob, key: CacheKey, budget: _TenantBudget, deadline: float) -> None:
         while self.live_streams() >= self.max_live_streams:  # live requests first
             if self.clock() > deadline:
                 self.metrics.pregenerations.labels("skipped").inc()
                 return
             await asyncio.sleep(0.05)
-        async with budget.semaphore:
-            if not self._spend(budget, 0):
-                self.metrics.pregenerations.labels("skipped").inc()
-                return
-            self.metrics.pregenerations.labels("started").inc()
-            answer = await self._generate(job)
-            if answer is None:
-                return
-            self._spend(budget, answer.prompt_tokens + answer.completion_tokens)
-            await self.cache.store(key, answer)
+        if not self._spend(budget, 0):
+            self.metrics.pregenerations.labels("skipped").inc()
+            return
+        self.metrics.pregenerations.labels("started").inc()
+        answer = await self._generate(job)
+        if answer is None:
+            return
+        self._spend(budget, answer.prompt_tokens + answer.completion_tokens)
+        await self.cache.store(key, answer)
 
     def _spend(self, budget: _TenantBudget, tokens: int) -> bool:
         now = self.clock()

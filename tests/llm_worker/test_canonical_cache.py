@@ -1,0 +1,214 @@
+"""Canonical keys and warming: paraphrases of a common question share its answer, safely."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from services.llm_worker.answering import AnswerDone, Answerer, AnswerRequest, WarmedContexts
+from services.llm_worker.cache import AnswerCache, LocalTier
+from services.llm_worker.metrics import WorkerMetrics
+from services.llm_worker.plugin_api import ChatMessage, GenerationParams
+from services.llm_worker.plugin_host import PluginHost
+from services.llm_worker.pregen import Pregenerator, PrioritySlots
+from tests.llm_worker.plugin_fixtures import replace_file
+
+SYSTEM = ChatMessage("system", "You are a shop assistant.")
+# Answers echo the question, so a test sees which wording an answer was generated for. "Shipping?"
+# and "Returns?" are common questions; "how fast do you ship" is a confident paraphrase of the first.
+ECHO_PLUGIN = '''
+import asyncio
+from services.llm_worker.plugin_api import Delta, Finish, Usage
+
+CANONICAL = {"shipping?": "Shipping?", "how fast do you ship": "Shipping?", "returns?": "Returns?",
+             "can i send it back": "Returns?"}
+COMMON = ["Shipping?", "Returns?", "Payment?"]
+
+
+class Echo:
+    name = "echo"
+
+    def __init__(self, settings, context):
+        self.capabilities = frozenset({"stream"})
+        self.settings = dict(settings)
+        self.asked = []
+
+    async def setup(self):
+        pass
+
+    async def self_test(self):
+        pass
+
+    async def aclose(self):
+        pass
+
+    def canonical_question(self, question):
+        return None if "order" in question else CANONICAL.get(question.lower())
+
+    def common_questions(self, like, limit=100):
+        return COMMON[:limit]
+
+    def is_standalone(self, question):
+        return "order" not in question
+
+    def suggest_next(self, question, limit=3):
+        return []
+
+    async def stream(self, messages, params):
+        question = messages[-1].content
+        self.asked.append(question)
+        await asyncio.sleep(float(self.settings.get("delay_s", 0)))
+        yield Delta(self.settings.get("model", "m") + " answers " + question)
+        yield Finish("stop", Usage(1, 3), self.settings.get("model", "m"))
+
+
+plugin = Echo
+'''
+ROUTES = '''
+[routes.default]
+provider = "echo"
+settings = {{ model = "{model}" }}
+'''
+
+
+def write_echo(folder: Path, model: str = "model-a") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    replace_file(folder / "echo.py", ECHO_PLUGIN)
+    replace_file(folder / "routes.toml", ROUTES.format(model=model))
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> PluginHost:
+    write_echo(tmp_path / "plugins")
+    plugin_host = PluginHost(tmp_path / "plugins", "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
+    await plugin_host.start()
+    yield plugin_host  # type: ignore[misc]
+    await plugin_host.aclose()
+
+
+async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage) -> tuple[str, AnswerDone]:
+    parts: list[str] = []
+    done = None
+    async for event in answerer.answer(AnswerRequest("default", [SYSTEM, *messages], GenerationParams(),
+                                                     tenant, "s")):
+        if isinstance(event, str):
+            parts.append(event)
+        else:
+            done = event
+    assert done is not None
+    return "".join(parts), done
+
+
+def asked(host: PluginHost) -> list[str]:
+    return host.current.routes["default"].targets[0].provider.asked  # type: ignore[attr-defined]
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def test_canonical_paraphrase_is_served_the_canonical_questions_answer(host: PluginHost) -> None:
+    answerer = Answerer(host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    assert (await ask(answerer, "t", ChatMessage("user", "Shipping?")))[1].cached is False
+    text, done = await ask(answerer, "t", ChatMessage("user", "How fast do you ship"))
+    assert (text, done.cached) == ("model-a answers Shipping?", True)
+    assert asked(host) == ["Shipping?"]
+
+
+async def test_canonical_entry_never_holds_a_paraphrases_own_answer(host: PluginHost) -> None:
+    answerer = Answerer(host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    first = await ask(answerer, "t", ChatMessage("user", "How fast do you ship"))
+    assert first == ("model-a answers How fast do you ship", first[1]) and not first[1].cached
+    # Its own wording is cached; the canonical question is not answered with it.
+    assert (await ask(answerer, "t", ChatMessage("user", "how fast do you ship?")))[1].cached
+    text, done = await ask(answerer, "t", ChatMessage("user", "Shipping?"))
+    assert (text, done.cached) == ("model-a answers Shipping?", False)
+
+
+async def test_canonical_keys_never_cross_tenants_nor_serve_user_specific_turns(host: PluginHost) -> None:
+    answerer = Answerer(host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    await ask(answerer, "tenant-a", ChatMessage("user", "Shipping?"))
+    assert (await ask(answerer, "tenant-b", ChatMessage("user", "how fast do you ship")))[1].cached is False
+    personal = (ChatMessage("user", "my order 12 is late"), ChatMessage("assistant", "sorry"),
+                ChatMessage("user", "how fast do you ship"))
+    assert (await ask(answerer, "tenant-a", *personal))[1].cached is False
+    agent = (ChatMessage("user", "Returns?"), ChatMessage("agent", "Li here"), ChatMessage("user", "Shipping?"))
+    assert (await ask(answerer, "tenant-a", *agent))[1].cached is False
+
+
+async def test_warming_pregenerates_the_common_questions_once_per_context(host: PluginHost) -> None:
+    metrics = WorkerMetrics()
+    cache = AnswerCache(LocalTier(1 << 20, 60))
+    pregen = Pregenerator(cache, metrics, live_streams=lambda: 0)
+    answerer = Answerer(host, metrics, cache, pregen)
+    try:
+        await ask(answerer, "t", ChatMessage("user", "Shipping?"))
+        await wait_for(lambda: len(cache.local) == 3)
+        text, done = await ask(answerer, "t", ChatMessage("user", "can i send it back"))
+        assert (text, done.cached) == ("model-a answers Returns?", True)
+        assert (await ask(answerer, "t", ChatMessage("user", "Payment?")))[1].cached
+        await asyncio.sleep(0.05)
+        assert sorted(asked(host)) == ["Payment?", "Returns?", "Shipping?"]  # each generated once
+        assert metrics.registry.get_sample_value("kefu_pregenerations_total", {"result": "served"}) == 2
+        # Another tenant is warmed on its own, from its own first turn.
+        await ask(answerer, "u", ChatMessage("user", "Payment?"))
+        await wait_for(lambda: len(cache.local) == 6)
+    finally:
+        await pregen.aclose()
+
+
+async def test_warming_after_a_model_swap_never_serves_the_old_models_answers(host: PluginHost,
+                                                                             tmp_path: Path) -> None:
+    cache = AnswerCache(LocalTier(1 << 20, 60))
+    pregen = Pregenerator(cache, WorkerMetrics(), live_streams=lambda: 0)
+    answerer = Answerer(host, WorkerMetrics(), cache, pregen)
+    try:
+        await ask(answerer, "t", ChatMessage("user", "Shipping?"))
+        await wait_for(lambda: len(cache.local) == 3)
+        write_echo(tmp_path / "plugins", model="model-b")
+        assert await host.reload()
+        text, done = await ask(answerer, "t", ChatMessage("user", "can i send it back"))
+        assert (text, done.cached) == ("model-b answers can i send it back", False)
+        await wait_for(lambda: len(cache.local) == 3 + 1 + 3)  # the new version warmed too
+        text, done = await ask(answerer, "t", ChatMessage("user", "how fast do you ship"))
+        assert (text, done.cached) == ("model-b answers Shipping?", True)
+    finally:
+        await pregen.aclose()
+
+
+async def test_warming_waits_behind_likely_next_questions() -> None:
+    slots = PrioritySlots(1)
+    order: list[str] = []
+
+    async def job(name: str, priority: int) -> None:
+        async with slots.slot(priority):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    first = asyncio.create_task(job("running", 0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(job(f"warm{i}", 1)) for i in range(3)]
+    await asyncio.sleep(0)
+    cancelled = asyncio.create_task(job("cancelled", 0))
+    urgent = asyncio.create_task(job("next", 0))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(first, urgent, *waiting, cancelled, return_exceptions=True)
+    assert order == ["running", "next", "warm0", "warm1", "warm2"]
+
+
+def test_warmed_contexts_warm_again_after_a_while_and_stay_bounded() -> None:
+    now = [0.0]
+    warmed = WarmedContexts(rewarm_s=60, max_contexts=2, clock=lambda: now[0])
+    assert warmed.claim(("a",)) and not warmed.claim(("a",))
+    now[0] = 61
+    assert warmed.claim(("a",))
+    assert warmed.claim(("b",)) and warmed.claim(("c",))
+    assert warmed.claim(("a",))  # the oldest was forgotten (bounded): it warms again
+    assert not warmed.claim(("c",)) and len(warmed._seen) == 2
