@@ -93,6 +93,9 @@ async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path
         async with aiohttp.ClientSession() as http:
             async with http.post(curl[2], data=body.encode(), headers=headers) as response:
                 names = [event.event async for event in read_sse(response)]
+            for page in (f"{base}/", console.split("#", 1)[0]):  # the shop and the console the banner names
+                async with http.get(page) as response:
+                    assert response.status == 200 and response.content_type == "text/html", page
         assert names[0] == "session" and names[-1] == "done" and "message" in names
 
         os.killpg(supervisor.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
