@@ -12,13 +12,17 @@
 - Counters: concurrent appends to one session in this process join one batch that a
   single CAS writes (group commit), so 1,000 racing appends cost a handful of KV writes
   instead of a conflict storm; CAS conflicts with other replicas back off with jitter.
+- Conversation state (status, version, assignee) lives in the same metadata record and
+  changes by CAS too: a counter batch and a status change that race both re-read and
+  re-apply, so neither overwrites the other. Each change then stores a `state` event in
+  the log, which orders it among the messages (readers void AI replies generated under an
+  older version by it), and moves the conversation's entry in the index (index.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -188,6 +192,8 @@ class SessionStore:
         if if_version < 0:
             raise InvalidArgument("if_version must not be negative")
         created = not session_id
+        if created and if_version > 1:
+            raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
         if created:
             session_id = new_id()
             now = time.time()
@@ -282,7 +288,9 @@ class SessionStore:
             state = decide(meta.state, actor, change, now)
             if state is None:
                 return TransitionResult(meta.state, meta.state, None, meta, revision)
-            event = StoredMessage(id=_event_id(tenant, session_id, state.version), role="system",
+            # A random id, not one derived from the version: a caller chooses its own message ids,
+            # and one that guessed a derived id would have the event dropped as a duplicate.
+            event = StoredMessage(id=new_id(), role="system",
                                   content=describe(state), created_at=now, tokens=0,
                                   encoding=self._counter.name, kind="state", state=state)
             delta = MetaDelta()
@@ -295,7 +303,6 @@ class SessionStore:
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
-            # The id is the version's: a retried publish of the same change is stored once.
             ack = await self._js.publish(message_subject(tenant, session_id), event.to_json(),
                                          headers={"Nats-Msg-Id": event.id})
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
@@ -582,8 +589,3 @@ def meta_key(tenant: str, session_id: str) -> str:
 
 def message_subject(tenant: str, session_id: str) -> str:
     return f"{MESSAGE_SUBJECT_PREFIX}.{tenant}.{session_id}"
-
-
-def _event_id(tenant: str, session_id: str, version: int) -> str:
-    """The id of a conversation's `state` event for one version: the same on every retry and replica."""
-    return hashlib.sha256(f"{tenant}.{session_id}.state.{version}".encode()).hexdigest()[:32]

@@ -144,3 +144,13 @@ async def test_live_sender_id_is_the_principals_subject(live: Live, role: str) -
     ai = await live.stub.Append(session_pb2.AppendRequest(principal=ALICE, session_id=session_id,
                                                           role="assistant", content="hello"))
     assert ai.message.sender_id == ""
+
+
+async def test_live_conditional_first_message_needs_version_1(live: Live) -> None:
+    await refused(live.stub.Append(session_pb2.AppendRequest(principal=ALICE, role="user", content="x",
+                                                             if_version=2)), StatusCode.ABORTED)
+    created = await live.stub.Append(session_pb2.AppendRequest(principal=ALICE, role="user", content="x",
+                                                                if_version=1))
+    assert created.created and created.message.version == 1
+    assert [c.session_id for c in (await live.stub.ListConversations(session_pb2.ListConversationsRequest(
+        principal=ALICE))).conversations] == [created.session_id]
