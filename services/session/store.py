@@ -39,7 +39,7 @@ from nats.js.kv import KeyValue
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
-from services.session.errors import Conflict
+from services.session.errors import Conflict, WrongStatus
 from services.session.index import ConversationIndex
 from services.session.models import (
     MESSAGE_ID_PATTERN,
@@ -210,9 +210,16 @@ class SessionStore:
             raise Conflict("version_conflict", meta.state.version)
         reopened: TransitionResult | None = None
         if role == "user" and kind == "message" and meta.state.status == "closed":
-            reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
-                                         (meta, revision))
-            meta, revision = reopened.meta, reopened.revision
+            try:
+                reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
+                                             (meta, revision))
+                meta, revision = reopened.meta, reopened.revision
+            except WrongStatus:
+                # Another message of the visitor reopened it first: go on in the state it left.
+                entry = await self.read_entry(principal.tenant, session_id)
+                if entry is None:
+                    raise NotFound("no such session") from None
+                meta, revision = entry
         message = StoredMessage(id=message_id or new_id(), role=role, content=content,
                                 created_at=time.time(), tokens=self._counter.count(content),
                                 encoding=self._counter.name, kind=kind,

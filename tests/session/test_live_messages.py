@@ -154,3 +154,13 @@ async def test_live_conditional_first_message_needs_version_1(live: Live) -> Non
     assert created.created and created.message.version == 1
     assert [c.session_id for c in (await live.stub.ListConversations(session_pb2.ListConversationsRequest(
         principal=ALICE))).conversations] == [created.session_id]
+
+
+async def test_live_concurrent_visitor_messages_reopen_once(live: Live) -> None:
+    session_id = await live.open_conversation(ALICE)
+    await live.transition(AGENT, session_id, "close")
+    responses = await asyncio.gather(*(live.stub.Append(session_pb2.AppendRequest(
+        principal=ALICE, session_id=session_id, role="user", content=f"m{i}")) for i in range(5)))
+    assert {r.state.status for r in responses} == {"ai"}
+    reopens = [m for m in await live.messages(ALICE, session_id) if m.kind == "state" and m.state.reason == "reopen"]
+    assert len(reopens) == 1
