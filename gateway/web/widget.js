@@ -222,7 +222,13 @@
   function setText(node, text) { node.querySelector('.text').textContent = text; }
   function setMeta(node, text) { node.querySelector('.meta').textContent = text || ''; }
 
-  function notice(text) { place(el('div', { class: 'notice', 'data-testid': 'kefu-notice', text: text })); }
+  function notice(text) {
+    var node = el('div', { class: 'notice', 'data-testid': 'kefu-notice', text: text });
+    place(node);
+    return node;
+  }
+  var greeting = TEXT.welcome;  // the tenant's own welcome text replaces it when the edge sends one
+  var greetingNode = null;
 
   function showStatus() {
     var code = status.status;
@@ -457,21 +463,20 @@
     switch (frame.type) {
       case 'welcome':
         if (frame.conversation_id && frame.conversation_id !== state.conversationId) {
-          // The visitor's open conversation, not resumed by this page: connect again resuming it from
-          // its start, so its history shows (resume replays every stored event after after_seq).
-          resetConversation();
+          // The visitor's open conversation, found by the edge (its events are replayed after this welcome).
+          if (state.conversationId) resetConversation();
           state.conversationId = frame.conversation_id;
           save();
-          reconnectNow();
-          break;
         }
+        if (frame.greeting) { greeting = frame.greeting; if (greetingNode) greetingNode.textContent = greeting; }
+        resyncing = false;
         socketReady = true;
         everConnected = true;
         shownSince = true;
         attempt = 0;
         connectionNumber++;
         (frame.resume || []).forEach(function (result) {
-          if (result.result === 'resync') { resetConversation(true); reconnectNow(); }
+          if (result.result === 'resync') resync();
         });
         if (frame.status) status.status = frame.status;
         heartbeatMs = Math.max(5000, (frame.heartbeat_s || 25) * 1000);
@@ -507,8 +512,7 @@
         showStatus();
         break;
       case 'resync':
-        resetConversation(true);
-        reconnectNow();
+        resync();
         break;
       case 'error':
         if (window.console) console.warn('kefu:', frame.code, frame.message);
@@ -551,6 +555,15 @@
     retryTimer = setTimeout(connect, delay);
   }
 
+  var resyncing = false;
+  function resync() {
+    // Events after our last seq are gone from the log: show the conversation again from what is kept.
+    if (resyncing) return;
+    resyncing = true;
+    resetConversation(true);
+    reconnectNow();
+  }
+
   function reconnectNow() {
     if (ws && ws.readyState === WebSocket.OPEN) {
       ws.close(4000, 'resync');
@@ -583,7 +596,7 @@
       start();
       unread = 0;
       showUnread();
-      if (!log.children.length) notice(TEXT.welcome);
+      if (!log.children.length) greetingNode = notice(greeting);
       input.focus();
       scroll(true);
     } else {

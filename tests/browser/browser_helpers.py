@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import socket
 import threading
 from pathlib import Path
@@ -71,14 +72,13 @@ def install_widget_token_shim(page: Page, stack: Stack) -> bool:
     """
     if "/v1/widget/token" in page.request.get(f"{stack.base_url}/openapi.json").json()["paths"]:
         return False
-    counter = iter(range(1, 1_000_000))
 
     def answer(route: Route) -> None:
         previous = (route.request.headers.get("authorization") or "").removeprefix("Bearer ")
         subject = ""
         if previous:
             subject = jwt.decode(previous, SECRET, algorithms=["HS256"], options={"verify_exp": False})["sub"]
-        subject = subject or f"visitor-{threading.get_ident()}-{next(counter)}"
+        subject = subject or f"visitor-{secrets.token_hex(8)}"
         route.fulfill(json={"token": token(TENANT, subject, "visitor", ttl_s=3600), "visitor_id": subject,
                             "expires_in": 3600})
 
