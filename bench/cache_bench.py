@@ -645,6 +645,50 @@ def turn_figures(turns: Sequence[Turn], duration_s: float) -> dict[str, Any]:
     }
 
 
+MEDIAN_FIGURES = ("hit_ratio", "under_goal", "ttft_mean_ms", "hit_ratio_later_turns", "hit_ratio_cacheable")
+MEDIAN_MS = ("ttft_ms", "ttft_ms_later_half", "ttft_ms_hits", "ttft_ms_misses", "ttft_ms_personal", "ttft_ms_novel",
+             "ttft_ms_cacheable", "ttft_ms_later_turns", "total_ms")
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    middle = len(known) // 2
+    return known[middle] if len(known) % 2 else (known[middle - 1] + known[middle]) / 2
+
+
+def median_rounds(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per mode, in the order first run: every figure the tables show as the median over its rounds
+    (each figure on its own, so a row may mix rounds); `rounds_p95` lists each round's p95."""
+    by_mode: dict[str, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        by_mode.setdefault(run["mode"]["name"], []).append(run)
+    out = []
+    for group in by_mode.values():
+        if len(group) == 1:
+            out.append({**group[0], "rounds_p95": [group[0]["figures"]["ttft_ms"]["p95"]]})
+            continue
+        figures = dict(group[0]["figures"])
+        for name in MEDIAN_FIGURES:
+            figures[name] = _median([g["figures"][name] for g in group])
+        for name in MEDIAN_MS:
+            figures[name] = {q: _median([g["figures"][name][q] for g in group]) for q in ("p50", "p95", "p99")}
+        figures["failed"] = sum(g["figures"]["failed"] for g in group)
+        figures["errors"] = dict(sum((Counter(g["figures"]["errors"]) for g in group), Counter()))
+        metrics = dict(group[0]["metrics"])
+        for name in ("lookups", "hits_local", "hits_shared", "hit_ratio"):
+            metrics[name] = _median([g["metrics"][name] for g in group])
+        metrics["pregenerations"] = {k: _median([g["metrics"]["pregenerations"][k] for g in group])
+                                     for k in group[0]["metrics"]["pregenerations"]}
+        live = {k: _median([g["live_streams"][k] for g in group]) for k in ("mean", "max", "share_at_or_over_8")}
+        out.append({"mode": group[0]["mode"], "figures": figures, "metrics": metrics, "live_streams": live,
+                    "upstream_calls": _median([g["upstream_calls"] for g in group]),
+                    "cpu_s": {"llm_worker": _median([g["cpu_s"].get("llm_worker") for g in group])},
+                    "rounds_p95": [g["figures"]["ttft_ms"]["p95"] for g in group]})
+    return out
+
+
 def _cell(value: float | None, fmt: str = ".0f") -> str:
     return "–" if value is None else format(value, fmt)
 
@@ -668,6 +712,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"{p['workload']['personal_share']:g}; "
         + (f"measured after {p['prior_visitors']} unmeasured earlier visitors (seed+1) in the same tenants "
            f"(steady state); " if p['prior_visitors'] else "measured from a cold start; ")
+        + (f"medians of {p['rounds']} rounds per mode (modes alternating); " if p['rounds'] > 1 else "")
         + "times in ms.",
         "",
         "| mode | turns | errors | from cache, all turns | hits / lookups (metrics) | TTFT p50 | TTFT p95 "
@@ -686,7 +731,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_cell(f['ttft_ms']['p50'])} | **{_cell(f['ttft_ms']['p95'])}** | {_cell(f['ttft_ms']['p99'])} | "
             f"{_cell(f['ttft_mean_ms'])} | {_pct(f['under_goal'])} | {_cell(f['ttft_ms_later_half']['p95'])} | "
             f"{_cell(f['ttft_ms_hits']['p50'])} / {_cell(f['ttft_ms_hits']['p95'])} | "
-            f"{run['upstream_calls']} | {_cell(run['cpu_s'].get('llm_worker'), '.1f')} |")
+            f"{_cell(run['upstream_calls'])} | {_cell(run['cpu_s'].get('llm_worker'), '.1f')} |")
     lines += [
         "",
         f"Workload: {w['faq_turns']} FAQ turns ({w['free_wording_turns']} worded as the FAQ does not), "
@@ -734,7 +779,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             verdicts.append(f"- {run['mode']['name']}: p95 {_cell(p95)} ms, goal {P95_GOAL_MS:g} ms "
                             f"{'met' if met else 'NOT met'}; {_pct(run['figures']['under_goal'])} of the turns "
                             f"had their first token within {P95_GOAL_MS:g} ms (95 % needed); over the turns the "
-                            f"cache may serve at all, p95 {_cell(run['figures']['ttft_ms_cacheable']['p95'])} ms.")
+                            f"cache may serve at all, p95 {_cell(run['figures']['ttft_ms_cacheable']['p95'])} ms; "
+                            f"p95 of each round: {', '.join(_cell(v) for v in run['rounds_p95'])} ms.")
     problems = [f"- {mode}/{proc}: {line}" for mode, by_proc in report["log_problems"].items()
                 for proc, found in by_proc.items() for line in found]
     errors = [f"- {run['mode']['name']}: {json.dumps(run['figures']['errors'])}"
@@ -765,6 +811,8 @@ class CacheBenchParams:
     """KEFU_PREGEN_TOKENS_PER_MINUTE for the worker; None keeps its default."""
     pregen_concurrency: int | None = None
     """KEFU_PREGEN_CONCURRENCY for the worker; None keeps its default."""
+    rounds: int = 1
+    """Times every mode runs (alternating); the tables show medians."""
     prior_visitors: int = 0
     """Unmeasured earlier traffic, in the measured tenants, before the measured stream: visitors drawn
     like the stream's but with seed+1 (other questions from the same distribution). 0 measures a cold
@@ -774,7 +822,8 @@ class CacheBenchParams:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"--modes takes a comma-separated subset of {list(MODES)}, got {list(self.modes)}")
-        if self.concurrency < 1 or self.direct_requests < 0 or self.warmup < 0 or self.prior_visitors < 0:
+        if self.concurrency < 1 or self.direct_requests < 0 or self.warmup < 0 or self.prior_visitors < 0 \
+                or self.rounds < 1:
             raise ValueError("--concurrency must be >= 1, --direct-requests and --warmup >= 0")
 
     def worker_env(self) -> dict[str, str]:
@@ -803,6 +852,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[CacheBenchParams, argparse.N
     parser.add_argument("--free-share", type=float,
                         help="share of FAQ questions worded as the FAQ does not (held-out wordings; 0)")
     parser.add_argument("--novel-share", type=float, help="share of questions the FAQ does not cover (0)")
+    parser.add_argument("--rounds", type=int, help="times every mode runs, alternating; medians reported (1)")
     parser.add_argument("--prior-visitors", type=int,
                         help="unmeasured earlier visitors (seed+1) in the measured tenants first: steady state (0)")
     parser.add_argument("--think-s", help="reading time between a visitor's questions, 'min,max' s (1.5,4)")
@@ -829,7 +879,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[CacheBenchParams, argparse.N
             workload_over["think_s"] = (low, high)
         over: dict[str, Any] = {k: getattr(args, k) for k in (
             "concurrency", "direct_requests", "warmup", "ttft_ms", "chunks", "interval_ms", "timeout_s",
-            "pregen_tokens_per_minute", "pregen_concurrency", "prior_visitors") if getattr(args, k) is not None}
+            "pregen_tokens_per_minute", "pregen_concurrency", "prior_visitors", "rounds")
+            if getattr(args, k) is not None}
         if args.modes:
             over["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
         return replace(base, workload=replace(base.workload, **workload_over), **over), args
@@ -934,16 +985,20 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
         direct = asyncio.run(measure_direct(params, upstream_url, visitors))
         log.info("direct: %d requests, TTFT p50 %s p95 %s ms", direct["requests"],
                  _cell(direct["ttft_ms"]["p50"]), _cell(direct["ttft_ms"]["p95"]))
-        for name in params.modes:
-            mode_dir = work_dir / re.sub(r"[^a-z0-9]+", "-", name)
-            mode_dir.mkdir(parents=True)
-            try:
-                runs.append(run_mode(params, MODES[name], mode_dir, upstream_url, secret, visitors, cacheable,
-                                     prior, prior_cacheable))
-            finally:
-                found = log_problems(mode_dir / "logs") if (mode_dir / "logs").exists() else {}
-                if found:
-                    problems[name] = found
+        # Rounds alternate the modes (off, cache, cache+pregen, off, ...), so a change in the machine's
+        # load during the run hits every mode alike; the tables report each mode's median round.
+        for round_ in range(1, params.rounds + 1):
+            for name in params.modes:
+                mode_dir = work_dir / f"r{round_}-{re.sub(r'[^a-z0-9]+', '-', name)}"
+                mode_dir.mkdir(parents=True)
+                try:
+                    run = run_mode(params, MODES[name], mode_dir, upstream_url, secret, visitors, cacheable,
+                                   prior, prior_cacheable)
+                    runs.append({**run, "round": round_})
+                finally:
+                    found = log_problems(mode_dir / "logs") if (mode_dir / "logs").exists() else {}
+                    if found:
+                        problems[f"{name} round {round_}"] = found
     finally:
         stop_process(upstream)
     report = {
@@ -955,7 +1010,8 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
         "workload": workload[1] if 1 in workload else next(iter(workload.values())),
         "workload_by_tenants": {str(k): v for k, v in workload.items()},
         "direct": direct,
-        "modes": runs,
+        "rounds": runs,
+        "modes": median_rounds(runs),
         "log_problems": problems,
     }
     markdown = render_markdown(report)

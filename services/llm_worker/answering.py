@@ -20,6 +20,7 @@ from services.llm_worker.cache_key import (
     system_digest,
     target_version,
 )
+from services.llm_worker.flights import Flights
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import (
     CanonicalQuestions,
@@ -71,6 +72,13 @@ class Answerer:
         self._metrics = metrics
         self._cache = cache
         self._pregen = pregenerator
+        self._flights: Flights | None = None
+        if cache is not None:
+            # Live turns and pre-generation share one set of flights: a turn joins either.
+            self._flights = pregenerator.flights if pregenerator is not None and pregenerator.flights else \
+                Flights(cache, metrics, host.hold)
+            if pregenerator is not None:
+                pregenerator.flights = self._flights
         self._hits = 0
         self._lookups = 0
         self._warmed = WarmedContexts()
@@ -89,7 +97,8 @@ class Answerer:
             question = None
             if self._cache is not None and request.tenant:
                 question = cacheable_question(request.messages, knower.is_standalone if knower else None)
-            key = None
+            key = canonical_key = None
+            canonical = version = epochs = None
             if question is not None and self._cache is not None:
                 version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
                 epochs = self._cache.epoch_token(request.tenant, request.route)
@@ -98,7 +107,6 @@ class Answerer:
                 # A paraphrase of a common question is also looked up under its canonical wording,
                 # whose entry only ever holds the answer to that wording (see _canonical).
                 canonical = self._canonical(generation, target, request)
-                canonical_key = None
                 if canonical is not None and normalize_question(canonical) not in ("", question):
                     canonical_key = CacheKey.of(request.tenant, request.route, version, request.messages,
                                                 normalize_question(canonical), request.params, epochs)
@@ -111,10 +119,9 @@ class Answerer:
                     self._schedule_pregen(generation, request, target)
                     self._schedule_warming(generation, request, target, version, epochs)
                     return
-            async for event in self._generate(generation, request, target, key):
+            async for event in self._generate(generation, request, target, key, canonical_key):
                 yield event
-            if key is not None:
-                # After the live answer is stored: warming never generates the question just answered.
+            if key is not None and version is not None and epochs is not None:
                 self._schedule_pregen(generation, request, target, canonical)
                 self._schedule_warming(generation, request, target, version, epochs)
 
@@ -151,33 +158,34 @@ class Answerer:
         return answer
 
     async def _generate(self, generation: Generation, request: AnswerRequest, target: Target,
-                        key: CacheKey | None) -> AsyncIterator[AnswerEvent]:
+                        key: CacheKey | None, canonical_key: CacheKey | None = None) -> AsyncIterator[AnswerEvent]:
+        """From the provider; a cacheable turn joins the generation already running for its key (or its
+        canonical key) or starts one that others may join and that fills the cache."""
         provider = target.spec.provider
         start = time.perf_counter()
         outcome = "error"
         first = True
-        parts: list[str] = []
-        self._metrics.active_streams.inc()
+        flight = None
+        if key is not None and self._flights is not None:
+            flight = self._flights.get(key) or self._flights.get(canonical_key)
+            if flight is None:
+                flight = self._flights.launch(key, generation, target, request.messages, request.params,
+                                              route=request.route, live=True)
+            source: AsyncIterator[str | Finish] = flight.follow()
+        else:
+            source = self._direct(target, request)
         try:
-            async with contextlib.aclosing(target.provider.stream(request.messages, request.params)) as events:
+            async with contextlib.aclosing(source) as events:
                 async for event in events:
-                    if isinstance(event, Delta):
-                        if not event.text:
+                    if isinstance(event, str):
+                        if not event:
                             continue
                         if first:
                             self._metrics.ttft_seconds.labels(request.route).observe(time.perf_counter() - start)
                             first = False
-                        if key is not None:
-                            parts.append(event.text)
-                        yield event.text
-                    elif isinstance(event, Finish):
-                        self._metrics.prompt_tokens.labels(request.route).inc(event.usage.prompt_tokens)
-                        self._metrics.completion_tokens.labels(request.route).inc(event.usage.completion_tokens)
+                        yield event
+                    else:
                         outcome = "ok"
-                        if key is not None and self._cache is not None and event.finish_reason != "length":
-                            await self._cache.store(key, CachedAnswer(
-                                "".join(parts), event.finish_reason, event.model, event.usage.prompt_tokens,
-                                event.usage.completion_tokens))
                         yield AnswerDone(event.finish_reason, event.usage.prompt_tokens,
                                          event.usage.completion_tokens, event.model, False, provider,
                                          generation.number, request.route)
@@ -188,9 +196,24 @@ class Answerer:
             outcome = "cancelled"
             raise
         finally:
-            self._metrics.active_streams.dec()
             self._metrics.request_seconds.labels(request.route, provider, outcome).observe(time.perf_counter() - start)
             self._metrics.requests.labels(request.route, provider, target.model, outcome).inc()
+
+    async def _direct(self, target: Target, request: AnswerRequest) -> AsyncIterator[str | Finish]:
+        """An uncacheable turn's own generation: deltas as text, then the Finish."""
+        self._metrics.active_streams.inc()
+        try:
+            async with contextlib.aclosing(target.provider.stream(request.messages, request.params)) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        yield event.text
+                    elif isinstance(event, Finish):
+                        self._metrics.prompt_tokens.labels(request.route).inc(event.usage.prompt_tokens)
+                        self._metrics.completion_tokens.labels(request.route).inc(event.usage.completion_tokens)
+                        yield event
+                        return
+        finally:
+            self._metrics.active_streams.dec()
 
     def _schedule_pregen(self, generation: Generation, request: AnswerRequest, target: Target,
                          canonical: str | None = None) -> None:
@@ -212,7 +235,7 @@ class Answerer:
         system = tuple(m for m in request.messages if m.role == "system")
         version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
         self._pregen.schedule([PregenJob(request.tenant, request.route, version, target, system, suggestion,
-                                         request.params) for suggestion in suggestions])
+                                         request.params, generation=generation) for suggestion in suggestions])
 
     def _schedule_warming(self, generation: Generation, request: AnswerRequest, target: Target, version: str,
                           epochs: str) -> None:
@@ -241,7 +264,8 @@ class Answerer:
         if not self._warmed.claim(context):
             return
         self._pregen.schedule([PregenJob(request.tenant, request.route, version, target, system, question,
-                                         request.params, warming=True) for question in questions])
+                                         request.params, warming=True, generation=generation)
+                               for question in questions])
 
 
 def _canonizer(generation: Generation, target: Target) -> CanonicalQuestions | None:

@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +23,10 @@ from services.llm_worker.snapshot import FolderSnapshot, take_snapshot
 log = logging.getLogger(__name__)
 
 PROVIDER_METHODS = ("setup", "stream", "self_test", "aclose")
+
+
+class GenerationClosed(Exception):
+    """Work was asked of a plugin generation that has been dropped."""
 
 
 class PluginLoadError(Exception):
@@ -252,10 +256,16 @@ class PluginHost:
         await generation.aclose()
         self.generations_alive.discard(generation.number)
 
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Generation]:
+    def lease(self) -> AbstractAsyncContextManager[Generation]:
         """The current generation, kept alive until the block ends."""
-        generation = self.current
+        return self.hold(self.current)
+
+    @asynccontextmanager
+    async def hold(self, generation: Generation) -> AsyncIterator[Generation]:
+        """Keep `generation` alive until the block ends (background work that outlives its request);
+        GenerationClosed if it was already dropped."""
+        if generation.closed:
+            raise GenerationClosed(f"plugin generation {generation.number} was dropped")
         generation.active += 1
         try:
             yield generation

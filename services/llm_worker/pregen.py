@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 from services.llm_worker.cache import AnswerCache, CachedAnswer
 from services.llm_worker.cache_key import CacheKey, normalize_question
+from services.llm_worker.flights import Flights
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, ProviderError
-from services.llm_worker.plugin_host import Target
+from services.llm_worker.plugin_host import Generation, Target
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class PregenJob:
     warming: bool = False
     """A common question pre-generated to warm the cache: runs after every likely-next job and waits
     longer for live traffic to calm down."""
+    generation: Generation | None = None
+    """The plugin generation `target` belongs to, kept alive while the job streams from it."""
 
 
 @dataclass
@@ -97,6 +100,8 @@ class Pregenerator:
     """How long a job waits for live traffic to calm down before it is skipped."""
     warming_max_wait_s: float = 600.0
     clock: Callable[[], float] = time.monotonic
+    flights: Flights | None = None
+    """Shared with live turns (the Answerer sets it): a turn asking what is being pre-generated joins it."""
     _budgets: dict[str, _TenantBudget] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _in_flight: set[str] = field(default_factory=set)
@@ -126,7 +131,8 @@ class Pregenerator:
                 self._waiting.discard((key.kv_key, priority))
                 # A more urgent job for the key may have run meanwhile; another replica (or an earlier
                 # run of this one) may have it in the shared tier.
-                if key.kv_key in self._in_flight or await self.cache.contains(key):
+                if key.kv_key in self._in_flight or (self.flights is not None and self.flights.get(key)) \
+                        or await self.cache.contains(key):
                     return
                 self._in_flight.add(key.kv_key)
                 try:
@@ -146,6 +152,19 @@ class Pregenerator:
             self.metrics.pregenerations.labels("skipped").inc()
             return
         self.metrics.pregenerations.labels("started").inc()
+        if self.flights is not None:
+            if self.flights.get(key) is not None:  # a live turn started it while this job waited
+                return
+            messages = [*job.system, ChatMessage("user", job.question)]
+            flight = self.flights.launch(key, job.generation, job.target, messages, job.params, route=job.route,
+                                         live=False)
+            assert flight.task is not None
+            await asyncio.shield(flight.task)  # stored by the flight; readers may have joined meanwhile
+            if flight.error is not None:
+                log.info("pre-generation for %s failed: %s", job.tenant, flight.error)
+            elif flight.finish is not None:
+                self._spend(budget, flight.finish.usage.prompt_tokens + flight.finish.usage.completion_tokens)
+            return
         answer = await self._generate(job)
         if answer is None:
             return
@@ -179,3 +198,5 @@ class Pregenerator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.flights is not None:
+            await self.flights.aclose()

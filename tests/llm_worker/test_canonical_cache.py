@@ -21,7 +21,7 @@ SYSTEM = ChatMessage("system", "You are a shop assistant.")
 # and "Returns?" are common questions; "how fast do you ship" is a confident paraphrase of the first.
 ECHO_PLUGIN = '''
 import asyncio
-from services.llm_worker.plugin_api import Delta, Finish, Usage
+from services.llm_worker.plugin_api import Delta, Finish, ProviderError, Usage
 
 CANONICAL = {"shipping?": "Shipping?", "how fast do you ship": "Shipping?", "returns?": "Returns?",
              "can i send it back": "Returns?"}
@@ -35,6 +35,7 @@ class Echo:
         self.capabilities = frozenset({"stream"})
         self.settings = dict(settings)
         self.asked = []
+        self.cancelled = []
 
     async def setup(self):
         pass
@@ -60,9 +61,17 @@ class Echo:
     async def stream(self, messages, params):
         question = messages[-1].content
         self.asked.append(question)
-        await asyncio.sleep(float(self.settings.get("delay_s", 0)))
-        yield Delta(self.settings.get("model", "m") + " answers " + question)
-        yield Finish("stop", Usage(1, 3), self.settings.get("model", "m"))
+        try:
+            await asyncio.sleep(float(self.settings.get("delay_s", 0)))
+            if question == "Broken?":
+                raise ProviderError("upstream said 503", retryable=True, status=503)
+            yield Delta(self.settings.get("model", "m") + " answers ")
+            await asyncio.sleep(float(self.settings.get("delay_s", 0)))
+            yield Delta(question)
+            yield Finish("stop", Usage(1, 3), self.settings.get("model", "m"))
+        except asyncio.CancelledError:
+            self.cancelled.append(question)
+            raise
 
 
 plugin = Echo
@@ -70,14 +79,14 @@ plugin = Echo
 ROUTES = '''
 [routes.default]
 provider = "echo"
-settings = {{ model = "{model}" }}
+settings = {{ model = "{model}", delay_s = {delay_s} }}
 '''
 
 
-def write_echo(folder: Path, model: str = "model-a") -> None:
+def write_echo(folder: Path, model: str = "model-a", delay_s: float = 0.0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     replace_file(folder / "echo.py", ECHO_PLUGIN)
-    replace_file(folder / "routes.toml", ROUTES.format(model=model))
+    replace_file(folder / "routes.toml", ROUTES.format(model=model, delay_s=delay_s))
 
 
 @pytest.fixture
@@ -104,6 +113,19 @@ async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage) -> tuple[
 
 def asked(host: PluginHost) -> list[str]:
     return host.current.routes["default"].targets[0].provider.asked  # type: ignore[attr-defined]
+
+
+def cancelled(host: PluginHost) -> list[str]:
+    return host.current.routes["default"].targets[0].provider.cancelled  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def slow_host(tmp_path: Path) -> PluginHost:
+    write_echo(tmp_path / "plugins", delay_s=0.1)
+    plugin_host = PluginHost(tmp_path / "plugins", "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
+    await plugin_host.start()
+    yield plugin_host  # type: ignore[misc]
+    await plugin_host.aclose()
 
 
 async def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -212,3 +234,57 @@ def test_warmed_contexts_warm_again_after_a_while_and_stay_bounded() -> None:
     assert warmed.claim(("b",)) and warmed.claim(("c",))
     assert warmed.claim(("a",))  # the oldest was forgotten (bounded): it warms again
     assert not warmed.claim(("c",)) and len(warmed._seen) == 2
+
+
+async def test_single_flight_turns_asking_meanwhile_join_one_generation(slow_host: PluginHost) -> None:
+    answerer = Answerer(slow_host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    first = asyncio.create_task(ask(answerer, "t", ChatMessage("user", "Shipping?")))
+    await asyncio.sleep(0.15)  # the first delta is out
+    joined = await asyncio.gather(ask(answerer, "t", ChatMessage("user", "shipping")),
+                                  ask(answerer, "t", ChatMessage("user", "how fast do you ship")))
+    assert [text for text, _ in [await first, *joined]] == ["model-a answers Shipping?"] * 3
+    assert asked(slow_host) == ["Shipping?"]
+    other_tenant = await ask(answerer, "u", ChatMessage("user", "Shipping?"))
+    assert other_tenant[1].cached is False and asked(slow_host) == ["Shipping?", "Shipping?"]
+
+
+async def test_single_flight_a_turn_joins_the_pregeneration_of_its_question(slow_host: PluginHost) -> None:
+    metrics = WorkerMetrics()
+    cache = AnswerCache(LocalTier(1 << 20, 60))
+    pregen = Pregenerator(cache, metrics, live_streams=lambda: 0)
+    answerer = Answerer(slow_host, metrics, cache, pregen)
+    try:
+        await ask(answerer, "t", ChatMessage("user", "Payment?"))  # warms Shipping? and Returns? meanwhile
+        await wait_for(lambda: "Returns?" in asked(slow_host))
+        text, done = await ask(answerer, "t", ChatMessage("user", "can i send it back"))
+        assert (text, done.cached) == ("model-a answers Returns?", False)  # joined, not from the cache
+        assert sorted(asked(slow_host)) == ["Payment?", "Returns?", "Shipping?"]
+    finally:
+        await pregen.aclose()
+
+
+async def test_single_flight_upstream_cancelled_only_when_its_last_reader_hangs_up(slow_host: PluginHost) -> None:
+    metrics = WorkerMetrics()
+    answerer = Answerer(slow_host, metrics, AnswerCache(LocalTier(1 << 20, 60)))
+    alone = asyncio.create_task(ask(answerer, "t", ChatMessage("user", "Returns?")))
+    await asyncio.sleep(0.05)
+    alone.cancel()
+    await wait_for(lambda: cancelled(slow_host) == ["Returns?"])
+    leader = asyncio.create_task(ask(answerer, "t", ChatMessage("user", "Shipping?")))
+    await asyncio.sleep(0.05)
+    follower = asyncio.create_task(ask(answerer, "t", ChatMessage("user", "how fast do you ship")))
+    await asyncio.sleep(0.05)
+    leader.cancel()
+    text, done = await follower
+    assert (text, done.finish_reason) == ("model-a answers Shipping?", "stop")
+    assert cancelled(slow_host) == ["Returns?"] and asked(slow_host) == ["Returns?", "Shipping?"]
+    assert metrics.registry.get_sample_value("kefu_active_streams") == 0
+    assert (await ask(answerer, "t", ChatMessage("user", "Shipping?")))[1].cached
+
+
+async def test_single_flight_every_reader_gets_the_providers_error(slow_host: PluginHost) -> None:
+    answerer = Answerer(slow_host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    results = await asyncio.gather(ask(answerer, "t", ChatMessage("user", "Broken?")),
+                                   ask(answerer, "t", ChatMessage("user", "broken")), return_exceptions=True)
+    assert [(type(r).__name__, getattr(r, "status", None)) for r in results] == [("ProviderError", 503)] * 2
+    assert asked(slow_host) == ["Broken?"]
