@@ -222,9 +222,10 @@
   function setText(node, text) { node.querySelector('.text').textContent = text; }
   function setMeta(node, text) { node.querySelector('.meta').textContent = text || ''; }
 
-  function notice(text) {
+  function notice(text, seq) {
+    // A state change's notice sits at its seq among the messages; the greeting (seq 0) on top.
     var node = el('div', { class: 'notice', 'data-testid': 'kefu-notice', text: text });
-    place(node);
+    place(node, seq);
     return node;
   }
   var greeting = TEXT.welcome;  // the tenant's own welcome text replaces it when the edge sends one
@@ -259,7 +260,7 @@
     }
     if (seq > state.lastSeq) state.lastSeq = seq;
     if (event.type === 'msg') onMessage(event);
-    else if (event.type === 'state') onState(event, true);
+    else if (event.type === 'state') onState(event);
     save();
   }
 
@@ -287,17 +288,25 @@
     if (sender.type !== 'visitor' && panel.hidden && event.seq > seqAtLoad) { unread++; showUnread(); }
   }
 
-  function onState(event, stored) {
-    var before = status.status;
-    status.status = event.status;
-    status.assignee_name = event.assignee_name || event.assignee || null;
-    if (event.status !== 'waiting_human') status.position = null;
-    showStatus();
-    if (!stored || before === event.status) return;
-    if (event.status === 'human') notice(t('agentJoined', { name: status.assignee_name || TEXT.agent }));
-    else if (event.status === 'waiting_human') notice(TEXT.waitingNotice);
-    else if (event.status === 'closed') notice(TEXT.closed);
-    else if (event.status === 'ai' && before === 'human') notice(TEXT.released);
+  var stateSeq = -1;          // seq of the newest state event applied to the status line
+  var noticeStatus = 'ai';    // status as the stored state events tell it, for the notices between messages
+  function onState(event) {
+    var before = noticeStatus;
+    noticeStatus = event.status;
+    if (event.seq >= stateSeq) {
+      stateSeq = event.seq;
+      status.status = event.status;
+      status.assignee_name = event.assignee_name || event.assignee || null;
+      if (event.status !== 'waiting_human') status.position = null;
+      showStatus();
+    }
+    if (before === event.status) return;
+    var seq = event.seq;
+    if (event.status === 'human') {
+      notice(t('agentJoined', { name: event.assignee_name || event.assignee || TEXT.agent }), seq);
+    } else if (event.status === 'waiting_human') notice(TEXT.waitingNotice, seq);
+    else if (event.status === 'closed') notice(TEXT.closed, seq);
+    else if (event.status === 'ai' && before === 'human') notice(TEXT.released, seq);
   }
 
   function onDelta(event) {
@@ -409,6 +418,8 @@
     shownSince = false;
     seen = {};
     byMessageId = {};
+    stateSeq = -1;
+    noticeStatus = 'ai';
     Array.prototype.slice.call(log.children).forEach(function (child) {
       if (!child.hasAttribute('data-pending')) log.removeChild(child);
     });
@@ -596,7 +607,7 @@
       start();
       unread = 0;
       showUnread();
-      if (!log.children.length) greetingNode = notice(greeting);
+      if (!log.children.length) greetingNode = notice(greeting, 0);
       input.focus();
       scroll(true);
     } else {
