@@ -6,7 +6,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from services.devstack.stack import Stack
-from tests.browser.browser_helpers import BrowserPages, csp_violations, install_widget_token_shim
+from tests.browser.browser_helpers import BrowserPages, Relay, csp_violations, install_widget_token_shim
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -125,3 +125,40 @@ def test_widget_fits_a_phone_screen(web_stack: Stack, browser_pages: BrowserPage
     page.keyboard.type(QUESTION)
     page.keyboard.press("Enter")
     expect(messages(page, "ai").locator(".text")).to_contain_text(ANSWER_PART, timeout=WAIT_MS)
+
+
+def test_widget_answer_cut_mid_stream_arrives_once_after_reconnect(
+        web_stack: Stack, relay: Relay, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack, base_url=relay.base_url)
+    open_widget(page)
+    expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "ai", timeout=WAIT_MS)
+    say(page, QUESTION)
+    expect(page.locator("[data-testid=kefu-message][data-streaming]")).to_have_count(1, timeout=WAIT_MS)
+    relay.cut()  # the answer is still streaming: the rest is generated and stored without this socket
+    expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "offline", timeout=WAIT_MS)
+    relay.restore()
+    expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "ai", timeout=WAIT_MS)
+    answer = messages(page, "ai")
+    expect(answer).to_have_count(1, timeout=WAIT_MS)
+    expect(answer).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
+    expect(answer.locator(".text")).to_contain_text(ANSWER_PART)
+    expect(messages(page, "visitor")).to_have_count(1)
+
+
+def test_widget_message_typed_while_cut_off_is_sent_once_after_reconnect(
+        web_stack: Stack, relay: Relay, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack, base_url=relay.base_url)
+    open_widget(page)
+    say(page, QUESTION)
+    expect(messages(page, "ai")).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
+    relay.cut()
+    expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "offline", timeout=WAIT_MS)
+    say(page, "运费多少钱？")
+    expect(messages(page, "visitor").nth(1)).to_have_attribute("data-pending", "", timeout=WAIT_MS)
+    assert len(stored_state(page)["outbox"]) == 1  # type: ignore[arg-type]
+    relay.restore()
+    expect(messages(page, "ai")).to_have_count(2, timeout=WAIT_MS)
+    expect(messages(page, "ai").nth(1).locator(".text")).to_contain_text("满99元包邮", timeout=WAIT_MS)
+    expect(messages(page, "visitor")).to_have_count(2)
+    expect(messages(page, "visitor").nth(1)).not_to_have_attribute("data-pending", "")
+    assert stored_state(page)["outbox"] == []
