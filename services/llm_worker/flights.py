@@ -35,6 +35,8 @@ class Flight:
         self.held = held
         """A background job keeps it running with no reader (pre-generation)."""
         self.task: asyncio.Task[None] | None = None
+        self.abandoned = False
+        """Its last reader left and it is being cancelled: nobody may join it any more."""
         self._changed = asyncio.Event()
 
     def _publish(self) -> None:
@@ -79,6 +81,7 @@ class Flight:
         finally:
             self.readers -= 1
             if self.readers == 0 and not self.held and self.task is not None and not self.task.done():
+                self.abandoned = True
                 self.task.cancel()  # nobody reads it any more: stop the upstream request
 
 
@@ -97,7 +100,9 @@ class Flights:
         return len(self._flights)
 
     def get(self, key: CacheKey | None) -> Flight | None:
-        return self._flights.get(key.kv_key) if key is not None else None
+        """The flight a turn may join for `key` (never one being cancelled)."""
+        flight = self._flights.get(key.kv_key) if key is not None else None
+        return None if flight is None or flight.abandoned else flight
 
     def launch(self, key: CacheKey, generation: Generation | None, target: Target,
                messages: Sequence[ChatMessage], params: GenerationParams, *, route: str, live: bool) -> Flight:

@@ -71,3 +71,23 @@ async def test_cache_invalidation_over_the_nats_subject(kb_stack: Stack) -> None
     while (await turn(kb_stack, tenant, "有哪些付款方式？"))[1]["cached"]:
         assert time.monotonic() < deadline, "the invalidation message was not acted on"
         await asyncio.sleep(0.05)
+
+
+async def test_cache_serves_a_paraphrase_its_faq_entrys_answer_and_warms_the_tenant(kb_stack: Stack) -> None:
+    tenant, other = f"cache-f-{secrets.token_hex(4)}", f"cache-g-{secrets.token_hex(4)}"
+    reply, done, _ = await turn(kb_stack, tenant, "多久发货？")
+    paraphrase, done_paraphrase, _ = await turn(kb_stack, tenant, "下单后几天能到")  # another FAQ phrasing
+    assert (done["cached"], done_paraphrase["cached"], paraphrase) == (False, True, reply)
+    assert (await turn(kb_stack, other, "下单后几天能到"))[1]["cached"] is False  # never across tenants
+    # The first turn warmed the tenant: every common question (26 in Chinese) lands in the shared tier,
+    # and a paraphrase of an entry nobody asked about yet is then answered from the cache.
+    nc = await nats.connect(kb_stack.nats_url, max_reconnect_attempts=3, connect_timeout=1)
+    try:
+        kv = await nc.jetstream().key_value("kefu_cache")
+        deadline = time.monotonic() + 20
+        while len([k for k in await kv.keys() if k.startswith(f"{tenant}.")]) < 26:
+            assert time.monotonic() < deadline, "the tenant's common questions were never pre-generated"
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert (await turn(kb_stack, tenant, "支持海外配送吗"))[1]["cached"] is True

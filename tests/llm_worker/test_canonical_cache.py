@@ -288,3 +288,14 @@ async def test_single_flight_every_reader_gets_the_providers_error(slow_host: Pl
                                    ask(answerer, "t", ChatMessage("user", "broken")), return_exceptions=True)
     assert [(type(r).__name__, getattr(r, "status", None)) for r in results] == [("ProviderError", 503)] * 2
     assert asked(slow_host) == ["Broken?"]
+
+
+async def test_single_flight_a_turn_never_joins_a_generation_being_cancelled(slow_host: PluginHost) -> None:
+    answerer = Answerer(slow_host, WorkerMetrics(), AnswerCache(LocalTier(1 << 20, 60)))
+    leaving = asyncio.create_task(ask(answerer, "t", ChatMessage("user", "Shipping?")))
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    await asyncio.sleep(0)  # the leader has left; its generation's cancellation is still pending
+    text, done = await ask(answerer, "t", ChatMessage("user", "Shipping?"))
+    assert (text, done.finish_reason) == ("model-a answers Shipping?", "stop")
+    assert asked(slow_host) == ["Shipping?", "Shipping?"]

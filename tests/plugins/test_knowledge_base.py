@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.llm_worker.plugin_api import (
+    CanonicalQuestions,
     ChatMessage,
     Delta,
     Finish,
@@ -336,3 +337,44 @@ def detect_cjk(text: str) -> bool:
 
 async def test_knowledge_base_traditional_chinese_matches_like_simplified(provider: Provider) -> None:
     assert await reply(provider, "怎麼退貨？") == await reply(provider, "怎么退货？")
+
+
+async def test_knowledge_base_canonical_question_is_the_entrys_first_phrasing_in_the_language(
+    provider: Provider,
+) -> None:
+    knower: Any = provider
+    assert isinstance(provider, CanonicalQuestions)
+    assert knower.canonical_question("下单后几天能到？") == "多久发货？"  # another listed phrasing
+    assert knower.canonical_question("請問多久發貨") == "多久发货？"  # traditional, polite prefix
+    assert knower.canonical_question("When will my order ship?") == "How long does shipping take?"
+    assert knower.canonical_question("订单还能取消吗") == "怎么取消订单？"  # a confident paraphrase
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "运费怎么算",  # shipping-cost, but close to another entry: ambiguous
+        "how fast do you ship",  # its best entry is the wrong one, by a hair
+        "今天天气怎么样",  # no entry
+        "我的订单20240518001到哪了？",  # personal
+        "转人工",  # an entry that hands over to a human
+    ],
+)
+async def test_knowledge_base_canonical_question_is_none_when_unsure_personal_or_handoff(
+    provider: Provider, question: str
+) -> None:
+    knower: Any = provider
+    assert knower.canonical_question(question) is None
+
+
+async def test_knowledge_base_common_questions_are_first_phrasings_without_handoff(provider: Provider) -> None:
+    knower: Any = provider
+    zh = knower.common_questions("包邮吗")
+    assert zh[0] == "多久发货？" and "转人工" not in zh and len(zh) == len(FAQ["entries"]) - 1
+    assert all(knower.canonical_question(q) == q for q in zh)  # each is its own canonical question
+    assert knower.common_questions("Is shipping free?", 2) == ["How long does shipping take?", "How much is shipping?"]
+
+
+def test_knowledge_base_rejects_canonical_thresholds_out_of_range() -> None:
+    with pytest.raises(ValueError, match="canonical_min_margin"):
+        KB.plugin({"canonical_min_margin": 1.5}, PluginContext(plugins_dir=PLUGINS_DIR))
