@@ -527,10 +527,15 @@ async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
 class LatencyRun:
     sent: dict[int, float] = field(default_factory=dict)
     received: dict[int, float] = field(default_factory=dict)
+    echoed: dict[int, float] = field(default_factory=dict)
+    """When the sender's own socket got the stored `msg` back (the same edge: splits the path)."""
+    acked: dict[int, float] = field(default_factory=dict)
     duplicates: int = 0
     ai_frames: int = 0
     problems: Counter[str] = field(default_factory=Counter)
     lag: list[float] = field(default_factory=list)
+    pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    """Claims awaiting their ack or nack, by cid (the agents' readers resolve them)."""
 
 
 async def open_visitor(http: aiohttp.ClientSession, url: str, mode: str, secret: str,
@@ -553,45 +558,69 @@ async def open_visitor(http: aiohttp.ClientSession, url: str, mode: str, secret:
     return ws, conversation_id
 
 
-async def claim(ws: aiohttp.ClientWebSocketResponse, conversation_id: str, cid: str) -> str | None:
-    """Claim a conversation; None when acknowledged, else what went wrong."""
+async def claim(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun, conversation_id: str, cid: str) -> str | None:
+    """Claim a conversation; None when acknowledged, else what went wrong. The agent's reader,
+    already running, hands over the answer: nobody's frames wait unread meanwhile."""
+    answer = run.pending[cid] = asyncio.get_running_loop().create_future()
     await ws.send_str(json.dumps({"type": "claim", "conversation_id": conversation_id, "cid": cid}))
-    while True:
-        frame = await recv_frame(ws)
-        if frame.get("cid") == cid and frame["type"] == "ack":
-            return None
-        if frame.get("cid") == cid and frame["type"] == "nack" or frame["type"] == "error":
-            return f"{frame.get('code')}: {frame.get('message')}"
+    try:
+        frame = await asyncio.wait_for(answer, FRAME_TIMEOUT_S)
+    except TimeoutError:
+        return "no answer"
+    finally:
+        run.pending.pop(cid, None)
+    return None if frame["type"] == "ack" else f"{frame.get('code')}: {frame.get('message')}"
 
 
 async def read_visitor(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
-    async for message in ws:
-        if message.type is not aiohttp.WSMsgType.TEXT:
-            break
-        frame = json.loads(message.data)
-        kind = frame["type"]
-        if kind == "ai_delta" or kind == "msg" and frame["sender"]["type"] == "ai":
-            run.ai_frames += 1
-        elif kind in ("nack", "error"):
-            run.problems[f"visitor {kind} {frame.get('code')}"] += 1
-    if ws.close_code not in (None, 1000):
-        run.problems[f"visitor socket closed {ws.close_code}"] += 1
+    try:
+        await _read_visitor(ws, run)
+    except (aiohttp.ClientError, ConnectionError) as error:
+        run.problems[f"visitor socket: {type(error).__name__}"] += 1
 
 
 async def read_agent(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
+    try:
+        await _read_agent(ws, run)
+    except (aiohttp.ClientError, ConnectionError) as error:
+        run.problems[f"agent socket: {type(error).__name__}"] += 1
+
+
+async def _read_visitor(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
     async for message in ws:
         if message.type is not aiohttp.WSMsgType.TEXT:
             break
         now = time.perf_counter()
         frame = json.loads(message.data)
-        if frame["type"] == "msg" and frame["sender"]["type"] == "visitor" and frame["text"].startswith("bench-"):
+        kind = frame["type"]
+        if kind == "msg" and frame["sender"]["type"] == "visitor" and frame["text"].startswith("bench-"):
+            run.echoed.setdefault(int(frame["text"].split(" ", 1)[0].removeprefix("bench-")), now)
+        elif kind == "ack" and str(frame.get("cid", "")).startswith("b-"):
+            run.acked.setdefault(int(frame["cid"].removeprefix("b-")), now)
+        elif kind == "ai_delta" or kind == "msg" and frame["sender"]["type"] == "ai":
+            run.ai_frames += 1
+        elif kind in ("nack", "error"):
+            run.problems[f"visitor {kind} {frame.get('code')}: {frame.get('message')}"] += 1
+    if ws.close_code not in (None, 1000):
+        run.problems[f"visitor socket closed {ws.close_code}"] += 1
+
+
+async def _read_agent(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
+    async for message in ws:
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            break
+        now = time.perf_counter()
+        frame = json.loads(message.data)
+        if frame["type"] in ("ack", "nack") and frame.get("cid") in run.pending:
+            run.pending[frame["cid"]].set_result(frame)
+        elif frame["type"] == "msg" and frame["sender"]["type"] == "visitor" and frame["text"].startswith("bench-"):
             number = int(frame["text"].split(" ", 1)[0].removeprefix("bench-"))
             if number in run.received:
                 run.duplicates += 1
             else:
                 run.received[number] = now
         elif frame["type"] in ("nack", "error"):
-            run.problems[f"agent {frame['type']} {frame.get('code')}"] += 1
+            run.problems[f"agent {frame['type']} {frame.get('code')}: {frame.get('message')}"] += 1
     if ws.close_code not in (None, 1000):
         run.problems[f"agent socket closed {ws.close_code}"] += 1
 
@@ -603,9 +632,15 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
     async with aiohttp.ClientSession(connector=connector) as http:
         gate = asyncio.Semaphore(20)
 
+        readers: list[asyncio.Task[None]] = []
+
         async def one_visitor(number: int) -> tuple[aiohttp.ClientWebSocketResponse, str]:
             async with gate:
-                return await open_visitor(http, visitor_url, mode, secret, number)
+                ws, conversation_id = await open_visitor(http, visitor_url, mode, secret, number)
+            # Read from now on: queue positions and state changes keep coming while others set up,
+            # and a socket left unread is (rightly) closed as too slow.
+            readers.append(asyncio.create_task(read_visitor(ws, run)))
+            return ws, conversation_id
 
         visitors = await asyncio.gather(*(one_visitor(n) for n in range(params.visitors)))
         agents = []
@@ -617,15 +652,12 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
                 await ws.send_str('{"type": "hello"}')
                 await recv_frame(ws)
             agents.append(ws)
-        claim_failures: Counter[str] = Counter()
-        for number, (_, conversation_id) in enumerate(visitors):
-            failure = await claim(agents[number % len(agents)], conversation_id, f"claim-{number}")
-            if failure is not None:
-                claim_failures[failure] += 1
+            readers.append(asyncio.create_task(read_agent(ws, run)))
+        claim_failures: Counter[str] = Counter(filter(None, await asyncio.gather(*(
+            claim(agents[number % len(agents)], run, conversation_id, f"claim-{number}")
+            for number, (_, conversation_id) in enumerate(visitors)))))
         if claim_failures:
             log.warning("%s: claims refused: %s", mode, dict(claim_failures))
-        readers = [asyncio.create_task(read_visitor(ws, run)) for ws, _ in visitors] + \
-                  [asyncio.create_task(read_agent(ws, run)) for ws in agents]
         total = int((params.warmup_s + params.duration_s) * params.rate)
         warmup = int(params.warmup_s * params.rate)
         cpu_before = cpu_seconds(os.getpid())
@@ -638,9 +670,16 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
             ws, conversation_id = visitors[number % len(visitors)]
             now = time.perf_counter()
             run.lag.append((now - due) * 1000)
+            if ws.closed:
+                run.problems["send on a socket the server had closed"] += 1
+                continue
             run.sent[number] = now
-            await ws.send_str(json.dumps({"type": "send", "cid": f"b-{number}", "conversation_id": conversation_id,
-                                          "text": f"bench-{number} 您好，请问我的订单到哪了？"}, ensure_ascii=False))
+            frame = {"type": "send", "cid": f"b-{number}", "conversation_id": conversation_id,
+                     "text": f"bench-{number} 您好，请问我的订单到哪了？"}
+            try:
+                await ws.send_str(json.dumps(frame, ensure_ascii=False))
+            except (aiohttp.ClientError, ConnectionError):
+                run.problems["send on a socket the server had closed"] += 1
         sending_s = time.perf_counter() - started
         deadline = time.monotonic() + 10
         while len(run.received) < total and time.monotonic() < deadline:
@@ -650,11 +689,14 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
             await ws.close()
         await asyncio.gather(*readers, return_exceptions=True)
     measured = [(run.received[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.received]
+    echo = [(run.echoed[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.echoed and n in run.sent]
+    ack = [(run.acked[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.acked and n in run.sent]
     return {
         "mode": mode, "messages": total - warmup, "warmup_messages": warmup,
         "received": len(measured), "lost": (total - warmup) - len(measured), "duplicates": run.duplicates,
         "achieved_rate": total / sending_s if sending_s else None,
         "latency_ms": summary_ms(measured), "sender_lag_ms": summary_ms(run.lag[warmup:]),
+        "own_echo_ms": summary_ms(echo), "ack_ms": summary_ms(ack),
         "client_cpu_percent": None if client_cpu is None else client_cpu * 100 / (time.perf_counter() - started),
         "claims_refused": dict(claim_failures), "ai_frames_to_visitors": run.ai_frames,
         "problems": dict(run.problems),
@@ -783,6 +825,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| kefu / floor | | | | | {_ratio(k_ms['p50'], f_ms['p50'])} | | "
                          f"{_ratio(k_ms['p99'], f_ms['p99'])} | | | |")
         if kefu_row:
+            for key, what in (("own_echo_ms", "the sender's own socket gets its stored `msg`"),
+                              ("ack_ms", "the sender gets its `ack`")):
+                if kefu_row.get(key):
+                    lines += ["", f"Same run, send → {what}: p50 {kefu_row[key]['p50']:.1f} ms, "
+                                  f"p99 {kefu_row[key]['p99']:.1f} ms."]
+            if kefu_row.get("cpu_percent"):
+                lines += ["", "CPU of the kefu processes during its run (set-up included), % of one core: "
+                              + ", ".join(f"{n} {v}" for n, v in kefu_row["cpu_percent"].items()) + "."]
             for key in ("claims_refused", "problems"):
                 if kefu_row[key]:
                     lines += ["", f"kefu {key.replace('_', ' ')}: {json.dumps(kefu_row[key], ensure_ascii=False)}"]
@@ -842,8 +892,17 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
             report["resume"] = guarded(lambda: asyncio.run(resume_phase(params, stack, secret)), "resume")
         if "latency" in params.phases:
             log.info("latency: %g messages/s for %g s", params.rate, params.duration_s)
+            pids = {name: p.pid for name, p in stack.processes.items()}
+            if stack.nats is not None:
+                pids["nats"] = stack.nats.process.pid
+            cpu_before, wall_before = {n: cpu_seconds(pid) for n, pid in pids.items()}, time.perf_counter()
             report["latency"] = {"kefu": guarded(lambda: asyncio.run(latency_run(
                 params, "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret)), "latency (kefu)")}
+            wall = time.perf_counter() - wall_before
+            # % of one core per process over the whole kefu run (set-up included): who is short of CPU.
+            report["latency"]["kefu"]["cpu_percent"] = {
+                n: round(((cpu_seconds(pid) or 0.0) - (cpu_before[n] or 0.0)) * 100 / wall)
+                for n, pid in pids.items() if cpu_before[n] is not None}
             if floor is not None:
                 report["latency"]["floor"] = guarded(lambda: asyncio.run(latency_run(
                     params, "floor", f"{floor_url}/ws", f"{floor_url}/ws", secret)), "latency (floor)")
