@@ -83,8 +83,11 @@
 
   // ---- DOM ---------------------------------------------------------------------------------------------
   var CSS = [
-    ':host{all:initial;position:fixed;z-index:2147483000;right:20px;bottom:20px;',
-    'font:14px/1.45 system-ui,-apple-system,"Segoe UI","PingFang SC","Microsoft YaHei",sans-serif;color:#1f2328}',
+    // !important on the host: the page's own !important rules (say `* {font-size: 40px !important}`) reach the
+    // host element and would be inherited inside; for important rules the shadow tree's win.
+    ':host{all:initial!important;display:block!important;position:fixed!important;z-index:2147483000!important;',
+    'right:20px!important;bottom:20px!important;color:#1f2328!important;',
+    'font:14px/1.45 system-ui,-apple-system,"Segoe UI","PingFang SC","Microsoft YaHei",sans-serif!important}',
     '*{box-sizing:border-box}',
     'button{font:inherit;cursor:pointer}',
     ':focus-visible{outline:2px solid #1b6ef3;outline-offset:2px}',
@@ -124,7 +127,7 @@
     '.send{background:#1b6ef3;color:#fff;border:0;border-radius:10px;padding:9px 14px}',
     '.human{align-self:flex-start;background:#fff;border:1px solid #d0d7de;border-radius:14px;padding:3px 10px;',
     'font-size:12px;color:#1f2328}',
-    '@media (max-width:480px){:host{right:12px;bottom:12px}',
+    '@media (max-width:480px){:host{right:12px!important;bottom:12px!important}',
     '.panel{position:fixed;inset:0;width:auto;height:auto;max-height:none;border-radius:0}',
     '.launcher[aria-expanded=true]{display:none}}'
   ].join('');
@@ -139,7 +142,8 @@
     return node;
   }
 
-  var host = el('div', { id: 'kefu-widget', 'data-kefu': 'widget' });
+  // A custom element name, so the page's `div` or `section` rules do not match the host.
+  var host = el('kefu-chat', { id: 'kefu-widget' });
   var root = host.attachShadow({ mode: 'open' });
   if ('adoptedStyleSheets' in root && typeof CSSStyleSheet === 'function' && CSSStyleSheet.prototype.replaceSync) {
     // A constructed sheet is not an inline <style>, so a page whose CSP forbids inline styles still works.

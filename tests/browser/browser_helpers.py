@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import re
 import secrets
 import socket
@@ -11,11 +12,14 @@ from pathlib import Path
 import jwt
 from playwright.sync_api import Browser, BrowserContext, Page, Route
 
-from services.devstack.stack import Stack
+from services.devstack.stack import Stack, free_port
 from tests.e2e.stack_helpers import SECRET, token
 
 OUTPUT = Path(__file__).resolve().parent / "output"
 TENANT = "demo"
+CUSTOMER_PORT = free_port()
+CUSTOMER_ORIGIN = f"http://localhost:{CUSTOMER_PORT}"
+"""A customer's site on another origin that embeds the widget from the edge (see `serve_customer_page`)."""
 
 
 class BrowserPages:
@@ -161,3 +165,31 @@ class Relay:
         self._closed = True
         self.cut()
         self._listener.close()
+
+
+class CustomerSite:
+    """One HTML page on CUSTOMER_ORIGIN: a real loopback server, as Chromium refuses a public-looking origin
+    (a routed one) to load from a private address (Private Network Access)."""
+
+    def __init__(self, html: str) -> None:
+        body = html.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", CUSTOMER_PORT), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

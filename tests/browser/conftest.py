@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from services.devstack.stack import Stack
-from tests.browser.browser_helpers import TENANT, BrowserPages, Relay
+from tests.browser.browser_helpers import CUSTOMER_ORIGIN, TENANT, BrowserPages, Relay
 from tests.e2e.stack_helpers import start_stack
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,7 +26,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole system with the widget enabled for the demo tenant (the knowledge base answers)."""
     stack = start_stack(tmp_path_factory.mktemp("web-stack"), {
-        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_WIDGET_TENANTS": TENANT, "KEFU_CACHE_ENABLED": "false"})
+        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_WIDGET_TENANTS": TENANT, "KEFU_CACHE_ENABLED": "false",
+        "KEFU_CORS_ORIGINS": CUSTOMER_ORIGIN})
     try:
         yield stack
     finally:

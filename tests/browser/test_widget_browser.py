@@ -6,7 +6,14 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from services.devstack.stack import Stack
-from tests.browser.browser_helpers import BrowserPages, Relay, csp_violations, install_widget_token_shim
+from tests.browser.browser_helpers import (
+    CUSTOMER_ORIGIN,
+    BrowserPages,
+    CustomerSite,
+    Relay,
+    csp_violations,
+    install_widget_token_shim,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,3 +169,35 @@ def test_widget_message_typed_while_cut_off_is_sent_once_after_reconnect(
     expect(messages(page, "visitor")).to_have_count(2)
     expect(messages(page, "visitor").nth(1)).not_to_have_attribute("data-pending", "")
     assert stored_state(page)["outbox"] == []
+
+
+HOSTILE_PAGE = """<!doctype html><html><head><style>
+* { color: red !important; font-size: 40px !important; font-family: serif !important; }
+button, textarea, div { display: block; border: 9px solid lime !important; background: yellow !important; }
+</style></head><body><h1>A customer's own site</h1>
+<script src="{edge}/widget.js" data-tenant="demo" data-lang="en" data-title="Tea help"></script></body></html>"""
+
+
+def test_widget_embedded_cross_site_keeps_its_own_look_and_speaks_english(
+        web_stack: Stack, browser_pages: BrowserPages) -> None:
+    site = CustomerSite(HOSTILE_PAGE.replace("{edge}", web_stack.base_url))
+    try:
+        page = browser_pages.open("customer-site")
+        install_widget_token_shim(page, web_stack)
+        page.goto(f"{CUSTOMER_ORIGIN}/")
+        embedded_widget_answers_in_english(page)
+    finally:
+        site.close()
+
+
+def embedded_widget_answers_in_english(page: Page) -> None:
+    open_widget(page)
+    send = page.get_by_test_id("kefu-send")
+    expect(send).to_have_text("Send")
+    expect(page.get_by_test_id("kefu-handoff")).to_have_text("Talk to a human")
+    expect(page.get_by_role("dialog", name="Tea help")).to_be_visible()
+    style = send.evaluate("b => { const s = getComputedStyle(b); return [s.color, s.fontSize, s.borderTopWidth]; }")
+    assert style == ["rgb(255, 255, 255)", "14px", "0px"], style  # the host page's CSS does not reach in
+    say(page, "How long does shipping take?")
+    expect(messages(page, "ai").locator(".text")).to_contain_text("ship the same day", timeout=WAIT_MS)
+    expect(messages(page, "ai").locator(".who")).to_have_text(["AI assistant"])

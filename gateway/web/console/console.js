@@ -95,7 +95,6 @@
 
   function signOut(message) {
     try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* nothing stored */ }
-    location.hash = '';
     session = null;
     if (ws) { var old = ws; ws = null; old.close(1000, 'signed out'); }
     clearTimeout(retryTimer);
