@@ -201,3 +201,24 @@ def embedded_widget_answers_in_english(page: Page) -> None:
     say(page, "How long does shipping take?")
     expect(messages(page, "ai").locator(".text")).to_contain_text("ship the same day", timeout=WAIT_MS)
     expect(messages(page, "ai").locator(".who")).to_have_text(["AI assistant"])
+
+
+def test_widget_return_visit_after_the_token_expired_renews_it_and_continues(
+        web_stack: Stack, browser_pages: BrowserPages) -> None:
+    page = open_shop(browser_pages, web_stack)
+    open_widget(page)
+    say(page, QUESTION)
+    expect(messages(page, "ai")).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
+    before = stored_state(page)
+
+    # Two hours later for the page: its token has expired, so the widget asks for a new one with the old one.
+    page.context.add_init_script("{ const now = Date.now; Date.now = () => now() + 2 * 3600 * 1000; }")
+    renewals: list[str] = []
+    page.on("request", lambda request: renewals.append(request.headers.get("authorization", ""))
+            if request.url.endswith("/v1/widget/token") else None)
+    page.reload()
+    expect(messages(page, "ai")).to_have_count(1, timeout=WAIT_MS)
+    expect(messages(page, "visitor").locator(".text")).to_have_text([QUESTION])
+    assert renewals == [f"Bearer {before['token']}"]
+    after = stored_state(page)
+    assert (after["visitorId"], after["conversationId"]) == (before["visitorId"], before["conversationId"])
