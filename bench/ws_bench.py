@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import select
 import shutil
@@ -92,6 +93,8 @@ class WsBenchParams:
     warmup_s: float = 3.0
     phases: tuple[str, ...] = PHASES
     floor: bool = True
+    send_queue: int | None = None
+    """KEFU_WS_SEND_QUEUE for the run; None keeps the edge's default."""
 
     def __post_init__(self) -> None:
         if self.sockets < 1 or self.client_processes < 1 or self.connect_parallel < 1:
@@ -127,13 +130,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[WsBenchParams, argparse.Name
     parser.add_argument("--warmup-s", type=float, help="unreported seconds at the rate first (default 3)")
     parser.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--no-floor", action="store_true", help="skip the plain aiohttp relay")
+    parser.add_argument("--send-queue", type=int, help="KEFU_WS_SEND_QUEUE for the run (default: the edge's)")
     parser.add_argument("--quick", action="store_true", help="1000 sockets, short phases: about a minute")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else WsBenchParams()
     names = ("sockets", "client_processes", "connect_parallel", "heartbeat_s", "hold_s", "resume_rounds",
-             "rate", "visitors", "agents", "duration_s", "warmup_s")
+             "rate", "visitors", "agents", "duration_s", "warmup_s", "send_queue")
     overrides: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
         if args.resume_events:
@@ -171,6 +175,8 @@ def start_ws_stack(work_dir: Path, secret: str, params: WsBenchParams, attempts:
         # Info lines per frame would measure the logger; warnings still show up (and are reported).
         "KEFU_LOG_LEVEL": "WARNING",
     }
+    if params.send_queue is not None:
+        env["KEFU_WS_SEND_QUEUE"] = str(params.send_queue)
     for attempt in range(1, attempts + 1):
         stack = Stack(StackConfig(data_dir=work_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
                                   log_dir=work_dir / "logs"))
@@ -219,14 +225,19 @@ def tell(processes: Sequence[subprocess.Popen[bytes]], line: str) -> None:
 # ---------------------------------------------------------------- phase 1: idle sockets
 
 
-def capped_sockets(wanted: int, server_pid: int) -> tuple[int, str | None]:
-    """As many sockets as the server's open-file limit allows (each process raises its soft limit to the hard)."""
-    limit = open_files_limit(server_pid)
-    if limit is None or wanted + FD_HEADROOM <= limit:
+def capped_sockets(wanted: int, server_pid: int, client_processes: int) -> tuple[int, str | None]:
+    """As many sockets as the open-file limits allow: the server's, and the clients' (each client process
+    raises its soft limit to the hard one, which it inherits from this process)."""
+    server = open_files_limit(server_pid)
+    clients = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limits = [limit - FD_HEADROOM for limit in (server,) if limit is not None]
+    if clients != resource.RLIM_INFINITY:
+        limits.append((clients - FD_HEADROOM) * client_processes)
+    if not limits or wanted <= min(limits):
         return wanted, None
-    capped = max(1, limit - FD_HEADROOM)
-    return capped, (f"the server's open-file limit is {limit}: {wanted} sockets asked, {capped} opened "
-                    f"(raise the hard limit, `ulimit -Hn`, to measure more)")
+    capped = max(1, min(limits))
+    return capped, (f"open-file limits (server {server}, each client process {clients}): {wanted} sockets asked, "
+                    f"{capped} opened (raise the hard limit, `ulimit -Hn`, or add --client-processes)")
 
 
 def warm_up_sockets(url: str, mode: str, secret: str, count: int = 200) -> None:
@@ -246,7 +257,7 @@ def warm_up_sockets(url: str, mode: str, secret: str, count: int = 200) -> None:
 
 
 def idle_phase(params: WsBenchParams, url: str, server_pid: int, mode: str, secret: str) -> dict[str, Any]:
-    sockets, capped = capped_sockets(params.sockets, server_pid)
+    sockets, capped = capped_sockets(params.sockets, server_pid, params.client_processes)
     warm_up_sockets(url, mode, secret)
     share, rest = divmod(sockets, params.client_processes)
     counts = [share + (1 if i < rest else 0) for i in range(params.client_processes)]
@@ -775,7 +786,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"socket to the last missed event. cold: no other socket of the conversation on the edge; warm: "
                   f"another tab keeps its feed open; direct: one ListMessages call to the session service; "
                   f"watch: a session Watch from after_seq until the last missed event (what a cold resume asks "
-                  f"the session service for).", "",
+                  f"the session service for). KEFU_WS_SEND_QUEUE: "
+                  f"{p['send_queue'] if p['send_queue'] is not None else 'the edge default'}.", "",
                   "| missed events | sends | cold | warm | direct | watch | cold / direct | cold min–max |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         failures = []
