@@ -411,8 +411,12 @@
     });
   }
 
+  var renewNow = false;  // the edge refused the token (4001): renew it with itself, keeping the visitor
   function validToken() {
-    if (state.token && tokenExpiry(state.token) - Date.now() > 60000) return Promise.resolve(state.token);
+    if (state.token && !renewNow && tokenExpiry(state.token) - Date.now() > 60000) {
+      return Promise.resolve(state.token);
+    }
+    renewNow = false;
     return fetchToken(state.token);
   }
 
@@ -466,7 +470,8 @@
       socketReady = false;
       clearInterval(pingTimer);
       showStatus();
-      if (event.code === 4001) state.token = null;              // expired or revoked: renew, then retry
+      if (blocked) return;                                      // refused for good: no retries
+      if (event.code === 4001) renewNow = true;                 // expired or revoked: renew, then retry
       if (event.code === 4003) resetConversation();             // not ours (any more): start a new one
       scheduleReconnect(event.code === 4008 ? 10000 : 0);
     };
@@ -530,10 +535,12 @@
         resync();
         break;
       case 'error':
+        if (frame.code === 'blocked') blocked = true;
         if (window.console) console.warn('kefu:', frame.code, frame.message);
         break;
     }
   }
+  var blocked = false;
 
   function onNack(frame) {
     var kind = frame.request_type;
