@@ -53,7 +53,7 @@ import aiohttp
 import grpc
 
 from bench.__main__ import RESULTS_DIR, _write, cpu_seconds, memory_mib, stop_process
-from bench.edge_bench import log_problems
+from bench.edge_bench import log_problems, machine_busy_seconds
 from bench.loadgen import percentile
 from bench.open_streams import open_files, open_files_limit, raise_open_files_limit
 from bench.processes import bench_work_dir
@@ -320,7 +320,7 @@ def idle_phase(params: WsBenchParams, url: str, server_pid: int, mode: str, secr
         "mode": mode, "asked": params.sockets, "sockets": sockets, "capped": capped, "opened": total,
         "failed": sum(o["failed"] for o in opened), "errors": dict(errors.most_common(5)),
         "connect_seconds": connect_s, "connect_rate": total / connect_s if connect_s else None,
-        "connect_ms": {"p50": percentile(connect_ms, 0.5), "p99": percentile(connect_ms, 0.99)} if connect_ms else None,
+        "connect_ms": {"p50": percentile(connect_ms, 50), "p99": percentile(connect_ms, 99)} if connect_ms else None,
         "cpu_seconds_opening": None if cpu_open is None or cpu_before is None else cpu_open - cpu_before,
         "client_cpu_seconds_opening": clients_cpu,
         "cpu_percent_holding": cpu_hold,
@@ -376,7 +376,7 @@ def agent_token(secret: str, sub: str) -> str:
 def summary_ms(values: Sequence[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {"p50": percentile(values, 0.5), "p90": percentile(values, 0.9), "p99": percentile(values, 0.99),
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
             "max": max(values), "mean": statistics.fmean(values)}
 
 
@@ -636,8 +636,8 @@ async def _read_agent(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> N
         run.problems[f"agent socket closed {ws.close_code}"] += 1
 
 
-async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_url: str,
-                      secret: str) -> dict[str, Any]:
+async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_url: str, secret: str,
+                      pids: dict[str, int]) -> dict[str, Any]:
     run = LatencyRun()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -671,7 +671,9 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
             log.warning("%s: claims refused: %s", mode, dict(claim_failures))
         total = int((params.warmup_s + params.duration_s) * params.rate)
         warmup = int(params.warmup_s * params.rate)
-        cpu_before = cpu_seconds(os.getpid())
+        pids = {**pids, "client": os.getpid()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        busy_before = machine_busy_seconds()
         started = time.perf_counter()
         for number in range(total):
             due = started + number / params.rate
@@ -695,23 +697,47 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         deadline = time.monotonic() + 10
         while len(run.received) < total and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        client_cpu = None if cpu_before is None else (cpu_seconds(os.getpid()) or 0) - cpu_before
+        steady_s = time.perf_counter() - started
+        cpu = {name: (cpu_seconds(pid) or 0.0) - before for name, pid in pids.items()
+               if (before := cpu_before[name]) is not None}
+        busy_after = machine_busy_seconds()
+        if busy_before is not None and busy_after is not None:
+            # What the rest of the machine (other work on a shared box) took meanwhile.
+            cpu["others"] = max(0.0, busy_after - busy_before - sum(cpu.values()))
         for ws in [*(v for v, _ in visitors), *agents]:
             await ws.close()
         await asyncio.gather(*readers, return_exceptions=True)
     measured = [(run.received[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.received]
+    # Median latency per second of sending (warm-up included): a queue that grows, drains or stays.
+    by_second: dict[int, list[float]] = {}
+    for n, sent in run.sent.items():
+        if n in run.received:
+            by_second.setdefault(int(n / params.rate), []).append((run.received[n] - sent) * 1000)
+    timeline = [round(statistics.median(by_second[second]), 1) for second in sorted(by_second)]
     echo = [(run.echoed[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.echoed and n in run.sent]
     ack = [(run.acked[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.acked and n in run.sent]
     return {
         "mode": mode, "messages": total - warmup, "warmup_messages": warmup,
         "received": len(measured), "lost": (total - warmup) - len(measured), "duplicates": run.duplicates,
         "achieved_rate": total / sending_s if sending_s else None,
+        "delivered_rate": _delivered_rate(run),
         "latency_ms": summary_ms(measured), "sender_lag_ms": summary_ms(run.lag[warmup:]),
-        "own_echo_ms": summary_ms(echo), "ack_ms": summary_ms(ack),
-        "client_cpu_percent": None if client_cpu is None else client_cpu * 100 / (time.perf_counter() - started),
+        "own_echo_ms": summary_ms(echo), "ack_ms": summary_ms(ack), "median_ms_by_second": timeline,
+        "client_cpu_percent": cpu["client"] * 100 / steady_s if "client" in cpu else None,
+        "cpu_percent": {name: round(seconds * 100 / steady_s) for name, seconds in cpu.items()},
+        "cpu_ms_per_message": {name: round(seconds * 1000 / len(run.received), 3)
+                               for name, seconds in cpu.items() if name != "others" and run.received},
         "claims_refused": dict(claim_failures), "ai_frames_to_visitors": run.ai_frames,
         "problems": dict(run.problems),
     }
+
+
+def _delivered_rate(run: LatencyRun) -> float | None:
+    """Messages the agents got per second, from the first send to the last arrival."""
+    if len(run.received) < 2 or not run.sent:
+        return None
+    span = max(run.received.values()) - min(run.sent.values())
+    return len(run.received) / span if span > 0 else None
 
 
 # ---------------------------------------------------------------- report
@@ -819,22 +845,24 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{p['rate']:g} messages/s in total, open loop, {p['duration_s']:g} s measured after "
                   f"{p['warmup_s']:g} s warm-up. Send → agent receives the stored `msg`, ms. The floor relays "
                   f"the same frames inside one plain aiohttp process.", "",
-                  "| path | messages | lost | dup | rate/s | p50 | p90 | p99 | max | sender lag p99 | client CPU % |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| path | messages | lost | dup | sent/s | delivered/s | p50 | p90 | p99 | max | sender lag p99 "
+                  "| client CPU % |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name in ("kefu", "floor"):
             row = latency.get(name)
             if not row or "error" in row:
                 continue
             ms, lag = row["latency_ms"] or {}, row["sender_lag_ms"] or {}
             lines.append(f"| {name} | {row['messages']} | {row['lost']} | {row['duplicates']} | "
-                         f"{_cell(row['achieved_rate'], '.0f')} | {_cell(ms.get('p50'))} | {_cell(ms.get('p90'))} | "
+                         f"{_cell(row['achieved_rate'], '.0f')} | {_cell(row.get('delivered_rate'), '.0f')} | "
+                         f"{_cell(ms.get('p50'))} | {_cell(ms.get('p90'))} | "
                          f"{_cell(ms.get('p99'))} | {_cell(ms.get('max'))} | {_cell(lag.get('p99'))} | "
                          f"{_cell(row['client_cpu_percent'], '.0f')} |")
         failed = {name: row["error"] for name, row in latency.items() if "error" in row}
         kefu_row, floor_row = (None if n in failed else latency.get(n) for n in ("kefu", "floor"))
         if kefu_row and floor_row and kefu_row["latency_ms"] and floor_row["latency_ms"]:
             k_ms, f_ms = kefu_row["latency_ms"], floor_row["latency_ms"]
-            lines.append(f"| kefu / floor | | | | | {_ratio(k_ms['p50'], f_ms['p50'])} | | "
+            lines.append(f"| kefu / floor | | | | | | {_ratio(k_ms['p50'], f_ms['p50'])} | | "
                          f"{_ratio(k_ms['p99'], f_ms['p99'])} | | | |")
         if kefu_row:
             for key, what in (("own_echo_ms", "the sender's own socket gets its stored `msg`"),
@@ -842,9 +870,18 @@ def render_markdown(report: dict[str, Any]) -> str:
                 if kefu_row.get(key):
                     lines += ["", f"Same run, send → {what}: p50 {kefu_row[key]['p50']:.1f} ms, "
                                   f"p99 {kefu_row[key]['p99']:.1f} ms."]
+            if kefu_row.get("median_ms_by_second"):
+                lines += ["", "Median latency per second of sending (warm-up first), ms: "
+                              + ", ".join(f"{v:g}" for v in kefu_row["median_ms_by_second"]) + "."]
             if kefu_row.get("cpu_percent"):
-                lines += ["", "CPU of the kefu processes during its run (set-up included), % of one core: "
-                              + ", ".join(f"{n} {v}" for n, v in kefu_row["cpu_percent"].items()) + "."]
+                per_message = kefu_row["cpu_ms_per_message"]
+                kefu_total = sum(v for n, v in per_message.items() if n != "client")
+                lines += ["", "CPU from the first send to the last arrival, % of one core (`others`: the rest of "
+                              f"the machine, of {machine['cpu_count'] * 100} %): "
+                              + ", ".join(f"{n} {v}" for n, v in kefu_row["cpu_percent"].items()) + "; CPU ms per "
+                              "delivered message: "
+                              + ", ".join(f"{n} {v:g}" for n, v in per_message.items())
+                              + f" (kefu total {kefu_total:.2f})."]
             for key in ("claims_refused", "problems"):
                 if kefu_row[key]:
                     lines += ["", f"kefu {key.replace('_', ' ')}: {json.dumps(kefu_row[key], ensure_ascii=False)}"]
@@ -907,17 +944,12 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
             pids = {name: p.pid for name, p in stack.processes.items()}
             if stack.nats is not None:
                 pids["nats"] = stack.nats.process.pid
-            cpu_before, wall_before = {n: cpu_seconds(pid) for n, pid in pids.items()}, time.perf_counter()
             report["latency"] = {"kefu": guarded(lambda: asyncio.run(latency_run(
-                params, "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret)), "latency (kefu)")}
-            wall = time.perf_counter() - wall_before
-            # % of one core per process over the whole kefu run (set-up included): who is short of CPU.
-            report["latency"]["kefu"]["cpu_percent"] = {
-                n: round(((cpu_seconds(pid) or 0.0) - (cpu_before[n] or 0.0)) * 100 / wall)
-                for n, pid in pids.items() if cpu_before[n] is not None}
+                params, "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret, pids)), "latency (kefu)")}
             if floor is not None:
                 report["latency"]["floor"] = guarded(lambda: asyncio.run(latency_run(
-                    params, "floor", f"{floor_url}/ws", f"{floor_url}/ws", secret)), "latency (floor)")
+                    params, "floor", f"{floor_url}/ws", f"{floor_url}/ws", secret, {"floor": floor.pid})),
+                    "latency (floor)")
         report["memory_mib"] = {name: memory_mib(p.pid) for name, p in stack.processes.items()}
     finally:
         if stack is not None:
