@@ -11,6 +11,7 @@ from gateway import keys
 from gateway.auth import JwtVerifier
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
+from gateway.directory.wiring import directory
 from gateway.handlers import ws
 from gateway.metrics import EdgeMetrics
 from gateway.middlewares import add_cors_headers, auth_middleware, cors_middleware, request_context_middleware
@@ -55,6 +56,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.STATE] = EdgeState()
     app[keys.OPEN_STREAMS] = weakref.WeakSet()
     app.cleanup_ctx.append(nats_bus)
+    app.cleanup_ctx.append(directory)  # KV stores and the watched blacklist; needs the bus above, never waits for it
     app.cleanup_ctx.append(backend_clients)
     app.cleanup_ctx.append(ws.live_hub)  # shared conversation feeds; needs the clients above
     app.on_shutdown.append(ws.close_sockets)  # 1012: reconnect elsewhere

@@ -9,9 +9,12 @@ from aiohttp import web
 from gateway.auth import JwtVerifier, Principal
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
+from gateway.directory import Directory
+from gateway.directory.blacklist import Blacklist
+from gateway.directory.tenants import TenantSettingsStore
 from gateway.live.hub import LiveHub
 from gateway.metrics import EdgeMetrics
-from gateway.ratelimit import EdgeRateLimits
+from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
 
@@ -28,6 +31,15 @@ STATE = web.AppKey("state", EdgeState)
 OPEN_STREAMS = web.AppKey("open_streams", weakref.WeakSet[web.StreamResponse])
 LIVE_HUB = web.AppKey("live_hub", LiveHub)
 """Open WebSockets of this process and the conversation feeds they share (set by handlers.ws.live_hub)."""
+
+DIRECTORY = web.AppKey("directory", Directory)
+"""KV stores of canned replies, blacklist entries and agent accounts (set by directory.wiring.directory)."""
+BLACKLIST = web.AppKey("blacklist", Blacklist)
+"""The watched in-memory blacklist: `blocks(tenant, visitor_id, address)`, `on_change(callback)`."""
+TENANT_SETTINGS = web.AppKey("tenant_settings", TenantSettingsStore)
+"""Per-tenant live-chat texts: `await get(tenant)` (cached, never fails) -> TenantSettings."""
+ADDRESS_LIMITS = web.AppKey("address_limits", dict[str, TokenBucketLimiter])
+"""Per-client-address buckets of the public routes (widget token, console login), by route name."""
 
 # Per request (set by the middlewares).
 REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)

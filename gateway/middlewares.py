@@ -26,6 +26,8 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 WS_PATH = "/v1/ws"
 """Authenticates in its handler: a browser cannot set headers on a WebSocket and sends its token in a frame."""
+PUBLIC_API_PATHS = frozenset({"/v1/widget/token", "/v1/console/login"})
+"""Under /v1/ but without a JWT: they hand tokens out (rate limited per client address in their handlers)."""
 
 
 def error_response(error: ApiError, request_id: str, path: str = "") -> web.Response:
@@ -77,6 +79,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.app[keys.STATE].draining:
         raise ApiError("draining", "this edge is shutting down; retry on another", 503,
                        headers={"Retry-After": "1", "Connection": "close"})
+    if request.path in PUBLIC_API_PATHS:
+        return await handler(request)
     principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
     request[keys.REQUEST_PRINCIPAL] = principal
     resource = request.match_info.route.resource
@@ -117,7 +121,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return web.Response(status=403)
         return web.Response(status=204, headers={
             "Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS, "Access-Control-Max-Age": "600"})
     return await handler(request)
 

@@ -5,7 +5,21 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
-from gateway.handlers import chat, health, models, openai_compat, openapi, sessions, ws
+from gateway.handlers import (
+    blacklist,
+    canned_replies,
+    chat,
+    console_login,
+    conversations,
+    health,
+    models,
+    openai_compat,
+    openapi,
+    sessions,
+    tenant_settings,
+    widget_token,
+    ws,
+)
 from gateway.pages import setup_pages
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
@@ -20,12 +34,26 @@ def setup_routes(app: web.Application) -> None:
     setup_pages(app)  # the shop page, widget.js and the agent console: public static files
     # Live chat authenticates in its handler (a browser sends its token in the first frame).
     app.router.add_get("/v1/ws", ws.websocket)
+    # Public: they hand out tokens (middlewares.PUBLIC_API_PATHS), limited per client address.
+    app.router.add_post("/v1/widget/token", widget_token.widget_token)
+    app.router.add_post("/v1/console/login", console_login.console_login)
     protected = (
         ("POST", "/v1/chat", chat.chat, EVERYONE),
         ("POST", "/v1/chat/completions", openai_compat.chat_completions, EVERYONE),
         ("GET", "/v1/models", models.list_models, EVERYONE),
         ("GET", "/v1/sessions/{session_id}/messages", sessions.list_messages, EVERYONE),
         ("DELETE", "/v1/sessions/{session_id}", sessions.delete_session, EVERYONE),
+        ("GET", "/v1/conversations", conversations.list_conversations, STAFF),
+        ("GET", "/v1/conversations/{conversation_id}/events", conversations.conversation_events, EVERYONE),
+        ("GET", "/v1/canned-replies", canned_replies.list_canned_replies, STAFF),
+        ("POST", "/v1/canned-replies", canned_replies.create_canned_reply, STAFF),
+        ("DELETE", "/v1/canned-replies/{reply_id}", canned_replies.delete_canned_reply, STAFF),
+        ("GET", "/v1/blacklist", blacklist.list_blacklist, STAFF),
+        ("POST", "/v1/blacklist", blacklist.create_blacklist_entry, STAFF),
+        ("DELETE", "/v1/blacklist/{entry_id}", blacklist.delete_blacklist_entry, STAFF),
+        # PUT is for admins only: the handler checks (this table holds one role set per path).
+        ("GET", "/v1/tenant/settings", tenant_settings.get_tenant_settings, STAFF),
+        ("PUT", "/v1/tenant/settings", tenant_settings.put_tenant_settings, STAFF),
     )
     for method, path, handler, roles in protected:
         route = app.router.add_route(method, path, handler)

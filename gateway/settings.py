@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,18 @@ class GatewaySettings:
     """KEFU_WS_HEARTBEAT_S: the edge pings each WebSocket this often; a peer that misses the pong is closed."""
     ws_send_queue: int = 256
     """KEFU_WS_SEND_QUEUE: frames queued for one socket; a client that lets it fill is closed (1013)."""
+    widget_tenants: frozenset[str] = frozenset()
+    """KEFU_WIDGET_TENANTS: tenants whose anonymous visitors may get a token at POST /v1/widget/token."""
+    widget_token_rps: float = 1.0
+    """KEFU_WIDGET_TOKEN_RPS: tokens per second per client address (also the console login's rate)."""
+    widget_token_burst: int = 10
+    """KEFU_WIDGET_TOKEN_BURST: tokens one client address may take at once (also the console login's)."""
+    widget_token_ttl_s: int = 86400
+    """KEFU_WIDGET_TOKEN_TTL_S: lifetime of a visitor token; renewable up to 30 days past its expiry."""
+    console_token_ttl_s: int = 28800
+    """KEFU_CONSOLE_TOKEN_TTL_S: lifetime of an agent token from POST /v1/console/login."""
+    nats_replicas: int = 1
+    """KEFU_NATS_REPLICAS: JetStream replicas of the buckets the edge creates (canned replies, blacklist...)."""
 
     def __post_init__(self) -> None:
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
@@ -69,6 +82,10 @@ class GatewaySettings:
                 raise SettingsError(f"{name}: no such file {path}")
         if not 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
             raise SettingsError(f"KEFU_MAX_BODY_BYTES must be 1024..67108864, got {self.max_body_bytes}")
+        for tenant in self.widget_tenants:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tenant):
+                raise SettingsError(f"KEFU_WIDGET_TENANTS: {tenant!r} is not a tenant name (1-64 letters, digits, "
+                                    "'_' or '-')")
 
     def __repr__(self) -> str:
         return f"GatewaySettings(http_port={self.http_port}, session={self.session_addr}, " \
@@ -109,6 +126,14 @@ class GatewaySettings:
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
             ws_heartbeat_s=env_float(env, "KEFU_WS_HEARTBEAT_S", cls.ws_heartbeat_s, minimum=1),
             ws_send_queue=env_int(env, "KEFU_WS_SEND_QUEUE", cls.ws_send_queue, minimum=8, maximum=65536),
+            widget_tenants=frozenset(filter(None, (t.strip() for t in env.get("KEFU_WIDGET_TENANTS", "").split(",")))),
+            widget_token_rps=env_float(env, "KEFU_WIDGET_TOKEN_RPS", cls.widget_token_rps, minimum=0.001),
+            widget_token_burst=env_int(env, "KEFU_WIDGET_TOKEN_BURST", cls.widget_token_burst, minimum=1),
+            widget_token_ttl_s=env_int(env, "KEFU_WIDGET_TOKEN_TTL_S", cls.widget_token_ttl_s, minimum=60,
+                                       maximum=30 * 86400),
+            console_token_ttl_s=env_int(env, "KEFU_CONSOLE_TOKEN_TTL_S", cls.console_token_ttl_s, minimum=60,
+                                        maximum=30 * 86400),
+            nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
         )
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.clients import request_metadata
 from gateway.errors import api_error_from_grpc
+from gateway.handlers.conversations import said_messages
 from gateway.responses import json_response
 from kefu.session.v1 import session_pb2
 
@@ -32,7 +33,7 @@ async def list_messages(request: web.Request) -> web.Response:
         raise api_error_from_grpc(error, "session") from None
     return json_response({"session_id": session_id, "messages": [
         {"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}
-        for m in reply.messages if m.role != "system"]})
+        for m in said_messages(reply.messages) if m.role != "system"]})
 
 
 async def delete_session(request: web.Request) -> web.Response:

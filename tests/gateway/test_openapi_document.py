@@ -17,8 +17,13 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 from gateway import keys
 from gateway.app import create_app
 from gateway.handlers import openai_compat, openapi
+from gateway.handlers.blacklist import BlacklistBody
+from gateway.handlers.canned_replies import CannedReplyBody
 from gateway.handlers.chat import ChatBody
-from gateway.middlewares import PUBLIC_PATHS
+from gateway.handlers.console_login import LoginBody
+from gateway.handlers.tenant_settings import TenantSettingsBody
+from gateway.handlers.widget_token import WidgetTokenBody
+from gateway.middlewares import PUBLIC_API_PATHS, PUBLIC_PATHS
 from gateway.openai_format import CompletionRequest
 from gateway.settings import GatewaySettings
 from services.devstack.stack import free_port
@@ -68,6 +73,9 @@ def test_openapi_document_security_matches_the_auth_middleware() -> None:
         if path in roles:  # auth_middleware: a verified JWT with one of these roles, then the rate limits
             assert operation["security"] == [{"bearerAuth": []}], (method, path)
             assert {"401", "429"} <= set(operation["responses"]), (method, path)
+        elif path in PUBLIC_API_PATHS:  # they hand tokens out: no JWT needed (the widget token renews one)
+            assert operation["security"] in ([], [{"bearerAuth": []}, {}]), (method, path)
+            assert "429" in operation["responses"], (method, path)
         elif path.startswith("/v1/"):  # the WebSocket: the token in a header or in its first frame
             assert operation["security"] == [{"bearerAuth": []}, {}], (method, path)
             assert "401" not in operation["responses"], (method, path)
@@ -156,7 +164,9 @@ def compare(model: dict[str, Any], doc: dict[str, Any], root: dict[str, Any], pa
 
 
 @pytest.mark.parametrize(("model", "document_schema"), [
-    (ChatBody, "ChatRequest"), (CompletionRequest, "CompletionRequest")])
+    (ChatBody, "ChatRequest"), (CompletionRequest, "CompletionRequest"), (WidgetTokenBody, "WidgetTokenRequest"),
+    (LoginBody, "ConsoleLoginRequest"), (CannedReplyBody, "CannedReplyRequest"), (BlacklistBody, "BlacklistRequest"),
+    (TenantSettingsBody, "TenantSettingsRequest")])
 def test_openapi_request_schema_matches_the_pydantic_model(model: type[pydantic.BaseModel],
                                                            document_schema: str) -> None:
     generated = model.model_json_schema()

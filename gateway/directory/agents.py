@@ -1,0 +1,176 @@
+"""Agent accounts for the console login, in the `kefu_agents` bucket (key `<tenant>.<username>`).
+
+Passwords are stored as argon2id hashes (argon2-cffi's defaults); hashing runs in a thread so a
+login never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from gateway.directory.buckets import AGENTS, Buckets, decode, encode, nats_errors, scan
+from gateway.errors import ApiError
+
+AGENT_ROLES = ("agent", "admin")
+USERNAME_PATTERN = re.compile(r"^(?!v_)[a-z0-9_-]+(?:\.[a-z0-9_-]+)*$")
+"""Lower-case letters, digits, '_', '-', inner dots (one KV key token each); never "v_..." (visitor ids)."""
+MAX_USERNAME_CHARS = 64
+MAX_NAME_CHARS = 80
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024
+
+
+class AccountExists(ApiError):
+    status = 409
+
+    def __init__(self, username: str) -> None:
+        super().__init__("account_exists", f"an account {username!r} exists already")
+
+
+class NoSuchAccount(ApiError):
+    status = 404
+
+    def __init__(self, username: str) -> None:
+        super().__init__("not_found", f"no account {username!r}")
+
+
+def check_username(username: str) -> str:
+    """The stored form (lower case); ValueError names what is wrong."""
+    folded = username.strip().lower()
+    if not 0 < len(folded) <= MAX_USERNAME_CHARS or not USERNAME_PATTERN.fullmatch(folded):
+        raise ValueError(f"username must be 1-{MAX_USERNAME_CHARS} letters, digits, '_', '-' or inner dots, "
+                         "and must not start with 'v_'")
+    return folded
+
+
+def check_password(password: str) -> str:
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise ValueError(f"password must be {MIN_PASSWORD_CHARS}-{MAX_PASSWORD_CHARS} characters")
+    return password
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAccount:
+    username: str
+    display_name: str
+    password_hash: str
+    disabled: bool
+    role: str
+    """"agent" or "admin"."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentAccount | None:
+        try:
+            account = cls(username=data["username"], display_name=data.get("display_name") or data["username"],
+                          password_hash=data["password_hash"], disabled=data.get("disabled") is not False,
+                          role=data.get("role", "agent"))
+        except KeyError:
+            return None
+        if not isinstance(account.password_hash, str) or account.role not in AGENT_ROLES \
+                or not isinstance(account.username, str) or not isinstance(account.display_name, str):
+            return None
+        return account
+
+
+@functools.cache
+def _dummy_hash(hasher: PasswordHasher) -> str:
+    # Verified against when the user does not exist, so that costs the same as a wrong password.
+    return hasher.hash("no such account: this hash is never matched")
+
+
+class AgentAccounts:
+    def __init__(self, buckets: Buckets, hasher: PasswordHasher | None = None) -> None:
+        self._buckets = buckets
+        self._hasher = hasher or PasswordHasher()
+
+    async def get(self, tenant: str, username: str) -> AgentAccount | None:
+        found = await self._get(tenant, username)
+        return found[0] if found is not None else None
+
+    async def list(self, tenant: str) -> list[AgentAccount]:
+        kv = await self._buckets.open(AGENTS)
+        accounts = []
+        for entry in await scan(kv, f"{tenant}.>", self._buckets.timeout_s):
+            data = decode(entry.value, f"{AGENTS}/{entry.key}")
+            account = AgentAccount.from_json(data) if data is not None else None
+            if account is not None:
+                accounts.append(account)
+        return sorted(accounts, key=lambda a: a.username)
+
+    async def add(self, tenant: str, username: str, password: str, *, display_name: str = "",
+                  role: str = "agent") -> AgentAccount:
+        username = check_username(username)
+        if role not in AGENT_ROLES:
+            raise ValueError(f"role must be one of {AGENT_ROLES}")
+        password_hash = await asyncio.to_thread(self._hasher.hash, check_password(password))
+        account = AgentAccount(username, display_name.strip()[:MAX_NAME_CHARS] or username, password_hash,
+                               False, role)
+        kv = await self._buckets.open(AGENTS)
+        async with nats_errors():
+            try:
+                await kv.create(f"{tenant}.{username}", encode(account.to_json()))
+            except KeyWrongLastSequenceError:
+                raise AccountExists(username) from None
+        return account
+
+    async def set_disabled(self, tenant: str, username: str, disabled: bool) -> AgentAccount:
+        return await self._update(tenant, username, disabled=disabled)
+
+    async def reset_password(self, tenant: str, username: str, password: str) -> AgentAccount:
+        password_hash = await asyncio.to_thread(self._hasher.hash, check_password(password))
+        return await self._update(tenant, username, password_hash=password_hash)
+
+    async def authenticate(self, tenant: str, username: str, password: str) -> AgentAccount | None:
+        """The account when the password is right and it is enabled, else None; every failure costs one
+        argon2 verification, so response times do not tell an unknown user from a wrong password."""
+        try:
+            username = check_username(username)
+            found = await self._get(tenant, username)
+        except ValueError:
+            found = None
+        account = found[0] if found is not None else None
+        stored = account.password_hash if account is not None else _dummy_hash(self._hasher)
+        try:
+            await asyncio.to_thread(self._hasher.verify, stored, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        if account is None or account.disabled:
+            return None
+        return account
+
+    async def _get(self, tenant: str, username: str) -> tuple[AgentAccount, int] | None:
+        kv = await self._buckets.open(AGENTS)
+        async with nats_errors():
+            try:
+                entry = await kv.get(f"{tenant}.{check_username(username)}")
+            except KeyNotFoundError:
+                return None
+        data = decode(entry.value, f"{AGENTS}/{entry.key}")
+        account = AgentAccount.from_json(data) if data is not None else None
+        return (account, entry.revision or 0) if account is not None else None
+
+    async def _update(self, tenant: str, username: str, **changes: Any) -> AgentAccount:
+        kv = await self._buckets.open(AGENTS)
+        for _ in range(5):  # compare-and-set: a concurrent change is re-read, never overwritten
+            found = await self._get(tenant, username)
+            if found is None:
+                raise NoSuchAccount(username)
+            account = replace(found[0], **changes)
+            async with nats_errors():
+                try:
+                    await kv.update(f"{tenant}.{account.username}", encode(account.to_json()), last=found[1])
+                except KeyWrongLastSequenceError:
+                    continue
+            return account
+        raise ApiError("conflict", "the account kept changing; try again", 409)

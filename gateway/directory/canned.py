@@ -1,0 +1,104 @@
+"""Canned replies: short texts an agent inserts with a shortcut, kept per tenant in the `kefu_canned` bucket."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError
+
+from gateway.directory.buckets import CANNED, Buckets, LimitReached, decode, encode, nats_errors, scan
+from gateway.errors import ApiError
+
+MAX_PER_TENANT = 500
+MAX_TITLE_CHARS = 100
+MAX_TEXT_CHARS = 2000
+MAX_SHORTCUT_CHARS = 32
+MAX_QUERY_CHARS = 100
+
+
+class ShortcutTaken(ApiError):
+    status = 409
+
+    def __init__(self, shortcut: str) -> None:
+        super().__init__("shortcut_taken", f"another canned reply of this tenant has the shortcut {shortcut!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CannedReply:
+    id: str
+    title: str
+    text: str
+    shortcut: str
+    """"" when it has none."""
+    created_at: float
+    created_by: str
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.shortcut:
+            del data["shortcut"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CannedReply | None:
+        try:
+            reply = cls(id=data["id"], title=data["title"], text=data["text"], shortcut=data.get("shortcut", ""),
+                        created_at=float(data.get("created_at", 0)), created_by=data.get("created_by", ""))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not all(isinstance(v, str) for v in (reply.id, reply.title, reply.text, reply.shortcut, reply.created_by)):
+            return None
+        return reply
+
+    def matches(self, query: str) -> bool:
+        """Case-insensitive substring of the title, text or shortcut; "" matches everything."""
+        folded = query.casefold()
+        return any(folded in field.casefold() for field in (self.title, self.text, self.shortcut))
+
+
+class CannedReplies:
+    def __init__(self, buckets: Buckets) -> None:
+        self._buckets = buckets
+
+    async def list(self, tenant: str, query: str = "") -> list[CannedReply]:
+        """The tenant's replies matching `query`, by shortcut then title."""
+        replies = [reply for reply in await self._all(tenant) if reply.matches(query)]
+        return sorted(replies, key=lambda r: (not r.shortcut, r.shortcut.casefold(), r.title.casefold(), r.id))
+
+    async def add(self, tenant: str, *, title: str, text: str, shortcut: str, created_by: str) -> CannedReply:
+        """Store a new reply. Two concurrent adds may both pass the bound check: it can be exceeded by a few."""
+        existing = await self._all(tenant)
+        if len(existing) >= MAX_PER_TENANT:
+            raise LimitReached("canned replies", MAX_PER_TENANT)
+        if shortcut and any(r.shortcut.casefold() == shortcut.casefold() for r in existing):
+            raise ShortcutTaken(shortcut)
+        reply = CannedReply(secrets.token_hex(8), title, text, shortcut, round(time.time(), 3), created_by)
+        kv = await self._buckets.open(CANNED)
+        async with nats_errors():
+            await kv.create(f"{tenant}.{reply.id}", encode(reply.to_json()))
+        return reply
+
+    async def delete(self, tenant: str, reply_id: str) -> bool:
+        """False when the tenant has no reply with this id."""
+        kv = await self._buckets.open(CANNED)
+        key = f"{tenant}.{reply_id}"
+        async with nats_errors():
+            try:
+                await kv.get(key)
+            except KeyNotFoundError:
+                return False
+            await kv.delete(key)
+        return True
+
+    async def _all(self, tenant: str) -> list[CannedReply]:
+        kv = await self._buckets.open(CANNED)
+        replies = []
+        for entry in await scan(kv, f"{tenant}.*", self._buckets.timeout_s):
+            data = decode(entry.value, f"{CANNED}/{entry.key}")
+            reply = CannedReply.from_json(data) if data is not None else None
+            if reply is not None:
+                replies.append(reply)
+        return replies

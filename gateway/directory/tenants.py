@@ -1,0 +1,98 @@
+"""Per-tenant live-chat texts in the `kefu_tenants` bucket (key `<tenant>`), read through a short cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from nats.js.errors import KeyNotFoundError
+
+from gateway.directory.buckets import TENANTS, Buckets, DirectoryUnavailable, decode, encode, nats_errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WELCOME = "Hi! Ask me anything about our shop. / 您好！有什么可以帮您？"
+DEFAULT_OFFLINE = "No agent is online right now; leave a message and we will reply soon. / 当前没有客服在线，请留言。"
+MAX_TEXT_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """The texts live chat shows a tenant's visitors. The session service reads `leave_message`
+    from the same KV value: the field names are a contract."""
+
+    welcome: str = DEFAULT_WELCOME
+    """Sent to a visitor when a conversation opens."""
+    offline: str = DEFAULT_OFFLINE
+    """Shown when a visitor asks for a human and no agent of the tenant is online."""
+    leave_message: str = DEFAULT_OFFLINE
+    """The reply when nobody claimed a waiting conversation in time (KEFU_HANDOFF_WAIT_S)."""
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TenantSettings:
+        """Lenient: a missing or malformed field keeps its default."""
+        values = {f.name: data[f.name] for f in fields(cls)
+                  if isinstance(data.get(f.name), str) and data[f.name].strip()}
+        return cls(**values)
+
+
+class TenantSettingsStore:
+    """`get()` for live chat (cached `cache_s`, defaults when NATS is down); `load()`/`put()` for the API.
+
+    Another edge's `put()` shows here within `cache_s`.
+    """
+
+    def __init__(self, buckets: Buckets, *, cache_s: float = 5.0, max_cached: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets = buckets
+        self._cache_s = cache_s
+        self._max_cached = max_cached
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, TenantSettings]] = OrderedDict()
+
+    async def get(self, tenant: str) -> TenantSettings:
+        """The tenant's settings, at most `cache_s` old; the defaults (not cached) when the store is down."""
+        cached = self._cache.get(tenant)
+        if cached is not None and self._clock() - cached[0] < self._cache_s:
+            return cached[1]
+        try:
+            return await self.load(tenant)
+        except DirectoryUnavailable as error:
+            if cached is not None:
+                return cached[1]
+            log.warning("tenant settings of %s not readable (%s); using the defaults", tenant, error)
+            return TenantSettings()
+
+    async def load(self, tenant: str) -> TenantSettings:
+        """A fresh read (and cache refresh). Raises DirectoryUnavailable."""
+        kv = await self._buckets.open(TENANTS)
+        async with nats_errors():
+            try:
+                entry = await kv.get(tenant)
+            except KeyNotFoundError:
+                settings = TenantSettings()
+            else:
+                data = decode(entry.value, f"{TENANTS}/{tenant}")
+                settings = TenantSettings.from_json(data) if data is not None else TenantSettings()
+        self._remember(tenant, settings)
+        return settings
+
+    async def put(self, tenant: str, settings: TenantSettings) -> TenantSettings:
+        kv = await self._buckets.open(TENANTS)
+        async with nats_errors():
+            await kv.put(tenant, encode(settings.to_json()))
+        self._remember(tenant, settings)
+        return settings
+
+    def _remember(self, tenant: str, settings: TenantSettings) -> None:
+        self._cache.pop(tenant, None)
+        self._cache[tenant] = (self._clock(), settings)
+        while len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
