@@ -30,10 +30,15 @@ class Principal:
     tenant: str
     subject: str
     role: str
+    name: str = ""
+    """Optional display name (JWT `name` claim), shown to visitors for agents."""
 
     @property
     def key(self) -> str:
         return f"{self.tenant}/{self.subject}"
+
+
+MAX_NAME_CHARS = 80
 
 
 class JwksFile:
@@ -134,7 +139,9 @@ class JwtVerifier:
             raise Unauthorized("claim 'tenant' must be 1-64 letters, digits, '_' or '-'")
         if role not in ROLES:
             raise Unauthorized(f"claim 'role' must be one of {sorted(ROLES)}")
-        return Principal(tenant=tenant, subject=subject, role=role)
+        name = claims.get("name")
+        name = name.strip()[:MAX_NAME_CHARS] if isinstance(name, str) else ""
+        return Principal(tenant=tenant, subject=subject, role=role, name=name)
 
 
 def bearer_token(authorization: str | None) -> str:

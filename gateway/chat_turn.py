@@ -45,6 +45,8 @@ class TurnRequest:
     """Hold TurnStarted until the answer has begun, so a failing model is a plain HTTP error."""
     message_id: str = ""
     """Id to store the visitor's message under (32 hex); the same id again is stored once."""
+    answer: bool = True
+    """False stores the message without an AI answer (the visitor asked for a human)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,10 @@ class TurnStarted:
     session_id: str
     message_id: str
     """Id of the assistant message this turn produces."""
+    state: session_pb2.ConversationState | None = None
+    """The conversation's state once the visitor's message was stored (None without a session)."""
+    answering: bool = True
+    """False: the message was stored and nobody answers it here (a human has or awaits it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,9 @@ class TurnDone:
 
 
 TurnEvent = TurnStarted | TurnDelta | TurnDone
+
+SUPERSEDED = "superseded"
+"""finish_reason of an answer dropped because the conversation changed state meanwhile (an agent claimed)."""
 
 
 class DuplicateMessage(Exception):
@@ -113,8 +122,14 @@ class ChatTurn:
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         text = await self._check_input(request.message)
-        session_id, context = await self._prepare(request, text)
+        session_id, context, state = await self._prepare(request, text)
         message_id = secrets.token_hex(16)
+        if not request.answer or (state is not None and state.status not in ("", "ai")):
+            # The AI never answers a conversation that a human holds or awaits (DESIGN "Live chat").
+            yield TurnStarted(session_id, message_id, state, answering=False)
+            yield TurnDone(message_id, state.status if state is not None and state.status else "stored",
+                           0, 0, False, "")
+            return
         answer = self._filtered_answer(request, session_id, context)
         first: str | llm_pb2.Done | None = None
         try:
@@ -123,7 +138,7 @@ class ChatTurn:
                     first = await anext(answer)
                 except StreamFailed as failure:
                     raise failure.as_api_error() from None
-            yield TurnStarted(session_id, message_id)
+            yield TurnStarted(session_id, message_id, state)
             parts: list[str] = []
             done: llm_pb2.Done | None = None
             pending = [first] if first is not None else []
@@ -136,21 +151,28 @@ class ChatTurn:
         finally:
             await answer.aclose()
         assert done is not None
+        finish_reason = done.finish_reason
         if session_id and parts:
             try:
+                # Stored only if no agent claimed the conversation while the answer was generated.
                 await self._clients.session.Append(session_pb2.AppendRequest(
                     principal=self._principal, session_id=session_id, role="assistant",
-                    content="".join(parts), message_id=message_id),
+                    content="".join(parts), message_id=message_id,
+                    if_version=state.version if state is not None else 0),
                     timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
-                raise _stream_failure(error, "session") from None
-        yield TurnDone(message_id, done.finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens,
+                if error.code() is not grpc.StatusCode.ABORTED:
+                    raise _stream_failure(error, "session") from None
+                finish_reason = SUPERSEDED
+        yield TurnDone(message_id, finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens,
                        done.cached, done.model)
 
-    async def _prepare(self, request: TurnRequest, text: str) -> tuple[str, list[ContextMessage]]:
-        """Store the visitor's message (when there is a session) and return the context to send."""
+    async def _prepare(self, request: TurnRequest, text: str,
+                       ) -> tuple[str, list[ContextMessage], session_pb2.ConversationState | None]:
+        """Store the visitor's message (when there is a session); the context to send and the
+        conversation's state after the message."""
         if request.history is not None and not request.session_id:
-            return "", [*request.history, ContextMessage("user", text)]
+            return "", [*request.history, ContextMessage("user", text)], None
         try:
             appended = await self._clients.session.Append(session_pb2.AppendRequest(
                 principal=self._principal, session_id=request.session_id, role="user", content=text,
@@ -158,8 +180,11 @@ class ChatTurn:
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
             if appended.duplicate:
                 raise DuplicateMessage(appended.session_id, appended.message.seq)
+            state = appended.state if appended.HasField("state") else None
             if request.history is not None:
-                return appended.session_id, [*request.history, ContextMessage("user", text)]
+                return appended.session_id, [*request.history, ContextMessage("user", text)], state
+            if not request.answer or (state is not None and state.status not in ("", "ai")):
+                return appended.session_id, [], state  # nobody asks the model: no context needed
             built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
                 principal=self._principal, session_id=appended.session_id,
                 system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens,
@@ -167,7 +192,7 @@ class ChatTurn:
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None
-        return appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages]
+        return appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages], state
 
     async def _check_input(self, text: str) -> str:
         try:

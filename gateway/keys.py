@@ -13,6 +13,7 @@ from gateway.directory import Directory
 from gateway.directory.blacklist import Blacklist
 from gateway.directory.tenants import TenantSettingsStore
 from gateway.live.hub import LiveHub
+from gateway.live.service import LiveService
 from gateway.metrics import EdgeMetrics
 from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.settings import GatewaySettings
@@ -31,7 +32,8 @@ STATE = web.AppKey("state", EdgeState)
 OPEN_STREAMS = web.AppKey("open_streams", weakref.WeakSet[web.StreamResponse])
 LIVE_HUB = web.AppKey("live_hub", LiveHub)
 """Open WebSockets of this process and the conversation feeds they share (set by handlers.ws.live_hub)."""
-
+LIVE = web.AppKey("live", LiveService)
+"""Everything the live-chat sockets share: hub, desks, clients, settings (set by handlers.ws.live_hub)."""
 DIRECTORY = web.AppKey("directory", Directory)
 """KV stores of canned replies, blacklist entries and agent accounts (set by directory.wiring.directory)."""
 BLACKLIST = web.AppKey("blacklist", Blacklist)

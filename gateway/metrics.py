@@ -25,3 +25,12 @@ class EdgeMetrics:
             "kefu_stream_errors", "Streams ended by an error event, by code.", ["code"], registry=self.registry)
         self.rate_limited = Counter(
             "kefu_rate_limited", "Requests refused with 429, by scope.", ["scope"], registry=self.registry)
+        self.ws_connections = Gauge(
+            "kefu_ws_connections", "Live-chat WebSockets open on this edge, by role.", ["role"],
+            registry=self.registry)
+        self.ws_messages = Counter(
+            "kefu_ws_messages_total", "Live-chat frames, by direction (in|out) and frame type.",
+            ["direction", "type"], registry=self.registry)
+        self.resume_replayed = Histogram(
+            "kefu_resume_replayed_events", "Stored events replayed to a socket that resumed a conversation.",
+            registry=self.registry, buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

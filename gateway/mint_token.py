@@ -13,9 +13,11 @@ from gateway.auth import ROLES
 
 
 def mint(secret: str, *, tenant: str, subject: str, role: str, ttl_s: int = 3600,
-         issuer: str = "", audience: str = "") -> str:
+         issuer: str = "", audience: str = "", name: str = "") -> str:
     now = int(time.time())
     claims: dict[str, object] = {"sub": subject, "tenant": tenant, "role": role, "iat": now, "exp": now + ttl_s}
+    if name:
+        claims["name"] = name
     if issuer:
         claims["iss"] = issuer
     if audience:

@@ -71,6 +71,16 @@ class GatewaySettings:
     """KEFU_CONSOLE_TOKEN_TTL_S: lifetime of an agent token from POST /v1/console/login."""
     nats_replicas: int = 1
     """KEFU_NATS_REPLICAS: JetStream replicas of the buckets the edge creates (canned replies, blacklist...)."""
+    ws_frame_rps: float = 20.0
+    """KEFU_WS_FRAME_RPS / KEFU_WS_FRAME_BURST: frames a socket may send; faster closes it (4008)."""
+    ws_frame_burst: int = 60
+    handoff_keywords: tuple[str, ...] = ("转人工", "人工客服", "人工服务", "找人工", "真人", "人工", "human", "agent",
+                                         "real person", "live agent")
+    """KEFU_HANDOFF_KEYWORDS (comma-separated): a short visitor message with one of these asks for a human."""
+    desk_poll_s: float = 2.0
+    """KEFU_DESK_POLL_S: how often an edge with agents re-reads its tenants' queues (changes also push)."""
+    max_history_messages: int = 200
+    """KEFU_MAX_HISTORY_MESSAGES (as the session service): a resume from before the kept history is a resync."""
 
     def __post_init__(self) -> None:
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
@@ -134,6 +144,12 @@ class GatewaySettings:
             console_token_ttl_s=env_int(env, "KEFU_CONSOLE_TOKEN_TTL_S", cls.console_token_ttl_s, minimum=60,
                                         maximum=30 * 86400),
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
+            ws_frame_rps=env_float(env, "KEFU_WS_FRAME_RPS", cls.ws_frame_rps, minimum=0.1),
+            ws_frame_burst=env_int(env, "KEFU_WS_FRAME_BURST", cls.ws_frame_burst, minimum=1),
+            handoff_keywords=tuple(k.strip() for k in env_str(env, "KEFU_HANDOFF_KEYWORDS", ",".join(
+                cls.handoff_keywords)).split(",") if k.strip()),
+            desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),
+            max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages, minimum=1),
         )
 
 

@@ -1,4 +1,5 @@
-"""One WebSocket's writer: a bounded queue of frames and one task that sends them in order."""
+"""One WebSocket's writer: a bounded queue of frames, sent in order by a task that runs only while
+there is something to send (an idle socket holds no task and no queue object)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -15,37 +19,75 @@ from gateway.auth import Principal
 log = logging.getLogger(__name__)
 
 FORCED_CLOSE_TIMEOUT_S = 1.0
-
-
-class _Close:
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
+OWN_CIDS = 256
+"""cids a socket remembers to echo in its own `msg` events."""
 
 
 class Connection:
     """Frames go out only through `send`, never awaited by the caller: a socket that stops
     reading fills its own queue and is closed with 1013; nobody else waits for it."""
 
-    def __init__(self, ws: web.WebSocketResponse, queue_size: int,
-                 transport: asyncio.BaseTransport | None) -> None:
+    __slots__ = ("ws", "address", "principal", "conversations", "seen", "current", "own_cids", "close_code",
+                 "_transport", "_queue_size", "_queue", "_held", "_writer", "_closing_reason", "_on_frame_out",
+                 "_tokens", "_tokens_at")
+
+    def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.BaseTransport | None,
+                 address: str | None = None, on_frame_out: Callable[[str], None] | None = None) -> None:
         self.ws = ws
-        self._transport = transport
+        self.address = address
         self.principal: Principal | None = None
         self.conversations: set[str] = set()
         """Conversations this socket is subscribed to (joined in the hub)."""
+        self.seen: dict[str, int] = {}
+        """Highest stored seq sent per conversation: a stored event is never sent twice."""
         self.current: str | None = None
         """Conversation a `send` without `conversation_id` goes to."""
         self.own_cids: dict[str, str] = {}
         """message id -> the client's cid, for messages sent on this socket (echoed in `msg`)."""
         self.close_code: int | None = None
-        self._queue: asyncio.Queue[dict[str, Any] | _Close] = asyncio.Queue(queue_size)
+        self._transport = transport
+        self._queue_size = queue_size
+        self._queue: deque[dict[str, Any]] = deque()
         self._held: list[dict[str, Any]] | None = None
-        self._writer = asyncio.create_task(self._write_all())
+        self._writer: asyncio.Task[None] | None = None
+        self._closing_reason = ""
+        self._on_frame_out = on_frame_out
+        self._tokens = -1.0
+        self._tokens_at = 0.0
 
     @property
     def closing(self) -> bool:
         return self.close_code is not None
+
+    @property
+    def is_staff(self) -> bool:
+        return self.principal is not None and self.principal.role in ("agent", "admin")
+
+    def remember_cid(self, message_id: str, cid: str) -> None:
+        self.own_cids[message_id] = cid
+        if len(self.own_cids) > OWN_CIDS:
+            del self.own_cids[next(iter(self.own_cids))]
+
+    def take_frame_token(self, rate: float, burst: int) -> bool:
+        """Token bucket of incoming frames; False when the client sends faster than allowed."""
+        now = time.monotonic()
+        if self._tokens < 0:
+            self._tokens = float(burst)
+        else:
+            self._tokens = min(float(burst), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def send_stored(self, frame: dict[str, Any]) -> None:
+        """A stored event: sent unless this socket already got it (replay and live may overlap)."""
+        conversation_id = frame["conversation_id"]
+        if frame["seq"] <= self.seen.get(conversation_id, 0):
+            return
+        self.seen[conversation_id] = frame["seq"]
+        self.send(frame)
 
     def send(self, frame: dict[str, Any]) -> None:
         if self.closing:
@@ -53,11 +95,13 @@ class Connection:
         if self._held is not None:
             self._held.append(frame)
             return
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            log.info("closing a socket too slow to read (%d frames queued)", self._queue.maxsize)
+        if len(self._queue) >= self._queue_size:
+            log.info("closing a socket too slow to read (%d frames queued)", self._queue_size)
             self._force_close(1013, "too slow to read")
+            return
+        self._queue.append(frame)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued())
 
     def hold(self) -> None:
         """Keep frames back until `release` (the `welcome` must go first)."""
@@ -78,14 +122,15 @@ class Connection:
         if self.closing:
             return
         self.close_code = code
-        try:
-            self._queue.put_nowait(_Close(code, reason))
-        except asyncio.QueueFull:
-            self._force_close(code, reason)
+        self._closing_reason = reason
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued())
 
     def _force_close(self, code: int, reason: str) -> None:
         self.close_code = code
-        self._writer.cancel()
+        self._queue.clear()
+        if self._writer is not None:
+            self._writer.cancel()
         self._writer = asyncio.create_task(self._close_now(code, reason))
 
     async def _close_now(self, code: int, reason: str) -> None:
@@ -99,32 +144,43 @@ class Connection:
             if self._transport is not None:
                 self._transport.close()
 
-    async def _write_all(self) -> None:
+    async def _write_queued(self) -> None:
         try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Close):
-                    await self.ws.close(code=item.code, message=item.reason.encode())
-                    return
-                frame = item
+            while self._queue:
+                frame = self._queue.popleft()
                 message_id = frame.get("message_id")
-                if frame.get("type") == "msg" and message_id in self.own_cids:
+                if message_id in self.own_cids and frame.get("type") in ("msg", "note"):
                     frame = {**frame, "cid": self.own_cids[message_id]}
                 await self.ws.send_str(json.dumps(frame, ensure_ascii=False))
+                if self._on_frame_out is not None:
+                    self._on_frame_out(frame["type"])
+            if self.close_code is not None:
+                await self.ws.close(code=self.close_code, message=self._closing_reason.encode())
         except ConnectionError:
             self.close_code = self.close_code or 1006
+        finally:
+            if self._writer is asyncio.current_task():  # not replaced by a forced close
+                self._writer = None
+                if self._queue and not self.closing:  # sent while this task was finishing
+                    self._writer = asyncio.create_task(self._write_queued())
 
     async def finish(self, timeout_s: float) -> None:
         """Close (if nobody did) and wait for the writer to end."""
         self.close(1000)
-        writer = self._writer
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.shield(writer)
-        except TimeoutError:
-            writer.cancel()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        if self._writer is not writer:  # replaced by a forced close meanwhile
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._writer is not None and time.monotonic() < deadline:
+            writer = self._writer
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await asyncio.shield(writer)
+            except TimeoutError:
+                writer.cancel()
+                break
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            if self._writer is writer:
+                break
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await self._writer

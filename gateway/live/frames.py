@@ -27,8 +27,12 @@ CLOSE_DRAINING = 1012
 CLOSE_TOO_SLOW = 1013
 
 CLIENT_TYPES = frozenset({"hello", "send", "typing", "read", "handoff", "ping",
-                          "claim", "release", "transfer", "close", "note"})
-"""Every client frame type of the contract; those this edge does not serve yet get a `nack`."""
+                          "claim", "release", "transfer", "close", "note", "presence"})
+"""Every client frame type: the contract's, plus `presence` (agents: online/away)."""
+AGENT_TYPES = frozenset({"claim", "release", "transfer", "close", "note", "presence"})
+"""Frames only agents and admins may send."""
+MAX_REASON_CHARS = 200
+MAX_AGENT_ID_CHARS = 256
 
 SENDER_TYPES = {"user": "visitor", "assistant": "ai", "agent": "agent", "system": "system"}
 
@@ -67,14 +71,66 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
-class Unsupported:
-    """A frame type of the contract that this edge does not handle (yet): refused with a `nack`."""
+class Typing:
+    conversation_id: str
+    on: bool
 
-    type: str
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    conversation_id: str
+    up_to_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    conversation_id: str
+    reason: str
     cid: str | None
 
 
-ClientFrame = Hello | Send | Ping | Unsupported
+@dataclass(frozen=True, slots=True)
+class Claim:
+    conversation_id: str
+    cid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    conversation_id: str
+    to: str
+    """"ai" or "queue"."""
+    cid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    conversation_id: str
+    agent: str
+    cid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    conversation_id: str
+    cid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    conversation_id: str
+    cid: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    status: str
+    """"online" or "away"."""
+
+
+ClientFrame = Hello | Send | Ping | Typing | Read | Handoff | Claim | Release | Transfer | Close | Note | Presence
+AgentFrame = Claim | Release | Transfer | Close | Note | Presence
 
 
 def parse_frame(raw: str, *, max_text_chars: int) -> ClientFrame:
@@ -90,14 +146,44 @@ def parse_frame(raw: str, *, max_text_chars: int) -> ClientFrame:
         raise FrameError("invalid_frame", "type: required string")
     if kind not in CLIENT_TYPES:
         raise FrameError("unknown_type", f"type: unknown frame type {kind[:40]!r}")
-    if kind == "hello":
-        return _hello(data)
-    if kind == "send":
-        return _send(data, max_text_chars)
-    if kind == "ping":
-        return Ping()
-    cid = data.get("cid")
-    return Unsupported(kind, cid if isinstance(cid, str) and 0 < len(cid) <= MAX_CID_CHARS else None)
+    match kind:
+        case "hello":
+            return _hello(data)
+        case "send":
+            return Send(_cid(data), _optional_id(data), _text(data, max_text_chars))
+        case "ping":
+            return Ping()
+        case "typing":
+            on = data.get("on", True)
+            if not isinstance(on, bool):
+                raise FrameError("invalid_frame", "on: must be true or false")
+            return Typing(_id(data.get("conversation_id"), "conversation_id"), on)
+        case "read":
+            return Read(_id(data.get("conversation_id"), "conversation_id"), _seq(data.get("up_to_seq"), "up_to_seq"))
+        case "handoff":
+            return Handoff(_id(data.get("conversation_id"), "conversation_id"), _reason(data), _optional_cid(data))
+        case "claim":
+            return Claim(_id(data.get("conversation_id"), "conversation_id"), _optional_cid(data))
+        case "release":
+            to = data.get("to", "ai")
+            if to not in ("ai", "queue"):
+                raise FrameError("invalid_frame", "to: must be \"ai\" or \"queue\"")
+            return Release(_id(data.get("conversation_id"), "conversation_id"), to, _optional_cid(data))
+        case "transfer":
+            agent = data.get("agent")
+            if not isinstance(agent, str) or not 0 < len(agent) <= MAX_AGENT_ID_CHARS:
+                raise FrameError("invalid_frame", f"agent: required string of 1-{MAX_AGENT_ID_CHARS} characters")
+            return Transfer(_id(data.get("conversation_id"), "conversation_id"), agent, _optional_cid(data))
+        case "close":
+            return Close(_id(data.get("conversation_id"), "conversation_id"), _optional_cid(data))
+        case "note":
+            return Note(_id(data.get("conversation_id"), "conversation_id"), _cid(data),
+                        _text(data, max_text_chars))
+        case _:
+            status = data.get("status")
+            if status not in ("online", "away"):
+                raise FrameError("invalid_frame", "status: must be \"online\" or \"away\"")
+            return Presence(status)
 
 
 def _hello(data: dict[str, Any]) -> Hello:
@@ -114,28 +200,50 @@ def _hello(data: dict[str, Any]) -> Hello:
         if not isinstance(item, dict):
             raise FrameError("invalid_frame", f"resume[{index}]: must be an object")
         conversation_id = _id(item.get("conversation_id"), f"resume[{index}].conversation_id")
-        after_seq = item.get("after_seq", 0)
-        if isinstance(after_seq, bool) or not isinstance(after_seq, int) or not 0 <= after_seq <= MAX_SEQ:
-            raise FrameError("invalid_frame", f"resume[{index}].after_seq: must be an integer >= 0")
-        points.append(ResumePoint(conversation_id, after_seq))
+        points.append(ResumePoint(conversation_id, _seq(item.get("after_seq", 0), f"resume[{index}].after_seq")))
     if len({p.conversation_id for p in points}) != len(points):
         raise FrameError("invalid_frame", "resume: a conversation is listed twice")
     return Hello(token, tuple(points))
 
 
-def _send(data: dict[str, Any], max_text_chars: int) -> Send:
+def _cid(data: dict[str, Any]) -> str:
     cid = data.get("cid")
     if not isinstance(cid, str) or not 0 < len(cid) <= MAX_CID_CHARS:
         raise FrameError("invalid_frame", f"cid: required string of 1-{MAX_CID_CHARS} characters")
-    conversation_id = data.get("conversation_id")
-    if conversation_id is not None:
-        conversation_id = _id(conversation_id, "conversation_id")
+    return cid
+
+
+def _optional_cid(data: dict[str, Any]) -> str | None:
+    return _cid(data) if data.get("cid") is not None else None
+
+
+def _optional_id(data: dict[str, Any]) -> str | None:
+    value = data.get("conversation_id")
+    return _id(value, "conversation_id") if value is not None else None
+
+
+def _text(data: dict[str, Any], max_text_chars: int) -> str:
     text = data.get("text")
     if not isinstance(text, str) or not text.strip():
         raise FrameError("invalid_frame", "text: required non-blank string")
     if len(text) > max_text_chars:
         raise FrameError("invalid_frame", f"text: longer than {max_text_chars} characters")
-    return Send(cid, conversation_id, text)
+    return text
+
+
+def _reason(data: dict[str, Any]) -> str:
+    reason = data.get("reason", "")
+    if reason is None:
+        return ""
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+        raise FrameError("invalid_frame", f"reason: must be a string of at most {MAX_REASON_CHARS} characters")
+    return reason
+
+
+def _seq(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise FrameError("invalid_frame", f"{name}: must be an integer >= 0")
+    return value
 
 
 def _id(value: object, name: str) -> str:

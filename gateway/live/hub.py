@@ -1,4 +1,10 @@
-"""The sockets of one edge process and one session Watch per conversation, shared by its sockets."""
+"""The sockets of one edge process and one feed per conversation, shared by its sockets.
+
+A feed follows the conversation's stored events (one session Watch, opened as the edge
+itself so it sees notes too) and its live frames from the other edges (one NATS
+subscription). Each socket gets each stored event once: its `seen` seq per conversation
+makes replay and live delivery overlap safely. Visitors never get notes.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
+from nats.aio.subscription import Subscription
 
 from gateway.auth import Principal
+from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
+from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
-from gateway.live.frames import msg_frame
+from gateway.live.frames import event_frame
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 
@@ -22,64 +31,93 @@ log = logging.getLogger(__name__)
 
 WATCH_READY_HEADER = "kefu-watch"
 """Initial metadata the session service sends once a Watch passed its access check."""
-BUFFER_EVENTS = 256
+EDGE_SUBJECT = "kefu-edge"
+"""The edge's own principal (an admin of the tenant) for the feeds: every event, notes included."""
+BUFFER_EVENTS = 512
 """Newest stored events a feed keeps, so a socket joining later replays them from memory."""
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 
 
 class NotYours(Exception):
-    """The conversation does not exist or is not the principal's (close 4003)."""
+    """The conversation does not exist or is not the principal's (close 4003 / nack forbidden)."""
 
 
 class FeedUnavailable(Exception):
     """The session service could not be asked (close 1011: try again)."""
 
 
-class Feed:
-    """Stored events of one conversation from one Watch: sent to each subscribed socket once, in order.
+def edge_principal(tenant: str) -> session_pb2.Principal:
+    return session_pb2.Principal(tenant=tenant, subject=EDGE_SUBJECT, role="admin")
 
-    `buffer` holds every event with seq > `floor`, so a socket that joins with an
-    `after_seq` >= `floor` gets its missed events from memory, and older ones come from
-    one ListMessages read.
+
+def proto_principal(principal: Principal) -> session_pb2.Principal:
+    return session_pb2.Principal(tenant=principal.tenant, subject=principal.subject, role=principal.role)
+
+
+class Feed:
+    """Stored events of one conversation from one Watch, plus live frames from other edges.
+
+    `buffer` holds every event with seq > `floor`: a socket that joins with an `after_seq`
+    >= `floor` gets its missed events from memory, older ones come from one ListMessages read.
     """
 
-    def __init__(self, tenant: str, conversation_id: str, owner: str, after_seq: int) -> None:
+    def __init__(self, tenant: str, conversation_id: str, on_state: Callable[[Feed, dict[str, Any]], None]) -> None:
         self.tenant = tenant
         self.conversation_id = conversation_id
-        self.owner = owner
+        self.owner: str | None = None
+        """The visitor who owns it, once a visitor's access was checked."""
         self.sockets: set[Connection] = set()
         self.joining = 0
         """Joins in progress: they hold the feed open like a socket."""
         self.buffer: deque[dict[str, Any]] = deque()
-        self.floor = after_seq
-        self.last_seq = after_seq
+        self.floor = 0
+        self.last_seq = 0
+        self.state: dict[str, Any] | None = None
+        """The newest `state` event seen (None: still the state it was created with)."""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
+        self.subscription: Subscription | None = None
+        self._on_state = on_state
         self._waiters: dict[str, list[asyncio.Future[int]]] = {}
+
+    @property
+    def status(self) -> str:
+        return str(self.state["status"]) if self.state else "ai"
+
+    @property
+    def version(self) -> int:
+        return int(self.state["version"]) if self.state else 1
 
     def publish(self, message: session_pb2.Message) -> None:
         if message.seq <= self.last_seq:
             return  # replayed again after a Watch was restarted
         self.last_seq = message.seq
-        frame = msg_frame(self.conversation_id, message, self.owner)
+        frame = event_frame(self.conversation_id, message, self.owner or "")
+        if frame["type"] == "state":
+            self.state = frame
+        elif message.version and self.state is not None and message.version < self.version:
+            # An AI reply generated before the state changed (an agent claimed meanwhile): void.
+            self._wake(message.id, message.seq)
+            return
         self.buffer.append(frame)
         if len(self.buffer) > BUFFER_EVENTS:
             self.floor = self.buffer.popleft()["seq"]
-        for socket in self.sockets:
-            socket.send(frame)
-        for waiter in self._waiters.pop(message.id, []):
-            if not waiter.done():
-                waiter.set_result(message.seq)
+        for socket in list(self.sockets):
+            deliver_stored(socket, frame)
+        if frame["type"] == "state":
+            self._on_state(self, frame)
+        self._wake(message.id, message.seq)
 
-    def broadcast(self, frame: dict[str, Any]) -> None:
-        """A frame that is not stored (`ai_delta`) to this process's sockets of the conversation."""
+    def deliver_live(self, frame: dict[str, Any], origin: Connection | None = None) -> None:
+        """A frame that is not stored (`ai_delta`, `typing`, `read`) to this process's sockets."""
         for socket in self.sockets:
-            socket.send(frame)
+            if socket is not origin and (socket.is_staff or not frame.get("staff_only")):
+                socket.send(frame)
 
     def seq_in_buffer(self, message_id: str) -> int | None:
         for frame in reversed(self.buffer):
-            if frame["message_id"] == message_id:
+            if frame.get("message_id") == message_id:
                 return int(frame["seq"])
         return None
 
@@ -101,64 +139,101 @@ class Feed:
                 if not waiters:
                     del self._waiters[message_id]
 
+    def _wake(self, message_id: str, seq: int) -> None:
+        for waiter in self._waiters.pop(message_id, []):
+            if not waiter.done():
+                waiter.set_result(seq)
+
+
+def deliver_stored(socket: Connection, frame: dict[str, Any]) -> None:
+    if frame["type"] == "note" and not socket.is_staff:
+        return  # private notes never reach a visitor socket
+    socket.send_stored(frame)
+
 
 class LiveHub:
     """Every open socket of this edge process, and the conversation feeds they share."""
 
-    def __init__(self, clients: BackendClients, settings: GatewaySettings) -> None:
+    def __init__(self, clients: BackendClients, settings: GatewaySettings, bus: EdgeBus) -> None:
         self._clients = clients
         self._settings = settings
+        self.channels = LiveChannels(bus)
         self.epoch = int(time.time() * 1000)
         """This process's start (ms): a client that sees it change knows it reached another edge."""
         self.connections: set[Connection] = set()
         self._feeds: dict[tuple[str, str], Feed] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.state_listeners: list[Callable[[Feed, dict[str, Any]], None]] = []
+        """Called after every stored `state` event a feed delivers (the desk reacts to it)."""
 
     def feed(self, tenant: str, conversation_id: str) -> Feed | None:
         return self._feeds.get((tenant, conversation_id))
 
-    async def join(self, socket: Connection, principal: Principal, conversation_id: str,
-                   after_seq: int | None) -> None:
-        """Subscribe `socket`: first its missed events (seq > after_seq) in order, then live ones.
-        `after_seq` None subscribes from now on. NotYours when it is not the principal's."""
+    def feeds_of(self, tenant: str) -> list[Feed]:
+        return [feed for (feed_tenant, _), feed in self._feeds.items() if feed_tenant == tenant]
+
+    async def join(self, socket: Connection, conversation_id: str, after_seq: int | None) -> int:
+        """Subscribe `socket`: first its missed stored events (seq > after_seq) in order, then live
+        ones; `after_seq` None subscribes from now on. Returns how many events were replayed.
+        NotYours when the conversation is not the socket's to see."""
+        principal = socket.principal
+        assert principal is not None
         key = (principal.tenant, conversation_id)
         feed = self._feeds.get(key)
         if feed is None:
-            start = after_seq if after_seq is not None else await self._last_seq(principal, conversation_id)
-            feed = self._feeds.get(key)  # someone else may have opened it meanwhile
-            if feed is None:
-                feed = self._feeds[key] = Feed(principal.tenant, conversation_id, principal.subject, start)
-                feed.task = asyncio.create_task(self._follow(feed, principal))
+            feed = self._feeds[key] = Feed(principal.tenant, conversation_id, self._state_changed)
+            feed.task = asyncio.create_task(self._follow(feed))
         feed.joining += 1
         try:
             await asyncio.shield(feed.ready)
-            if feed.owner != principal.subject:
-                raise NotYours(conversation_id)
+            if principal.role == "visitor":
+                if feed.owner is None:
+                    await self._history(principal, conversation_id)  # NotYours unless it is theirs
+                    feed.owner = principal.subject
+                elif feed.owner != principal.subject:
+                    raise NotYours(conversation_id)
             backlog: list[dict[str, Any]] = []
-            if after_seq is not None and after_seq < feed.floor:
-                history = await self._history(principal, conversation_id)
-                merged = {m.seq: msg_frame(conversation_id, m, feed.owner) for m in history if m.seq > after_seq}
-                merged.update({f["seq"]: f for f in feed.buffer})
-                backlog = [merged[seq] for seq in sorted(merged)]
-            elif after_seq is not None:
-                backlog = [f for f in feed.buffer if f["seq"] > after_seq]
+            if after_seq is None:
+                socket.seen[conversation_id] = max(socket.seen.get(conversation_id, 0), feed.last_seq)
+            else:
+                socket.seen[conversation_id] = max(socket.seen.get(conversation_id, 0), after_seq)
+                if after_seq < feed.floor:
+                    history = await self._history(principal, conversation_id)
+                    merged = {m.seq: event_frame(conversation_id, m, feed.owner or "")
+                              for m in history if m.seq > after_seq}
+                    merged.update({f["seq"]: f for f in feed.buffer})
+                    backlog = [merged[seq] for seq in sorted(merged)]
+                else:
+                    backlog = [f for f in feed.buffer if f["seq"] > after_seq]
             # No await from here on: nothing published can fall between the backlog and the live part.
             for frame in backlog:
-                socket.send(frame)
+                deliver_stored(socket, frame)
             feed.sockets.add(socket)
             socket.conversations.add(conversation_id)
+            return len(backlog)
         finally:
             feed.joining -= 1
             self._close_if_unused(feed)
 
+    def leave(self, socket: Connection, conversation_id: str) -> None:
+        assert socket.principal is not None
+        socket.conversations.discard(conversation_id)
+        feed = self._feeds.get((socket.principal.tenant, conversation_id))
+        if feed is not None:
+            feed.sockets.discard(socket)
+            self._close_if_unused(feed)
+
     def leave_all(self, socket: Connection) -> None:
-        for conversation_id in socket.conversations:
-            assert socket.principal is not None
-            feed = self._feeds.get((socket.principal.tenant, conversation_id))
-            if feed is not None:
-                feed.sockets.discard(socket)
-                self._close_if_unused(feed)
-        socket.conversations.clear()
+        for conversation_id in list(socket.conversations):
+            self.leave(socket, conversation_id)
+
+    def send_live(self, tenant: str, conversation_id: str, frame: dict[str, Any],
+                  origin: Connection | None = None) -> None:
+        """A frame that is not stored to every socket of the conversation, on every edge."""
+        feed = self._feeds.get((tenant, conversation_id))
+        if feed is not None:
+            feed.deliver_live(frame, origin)
+        self.spawn(self.channels.publish(conversation_subject(tenant, conversation_id), {"frame": frame}))
 
     async def find(self, principal: Principal, conversation_id: str, message_id: str, wait_s: float) -> int | None:
         """Seq of a stored message of the conversation, or None: from the feed (waiting up to
@@ -185,33 +260,57 @@ class LiveHub:
             socket.close(code, reason)
 
     async def aclose(self) -> None:
-        tasks = [*self._tasks, *(f.task for f in self._feeds.values() if f.task is not None)]
+        feeds = list(self._feeds.values())
+        tasks = [*self._tasks, *(f.task for f in feeds if f.task is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(unsubscribe(f.subscription) for f in feeds), return_exceptions=True)
         self._feeds.clear()
+
+    def _state_changed(self, feed: Feed, frame: dict[str, Any]) -> None:
+        for listener in self.state_listeners:
+            listener(feed, frame)
 
     def _close_if_unused(self, feed: Feed) -> None:
         if feed.sockets or feed.joining:
             return
+        self._drop(feed)
+
+    def _drop(self, feed: Feed) -> None:
         if self._feeds.get((feed.tenant, feed.conversation_id)) is feed:
             del self._feeds[(feed.tenant, feed.conversation_id)]
         if feed.task is not None:
             feed.task.cancel()
+        if feed.subscription is not None:
+            self.spawn(unsubscribe(feed.subscription))
+            feed.subscription = None
+        # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
+        if feed.ready.done() and not feed.ready.cancelled():
+            feed.ready.exception()
 
-    async def _follow(self, feed: Feed, principal: Principal) -> None:
-        """Keep one Watch open for the feed; after a failure, open it again from the last seq."""
+    async def _follow(self, feed: Feed) -> None:
+        """Keep one Watch open for the feed (from the start of the kept log, so the buffer holds the
+        whole conversation); after a failure, open it again from the last seq."""
         delay = RETRY_MIN_S
-        proto_principal = session_pb2.Principal(tenant=principal.tenant, subject=principal.subject,
-                                                role=principal.role)
+        principal = edge_principal(feed.tenant)
+        subject = conversation_subject(feed.tenant, feed.conversation_id)
+
+        def from_other_edge(payload: dict[str, Any]) -> None:
+            frame = payload.get("frame")
+            if isinstance(frame, dict):
+                feed.deliver_live(frame)
+
         while True:
             call = self._clients.session.Watch(session_pb2.WatchRequest(
-                principal=proto_principal, session_id=feed.conversation_id, after_seq=feed.last_seq))
+                principal=principal, session_id=feed.conversation_id, after_seq=feed.last_seq))
             try:
                 metadata = await call.initial_metadata()
                 if metadata is None or WATCH_READY_HEADER not in dict(metadata):
                     await call.read()  # raises the call's error
                     raise FeedUnavailable("watch ended before it started")
+                if feed.subscription is None:
+                    feed.subscription = await self.channels.subscribe(subject, from_other_edge)
                 if not feed.ready.done():
                     feed.ready.set_result(None)
                 delay = RETRY_MIN_S
@@ -238,26 +337,13 @@ class LiveHub:
             finally:
                 call.cancel()
 
-    def _drop(self, feed: Feed) -> None:
-        if self._feeds.get((feed.tenant, feed.conversation_id)) is feed:
-            del self._feeds[(feed.tenant, feed.conversation_id)]
-        # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
-        if feed.ready.done() and not feed.ready.cancelled():
-            feed.ready.exception()
-
     async def _history(self, principal: Principal, conversation_id: str) -> list[session_pb2.Message]:
         try:
             reply = await self._clients.session.ListMessages(session_pb2.ListMessagesRequest(
-                principal=session_pb2.Principal(tenant=principal.tenant, subject=principal.subject,
-                                                role=principal.role),
-                session_id=conversation_id), timeout=self._settings.rpc_timeout_s)
+                principal=proto_principal(principal), session_id=conversation_id),
+                timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.NOT_FOUND:
                 raise NotYours(conversation_id) from None
             raise FeedUnavailable(error.details() or str(error.code())) from None
         return list(reply.messages)
-
-    async def _last_seq(self, principal: Principal, conversation_id: str) -> int:
-        history = await self._history(principal, conversation_id)
-        return int(history[-1].seq) if history else 0
-

@@ -97,6 +97,16 @@ async def current_version(http: aiohttp.ClientSession, stack: Stack) -> str:
     return tokens[0].split("/")[0]
 
 
+def refusals(stack: Stack) -> float:
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.config.ports.worker_metrics}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "kefu_plugin_reloads_total" and sample.labels.get("result") == "refused":
+                return sample.value
+    return 0.0
+
+
 @pytest.mark.parametrize("mode", ["plain", "configmap"])
 async def test_hot_reload_under_load_fails_no_stream(tmp_path: Path, mode: str) -> None:
     folder = PluginsFolder(tmp_path / "plugins", mode)
@@ -119,6 +129,7 @@ async def test_hot_reload_under_load_fails_no_stream(tmp_path: Path, mode: str) 
                 versions_seen[tokens[0]] += 1
 
     switch_latencies: list[float] = []
+    refused = 0
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             users = [asyncio.create_task(user(http, i)) for i in range(STREAMS)]
@@ -130,6 +141,13 @@ async def test_hot_reload_under_load_fails_no_stream(tmp_path: Path, mode: str) 
                     while await current_version(http, stack) != label:
                         assert time.monotonic() - written < 15, f"{label} never served"
                     switch_latencies.append(time.monotonic() - written)
+                else:
+                    # Wait for the refusal before the next write replaces the broken version: on a
+                    # loaded machine the watcher could otherwise see only the version after it.
+                    refused += 1
+                    while await asyncio.to_thread(refusals, stack) < refused:
+                        assert time.monotonic() - written < 15, f"{label} never refused"
+                        await asyncio.sleep(0.1)
                 await asyncio.sleep(random.uniform(0.3, 0.8))
             await asyncio.sleep(1)
             stop.set()

@@ -100,9 +100,14 @@ async def test_ws_token_in_the_first_frame_and_ping(kb_stack: Stack) -> None:
         await hello(ws, token=token(sub="ws-browser"))
         await ws.send_json({"type": "ping"})
         assert await recv(ws) == {"type": "pong"}
+        # Typing into a conversation the socket does not follow is refused, not relayed.
         await ws.send_json({"type": "typing", "conversation_id": "x", "on": True})
         nack = await recv(ws)
-        assert (nack["type"], nack["request_type"], nack["code"]) == ("nack", "typing", "not_supported")
+        assert (nack["type"], nack["request_type"], nack["code"]) == ("nack", "typing", "forbidden")
+        # Agent frames from a visitor: one nack each, naming the refused request and its cid.
+        await ws.send_json({"type": "claim", "conversation_id": "x", "cid": "k1"})
+        nack = await recv(ws)
+        assert (nack["request_type"], nack["code"], nack["cid"]) == ("claim", "forbidden", "k1")
         await ws.close()
 
 
@@ -131,24 +136,16 @@ async def test_ws_query_string_token_is_not_accepted(kb_stack: Stack) -> None:
     assert code == 4001
 
 
-async def test_ws_agent_token_is_refused_for_now(kb_stack: Stack) -> None:
-    async with aiohttp.ClientSession() as http:
-        ws = await open_ws(http, kb_stack, auth(sub="agent-1", role="agent"))
-        await ws.send_json({"type": "hello"})
-        code, frames = await close_code(ws)
-    assert code == 4003 and frames[-1]["code"] == "forbidden"
-
-
 async def test_ws_same_cid_twice_is_stored_once_and_answered_once(kb_stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
         ws = await open_ws(http, kb_stack, auth(sub="ws-dup"))
         await hello(ws)
-        echo, ack, *_ = await send_and_answer(ws, "same", "运费怎么算？")
+        echo, ack, *rest = await send_and_answer(ws, "same", "运费怎么算？")
         conversation_id = echo["conversation_id"]
         await ws.close()
-        # A retry after a drop, on a new socket, naming the conversation now known.
+        # A retry after a drop, on a new socket that resumed the conversation now known.
         ws = await open_ws(http, kb_stack, auth(sub="ws-dup"))
-        await hello(ws)
+        await hello(ws, resume=[{"conversation_id": conversation_id, "after_seq": rest[-1]["seq"]}])
         await ws.send_json({"type": "send", "cid": "same", "conversation_id": conversation_id, "text": "运费怎么算？"})
         assert await recv(ws) == {"type": "ack", "cid": "same", "seq": ack["seq"], "duplicate": True}
         # Frames are handled in order: a second answer would come before this pong.
@@ -276,9 +273,13 @@ async def test_ws_first_send_retried_without_its_conversation_is_not_stored_agai
         first = await send_and_answer(ws, "first")
         conversation_id, seq = first[0]["conversation_id"], first[0]["seq"]
         await ws.close()
-        # A new socket that never learnt the conversation id resends the same cid.
+        # A new socket that never learnt the conversation id: hello continues the visitor's open
+        # conversation (its history replayed), and the same cid resent is not stored again.
         ws = await open_ws(http, kb_stack, auth(sub="ws-lost-id"))
-        await hello(ws)
+        welcome = await hello(ws)
+        assert welcome["conversation_id"] == conversation_id and welcome["status"] == "ai"
+        assert [(f["type"], f["seq"]) for f in [await recv(ws), await recv(ws)]] == [
+            ("msg", seq), ("msg", first[-1]["seq"])]
         await ws.send_json({"type": "send", "cid": "first", "text": QUESTION})
         assert await recv(ws) == {"type": "ack", "cid": "first", "seq": seq, "duplicate": True}
         await ws.send_json({"type": "ping"})

@@ -14,12 +14,21 @@ from gateway import keys
 from gateway.app import create_app
 from gateway.live.connection import Connection
 from gateway.live.frames import (
+    Claim,
+    Close,
     FrameError,
+    Handoff,
     Hello,
+    Note,
     Ping,
+    Presence,
+    Read,
+    Release,
     ResumePoint,
     Send,
-    Unsupported,
+    Transfer,
+    Typing,
+    event_frame,
     message_id_for,
     msg_frame,
     nack_frame,
@@ -43,7 +52,21 @@ def test_parse_frame_reads_hello_send_and_ping() -> None:
     assert parse({"type": "send", "cid": "a" * 64, "text": "你好"}) == Send("a" * 64, None, "你好")
     assert parse({"type": "send", "cid": "1", "conversation_id": "c", "text": "x" * 100}) == Send("1", "c", "x" * 100)
     assert parse({"type": "ping"}) == Ping()
-    assert parse({"type": "claim", "conversation_id": "c", "cid": "k"}) == Unsupported("claim", "k")
+
+
+
+def test_parse_frame_reads_every_other_client_frame() -> None:
+    assert parse({"type": "typing", "conversation_id": "c", "on": False}) == Typing("c", False)
+    assert parse({"type": "read", "conversation_id": "c", "up_to_seq": 12}) == Read("c", 12)
+    assert parse({"type": "handoff", "conversation_id": "c"}) == Handoff("c", "", None)
+    assert parse({"type": "handoff", "conversation_id": "c", "reason": "r", "cid": "h"}) == Handoff("c", "r", "h")
+    assert parse({"type": "claim", "conversation_id": "c", "cid": "k"}) == Claim("c", "k")
+    assert parse({"type": "release", "conversation_id": "c", "to": "queue"}) == Release("c", "queue", None)
+    assert parse({"type": "release", "conversation_id": "c"}) == Release("c", "ai", None)
+    assert parse({"type": "transfer", "conversation_id": "c", "agent": "bob"}) == Transfer("c", "bob", None)
+    assert parse({"type": "close", "conversation_id": "c"}) == Close("c", None)
+    assert parse({"type": "note", "conversation_id": "c", "cid": "n", "text": "vip"}) == Note("c", "n", "vip")
+    assert parse({"type": "presence", "status": "away"}) == Presence("away")
 
 
 @pytest.mark.parametrize(("frame", "code"), [
@@ -67,6 +90,16 @@ def test_parse_frame_reads_hello_send_and_ping() -> None:
     ({"type": "hello", "resume": [{"conversation_id": "c"}, {"conversation_id": "c"}]}, "invalid_frame"),
     ({"type": "hello", "resume": [{"conversation_id": str(i)} for i in range(33)]}, "invalid_frame"),
     ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+    ({"type": "typing", "on": True}, "invalid_frame"),
+    ({"type": "typing", "conversation_id": "c", "on": "yes"}, "invalid_frame"),
+    ({"type": "read", "conversation_id": "c"}, "invalid_frame"),
+    ({"type": "release", "conversation_id": "c", "to": "bin"}, "invalid_frame"),
+    ({"type": "transfer", "conversation_id": "c"}, "invalid_frame"),
+    ({"type": "note", "conversation_id": "c", "text": "no cid"}, "invalid_frame"),
+    ({"type": "claim"}, "invalid_frame"),
+    ({"type": "claim", "conversation_id": "c", "cid": 7}, "invalid_frame"),
+    ({"type": "presence", "status": "asleep"}, "invalid_frame"),
+    ({"type": "handoff", "conversation_id": "c", "reason": "x" * 201}, "invalid_frame"),
 ])
 def test_parse_frame_names_what_is_wrong(frame: Any, code: str) -> None:
     with pytest.raises(FrameError) as error:
@@ -90,6 +123,21 @@ def test_msg_frame_names_the_sender() -> None:
                              "sender": {"type": "visitor", "id": "alice"}, "text": "hi"}
     assert frame("assistant")["sender"] == {"type": "ai", "id": "ai"}
     assert frame("agent")["sender"]["type"] == "agent"
+
+
+def test_event_frame_builds_state_and_note_events() -> None:
+    state = session_pb2.ConversationState(status="human", version=3, assignee="ann", assignee_name="Ann",
+                                          reason="claim", since=2.0)
+    event = session_pb2.Message(id="s" * 32, role="system", content="status: human", created_at=2.0, seq=11,
+                                kind="state", state=state)
+    assert event_frame("conv", event, "alice") == {
+        "type": "state", "conversation_id": "conv", "seq": 11, "ts": 2.0, "status": "human", "version": 3,
+        "reason": "claim", "assignee": "ann", "assignee_name": "Ann"}
+    note = session_pb2.Message(id="n" * 32, role="agent", content="vip", created_at=3.0, seq=12, kind="note",
+                               sender_id="ann", sender_name="Ann")
+    assert event_frame("conv", note, "alice") == {
+        "type": "note", "conversation_id": "conv", "seq": 12, "ts": 3.0, "message_id": "n" * 32,
+        "sender": {"type": "agent", "id": "ann", "name": "Ann"}, "text": "vip"}
 
 
 def test_nack_frame_carries_the_refused_request() -> None:
@@ -135,7 +183,7 @@ async def test_connection_closes_a_socket_that_stops_reading_with_1013() -> None
 def edge_settings() -> GatewaySettings:
     # Backends point nowhere: a hello without resume needs none of them.
     return GatewaySettings(jwt_secret=SECRET, session_addr="127.0.0.1:9", moderation_addr="127.0.0.1:9",
-                           worker_addr="127.0.0.1:9", ws_heartbeat_s=5)
+                           worker_addr="127.0.0.1:9", ws_heartbeat_s=5, rpc_timeout_s=0.5)
 
 
 async def test_draining_edge_closes_sockets_1012_and_refuses_new_ones(aiohttp_client: AiohttpClient) -> None:
@@ -144,7 +192,7 @@ async def test_draining_edge_closes_sockets_1012_and_refuses_new_ones(aiohttp_cl
     header = {"Authorization": f"Bearer {mint(SECRET, tenant='shop1', subject='v', role='visitor', ttl_s=60)}"}
     ws = await client.ws_connect("/v1/ws", headers=header)
     await ws.send_json({"type": "hello"})
-    assert (await ws.receive_json(timeout=5))["type"] == "welcome"
+    assert (await ws.receive_json(timeout=15))["type"] == "welcome"
     app[keys.STATE].draining = True
     message = await ws.receive(timeout=5)
     assert message.type is WSMsgType.CLOSE and ws.close_code == 1012
