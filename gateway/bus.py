@@ -8,7 +8,6 @@ connection waits for it a bounded time, then answers 503 `unavailable`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import nats.errors
@@ -66,9 +65,13 @@ class EdgeBus:
         return self._nc
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._task is not None and not self._task.done():
+            # nats-py can swallow one cancellation while it connects (asyncio.wait_for on 3.11):
+            # ask again until the task ends, bounded.
+            for _ in range(50):
+                self._task.cancel()
+                done, _pending = await asyncio.wait({self._task}, timeout=0.1)
+                if done:
+                    break
         if self._nc is not None:
             await close_nats(self._nc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -40,8 +41,10 @@ async def close_nats(nc: NatsClient, timeout_s: float = 5.0) -> None:
     """Drain (flush what is pending), but never hang a shutdown on an unreachable server."""
     try:
         await asyncio.wait_for(nc.drain(), timeout_s)
-    except (TimeoutError, nats.errors.Error):
-        await nc.close()
+    except (TimeoutError, OSError, nats.errors.Error):
+        # The server may be gone already: closing then only releases the client's side.
+        with contextlib.suppress(OSError, nats.errors.Error):
+            await nc.close()
 
 
 async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
