@@ -1,19 +1,18 @@
-"""Helpers of the browser tests: pages screenshotted on failure, agent tokens, the widget-token shim, a TCP relay."""
+"""Helpers of the browser tests: pages screenshotted on failure, agent tokens, a customer site, a TCP relay."""
 
 from __future__ import annotations
 
 import http.server
 import re
-import secrets
 import socket
 import threading
 from pathlib import Path
 
-import jwt
-from playwright.sync_api import Browser, BrowserContext, Page, Route
+from playwright.sync_api import Browser, BrowserContext, Page
 
-from services.devstack.stack import Stack, free_port
-from tests.e2e.stack_helpers import SECRET, token
+from gateway.mint_token import mint
+from services.devstack.stack import free_port
+from tests.e2e.stack_helpers import SECRET
 
 OUTPUT = Path(__file__).resolve().parent / "output"
 TENANT = "demo"
@@ -62,32 +61,7 @@ def csp_violations(pages: BrowserPages) -> list[str]:
 
 
 def agent_token(sub: str = "agent-1", name: str = "Alice") -> str:
-    return jwt.encode({**jwt.decode(token(TENANT, sub, "agent", ttl_s=3600), options={"verify_signature": False}),
-                       "name": name}, SECRET, algorithm="HS256")
-
-
-# ---- the widget token route, until the edge serves POST /v1/widget/token ----------------------------------
-
-def install_widget_token_shim(page: Page, stack: Stack) -> bool:
-    """Answer POST /v1/widget/token in the browser when the edge does not serve it (yet).
-
-    Mirrors the contract: a new visitor id, or the same one when the previous token comes along.
-    Returns whether the shim was needed.
-    """
-    if "/v1/widget/token" in page.request.get(f"{stack.base_url}/openapi.json").json()["paths"]:
-        return False
-
-    def answer(route: Route) -> None:
-        previous = (route.request.headers.get("authorization") or "").removeprefix("Bearer ")
-        subject = ""
-        if previous:
-            subject = jwt.decode(previous, SECRET, algorithms=["HS256"], options={"verify_exp": False})["sub"]
-        subject = subject or f"visitor-{secrets.token_hex(8)}"
-        route.fulfill(json={"token": token(TENANT, subject, "visitor", ttl_s=3600), "visitor_id": subject,
-                            "expires_in": 3600})
-
-    page.context.route("**/v1/widget/token", answer)
-    return True
+    return mint(SECRET, tenant=TENANT, subject=sub, role="agent", ttl_s=3600, name=name)
 
 
 # ---- a TCP relay between the browser and the edge that the test can cut for real --------------------------

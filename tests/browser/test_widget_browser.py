@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import jwt
 import pytest
 from playwright.sync_api import Page, expect
 
@@ -12,7 +15,6 @@ from tests.browser.browser_helpers import (
     CustomerSite,
     Relay,
     csp_violations,
-    install_widget_token_shim,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -25,7 +27,6 @@ WAIT_MS = 30_000
 def open_shop(pages: BrowserPages, stack: Stack, who: str = "visitor", base_url: str | None = None,
               **viewport: int) -> Page:
     page = pages.open(who, **viewport)
-    install_widget_token_shim(page, stack)
     page.goto(f"{base_url or stack.base_url}/")
     return page
 
@@ -183,7 +184,6 @@ def test_widget_embedded_cross_site_keeps_its_own_look_and_speaks_english(
     site = CustomerSite(HOSTILE_PAGE.replace("{edge}", web_stack.base_url))
     try:
         page = browser_pages.open("customer-site")
-        install_widget_token_shim(page, web_stack)
         page.goto(f"{CUSTOMER_ORIGIN}/")
         embedded_widget_answers_in_english(page)
     finally:
@@ -211,8 +211,10 @@ def test_widget_return_visit_after_the_token_expired_renews_it_and_continues(
     expect(messages(page, "ai")).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
     before = stored_state(page)
 
-    # Two hours later for the page: its token has expired, so the widget asks for a new one with the old one.
-    page.context.add_init_script("{ const now = Date.now; Date.now = () => now() + 2 * 3600 * 1000; }")
+    # An hour past the token's expiry for the page: the widget asks for a new one with the old one.
+    expires = jwt.decode(str(before["token"]), options={"verify_signature": False})["exp"]
+    skew_ms = int((expires - time.time() + 3600) * 1000)
+    page.context.add_init_script(f"{{ const now = Date.now; Date.now = () => now() + {skew_ms}; }}")
     renewals: list[str] = []
     page.on("request", lambda request: renewals.append(request.headers.get("authorization", ""))
             if request.url.endswith("/v1/widget/token") else None)
