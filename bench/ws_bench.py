@@ -70,6 +70,8 @@ QUESTION = "下单后多久发货？"
 FD_HEADROOM = 256
 """Descriptors an edge needs besides its sockets (gRPC channels, NATS, logs, the listener)."""
 FRAME_TIMEOUT_S = 30.0
+QUIET_S = 10.0
+"""The latency run stops waiting for queued messages after this long without one arriving."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,9 +696,13 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
             except (aiohttp.ClientError, ConnectionError):
                 run.problems["send on a socket the server had closed"] += 1
         sending_s = time.perf_counter() - started
-        deadline = time.monotonic() + 10
-        while len(run.received) < total and time.monotonic() < deadline:
+        # Wait for what is still queued, as long as it keeps arriving (a backlog drains at the
+        # delivered rate); give up after QUIET_S without progress.
+        progress, quiet_since = len(run.received), time.monotonic()
+        while len(run.received) < total and time.monotonic() - quiet_since < QUIET_S:
             await asyncio.sleep(0.05)
+            if len(run.received) > progress:
+                progress, quiet_since = len(run.received), time.monotonic()
         steady_s = time.perf_counter() - started
         cpu = {name: (cpu_seconds(pid) or 0.0) - before for name, pid in pids.items()
                if (before := cpu_before[name]) is not None}
@@ -704,9 +710,13 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         if busy_before is not None and busy_after is not None:
             # What the rest of the machine (other work on a shared box) took meanwhile.
             cpu["others"] = max(0.0, busy_after - busy_before - sum(cpu.values()))
+        delivered = len(run.received)
+        # Arrivals from here on (frames flushed before the close frames) are not counted.
+        counted = dict(run.received)
         for ws in [*(v for v, _ in visitors), *agents]:
             await ws.close()
         await asyncio.gather(*readers, return_exceptions=True)
+        run.received = counted
     measured = [(run.received[n] - run.sent[n]) * 1000 for n in range(warmup, total) if n in run.received]
     # Median latency per second of sending (warm-up included): a queue that grows, drains or stays.
     by_second: dict[int, list[float]] = {}
@@ -725,8 +735,8 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         "own_echo_ms": summary_ms(echo), "ack_ms": summary_ms(ack), "median_ms_by_second": timeline,
         "client_cpu_percent": cpu["client"] * 100 / steady_s if "client" in cpu else None,
         "cpu_percent": {name: round(seconds * 100 / steady_s) for name, seconds in cpu.items()},
-        "cpu_ms_per_message": {name: round(seconds * 1000 / len(run.received), 3)
-                               for name, seconds in cpu.items() if name != "others" and run.received},
+        "cpu_ms_per_message": {name: round(seconds * 1000 / delivered, 3)
+                               for name, seconds in cpu.items() if name != "others" and delivered},
         "claims_refused": dict(claim_failures), "ai_frames_to_visitors": run.ai_frames,
         "problems": dict(run.problems),
     }
