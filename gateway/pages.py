@@ -89,8 +89,9 @@ def page_handler(page: Page) -> Callable[[web.Request], Awaitable[web.Response]]
 
 
 async def console_redirect(request: web.Request) -> web.Response:
-    # A relative Location keeps the fragment (#token=...) out of any server's view: the browser carries it over.
-    raise web.HTTPPermanentRedirect("/console/")
+    # Returned, not raised: the middleware then gives it X-Request-Id like any answer. The browser carries a
+    # fragment (#token=...) over to the new location by itself; it never reaches a server.
+    return web.Response(status=308, headers={"Location": "/console/"})
 
 
 def setup_pages(app: web.Application) -> None:
