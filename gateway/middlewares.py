@@ -83,6 +83,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
     request[keys.REQUEST_PRINCIPAL] = principal
+    if request.match_info.http_exception is not None:
+        return await handler(request)  # 404/405: the method or path is wrong, whatever the role
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else request.path
     roles = request.app[keys.ROUTE_ROLES].get(route)

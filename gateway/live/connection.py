@@ -29,7 +29,7 @@ class Connection:
 
     __slots__ = ("ws", "address", "principal", "conversations", "seen", "current", "own_cids", "close_code",
                  "_transport", "_queue_size", "_queue", "_held", "_writer", "_closing_reason", "_on_frame_out",
-                 "_tokens", "_tokens_at")
+                 "_tokens", "_tokens_at", "reader", "receiving")
 
     def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.BaseTransport | None,
                  address: str | None = None, on_frame_out: Callable[[str], None] | None = None) -> None:
@@ -54,6 +54,10 @@ class Connection:
         self._on_frame_out = on_frame_out
         self._tokens = -1.0
         self._tokens_at = 0.0
+        self.reader: asyncio.Task[object] | None = None
+        """The task reading the socket's frames, and whether it is waiting in receive() right now:
+        a close from another task stops that read first (see close)."""
+        self.receiving = False
 
     @property
     def closing(self) -> bool:
@@ -123,6 +127,11 @@ class Connection:
             return
         self.close_code = code
         self._closing_reason = reason
+        if self.receiving and self.reader is not None and self.reader is not asyncio.current_task():
+            # aiohttp's close() from another task while a receive() waits drops the connection
+            # right after the close frame, without the closing handshake (the client sees 1006).
+            # Stop the read first; the writer closes once it has stopped.
+            self.reader.cancel()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued())
 
@@ -155,6 +164,10 @@ class Connection:
                 if self._on_frame_out is not None:
                     self._on_frame_out(frame["type"])
             if self.close_code is not None:
+                for _ in range(100):  # the reader stops within a loop iteration or two
+                    if not self.receiving:
+                        break
+                    await asyncio.sleep(0.01)
                 await self.ws.close(code=self.close_code, message=self._closing_reason.encode())
         except ConnectionError:
             self.close_code = self.close_code or 1006

@@ -80,6 +80,8 @@ class Feed:
         self.subscription: Subscription | None = None
         self._on_state = on_state
         self._waiters: dict[str, list[asyncio.Future[int]]] = {}
+        self._seq_by_id: dict[str, int] = {}
+        """Stored id -> seq of the events in `buffer` (state events carry no message_id in their frame)."""
 
     @property
     def status(self) -> str:
@@ -101,8 +103,11 @@ class Feed:
             self._wake(message.id, message.seq)
             return
         self.buffer.append(frame)
+        self._seq_by_id[message.id] = message.seq
         if len(self.buffer) > BUFFER_EVENTS:
             self.floor = self.buffer.popleft()["seq"]
+            # dicts keep insertion order: the oldest id goes with the oldest event
+            del self._seq_by_id[next(iter(self._seq_by_id))]
         for socket in list(self.sockets):
             deliver_stored(socket, frame)
         if frame["type"] == "state":
@@ -116,10 +121,7 @@ class Feed:
                 socket.send(frame)
 
     def seq_in_buffer(self, message_id: str) -> int | None:
-        for frame in reversed(self.buffer):
-            if frame.get("message_id") == message_id:
-                return int(frame["seq"])
-        return None
+        return self._seq_by_id.get(message_id)
 
     async def wait_for(self, message_id: str, timeout_s: float) -> int | None:
         seq = self.seq_in_buffer(message_id)

@@ -89,12 +89,22 @@ class LiveSocket:
                 self._refuse(CLOSE_AUTH_FAILED, "unauthorized", error.message)
                 return
         greeted = False
+        socket.reader = asyncio.current_task()
         while not socket.closing:
             try:
+                socket.receiving = True
                 message = await ws.receive(timeout=None if greeted else HELLO_TIMEOUT_S)
             except TimeoutError:
                 self._refuse(CLOSE_AUTH_FAILED, "unauthorized", "no hello frame")
                 return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if socket.closing and task is not None:  # our own close stopped the read
+                    task.uncancel()
+                    return
+                raise
+            finally:
+                socket.receiving = False
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 return  # aiohttp already answered a close, or closed an oversized frame with 1009
             if not socket.take_frame_token(self._settings.ws_frame_rps, self._settings.ws_frame_burst):

@@ -392,7 +392,7 @@ async def test_a_blacklisted_visitor_is_closed_and_refused(live_stack: Stack) ->
         async with asyncio.timeout(20):
             while (message := await visitor.ws.receive()).type not in CLOSED:
                 visitor.frames.append(json.loads(message.data))
-        assert visitor.ws.close_code == 4003 and visitor.frames[-1]["code"] == "blocked"
+        assert visitor.ws.close_code == 4003 and visitor.frames[-1]["code"] == "blocked", visitor.frames[-3:]
         ws = await http.ws_connect(url(live_stack))
         await ws.send_json({"type": "hello", "token": token(sub="troll")})
         while (await ws.receive(timeout=10)).type not in CLOSED:
