@@ -215,12 +215,11 @@ def test_widget_return_visit_after_the_token_expired_renews_it_and_continues(
     expires = jwt.decode(str(before["token"]), options={"verify_signature": False})["exp"]
     skew_ms = int((expires - time.time() + 3600) * 1000)
     page.context.add_init_script(f"{{ const now = Date.now; Date.now = () => now() + {skew_ms}; }}")
-    renewals: list[str] = []
-    page.on("request", lambda request: renewals.append(request.headers.get("authorization", ""))
-            if request.url.endswith("/v1/widget/token") else None)
-    page.reload()
+    with page.expect_request(lambda request: request.url.endswith("/v1/widget/token"),
+                             timeout=WAIT_MS) as renewal:
+        page.reload()
     expect(messages(page, "ai")).to_have_count(1, timeout=WAIT_MS)
     expect(messages(page, "visitor").locator(".text")).to_have_text([QUESTION])
-    assert renewals == [f"Bearer {before['token']}"]
+    assert renewal.value.headers.get("authorization") == f"Bearer {before['token']}"
     after = stored_state(page)
     assert (after["visitorId"], after["conversationId"]) == (before["visitorId"], before["conversationId"])
