@@ -413,3 +413,43 @@ async def test_a_blacklisted_visitor_is_closed_and_refused(live_stack: Stack) ->
             await asyncio.sleep(0.2)
         else:
             raise AssertionError("the visitor stayed blocked after the entry was deleted")
+
+
+@pytest.fixture(scope="module")
+def short_history_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Conversations keep their 8 newest events (session service and edge read the same setting)."""
+    stack = start_stack(tmp_path_factory.mktemp("short-history"), {
+        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_MAX_HISTORY_MESSAGES": "8"})
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+async def test_a_resume_from_before_the_kept_history_gets_resync_and_what_is_kept(
+        short_history_stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        visitor, _ = await connect(http, short_history_stack, sub="forgetful")
+        conversation_id = await start_conversation(visitor)
+        first_seq = min(f["seq"] for f in visitor.stored(conversation_id))
+        for n in range(5):
+            await visitor.send(type="send", cid=f"m{n}", conversation_id=conversation_id, text="怎么退货？")
+            await visitor.next(is_type("ack", cid=f"m{n}"))
+            await visitor.next(lambda f: f["type"] == "msg" and f["sender"]["type"] == "ai")
+        await visitor.ws.close()
+        again, welcome = await connect(http, short_history_stack, sub="forgetful",
+                                       resume=[{"conversation_id": conversation_id, "after_seq": first_seq}])
+        assert welcome["resume"] == [{"conversation_id": conversation_id, "result": "resync"}]
+        resync = await again.next(is_type("resync", conversation_id=conversation_id))
+        assert resync["reason"]
+        await again.drain()
+        replayed = again.stored(conversation_id)
+        assert len(replayed) == 8 and [f["seq"] for f in replayed] == sorted(f["seq"] for f in replayed)
+        # A resume inside the kept history is an ordinary one.
+        await again.ws.close()
+        third, welcome = await connect(http, short_history_stack, sub="forgetful",
+                                       resume=[{"conversation_id": conversation_id, "after_seq": replayed[-2]["seq"]}])
+        assert welcome["resume"] == [{"conversation_id": conversation_id, "result": "ok"}]
+        await third.drain()
+        assert [f["seq"] for f in third.stored(conversation_id)] == [replayed[-1]["seq"]]
+        await third.ws.close()
