@@ -19,7 +19,10 @@
       forbidden: 'Not allowed: {m}', failed: '{t} failed: {m}', badLogin: 'Wrong tenant, username or password.',
       loginFailed: 'Sign-in failed ({s}).', newVisitor: 'New visitor waiting', noCanned: 'No canned replies',
       sending: 'sending', empty: '(no messages yet)', readOnly: 'Claim this conversation to reply.',
-      noteSent: 'note', expired: 'Your session expired; please sign in again.'
+      noteSent: 'note', expired: 'Your session expired; please sign in again.',
+      reasons: { created: 'new', visitor: 'visitor asked', keyword: 'asked for a human', no_answer: 'AI had no answer',
+        rule: 'rule', claim: 'claimed', release: 'released', transfer: 'transferred', close: 'closed by agent',
+        wait_timeout: 'nobody claimed in time', idle: 'idle', reopen: 'visitor came back' }
     },
     zh: {
       loginTitle: 'kefu 客服工作台', tenant: '租户', username: '用户名', password: '密码', signIn: '登录',
@@ -32,7 +35,10 @@
       st_human: '{name} 接待中', st_closed: '已结束', conflict: '该会话已被其他客服接入。',
       forbidden: '无权操作：{m}', failed: '{t} 失败：{m}', badLogin: '租户、用户名或密码错误。',
       loginFailed: '登录失败（{s}）。', newVisitor: '新访客等待接入', noCanned: '没有快捷回复', sending: '发送中',
-      empty: '（暂无消息）', readOnly: '接入后才能回复。', noteSent: '备注', expired: '登录已过期，请重新登录。'
+      empty: '（暂无消息）', readOnly: '接入后才能回复。', noteSent: '备注', expired: '登录已过期，请重新登录。',
+      reasons: { created: '新会话', visitor: '访客请求', keyword: '访客要求人工', no_answer: 'AI 无法回答', rule: '规则触发',
+        claim: '客服接入', release: '客服释放', transfer: '已转接', close: '客服结束', wait_timeout: '等待超时',
+        idle: '长时间无消息', reopen: '访客重新发起' }
     }
   }[LANG];
   function t(key, values) {
@@ -237,7 +243,7 @@
 
   function stateNotice(event) {
     return el('div', { class: 'notice', 'data-testid': 'console-notice', text: statusText(event.status,
-      event.assignee_name || event.assignee) + (event.reason ? ' · ' + event.reason : '') });
+      event.assignee_name || event.assignee) + (event.reason ? ' · ' + (TEXT.reasons[event.reason] || event.reason) : '') });
   }
 
   function placeIn(history, node, seq) {
