@@ -72,6 +72,8 @@ FD_HEADROOM = 256
 FRAME_TIMEOUT_S = 30.0
 QUIET_S = 10.0
 """The latency run stops waiting for queued messages after this long without one arriving."""
+IDLE_WINDOW_S = 3.0
+"""Before sending, the latency run measures the CPU of the idle set-up for this long."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -674,6 +676,12 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         total = int((params.warmup_s + params.duration_s) * params.rate)
         warmup = int(params.warmup_s * params.rate)
         pids = {**pids, "client": os.getpid()}
+        # The CPU the set-up conversations cost with nothing sent (heartbeats, timers, idle feeds):
+        # what per-message figures include besides the messages themselves.
+        idle_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        await asyncio.sleep(IDLE_WINDOW_S)
+        idle_cpu = {name: round(((cpu_seconds(pid) or 0.0) - before) * 100 / IDLE_WINDOW_S)
+                    for name, pid in pids.items() if (before := idle_before[name]) is not None}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         busy_before = machine_busy_seconds()
         started = time.perf_counter()
@@ -735,6 +743,7 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         "own_echo_ms": summary_ms(echo), "ack_ms": summary_ms(ack), "median_ms_by_second": timeline,
         "client_cpu_percent": cpu["client"] * 100 / steady_s if "client" in cpu else None,
         "cpu_percent": {name: round(seconds * 100 / steady_s) for name, seconds in cpu.items()},
+        "idle_cpu_percent": idle_cpu,
         "cpu_ms_per_message": {name: round(seconds * 1000 / delivered, 3)
                                for name, seconds in cpu.items() if name != "others" and delivered},
         "claims_refused": dict(claim_failures), "ai_frames_to_visitors": run.ai_frames,
@@ -891,7 +900,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                               + ", ".join(f"{n} {v}" for n, v in kefu_row["cpu_percent"].items()) + "; CPU ms per "
                               "delivered message: "
                               + ", ".join(f"{n} {v:g}" for n, v in per_message.items())
-                              + f" (kefu total {kefu_total:.2f})."]
+                              + f" (kefu total {kefu_total:.2f}). With nothing sent, the same set-up used: "
+                              + ", ".join(f"{n} {v}" for n, v in kefu_row.get("idle_cpu_percent", {}).items())
+                              + " (% of one core)."]
             for key in ("claims_refused", "problems"):
                 if kefu_row[key]:
                     lines += ["", f"kefu {key.replace('_', ' ')}: {json.dumps(kefu_row[key], ensure_ascii=False)}"]
