@@ -85,21 +85,23 @@ class Connection:
         self._tokens -= 1
         return True
 
-    def send_stored(self, frame: dict[str, Any]) -> None:
-        """A stored event: sent unless this socket already got it (replay and live may overlap)."""
+    def send_stored(self, frame: dict[str, Any], *, replay: bool = False) -> None:
+        """A stored event: sent unless this socket already got it (replay and live may overlap).
+        A replay (the backlog of a resume) may exceed the queue bound: it is bounded by the kept
+        history, and the client asked for it."""
         conversation_id = frame["conversation_id"]
         if frame["seq"] <= self.seen.get(conversation_id, 0):
             return
         self.seen[conversation_id] = frame["seq"]
-        self.send(frame)
+        self.send(frame, bounded=not replay)
 
-    def send(self, frame: dict[str, Any]) -> None:
+    def send(self, frame: dict[str, Any], *, bounded: bool = True) -> None:
         if self.closing:
             return
         if self._held is not None:
             self._held.append(frame)
             return
-        if len(self._queue) >= self._queue_size:
+        if bounded and len(self._queue) >= self._queue_size:
             log.info("closing a socket too slow to read (%d frames queued)", self._queue_size)
             self._force_close(1013, "too slow to read")
             return
@@ -112,11 +114,12 @@ class Connection:
         self._held = []
 
     def release(self, first: dict[str, Any] | None = None) -> None:
+        """Send `first`, then what was held (a hello's replay: not bounded by the queue)."""
         held, self._held = self._held or [], None
         if first is not None:
-            self.send(first)
+            self.send(first, bounded=False)
         for frame in held:
-            self.send(frame)
+            self.send(frame, bounded=False)
 
     def drop_held(self) -> None:
         self._held = None

@@ -147,10 +147,10 @@ class Feed:
                 waiter.set_result(seq)
 
 
-def deliver_stored(socket: Connection, frame: dict[str, Any]) -> None:
+def deliver_stored(socket: Connection, frame: dict[str, Any], *, replay: bool = False) -> None:
     if frame["type"] == "note" and not socket.is_staff:
         return  # private notes never reach a visitor socket
-    socket.send_stored(frame)
+    socket.send_stored(frame, replay=replay)
 
 
 class LiveHub:
@@ -209,7 +209,7 @@ class LiveHub:
                     backlog = [f for f in feed.buffer if f["seq"] > after_seq]
             # No await from here on: nothing published can fall between the backlog and the live part.
             for frame in backlog:
-                deliver_stored(socket, frame)
+                deliver_stored(socket, frame, replay=True)
             feed.sockets.add(socket)
             socket.conversations.add(conversation_id)
             return len(backlog)
@@ -303,6 +303,15 @@ class LiveHub:
             if isinstance(frame, dict):
                 feed.deliver_live(frame)
 
+        try:
+            # The kept log in one read (a Watch would stream it one message at a time), then the
+            # Watch from its end: a cold feed answers a resume from memory once it is ready.
+            for message in await self._read_log(principal, feed.conversation_id):
+                feed.publish(message)
+        except (NotYours, FeedUnavailable) as failure:
+            feed.ready.set_exception(failure)
+            self._drop(feed)
+            return
         while True:
             call = self._clients.session.Watch(session_pb2.WatchRequest(
                 principal=principal, session_id=feed.conversation_id, after_seq=feed.last_seq))
@@ -340,10 +349,12 @@ class LiveHub:
                 call.cancel()
 
     async def _history(self, principal: Principal, conversation_id: str) -> list[session_pb2.Message]:
+        return await self._read_log(proto_principal(principal), conversation_id)
+
+    async def _read_log(self, principal: session_pb2.Principal, conversation_id: str) -> list[session_pb2.Message]:
         try:
             reply = await self._clients.session.ListMessages(session_pb2.ListMessagesRequest(
-                principal=proto_principal(principal), session_id=conversation_id),
-                timeout=self._settings.rpc_timeout_s)
+                principal=principal, session_id=conversation_id), timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.NOT_FOUND:
                 raise NotYours(conversation_id) from None

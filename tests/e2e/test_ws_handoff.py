@@ -417,9 +417,10 @@ async def test_a_blacklisted_visitor_is_closed_and_refused(live_stack: Stack) ->
 
 @pytest.fixture(scope="module")
 def short_history_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Conversations keep their 8 newest events (session service and edge read the same setting)."""
+    """Conversations keep their 12 newest events (session service and edge read the same setting); a
+    socket's send queue holds 8 frames, fewer than a replay of the kept history."""
     stack = start_stack(tmp_path_factory.mktemp("short-history"), {
-        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_MAX_HISTORY_MESSAGES": "8"})
+        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_MAX_HISTORY_MESSAGES": "12", "KEFU_WS_SEND_QUEUE": "8"})
     try:
         yield stack
     finally:
@@ -432,7 +433,7 @@ async def test_a_resume_from_before_the_kept_history_gets_resync_and_what_is_kep
         visitor, _ = await connect(http, short_history_stack, sub="forgetful")
         conversation_id = await start_conversation(visitor)
         first_seq = min(f["seq"] for f in visitor.stored(conversation_id))
-        for n in range(5):
+        for n in range(6):
             await visitor.send(type="send", cid=f"m{n}", conversation_id=conversation_id, text="怎么退货？")
             await visitor.next(is_type("ack", cid=f"m{n}"))
             await visitor.next(lambda f: f["type"] == "msg" and f["sender"]["type"] == "ai")
@@ -444,7 +445,8 @@ async def test_a_resume_from_before_the_kept_history_gets_resync_and_what_is_kep
         assert resync["reason"]
         await again.drain()
         replayed = again.stored(conversation_id)
-        assert len(replayed) == 8 and [f["seq"] for f in replayed] == sorted(f["seq"] for f in replayed)
+        # All twelve kept events, though the send queue holds eight: a replay is not a slow reader.
+        assert len(replayed) == 12 and [f["seq"] for f in replayed] == sorted(f["seq"] for f in replayed)
         # A resume inside the kept history is an ordinary one.
         await again.ws.close()
         third, welcome = await connect(http, short_history_stack, sub="forgetful",
