@@ -240,9 +240,10 @@ class SessionStore:
             with contextlib.suppress(NatsError):
                 await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
             raise Conflict("version_conflict", state.version)
-        if (written is not None and role == "user" and kind == "message"
-                and state.status in ("waiting_human", "human")):
-            # The agents' lists show the newest visitor message of queued and held conversations.
+        if written is not None and role == "user" and kind == "message" and state.status == "waiting_human":
+            # The queue shows the newest visitor message of each waiting conversation. A held one
+            # is not refreshed per message (its agent sees every message live), which saves two
+            # KV operations on every message of a held conversation.
             await self.index.project(principal.tenant, session_id, written,
                                      self._rereader(principal.tenant, session_id), moved=False)
         return AppendResult(session_id, stored, created, state=state, reopened=reopened)
