@@ -42,6 +42,23 @@ def _inode(folder: Path) -> int | None:
         return None
 
 
+def _fingerprint(folder: Path) -> frozenset[tuple[str, int, int, int]]:
+    """What the folder's entries are (name, inode, size, mtime; through symlinks): cheap to take
+    every second, and different after any write a reload would see."""
+    entries: set[tuple[str, int, int, int]] = set()
+    try:
+        with os.scandir(folder) as scan:
+            for entry in scan:
+                try:
+                    info = entry.stat(follow_symlinks=True)
+                except OSError:
+                    continue
+                entries.add((entry.name, info.st_ino, info.st_size, info.st_mtime_ns))
+    except OSError:
+        pass
+    return frozenset(entries)
+
+
 class LexiconReloader:
     """Owns the matcher in use; callers read `matcher` once per check (or once per stream)."""
 
@@ -105,15 +122,19 @@ class LexiconReloader:
             try:
                 if watched is None:
                     raise FileNotFoundError(f"lexicon folder {self.folder} does not exist")
+                seen = _fingerprint(self.folder)
                 if started:
                     # Changes made while nothing watched (the folder was replaced) sent no event.
                     await self.reload()
                 started = True
                 # Wake up every second even without events: a folder replaced before inotify
-                # registered (or between two events) is then noticed by its inode all the same.
+                # registered (or between two events) is then noticed by its inode, and a write
+                # made before the new watch registered by the folder's fingerprint.
                 async for changes in awatch(self.folder, stop_event=stop, step=quiet_ms, debounce=debounce_ms,
                                             rust_timeout=1000, yield_on_timeout=True):
-                    if changes:
+                    current = _fingerprint(self.folder)
+                    if changes or current != seen:
+                        seen = current
                         await self.reload()
                     if _inode(self.folder) != watched:
                         # inotify follows the old folder's inode: it would never report again.
