@@ -307,11 +307,18 @@ class LiveHub:
             # The kept log in one read (a Watch would stream it one message at a time), then the
             # Watch from its end: a cold feed answers a resume from memory once it is ready.
             for message in await self._read_log(principal, feed.conversation_id):
+                if feed.owner is None and message.role == "user" and message.sender_id:
+                    # Only the owner may speak as the visitor (the session service refuses anyone
+                    # else): a visitor joining later is checked against this, without a read.
+                    feed.owner = message.sender_id
                 feed.publish(message)
         except (NotYours, FeedUnavailable) as failure:
             feed.ready.set_exception(failure)
             self._drop(feed)
             return
+        # The buffer holds the whole kept log and the Watch goes on from its end: joiners can be
+        # served now (what the Watch brings later reaches them live).
+        feed.ready.set_result(None)
         while True:
             call = self._clients.session.Watch(session_pb2.WatchRequest(
                 principal=principal, session_id=feed.conversation_id, after_seq=feed.last_seq))
@@ -322,21 +329,13 @@ class LiveHub:
                     raise FeedUnavailable("watch ended before it started")
                 if feed.subscription is None:
                     feed.subscription = await self.channels.subscribe(subject, from_other_edge)
-                if not feed.ready.done():
-                    feed.ready.set_result(None)
                 delay = RETRY_MIN_S
                 async for response in call:
                     feed.publish(response.message)
                 raise FeedUnavailable("watch ended")
             except (grpc.aio.AioRpcError, FeedUnavailable) as error:
                 code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-                failure: Exception = NotYours(feed.conversation_id) if code is grpc.StatusCode.NOT_FOUND \
-                    else FeedUnavailable(str(error))
-                if not feed.ready.done():
-                    feed.ready.set_exception(failure)
-                    self._drop(feed)
-                    return
-                if isinstance(failure, NotYours):
+                if code is grpc.StatusCode.NOT_FOUND:
                     # Deleted while watched: it answers 404 everywhere now.
                     for socket in list(feed.sockets):
                         socket.close(4003, "conversation deleted")
