@@ -15,6 +15,7 @@ import nats.js.errors
 import pytest
 
 from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
+from bench.sse_reader import read_sse
 from services.devstack.stack import Stack, free_port
 from tests.e2e.stack_helpers import start_stack, token
 
@@ -455,3 +456,27 @@ async def test_a_resume_from_before_the_kept_history_gets_resync_and_what_is_kep
         await third.drain()
         assert [f["seq"] for f in third.stored(conversation_id)] == [replayed[-1]["seq"]]
         await third.ws.close()
+
+
+async def test_http_chat_into_a_conversation_a_human_holds_is_stored_and_not_answered(live_stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        visitor, _ = await connect(http, live_stack, sub="http-visitor")
+        conversation_id = await start_conversation(visitor)
+        agent, _ = await connect(http, live_stack, sub="erin", role="agent", edge="edge-b")
+        await agent.send(type="claim", conversation_id=conversation_id, cid="c")
+        await agent.next(is_type("ack", cid="c"))
+        body = {"message": "多久发货？", "session_id": conversation_id}
+        async with http.post(f"{live_stack.base_url}/v1/chat", json=body,
+                             headers={"Authorization": f"Bearer {token(sub='http-visitor')}"}) as response:
+            assert response.status == 200
+            events = [(event.event, event.json()) async for event in read_sse(response)]
+        assert [name for name, _ in events] == ["session", "done"]
+        assert events[-1][1]["finish_reason"] == "human"
+        # The agent sees it live, in the same conversation; no AI answer follows it.
+        asked = await agent.next(lambda f: f["type"] == "msg" and f["text"] == "多久发货？")
+        assert asked["sender"]["id"] == "http-visitor"
+        await visitor.drain()
+        assert not [f for f in visitor.stored(conversation_id) if f["type"] == "msg"
+                    and f["sender"]["type"] == "ai" and f["seq"] > asked["seq"]]
+        await visitor.ws.close()
+        await agent.ws.close()
