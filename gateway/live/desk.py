@@ -39,6 +39,8 @@ PRESENCE_TTL_S = 60.0
 PRESENCE_REFRESH_S = 20.0
 QUEUE_LIMIT = 200
 PREVIEW_CHARS = 120
+DESK_IDLE_S = 60.0
+"""A tenant's desk with no agent and no waiting visitor on this edge for this long is dropped."""
 
 
 class Desk:
@@ -77,9 +79,17 @@ class Desk:
     async def _run(self) -> None:
         self._subscription = await self._desks.channels.subscribe(desk_subject(self.tenant), self._from_other_edge)
         last_presence = 0.0
+        last_busy = time.monotonic()
         while True:
             if self.busy:
+                last_busy = time.monotonic()
                 await self._refresh_queue()
+            elif time.monotonic() - last_busy > DESK_IDLE_S:
+                # Nobody of the tenant here needs it: let it go (no await between the check and the
+                # removal, so an agent arriving now gets a new desk).
+                self._desks.forget(self)
+                await unsubscribe(self._subscription)
+                return
             if self.agents and time.monotonic() - last_presence >= PRESENCE_REFRESH_S:
                 last_presence = time.monotonic()
                 await self._desks.write_presence(self.tenant, self.agents, self.away)
@@ -144,6 +154,10 @@ class Desks:
             desk = self._desks[tenant] = Desk(tenant, self)
             desk.start()
         return desk
+
+    def forget(self, desk: Desk) -> None:
+        if self._desks.get(desk.tenant) is desk:
+            del self._desks[desk.tenant]
 
     def add_agent(self, socket: Connection) -> Desk:
         assert socket.principal is not None
