@@ -195,16 +195,7 @@ class ChatTurn:
         return appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages], state
 
     async def _check_input(self, text: str) -> str:
-        try:
-            verdict = await self._clients.moderation.Check(
-                moderation_pb2.CheckRequest(tenant=self._tenant, text=text),
-                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            # Fail closed: nothing unfiltered goes on when moderation cannot answer.
-            raise api_error_from_grpc(error, "moderation") from None
-        if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
-            raise ContentBlocked()
-        return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
+        return await checked_input(self._clients, self._settings, self._tenant, text, self._metadata)
 
     async def _filtered_answer(self, request: TurnRequest, session_id: str, context: list[ContextMessage],
                                ) -> AsyncGenerator[str | llm_pb2.Done, None]:
@@ -253,6 +244,20 @@ class ChatTurn:
         if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
             raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
         return str(verdict.safe_delta)
+
+
+async def checked_input(clients: BackendClients, settings: GatewaySettings, tenant: str, text: str,
+                        metadata: tuple[tuple[str, str], ...] = ()) -> str:
+    """The text as moderation lets it on (masked where it says so); ContentBlocked for a BLOCK, and the
+    edge's error for moderation being unreachable: nothing unfiltered goes on (fail closed)."""
+    try:
+        verdict = await clients.moderation.Check(moderation_pb2.CheckRequest(tenant=tenant, text=text),
+                                                 timeout=settings.rpc_timeout_s, metadata=metadata)
+    except grpc.aio.AioRpcError as error:
+        raise api_error_from_grpc(error, "moderation") from None
+    if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
+        raise ContentBlocked()
+    return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
 
 
 async def _chain(first: Iterable[str | llm_pb2.Done],

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.directory.buckets import (
@@ -29,6 +28,7 @@ from gateway.directory.buckets import (
     bucket_config,
     cancel_and_wait,
     decode,
+    delete_if_present,
     encode,
     nats_errors,
     scan,
@@ -133,15 +133,7 @@ class BlacklistStore:
         return entry
 
     async def delete(self, tenant: str, entry_id: str) -> bool:
-        kv = await self._buckets.open(BLACKLIST)
-        key = f"{tenant}.{entry_id}"
-        async with nats_errors():
-            try:
-                await kv.get(key)
-            except KeyNotFoundError:
-                return False
-            await kv.delete(key)
-        return True
+        return await delete_if_present(await self._buckets.open(BLACKLIST), f"{tenant}.{entry_id}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,17 @@ async def nats_errors() -> AsyncIterator[None]:
         raise DirectoryUnavailable(str(error) or type(error).__name__) from None
 
 
+async def delete_if_present(kv: KeyValue, key: str) -> bool:
+    """Delete `key`; False when there was no such key (a 404 for the caller, not an error)."""
+    async with nats_errors():
+        try:
+            await kv.get(key)
+        except KeyNotFoundError:
+            return False
+        await kv.delete(key)
+    return True
+
+
 async def scan(kv: KeyValue, pattern: str, timeout_s: float) -> list[KeyValue.Entry]:
     """The live entries under `pattern` (e.g. "shop1.>"), deleted keys left out."""
     async with nats_errors():

@@ -7,9 +7,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError
-
-from gateway.directory.buckets import CANNED, Buckets, LimitReached, decode, encode, nats_errors, scan
+from gateway.directory.buckets import (
+    CANNED,
+    Buckets,
+    LimitReached,
+    decode,
+    delete_if_present,
+    encode,
+    nats_errors,
+    scan,
+)
 from gateway.errors import ApiError
 
 MAX_PER_TENANT = 500
@@ -83,15 +90,7 @@ class CannedReplies:
 
     async def delete(self, tenant: str, reply_id: str) -> bool:
         """False when the tenant has no reply with this id."""
-        kv = await self._buckets.open(CANNED)
-        key = f"{tenant}.{reply_id}"
-        async with nats_errors():
-            try:
-                await kv.get(key)
-            except KeyNotFoundError:
-                return False
-            await kv.delete(key)
-        return True
+        return await delete_if_present(await self._buckets.open(CANNED), f"{tenant}.{reply_id}")
 
     async def _all(self, tenant: str) -> list[CannedReply]:
         kv = await self._buckets.open(CANNED)

@@ -74,13 +74,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     socket = Connection(ws, settings.ws_send_queue, request.transport, address=request.remote,
                         on_frame_out=lambda kind: metrics.ws_messages.labels("out", kind).inc())
     live.hub.connections.add(socket)
-    header = request.headers.get("Authorization")
     try:
-        token = None
-        if header is not None:
-            scheme, _, value = header.partition(" ")
-            token = value.strip() if scheme.lower() == "bearer" and value.strip() else ""
-        await LiveSocket(live, socket, token, request[keys.REQUEST_ID]).run()
+        await LiveSocket(live, socket, request.headers.get("Authorization"), request[keys.REQUEST_ID]).run()
     finally:
         live.hub.leave_all(socket)
         live.hub.connections.discard(socket)

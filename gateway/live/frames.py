@@ -289,8 +289,6 @@ def event_frame(conversation_id: str, message: session_pb2.Message, owner: str) 
             "sender": sender, "text": message.content}
 
 
-msg_frame = event_frame
-
 
 def error_frame(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}

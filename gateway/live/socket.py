@@ -10,7 +10,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import WSMsgType
 
-from gateway.auth import Principal
+from gateway.auth import Principal, bearer_token
 from gateway.chat_turn import (
     SUPERSEDED,
     ChatTurn,
@@ -21,6 +21,7 @@ from gateway.chat_turn import (
     TurnEvent,
     TurnRequest,
     TurnStarted,
+    checked_input,
 )
 from gateway.errors import ApiError, api_error_from_grpc
 from gateway.live.connection import Connection
@@ -52,7 +53,6 @@ from gateway.live.frames import (
 )
 from gateway.live.hub import FeedUnavailable, NotYours, proto_principal
 from gateway.live.service import DEFAULT_WELCOME_TEXT, LiveService, Refused
-from kefu.moderation.v1 import moderation_pb2
 from kefu.session.v1 import session_pb2
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,13 @@ HELD_LIMIT = 50
 
 
 class LiveSocket:
-    def __init__(self, live: LiveService, socket: Connection, header_token: str | None, request_id: str) -> None:
+    def __init__(self, live: LiveService, socket: Connection, authorization: str | None, request_id: str) -> None:
         self._live = live
         self._settings = live.settings
         self._socket = socket
         self._hub = live.hub
-        self._header_token = header_token
+        self._authorization = authorization
+        """The upgrade request's Authorization header, if any (browsers send their token in hello)."""
         self._request_id = request_id
         self._bad_frames = 0
 
@@ -82,9 +83,9 @@ class LiveSocket:
     async def run(self) -> None:
         socket, ws = self._socket, self._socket.ws
         header_principal: Principal | None = None
-        if self._header_token is not None:
+        if self._authorization is not None:
             try:
-                header_principal = self._live.verifier.verify(self._header_token)
+                header_principal = self._live.verifier.verify(bearer_token(self._authorization))
             except ApiError as error:
                 self._refuse(CLOSE_AUTH_FAILED, "unauthorized", error.message)
                 return
@@ -436,15 +437,9 @@ class LiveSocket:
 
     async def _moderated(self, text: str) -> str:
         try:
-            verdict = await self._live.clients.moderation.Check(
-                moderation_pb2.CheckRequest(tenant=self._principal.tenant, text=text),
-                timeout=self._settings.rpc_timeout_s)
-        except grpc.aio.AioRpcError as error:
-            api_error = api_error_from_grpc(error, "moderation")  # fail closed
-            raise Refused(api_error.code, api_error.message) from None
-        if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
-            raise Refused("content_blocked", "the message contains blocked content")
-        return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
+            return await checked_input(self._live.clients, self._settings, self._principal.tenant, text)
+        except ApiError as error:  # content_blocked, or moderation unreachable (fail closed)
+            raise Refused(error.code, error.message) from None
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from gateway.live.frames import (
     Typing,
     event_frame,
     message_id_for,
-    msg_frame,
     nack_frame,
     parse_frame,
 )
@@ -117,7 +116,7 @@ def test_message_id_for_is_stable_per_visitor_and_cid() -> None:
 def test_msg_frame_names_the_sender() -> None:
     def frame(role: str) -> dict[str, Any]:
         message = session_pb2.Message(id="m" * 32, role=role, content="hi", created_at=1.5, seq=9)
-        return msg_frame("conv", message, "alice")
+        return event_frame("conv", message, "alice")
 
     assert frame("user") == {"type": "msg", "conversation_id": "conv", "seq": 9, "ts": 1.5, "message_id": "m" * 32,
                              "sender": {"type": "visitor", "id": "alice"}, "text": "hi"}
