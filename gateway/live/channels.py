@@ -1,6 +1,6 @@
 """Frames that are not stored (ai_delta, typing, read, queue pokes) between edge processes, over core NATS.
 
-Stored events reach every edge through the session service's Watch (the JetStream log);
+Stored events reach every edge through the conversation's JetStream log (gateway/live/log.py);
 these do not need the log, only the other edges that hold sockets of the conversation
 or agents of the tenant. An edge publishes with its own id and ignores what it sent
 itself: it delivers to its own sockets directly, in order with the rest of its frames.
@@ -39,14 +39,14 @@ Handler = Callable[[dict[str, Any]], None]
 
 class LiveChannels:
     def __init__(self, bus: EdgeBus) -> None:
-        self._bus = bus
+        self.bus = bus
         self.edge_id = secrets.token_hex(6)
         """This process among the edges: its own publications come back and are skipped."""
 
     async def publish(self, subject: str, payload: dict[str, Any]) -> None:
         """Best effort: a frame that is not stored may be lost when NATS is away (the next one follows)."""
         try:
-            await self._bus.nc.publish(subject, json.dumps({**payload, "origin": self.edge_id}).encode())
+            await self.bus.nc.publish(subject, json.dumps({**payload, "origin": self.edge_id}).encode())
         except (BusUnavailable, nats.errors.Error) as error:
             log.debug("live publish on %s skipped: %s", subject, error)
 
@@ -62,7 +62,7 @@ class LiveChannels:
                 handler(payload)
 
         try:
-            nc = await self._bus.connection(timeout_s=2.0)
+            nc = await self.bus.connection(timeout_s=2.0)
             return await nc.subscribe(subject, cb=deliver)
         except (BusUnavailable, nats.errors.Error) as error:
             log.warning("live subscription to %s failed: %s", subject, error)

