@@ -15,7 +15,8 @@ aiohttp WebSocket relay (bench/ws_floor.py, one process, no auth, no storage). P
    are counted, not sends); then a new socket times `hello {resume: [{conversation_id,
    after_seq}]}` until the last missed event arrives, `--resume-rounds` times (median). `cold`:
    no other socket of the conversation on that edge (the replay is read from the session
-   service); `warm`: another tab of the visitor keeps the conversation's feed open on the edge.
+   service, then the edge follows the conversation's JetStream log); `warm`: another tab of the
+   visitor keeps the conversation's feed open on the edge.
    The direct path is one ListMessages call to the session service for the same events.
 3. latency: `--visitors` visitors on edge A hand their conversations off, `--agents` agents on
    edge B claim them; then the visitors send `--rate` messages/s in total (open loop, spread
@@ -340,7 +341,7 @@ def idle_phase(params: WsBenchParams, url: str, server_pid: int, mode: str, secr
 
 
 STORED = frozenset({"msg", "state", "note"})
-RESUME_CASES = ("cold", "warm", "direct", "watch")
+RESUME_CASES = ("cold", "warm", "direct")
 
 
 async def recv_frame(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = FRAME_TIMEOUT_S) -> dict[str, Any]:
@@ -462,24 +463,6 @@ async def direct_read(session_addr: str, sub: str, missed: Missed) -> float:
     return elapsed
 
 
-async def direct_watch(session_addr: str, sub: str, missed: Missed) -> float:
-    """What a cold resume asks the session service for: a Watch from after_seq, until the last missed event."""
-    async with grpc.aio.insecure_channel(session_addr) as channel:
-        await channel.channel_ready()
-        stub = session_pb2_grpc.SessionServiceStub(channel)
-        started = time.perf_counter()
-        call = stub.Watch(session_pb2.WatchRequest(
-            principal=session_pb2.Principal(tenant=TENANT, subject=sub, role="visitor"),
-            session_id=missed.conversation_id, after_seq=missed.after_seq))
-        try:
-            async for response in call:
-                if response.message.seq >= missed.last_seq:
-                    return time.perf_counter() - started
-        finally:
-            call.cancel()  # leaving the loop does not end the stream (NOTES §5)
-    raise RuntimeError("the Watch ended before the last missed event")
-
-
 async def resume_phase(params: WsBenchParams, stack: Stack, secret: str) -> dict[str, Any]:
     url = f"{stack.base_url}/v1/ws"
     session_addr = f"127.0.0.1:{stack.config.ports.session}"
@@ -512,8 +495,6 @@ async def resume_case(case: str, rounds: int, http: aiohttp.ClientSession, url: 
                       session_addr: str, sub: str) -> list[float]:
     if case == "direct":
         return [await direct_read(session_addr, sub, missed) for _ in range(rounds)]
-    if case == "watch":
-        return [await direct_watch(session_addr, sub, missed) for _ in range(rounds)]
     if case == "cold":
         times = []
         for _ in range(rounds):
@@ -829,12 +810,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Resume", "",
                   f"Median of {p['resume_rounds']} rounds, ms from sending `hello {{resume}}` on a connected "
                   f"socket to the last missed event. cold: no other socket of the conversation on the edge; warm: "
-                  f"another tab keeps its feed open; direct: one ListMessages call to the session service; "
-                  f"watch: a session Watch from after_seq until the last missed event (what a cold resume asks "
-                  f"the session service for). KEFU_WS_SEND_QUEUE: "
+                  f"another tab keeps its feed open; direct: one ListMessages call to the session service (what a "
+                  f"cold feed reads before it follows the conversation's log). KEFU_WS_SEND_QUEUE: "
                   f"{p['send_queue'] if p['send_queue'] is not None else 'the edge default'}.", "",
-                  "| missed events | sends | cold | warm | direct | watch | cold / direct | cold min–max |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| missed events | sends | cold | warm | direct | cold / direct | cold min–max |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         failures = []
         for row in resume.values():
             if "events" not in row:
@@ -842,7 +822,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             cold = row.get("cold_ms") or []
             lines.append(f"| {row['events']} | {row['sends']} | {_cell(row.get('cold_median_ms'))} | "
                          f"{_cell(row.get('warm_median_ms'))} | {_cell(row.get('direct_median_ms'))} | "
-                         f"{_cell(row.get('watch_median_ms'))} | "
                          f"{_ratio(row.get('cold_median_ms'), row.get('direct_median_ms'))} | "
                          + (f"{min(cold):.1f}–{max(cold):.1f} |" if cold else "– |"))
             failures += [f"- {row['events']} events, {case}: {row[f'{case}_error']}"
