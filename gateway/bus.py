@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -31,6 +32,8 @@ class EdgeBus:
         self._nc: NatsClient | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.reconnect_listeners: list[Callable[[], None]] = []
+        """Called after NATS came back (JetStream consumers may need creating again)."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._connect_until_done())
@@ -38,13 +41,17 @@ class EdgeBus:
     async def _connect_until_done(self) -> None:
         while True:
             try:
-                self._nc = await connect_nats(self._url, self._name)
+                self._nc = await connect_nats(self._url, self._name, reconnected=self._reconnected)
             except (OSError, nats.errors.Error, TimeoutError) as error:
                 log.warning("nats not reachable at start (%s); retrying", error or type(error).__name__)
                 await asyncio.sleep(RETRY_S)
                 continue
             self._connected.set()
             return
+
+    def _reconnected(self) -> None:
+        for listener in list(self.reconnect_listeners):
+            listener()
 
     @property
     def nc(self) -> NatsClient:

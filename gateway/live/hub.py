@@ -26,7 +26,7 @@ from gateway.clients import BackendClients
 from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
 from gateway.live.frames import event_frame
-from gateway.live.log import LogFollower, follow_log, stop_following
+from gateway.live.log import HEARTBEAT_S, LogFollower
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 
@@ -36,6 +36,8 @@ EDGE_SUBJECT = "kefu-edge"
 """The edge's own principal (an admin of the tenant) for the feeds: every event, notes included."""
 BUFFER_EVENTS = 512
 """Newest stored events a feed keeps, so a socket joining later replays them from memory."""
+MISSED_HEARTBEATS = 3
+"""A follower silent for this many heartbeat intervals has lost its consumer."""
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
 
@@ -171,6 +173,8 @@ class LiveHub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.state_listeners: list[Callable[[Feed, dict[str, Any]], None]] = []
         """Called after every stored `state` event a feed delivers (the desk reacts to it)."""
+        self._watchdog: asyncio.Task[None] | None = None
+        bus.reconnect_listeners.append(self._restart_followers)
 
     def feed(self, tenant: str, conversation_id: str) -> Feed | None:
         return self._feeds.get((tenant, conversation_id))
@@ -189,6 +193,8 @@ class LiveHub:
         if feed is None:
             feed = self._feeds[key] = Feed(principal.tenant, conversation_id, self._state_changed)
             feed.task = asyncio.create_task(self._follow(feed))
+            if self._watchdog is None:
+                self._watchdog = asyncio.create_task(self._watch_followers())
         feed.joining += 1
         try:
             await asyncio.shield(feed.ready)
@@ -268,13 +274,31 @@ class LiveHub:
     async def aclose(self) -> None:
         feeds = list(self._feeds.values())
         tasks = [*self._tasks, *(f.task for f in feeds if f.task is not None)]
+        if self._watchdog is not None:
+            tasks.append(self._watchdog)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(unsubscribe(f.subscription) for f in feeds), return_exceptions=True)
-        await asyncio.gather(*(stop_following(f.follower) for f in feeds if f.follower is not None),
+        await asyncio.gather(*(f.follower.stop() for f in feeds if f.follower is not None),
                              return_exceptions=True)
         self._feeds.clear()
+
+    def _restart_followers(self) -> None:
+        """NATS came back: a restarted server has lost the consumers it kept in memory."""
+        for feed in self._feeds.values():
+            if feed.follower is not None:
+                feed.follower.restart()
+
+    async def _watch_followers(self) -> None:
+        """Recreate a follower whose consumer stopped sending heartbeats (deleted on the server)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            for feed in list(self._feeds.values()):
+                follower = feed.follower
+                if follower is not None and follower.silent_s > MISSED_HEARTBEATS * follower.heartbeat_s:
+                    log.warning("conversation log: consumer silent for %.0f s; recreating it", follower.silent_s)
+                    follower.restart()
 
     def _state_changed(self, feed: Feed, frame: dict[str, Any]) -> None:
         for listener in self.state_listeners:
@@ -294,7 +318,7 @@ class LiveHub:
             self.spawn(unsubscribe(feed.subscription))
             feed.subscription = None
         if feed.follower is not None:
-            self.spawn(stop_following(feed.follower))
+            self.spawn(feed.follower.stop())
             feed.follower = None
         # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
         if feed.ready.done() and not feed.ready.cancelled():
@@ -331,7 +355,9 @@ class LiveHub:
         while feed.follower is None:
             try:
                 nc = await self.channels.bus.connection(timeout_s=self._settings.rpc_timeout_s)
-                feed.follower = await follow_log(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish)
+                follower = LogFollower(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish)
+                await follower.start()
+                feed.follower = follower
             except (BusUnavailable, nats.errors.Error, TimeoutError) as error:
                 log.warning("following a conversation log failed (%s); retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(delay)

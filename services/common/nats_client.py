@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import nats
 import nats.errors
@@ -17,8 +18,12 @@ from nats.js.kv import KeyValue
 log = logging.getLogger(__name__)
 
 
-async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1) -> NatsClient:
-    """Connect and keep reconnecting forever (a restarted nats-server is picked up by itself)."""
+async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1,
+                       reconnected: Callable[[], None] | None = None) -> NatsClient:
+    """Connect and keep reconnecting forever (a restarted nats-server is picked up by itself).
+
+    `reconnected` is called after each reconnect: core subscriptions come back by themselves,
+    JetStream consumers kept in a restarted server's memory do not."""
 
     async def on_error(error: Exception) -> None:
         # nats-py's default callback logs a full traceback on every failed attempt.
@@ -29,6 +34,8 @@ async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1)
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected")
+        if reconnected is not None:
+            reconnected()
 
     return await nats.connect(
         url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
