@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway import keys
+from gateway.addresses import ClientAddresses
 from gateway.auth import JwtVerifier
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
@@ -48,6 +49,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
                           client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
+    app[keys.CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
     app[keys.METRICS] = EdgeMetrics()
     app[keys.RATE_LIMITS] = EdgeRateLimits(
         settings.rate_limit_rps, settings.rate_limit_burst, settings.tenant_rate_limit_rps,

@@ -6,6 +6,7 @@ import weakref
 
 from aiohttp import web
 
+from gateway.addresses import ClientAddresses
 from gateway.auth import JwtVerifier, Principal
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
@@ -40,6 +41,8 @@ BLACKLIST = web.AppKey("blacklist", Blacklist)
 """The watched in-memory blacklist: `blocks(tenant, visitor_id, address)`, `on_change(callback)`."""
 TENANT_SETTINGS = web.AppKey("tenant_settings", TenantSettingsStore)
 """Per-tenant live-chat texts: `await get(tenant)` (cached, never fails) -> TenantSettings."""
+CLIENT_ADDRESSES = web.AppKey("client_addresses", ClientAddresses)
+"""The visitor's address of a request (the peer, or behind KEFU_TRUSTED_PROXIES the one they forwarded)."""
 ADDRESS_LIMITS = web.AppKey("address_limits", dict[str, TokenBucketLimiter])
 """Per-client-address buckets of the public routes (widget token, console login), by route name."""
 

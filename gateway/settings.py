@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from gateway.addresses import Network, parse_trusted_proxies
 from services.common.settings import SettingsError, env_float, env_int, env_str
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -80,6 +81,8 @@ class GatewaySettings:
     desk_poll_s: float = 2.0
     """KEFU_DESK_POLL_S: how often an edge with agents re-reads its tenants' queues (changes also push)."""
     max_history_messages: int = 200
+    trusted_proxies: tuple[Network, ...] = ()
+    """KEFU_TRUSTED_PROXIES: networks of the proxies in front of the edge, whose X-Forwarded-For is believed."""
     """KEFU_MAX_HISTORY_MESSAGES (as the session service): a resume from before the kept history is a resync."""
 
     def __post_init__(self) -> None:
@@ -150,7 +153,15 @@ class GatewaySettings:
                 cls.handoff_keywords)).split(",") if k.strip()),
             desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages, minimum=1),
+            trusted_proxies=_trusted_proxies(env.get("KEFU_TRUSTED_PROXIES", "")),
         )
+
+
+def _trusted_proxies(raw: str) -> tuple[Network, ...]:
+    try:
+        return parse_trusted_proxies(raw)
+    except ValueError as error:
+        raise SettingsError(f"KEFU_TRUSTED_PROXIES: {error}") from None
 
 
 def _pairs(raw: str, name: str) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import secrets
 import time
@@ -20,6 +19,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
+from gateway.addresses import Network, parse_address, parse_network
 from gateway.directory.buckets import (
     BLACKLIST,
     DEL_OPERATIONS,
@@ -41,31 +41,6 @@ MAX_PER_TENANT = 1000
 MAX_REASON_CHARS = 200
 MAX_VISITOR_ID_CHARS = 256
 MAX_ADDRESS_CHARS = 64
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_network(text: str) -> Network:
-    """"203.0.113.7" or "203.0.113.0/24" (host bits allowed) or IPv6 -> a network; ValueError otherwise."""
-    network = ipaddress.ip_network(text.strip(), strict=False)
-    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None \
-            and network.prefixlen >= 96:
-        network = ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
-    return network
-
-
-def parse_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A client address as the edge sees it; IPv4-mapped IPv6 as IPv4; None when it is no IP at all."""
-    if not text:
-        return None
-    try:
-        address = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
 
 @dataclass(frozen=True, slots=True)
 class BlacklistEntry:

@@ -8,8 +8,9 @@ import pydantic
 from aiohttp import web
 
 from gateway import keys
+from gateway.addresses import parse_network
 from gateway.bodies import read_json_body
-from gateway.directory.blacklist import MAX_ADDRESS_CHARS, MAX_REASON_CHARS, MAX_VISITOR_ID_CHARS, parse_network
+from gateway.directory.blacklist import MAX_ADDRESS_CHARS, MAX_REASON_CHARS, MAX_VISITOR_ID_CHARS
 from gateway.directory.buckets import ID_PATTERN
 from gateway.errors import ApiError, InvalidRequest
 from gateway.responses import json_response

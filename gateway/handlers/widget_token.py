@@ -42,8 +42,8 @@ def address_limiters(settings: GatewaySettings) -> dict[str, TokenBucketLimiter]
 
 
 def client_address(request: web.Request) -> str:
-    """The peer's address (no X-Forwarded-For: a client could set it to anything)."""
-    return request.remote or "unknown"
+    """The visitor's address: the peer's, or behind KEFU_TRUSTED_PROXIES the one they forwarded."""
+    return request.app[keys.CLIENT_ADDRESSES].of(request)
 
 
 def _limit_key(address: str) -> str:

@@ -71,7 +71,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     live = app[keys.LIVE]
     metrics = live.metrics
-    socket = Connection(ws, settings.ws_send_queue, request.transport, address=request.remote,
+    socket = Connection(ws, settings.ws_send_queue, request.transport, address=app[keys.CLIENT_ADDRESSES].of(request),
                         on_frame_out=lambda kind: metrics.ws_messages.labels("out", kind).inc())
     live.hub.connections.add(socket)
     try:
