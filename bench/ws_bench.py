@@ -53,6 +53,7 @@ from typing import Any
 import aiohttp
 import grpc
 
+from bench import grpc_floor
 from bench.__main__ import RESULTS_DIR, _write, cpu_seconds, memory_mib, stop_process
 from bench.edge_bench import log_problems, machine_busy_seconds
 from bench.loadgen import percentile
@@ -892,6 +893,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ok = p99 is not None and p99 <= 50 and p["rate"] >= 500 and not kefu_row["lost"]
             lines += ["", f"Target p99 ≤ 50 ms at 500 messages/s: **{'met' if ok else 'NOT met'}** "
                           f"(p99 {_cell(p99)} ms at {p['rate']:g}/s, {kefu_row['lost']} lost)."]
+            lines += shape_floor_lines(latency, kefu_row, machine["cpu_count"], p["rate"])
         lines += [f"\nLatency ({name}) failed: {error}" for name, error in failed.items()]
         if "kefu" in failed:
             lines += ["", "Target p99 ≤ 50 ms at 500 messages/s: **not measured**."]
@@ -901,6 +903,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, entries in problems.items():
             lines += [f"- {name}:"] + [f"  - `{e}`" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def shape_floor_lines(latency: dict[str, Any], kefu_row: dict[str, Any], cpu_count: int,
+                      rate: float) -> list[str]:
+    """What the fixed shape costs per message before any of kefu's own work, from parts measured in this run."""
+    grpc_row, floor_row = latency.get("grpc_floor"), latency.get("floor")
+    if not grpc_row or "error" in grpc_row:
+        return []
+    grpc_ms = sum(grpc_row["cpu_ms_per_message"].values())
+    parts = {"two empty unary gRPC calls (client and both servers)": grpc_ms,
+             "nats-server (in the kefu run)": kefu_row["cpu_ms_per_message"].get("nats", 0.0),
+             "the bench's client (in the kefu run)": kefu_row["cpu_ms_per_message"].get("client", 0.0)}
+    if floor_row and "error" not in floor_row:
+        parts["relaying the frames (the plain aiohttp floor)"] = floor_row["cpu_ms_per_message"].get("floor", 0.0)
+    total = sum(parts.values())
+    return ["", f"The shape's own share, same run (bench/grpc_floor.py: two calls of an empty method with kefu's "
+                f"server and channel options, one after the other, {rate:g} messages/s; p99 "
+                f"{grpc_row['latency_ms']['p99']:.1f} ms): CPU ms per message: "
+                + ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
+                + f"; {total:.2f} ms in all, which at 500 messages/s is {total * 500 / 1000:.2f} of this machine's "
+                  f"{cpu_count} cores before any of kefu's own work."]
 
 
 # ---------------------------------------------------------------- main
@@ -950,6 +973,9 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
                 report["latency"]["floor"] = guarded(lambda: asyncio.run(latency_run(
                     params, "floor", f"{floor_url}/ws", f"{floor_url}/ws", secret, {"floor": floor.pid})),
                     "latency (floor)")
+            log.info("latency: two empty gRPC calls per message at %g/s", params.rate)
+            report["latency"]["grpc_floor"] = guarded(
+                lambda: grpc_floor.run(params.rate, params.duration_s, params.warmup_s), "gRPC floor")
         report["memory_mib"] = {name: memory_mib(p.pid) for name, p in stack.processes.items()}
     finally:
         if stack is not None:
