@@ -21,6 +21,7 @@ from services.common.settings import SettingsError
 log = logging.getLogger(__name__)
 
 ROLES = frozenset({"visitor", "agent", "admin"})
+STAFF_ROLES = frozenset({"agent", "admin"})
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REQUIRED_CLAIMS = ["sub", "tenant", "role", "exp"]
 

@@ -54,6 +54,10 @@ class EdgeBus:
             listener()
 
     @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
     def nc(self) -> NatsClient:
         """The connection; BusUnavailable before the first connect succeeded."""
         if self._nc is None:

@@ -11,6 +11,7 @@ from gateway.auth import JwtVerifier, Principal
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
 from gateway.directory import Directory
+from gateway.directory.account_status import AccountStatus
 from gateway.directory.blacklist import Blacklist
 from gateway.directory.tenants import TenantSettingsStore
 from gateway.live.hub import LiveHub
@@ -39,6 +40,8 @@ DIRECTORY = web.AppKey("directory", Directory)
 """KV stores of canned replies, blacklist entries and agent accounts (set by directory.wiring.directory)."""
 BLACKLIST = web.AppKey("blacklist", Blacklist)
 """The watched in-memory blacklist: `blocks(tenant, visitor_id, address)`, `on_change(callback)`."""
+ACCOUNT_STATUS = web.AppKey("account_status", AccountStatus)
+"""Whether a staff principal's agent account was disabled (its tokens stop working)."""
 TENANT_SETTINGS = web.AppKey("tenant_settings", TenantSettingsStore)
 """Per-tenant live-chat texts: `await get(tenant)` (cached, never fails) -> TenantSettings."""
 CLIENT_ADDRESSES = web.AppKey("client_addresses", ClientAddresses)

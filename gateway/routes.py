@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
+from gateway.auth import STAFF_ROLES
 from gateway.handlers import (
     blacklist,
     canned_replies,
@@ -23,7 +24,7 @@ from gateway.handlers import (
 from gateway.pages import setup_pages
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
-STAFF = frozenset({"agent", "admin"})
+STAFF = STAFF_ROLES
 
 
 def setup_routes(app: web.Application) -> None:

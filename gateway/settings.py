@@ -82,6 +82,9 @@ class GatewaySettings:
     """KEFU_DESK_POLL_S: how often an edge with agents re-reads its tenants' queues (changes also push)."""
     max_history_messages: int = 200
     trusted_proxies: tuple[Network, ...] = ()
+    account_check_s: float = 10.0
+    """KEFU_ACCOUNT_CHECK_S: how long the edge trusts its last look at an agent account (a disabled one's tokens
+    stop working within this, and its open sockets are closed within twice this)."""
     """KEFU_TRUSTED_PROXIES: networks of the proxies in front of the edge, whose X-Forwarded-For is believed."""
     """KEFU_MAX_HISTORY_MESSAGES (as the session service): a resume from before the kept history is a resync."""
 
@@ -154,6 +157,7 @@ class GatewaySettings:
             desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages, minimum=1),
             trusted_proxies=_trusted_proxies(env.get("KEFU_TRUSTED_PROXIES", "")),
+            account_check_s=env_float(env, "KEFU_ACCOUNT_CHECK_S", cls.account_check_s, minimum=0.1),
         )
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.bus import BusUnavailable, EdgeBus
 from gateway.directory import Directory
+from gateway.directory.account_status import AccountStatus
 from gateway.directory.blacklist import Blacklist
 from gateway.directory.buckets import Buckets, DirectoryUnavailable, cancel_and_wait
 from gateway.directory.tenants import TenantSettingsStore
@@ -28,6 +29,8 @@ async def directory(app: web.Application) -> AsyncIterator[None]:
     buckets = Buckets(lambda: bus.connection(settings.rpc_timeout_s), replicas=settings.nats_replicas,
                       timeout_s=settings.rpc_timeout_s)
     app[keys.DIRECTORY] = Directory.over(buckets)
+    app[keys.ACCOUNT_STATUS] = AccountStatus(app[keys.DIRECTORY].agents, lambda: bus.is_connected,
+                                             ttl_s=settings.account_check_s)
     app[keys.TENANT_SETTINGS] = TenantSettingsStore(buckets)
     app[keys.ADDRESS_LIMITS] = address_limiters(settings)
     blacklist = app[keys.BLACKLIST] = Blacklist(replicas=settings.nats_replicas, timeout_s=settings.rpc_timeout_s)

@@ -32,7 +32,8 @@ async def live_hub(app: web.Application) -> AsyncIterator[None]:
     live = app[keys.LIVE] = LiveService(
         clients=app[keys.CLIENTS], settings=settings, hub=hub, desks=desks, metrics=app[keys.METRICS],
         state=app[keys.STATE], verifier=app[keys.VERIFIER], handoff_rules=HandoffRules(settings.handoff_keywords),
-        tenant_settings=app.get(keys.TENANT_SETTINGS), blacklist=app.get(keys.BLACKLIST))
+        tenant_settings=app.get(keys.TENANT_SETTINGS), blacklist=app.get(keys.BLACKLIST),
+        accounts=app.get(keys.ACCOUNT_STATUS))
     if live.blacklist is not None:
         live.blacklist.on_change(live.close_blocked)
     state = app[keys.STATE]
@@ -43,11 +44,13 @@ async def live_hub(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(DRAIN_POLL_S)
         hub.close_all(CLOSE_DRAINING, "server draining")
 
-    watcher = asyncio.create_task(close_when_draining())
+    watchers = [asyncio.create_task(close_when_draining()),
+                asyncio.create_task(live.watch_disabled_accounts(settings.account_check_s))]
     yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for watcher in watchers:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     await desks.aclose()
     await hub.aclose()
 

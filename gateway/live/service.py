@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -9,11 +10,11 @@ from typing import Any
 
 import grpc
 
-from gateway.auth import JwtVerifier, Principal
+from gateway.auth import STAFF_ROLES, JwtVerifier, Principal
 from gateway.clients import BackendClients
 from gateway.live.connection import Connection
 from gateway.live.desk import Desks
-from gateway.live.frames import CLOSE_FORBIDDEN
+from gateway.live.frames import CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN
 from gateway.live.handoff import HandoffRules
 from gateway.live.hub import Feed, LiveHub, proto_principal
 from gateway.metrics import EdgeMetrics
@@ -60,6 +61,8 @@ class LiveService:
     """gateway.directory's tenant settings store when present (welcome and offline texts)."""
     blacklist: Any = None
     """gateway.directory's Blacklist when present: refuses and closes blocked visitors."""
+    accounts: Any = None
+    """gateway.directory's AccountStatus when present: a disabled agent account's tokens stop working."""
 
     def __post_init__(self) -> None:
         self.desks.on_assigned = self._follow_assignment
@@ -128,6 +131,24 @@ class LiveService:
     def blocked(self, principal: Principal, address: str | None) -> bool:
         return (self.blacklist is not None and principal.role == "visitor"
                 and bool(self.blacklist.blocks(principal.tenant, principal.subject, address)))
+
+    async def account_disabled(self, principal: Principal) -> bool:
+        return (self.accounts is not None and principal.role in STAFF_ROLES
+                and bool(await self.accounts.disabled(principal.tenant, principal.subject)))
+
+    async def watch_disabled_accounts(self, every_s: float) -> None:
+        """Close the sockets of agents whose account was disabled since they connected (4001); runs until
+        cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                for socket in [s for s in self.hub.connections if s.is_staff and not s.closing]:
+                    principal = socket.principal
+                    if principal is not None and await self.account_disabled(principal):
+                        socket.send({"type": "error", "code": "unauthorized", "message": "this account is disabled"})
+                        socket.close(CLOSE_AUTH_FAILED, "account disabled")
+            except Exception:  # the next round tries again; the check must never stop for good
+                log.exception("checking agents' accounts failed")
 
     def close_blocked(self, tenant: str) -> None:
         """A blacklist change: close the tenant's visitor sockets it now refuses."""

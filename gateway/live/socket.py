@@ -231,6 +231,9 @@ class LiveSocket:
         if live.blocked(principal, socket.address):
             self._refuse(CLOSE_FORBIDDEN, "blocked", "this visitor is blocked")
             return False
+        if await live.account_disabled(principal):
+            self._refuse(CLOSE_AUTH_FAILED, "unauthorized", "this account is disabled")
+            return False
         socket.principal = principal
         live.metrics.ws_connections.labels(principal.role).inc()
         socket.hold()  # the welcome goes before any replayed event
