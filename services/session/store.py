@@ -71,6 +71,9 @@ MESSAGE_SUBJECT_PREFIX = LOG_SUBJECT_PREFIX
 EXPIRY_CONSUMER = "kefu_session_expiry"
 """Durable consumer of the metadata bucket shared by every replica: each marker is counted once."""
 CAS_ATTEMPTS = 20
+EXPIRY_BATCH = 512
+EXPIRY_PAUSE_S = 2.0
+"""How long the expiry watch lets metadata updates gather once it has read them all."""
 EXPIRY_MARKER_TTL_S = 3600.0
 """How long an expiry marker stays; a replica down for less than this still counts it later."""
 MAX_DUPLICATE_WINDOW_S = 120.0
@@ -456,7 +459,8 @@ class SessionStore:
         await self.index.remove(principal.tenant, session_id, meta.owner)
         return kept
 
-    async def watch_expired(self, on_expired: Callable[[], None], *, fetch_timeout_s: float = 5.0) -> None:
+    async def watch_expired(self, on_expired: Callable[[], None], *, fetch_timeout_s: float = 5.0,
+                            pause_s: float = EXPIRY_PAUSE_S) -> None:
         """Call `on_expired` once per session whose metadata aged out (idle TTL); runs until cancelled.
 
         JetStream removes aged-out messages silently; with the bucket's limit markers the
@@ -476,12 +480,16 @@ class SessionStore:
                 try:
                     while True:
                         try:
-                            batch = await subscription.fetch(512, timeout=fetch_timeout_s)
+                            batch = await subscription.fetch(EXPIRY_BATCH, timeout=fetch_timeout_s)
                         except NatsTimeoutError:
                             continue
                         for message in batch:
                             if message.headers and message.headers.get("Nats-Marker-Reason") == "MaxAge":
                                 on_expired()
+                        if len(batch) < EXPIRY_BATCH:
+                            # Caught up: let the next updates gather. Every append rewrites a key, so
+                            # fetching at once would wake this process once more per message.
+                            await asyncio.sleep(pause_s)
                 finally:
                     await subscription.unsubscribe()
             except (NatsError, TimeoutError) as error:

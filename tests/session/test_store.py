@@ -192,7 +192,7 @@ async def watching_expiries(store: SessionStore) -> AsyncIterator[list[int]]:
     def count() -> None:
         expired[0] += 1
 
-    task = asyncio.create_task(store.watch_expired(count, fetch_timeout_s=0.2))
+    task = asyncio.create_task(store.watch_expired(count, fetch_timeout_s=0.2, pause_s=0.2))
     try:
         yield expired
     finally:
