@@ -13,12 +13,10 @@ from services.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import Conflict
 from services.session.meta_cache import MetaCache
-from services.session.models import Principal, SessionMeta
+from services.session.models import SessionMeta
 from services.session.store import MESSAGE_STREAM, SessionStore, message_subject
 from services.session.tokens import TokenCounter
-
-ALICE = Principal("shop1", "alice", "visitor")
-AGENT = Principal("shop1", "agent-7", "agent")
+from tests.session.test_store import AGENT, ALICE
 
 
 @pytest.fixture(scope="module")
