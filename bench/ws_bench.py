@@ -22,7 +22,10 @@ aiohttp WebSocket relay (bench/ws_floor.py, one process, no auth, no storage). P
    edge B claim them; then the visitors send `--rate` messages/s in total (open loop, spread
    evenly) for `--duration-s` seconds after `--warmup-s`, and the time from a visitor's send to
    the agent receiving the stored `msg` is measured (one client process, one clock). The floor
-   relays the same frames between the same sockets inside one process.
+   relays the same frames between the same sockets inside one process. Before it, kefu alone at
+   each `--sweep` rate (fresh visitors and agents each time): the highest rate whose p99 stays
+   within 50 ms. After it, bench/grpc_floor.py at `--rate`: what two empty unary gRPC calls per
+   message cost, the part of kefu's CPU the edge-to-services shape itself takes.
 
 Results: bench/results/ws-<UTC>.json (with the markdown), and the markdown on stdout.
 """
@@ -93,6 +96,8 @@ class WsBenchParams:
     resume_rounds: int = 7
     rate: float = 500.0
     """Visitor messages per second, all visitors together."""
+    sweep: tuple[float, ...] = (100.0, 200.0, 300.0)
+    """Further rates measured for kefu alone after `rate`: where p99 stays within 50 ms."""
     visitors: int = 200
     agents: int = 4
     duration_s: float = 20.0
@@ -109,14 +114,15 @@ class WsBenchParams:
             raise ValueError(f"--phases must be a subset of {PHASES}, got {self.phases}")
         if not self.resume_events or min(self.resume_events) < 2 or self.resume_rounds < 1:
             raise ValueError("--resume-events must be >= 2 and --resume-rounds >= 1")
-        if self.rate <= 0 or self.visitors < 1 or self.agents < 1 or self.duration_s <= 0 or self.warmup_s < 0:
+        if self.rate <= 0 or any(r <= 0 for r in self.sweep) or self.visitors < 1 or self.agents < 1 \
+                or self.duration_s <= 0 or self.warmup_s < 0:
             raise ValueError("--rate, --visitors, --agents and --duration-s must be positive")
         if self.heartbeat_s < 1 or self.hold_s < 0:
             raise ValueError("--heartbeat-s must be >= 1 and --hold-s >= 0")
 
 
-QUICK = WsBenchParams(sockets=1000, hold_s=6.0, heartbeat_s=5.0, resume_rounds=3, rate=200.0, visitors=50, agents=2,
-                      duration_s=5.0, warmup_s=1.0)
+QUICK = WsBenchParams(sockets=1000, hold_s=6.0, heartbeat_s=5.0, resume_rounds=3, rate=200.0, sweep=(),
+                      visitors=50, agents=2, duration_s=5.0, warmup_s=1.0)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[WsBenchParams, argparse.Namespace]:
@@ -130,6 +136,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[WsBenchParams, argparse.Name
     parser.add_argument("--resume-events", help="comma-separated missed stored events (default 50,500)")
     parser.add_argument("--resume-rounds", type=int, help="timed resumes per size and case (default 7)")
     parser.add_argument("--rate", type=float, help="visitor messages per second in total (default 500)")
+    parser.add_argument("--sweep", help="comma-separated further rates for kefu alone (default 100,200,300; '' none)")
     parser.add_argument("--visitors", type=int, help="visitors (conversations) sending (default 200)")
     parser.add_argument("--agents", type=int, help="agents sharing the claimed conversations (default 4)")
     parser.add_argument("--duration-s", type=float, help="measured seconds at the rate (default 20)")
@@ -148,6 +155,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[WsBenchParams, argparse.Name
     try:
         if args.resume_events:
             overrides["resume_events"] = tuple(int(n) for n in args.resume_events.split(",") if n.strip())
+        if args.sweep is not None:
+            overrides["sweep"] = tuple(float(n) for n in args.sweep.split(",") if n.strip())
         if args.phases:
             overrides["phases"] = tuple(p.strip() for p in args.phases.split(",") if p.strip())
         if args.no_floor:
@@ -625,6 +634,7 @@ async def _read_agent(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> N
 async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_url: str, secret: str,
                       pids: dict[str, int]) -> dict[str, Any]:
     run = LatencyRun()
+    run_id = secrets.token_hex(3)  # fresh agents each run: an agent's sockets follow every conversation it holds
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         gate = asyncio.Semaphore(20)
@@ -644,7 +654,7 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
         for number in range(params.agents):
             ws = await http.ws_connect(agent_url)
             if mode == "kefu":
-                await hello(ws, agent_token(secret, f"bench-agent-{number}"))
+                await hello(ws, agent_token(secret, f"bench-agent-{number}-{run_id}"))
             else:
                 await ws.send_str('{"type": "hello"}')
                 await recv_frame(ws)
@@ -894,6 +904,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"Target p99 ≤ 50 ms at 500 messages/s: **{'met' if ok else 'NOT met'}** "
                           f"(p99 {_cell(p99)} ms at {p['rate']:g}/s, {kefu_row['lost']} lost)."]
             lines += shape_floor_lines(latency, kefu_row, machine["cpu_count"], p["rate"])
+        lines += sweep_lines(latency, kefu_row, p["rate"])
         lines += [f"\nLatency ({name}) failed: {error}" for name, error in failed.items()]
         if "kefu" in failed:
             lines += ["", "Target p99 ≤ 50 ms at 500 messages/s: **not measured**."]
@@ -903,6 +914,34 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, entries in problems.items():
             lines += [f"- {name}:"] + [f"  - `{e}`" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def sweep_lines(latency: dict[str, Any], kefu_row: dict[str, Any] | None, rate: float) -> list[str]:
+    """kefu at each swept rate (and the main one): how much it carries with p99 within 50 ms."""
+    rows = {float(r): row for r, row in (latency.get("sweep") or {}).items()}
+    if not rows:
+        return []
+    if kefu_row and "error" not in kefu_row:
+        rows[rate] = kefu_row
+    lines = ["", "kefu at other rates (same stack, fresh visitors and agents each time; CPU: every kefu process "
+                 "and nats-server, % of one core):", "",
+             "| offered/s | delivered/s | lost | p50 ms | p99 ms | CPU % | CPU ms per message |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    within: list[float] = []
+    for offered in sorted(rows):
+        row = rows[offered]
+        if "error" in row:
+            lines.append(f"| {offered:g} | failed: {row['error']} | | | | | |")
+            continue
+        ms = row["latency_ms"] or {}
+        cpu = sum(v for n, v in row["cpu_percent"].items() if n not in ("client", "others"))
+        per_message = sum(v for n, v in row["cpu_ms_per_message"].items() if n != "client")
+        lines.append(f"| {offered:g} | {_cell(row.get('delivered_rate'), '.0f')} | {row['lost']} | "
+                     f"{_cell(ms.get('p50'))} | {_cell(ms.get('p99'))} | {cpu} | {per_message:.2f} |")
+        if ms.get("p99") is not None and ms["p99"] <= 50 and not row["lost"]:
+            within.append(offered)
+    lines += ["", f"Highest rate measured with p99 ≤ 50 ms: {f'{max(within):g} messages/s' if within else 'none'}."]
+    return lines
 
 
 def shape_floor_lines(latency: dict[str, Any], kefu_row: dict[str, Any], cpu_count: int,
@@ -963,12 +1002,21 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
             log.info("resume: %s missed events", params.resume_events)
             report["resume"] = guarded(lambda: asyncio.run(resume_phase(params, stack, secret)), "resume")
         if "latency" in params.phases:
-            log.info("latency: %g messages/s for %g s", params.rate, params.duration_s)
             pids = {name: p.pid for name, p in stack.processes.items()}
             if stack.nats is not None:
                 pids["nats"] = stack.nats.process.pid
+            # The lower rates first: a rate kefu cannot carry leaves a backlog that would weigh on the next run.
+            sweep: dict[str, Any] = {}
+            for rate in sorted(r for r in params.sweep if r != params.rate):
+                log.info("latency sweep: %g messages/s", rate)
+                sweep[f"{rate:g}"] = guarded(lambda rate=rate: asyncio.run(latency_run(  # type: ignore[misc]
+                    replace(params, rate=rate), "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret,
+                    pids)), f"latency sweep {rate:g}/s")
+            log.info("latency: %g messages/s for %g s", params.rate, params.duration_s)
             report["latency"] = {"kefu": guarded(lambda: asyncio.run(latency_run(
                 params, "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret, pids)), "latency (kefu)")}
+            if sweep:
+                report["latency"]["sweep"] = sweep
             if floor is not None:
                 report["latency"]["floor"] = guarded(lambda: asyncio.run(latency_run(
                     params, "floor", f"{floor_url}/ws", f"{floor_url}/ws", secret, {"floor": floor.pid})),
