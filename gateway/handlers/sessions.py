@@ -44,4 +44,7 @@ async def delete_session(request: web.Request) -> web.Response:
             **_call_options(request))
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "session") from None
+    hub = request.app.get(keys.LIVE_HUB)
+    if hub is not None:  # its open sockets, on every edge, learn that it is gone
+        hub.conversation_deleted(request[keys.REQUEST_PRINCIPAL].tenant, request.match_info["session_id"])
     return web.Response(status=204)

@@ -25,7 +25,7 @@ from gateway.bus import BusUnavailable, EdgeBus
 from gateway.clients import BackendClients
 from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
-from gateway.live.frames import event_frame
+from gateway.live.frames import CLOSE_FORBIDDEN, event_frame
 from gateway.live.log import HEARTBEAT_S, LogFollower
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
@@ -284,6 +284,26 @@ class LiveHub:
                              return_exceptions=True)
         self._feeds.clear()
 
+    def conversation_deleted(self, tenant: str, conversation_id: str) -> None:
+        """Its owner erased it: on every edge, the visitor's sockets are closed (4003), agents' sockets
+        leave it with a `resync` (a reload finds nothing), and the feed goes."""
+        feed = self._feeds.get((tenant, conversation_id))
+        if feed is not None:
+            self._close_deleted(feed)
+        self.spawn(self.channels.publish(conversation_subject(tenant, conversation_id), {"deleted": True}))
+
+    def _close_deleted(self, feed: Feed) -> None:
+        for socket in list(feed.sockets):
+            socket.conversations.discard(feed.conversation_id)
+            if socket.is_staff:
+                socket.send({"type": "resync", "conversation_id": feed.conversation_id,
+                             "reason": "the conversation was deleted"})
+            else:
+                socket.send({"type": "error", "code": "not_found", "message": "this conversation was deleted"})
+                socket.close(CLOSE_FORBIDDEN, "conversation deleted")
+        feed.sockets.clear()
+        self._drop(feed)
+
     def _restart_followers(self) -> None:
         """NATS came back: a restarted server has lost the consumers it kept in memory."""
         for feed in self._feeds.values():
@@ -334,6 +354,8 @@ class LiveHub:
             frame = payload.get("frame")
             if isinstance(frame, dict):
                 feed.deliver_live(frame)
+            elif payload.get("deleted") is True:
+                self._close_deleted(feed)
 
         try:
             # The kept log in one read (a consumer would deliver it one message at a time), then

@@ -480,3 +480,35 @@ async def test_http_chat_into_a_conversation_a_human_holds_is_stored_and_not_ans
                     and f["sender"]["type"] == "ai" and f["seq"] > asked["seq"]]
         await visitor.ws.close()
         await agent.ws.close()
+
+
+async def test_a_deleted_conversation_closes_its_visitor_sockets_and_leaves_its_agent_on_every_edge(
+        live_stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        agent, _ = await connect(http, live_stack, sub="del-agent", role="agent", edge="edge-b")
+        visitor, _ = await connect(http, live_stack, sub="del-visitor")
+        other_tab, _ = await connect(http, live_stack, sub="del-visitor", edge="edge-b")
+        conversation_id = await start_conversation(visitor)
+        await other_tab.send(type="send", cid="t2", conversation_id=conversation_id, text="还有一个问题")
+        await other_tab.next(is_type("ack", cid="t2"))
+        await agent.send(type="claim", conversation_id=conversation_id, cid="c")
+        await agent.next(is_type("ack", cid="c"))
+        # The agent holds another conversation too: its socket must stay open for that one.
+        kept_visitor, _ = await connect(http, live_stack, sub="del-visitor-2")
+        kept_id = await start_conversation(kept_visitor)
+        await agent.send(type="claim", conversation_id=kept_id, cid="k")
+        await agent.next(is_type("ack", cid="k"))
+
+        deleted = await http.delete(f"{live_stack.base_url}/v1/sessions/{conversation_id}",
+                                    headers={"Authorization": f"Bearer {token(sub='del-visitor')}"})
+        assert deleted.status == 204
+        for tab in (visitor, other_tab):  # both edges, the one that served the DELETE and the other
+            gone = await tab.next(is_type("error", code="not_found"))
+            assert gone["message"] == "this conversation was deleted"
+            assert (await tab.ws.receive(timeout=10)).type in CLOSED and tab.ws.close_code == 4003
+        notice = await agent.next(is_type("resync", conversation_id=conversation_id))
+        assert notice["reason"] == "the conversation was deleted"
+        # The agent's socket goes on with the conversation it still holds.
+        await kept_visitor.send(type="send", cid="q", conversation_id=kept_id, text="还在吗？")
+        asked = await agent.next(lambda f: f["type"] == "msg" and f["text"] == "还在吗？")
+        assert asked["conversation_id"] == kept_id
