@@ -208,3 +208,28 @@ def test_console_login_with_an_account_the_cli_created(web_stack: Stack, browser
     console.get_by_test_id("console-login-submit").click()
     expect(console.get_by_test_id("console-connection")).to_have_attribute("data-state", "online", timeout=WAIT_MS)
     expect(console.locator("#me")).to_contain_text("Frank")
+
+
+def test_a_deleted_conversation_leaves_the_console_and_the_widget(web_stack: Stack,
+                                                                   browser_pages: BrowserPages) -> None:
+    visitor, conversation_id = visitor_asks_for_a_human(browser_pages, web_stack, web_stack.base_url,
+                                                        who="visitor-erased")
+    console = open_console(browser_pages, web_stack, sub="agent-6", name="Fay")
+    claim(console, conversation_id)
+    mine = console.locator(f"[data-testid=console-mine-item][data-conversation-id='{conversation_id}']")
+    expect(mine).to_be_visible(timeout=WAIT_MS)
+    token = visitor.evaluate("""() => {
+        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
+        return JSON.parse(localStorage.getItem(key)).token;
+    }""")
+    # The visitor erases the conversation (from anywhere: here straight over HTTP).
+    deleted = requests.delete(f"{web_stack.base_url}/v1/sessions/{conversation_id}",
+                              headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert deleted.status_code == 204
+    expect(mine).to_have_count(0, timeout=WAIT_MS)
+    expect(widget_messages(visitor, "visitor")).to_have_count(0, timeout=WAIT_MS)
+    stored = visitor.evaluate("""() => {
+        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
+        return JSON.parse(localStorage.getItem(key)).conversationId;
+    }""")
+    assert stored != conversation_id

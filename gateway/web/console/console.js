@@ -577,7 +577,11 @@
           var again = conversation(id);
           again.events = {};
           again.lastSeq = 0;
-          loadHistory(id).then(function () { if (id === selected) renderConversation(); });
+          loadHistory(id).then(function () {
+            // Nothing left to load: the conversation was deleted. It leaves the list of mine.
+            if (!again.lastSeq) { again.status = 'closed'; renderMine(); }
+            if (id === selected) { renderConversation(); renderHeader(); }
+          });
         }
         break;
       case 'error':
