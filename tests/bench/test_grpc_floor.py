@@ -9,9 +9,10 @@ from bench.ws_bench import shape_floor_lines
 
 
 @pytest.mark.timeout(60)
-def test_grpc_floor_makes_two_calls_per_message_to_two_real_servers() -> None:
-    result = grpc_floor.run(rate=40.0, duration_s=0.5, warmup_s=0.25)
-    assert result["messages"] == 20 and result["calls_per_message"] == 2
+@pytest.mark.parametrize("multiplexed", [False, True])
+def test_grpc_floor_makes_two_calls_per_message_to_two_real_servers(multiplexed: bool) -> None:
+    result = grpc_floor.run(rate=40.0, duration_s=0.5, warmup_s=0.25, multiplexed=multiplexed)
+    assert result["messages"] == 20 and result["calls_per_message"] == 2 and result["multiplexed"] is multiplexed
     assert set(result["cpu_ms_per_message"]) == {"moderation-like server", "session-like server", "client"}
     assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
 
