@@ -31,6 +31,12 @@ class EdgeMetrics:
         self.ws_messages = Counter(
             "kefu_ws_messages_total", "Live-chat frames, by direction (in|out) and frame type.",
             ["direction", "type"], registry=self.registry)
+        self.log_consumers = Gauge(
+            "kefu_live_log_consumers", "Conversation logs this edge follows (one JetStream consumer each).",
+            registry=self.registry)
+        self.log_consumer_restarts = Counter(
+            "kefu_live_log_consumer_restarts_total", "Conversation-log consumers created again, by why: gap, "
+            "reconnect, silent.", ["reason"], registry=self.registry)
         self.resume_replayed = Histogram(
             "kefu_resume_replayed_events", "Stored events replayed to a socket that resumed a conversation.",
             registry=self.registry, buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -26,7 +26,7 @@ async def live_hub(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the hub and the desks; a draining edge closes its sockets with 1012 so
     clients resume elsewhere."""
     settings = app[keys.SETTINGS]
-    hub = app[keys.LIVE_HUB] = LiveHub(app[keys.CLIENTS], settings, app[keys.BUS])
+    hub = app[keys.LIVE_HUB] = LiveHub(app[keys.CLIENTS], settings, app[keys.BUS], app[keys.METRICS])
     desks = Desks(hub, app[keys.CLIENTS], app[keys.BUS], poll_s=settings.desk_poll_s,
                   rpc_timeout_s=settings.rpc_timeout_s)
     live = app[keys.LIVE] = LiveService(

@@ -27,6 +27,7 @@ from gateway.live.channels import LiveChannels, conversation_subject, unsubscrib
 from gateway.live.connection import Connection
 from gateway.live.frames import CLOSE_FORBIDDEN, event_frame
 from gateway.live.log import HEARTBEAT_S, LogFollower
+from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 
@@ -162,7 +163,8 @@ def deliver_stored(socket: Connection, frame: dict[str, Any], *, replay: bool = 
 class LiveHub:
     """Every open socket of this edge process, and the conversation feeds they share."""
 
-    def __init__(self, clients: BackendClients, settings: GatewaySettings, bus: EdgeBus) -> None:
+    def __init__(self, clients: BackendClients, settings: GatewaySettings, bus: EdgeBus,
+                 metrics: EdgeMetrics | None = None) -> None:
         self._clients = clients
         self._settings = settings
         self.channels = LiveChannels(bus)
@@ -174,6 +176,7 @@ class LiveHub:
         self.state_listeners: list[Callable[[Feed, dict[str, Any]], None]] = []
         """Called after every stored `state` event a feed delivers (the desk reacts to it)."""
         self._watchdog: asyncio.Task[None] | None = None
+        self._metrics = metrics
         bus.reconnect_listeners.append(self._restart_followers)
 
     def feed(self, tenant: str, conversation_id: str) -> Feed | None:
@@ -304,11 +307,15 @@ class LiveHub:
         feed.sockets.clear()
         self._drop(feed)
 
+    def _count_restart(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.log_consumer_restarts.labels(reason).inc()
+
     def _restart_followers(self) -> None:
         """NATS came back: a restarted server has lost the consumers it kept in memory."""
         for feed in self._feeds.values():
             if feed.follower is not None:
-                feed.follower.restart()
+                feed.follower.restart("reconnect")
 
     async def _watch_followers(self) -> None:
         """Recreate a follower whose consumer stopped sending heartbeats (deleted on the server)."""
@@ -318,7 +325,7 @@ class LiveHub:
                 follower = feed.follower
                 if follower is not None and follower.silent_s > MISSED_HEARTBEATS * follower.heartbeat_s:
                     log.warning("conversation log: consumer silent for %.0f s; recreating it", follower.silent_s)
-                    follower.restart()
+                    follower.restart("silent")
 
     def _state_changed(self, feed: Feed, frame: dict[str, Any]) -> None:
         for listener in self.state_listeners:
@@ -340,6 +347,8 @@ class LiveHub:
         if feed.follower is not None:
             self.spawn(feed.follower.stop())
             feed.follower = None
+            if self._metrics is not None:
+                self._metrics.log_consumers.dec()
         # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
         if feed.ready.done() and not feed.ready.cancelled():
             feed.ready.exception()
@@ -377,9 +386,12 @@ class LiveHub:
         while feed.follower is None:
             try:
                 nc = await self.channels.bus.connection(timeout_s=self._settings.rpc_timeout_s)
-                follower = LogFollower(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish)
+                follower = LogFollower(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish,
+                                       on_restart=self._count_restart)
                 await follower.start()
                 feed.follower = follower
+                if self._metrics is not None:
+                    self._metrics.log_consumers.inc()
             except (BusUnavailable, nats.errors.Error, TimeoutError) as error:
                 log.warning("following a conversation log failed (%s); retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(delay)

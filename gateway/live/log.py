@@ -66,7 +66,8 @@ class LogFollower:
 
     def __init__(self, nc: NatsClient, tenant: str, conversation_id: str, after_seq: int,
                  on_event: Callable[[session_pb2.Message], None], *,
-                 heartbeat_s: float = HEARTBEAT_S, inactive_s: float = INACTIVE_S) -> None:
+                 heartbeat_s: float = HEARTBEAT_S, inactive_s: float = INACTIVE_S,
+                 on_restart: Callable[[str], None] | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._subject = log_subject(tenant, conversation_id)
@@ -81,6 +82,8 @@ class LogFollower:
         self._consumer = ""
         self._heard = time.monotonic()
         self._restarting: asyncio.Task[None] | None = None
+        self._on_restart = on_restart
+        """Told why each restart happens (a metric)."""
         self.restarts = 0
 
     @property
@@ -113,9 +116,12 @@ class LogFollower:
         self._consumer = info.name
         self._heard = time.monotonic()
 
-    def restart(self) -> None:
-        """Recreate the consumer from the last seq delivered (in the background; once at a time)."""
+    def restart(self, reason: str) -> None:
+        """Recreate the consumer from the last seq delivered (in the background; once at a time).
+        `reason`: gap, reconnect or silent."""
         if self._restarting is None or self._restarting.done():
+            if self._on_restart is not None:
+                self._on_restart(reason)
             self._restarting = asyncio.create_task(self._restart())
 
     async def _restart(self) -> None:
@@ -159,11 +165,11 @@ class LogFollower:
             # An idle heartbeat says how far the consumer got: behind that is a gap.
             last = headers.get("Nats-Last-Consumer")
             if last is not None and int(last) != self._delivered:
-                self.restart()
+                self.restart("gap")
             return
         sequence = raw.metadata.sequence
         if sequence.consumer != self._delivered + 1:
-            self.restart()  # a message fell out (slow consumer, reconnect): read again from last_seq
+            self.restart("gap")  # a message fell out (slow consumer, reconnect): read again from last_seq
             return
         self._delivered = sequence.consumer
         if sequence.stream <= self.last_seq:

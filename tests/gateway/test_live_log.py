@@ -100,7 +100,9 @@ async def test_follower_whose_consumer_vanished_falls_silent_and_catches_up_on_r
     store = await _store(nats_client, counter)
     created = await store.append(VISITOR, "", "user", "first")
     got: list[session_pb2.Message] = []
-    follower = LogFollower(nats_client, VISITOR.tenant, created.session_id, 0, got.append, heartbeat_s=0.2)
+    reasons: list[str] = []
+    follower = LogFollower(nats_client, VISITOR.tenant, created.session_id, 0, got.append, heartbeat_s=0.2,
+                           on_restart=reasons.append)
     await follower.start()
     try:
         await _until(lambda: len(got) == 1)
@@ -110,12 +112,12 @@ async def test_follower_whose_consumer_vanished_falls_silent_and_catches_up_on_r
         # No heartbeats any more: what the hub's watchdog looks for.
         await _until(lambda: follower.silent_s > 3 * follower.heartbeat_s)
         assert [m.content for m in got] == ["first"]
-        follower.restart()
+        follower.restart("silent")
         await _until(lambda: len(got) == 4)
         await store.append(VISITOR, created.session_id, "user", "after")
         await _until(lambda: len(got) == 5)
         assert [m.content for m in got] == ["first", "missed 0", "missed 1", "missed 2", "after"]
-        assert follower.restarts == 1
+        assert follower.restarts == 1 and reasons == ["silent"]
     finally:
         await follower.stop()
 
@@ -133,8 +135,9 @@ async def test_follower_survives_a_nats_server_restart(tmp_path: Path, counter: 
         store = await _store(writer, counter)
         created = await store.append(VISITOR, "", "user", "before")
         got: list[session_pb2.Message] = []
-        follower = LogFollower(edge, VISITOR.tenant, created.session_id, 0, got.append)
-        listeners.append(follower.restart)
+        reasons: list[str] = []
+        follower = LogFollower(edge, VISITOR.tenant, created.session_id, 0, got.append, on_restart=reasons.append)
+        listeners.append(lambda: follower.restart("reconnect"))
         await follower.start()
         await _until(lambda: len(got) == 1)
         server.stop()
@@ -153,6 +156,7 @@ async def test_follower_survives_a_nats_server_restart(tmp_path: Path, counter: 
         await _until(lambda: len(got) == 4, timeout_s=20)
         await asyncio.sleep(0.3)
         assert [m.content for m in got] == ["before", "after 0", "after 1", "after 2"]
+        assert reasons and reasons[0] == "reconnect"
         await follower.stop()
     finally:
         await close_nats(edge, timeout_s=1)
