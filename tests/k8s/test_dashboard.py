@@ -73,6 +73,11 @@ def test_dashboard_has_the_operator_panels(dashboard: dict[str, Any]) -> None:
         r"kefu_plugin_generation",                                                # plugin generation
         r"kefu_plugin_reloads_total\{[^}]*result=\"refused\"",                    # reload failures
         r"sum by \(provider, outcome\) \(rate\(kefu_llm_request_duration_seconds_count",  # swap signal
+        r"sum by \(role\) \(kefu_ws_connections",                                # live chat: sockets
+        r"max by \(status\) \(kefu_conversations",                               # conversations (max)
+        r"kefu_handoffs_total",                                                   # handoffs
+        r"histogram_quantile\(0\.95, [^\n]*kefu_queue_wait_seconds_bucket",        # queue wait
+        r"kefu_live_log_consumer_restarts_total",                                 # log consumers
     ]
     for pattern in required:
         assert re.search(pattern, exprs), pattern
