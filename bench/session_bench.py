@@ -38,10 +38,11 @@ from nats.aio.client import Client as NatsClient
 from bench.loadgen import percentile
 from bench.processes import bench_work_dir, memory_kib, start_service, stop_process
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.conversation_log import log_subject
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.session.context import build_context
 from services.session.models import MetaDelta, Principal, SessionMeta, StoredMessage, new_id
-from services.session.store import META_SUBJECT_PREFIX, SessionStore, message_subject, meta_key
+from services.session.store import META_SUBJECT_PREFIX, SessionStore, meta_key
 from services.session.tokens import TokenCounter, TokenCounters
 
 log = logging.getLogger("bench.session")
@@ -106,7 +107,7 @@ async def fill_direct(nc: NatsClient, counter: TokenCounter, sessions: int, mess
         for (role, text), count in list(zip(TURNS, tokens, strict=True))[:messages]:
             message = StoredMessage(new_id(), role, text, now, count, encoding=counter.name)
             delta.add(message)
-            acks.append(await js.publish_async(message_subject(TENANT, session_id), message.to_json(),
+            acks.append(await js.publish_async(log_subject(TENANT, session_id), message.to_json(),
                                                headers={"Nats-Msg-Id": message.id}))
         meta = SessionMeta(TENANT, principal.subject, now, now).with_delta(delta)
         acks.append(await js.publish_async(f"{META_SUBJECT_PREFIX}.{meta_key(TENANT, session_id)}", meta.to_json()))

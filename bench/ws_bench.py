@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -578,18 +578,13 @@ async def claim(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun, conversati
     return None if frame["type"] == "ack" else f"{frame.get('code')}: {frame.get('message')}"
 
 
-async def read_visitor(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
+async def read_counting_failures(reader: Callable[[aiohttp.ClientWebSocketResponse, LatencyRun], Awaitable[None]],
+                                 ws: aiohttp.ClientWebSocketResponse, run: LatencyRun, who: str) -> None:
+    """Run one socket's reader; a socket that fails is counted among the problems, not raised."""
     try:
-        await _read_visitor(ws, run)
+        await reader(ws, run)
     except (aiohttp.ClientError, ConnectionError) as error:
-        run.problems[f"visitor socket: {type(error).__name__}"] += 1
-
-
-async def read_agent(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
-    try:
-        await _read_agent(ws, run)
-    except (aiohttp.ClientError, ConnectionError) as error:
-        run.problems[f"agent socket: {type(error).__name__}"] += 1
+        run.problems[f"{who} socket: {type(error).__name__}"] += 1
 
 
 async def _read_visitor(ws: aiohttp.ClientWebSocketResponse, run: LatencyRun) -> None:
@@ -646,7 +641,7 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
                 ws, conversation_id = await open_visitor(http, visitor_url, mode, secret, number)
             # Read from now on: queue positions and state changes keep coming while others set up,
             # and a socket left unread is (rightly) closed as too slow.
-            readers.append(asyncio.create_task(read_visitor(ws, run)))
+            readers.append(asyncio.create_task(read_counting_failures(_read_visitor, ws, run, "visitor")))
             return ws, conversation_id
 
         visitors = await asyncio.gather(*(one_visitor(n) for n in range(params.visitors)))
@@ -659,7 +654,7 @@ async def latency_run(params: WsBenchParams, mode: str, visitor_url: str, agent_
                 await ws.send_str('{"type": "hello"}')
                 await recv_frame(ws)
             agents.append(ws)
-            readers.append(asyncio.create_task(read_agent(ws, run)))
+            readers.append(asyncio.create_task(read_counting_failures(_read_agent, ws, run, "agent")))
         claim_failures: Counter[str] = Counter(filter(None, await asyncio.gather(*(
             claim(agents[number % len(agents)], run, conversation_id, f"claim-{number}")
             for number, (_, conversation_id) in enumerate(visitors)))))

@@ -5,8 +5,8 @@
 Starts the real stack in a temporary directory (tenant `demo` may get widget tokens), then drives Debian's
 headless Chromium with Playwright: an agent ("Alice") opens the console; in a second browser context a
 visitor on the shop page asks the widget a question, waits for the AI's answer and asks for a human; the
-agent claims the conversation and replies; once the visitor sees the reply, both pages are saved. The stack is stopped at
-the end, whatever happens.
+agent claims the conversation and replies; once the visitor sees the reply, both pages are saved. The stack
+is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright  # noqa: E402
 
 from gateway.mint_token import mint  # noqa: E402
+from tests.browser.browser_helpers import stored_state  # noqa: E402
 from tests.e2e.stack_helpers import SECRET, start_stack  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -48,10 +49,7 @@ def visitor_asks_for_a_human(browser: Browser, base_url: str) -> tuple[Page, str
     expect(answer).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)  # the stream has finished
     page.get_by_test_id("kefu-handoff").click()
     expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "waiting_human", timeout=WAIT_MS)
-    conversation_id: str = page.evaluate("""() => {
-        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
-        return JSON.parse(localStorage.getItem(key)).conversationId;
-    }""")
+    conversation_id = str(stored_state(page).get("conversationId") or "")
     if not conversation_id:
         raise RuntimeError("the widget stored no conversation id")
     return page, conversation_id

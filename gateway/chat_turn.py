@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.auth import Principal
-from gateway.clients import BackendClients, request_metadata
+from gateway.clients import BackendClients, request_metadata, session_principal
 from gateway.errors import ApiError, ContentBlocked, api_error_from_grpc
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2
@@ -115,8 +115,7 @@ class ChatTurn:
                  request_id: str) -> None:
         self._clients = clients
         self._settings = settings
-        self._principal = session_pb2.Principal(tenant=principal.tenant, subject=principal.subject,
-                                                role=principal.role)
+        self._principal = session_principal(principal)
         self._tenant = principal.tenant
         self._metadata = request_metadata(request_id)
 

@@ -10,10 +10,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.auth import Principal
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
-from kefu.session.v1 import session_pb2_grpc
+from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.logs import REQUEST_ID_METADATA_KEY
 
 # A call that fails before the backend answered anything (a restarted pod, a connection in
@@ -38,6 +39,11 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 )
+
+
+def session_principal(principal: Principal) -> session_pb2.Principal:
+    """The caller as the session service's API names it (every session call is scoped to it)."""
+    return session_pb2.Principal(tenant=principal.tenant, subject=principal.subject, role=principal.role)
 
 
 def request_metadata(request_id: str) -> tuple[tuple[str, str], ...]:

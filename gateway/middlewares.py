@@ -12,7 +12,7 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
-from gateway.auth import STAFF_ROLES, bearer_token, require_role
+from gateway.auth import bearer_token, require_role
 from gateway.errors import ApiError, BodyTooLarge, Unauthorized, api_error_from_grpc
 from gateway.openai_format import OPENAI_PATHS
 from gateway.openai_format import error_body as openai_error_body
@@ -83,8 +83,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
     accounts = request.app.get(keys.ACCOUNT_STATUS)
-    if principal.role in STAFF_ROLES and accounts is not None \
-            and await accounts.disabled(principal.tenant, principal.subject):
+    if accounts is not None and await accounts.disabled(principal):
         raise Unauthorized("this account is disabled")
     request[keys.REQUEST_PRINCIPAL] = principal
     if request.match_info.http_exception is not None:

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from gateway.auth import STAFF_ROLES, Principal
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import DirectoryUnavailable
 
@@ -32,8 +33,11 @@ class AccountStatus:
         self._ttl_s = ttl_s
         self._known: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
 
-    async def disabled(self, tenant: str, subject: str) -> bool:
-        """True when `subject` is an account of `tenant` that has been disabled."""
+    async def disabled(self, principal: Principal) -> bool:
+        """True when a staff principal is an account of its tenant that has been disabled (never for visitors)."""
+        if principal.role not in STAFF_ROLES:
+            return False
+        tenant, subject = principal.tenant, principal.subject
         key = (tenant, subject)
         known = self._known.get(key)
         now = time.monotonic()

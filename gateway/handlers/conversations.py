@@ -10,7 +10,7 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
-from gateway.clients import request_metadata
+from gateway.clients import request_metadata, session_principal
 from gateway.errors import ApiError, InvalidRequest, api_error_from_grpc
 from gateway.live.frames import event_frame
 from gateway.responses import json_response
@@ -36,8 +36,7 @@ def query_int(query: Mapping[str, str], name: str, default: int, minimum: int, m
 
 
 def principal_of(request: web.Request) -> session_pb2.Principal:
-    p = request[keys.REQUEST_PRINCIPAL]
-    return session_pb2.Principal(tenant=p.tenant, subject=p.subject, role=p.role)
+    return session_principal(request[keys.REQUEST_PRINCIPAL])
 
 
 def call_options(request: web.Request) -> dict[str, Any]:

@@ -6,29 +6,18 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
-from gateway.clients import request_metadata
 from gateway.errors import api_error_from_grpc
-from gateway.handlers.conversations import said_messages
+from gateway.handlers.conversations import call_options, principal_of, said_messages
 from gateway.responses import json_response
 from kefu.session.v1 import session_pb2
-
-
-def _principal(request: web.Request) -> session_pb2.Principal:
-    p = request[keys.REQUEST_PRINCIPAL]
-    return session_pb2.Principal(tenant=p.tenant, subject=p.subject, role=p.role)
-
-
-def _call_options(request: web.Request) -> dict[str, object]:
-    return {"timeout": request.app[keys.SETTINGS].rpc_timeout_s,
-            "metadata": request_metadata(request[keys.REQUEST_ID])}
 
 
 async def list_messages(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     try:
         reply = await request.app[keys.CLIENTS].session.ListMessages(
-            session_pb2.ListMessagesRequest(principal=_principal(request), session_id=session_id),
-            **_call_options(request))
+            session_pb2.ListMessagesRequest(principal=principal_of(request), session_id=session_id),
+            **call_options(request))
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "session") from None
     return json_response({"session_id": session_id, "messages": [
@@ -39,9 +28,9 @@ async def list_messages(request: web.Request) -> web.Response:
 async def delete_session(request: web.Request) -> web.Response:
     try:
         await request.app[keys.CLIENTS].session.DeleteSession(
-            session_pb2.DeleteSessionRequest(principal=_principal(request),
+            session_pb2.DeleteSessionRequest(principal=principal_of(request),
                                              session_id=request.match_info["session_id"]),
-            **_call_options(request))
+            **call_options(request))
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "session") from None
     hub = request.app.get(keys.LIVE_HUB)

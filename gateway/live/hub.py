@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription
 
 from gateway.auth import Principal
 from gateway.bus import BusUnavailable, EdgeBus
-from gateway.clients import BackendClients
+from gateway.clients import BackendClients, session_principal
 from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
 from gateway.live.frames import CLOSE_FORBIDDEN, event_frame
@@ -53,10 +53,6 @@ class FeedUnavailable(Exception):
 
 def edge_principal(tenant: str) -> session_pb2.Principal:
     return session_pb2.Principal(tenant=tenant, subject=EDGE_SUBJECT, role="admin")
-
-
-def proto_principal(principal: Principal) -> session_pb2.Principal:
-    return session_pb2.Principal(tenant=principal.tenant, subject=principal.subject, role=principal.role)
 
 
 class Feed:
@@ -399,7 +395,7 @@ class LiveHub:
         feed.subscription = await self.channels.subscribe(subject, from_other_edge)
 
     async def _history(self, principal: Principal, conversation_id: str) -> list[session_pb2.Message]:
-        return await self._read_log(proto_principal(principal), conversation_id)
+        return await self._read_log(session_principal(principal), conversation_id)
 
     async def _read_log(self, principal: session_pb2.Principal, conversation_id: str) -> list[session_pb2.Message]:
         try:

@@ -10,13 +10,13 @@ from typing import Any
 
 import grpc
 
-from gateway.auth import STAFF_ROLES, JwtVerifier, Principal
-from gateway.clients import BackendClients
+from gateway.auth import JwtVerifier, Principal
+from gateway.clients import BackendClients, session_principal
 from gateway.live.connection import Connection
 from gateway.live.desk import Desks
 from gateway.live.frames import CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN
 from gateway.live.handoff import HandoffRules
-from gateway.live.hub import Feed, LiveHub, proto_principal
+from gateway.live.hub import Feed, LiveHub
 from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
@@ -74,7 +74,7 @@ class LiveService:
         try:
             reply: session_pb2.TransitionResponse = await self.clients.session.Transition(
                 session_pb2.TransitionRequest(
-                    principal=proto_principal(principal), session_id=conversation_id, action=action,
+                    principal=session_principal(principal), session_id=conversation_id, action=action,
                     reason=reason, assignee=assignee, assignee_name=assignee_name,
                     expected_version=expected_version),
                 timeout=self.settings.rpc_timeout_s)
@@ -114,7 +114,7 @@ class LiveService:
         message_id = hashlib.sha256(f"{owner.tenant}|{conversation_id}|{key}".encode()).hexdigest()[:32]
         try:
             await self.clients.session.Append(session_pb2.AppendRequest(
-                principal=proto_principal(owner), session_id=conversation_id, role="system", content=text,
+                principal=session_principal(owner), session_id=conversation_id, role="system", content=text,
                 message_id=message_id), timeout=self.settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             log.warning("system notice not stored: %s", error.code())
@@ -133,8 +133,7 @@ class LiveService:
                 and bool(self.blacklist.blocks(principal.tenant, principal.subject, address)))
 
     async def account_disabled(self, principal: Principal) -> bool:
-        return (self.accounts is not None and principal.role in STAFF_ROLES
-                and bool(await self.accounts.disabled(principal.tenant, principal.subject)))
+        return self.accounts is not None and bool(await self.accounts.disabled(principal))
 
     async def watch_disabled_accounts(self, every_s: float) -> None:
         """Close the sockets of agents whose account was disabled since they connected (4001); runs until

@@ -23,6 +23,7 @@ from gateway.chat_turn import (
     TurnStarted,
     checked_input,
 )
+from gateway.clients import session_principal
 from gateway.errors import ApiError, api_error_from_grpc
 from gateway.live.connection import Connection
 from gateway.live.frames import (
@@ -51,7 +52,7 @@ from gateway.live.frames import (
     nack_frame,
     parse_frame,
 )
-from gateway.live.hub import FeedUnavailable, NotYours, proto_principal
+from gateway.live.hub import FeedUnavailable, NotYours
 from gateway.live.service import DEFAULT_WELCOME_TEXT, LiveService, Refused
 from kefu.session.v1 import session_pb2
 
@@ -286,7 +287,7 @@ class LiveSocket:
         """A visitor without `resume` continues its open conversation, if it has one."""
         try:
             reply = await self._live.clients.session.ListConversations(session_pb2.ListConversationsRequest(
-                principal=proto_principal(self._principal), limit=1), timeout=self._settings.rpc_timeout_s)
+                principal=session_principal(self._principal), limit=1), timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             log.warning("open conversation of a visitor not found: %s", error.code())
             return
@@ -300,7 +301,7 @@ class LiveSocket:
         principal = self._principal
         try:
             reply = await self._live.clients.session.ListConversations(session_pb2.ListConversationsRequest(
-                principal=proto_principal(principal), status="human", assignee=principal.subject,
+                principal=session_principal(principal), status="human", assignee=principal.subject,
                 limit=HELD_LIMIT), timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             log.warning("held conversations of an agent not listed: %s", error.code())
@@ -430,7 +431,7 @@ class LiveSocket:
         principal = self._principal
         try:
             reply: session_pb2.AppendResponse = await self._live.clients.session.Append(session_pb2.AppendRequest(
-                principal=proto_principal(principal), session_id=conversation_id, role="agent", content=text,
+                principal=session_principal(principal), session_id=conversation_id, role="agent", content=text,
                 message_id=message_id, kind=kind, sender_name=principal.name or principal.subject),
                 timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:

@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 META_BUCKET = "kefu_sessions"
 META_STREAM = f"KV_{META_BUCKET}"
 META_SUBJECT_PREFIX = f"$KV.{META_BUCKET}"
-MESSAGE_STREAM = LOG_STREAM
-MESSAGE_SUBJECT_PREFIX = LOG_SUBJECT_PREFIX
 EXPIRY_CONSUMER = "kefu_session_expiry"
 """Durable consumer of the metadata bucket shared by every replica: each marker is counted once."""
 CAS_ATTEMPTS = 20
@@ -164,7 +162,7 @@ class SessionStore:
             meta = await ensure_key_value(js, config)
         await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None, replicas)
         await ensure_stream(js, StreamConfig(
-            name=MESSAGE_STREAM, subjects=[f"{MESSAGE_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
+            name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
             num_replicas=replicas,
             max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
             # The server refuses a duplicate window longer than the max age.
@@ -235,7 +233,7 @@ class SessionStore:
                                 encoding=self._counter.name, kind=kind,
                                 sender_id=principal.subject if role in ("user", "agent") else "",
                                 sender_name=sender_name, version=if_version)
-        ack = await self._js.publish(message_subject(principal.tenant, session_id), message.to_json(),
+        ack = await self._js.publish(log_subject(principal.tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         if ack.duplicate:
             first = await self._first_copy(principal, session_id, created, ack.seq)
@@ -248,13 +246,13 @@ class SessionStore:
             # Deleted or expired meanwhile (by another replica, or while this one's entry was cached):
             # the message must not outlive its session.
             with contextlib.suppress(NatsError):
-                await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
+                await self._js.delete_msg(LOG_STREAM, stored.seq)
             raise NotFound("no such session")
         state = written.state
         if if_version and state.version != if_version:
             # A change landed between the check and the publish: take the message back.
             with contextlib.suppress(NatsError):
-                await self._js.delete_msg(MESSAGE_STREAM, stored.seq)
+                await self._js.delete_msg(LOG_STREAM, stored.seq)
             raise Conflict("version_conflict", state.version)
         if role == "user" and kind == "message" and state.status == "closed" and reopened is None:
             # Another replica closed it after this one's view of it: reopen it now, as before the append.
@@ -276,7 +274,7 @@ class SessionStore:
             return None
         message = StoredMessage(id=new_id(), role="system", content=content, created_at=time.time(),
                                 tokens=self._counter.count(content), encoding=self._counter.name)
-        ack = await self._js.publish(message_subject(tenant, session_id), message.to_json(),
+        ack = await self._js.publish(log_subject(tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         stored = replace(message, seq=ack.seq)
         await self._add_to_meta(meta_key(tenant, session_id), stored, entry)
@@ -333,7 +331,7 @@ class SessionStore:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
             self._cache.put(key, updated, new_revision)
-            ack = await self._js.publish(message_subject(tenant, session_id), event.to_json(),
+            ack = await self._js.publish(log_subject(tenant, session_id), event.to_json(),
                                          headers={"Nats-Msg-Id": event.id})
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
             return TransitionResult(state, meta.state, replace(event, seq=ack.seq), updated, new_revision)
@@ -373,15 +371,15 @@ class SessionStore:
         session just created is dropped again), or, if an internal caller reused an id,
         someone else's, which is refused without telling anything about it.
         """
-        raw = await self._js.get_msg(MESSAGE_STREAM, seq=seq)
+        raw = await self._js.get_msg(LOG_STREAM, seq=seq)
         assert raw.data is not None
-        if raw.subject != message_subject(principal.tenant, session_id):
+        if raw.subject != log_subject(principal.tenant, session_id):
             if created:  # no tombstone, as in delete(): the session never existed
                 self._cache.drop(meta_key(principal.tenant, session_id))
                 await self._js.purge_stream(
                     META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(principal.tenant, session_id)}")
                 await self.index.remove(principal.tenant, session_id, principal.subject)
-            prefix = message_subject(principal.tenant, "")
+            prefix = log_subject(principal.tenant, "")
             original = raw.subject.removeprefix(prefix) if raw.subject.startswith(prefix) else ""
             try:
                 await self._authorize(principal, original)
@@ -399,7 +397,7 @@ class SessionStore:
     async def _history(self, tenant: str, session_id: str, meta: SessionMeta) -> list[StoredMessage]:
         if meta.message_count == 0:
             return []
-        subject = message_subject(tenant, session_id)
+        subject = log_subject(tenant, session_id)
         if self.batch_reads:
             return await self._read_subject_batch(subject)
         return await self._read_subject(subject)
@@ -420,13 +418,13 @@ class SessionStore:
             # history read, only for conversations whose state ever changed.
             history = await self._history(principal.tenant, session_id, meta)
             log_filter.version = version_at(history, after_seq)
-        return self._follow(message_subject(principal.tenant, session_id), after_seq, log_filter)
+        return self._follow(log_subject(principal.tenant, session_id), after_seq, log_filter)
 
     async def _follow(self, subject: str, after_seq: int,
                       log_filter: LogFilter) -> AsyncGenerator[StoredMessage, None]:
         config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
                   if after_seq else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-        subscription = await self._js.subscribe(subject, stream=MESSAGE_STREAM, ordered_consumer=True,
+        subscription = await self._js.subscribe(subject, stream=LOG_STREAM, ordered_consumer=True,
                                                 config=config)
         try:
             async for raw in subscription.messages:
@@ -442,7 +440,7 @@ class SessionStore:
             # (5 s); delete it now. nats-py keeps its current name (it changes on a reset)
             # only in a private attribute.
             with contextlib.suppress(NatsError, TimeoutError):
-                await self._js.delete_consumer(MESSAGE_STREAM, subscription._consumer)
+                await self._js.delete_consumer(LOG_STREAM, subscription._consumer)
 
     async def delete(self, principal: Principal, session_id: str) -> int:
         meta = await self._authorize(principal, session_id)
@@ -455,7 +453,7 @@ class SessionStore:
         key = meta_key(principal.tenant, session_id)
         self._cache.drop(key)
         await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
-        await self._js.purge_stream(MESSAGE_STREAM, subject=message_subject(principal.tenant, session_id))
+        await self._js.purge_stream(LOG_STREAM, subject=log_subject(principal.tenant, session_id))
         await self.index.remove(principal.tenant, session_id, meta.owner)
         return kept
 
@@ -579,17 +577,17 @@ class SessionStore:
         """One request and one round trip for the whole history (paged if the server caps a
         batch). Unlike a consumer per read, it creates no server state, which matters in a
         clustered JetStream."""
-        found = await direct_get(self._nc, MESSAGE_STREAM, {"batch": self._max_history, "next_by_subj": subject})
+        found = await direct_get(self._nc, LOG_STREAM, {"batch": self._max_history, "next_by_subj": subject})
         return [StoredMessage.from_json(m.data, int((m.headers or {})["Nats-Sequence"])) for m in found]
 
     async def _read_subject(self, subject: str) -> list[StoredMessage]:
         # Servers before 2.11: a short-lived named consumer, deleted right after: one
         # create, one or two fetches and one delete, however long the history.
         name = new_id()
-        await self._js.add_consumer(MESSAGE_STREAM, ConsumerConfig(
+        await self._js.add_consumer(LOG_STREAM, ConsumerConfig(
             name=name, filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True))
-        subscription = await self._js.pull_subscribe_bind(name=name, stream=MESSAGE_STREAM)
+        subscription = await self._js.pull_subscribe_bind(name=name, stream=LOG_STREAM)
         messages: list[StoredMessage] = []
         try:
             while True:
@@ -603,7 +601,7 @@ class SessionStore:
                     break
         finally:
             await subscription.unsubscribe()
-            await self._js.delete_consumer(MESSAGE_STREAM, name)
+            await self._js.delete_consumer(LOG_STREAM, name)
         return messages
 
 
@@ -628,6 +626,3 @@ async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: flo
 def meta_key(tenant: str, session_id: str) -> str:
     return f"{tenant}.{session_id}"
 
-
-def message_subject(tenant: str, session_id: str) -> str:
-    return log_subject(tenant, session_id)

@@ -82,10 +82,16 @@ class ConversationTimers:
             self._metrics.conversations.labels(status).set(await self._store.index.count(status))
         return SweepResult(timed_out, closed)
 
-    async def _time_out(self, summary: ConversationSummary, now: float) -> int:
+    async def _entry_or_forget(self, summary: ConversationSummary) -> tuple[SessionMeta, int] | None:
+        """The conversation's metadata; None, and its index entry dropped, when the session is gone."""
         entry = await self._store.read_entry(summary.tenant, summary.session_id)
         if entry is None:
             await self._store.index.remove(summary.tenant, summary.session_id, summary.owner)
+        return entry
+
+    async def _time_out(self, summary: ConversationSummary, now: float) -> int:
+        entry = await self._entry_or_forget(summary)
+        if entry is None:
             return 0
         meta = entry[0]
         if meta.state.status != "waiting_human" or now - meta.state.since < self._wait_s:
@@ -104,9 +110,8 @@ class ConversationTimers:
         return 1
 
     async def _close_idle(self, summary: ConversationSummary, now: float) -> int:
-        entry = await self._store.read_entry(summary.tenant, summary.session_id)
+        entry = await self._entry_or_forget(summary)
         if entry is None:
-            await self._store.index.remove(summary.tenant, summary.session_id, summary.owner)
             return 0
         meta = entry[0]
         if meta.state.status == "closed" or now - meta.updated_at < self._idle_s:

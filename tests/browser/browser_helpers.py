@@ -167,3 +167,12 @@ class CustomerSite:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def stored_state(page: Page) -> dict[str, object]:
+    """What the widget keeps in localStorage (token, visitor, conversation, last seq, outbox); {} before it ran."""
+    state: dict[str, object] = page.evaluate("""() => {
+        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
+        return key ? JSON.parse(localStorage.getItem(key)) : {};
+    }""")
+    return state

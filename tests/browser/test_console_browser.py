@@ -12,7 +12,7 @@ import requests
 from playwright.sync_api import Locator, Page, expect
 
 from services.devstack.stack import Stack
-from tests.browser.browser_helpers import BrowserPages, Relay, agent_token, csp_violations
+from tests.browser.browser_helpers import BrowserPages, Relay, agent_token, csp_violations, stored_state
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,10 +42,7 @@ def visitor_asks_for_a_human(pages: BrowserPages, stack: Stack, base_url: str,
     expect(widget_messages(page, "ai")).not_to_have_attribute("data-streaming", "", timeout=WAIT_MS)
     page.get_by_test_id("kefu-handoff").click()
     expect(page.get_by_test_id("kefu-status")).to_have_attribute("data-status", "waiting_human", timeout=WAIT_MS)
-    conversation_id: str = page.evaluate("""() => {
-        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
-        return JSON.parse(localStorage.getItem(key)).conversationId;
-    }""")
+    conversation_id = str(stored_state(page).get("conversationId") or "")
     assert conversation_id
     return page, conversation_id
 
@@ -218,18 +215,11 @@ def test_a_deleted_conversation_leaves_the_console_and_the_widget(web_stack: Sta
     claim(console, conversation_id)
     mine = console.locator(f"[data-testid=console-mine-item][data-conversation-id='{conversation_id}']")
     expect(mine).to_be_visible(timeout=WAIT_MS)
-    token = visitor.evaluate("""() => {
-        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
-        return JSON.parse(localStorage.getItem(key)).token;
-    }""")
+    token = stored_state(visitor)["token"]
     # The visitor erases the conversation (from anywhere: here straight over HTTP).
     deleted = requests.delete(f"{web_stack.base_url}/v1/sessions/{conversation_id}",
                               headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert deleted.status_code == 204
     expect(mine).to_have_count(0, timeout=WAIT_MS)
     expect(widget_messages(visitor, "visitor")).to_have_count(0, timeout=WAIT_MS)
-    stored = visitor.evaluate("""() => {
-        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
-        return JSON.parse(localStorage.getItem(key)).conversationId;
-    }""")
-    assert stored != conversation_id
+    assert stored_state(visitor).get("conversationId") != conversation_id

@@ -15,6 +15,7 @@ from tests.browser.browser_helpers import (
     CustomerSite,
     Relay,
     csp_violations,
+    stored_state,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,14 +56,6 @@ def record_ai_text_lengths(page: Page) -> None:
             if (answers.length) window.__aiLengths.push(answers[answers.length - 1].textContent.length);
         }).observe(root, {subtree: true, childList: true, characterData: true});
     }""")
-
-
-def stored_state(page: Page) -> dict[str, object]:
-    state: dict[str, object] = page.evaluate("""() => {
-        const key = Object.keys(localStorage).find(k => k.startsWith('kefu:demo:'));
-        return key ? JSON.parse(localStorage.getItem(key)) : {};
-    }""")
-    return state
 
 
 def test_widget_visitor_asks_and_sees_the_answer_stream_in(web_stack: Stack, browser_pages: BrowserPages) -> None:

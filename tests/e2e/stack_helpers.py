@@ -13,11 +13,13 @@ from services.devstack.stack import Stack, StackConfig, StackPorts
 SECRET = "e2e-" + secrets.token_hex(16)
 
 
-def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3) -> Stack:
-    """The whole system on free ports; a port taken between choosing and binding it means a retry."""
+def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3, workers: int = 1) -> Stack:
+    """The whole system on free ports with `workers` edge processes; a port taken between choosing and binding
+    it means a retry."""
     for attempt in range(1, attempts + 1):
         stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
-                                  env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs"))
+                                  env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs",
+                                  gateway_workers=workers))
         try:
             stack.start()  # stops whatever it started when it fails
             return stack

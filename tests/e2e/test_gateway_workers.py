@@ -16,31 +16,14 @@ from services.devstack.stack import (
     REPO_ROOT,
     TCP_ESTABLISHED,
     Stack,
-    StackConfig,
-    StackPorts,
     listening_pids,
     listens_on,
     sockets_by_pid,
 )
-from tests.e2e.stack_helpers import SECRET, wait_until
+from tests.e2e.stack_helpers import start_stack, wait_until
 
 CONNECTIONS = 64
 """Held at once: the kernel hashes each to a worker, so all 64 landing on one of two is a 2**-63 chance."""
-
-
-def start_stack(data_dir: Path, workers: int = 1, attempts: int = 3) -> Stack:
-    """The whole system on free ports with `workers` edge processes; a port taken meanwhile means a retry."""
-    for attempt in range(1, attempts + 1):
-        stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
-                                  env={"KEFU_SHUTDOWN_GRACE_S": "2"}, log_dir=data_dir / "logs",
-                                  gateway_workers=workers))
-        try:
-            stack.start()  # stops whatever it started when it fails
-            return stack
-        except (RuntimeError, TimeoutError):
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")

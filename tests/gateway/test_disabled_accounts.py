@@ -10,12 +10,17 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from gateway.auth import Principal
 from gateway.directory.account_status import AccountStatus
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
 from gateway.mint_token import mint
 from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import SECRET, ClientFactory, edge_settings, eventually, expect_error, start_edge
+
+
+def agent(tenant: str, subject: str) -> Principal:
+    return Principal(tenant=tenant, subject=subject, role="agent")
 
 
 @pytest.fixture
@@ -31,18 +36,18 @@ async def accounts(nats_client: NatsClient) -> AsyncIterator[AgentAccounts]:
 async def test_account_status_sees_a_disable_after_its_cache_and_passes_strangers(accounts: AgentAccounts) -> None:
     connected = True
     status = AccountStatus(accounts, lambda: connected, ttl_s=60.0)
-    assert not await status.disabled("shop1", "mei")
+    assert not await status.disabled(agent("shop1", "mei"))
     await accounts.set_disabled("shop1", "mei", True)
-    assert not await status.disabled("shop1", "mei")  # cached for ttl_s
+    assert not await status.disabled(agent("shop1", "mei"))  # cached for ttl_s
     fresh = AccountStatus(accounts, lambda: connected, ttl_s=0.0)
-    assert await fresh.disabled("shop1", "mei")
+    assert await fresh.disabled(agent("shop1", "mei"))
     # Other tenants, other spellings and subjects no account could have (an identity provider's) pass.
-    assert not await fresh.disabled("shop2", "mei")
-    assert not await fresh.disabled("shop1", "MEI")
-    assert not await fresh.disabled("shop1", "auth0|5f7c8ec7c33c6c004bbafe82")
+    assert not await fresh.disabled(agent("shop2", "mei"))
+    assert not await fresh.disabled(agent("shop1", "MEI"))
+    assert not await fresh.disabled(agent("shop1", "auth0|5f7c8ec7c33c6c004bbafe82"))
     # Without NATS nothing is read and nobody is locked out by it.
     connected = False
-    assert not await AccountStatus(accounts, lambda: connected, ttl_s=0.0).disabled("shop1", "mei")
+    assert not await AccountStatus(accounts, lambda: connected, ttl_s=0.0).disabled(agent("shop1", "mei"))
 
 
 async def test_disabled_account_is_locked_out_over_http_and_websocket(

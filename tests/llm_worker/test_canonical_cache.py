@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from services.llm_worker.answering import AnswerDone, Answerer, AnswerRequest, WarmedContexts
+from services.llm_worker.answering import Answerer, WarmedContexts
 from services.llm_worker.cache import AnswerCache, LocalTier
 from services.llm_worker.metrics import WorkerMetrics
-from services.llm_worker.plugin_api import ChatMessage, GenerationParams
+from services.llm_worker.plugin_api import ChatMessage
 from services.llm_worker.plugin_host import PluginHost
 from services.llm_worker.pregen import Pregenerator, PrioritySlots
 from tests.llm_worker.plugin_fixtures import replace_file
+from tests.llm_worker.test_cache import ask
 
-SYSTEM = ChatMessage("system", "You are a shop assistant.")
 # Answers echo the question, so a test sees which wording an answer was generated for. "Shipping?"
 # and "Returns?" are common questions; "how fast do you ship" is a confident paraphrase of the first.
 ECHO_PLUGIN = '''
@@ -96,19 +96,6 @@ async def host(tmp_path: Path) -> PluginHost:
     await plugin_host.start()
     yield plugin_host  # type: ignore[misc]
     await plugin_host.aclose()
-
-
-async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage) -> tuple[str, AnswerDone]:
-    parts: list[str] = []
-    done = None
-    async for event in answerer.answer(AnswerRequest("default", [SYSTEM, *messages], GenerationParams(),
-                                                     tenant, "s")):
-        if isinstance(event, str):
-            parts.append(event)
-        else:
-            done = event
-    assert done is not None
-    return "".join(parts), done
 
 
 def asked(host: PluginHost) -> list[str]:

@@ -8,13 +8,14 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from services.common.conversation_log import LOG_STREAM, log_subject
 from services.common.errors import NotFound
 from services.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import Conflict
 from services.session.meta_cache import MetaCache
 from services.session.models import SessionMeta
-from services.session.store import MESSAGE_STREAM, SessionStore, message_subject
+from services.session.store import SessionStore
 from services.session.tokens import TokenCounter
 from tests.session.test_store import AGENT, ALICE
 
@@ -58,7 +59,7 @@ async def test_append_after_another_replica_deleted_is_not_found_and_leaves_noth
     with pytest.raises(NotFound):
         await first.append(ALICE, created.session_id, "user", "after the delete")
     info = await nats_client.jetstream().stream_info(
-        MESSAGE_STREAM, subjects_filter=message_subject(ALICE.tenant, created.session_id))
+        LOG_STREAM, subjects_filter=log_subject(ALICE.tenant, created.session_id))
     assert not info.state.subjects  # the refused message did not stay behind
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -17,6 +16,7 @@ from services.devstack.nats_server import NatsServer
 from services.session.models import Principal
 from services.session.store import EXPIRY_MARKER_TTL_S, META_BUCKET, META_STREAM, SessionStore
 from services.session.tokens import TokenCounter
+from tests.session.live_helpers import poll
 
 ALICE = Principal("shop1", "alice", "visitor")
 BOB = Principal("shop1", "bob", "visitor")
@@ -175,14 +175,6 @@ async def test_store_two_replicas_racing_keep_counters_exact(big_store: SessionS
     finally:
         await nc.close()
     assert len(messages) == 301 and meta.message_count == 301 and meta.user_message_count == 1
-
-
-async def poll(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s} s")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
