@@ -1,0 +1,212 @@
+"""docs/api.md against the code: its error-code table, its environment variables and its routes."""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import pytest
+from aiohttp import hdrs
+
+from gateway.app import create_app
+from gateway.errors import api_error_from_grpc
+from gateway.settings import GatewaySettings
+from services.devstack.stack import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+API_MD = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+CODE_DIRS = ("gateway", "services", "plugins")
+
+# Calls that name an error code, and the position of the code among their arguments.
+CODE_ARGUMENT = {"ApiError": 0, "Refused": 0, "FrameError": 0, "StreamFailed": 0, "error_frame": 0,
+                 "nack_frame": 1, "_refuse": 1}
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(path for folder in folders for path in (REPO / folder).rglob("*.py"))
+
+
+def call_name(node: ast.Call) -> str:
+    func = node.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+def constant_strings(node: ast.AST | None) -> list[str]:
+    """The string constants an expression can evaluate to (`a if c else b` gives both)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.IfExp):
+        return constant_strings(node.body) + constant_strings(node.orelse)
+    return []
+
+
+def argument(node: ast.Call, index: int, keyword: str) -> ast.expr | None:
+    if len(node.args) > index:
+        return node.args[index]
+    return next((k.value for k in node.keywords if k.arg == keyword), None)
+
+
+def literal_codes() -> dict[str, set[int | None]]:
+    """Every error code the edge's source names literally, with the HTTP status it goes with when known."""
+    found: dict[str, set[int | None]] = defaultdict(set)
+    for path in python_files("gateway"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        statuses = class_statuses(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = call_name(node)
+                if name in CODE_ARGUMENT:
+                    status = argument(node, 2, "status") if name == "ApiError" else None
+                    http = status.value if isinstance(status, ast.Constant) else None
+                    for code in constant_strings(argument(node, CODE_ARGUMENT[name], "code")):
+                        found[code].add(http)
+                elif name == "__init__" and isinstance(node.func, ast.Attribute) and node.args:
+                    # super().__init__("code", ...) in an ApiError subclass with `status = <int>`
+                    owner = enclosing_class(tree, node)
+                    if owner in statuses:
+                        for code in constant_strings(node.args[0]):
+                            found[code].add(statuses[owner])
+                elif name == "get" and isinstance(node.func, ast.Attribute) and is_code_table(node.func.value):
+                    # {404: "not_found", ...}.get(status, "http_error") and TRANSITION_CODES.get(..., "unavailable")
+                    for value in [*dict_values(node.func.value, tree), *node.args[1:]]:
+                        for code in constant_strings(value):
+                            found[code].add(None)
+            elif isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "code":
+                        for code in constant_strings(value):
+                            found[code].add(None)
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "code" for t in node.targets):
+                for code in constant_strings(node.value):
+                    found[code].add(None)
+    return found
+
+
+def class_statuses(tree: ast.Module) -> dict[str, int]:
+    """Classes of the module that set `status = <int>` (ApiError subclasses)."""
+    statuses = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if (isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name)
+                        and item.targets[0].id == "status" and isinstance(item.value, ast.Constant)):
+                    statuses[node.name] = item.value.value
+    return statuses
+
+
+def enclosing_class(tree: ast.Module, target: ast.AST) -> str:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(child is target for child in ast.walk(node)):
+            return node.name
+    return ""
+
+
+def is_code_table(node: ast.expr) -> bool:
+    return isinstance(node, ast.Dict) or (isinstance(node, ast.Name) and node.id.endswith("_CODES"))
+
+
+def dict_values(node: ast.expr, tree: ast.Module) -> list[ast.expr]:
+    if isinstance(node, ast.Dict):
+        return list(node.values)
+    name = node.id if isinstance(node, ast.Name) else ""
+    for statement in tree.body:  # a module-level table: NAME = {...}
+        if (isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Dict)
+                and any(isinstance(t, ast.Name) and t.id == name for t in statement.targets)):
+            return list(statement.value.values)
+    return []
+
+
+def mapped_codes() -> dict[str, set[int | None]]:
+    """What api_error_from_grpc really gives, for every gRPC status and every backend the edge names."""
+    backends = set()
+    for path in python_files("gateway"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and call_name(node) in ("api_error_from_grpc", "_stream_failure"):
+                backends.update(constant_strings(argument(node, 1, "backend")))
+    assert {"session", "moderation", "llm"} <= backends
+    found: dict[str, set[int | None]] = defaultdict(set)
+    for backend in backends:
+        for code in grpc.StatusCode:
+            error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
+            api_error = api_error_from_grpc(error, backend)
+            found[api_error.code].add(api_error.status)
+    return found
+
+
+def code_table() -> dict[str, str]:
+    """docs/api.md's error-code table: code -> its HTTP cell."""
+    section = API_MD.split("\n## Error codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", section, flags=re.MULTILINE)
+    assert rows, "no error-code table under '## Error codes'"
+    table = dict(rows)
+    assert len(table) == len(rows), "a code is listed twice"
+    return {code: http.strip() for code, http in table.items()}
+
+
+def test_api_md_error_table_lists_exactly_the_codes_the_edge_produces() -> None:
+    produced: dict[str, set[int | None]] = defaultdict(set)
+    for source in (literal_codes(), mapped_codes()):
+        for code, statuses in source.items():
+            produced[code] |= statuses
+    table = code_table()
+    assert set(table) == set(produced), (f"in the code, not in docs/api.md: {sorted(set(produced) - set(table))}; "
+                                         f"in docs/api.md, not in the code: {sorted(set(table) - set(produced))}")
+    wrong = {code: (table[code], sorted(s for s in statuses if s is not None))
+             for code, statuses in produced.items()
+             if any(s is not None and str(s) not in table[code] for s in statuses)}
+    assert not wrong, f"HTTP statuses the table does not state (table cell, code's statuses): {wrong}"
+
+
+def test_api_md_error_table_collector_sees_each_kind_of_source() -> None:
+    """The collector is only as good as the patterns it knows: each kind must still find something."""
+    literal = literal_codes()
+    assert 413 in literal["body_too_large"]  # an ApiError subclass's status
+    assert 426 in literal["websocket_required"]  # ApiError(code, message, status)
+    assert {"unknown_type", "claim_conflict", "not_assigned", "http_error", "invalid_state"} <= set(literal)
+    assert 504 in mapped_codes()["upstream_timeout"]
+
+
+def documented_variables() -> set[str]:
+    return set(re.findall(r"\bKEFU_[A-Z0-9_]+[A-Z0-9]\b", API_MD))
+
+
+def code_variables() -> set[str]:
+    names: set[str] = set()
+    for path in python_files(*CODE_DIRS):
+        names.update(re.findall(r"\bKEFU_[A-Z0-9_]+[A-Z0-9]\b", path.read_text(encoding="utf-8")))
+    return names - {"KEFU_MESSAGES"}  # the conversation logs' JetStream stream, not a setting
+
+
+def test_api_md_documents_every_environment_variable_and_no_other() -> None:
+    code, documented = code_variables(), documented_variables()
+    assert len(code) > 60
+    assert code - documented == set(), "read by the code, missing from docs/api.md"
+    assert documented - code == set(), "in docs/api.md, read by no code"
+
+
+NUMERIC_EDGE_SETTINGS = sorted(name for name, f in GatewaySettings.__dataclass_fields__.items()
+                               if isinstance(f.default, int | float) and not isinstance(f.default, bool))
+
+
+@pytest.mark.parametrize("field", NUMERIC_EDGE_SETTINGS)
+def test_api_md_edge_defaults_are_the_settings(field: str) -> None:
+    """The edge table's default of each numeric setting is GatewaySettings' (KEFU_ + the field's name)."""
+    default = GatewaySettings.__dataclass_fields__[field].default
+    variable = "KEFU_" + field.upper()
+    edge = API_MD.split("Edge (`python -m gateway`):", 1)[1].split("\n\n", 2)[1]
+    row = next((line for line in edge.splitlines() if f"`{variable}`" in line), None)
+    assert row is not None, f"{variable} is not in the edge's table"
+    numbers = {float(n) for n in re.findall(r"\d+(?:\.\d+)?", row.split("|")[2])}
+    assert float(default) in numbers, (variable, default, row)
+
+
+def test_api_md_names_every_route() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    app = create_app(GatewaySettings(jwt_secret="x" * 32, session_addr=dead, moderation_addr=dead, worker_addr=dead))
+    routes = {(route.method, route.resource.canonical) for route in app.router.routes()
+              if route.resource is not None and route.method != hdrs.METH_HEAD}
+    missing = sorted(f"{method} {path}" for method, path in routes if f"`{method} {path}`" not in API_MD)
+    assert not missing
