@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import pytest
@@ -44,6 +45,53 @@ def test_asyncapi_document_has_the_required_asyncapi_3_structure() -> None:
             assert message["$ref"].startswith(operation["channel"]["$ref"] + "/messages/"), (name, message)
     for name, message in DOCUMENT["components"]["messages"].items():
         assert "payload" in message and message["name"], name
+
+
+# AsyncAPI 3.0.0's fixed fields of the objects this document uses (any `x-` extension is allowed too).
+FIXED_FIELDS = {
+    "document": {"asyncapi", "id", "info", "servers", "defaultContentType", "channels", "operations", "components"},
+    "info": {"title", "version", "description", "termsOfService", "contact", "license", "tags", "externalDocs"},
+    "server": {"host", "protocol", "protocolVersion", "pathname", "description", "title", "summary", "variables",
+               "security", "tags", "externalDocs", "bindings"},
+    "channel": {"address", "messages", "title", "summary", "description", "servers", "parameters", "tags",
+                "externalDocs", "bindings"},
+    "operation": {"action", "channel", "title", "summary", "description", "security", "tags", "externalDocs",
+                  "bindings", "traits", "messages", "reply"},
+    "message": {"headers", "payload", "correlationId", "contentType", "name", "title", "summary", "description",
+                "tags", "externalDocs", "bindings", "examples", "traits"},
+    "components": {"schemas", "servers", "channels", "operations", "messages", "securitySchemes", "serverVariables",
+                   "parameters", "correlationIds", "replies", "replyAddresses", "externalDocs", "tags",
+                   "operationTraits", "messageTraits", "serverBindings", "channelBindings", "operationBindings",
+                   "messageBindings"},
+}
+COMPONENT_KEY = re.compile(r"^[a-zA-Z0-9.\-_]+$")
+
+
+def unknown_fields(node: dict[str, Any], kind: str) -> set[str]:
+    return {key for key in node if key not in FIXED_FIELDS[kind] and not key.startswith("x-")}
+
+
+def test_asyncapi_objects_use_only_the_specifications_fields() -> None:
+    problems = [("document", unknown_fields(DOCUMENT, "document")), ("info", unknown_fields(DOCUMENT["info"], "info")),
+                ("components", unknown_fields(DOCUMENT["components"], "components"))]
+    problems += [(name, unknown_fields(server, "server")) for name, server in DOCUMENT["servers"].items()]
+    problems += [(name, unknown_fields(channel, "channel")) for name, channel in DOCUMENT["channels"].items()]
+    problems += [(name, unknown_fields(op, "operation")) for name, op in DOCUMENT["operations"].items()]
+    problems += [(name, unknown_fields(m, "message")) for name, m in DOCUMENT["components"]["messages"].items()]
+    assert not [problem for problem in problems if problem[1]]
+    for kind, entries in DOCUMENT["components"].items():
+        assert all(COMPONENT_KEY.fullmatch(key) for key in entries), kind
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENT["components"]["messages"]))
+def test_asyncapi_examples_match_their_message(name: str) -> None:
+    message = DOCUMENT["components"]["messages"][name]
+    assert message["examples"], "every message shows an example"
+    validator = Draft202012Validator(inline(message["payload"]))
+    for example in message["examples"]:
+        assert not [error.message for error in validator.iter_errors(example["payload"])]
+        if name.startswith("Client"):
+            assert decoder_accepts(example["payload"])
 
 
 def test_asyncapi_every_ref_resolves() -> None:
