@@ -210,3 +210,25 @@ def test_api_md_names_every_route() -> None:
               if route.resource is not None and route.method != hdrs.METH_HEAD}
     missing = sorted(f"{method} {path}" for method, path in routes if f"`{method} {path}`" not in API_MD)
     assert not missing
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", ["docs/api.md", "README.md"])
+def test_api_md_links_resolve(document: str) -> None:
+    path = REPO / document
+    text = path.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        assert file.is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", file.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            assert anchor in {slug(h) for h in headings}, link
