@@ -55,7 +55,8 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def _is_cjk(ch: str) -> bool:
+def is_cjk(ch: str) -> bool:
+    """A Han character (the scripts Chinese is written in, without spaces between words)."""
     return "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\U00020000" <= ch <= "\U0003134f"
 
 
@@ -81,7 +82,7 @@ class Analyzer:
         for token in rjieba.cut_for_search(self.normalize(text)):
             if not any(unicodedata.category(ch)[0] in "LN" for ch in token):
                 continue  # spaces, punctuation, symbols, emoji
-            if any(_is_cjk(ch) for ch in token):
+            if any(is_cjk(ch) for ch in token):
                 if token not in ZH_STOP_WORDS:
                     found.append(token)
             elif token not in EN_STOP_WORDS:

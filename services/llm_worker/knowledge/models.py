@@ -34,6 +34,8 @@ class FaqItem:
     answer: str
     alternates: tuple[str, ...] = ()
     """Other phrasings of `question`."""
+    handoff: bool = False
+    """The answer itself hands the visitor over to a human (e.g. "can I talk to a person?")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class Chunk:
     kind: ChunkKind = "text"
     answer: str = ""
     """An FAQ item's answer ("" for text)."""
+    handoff: bool = False
+    """An FAQ item whose answer hands the visitor over to a human."""
 
     @property
     def indexed_text(self) -> str:
