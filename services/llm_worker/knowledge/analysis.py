@@ -11,11 +11,12 @@ import opencc
 import rjieba
 import Stemmer
 
-# Function and question words: they say how something is asked, not what about. Kept short on purpose:
+# Function and question words (and greetings): they say how something is asked, not what about. Kept short on purpose:
 # a word that names a topic in customer service ("不能", "使用", "今天") must stay searchable, unlike
 # in bm25s' 841-word Chinese list.
 ZH_STOP_WORDS = frozenset(
     """
+    你好 您好 谢谢 麻烦 亲 嗨 哈喽 嘿 好的 已经 已 曾经 多久 多长 多长时间 多大 怎么办 咋办
     的 地 得 了 着 过 吗 呢 吧 啊 呀 嘛 哦 哈 呐 么 嗯 哇 哟 是 在 有 和 与 及
     或 就 都 也 还 又 被 把 给 对 从 向 于 以 为 之 其 所 而 则 且 等 等等 即
     这 那 这个 那个 这些 那些 这里 那里 个 我 你 您 他 她 它 我们 你们 他们 她们

@@ -110,10 +110,13 @@ class KnowledgeIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         top = top[scores[top] > 0]
         total_idf = sum(self.idf(t) for t in terms)
+        known = [(t, self._vocabulary[t]) for t in terms if t in self._vocabulary]
         hits = []
         for row in top.tolist():
-            matched = sum(float(self._idf[n]) for n in numbers if self._contains(n, row))
-            hits.append(Hit(chunk=self._chunks[row], score=float(scores[row]), coverage=matched / total_idf))
+            matched = tuple(t for t, n in known if self._contains(n, row))
+            coverage = sum(self.idf(t) for t in matched) / total_idf
+            hits.append(Hit(chunk=self._chunks[row], score=float(scores[row]), coverage=coverage,
+                            matched_terms=matched))
         return hits
 
     def _contains(self, number: int, row: int) -> bool:

@@ -86,6 +86,8 @@ class Hit:
     """The BM25 score."""
     coverage: float = 0.0
     """The IDF-weighted share of the query's terms that this chunk contains, in [0, 1]."""
+    matched_terms: tuple[str, ...] = ()
+    """The query's terms this chunk contains, in the query's order."""
 
 
 @dataclass(frozen=True, slots=True)
