@@ -12,7 +12,7 @@ from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2, llm_pb2_grpc
 from services.common.errors import NotFound
 from services.common.grpc_server import (
     add_health_and_reflection,
@@ -27,6 +27,9 @@ from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.answering import Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.coalesce import coalesced
+from services.llm_worker.kb.runtime import start_knowledge
+from services.llm_worker.kb.server import SERVICE_NAME as KNOWLEDGE_SERVICE_NAME
+from services.llm_worker.kb.server import KnowledgeServicer
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import PluginHost, PluginLoadError
@@ -116,12 +119,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return llm_pb2.InvalidateCacheResponse(scope=scope)
 
 
-async def create_server(settings: WorkerSettings, servicer: LlmServicer,
-                        metrics: WorkerMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+async def create_server(settings: WorkerSettings, servicer: LlmServicer, metrics: WorkerMetrics,
+                        knowledge: KnowledgeServicer | None = None,
+                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
-    server = create_grpc_server(metrics.registry)
+    # A PutDocument carries a whole document.
+    server = create_grpc_server(metrics.registry, max_receive_bytes=settings.kb_max_document_bytes + 1024 * 1024)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
-    health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
+    names = [SERVICE_NAME]
+    if knowledge is not None:
+        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(knowledge, server)
+        names.append(KNOWLEDGE_SERVICE_NAME)
+    health_servicer = await add_health_and_reflection(server, names)
     port = bind(server, settings.host, settings.grpc_port)
     return server, health_servicer, port
 
@@ -162,6 +171,7 @@ async def serve(settings: WorkerSettings) -> None:
         raise SystemExit(f"llm_worker: cannot start, plugins in {settings.plugins_dir} are broken: {error}") from None
     metrics.plugin_generation.set(host.current.number)
     cache, nc = await open_cache(settings, metrics)
+    knowledge = await start_knowledge(settings, metrics.registry)
     pregen = None
     if cache is not None and settings.pregen_enabled:
         pregen = Pregenerator(cache, metrics, live_streams=lambda: int(metrics.active_streams._value.get()),
@@ -173,7 +183,8 @@ async def serve(settings: WorkerSettings) -> None:
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
-        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics)
+        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics,
+                                                            KnowledgeServicer(knowledge.base))
         await server.start()
         log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))
         await wait_for_stop_signal()
@@ -186,6 +197,7 @@ async def serve(settings: WorkerSettings) -> None:
             await pregen.aclose()
         if cache is not None:
             await cache.aclose()
+        await knowledge.aclose()
         if nc is not None:
             await close_nats(nc)
         await host.aclose()
