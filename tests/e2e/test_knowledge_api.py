@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import docx
 import pytest
 from fpdf import FPDF
 
+from services.devstack.__main__ import DEMO_KNOWLEDGE
 from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, start_stack
 
@@ -28,7 +30,7 @@ VISITOR = auth(tenant="kbshop", sub="visitor-1", role="visitor")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     started = start_stack(tmp_path_factory.mktemp("knowledge-api"), {
         "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_KB_MAX_DOCUMENT_BYTES": str(MAX_DOCUMENT_BYTES),
-        "KEFU_KB_MAX_DOCUMENTS": "12", "KEFU_KB_MAX_TENANT_BYTES": "500000"})
+        "KEFU_KB_MAX_DOCUMENTS": "12", "KEFU_KB_MAX_TENANT_BYTES": "500000", "KEFU_KB_SEED_DIR": str(DEMO_KNOWLEDGE)})
     try:
         yield started
     finally:
@@ -138,6 +140,21 @@ async def test_knowledge_every_format_is_ingested_and_found(stack: Stack) -> Non
                               ADMIN)
     assert {d["document_id"] for d in listed["documents"] + rest["documents"]} >= set(ids.values())
     assert rest["next_cursor"] is None
+
+
+async def test_knowledge_the_seed_folder_gives_the_demo_tenant_its_documents(stack: Stack) -> None:
+    admin = auth(tenant="demo", sub="boss", role="admin")
+    expected = {"shop-faq": "faq_json", "shipping": "markdown", "returns-and-refunds": "markdown"}
+    for document_id in expected:
+        document = await settled(stack, document_id, 1, admin)
+        assert document["status"] == "ready" and document["format"] == expected[document_id], document
+    assert (await settled(stack, "shipping", 1, admin))["title"] == "配送政策 Shipping policy"
+    results = await search(stack, "满多少包邮", auth(tenant="demo", sub="agent-1", role="agent"))
+    assert results and results[0]["document_id"] in ("shop-faq", "shipping") and "99" in results[0]["text"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.config.ports.worker_metrics}/metrics",
+                                     timeout=5).read().decode()
+    assert 'kefu_kb_documents_total{status="ready"}' in metrics and "tenant=" not in metrics
+    assert "kefu_kb_index_cache_bytes" in metrics
 
 
 async def test_knowledge_a_broken_pdf_fails_alone_and_the_previous_version_serves(stack: Stack) -> None:
