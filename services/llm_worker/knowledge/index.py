@@ -37,10 +37,16 @@ class KnowledgeIndex:
     def __init__(self, chunks: Sequence[Chunk], data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                  vocabulary: Sequence[str], analyzer: Analyzer | None = None) -> None:
         """Use `build` or `from_bytes`. `data`/`indices`/`indptr`: the (chunks x terms) BM25 score matrix in
-        compressed sparse column form, row indexes sorted within each column."""
+        compressed sparse column form, row indexes sorted within each column; `vocabulary`: the terms of
+        the columns in order."""
         self._chunks = tuple(chunks)
         self._by_id = {chunk.chunk_id: chunk for chunk in self._chunks}
-        self._vocabulary = {term: number for number, term in enumerate(vocabulary)}
+        # Terms are looked up by their hash in a sorted array, not in a dict of strings: 16 bytes a term
+        # instead of ~180, which is most of a small tenant's index (this process's hash; never stored).
+        hashes = np.fromiter((hash(term) for term in vocabulary), dtype=np.int64, count=len(vocabulary))
+        self._term_order = np.argsort(hashes, kind="stable")
+        self._term_hashes = hashes[self._term_order]
+        self._vocabulary_json = json.dumps(list(vocabulary), ensure_ascii=False).encode()
         self._analyzer = analyzer or default_analyzer()
         self._data, self._indices, self._indptr = data, indices, indptr
         count = len(self._chunks)
@@ -51,9 +57,16 @@ class KnowledgeIndex:
         self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
         self._bm25.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": count}
         self._bm25.nonoccurrence_array = None
-        self._nbytes = (data.nbytes + indices.nbytes + indptr.nbytes + self._idf.nbytes
-                        + sum(sys.getsizeof(term) + 100 for term in self._vocabulary)
-                        + sum(_chunk_size(chunk) for chunk in self._chunks))
+        self._nbytes = (sum(a.nbytes for a in (data, indices, indptr, self._idf, self._term_order, self._term_hashes))
+                        + len(self._vocabulary_json) + sum(_chunk_size(chunk) for chunk in self._chunks))
+
+    def _column(self, term: str) -> int | None:
+        """The term's column, None when no chunk has it."""
+        key = hash(term)
+        at = int(np.searchsorted(self._term_hashes, key))
+        if at < len(self._term_hashes) and self._term_hashes[at] == key:
+            return int(self._term_order[at])
+        return None
 
     @classmethod
     def build(cls, chunks: Sequence[Chunk], analyzer: Analyzer | None = None) -> KnowledgeIndex:
@@ -94,14 +107,16 @@ class KnowledgeIndex:
 
     def idf(self, term: str) -> float:
         """The term's IDF in this index (the highest value for a term no chunk has)."""
-        number = self._vocabulary.get(term)
+        number = self._column(term)
         return self._unknown_idf if number is None else float(self._idf[number])
 
     def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit]:
         """The `k` best chunks for `query` (text, or terms from this index's analyzer), best first; only
         chunks sharing a term with the query."""
         terms = list(dict.fromkeys(self._analyzer.terms(query) if isinstance(query, str) else query))
-        numbers = [self._vocabulary[t] for t in terms if t in self._vocabulary]
+        columns = [(term, self._column(term)) for term in terms]
+        known = [(term, number) for term, number in columns if number is not None]
+        numbers = [number for _, number in known]
         if not numbers or k < 1:
             return []
         scores = self._bm25.get_scores_from_ids(numbers)
@@ -109,12 +124,12 @@ class KnowledgeIndex:
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         top = top[scores[top] > 0]
-        total_idf = sum(self.idf(t) for t in terms)
-        known = [(t, self._vocabulary[t]) for t in terms if t in self._vocabulary]
+        idf = {term: self._unknown_idf if number is None else float(self._idf[number]) for term, number in columns}
+        total_idf = sum(idf.values())
         hits = []
         for row in top.tolist():
             matched = tuple(t for t, n in known if self._contains(n, row))
-            coverage = sum(self.idf(t) for t in matched) / total_idf
+            coverage = sum(idf[t] for t in matched) / total_idf
             hits.append(Hit(chunk=self._chunks[row], score=float(scores[row]), coverage=coverage,
                             matched_terms=matched))
         return hits
@@ -130,8 +145,7 @@ class KnowledgeIndex:
         with zipfile.ZipFile(out, "w") as archive:
             meta = {"format": FORMAT_VERSION, "k1": K1, "b": B, "chunks": len(self._chunks)}
             archive.writestr("meta.json", json.dumps(meta), zipfile.ZIP_DEFLATED)
-            archive.writestr("vocabulary.json", json.dumps(list(self._vocabulary), ensure_ascii=False),
-                             zipfile.ZIP_DEFLATED)
+            archive.writestr("vocabulary.json", self._vocabulary_json, zipfile.ZIP_DEFLATED)
             archive.writestr("chunks.json", json.dumps([asdict(c) for c in self._chunks], ensure_ascii=False),
                              zipfile.ZIP_DEFLATED)
             for name, array in (("data", self._data), ("indices", self._indices), ("indptr", self._indptr)):
