@@ -27,6 +27,7 @@ from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.answering import Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.coalesce import coalesced
+from services.llm_worker.grounded import Grounding
 from services.llm_worker.kb.runtime import start_knowledge
 from services.llm_worker.kb.server import SERVICE_NAME as KNOWLEDGE_SERVICE_NAME
 from services.llm_worker.kb.server import KnowledgeServicer
@@ -84,7 +85,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             messages=[ChatMessage(m.role, m.content) for m in request.messages],
             params=GenerationParams(max_tokens=request.max_tokens or None,
                                     temperature=request.temperature if request.HasField("temperature") else None),
-            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get())
+            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get(),
+            grounding=Grounding.of(request.grounding, request.assistant_name))
         try:
             async for event in coalesced(self._answerer.answer(answer)):
                 if isinstance(event, str):
@@ -94,7 +96,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                         finish_reason=event.finish_reason, model=event.model, cached=event.cached,
                         provider=event.provider, generation=event.generation, route=event.route,
                         usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                            completion_tokens=event.completion_tokens)))
+                                            completion_tokens=event.completion_tokens),
+                        citations=[llm_pb2.Citation(**c.to_json()) for c in event.citations]))
         except NotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, error.message)
         except ProviderError as error:
@@ -178,7 +181,7 @@ async def serve(settings: WorkerSettings) -> None:
                               concurrency=settings.pregen_concurrency,
                               tokens_per_minute=settings.pregen_tokens_per_minute,
                               max_live_streams=settings.pregen_max_live_streams)
-    answerer = Answerer(host, metrics, cache, pregen)
+    answerer = Answerer(host, metrics, cache, pregen, knowledge=knowledge.library)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
