@@ -233,8 +233,9 @@
 
   function safeUrl(url) {
     // A document's link is what its uploader typed: only http(s) becomes a link, never javascript: or data:.
+    // A path ("/returns") belongs to the shop's own site, the page the widget is embedded in.
     try {
-      var parsed = new URL(url);
+      var parsed = new URL(url, location.href);
       return parsed.protocol === 'http:' || parsed.protocol === 'https:' ? parsed.href : null;
     } catch (e) { return null; }
   }
