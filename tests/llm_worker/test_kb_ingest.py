@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 
 from services.common.errors import NotFound
-from services.llm_worker.kb.build import IndexBuilder
+from services.common.nats_client import connect_nats
+from services.devstack.nats_server import NatsServer, start_nats_server
+from services.llm_worker.kb.build import IndexBuilder, SourceDocument
 from services.llm_worker.kb.ingest import Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
@@ -268,3 +271,57 @@ async def test_kb_library_lru_stays_within_its_bytes(nats_client: NatsClient, bu
         assert await kb.library.search("t1", "orders ship", 3)  # loaded again on demand
     finally:
         await kb.library.aclose()
+
+
+async def test_kb_a_build_past_its_timeout_is_stopped_and_the_next_runs() -> None:
+    builder = IndexBuilder()
+    source = SourceDocument("doc", 1, "", "", "page.md", "markdown", SHIPPING)
+    try:
+        with pytest.raises(TimeoutError):
+            await builder.build(None, {}, [source], timeout_s=0.01)  # still starting its process
+        result = await builder.build(None, {}, [source], timeout_s=60)
+        assert result.documents == {"doc": 1} and result.outcomes["doc"].chunks >= 1
+    finally:
+        await builder.aclose()
+
+
+async def test_kb_library_follows_updates_after_nats_restarts(nats_server: NatsServer, builder: IndexBuilder,
+                                                             tmp_path: Path) -> None:
+    libraries: list[KnowledgeLibrary] = []
+    # As the worker wires it (kb.runtime): the client's reconnect tells the library.
+    runtime_nc = await connect_nats(nats_server.url, "test-library",
+                                    reconnected=lambda: [library.reconnected() for library in libraries] and None)
+    writer_nc = await connect_nats(nats_server.url, "test-writer")
+    reader = await open_kb(runtime_nc, builder)
+    libraries.append(reader.library)
+    writer = await open_kb(writer_nc, builder)
+    try:
+        await put(writer, "shop1", "shipping", SHIPPING)
+        await writer.ingestor.reconcile("shop1")
+        assert (await reader.library.snapshot("shop1")).search("orders ship")
+        port = int(nats_server.url.rsplit(":", 1)[1])
+        nats_server.stop()
+        restarted = start_nats_server(nats_server.store_dir, port=port)
+        nats_server.process = restarted.process  # the fixture stops whichever runs
+        for _ in range(100):  # both clients back, and JetStream answering (it recovers its store first)
+            try:
+                if runtime_nc.is_connected and writer_nc.is_connected:
+                    await writer_nc.jetstream(timeout=0.5).account_info()
+                    await writer.store.state("shop1")
+                    break
+            except (NatsError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+        await put(writer, "shop1", "returns", RETURNS)
+        state = await writer.ingestor.reconcile("shop1")
+        assert state is not None
+        for _ in range(200):
+            if (await reader.library.snapshot("shop1")).version == state.version:
+                break
+            await asyncio.sleep(0.05)
+        assert [h.chunk.document_id for h in (await reader.library.snapshot("shop1")).search("refund")] == ["returns"]
+    finally:
+        await reader.library.aclose()
+        await writer.library.aclose()
+        await runtime_nc.close()
+        await writer_nc.close()

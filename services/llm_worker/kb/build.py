@@ -103,20 +103,32 @@ class IndexBuilder:
     def __init__(self) -> None:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
-    async def build(self, previous: bytes | None, keep: Mapping[str, int],
-                    sources: Sequence[SourceDocument]) -> BuildResult:
+    async def build(self, previous: bytes | None, keep: Mapping[str, int], sources: Sequence[SourceDocument], *,
+                    timeout_s: float | None = None) -> BuildResult:
         if self._executor is None:
             # spawn, not fork: the worker's gRPC and NATS threads must not be forked mid-flight.
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, build_index, previous, dict(keep), list(sources))
+            async with asyncio.timeout(timeout_s):
+                return await loop.run_in_executor(self._executor, build_index, previous, dict(keep), list(sources))
+        except TimeoutError:
+            self._stop_process()  # stuck: a new process for the next build
+            raise
         except concurrent.futures.process.BrokenProcessPool:
             # The process died (a parser crashed, out of memory): start a new one next time.
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+            self._stop_process()
             raise
+
+    def _stop_process(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # Python 3.11's executor cannot stop a running task; kill its process (3.14 has terminate_workers()).
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
         if self._executor is not None:

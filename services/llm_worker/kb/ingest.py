@@ -33,6 +33,11 @@ JOBS_CONSUMER = "kb-ingest"
 ACK_WAIT_S = 60.0
 """A job not acked this long after delivery goes to another replica (a crashed one's); in_progress extends it."""
 BATCH = 64
+MAX_ATTEMPTS = 4
+"""Deliveries of a tenant's jobs before its pending documents are marked failed."""
+RETRY_DELAY_S = 2.0
+BUILD_TIMEOUT_S = 900.0
+"""One rebuild (parse, chunk, index) longer than this is stopped (a parser stuck on a hostile file)."""
 PUBLISH_ATTEMPTS = 5
 PENDING = frozenset({"queued", "indexing"})
 
@@ -111,26 +116,37 @@ class Ingestor:
             keepalive = asyncio.create_task(_keep_in_progress(messages), name="kb-job-keepalive")
             try:
                 await self.reconcile(tenant)
-            except (NatsError, TimeoutError, OSError) as error:
+            except Exception as error:
                 self._metrics.ingest_failures.inc()
-                log.warning("knowledge index of tenant %s not rebuilt: %s; the job is retried", tenant,
-                            str(error) or type(error).__name__)
-                for message in messages:
-                    with contextlib.suppress(NatsError, TimeoutError):
-                        await message.nak(delay=2)
-                continue
-            except Exception:
-                self._metrics.ingest_failures.inc()
-                log.exception("knowledge index of tenant %s not rebuilt; the job is retried", tenant)
-                for message in messages:
-                    with contextlib.suppress(NatsError, TimeoutError):
-                        await message.nak(delay=5)
-                continue
+                reason = str(error) or type(error).__name__
+                if max(m.metadata.num_delivered for m in messages) < MAX_ATTEMPTS:
+                    # NATS trouble is worth a retry; anything else is logged with its traceback.
+                    expected = isinstance(error, NatsError | TimeoutError | OSError)
+                    log.warning("knowledge index of tenant %s not rebuilt: %s; the job is retried", tenant, reason,
+                                exc_info=not expected)
+                    for message in messages:
+                        with contextlib.suppress(NatsError, TimeoutError):
+                            await message.nak(delay=RETRY_DELAY_S)
+                    continue
+                log.warning("knowledge index of tenant %s not rebuilt after %d attempts: %s; its pending "
+                            "documents are marked failed", tenant, MAX_ATTEMPTS, reason)
+                with contextlib.suppress(Exception):
+                    await self._give_up(tenant, type(error).__name__)
             finally:
                 keepalive.cancel()
             for message in messages:
                 with contextlib.suppress(NatsError, TimeoutError):
                     await message.ack()
+
+    async def _give_up(self, tenant: str, reason: str) -> None:
+        """Mark the tenant's pending documents failed, so a document that breaks every build is not retried
+        forever (the previous versions keep serving; a new upload tries again)."""
+        error = f"ingestion failed {MAX_ATTEMPTS} times ({reason})"
+        for record, _ in await self._store.records(tenant):
+            if record.status in PENDING:
+                await self._store.update_record(tenant, record.document_id, lambda r, v=record.version: replace(
+                    r, status="failed", error=error, updated_at=time.time()) if r.version == v else None)
+                self._metrics.documents.labels("failed").inc()
 
     async def reconcile(self, tenant: str) -> IndexState | None:
         """Make the tenant's published index match its records; the new state, or None when nothing changed."""
@@ -141,7 +157,7 @@ class Ingestor:
             start = time.perf_counter()
             await self._mark_indexing(tenant, plan)
             previous = await self._store.read_index(plan.state.index) if plan.state.index else None
-            result = await self._builder.build(previous, plan.keep, plan.sources)
+            result = await self._builder.build(previous, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
             name = await self._store.write_index(tenant, result.index) if result.index is not None else ""
             state = IndexState(version=plan.state.version + 1, index=name, documents=result.documents)
             revision = await self._store.publish(tenant, state, plan.revision)
