@@ -252,15 +252,16 @@ def terms(text: str) -> set[str]:
 
 
 def grounded_reply(messages: Sequence[Mapping[str, Any]], question: str, decline_marker: str) -> str:
-    """The best sentence of the passage sharing most of the question's words, cited; else the marker."""
+    """The best sentence of the passage sharing most of the question's words (two at least), cited;
+    else the marker."""
     wanted = terms(question)
     best: tuple[int, int, str] | None = None
     for number, text in sorted(passages_in(messages).items()):
         shared = len(wanted & terms(text))
         if shared and (best is None or shared > best[0]):
             best = (shared, number, text)
-    if not wanted or best is None or best[0] * 2 < len(wanted):
-        return decline_marker
+    if not wanted or best is None or best[0] < min(2, len(wanted)):
+        return decline_marker  # a grounded model wants more than one shared word before it answers
     _, number, text = best
     sentences = [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
     sentence = max(sentences, key=lambda s: len(wanted & terms(s)))
