@@ -37,6 +37,7 @@ POINTS_TEXT = """# 会员积分
 """
 POINTS_QUESTION = "积分可以怎么抵扣货款？"
 POINTS_ANSWER = "每100积分抵扣1元"
+UNANSWERED_QUESTION = "你们支持用比特币付款吗？"
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,13 @@ def test_knowledge_admin_drops_a_markdown_file_sees_it_ready_and_asks_the_try_bo
     while admin_api(kb_web_stack, "GET", f"/v1/sessions/{session_id}/messages").status_code != 404:
         assert time.monotonic() < deadline, "the try box left its conversation behind"
         time.sleep(0.1)
+
+    # A question the documents do not answer: the page says a visitor would be handed to a human.
+    console.get_by_test_id("kb-try-input").fill(UNANSWERED_QUESTION)
+    console.get_by_test_id("kb-try-send").click()
+    expect(answer).to_have_attribute("data-finish-reason", "handoff", timeout=WAIT_MS)
+    expect(answer.locator(".kb-handoff")).to_be_visible()
+    expect(answer.get_by_test_id("kb-citation")).to_have_count(0)
     assert csp_violations(browser_pages) == []
 
 
@@ -155,6 +163,17 @@ def test_knowledge_broken_pdf_shows_failed_with_its_error_and_delete_removes_a_d
     stored = admin_api(kb_web_stack, "GET", f"/v1/knowledge/documents/{document_id}").json()
     assert stored["status"] == "failed" and stored["error"]
     expect(row.get_by_test_id("kb-document-error")).to_have_text(stored["error"])  # the one-line reason
+
+    # A type kefu cannot read is refused at once, with the API's reason; no document is made of it.
+    photo = {"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n not parsed"}
+    refused = requests.post(f"{kb_web_stack.base_url}/v1/knowledge/documents", timeout=30,
+                            headers={"Authorization": f"Bearer {admin_token()}"},
+                            files={"file": (photo["name"], photo["buffer"], photo["mimeType"])})
+    assert refused.status_code == 415
+    console.get_by_test_id("kb-upload-input").set_input_files(photo)
+    expect(console.get_by_test_id("kb-upload-status")).to_contain_text(
+        f"photo.png：{refused.json()['error']['message']}", timeout=WAIT_MS)
+    expect(document_row(console, "photo.png")).to_have_count(0)
 
     # Deleting asks first: "cancel" keeps it.
     console.once("dialog", lambda dialog: dialog.dismiss())
