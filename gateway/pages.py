@@ -36,6 +36,8 @@ PAGES = (
     Page("/console/", "console/index.html", "text/html", framable=False, cache_control="no-cache"),
     Page("/console/console.js", "console/console.js", "text/javascript", framable=False,
          cache_control="no-cache"),
+    Page("/console/knowledge.js", "console/knowledge.js", "text/javascript", framable=False,
+         cache_control="no-cache"),
     Page("/console/console.css", "console/console.css", "text/css", framable=False, cache_control="no-cache"),
 )
 

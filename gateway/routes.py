@@ -13,6 +13,7 @@ from gateway.handlers import (
     console_login,
     conversations,
     health,
+    knowledge,
     models,
     openai_compat,
     openapi,
@@ -25,6 +26,7 @@ from gateway.pages import setup_pages
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
 STAFF = STAFF_ROLES
+ADMINS = frozenset({"admin"})
 
 
 def setup_routes(app: web.Application) -> None:
@@ -55,6 +57,11 @@ def setup_routes(app: web.Application) -> None:
         # PUT is for admins only: the handler checks (this table holds one role set per path).
         ("GET", "/v1/tenant/settings", tenant_settings.get_tenant_settings, STAFF),
         ("PUT", "/v1/tenant/settings", tenant_settings.put_tenant_settings, STAFF),
+        ("GET", "/v1/knowledge/documents", knowledge.list_documents, ADMINS),
+        ("POST", "/v1/knowledge/documents", knowledge.put_document, ADMINS),
+        ("GET", "/v1/knowledge/documents/{document_id}", knowledge.get_document, ADMINS),
+        ("DELETE", "/v1/knowledge/documents/{document_id}", knowledge.delete_document, ADMINS),
+        ("POST", "/v1/knowledge/search", knowledge.search, STAFF),
     )
     for method, path, handler, roles in protected:
         route = app.router.add_route(method, path, handler)

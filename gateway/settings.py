@@ -81,6 +81,8 @@ class GatewaySettings:
     desk_poll_s: float = 2.0
     """KEFU_DESK_POLL_S: how often an edge with agents re-reads its tenants' queues (changes also push)."""
     max_history_messages: int = 200
+    kb_max_document_bytes: int = 10 * 1024 * 1024
+    """KEFU_KB_MAX_DOCUMENT_BYTES (as the worker): an uploaded document over this is refused with 413."""
     trusted_proxies: tuple[Network, ...] = ()
     account_check_s: float = 10.0
     """KEFU_ACCOUNT_CHECK_S: how long the edge trusts its last look at an agent account (a disabled one's tokens
@@ -158,6 +160,8 @@ class GatewaySettings:
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages, minimum=1),
             trusted_proxies=_trusted_proxies(env.get("KEFU_TRUSTED_PROXIES", "")),
             account_check_s=env_float(env, "KEFU_ACCOUNT_CHECK_S", cls.account_check_s, minimum=0.1),
+            kb_max_document_bytes=env_int(env, "KEFU_KB_MAX_DOCUMENT_BYTES", cls.kb_max_document_bytes, minimum=1,
+                                          maximum=64 * 1024 * 1024),
         )
 
 

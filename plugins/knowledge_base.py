@@ -1,4 +1,4 @@
-"""The offline default responder: answers from a tenant's FAQ by text similarity, in the visitor's language."""
+"""The offline default responder: answers extractively from the tenant's document passages, or from a route's FAQ file."""
 
 # No `from __future__ import annotations`: the host may exec this module without registering it in
 # sys.modules, and dataclasses then fail to resolve string annotations (cpython gh-89681).
@@ -19,6 +19,7 @@ from typing import Any
 import opencc
 import tiktoken
 
+from services.llm_worker.knowledge.extractive import extract_answer
 from services.llm_worker.plugin_api import (
     ChatMessage,
     Delta,
@@ -291,8 +292,10 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class KnowledgeBaseSettings:
-    faq_file: str = "shop_faq.json"
-    """Resolved against the plugins folder (an absolute path is used as is); one file per tenant's route."""
+    faq_file: str = ""
+    """Resolved against the plugins folder (an absolute path is used as is): a fixed FAQ that answers
+    every tenant of the route that has no documents of its own. Empty (the default): answers come
+    only from the tenant's documents (`GenerationParams.passages`)."""
     min_score: float = 0.4
     """Below this confidence (the match's cosine similarity) the visitor is handed to a human instead."""
     chunk_chars: int = 4
@@ -317,8 +320,8 @@ class KnowledgeBaseSettings:
 
     def check(self) -> None:
         """ValueError naming the first bad setting."""
-        if not isinstance(self.faq_file, str) or not self.faq_file:
-            raise ValueError("knowledge_base: setting 'faq_file' must be a file name")
+        if not isinstance(self.faq_file, str):
+            raise ValueError("knowledge_base: setting 'faq_file' must be a file name (or empty for none)")
         if (
             isinstance(self.min_score, bool)
             or not isinstance(self.min_score, int | float)
@@ -342,7 +345,9 @@ class KnowledgeBaseSettings:
 
 
 class KnowledgeBaseProvider:
-    """Answers the last user message from the FAQ; hands over to a human when nothing is close enough.
+    """Answers the last user message from the tenant's passages (the sentences that answer it, or an
+    FAQ item's answer, cited), else from the route's FAQ file if it names one; hands over to a human
+    when nothing is close enough.
 
     A reply that hands over ends with `finish_reason="handoff"`, so the caller can queue the
     conversation for an agent.
@@ -360,6 +365,8 @@ class KnowledgeBaseProvider:
 
     async def setup(self) -> None:
         self._encoding = await asyncio.to_thread(tiktoken.get_encoding, ENCODING_NAME)
+        if not self._settings.faq_file:
+            return  # answers only from the tenants' own documents
         self._faq = await asyncio.to_thread(self._load_faq)
         self._matcher = self._faq.matcher()
         log.info("knowledge_base: %d FAQ entries from %s", len(self._faq.entries), self._faq_path.name)
@@ -372,6 +379,9 @@ class KnowledgeBaseProvider:
 
     async def self_test(self) -> None:
         """Every entry's first phrasing, in each language, must find its own entry."""
+        if self._faq is None:
+            self._encode("")  # set up, with no FAQ to check
+            return
         faq, matcher = self._loaded()
         for entry in faq.entries.values():
             for lang in LANGUAGES:
@@ -402,7 +412,7 @@ class KnowledgeBaseProvider:
     def is_standalone(self, question: str) -> bool:
         """plugin_api.KnowsQuestions: a question that matches an FAQ entry is a general one, unless
         it carries what looks personal (an order or phone number, an e-mail address)."""
-        if _PERSONAL.search(question):
+        if _PERSONAL.search(question) or self._faq is None:
             return False
         return not self.answer(question).handoff
 
@@ -415,7 +425,7 @@ class KnowledgeBaseProvider:
         to the first phrasing to all of them; a looser match than `canonical_min_score` (with a
         runner-up within `canonical_min_margin`) is not trusted that far.
         """
-        if _PERSONAL.search(question):
+        if _PERSONAL.search(question) or self._faq is None:
             return None
         faq, matcher = self._loaded()
         ranked = matcher.ranked(question, 2)
@@ -431,6 +441,8 @@ class KnowledgeBaseProvider:
     def common_questions(self, like: str, limit: int = 100) -> list[str]:
         """plugin_api.CanonicalQuestions: the first phrasing of every entry that answers (not the
         hand-over ones), in the language of `like`, in the FAQ's order (most asked first, by convention)."""
+        if self._faq is None:
+            return []
         faq, _ = self._loaded()
         language = detect_language(like, self._settings.default_language)
         return [e.questions[language][0] for e in faq.entries.values() if not e.handoff][:max(0, limit)]
@@ -438,6 +450,8 @@ class KnowledgeBaseProvider:
     def suggest_next(self, question: str, limit: int = 3) -> list[str]:
         """plugin_api.KnowsQuestions: the matched entry's related questions, in the question's
         language; nothing when the question matched no entry."""
+        if self._faq is None:
+            return []
         reply = self.answer(question)
         if reply.handoff or reply.match is None:
             return []
@@ -447,6 +461,10 @@ class KnowledgeBaseProvider:
         self, messages: Sequence[ChatMessage], params: GenerationParams
     ) -> AsyncGenerator[StreamEvent, None]:
         question = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        if params.passages is not None or self._faq is None:
+            async for event in self._stream_extract(question, messages, params):
+                yield event
+            return
         reply = self.answer(question)
         # The entry and its confidence are for operators tuning `min_score`; Finish.model stays fixed.
         log.debug(
@@ -467,6 +485,28 @@ class KnowledgeBaseProvider:
             yield Delta(text[start : start + step])
         prompt_tokens = sum(len(self._encode(m.content)) for m in messages)
         yield Finish(finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens), model=MODEL_NAME)
+
+    async def _stream_extract(
+        self, question: str, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The passages' own words that answer `question`, citing them; no text and a handoff when
+        they do not (or when there are none: a tenant without documents on a route without an FAQ)."""
+        passages = params.passages or ()
+        extract = extract_answer(question, passages) if passages else None
+        prompt_tokens = sum(len(self._encode(m.content)) for m in messages)
+        if extract is None or not extract.text:
+            yield Finish(finish_reason=HANDOFF, usage=Usage(prompt_tokens, 0), model=MODEL_NAME)
+            return
+        text, completion_tokens, finish_reason = self._cut(extract.text, params.max_tokens)
+        if any(passages[i].chunk.handoff for i in extract.cited if 0 <= i < len(passages)):
+            finish_reason = HANDOFF  # the FAQ item itself hands the visitor over
+        step = self._settings.chunk_chars
+        for start in range(0, len(text), step):
+            if start and self._settings.chunk_delay_s:
+                await asyncio.sleep(self._settings.chunk_delay_s)
+            yield Delta(text[start : start + step])
+        yield Finish(finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens), model=MODEL_NAME,
+                     cited=tuple(extract.cited), quotes=tuple(extract.quotes))
 
     def _cut(self, text: str, max_tokens: int | None) -> tuple[str, int, str]:
         """(text, its tokens, finish_reason), cut to `max_tokens` without breaking a character."""

@@ -18,12 +18,15 @@ log = logging.getLogger(__name__)
 DEFAULT_WELCOME = "Hi! Ask me anything about our shop. / 您好！有什么可以帮您？"
 DEFAULT_OFFLINE = "No agent is online right now; leave a message and we will reply soon. / 当前没有客服在线，请留言。"
 MAX_TEXT_CHARS = 2000
+MAX_SYSTEM_PROMPT_CHARS = 8000
+MAX_ASSISTANT_NAME_CHARS = 64
+GROUNDING_MODES = ("strict", "open")
 
 
 @dataclass(frozen=True, slots=True)
 class TenantSettings:
-    """The texts live chat shows a tenant's visitors. The session service reads `leave_message`
-    from the same KV value: the field names are a contract."""
+    """The texts live chat shows a tenant's visitors, and how its assistant answers. The session
+    service reads `leave_message` from the same KV value: the field names are a contract."""
 
     welcome: str = DEFAULT_WELCOME
     """Sent to a visitor when a conversation opens."""
@@ -31,6 +34,15 @@ class TenantSettings:
     """Shown when a visitor asks for a human and no agent of the tenant is online."""
     leave_message: str = DEFAULT_OFFLINE
     """The reply when nobody claimed a waiting conversation in time (KEFU_HANDOFF_WAIT_S)."""
+    system_prompt: str = ""
+    """The assistant's instructions for every turn of the tenant; empty: the edge's KEFU_SYSTEM_PROMPT."""
+    assistant_name: str = ""
+    """How the assistant calls itself (greetings, the grounded prompt); empty: no name."""
+    route: str = ""
+    """The model alias (GET /v1/models) answering the tenant's visitors; empty: `default`."""
+    grounding: str = "strict"
+    """"strict": facts only from the tenant's documents, else a handoff; "open": the model may answer
+    from general knowledge and says so."""
 
     def to_json(self) -> dict[str, str]:
         return asdict(self)
@@ -40,6 +52,8 @@ class TenantSettings:
         """Lenient: a missing or malformed field keeps its default."""
         values = {f.name: data[f.name] for f in fields(cls)
                   if isinstance(data.get(f.name), str) and data[f.name].strip()}
+        if values.get("grounding") not in GROUNDING_MODES:
+            values.pop("grounding", None)
         return cls(**values)
 
 

@@ -42,7 +42,7 @@ class ChatBody(pydantic.BaseModel):
 def done_payload(done: TurnDone) -> dict[str, object]:
     return {"message_id": done.message_id, "finish_reason": done.finish_reason,
             "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-            "cached": done.cached, "model": done.model}
+            "cached": done.cached, "model": done.model, "citations": [c.to_json() for c in done.citations]}
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -52,7 +52,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(f"message: longer than {settings.max_message_chars} characters")
     if not body.message.strip():
         raise InvalidRequest("message: must not be blank")
-    turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID])
+    turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID],
+                    request.app.get(keys.TENANT_SETTINGS))
     events = turn.run(TurnRequest(message=body.message, session_id=body.session_id or ""))
     try:
         # Errors before the first event are plain JSON errors (404, 400 content_blocked, 503).

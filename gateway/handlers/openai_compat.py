@@ -61,7 +61,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     session_id = request.headers.get("X-Session-Id", "")
     if session_id and not SESSION_ID.fullmatch(session_id):
         raise InvalidRequest("X-Session-Id must be a session id (32 hex characters)")
-    turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID])
+    turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID],
+                    request.app.get(keys.TENANT_SETTINGS))
     events = turn.run(turn_request(body, session_id, settings.max_message_chars))
     try:
         started = await anext(events)  # errors until the answer begins are plain HTTP errors
@@ -78,7 +79,8 @@ async def _collect(model: str, started: TurnStarted, events: AsyncGenerator[Turn
     text, done = await collect_answer(events)
     headers = {"X-Session-Id": started.session_id} if started.session_id else None
     return json_response(completion(done.message_id, model, text, openai_finish_reason(done.finish_reason),
-                                    done.prompt_tokens, done.completion_tokens), headers=headers)
+                                    done.prompt_tokens, done.completion_tokens,
+                                    [c.to_json() for c in done.citations]), headers=headers)
 
 
 async def _stream(request: web.Request, model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None],
@@ -95,7 +97,8 @@ async def _stream(request: web.Request, model: str, started: TurnStarted, events
                     await response.write(sse_data(chunk(message_id, model, created, {"content": event.text}, None)))
                 elif isinstance(event, TurnDone):
                     await response.write(sse_data(chunk(message_id, model, created, {},
-                                                        openai_finish_reason(event.finish_reason))))
+                                                        openai_finish_reason(event.finish_reason),
+                                                        [c.to_json() for c in event.citations])))
                     if include_usage:
                         await response.write(sse_data(usage_chunk(message_id, model, created, event.prompt_tokens,
                                                                   event.completion_tokens)))

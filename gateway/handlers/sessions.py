@@ -8,6 +8,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import api_error_from_grpc
 from gateway.handlers.conversations import call_options, principal_of, said_messages
+from gateway.live.frames import citations_json
 from gateway.responses import json_response
 from kefu.session.v1 import session_pb2
 
@@ -21,7 +22,8 @@ async def list_messages(request: web.Request) -> web.Response:
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "session") from None
     return json_response({"session_id": session_id, "messages": [
-        {"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}
+        {"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at,
+         **({"citations": citations_json(m.citations)} if m.role == "assistant" else {})}
         for m in said_messages(reply.messages) if m.role != "system"]})
 
 

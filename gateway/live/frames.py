@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,8 +286,17 @@ def event_frame(conversation_id: str, message: session_pb2.Message, owner: str) 
             sender["name"] = message.sender_name
     else:
         sender = {"type": sender_type, "id": sender_type}
-    return {"type": "note" if message.kind == "note" else "msg", **base, "message_id": message.id,
-            "sender": sender, "text": message.content}
+    frame = {"type": "note" if message.kind == "note" else "msg", **base, "message_id": message.id,
+             "sender": sender, "text": message.content}
+    if sender_type == "ai":
+        frame["citations"] = citations_json(message.citations)
+    return frame
+
+
+def citations_json(citations: Iterable[session_pb2.Citation]) -> list[dict[str, str]]:
+    """The sources an AI reply cites, as the `msg` frame and the history endpoints give them."""
+    return [{"document_id": c.document_id, "title": c.title, "url": c.url, "chunk_id": c.chunk_id,
+             "quote": c.quote} for c in citations]
 
 
 

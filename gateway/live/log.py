@@ -29,6 +29,8 @@ from services.common.conversation_log import LOG_STREAM, log_subject
 
 log = logging.getLogger(__name__)
 
+CITATION_FIELDS = ("document_id", "title", "url", "chunk_id", "quote")
+
 HEARTBEAT_S = 10.0
 """The server's idle heartbeat of each consumer: how soon a lost consumer is noticed (at 3 missed)."""
 INACTIVE_S = 30.0
@@ -42,7 +44,9 @@ def decode_event(data: bytes, seq: int) -> session_pb2.Message:
         id=raw["id"], role=raw["role"], content=raw["content"], created_at=float(raw["created_at"]),
         tokens=int(raw["tokens"]), seq=seq, kind=str(raw.get("kind", "message")),
         sender_id=str(raw.get("sender_id", "")), sender_name=str(raw.get("sender_name", "")),
-        version=int(raw.get("version", 0)))
+        version=int(raw.get("version", 0)),
+        citations=[session_pb2.Citation(**{name: str(c.get(name, "")) for name in CITATION_FIELDS})
+                   for c in raw.get("citations", ())])
     state = raw.get("state")
     if state:
         message.state.CopyFrom(session_pb2.ConversationState(

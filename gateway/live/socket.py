@@ -339,7 +339,7 @@ class LiveSocket:
     async def _run_turn(self, conversation_id: str | None, send: Send, message_id: str) -> None:
         socket, hub, principal = self._socket, self._hub, self._principal
         wants_human = self._live.handoff_rules.asks_for_human(send.text)
-        turn = ChatTurn(self._live.clients, self._settings, principal, self._request_id)
+        turn = ChatTurn(self._live.clients, self._settings, principal, self._request_id, self._live.tenant_settings)
         # run() is an async generator (typed as an iterator): close it to end its gRPC streams.
         events = cast(AsyncGenerator[TurnEvent, None], turn.run(TurnRequest(
             message=send.text, session_id=conversation_id or "", message_id=message_id, answer=not wants_human)))

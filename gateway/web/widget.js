@@ -27,7 +27,7 @@
       st_offline: '网络已断开，正在重连…', typing: '{name} 正在输入…', sending: '发送中', failed: '发送失败',
       handoffText: '转人工', welcome: '您好！有什么可以帮您？', agentJoined: '{name} 已接入',
       released: '已转回 AI 助手', closed: '会话已结束', waitingNotice: '已为您转接人工客服，请稍候',
-      blocked: '消息包含不允许的内容，未发送', unread: '{n} 条未读消息', log: '聊天记录'
+      blocked: '消息包含不允许的内容，未发送', unread: '{n} 条未读消息', log: '聊天记录', sources: '来源'
     },
     en: {
       title: 'Customer service', open: 'Open chat', closeChat: 'Close chat', placeholder: 'Type a message, Enter to send',
@@ -40,7 +40,7 @@
       released: 'You are back with the AI assistant', closed: 'The conversation was closed',
       waitingNotice: 'We are passing you to a human agent, please hold on',
       blocked: 'This message contains words that are not allowed; it was not sent', unread: '{n} unread messages',
-      log: 'Chat messages'
+      log: 'Chat messages', sources: 'Sources'
     }
   }[LANG];
   var TITLE = data.title || TEXT.title;
@@ -116,6 +116,12 @@
     '.msg[data-sender=system]{align-self:center;max-width:92%}',
     '.msg[data-sender=system] .text{background:transparent;border:0;color:#57606a;font-size:12px;text-align:center}',
     '.msg .meta{font-size:11px;color:#8c959f;margin:2px 4px 0}',
+    '.sources{font-size:12px;color:#57606a;margin:3px 4px 0;overflow-wrap:anywhere}',
+    '.sources b{font-weight:600;margin-right:4px}',
+    '.sources ul{display:inline;list-style:none;margin:0;padding:0}',
+    '.sources li{display:inline}',
+    '.sources li+li::before{content:" · "}',
+    '.sources a{color:#1b6ef3}',
     '.msg[data-pending] .text{opacity:.7}',
     '.msg[data-failed] .meta{color:#d1242f}',
     '.notice{align-self:center;font-size:12px;color:#57606a;text-align:center}',
@@ -224,6 +230,38 @@
   function scroll(stick) { if (stick) log.scrollTop = log.scrollHeight; }
 
   function setText(node, text) { node.querySelector('.text').textContent = text; }
+
+  function safeUrl(url) {
+    // A document's link is what its uploader typed: only http(s) becomes a link, never javascript: or data:.
+    // A path ("/returns") belongs to the shop's own site, the page the widget is embedded in.
+    try {
+      var parsed = new URL(url, location.href);
+      return parsed.protocol === 'http:' || parsed.protocol === 'https:' ? parsed.href : null;
+    } catch (e) { return null; }
+  }
+
+  function setSources(node, citations) {
+    // The documents an AI answer cites, under its text: one entry per document, its quote as the tooltip.
+    var old = node.querySelector('.sources');
+    if (old) node.removeChild(old);
+    if (!Array.isArray(citations) || !citations.length) return;
+    var list = el('ul', {});
+    var seenDocuments = {};
+    citations.forEach(function (citation) {
+      var key = citation.document_id || citation.title;
+      if (!key || seenDocuments[key]) return;
+      seenDocuments[key] = true;
+      var href = citation.url ? safeUrl(citation.url) : null;
+      var title = String(citation.title || citation.document_id);
+      var item = el('li', { 'data-testid': 'kefu-citation', 'data-document-id': citation.document_id || '' }, [
+        href ? el('a', { href: href, target: '_blank', rel: 'noopener noreferrer', text: title })
+          : el('span', { text: title })]);
+      if (citation.quote) item.title = String(citation.quote);
+      list.appendChild(item);
+    });
+    node.insertBefore(el('div', { class: 'sources' }, [el('b', { text: TEXT.sources }), list]),
+      node.querySelector('.meta'));
+  }
   function setMeta(node, text) { node.querySelector('.meta').textContent = text || ''; }
 
   function notice(text, seq) {
@@ -287,6 +325,7 @@
       node.setAttribute('data-message-id', event.message_id);
       delete byMessageId[event.message_id];
     }
+    if (sender.type === 'ai') setSources(node, event.citations);
     place(node, event.seq);
     if (sender.type === 'agent' || sender.type === 'ai') hideTyping();
     if (sender.type !== 'visitor' && panel.hidden && event.seq > seqAtLoad) { unread++; showUnread(); }

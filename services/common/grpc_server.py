@@ -119,9 +119,15 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any, metho
     return handler
 
 
-def create_grpc_server(registry: CollectorRegistry) -> grpc.aio.Server:
-    """A grpc.aio server with kefu's options and interceptors; services are added by the caller."""
-    return grpc.aio.server(interceptors=[RequestContextInterceptor(registry)], options=SERVER_OPTIONS)
+def create_grpc_server(registry: CollectorRegistry, *, max_receive_bytes: int | None = None) -> grpc.aio.Server:
+    """A grpc.aio server with kefu's options and interceptors; services are added by the caller.
+
+    `max_receive_bytes`: a larger request limit (the worker receives whole documents)."""
+    options = list(SERVER_OPTIONS)
+    if max_receive_bytes is not None:
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    return grpc.aio.server(interceptors=[RequestContextInterceptor(registry)], options=options)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:

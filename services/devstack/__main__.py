@@ -48,6 +48,8 @@ def ports_from_env() -> StackPorts:
 
 DEMO_TENANT = "demo"
 DEV_AGENT = "dev-agent"
+DEMO_KNOWLEDGE = REPO_ROOT / "services" / "llm_worker" / "demo_knowledge"
+"""`<tenant>/<files>`: the seed folder `make run` gives the worker (KEFU_KB_SEED_DIR)."""
 DEV_TOKEN_TTL_S = 24 * 3600
 
 
@@ -55,6 +57,8 @@ def edge_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The KEFU_* settings passed on to every process; the demo shop's widget may get tokens for 'demo'."""
     env = {key: value for key, value in environ.items() if key.startswith("KEFU_")}
     env.setdefault("KEFU_WIDGET_TENANTS", DEMO_TENANT)
+    # The demo tenant's documents (the tea shop's FAQ and policies), so answers cite sources at once.
+    env.setdefault("KEFU_KB_SEED_DIR", str(DEMO_KNOWLEDGE))
     return env
 
 

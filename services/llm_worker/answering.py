@@ -1,26 +1,40 @@
-"""One generation: pick the route's target, answer from the cache when the turn allows, else stream
-from the provider, fill the cache and schedule pre-generation of the likely next questions."""
+"""One generation: pick the route's target, ground the turn in the tenant's documents (grounded.py),
+answer from the cache when the turn allows, else stream from the provider, fill the cache and schedule
+pre-generation of the likely next questions."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from services.common.errors import NotFound
 from services.llm_worker.cache import AnswerCache, CachedAnswer
 from services.llm_worker.cache_key import (
     CacheKey,
     cacheable_question,
+    knowledge_part,
     normalize_question,
     system_digest,
     target_version,
 )
+from services.llm_worker.citations import Citation, CitedFinish
 from services.llm_worker.flights import Flights
+from services.llm_worker.grounded import (
+    HANDOFF,
+    SMALL_TALK_MODEL,
+    Grounding,
+    GroundedProvider,
+    KnowledgeSource,
+    TurnPlan,
+    grounded_prompt,
+    plan_turn,
+)
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import (
     CanonicalQuestions,
@@ -48,6 +62,8 @@ class AnswerRequest:
     tenant: str
     sticky_key: str
     """Session (or client) id: keeps a conversation on one canary target."""
+    grounding: Grounding = field(default_factory=Grounding)
+    """The tenant's grounding mode and assistant name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,8 @@ class AnswerDone:
     provider: str
     generation: int
     route: str
+    citations: tuple[Citation, ...] = ()
+    """The tenant's passages the answer cites, in order of first use."""
 
 
 AnswerEvent = str | AnswerDone
@@ -67,8 +85,9 @@ AnswerEvent = str | AnswerDone
 
 class Answerer:
     def __init__(self, host: PluginHost, metrics: WorkerMetrics, cache: AnswerCache | None = None,
-                 pregenerator: Pregenerator | None = None) -> None:
+                 pregenerator: Pregenerator | None = None, knowledge: KnowledgeSource | None = None) -> None:
         self._host = host
+        self._knowledge = knowledge
         self._metrics = metrics
         self._cache = cache
         self._pregen = pregenerator
@@ -93,6 +112,15 @@ class Answerer:
             if route is None:
                 raise NotFound(f"no model {request.route!r}")
             target = route.pick(request.sticky_key, str(id(request)))
+            plan = await plan_turn(self._knowledge, request.tenant, request.messages, request.grounding,
+                                   offline="offline" in target.provider.capabilities)
+            self._metrics.grounded_turns.labels(plan.kind).inc()
+            if plan.kind in ("grounded", HANDOFF):
+                self._metrics.retrieval_seconds.observe(plan.retrieval_seconds)
+            if plan.kind != "ungrounded":
+                async for event in self._answer_grounded(generation, request, target, plan):
+                    yield event
+                return
             knower = _knower(generation, target)
             question = None
             if self._cache is not None and request.tenant:
@@ -124,6 +152,42 @@ class Answerer:
             if key is not None and version is not None and epochs is not None:
                 self._schedule_pregen(generation, request, target, canonical)
                 self._schedule_warming(generation, request, target, version, epochs)
+
+    async def _answer_grounded(self, generation: Generation, request: AnswerRequest, target: Target,
+                               plan: TurnPlan) -> AsyncIterator[AnswerEvent]:
+        """A turn of a tenant with documents (or small talk): from `plan`'s passages only, all of one
+        snapshot; cached under that snapshot's knowledge version (first questions only)."""
+        done = functools.partial(AnswerDone, cached=False, provider=target.spec.provider,
+                                 generation=generation.number, route=request.route)
+        if plan.kind == "small_talk":
+            yield plan.reply
+            yield done("stop", 0, 0, SMALL_TALK_MODEL)
+            return
+        offline = "offline" in target.provider.capabilities
+        if plan.kind == HANDOFF or (offline and not plan.answerable):
+            # Nothing in the documents answers (and an extract cannot come from general knowledge).
+            yield done(HANDOFF, 0, 0, target.model or target.spec.provider)
+            return
+        grounded_target = Target(target.spec, GroundedProvider(target.provider, plan.hits))
+        grounded = request if offline else replace(
+            request, messages=grounded_prompt(request.messages, plan.hits, request.grounding))
+        key = None
+        question = cacheable_question(request.messages) if self._cache is not None and request.tenant else None
+        if question is not None and not plan.follow_up and self._cache is not None:
+            version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
+            key = CacheKey.of(request.tenant, request.route, version, request.messages, question, request.params,
+                              self._cache.epoch_token(request.tenant, request.route),
+                              knowledge_part(plan.knowledge_version, request.grounding.mode,
+                                             request.grounding.assistant_name))
+            hit = await self._lookup(key)
+            if hit is not None:
+                for start in range(0, len(hit.text), REPLAY_CHUNK_CHARS):
+                    yield hit.text[start:start + REPLAY_CHUNK_CHARS]
+                yield AnswerDone(hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, hit.model, True,
+                                 target.spec.provider, generation.number, request.route, hit.citations)
+                return
+        async for event in self._generate(generation, grounded, grounded_target, key):
+            yield event
 
     def _canonical(self, generation: Generation, target: Target, request: AnswerRequest) -> str | None:
         """The canonical wording of the turn's question, from the provider that knows the common
@@ -188,7 +252,8 @@ class Answerer:
                         outcome = "ok"
                         yield AnswerDone(event.finish_reason, event.usage.prompt_tokens,
                                          event.usage.completion_tokens, event.model, False, provider,
-                                         generation.number, request.route)
+                                         generation.number, request.route,
+                                         event.citations if isinstance(event, CitedFinish) else ())
                         break
             if outcome != "ok":
                 raise ProviderError(f"provider {provider} ended its stream without a finish", retryable=True)

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from services.common.nats_client import ensure_key_value
 from services.llm_worker.cache_key import CacheKey
+from services.llm_worker.citations import Citation
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,24 @@ class CachedAnswer:
     prompt_tokens: int
     completion_tokens: int
     pregenerated: bool = False
+    citations: tuple[Citation, ...] = ()
+    """The tenant's passages the answer cites (served with it again)."""
 
     @property
     def size(self) -> int:
-        return len(self.text.encode()) + len(self.model) + 96
+        cited = sum(len(c.quote.encode()) + len(c.title.encode()) + len(c.url) + 96 for c in self.citations)
+        return len(self.text.encode()) + len(self.model) + 96 + cited
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False).encode()
+        raw = asdict(self)
+        raw["citations"] = [c.to_json() for c in self.citations]
+        return json.dumps(raw, ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> CachedAnswer:
-        return cls(**json.loads(data))
+        raw = json.loads(data)
+        raw["citations"] = tuple(Citation.from_json(c) for c in raw.get("citations", ()))
+        return cls(**raw)
 
 
 @dataclass(slots=True)

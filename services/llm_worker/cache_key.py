@@ -73,6 +73,11 @@ def system_digest(messages: Sequence[ChatMessage]) -> str:
     return _digest("\n".join(m.content for m in messages if m.role == "system"))
 
 
+def knowledge_part(version: int, grounding: str, assistant_name: str) -> str:
+    """The key part of a grounded answer: the tenant's knowledge version and what shapes the prompt."""
+    return f"kb{version}\0{grounding}\0{assistant_name}"
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     tenant: str
@@ -81,12 +86,16 @@ class CacheKey:
 
     @classmethod
     def of(cls, tenant: str, route: str, version: str, messages: Sequence[ChatMessage], question: str,
-           params: GenerationParams, epochs: str) -> CacheKey:
+           params: GenerationParams, epochs: str, knowledge: str = "") -> CacheKey:
         """Keyed on the question alone (plus prompt and version): earlier turns, when allowed at
-        all, are general questions that do not change the answer."""
-        digest = _digest(tenant, route, version, system_digest(messages), question, str(params.max_tokens),
-                         str(params.temperature), epochs)
-        return cls(tenant, route, digest)
+        all, are general questions that do not change the answer. `knowledge` names what the answer
+        is grounded on (the tenant's knowledge version and grounding settings, see `knowledge_part`):
+        after a document changes, no answer built on the old text is found."""
+        parts = [tenant, route, version, system_digest(messages), question, str(params.max_tokens),
+                 str(params.temperature), epochs]
+        if knowledge:  # left out when empty: the keys of tenants without documents stay as they were
+            parts.append(knowledge)
+        return cls(tenant, route, _digest(*parts))
 
     @property
     def kv_key(self) -> str:

@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 
 from services.llm_worker.cache import AnswerCache, CachedAnswer
 from services.llm_worker.cache_key import CacheKey
+from services.llm_worker.citations import CitedFinish
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import Generation, GenerationClosed, Target
@@ -161,7 +162,8 @@ class Flights:
                     if event.finish_reason != "length":
                         await self._cache.store(key, CachedAnswer(
                             "".join(flight.parts), event.finish_reason, event.model, event.usage.prompt_tokens,
-                            event.usage.completion_tokens, pregenerated=not live))
+                            event.usage.completion_tokens, pregenerated=not live,
+                            citations=event.citations if isinstance(event, CitedFinish) else ()))
                     return
 
     async def aclose(self) -> None:

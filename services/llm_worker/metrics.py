@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+RETRIEVAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
 
@@ -43,6 +44,14 @@ class WorkerMetrics:
         self.pregenerations = Counter(
             "kefu_pregenerations", "Pre-generated answers: started, served (later hit), wasted (dropped unserved), "
             "skipped (busy or over budget).", ["result"], registry=self.registry)
+        self.grounded_turns = Counter(
+            "kefu_kb_turns", "Turns by how the tenant's documents shaped them: small_talk, grounded, handoff "
+            "(nothing in the documents answers) or ungrounded (the tenant has no documents).",
+            ["kind"], registry=self.registry)
+        self.retrieval_seconds = Histogram(
+            "kefu_kb_retrieval_duration_seconds", "Time a turn spent getting its knowledge snapshot and retrieving "
+            "passages (in process: no network hop once the tenant's index is loaded).",
+            registry=self.registry, buckets=RETRIEVAL_BUCKETS)
         self.plugin_reloads = Counter(
             "kefu_plugin_reloads", "Attempted plugin generation swaps, by result (ok or refused).",
             ["result"], registry=self.registry)

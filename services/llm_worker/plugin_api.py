@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from services.llm_worker.knowledge.models import Chunk, Hit
+
+__all__ = ["Chunk", "Hit"]  # the passages' types, re-exported: plugins import only this module
+
 ROLES = frozenset({"system", "user", "assistant", "agent"})
 
 
@@ -33,6 +37,16 @@ class GenerationParams:
 
     max_tokens: int | None = None
     temperature: float | None = None
+    passages: tuple[Hit, ...] | None = None
+    """The tenant's document passages retrieved for the last user message, best first, all from one
+    snapshot of its knowledge base; None when the tenant has no documents (the provider answers as it
+    always did). A provider with the "offline" capability answers from these alone (extractively, e.g.
+    with `services.llm_worker.knowledge.extractive.extract_answer`) and names what it quoted in
+    `Finish.cited`; an empty answer with finish_reason "handoff" when they do not answer the question.
+    An LLM provider finds them already numbered [1]..[k] in `messages` and may ignore this field.
+
+    Each `Hit` has `chunk` (a `Chunk`: `text`, `title`, `heading`, `url`, `kind` "text" or "faq",
+    an FAQ item's `answer`, `document_id`, `chunk_id`) and its retrieval `score`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,12 @@ class Finish:
     usage: Usage
     model: str
     """The model that answered (an upstream name, or the plugin's own for offline ones)."""
+    cited: tuple[int, ...] = ()
+    """Indexes into `GenerationParams.passages` of the passages the answer quotes, in order of first
+    use (an answer from passages should cite what it used; the worker turns them into citations)."""
+    quotes: tuple[str, ...] = ()
+    """Per index of `cited`, the words of that passage the answer uses ("" or missing: the worker
+    quotes the passage's start)."""
 
 
 StreamEvent = Delta | Finish

@@ -12,7 +12,7 @@ from grpc_health.v1 import health
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2, llm_pb2_grpc
 from services.common.errors import NotFound
 from services.common.grpc_server import (
     add_health_and_reflection,
@@ -27,6 +27,10 @@ from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.answering import Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.coalesce import coalesced
+from services.llm_worker.grounded import Grounding
+from services.llm_worker.kb.runtime import start_knowledge
+from services.llm_worker.kb.server import SERVICE_NAME as KNOWLEDGE_SERVICE_NAME
+from services.llm_worker.kb.server import KnowledgeServicer
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import PluginHost, PluginLoadError
@@ -81,7 +85,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             messages=[ChatMessage(m.role, m.content) for m in request.messages],
             params=GenerationParams(max_tokens=request.max_tokens or None,
                                     temperature=request.temperature if request.HasField("temperature") else None),
-            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get())
+            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get(),
+            grounding=Grounding.of(request.grounding, request.assistant_name))
         try:
             async for event in coalesced(self._answerer.answer(answer)):
                 if isinstance(event, str):
@@ -91,7 +96,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                         finish_reason=event.finish_reason, model=event.model, cached=event.cached,
                         provider=event.provider, generation=event.generation, route=event.route,
                         usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens,
-                                            completion_tokens=event.completion_tokens)))
+                                            completion_tokens=event.completion_tokens),
+                        citations=[llm_pb2.Citation(**c.to_json()) for c in event.citations]))
         except NotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, error.message)
         except ProviderError as error:
@@ -116,12 +122,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         return llm_pb2.InvalidateCacheResponse(scope=scope)
 
 
-async def create_server(settings: WorkerSettings, servicer: LlmServicer,
-                        metrics: WorkerMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+async def create_server(settings: WorkerSettings, servicer: LlmServicer, metrics: WorkerMetrics,
+                        knowledge: KnowledgeServicer | None = None,
+                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
-    server = create_grpc_server(metrics.registry)
+    # A PutDocument carries a whole document.
+    server = create_grpc_server(metrics.registry, max_receive_bytes=settings.kb_max_document_bytes + 1024 * 1024)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
-    health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
+    names = [SERVICE_NAME]
+    if knowledge is not None:
+        knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(knowledge, server)
+        names.append(KNOWLEDGE_SERVICE_NAME)
+    health_servicer = await add_health_and_reflection(server, names)
     port = bind(server, settings.host, settings.grpc_port)
     return server, health_servicer, port
 
@@ -162,18 +174,20 @@ async def serve(settings: WorkerSettings) -> None:
         raise SystemExit(f"llm_worker: cannot start, plugins in {settings.plugins_dir} are broken: {error}") from None
     metrics.plugin_generation.set(host.current.number)
     cache, nc = await open_cache(settings, metrics)
+    knowledge = await start_knowledge(settings, metrics.registry)
     pregen = None
     if cache is not None and settings.pregen_enabled:
         pregen = Pregenerator(cache, metrics, live_streams=lambda: int(metrics.active_streams._value.get()),
                               concurrency=settings.pregen_concurrency,
                               tokens_per_minute=settings.pregen_tokens_per_minute,
                               max_live_streams=settings.pregen_max_live_streams)
-    answerer = Answerer(host, metrics, cache, pregen)
+    answerer = Answerer(host, metrics, cache, pregen, knowledge=knowledge.library)
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
-        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics)
+        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics,
+                                                            KnowledgeServicer(knowledge.base))
         await server.start()
         log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))
         await wait_for_stop_signal()
@@ -186,6 +200,7 @@ async def serve(settings: WorkerSettings) -> None:
             await pregen.aclose()
         if cache is not None:
             await cache.aclose()
+        await knowledge.aclose()
         if nc is not None:
             await close_nats(nc)
         await host.aclose()

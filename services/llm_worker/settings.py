@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, nats_url
 
 BUNDLED_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+"""Ceiling of KEFU_KB_MAX_DOCUMENT_BYTES: a document travels in one gRPC message."""
 
 
 # No slots: from_env reads the defaults off the class attributes.
@@ -44,6 +46,16 @@ class WorkerSettings:
     """Pre-generation waits while this many live answers stream on the worker."""
     grace_s: float = 30.0
     log_level: str = "INFO"
+    kb_seed_dir: Path | None = None
+    """KEFU_KB_SEED_DIR: `<dir>/<tenant>/<files>` stored as the tenant's documents at start when missing or changed."""
+    kb_cache_max_bytes: int = 256 * 1024 * 1024
+    """KEFU_KB_CACHE_MAX_BYTES: tenant indexes held in memory (least recently used dropped first)."""
+    kb_max_document_bytes: int = 10 * 1024 * 1024
+    """KEFU_KB_MAX_DOCUMENT_BYTES: largest document file (also read by the edge, which answers 413)."""
+    kb_max_documents: int = 1000
+    """KEFU_KB_MAX_DOCUMENTS: documents per tenant."""
+    kb_max_tenant_bytes: int = 200 * 1024 * 1024
+    """KEFU_KB_MAX_TENANT_BYTES: bytes of documents per tenant (newest versions)."""
 
     def __post_init__(self) -> None:
         if self.openai_base_url and urlparse(self.openai_base_url).scheme not in ("http", "https"):
@@ -79,4 +91,10 @@ class WorkerSettings:
                                             minimum=1),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+            kb_seed_dir=Path(seed_dir) if (seed_dir := env_str(env, "KEFU_KB_SEED_DIR", "")) else None,
+            kb_cache_max_bytes=env_int(env, "KEFU_KB_CACHE_MAX_BYTES", cls.kb_cache_max_bytes, minimum=0),
+            kb_max_document_bytes=env_int(env, "KEFU_KB_MAX_DOCUMENT_BYTES", cls.kb_max_document_bytes, minimum=1,
+                                          maximum=MAX_DOCUMENT_BYTES),
+            kb_max_documents=env_int(env, "KEFU_KB_MAX_DOCUMENTS", cls.kb_max_documents, minimum=1),
+            kb_max_tenant_bytes=env_int(env, "KEFU_KB_MAX_TENANT_BYTES", cls.kb_max_tenant_bytes, minimum=1),
         )

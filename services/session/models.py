@@ -71,6 +71,35 @@ class ConversationState:
                    reason=str(raw.get("reason", "")), since=float(raw.get("since", 0.0)))
 
 
+MAX_CITATIONS = 20
+CITATION_FIELDS = ("document_id", "title", "url", "chunk_id", "quote")
+MAX_CITATION_FIELD_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A source an AI reply quoted (one of the tenant's documents)."""
+
+    document_id: str
+    title: str = ""
+    url: str = ""
+    chunk_id: str = ""
+    quote: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.document_id:
+            raise InvalidArgument("a citation needs a document_id")
+        if any(len(getattr(self, name)) > MAX_CITATION_FIELD_CHARS for name in CITATION_FIELDS):
+            raise InvalidArgument(f"citation fields are at most {MAX_CITATION_FIELD_CHARS} characters")
+
+    def to_dict(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in CITATION_FIELDS}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        return cls(**{name: str(raw.get(name, "")) for name in CITATION_FIELDS})
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     id: str
@@ -90,6 +119,8 @@ class StoredMessage:
     """For kind "state": the conversation's state after the change."""
     version: int = 0
     """For a conditional append (AI replies): the state version it was generated under."""
+    citations: tuple[Citation, ...] = ()
+    """The sources an AI reply cites."""
 
     @classmethod
     def system(cls, content: str, tokens: int, encoding: str) -> Self:
@@ -110,6 +141,8 @@ class StoredMessage:
             raw["state"] = self.state.to_dict()
         if self.version:
             raw["version"] = self.version
+        if self.citations:
+            raw["citations"] = [c.to_dict() for c in self.citations]
         return json.dumps(raw, ensure_ascii=False).encode()
 
     @classmethod
@@ -122,7 +155,8 @@ class StoredMessage:
                    encoding=str(raw.get("encoding", "")), kind=str(raw.get("kind", "message")),
                    sender_id=str(raw.get("sender_id", "")), sender_name=str(raw.get("sender_name", "")),
                    state=ConversationState.from_dict(state) if state else None,
-                   version=int(raw.get("version", 0)))
+                   version=int(raw.get("version", 0)),
+                   citations=tuple(Citation.from_dict(c) for c in raw.get("citations", ())))
 
 
 @dataclass(slots=True)

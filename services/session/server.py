@@ -28,7 +28,7 @@ from services.session.errors import Conflict, WrongStatus
 from services.session.index import ConversationSummary
 from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
-from services.session.models import ConversationState, Principal, StoredMessage
+from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
@@ -58,10 +58,16 @@ def to_proto(message: StoredMessage) -> session_pb2.Message:
     proto = session_pb2.Message(id=message.id, role=message.role, content=message.content,
                                 created_at=message.created_at, tokens=message.tokens, seq=message.seq,
                                 kind=message.kind, sender_id=message.sender_id, sender_name=message.sender_name,
-                                version=message.version)
+                                version=message.version,
+                                citations=[session_pb2.Citation(**c.to_dict()) for c in message.citations])
     if message.state is not None:
         proto.state.CopyFrom(state_to_proto(message.state))
     return proto
+
+
+def citation_of(proto: session_pb2.Citation) -> Citation:
+    return Citation(document_id=proto.document_id, title=proto.title, url=proto.url, chunk_id=proto.chunk_id,
+                    quote=proto.quote)
 
 
 def summary_to_proto(summary: ConversationSummary) -> session_pb2.ConversationSummary:
@@ -96,7 +102,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             with self._metrics.operation_seconds.labels("append").time():
                 result = await self._store.append(principal_of(request), request.session_id, request.role,
                                                   request.content, request.message_id, kind=request.kind,
-                                                  sender_name=request.sender_name, if_version=request.if_version)
+                                                  sender_name=request.sender_name, if_version=request.if_version,
+                                                  citations=[citation_of(c) for c in request.citations])
         if result.created:
             self._metrics.sessions_created.inc()
         if not result.duplicate:

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from nats.aio.client import Client as NatsClient
@@ -47,9 +47,11 @@ from services.session.errors import Conflict, WrongStatus
 from services.session.index import ConversationIndex
 from services.session.meta_cache import MetaCache
 from services.session.models import (
+    MAX_CITATIONS,
     MESSAGE_ID_PATTERN,
     ROLES,
     SESSION_ID_PATTERN,
+    Citation,
     ConversationState,
     MetaDelta,
     Principal,
@@ -174,7 +176,7 @@ class SessionStore:
 
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
                      message_id: str = "", *, kind: str = "", sender_name: str = "",
-                     if_version: int = 0) -> AppendResult:
+                     if_version: int = 0, citations: Sequence[Citation] = ()) -> AppendResult:
         """Store one message. `if_version` non-zero: only while the state version is still that one
         (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
         caught by the check after it, which deletes the message again)."""
@@ -198,6 +200,10 @@ class SessionStore:
             raise InvalidArgument("message_id must be 32 lowercase hex characters")
         if if_version < 0:
             raise InvalidArgument("if_version must not be negative")
+        if citations and role != "assistant":
+            raise InvalidArgument("only an assistant message cites sources")
+        if len(citations) > MAX_CITATIONS:
+            raise InvalidArgument(f"at most {MAX_CITATIONS} citations")
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
@@ -232,7 +238,7 @@ class SessionStore:
                                 created_at=time.time(), tokens=self._counter.count(content),
                                 encoding=self._counter.name, kind=kind,
                                 sender_id=principal.subject if role in ("user", "agent") else "",
-                                sender_name=sender_name, version=if_version)
+                                sender_name=sender_name, version=if_version, citations=tuple(citations))
         ack = await self._js.publish(log_subject(principal.tenant, session_id), message.to_json(),
                                      headers={"Nats-Msg-Id": message.id})
         if ack.duplicate:

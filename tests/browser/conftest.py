@@ -10,7 +10,7 @@ from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from services.devstack.stack import Stack
 from tests.browser.browser_helpers import CUSTOMER_ORIGIN, TENANT, BrowserPages, Relay
-from tests.e2e.stack_helpers import start_stack
+from tests.e2e.stack_helpers import faq_plugins_env, start_stack
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -25,9 +25,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="module")
 def web_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole system with the widget enabled for the demo tenant (the knowledge base answers)."""
-    stack = start_stack(tmp_path_factory.mktemp("web-stack"), {
+    data_dir = tmp_path_factory.mktemp("web-stack")
+    stack = start_stack(data_dir, {
         "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_WIDGET_TENANTS": TENANT, "KEFU_CACHE_ENABLED": "false",
-        "KEFU_CORS_ORIGINS": CUSTOMER_ORIGIN})
+        "KEFU_CORS_ORIGINS": CUSTOMER_ORIGIN, **faq_plugins_env(data_dir)})
     try:
         yield stack
     finally:

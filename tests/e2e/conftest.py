@@ -7,13 +7,14 @@ from collections.abc import Iterator
 import pytest
 
 from services.devstack.stack import Stack, free_port
-from tests.e2e.stack_helpers import start_stack
+from tests.e2e.stack_helpers import faq_plugins_env, start_stack
 
 
 @pytest.fixture(scope="module")
 def kb_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The default system: the offline knowledge-base responder answers."""
-    stack = start_stack(tmp_path_factory.mktemp("kb-stack"), {"KEFU_RATE_LIMIT_RPS": "1000"})
+    """The default system: the offline knowledge-base responder answers, every tenant from the tea shop's FAQ."""
+    data_dir = tmp_path_factory.mktemp("kb-stack")
+    stack = start_stack(data_dir, {"KEFU_RATE_LIMIT_RPS": "1000", **faq_plugins_env(data_dir)})
     try:
         yield stack
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -11,6 +12,32 @@ from services.devstack.stack import Stack, StackConfig, StackPorts
 
 # Fixed per run of the interpreter; imported by conftest and tests alike.
 SECRET = "e2e-" + secrets.token_hex(16)
+BUNDLED_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+FAQ_ROUTES = """
+[routes.default]
+provider = "knowledge_base"
+
+[routes.default.settings]
+faq_file = "shop_faq.json"
+chunk_chars = 4
+chunk_delay_s = 0.02
+
+[routes.knowledge-base]
+provider = "knowledge_base"
+
+[routes.knowledge-base.settings]
+faq_file = "shop_faq.json"
+chunk_delay_s = 0
+"""
+
+
+def faq_plugins_env(data_dir: Path) -> dict[str, str]:
+    """KEFU_PLUGINS_DIR of a copy of plugins/ whose routes name the tea shop's FAQ file, so every tenant
+    without documents gets its answers: the stack the tests written before tenants had documents expect."""
+    folder = data_dir / "faq-plugins"
+    shutil.copytree(BUNDLED_PLUGINS, folder, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    (folder / "routes.toml").write_text(FAQ_ROUTES, encoding="utf-8")
+    return {"KEFU_PLUGINS_DIR": str(folder)}
 
 
 def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3, workers: int = 1) -> Stack:

@@ -17,7 +17,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
 from services.devstack.stack import Stack, free_port
-from tests.e2e.stack_helpers import start_stack, token
+from tests.e2e.stack_helpers import faq_plugins_env, start_stack, token
 
 Frame = dict[str, Any]
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
@@ -26,9 +26,10 @@ CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The knowledge-base stack with a second edge process on its own port ("edge-b")."""
-    stack = start_stack(tmp_path_factory.mktemp("live-stack"), {
+    data_dir = tmp_path_factory.mktemp("live-stack")
+    stack = start_stack(data_dir, {
         "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_DESK_POLL_S": "0.5", "KEFU_WS_FRAME_RPS": "50",
-        "KEFU_WS_FRAME_BURST": "100"})
+        "KEFU_WS_FRAME_BURST": "100", **faq_plugins_env(data_dir)})
     try:
         stack.start_edge("edge-b", free_port())
         yield stack
@@ -420,8 +421,10 @@ async def test_a_blacklisted_visitor_is_closed_and_refused(live_stack: Stack) ->
 def short_history_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Conversations keep their 12 newest events (session service and edge read the same setting); a
     socket's send queue holds 8 frames, fewer than a replay of the kept history."""
-    stack = start_stack(tmp_path_factory.mktemp("short-history"), {
-        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_MAX_HISTORY_MESSAGES": "12", "KEFU_WS_SEND_QUEUE": "8"})
+    data_dir = tmp_path_factory.mktemp("short-history")
+    stack = start_stack(data_dir, {
+        "KEFU_RATE_LIMIT_RPS": "1000", "KEFU_MAX_HISTORY_MESSAGES": "12", "KEFU_WS_SEND_QUEUE": "8",
+        **faq_plugins_env(data_dir)})
     try:
         yield stack
     finally:

@@ -15,7 +15,8 @@ from services.devstack.nats_server import NatsServer
 from services.devstack.stack import free_port
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
 
-DEFAULTS = {"welcome": DEFAULT_WELCOME, "offline": DEFAULT_OFFLINE, "leave_message": DEFAULT_OFFLINE}
+DEFAULTS = {"welcome": DEFAULT_WELCOME, "offline": DEFAULT_OFFLINE, "leave_message": DEFAULT_OFFLINE,
+            "system_prompt": "", "assistant_name": "", "route": "", "grounding": "strict"}
 
 
 @pytest.fixture
@@ -38,8 +39,9 @@ async def read(client: TestClient, tenant: str = "shop1", role: str = "agent") -
 
 async def test_tenant_settings_default_then_admin_sets_them(client: TestClient, nats_client: NatsClient) -> None:
     assert await read(client) == DEFAULTS
-    chosen = {"welcome": "欢迎光临茶叶小店！", "offline": "We are closed.", "leave_message": "Leave a note, we reply."}
-    response = await client.put("/v1/tenant/settings", json=chosen, headers=bearer(role="admin"))
+    texts = {"welcome": "欢迎光临茶叶小店！", "offline": "We are closed.", "leave_message": "Leave a note, we reply."}
+    chosen = {**DEFAULTS, **texts}
+    response = await client.put("/v1/tenant/settings", json=texts, headers=bearer(role="admin"))
     assert response.status == 200 and await response.json() == chosen
     assert await read(client) == chosen
     # The KV value the session service reads: exactly these field names.
@@ -78,6 +80,9 @@ async def test_tenant_settings_are_per_tenant(client: TestClient) -> None:
     (b'{"greeting": "hi"}', 422, "invalid_request"),
     (b'{"leave_message": "' + b"x" * 2001 + b'"}', 422, "invalid_request"),
     (b'{"welcome": "' + b"x" * 5000 + b'"}', 413, "body_too_large"),
+    (b'{"grounding": "loose"}', 422, "invalid_request"),
+    (b'{"assistant_name": "' + b"x" * 65 + b'"}', 422, "invalid_request"),
+    (b'{"route": 5}', 422, "invalid_request"),
 ])
 async def test_tenant_settings_refuse_bad_bodies(client: TestClient, body: bytes, status: int, code: str) -> None:
     response = await client.put("/v1/tenant/settings", data=body,
@@ -115,3 +120,25 @@ async def test_tenant_settings_without_nats(aiohttp_client: ClientFactory) -> No
         raise TimeoutError("no nats")
 
     assert await TenantSettingsStore(Buckets(unreachable)).get("shop1") == TenantSettings()
+
+
+async def test_tenant_assistant_settings_are_stored_trimmed(client: TestClient) -> None:
+    chosen = {"system_prompt": " You are Mei, the tea shop's assistant. ", "assistant_name": "Mei",
+              "grounding": "open"}
+    response = await client.put("/v1/tenant/settings", json=chosen, headers=bearer(role="admin"))
+    assert response.status == 200
+    assert await read(client) == {**DEFAULTS, "system_prompt": "You are Mei, the tea shop's assistant.",
+                                  "assistant_name": "Mei", "grounding": "open"}
+
+
+async def test_tenant_route_is_checked_against_the_worker_and_nothing_is_stored_when_it_is_down(
+        client: TestClient) -> None:
+    # This edge's worker address is dead: a route cannot be checked, so the PUT fails and stores nothing.
+    response = await client.put("/v1/tenant/settings", json={"route": "premium"}, headers=bearer(role="admin"))
+    await expect_error(response, 503, "upstream_unavailable")
+    assert await read(client) == DEFAULTS
+
+
+def test_tenant_settings_from_json_keeps_defaults_for_bad_assistant_fields() -> None:
+    loaded = TenantSettings.from_json({"grounding": "loose", "route": 7, "assistant_name": "  ", "system_prompt": "p"})
+    assert loaded == TenantSettings(system_prompt="p")

@@ -17,7 +17,7 @@ from services.common.conversation_log import LOG_STREAM
 from services.common.nats_client import close_nats, connect_nats
 from services.devstack.nats_server import start_nats_server
 from services.devstack.stack import free_port
-from services.session.models import ConversationState, Principal, StoredMessage
+from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.server import to_proto
 from services.session.store import SessionStore
 from services.session.tokens import TokenCounter
@@ -33,10 +33,13 @@ STORED = [
                                                         assignee_name="Mei", reason="claim", since=4.0)),
     StoredMessage(id="e" * 32, role="system", content="status: ai (created)", created_at=5.0, tokens=5,
                   kind="state", state=ConversationState(since=5.0)),
+    StoredMessage(id="f" * 32, role="assistant", content="7 天内可退 [1]", created_at=6.0, tokens=6, version=2,
+                  citations=(Citation("returns", "退换货政策", "https://shop.example/returns", "returns-1-0",
+                                      "7 天内可退"),)),
 ]
 
 
-@pytest.mark.parametrize("stored", STORED, ids=lambda m: f"{m.kind}-{m.role}")
+@pytest.mark.parametrize("stored", STORED, ids=lambda m: f"{m.kind}-{m.role}-{len(m.citations)}")
 def test_decode_event_matches_the_session_api(stored: StoredMessage) -> None:
     seq = 41
     decoded = decode_event(stored.to_json(), seq)

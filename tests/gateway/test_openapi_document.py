@@ -21,6 +21,7 @@ from gateway.handlers.blacklist import BlacklistBody
 from gateway.handlers.canned_replies import CannedReplyBody
 from gateway.handlers.chat import ChatBody
 from gateway.handlers.console_login import LoginBody
+from gateway.handlers.knowledge import DocumentBody, SearchBody
 from gateway.handlers.tenant_settings import TenantSettingsBody
 from gateway.handlers.widget_token import WidgetTokenBody
 from gateway.middlewares import PUBLIC_API_PATHS, PUBLIC_PATHS
@@ -166,7 +167,8 @@ def compare(model: dict[str, Any], doc: dict[str, Any], root: dict[str, Any], pa
 @pytest.mark.parametrize(("model", "document_schema"), [
     (ChatBody, "ChatRequest"), (CompletionRequest, "CompletionRequest"), (WidgetTokenBody, "WidgetTokenRequest"),
     (LoginBody, "ConsoleLoginRequest"), (CannedReplyBody, "CannedReplyRequest"), (BlacklistBody, "BlacklistRequest"),
-    (TenantSettingsBody, "TenantSettingsRequest")])
+    (TenantSettingsBody, "TenantSettingsRequest"), (DocumentBody, "KnowledgeDocumentRequest"),
+    (SearchBody, "KnowledgeSearchRequest")])
 def test_openapi_request_schema_matches_the_pydantic_model(model: type[pydantic.BaseModel],
                                                            document_schema: str) -> None:
     generated = model.model_json_schema()

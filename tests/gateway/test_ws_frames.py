@@ -121,7 +121,18 @@ def test_msg_frame_names_the_sender() -> None:
     assert frame("user") == {"type": "msg", "conversation_id": "conv", "seq": 9, "ts": 1.5, "message_id": "m" * 32,
                              "sender": {"type": "visitor", "id": "alice"}, "text": "hi"}
     assert frame("assistant")["sender"] == {"type": "ai", "id": "ai"}
+    assert frame("assistant")["citations"] == [] and "citations" not in frame("agent")
     assert frame("agent")["sender"]["type"] == "agent"
+
+
+def test_msg_frame_of_an_ai_reply_carries_its_citations() -> None:
+    message = session_pb2.Message(id="m" * 32, role="assistant", content="7 天内可退 [1]", created_at=1.5, seq=9,
+                                  citations=[session_pb2.Citation(document_id="returns", title="退换货",
+                                                                  url="https://x.example/r", chunk_id="returns-1-0",
+                                                                  quote="7 天内可退")])
+    assert event_frame("conv", message, "alice")["citations"] == [
+        {"document_id": "returns", "title": "退换货", "url": "https://x.example/r", "chunk_id": "returns-1-0",
+         "quote": "7 天内可退"}]
 
 
 def test_event_frame_builds_state_and_note_events() -> None:

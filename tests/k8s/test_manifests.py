@@ -422,3 +422,18 @@ def test_prod_replicates_jetstream_state_on_the_three_nats_nodes(rendered: dict[
     for name in ("session", "llm-worker"):
         assert env_of(deployments(rendered, "prod")[name])["KEFU_NATS_REPLICAS"]["value"] == "3"
         assert "KEFU_NATS_REPLICAS" not in env_of(deployments(rendered, "dev")[name])
+
+
+def test_dev_worker_seeds_the_demo_tenant_from_its_configmap(rendered: dict[str, list[Obj]]) -> None:
+    worker = deployments(rendered, "dev")["llm-worker"]
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    mounts = [m for m in container(worker)["volumeMounts"]
+              if volumes[m["name"]].get("configMap", {}).get("name") == "kefu-demo-knowledge"]
+    assert len(mounts) == 1 and "subPath" not in mounts[0]
+    # The seed folder holds one folder per tenant: the ConfigMap is the `demo` tenant's.
+    assert mounts[0]["mountPath"] == env_value(worker, "KEFU_KB_SEED_DIR") + "/demo"
+    demo = _repo_files(REPO_ROOT / "services" / "llm_worker" / "demo_knowledge" / "demo", (".md", ".json"))
+    assert {"shop-faq.json", "shipping.md", "returns-and-refunds.md"} <= set(demo)
+    assert _configmap_files(objects(rendered, "dev", "ConfigMap")["kefu-demo-knowledge"]) == demo
+    for variant in ("prod", "prod+components"):  # a production cluster gets no demo documents
+        assert "KEFU_KB_SEED_DIR" not in env_of(deployments(rendered, variant)["llm-worker"]), variant

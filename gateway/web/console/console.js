@@ -78,6 +78,7 @@
 
   // ---- session: the token comes from the URL fragment (never sent to a server) or from the login form -----
   var TOKEN_KEY = 'kefu-console';
+  var knowledge = window.kefuKnowledge || null;  // knowledge.js: the Knowledge page and the sources of AI answers
   var session = null;  // {token, me, name, tenant}
 
   function takeFragmentToken() {
@@ -95,6 +96,7 @@
     $('login').hidden = true;
     $('app').hidden = false;
     $('me').textContent = session.name + (session.tenant ? ' · ' + session.tenant : '');
+    if (knowledge) knowledge.start(token, c.role || (agent && agent.role) || '', function () { signOut(TEXT.expired); });
     connect();
     loadMine();
   }
@@ -102,6 +104,7 @@
   function signOut(message) {
     try { sessionStorage.removeItem(TOKEN_KEY); } catch (e) { /* nothing stored */ }
     session = null;
+    if (knowledge) knowledge.stop();
     if (ws) { var old = ws; ws = null; old.close(1000, 'signed out'); }
     clearTimeout(retryTimer);
     $('app').hidden = true;
@@ -234,6 +237,7 @@
       'data-sender': type }, [
       el('div', { class: 'who', text: note ? TEXT.note + ' · ' + senderLabel(sender) : senderLabel(sender) }),
       el('div', { class: 'text', text: event.text }),
+      type === 'ai' && knowledge ? knowledge.sources(event.citations, 'console-citation') : null,
       el('div', { class: 'meta', text: event.ts ? new Date(event.ts > 1e12 ? event.ts : event.ts * 1000)
         .toLocaleTimeString() : '' })
     ]);

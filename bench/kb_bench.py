@@ -1,0 +1,495 @@
+"""`python -m bench.kb_bench` (`make bench-kb`): knowledge retrieval and grounded answers on CMRC 2018, offline.
+
+Every article of the CMRC 2018 trial set (bench/data/, 256 Chinese Wikipedia passages, 1,002 questions
+with their answer spans) is one document (title = the article's title), parsed, chunked and indexed in
+process exactly as ingestion does. Then:
+
+- ingest: documents and chunks per second for parse + chunk + index;
+- retrieval: recall@1 / recall@5 / MRR@10 of the cited document (the document of the top hit; documents
+  ranked by their best chunk);
+- offline answers: the share of questions whose gold span is inside kefu's answer (answered, not handed
+  off, and the extract contains the span), and inside the extract whatever the decision;
+- LLM mode: the share whose gold span is inside the prompt `grounded_messages` builds from the top
+  `--passages` hits (and the same with adjacent chunks of one document joined, as the model reads them);
+- answer or hand off: with half of the articles held out (a deterministic split by a hash of the article
+  id), balanced accuracy of answering the questions of indexed articles and handing off the others, at
+  the shipped threshold (`retrieval.MIN_CONFIDENCE`); also how the threshold was tuned: the best threshold
+  on each of four different splits and its balanced accuracy on the other three;
+- scale: retrieval latency (wall and CPU per query) and RSS with 10,000 and 100,000 synthetic chunks (runs
+  of CMRC sentences) in one tenant, and with 1,000 tenants of 100 chunks each loaded from their bytes;
+  each in a fresh process, so RSS is its own.
+
+The questions go through `Knowledge`, so an HTTP path (`--http URL`: ingest through the API, answers from
+/v1/chat) can be added beside `OfflineKnowledge` without touching the metrics.
+
+Results: a markdown table on stdout and bench/results/kb-<UTC>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.llm_worker.knowledge.analysis import split_sentences
+from services.llm_worker.knowledge.chunking import MAX_TOKENS, chunk_document
+from services.llm_worker.knowledge.extractive import extract_answer
+from services.llm_worker.knowledge.grounding import grounded_messages
+from services.llm_worker.knowledge.index import KnowledgeIndex
+from services.llm_worker.knowledge.models import Chunk, Hit
+from services.llm_worker.knowledge.parsing import parse_document
+from services.llm_worker.knowledge.retrieval import MIN_CONFIDENCE, confidence, retrieve
+from services.llm_worker.plugin_api import ChatMessage
+
+DATA = Path(__file__).resolve().parent / "data" / "cmrc2018_trial.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROMPT_PASSAGES = 8
+"""Passages in the LLM prompt: with 400-token chunks, 8 bring the gold span to the prompt for 0.99 of the
+CMRC questions (5 reach 0.985)."""
+SYSTEM_PROMPT = "你是一个知识库问答助手。"
+SPLIT_SALTS = ("", "b", "c", "d")
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    id: str
+    text: str
+    answers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Article:
+    id: str
+    title: str
+    context: str
+    questions: tuple[Question, ...]
+
+
+def load_articles(path: Path = DATA) -> list[Article]:
+    articles = []
+    for raw in json.loads(path.read_text(encoding="utf-8"))["data"]:
+        for paragraph in raw["paragraphs"]:
+            articles.append(Article(
+                id=raw["id"], title=raw["title"], context=paragraph["context"],
+                questions=tuple(Question(q["id"], q["question"], tuple(a["text"] for a in q["answers"]))
+                                for q in paragraph["qas"])))
+    return articles
+
+
+def kept(article_id: str, salt: str) -> bool:
+    """The deterministic half of the articles that is indexed in the held-out runs."""
+    return hashlib.sha256((salt + article_id).encode()).digest()[0] % 2 == 0
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What kefu did with one question, as the metrics need it."""
+
+    documents: tuple[str, ...]
+    """Documents ranked by their best chunk (the first is the cited one), up to 10."""
+    answered: bool
+    """Not handed off."""
+    extract: str
+    """The offline answer's text ("" when handed off or nothing was found)."""
+    extract_any: str
+    """The extract whatever the decision."""
+    prompt: str
+    """The system message of the LLM prompt (passages included)."""
+    passages: tuple[Hit, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestFigures:
+    documents: int
+    chunks: int
+    parse_chunk_s: float
+    index_s: float
+
+
+class Knowledge(Protocol):
+    """Where the questions go: in process here; an HTTP implementation would use the API."""
+
+    def ingest(self, articles: Sequence[Article]) -> IngestFigures: ...
+
+    def ask(self, question: str) -> Answer: ...
+
+
+class OfflineKnowledge:
+    """The knowledge core in this process: parse, chunk, index; retrieve, extract, build the prompt."""
+
+    def __init__(self, passages: int = PROMPT_PASSAGES, max_tokens: int = MAX_TOKENS) -> None:
+        self.passages = passages
+        self.max_tokens = max_tokens
+        self.index = KnowledgeIndex.build([])
+
+    def ingest(self, articles: Sequence[Article]) -> IngestFigures:
+        started = time.perf_counter()
+        chunks: list[Chunk] = []
+        for article in articles:
+            doc = parse_document(article.context.encode(), f"{article.id}.txt", "text/plain")
+            chunks += chunk_document(doc, document_id=article.id, version=1, title=article.title,
+                                     max_tokens=self.max_tokens)
+        parsed = time.perf_counter()
+        self.index = KnowledgeIndex.build(chunks)
+        return IngestFigures(len(articles), len(chunks), parsed - started, time.perf_counter() - parsed)
+
+    def ask(self, question: str) -> Answer:
+        found = retrieve(self.index, question, k=self.passages)
+        extract = extract_answer(question, found.hits)
+        ranked = list(dict.fromkeys(hit.chunk.document_id for hit in self.index.search(question, 40)))[:10]
+        prompt = grounded_messages(SYSTEM_PROMPT, found.hits, [ChatMessage("user", question)])[0].content
+        text = extract.text if extract else ""
+        return Answer(documents=tuple(ranked), answered=found.answerable,
+                      extract=text if found.answerable else "", extract_any=text, prompt=prompt, passages=found.hits)
+
+
+def joined_passages(hits: Sequence[Hit]) -> list[str]:
+    """The passages' texts with consecutive chunks of one document joined (their overlap once)."""
+    by_document: dict[str, list[Chunk]] = {}
+    for hit in hits:
+        by_document.setdefault(hit.chunk.document_id, []).append(hit.chunk)
+    texts = []
+    for chunks in by_document.values():
+        chunks.sort(key=lambda c: int(c.chunk_id.rsplit("-", 1)[1]))
+        current, last = squash(chunks[0].text), int(chunks[0].chunk_id.rsplit("-", 1)[1])
+        for chunk in chunks[1:]:
+            number, text = int(chunk.chunk_id.rsplit("-", 1)[1]), squash(chunk.text)
+            if number == last + 1:
+                overlap = next((size for size in range(min(len(current), len(text)), 0, -1)
+                                if current.endswith(text[:size])), 0)
+                current += text[overlap:]
+            else:
+                texts.append(current)
+                current = text
+            last = number
+        texts.append(current)
+    return texts
+
+
+def contains_span(question: Question, *texts: str) -> bool:
+    return any(squash(answer) in squash(text) for answer in question.answers for text in texts)
+
+
+def quality(knowledge: Knowledge, articles: Sequence[Article]) -> dict[str, float]:
+    """Retrieval and answer figures with every article indexed."""
+    figures = {"recall_at_1": 0.0, "recall_at_5": 0.0, "mrr_at_10": 0.0, "span_in_answer": 0.0,
+               "span_in_extract": 0.0, "answered": 0.0, "span_in_prompt": 0.0, "span_in_prompt_joined": 0.0}
+    count = 0
+    for article in articles:
+        for question in article.questions:
+            answer = knowledge.ask(question.text)
+            count += 1
+            rank = answer.documents.index(article.id) + 1 if article.id in answer.documents else 0
+            figures["recall_at_1"] += rank == 1
+            figures["recall_at_5"] += 0 < rank <= 5
+            figures["mrr_at_10"] += 1 / rank if 0 < rank <= 10 else 0
+            figures["answered"] += answer.answered
+            figures["span_in_answer"] += answer.answered and contains_span(question, answer.extract)
+            figures["span_in_extract"] += contains_span(question, answer.extract_any)
+            figures["span_in_prompt"] += contains_span(question, answer.prompt)
+            figures["span_in_prompt_joined"] += contains_span(question, *joined_passages(answer.passages))
+    return {name: round(value / count, 4) for name, value in figures.items()} | {"questions": count}
+
+
+def balanced_accuracy(predicted: Sequence[bool], truth: Sequence[bool]) -> float:
+    positives = [p for p, t in zip(predicted, truth, strict=True) if t]
+    negatives = [not p for p, t in zip(predicted, truth, strict=True) if not t]
+    return (sum(positives) / len(positives) + sum(negatives) / len(negatives)) / 2
+
+
+@dataclass
+class Split:
+    salt: str
+    truth: list[bool] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    right_document: list[bool] = field(default_factory=list)
+    raw_score: list[float] = field(default_factory=list)
+    """The top BM25 score (the reference a raw threshold uses)."""
+
+
+def held_out(articles: Sequence[Article], salts: Sequence[str] = SPLIT_SALTS) -> dict[str, Any]:
+    """Answer-or-hand-off with half of the articles indexed: at MIN_CONFIDENCE, and the tuning sweep."""
+    splits = []
+    for salt in salts:
+        knowledge = OfflineKnowledge()
+        knowledge.ingest([a for a in articles if kept(a.id, salt)])
+        split = Split(salt)
+        for article in articles:
+            for question in article.questions:
+                terms = knowledge.index.analyzer.terms(question.text)
+                hits = knowledge.index.search(terms, PROMPT_PASSAGES)
+                split.truth.append(kept(article.id, salt))
+                split.confidence.append(confidence(knowledge.index, terms, hits))
+                split.right_document.append(bool(hits) and hits[0].chunk.document_id == article.id)
+                split.raw_score.append(hits[0].score if hits else 0.0)
+        splits.append(split)
+
+    def accuracy(split: Split, threshold: float, strict: bool = False) -> float:
+        """Balanced accuracy; `strict`: answering an answerable question from the wrong document is wrong."""
+        answered = [c >= threshold for c in split.confidence]
+        right = [a and (r or not strict) for a, r in zip(answered, split.right_document, strict=True)]
+        sensitivity = sum(r for r, t in zip(right, split.truth, strict=True) if t) / sum(split.truth)
+        specificity = sum(not a for a, t in zip(answered, split.truth, strict=True) if not t) / (
+            len(split.truth) - sum(split.truth))
+        return (sensitivity + specificity) / 2
+
+    candidates = sorted({round(c, 4) for split in splits for c in split.confidence if 0.1 <= c <= 0.5})
+    tuning = []
+    for split in splits:
+        best = max(candidates, key=lambda t: accuracy(split, t))
+        others = [accuracy(other, best) for other in splits if other is not split]
+        tuning.append({"split": split.salt or "-", "best_threshold": best,
+                       "tuned_on_itself": round(accuracy(split, best), 4),
+                       "on_the_other_splits": round(statistics.mean(others), 4)})
+    shipped = [accuracy(split, MIN_CONFIDENCE) for split in splits]
+    answered_right = [sum(c >= MIN_CONFIDENCE and r for c, r, t in zip(s.confidence, s.right_document, s.truth,
+                                                                        strict=True) if t) / sum(s.truth)
+                      for s in splits]
+    return {
+        "threshold": MIN_CONFIDENCE,
+        "balanced_accuracy": round(shipped[0], 4),
+        "balanced_accuracy_all_splits": [round(a, 4) for a in shipped],
+        "balanced_accuracy_strict": round(accuracy(splits[0], MIN_CONFIDENCE, strict=True), 4),
+        "answered_with_right_document": round(answered_right[0], 4),
+        "raw_bm25_best": round(max(balanced_accuracy([s >= t for s in splits[0].raw_score], splits[0].truth)
+                                   for t in sorted(set(splits[0].raw_score))), 4),
+        "tuning": tuning,
+    }
+
+
+# --- scale: each measurement in a fresh process ---------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def synthetic_chunks(articles: Sequence[Article], count: int, seed: int, prefix: str = "syn") -> list[Chunk]:
+    """`count` chunks of 3-8 consecutive sentences of random CMRC articles (about 150-400 tokens each)."""
+    rng = random.Random(seed)
+    sentences = [(a.title, split_sentences(a.context)) for a in articles]
+    chunks = []
+    for number in range(count):
+        title, pool = rng.choice(sentences)
+        size = rng.randint(3, 8)
+        start = rng.randrange(max(1, len(pool) - size))
+        document = f"{prefix}{number // 4}"
+        chunks.append(Chunk(chunk_id=f"{document}-1-{number % 4}", document_id=document, version=1, title=title,
+                            url="", heading="", text="".join(pool[start:start + size])))
+    return chunks
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def time_queries(pick: Callable[[int], KnowledgeIndex], questions: Sequence[str], rounds: int) -> dict[str, float]:
+    """Wall and CPU time of `retrieve` (k = PROMPT_PASSAGES) per query, in ms."""
+    for question in questions[:50]:  # warm caches
+        retrieve(pick(0), question, k=PROMPT_PASSAGES)
+    walls, cpus = [], []
+    number = 0
+    for _ in range(rounds):
+        for question in questions:
+            index = pick(number)
+            number += 1
+            wall, cpu = time.perf_counter(), time.process_time()
+            retrieve(index, question, k=PROMPT_PASSAGES)
+            cpus.append(time.process_time() - cpu)
+            walls.append(time.perf_counter() - wall)
+    return {"queries": len(walls), "p50_ms": round(percentile(walls, 0.5) * 1000, 3),
+            "p99_ms": round(percentile(walls, 0.99) * 1000, 3), "max_ms": round(max(walls) * 1000, 3),
+            "cpu_mean_ms": round(statistics.mean(cpus) * 1000, 3),
+            "cpu_p99_ms": round(percentile(cpus, 0.99) * 1000, 3)}
+
+
+def _warm_process(articles: Sequence[Article]) -> int:
+    """Load the segmenter's dictionary, OpenCC and numpy before measuring; the RSS baseline after that."""
+    KnowledgeIndex.build(synthetic_chunks(articles, 20, seed=0)).search("测试", 5)
+    gc.collect()
+    return rss_bytes()
+
+
+def build_tenants(directory: str, tenants: int, chunks_per_tenant: int) -> dict[str, Any]:
+    """Build each tenant's index and store its bytes (as ingestion does, in a process of its own)."""
+    articles = load_articles()
+    started = time.perf_counter()
+    total = 0
+    for tenant in range(tenants):
+        seed = chunks_per_tenant if tenants == 1 else tenant
+        chunks = synthetic_chunks(articles, chunks_per_tenant, seed=seed, prefix=f"t{tenant}-")
+        data = KnowledgeIndex.build(chunks).to_bytes()
+        total += len(data)
+        Path(directory, f"{tenant}.kb").write_bytes(data)
+    return {"build_s": round(time.perf_counter() - started, 1), "bytes_mib": round(total / 2**20, 1)}
+
+
+def serve_tenants(directory: str, tenants: int, rounds: int) -> dict[str, Any]:
+    """Load every tenant's index from its bytes (as a worker does), then ask the CMRC questions of random
+    tenants: RSS and latency."""
+    articles = load_articles()
+    baseline = _warm_process(articles)
+    started = time.perf_counter()
+    indexes = [KnowledgeIndex.from_bytes(Path(directory, f"{t}.kb").read_bytes()) for t in range(tenants)]
+    load_s = time.perf_counter() - started
+    gc.collect()
+    questions = [q.text for a in articles for q in a.questions]
+    rng = random.Random(7)
+    order = [rng.randrange(tenants) for _ in range(len(questions) * rounds + 50)]
+    latency = time_queries(lambda n: indexes[order[n]], questions, rounds)
+    rss = rss_bytes()
+    return {"tenants": tenants, "chunks_per_tenant": len(indexes[0]),
+            "load_ms_per_tenant": round(load_s / tenants * 1000, 2),
+            "rss_mib": round(rss / 2**20, 1), "indexes_rss_mib": round((rss - baseline) / 2**20, 1),
+            "rss_kib_per_tenant": round((rss - baseline) / tenants / 1024, 1),
+            "nbytes_kib_per_tenant": round(statistics.mean(i.nbytes for i in indexes) / 1024, 1), **latency}
+
+
+def tenants_run(tenants: int, chunks_per_tenant: int, rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kefu-kb-bench-") as directory:
+        built = in_fresh_process(build_tenants, directory, tenants, chunks_per_tenant)
+        served = in_fresh_process(serve_tenants, directory, tenants, rounds)
+    return served | {"build_s": built["build_s"], "bytes_mib": built["bytes_mib"]}
+
+
+def _child(connection: Any, function: str, arguments: tuple[Any, ...]) -> None:
+    connection.send(globals()[function](*arguments))
+    connection.close()
+
+
+def in_fresh_process(function: Callable[..., dict[str, Any]], *arguments: Any) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, function.__name__, arguments))
+    process.start()
+    sender.close()
+    result: dict[str, Any] = receiver.recv()
+    process.join()
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict[str, Any]) -> str:
+    ingest, q, h = report["ingest"], report["quality"], report["held_out"]
+    lines = [
+        f"## make bench-kb ({report['timestamp']}, {report['machine']})",
+        "",
+        f"CMRC 2018 trial: {ingest['documents']} documents, {q['questions']} questions; chunks of "
+        f"{report['chunk_tokens']} tokens, {report['passages']} passages in the LLM prompt.",
+        "",
+        "| figure | value | target |",
+        "|---|---:|---:|",
+        f"| ingest (parse + chunk + index) | {ingest['documents_per_s']} docs/s, {ingest['chunks_per_s']} chunks/s | |",
+        f"| cited-document recall@1 | {q['recall_at_1']} | >= 0.95 |",
+        f"| recall@5 / MRR@10 | {q['recall_at_5']} / {q['mrr_at_10']} | |",
+        f"| gold span in the offline answer (handoffs count as misses) | {q['span_in_answer']} | >= 0.80 |",
+        f"| gold span in the extract, whatever the decision | {q['span_in_extract']} | |",
+        f"| gold span in the LLM prompt | {q['span_in_prompt']} | >= 0.99 |",
+        f"| ... with adjacent chunks of a document joined | {q['span_in_prompt_joined']} | >= 0.99 |",
+        f"| answer-or-hand-off balanced accuracy, half held out (threshold {h['threshold']}) | "
+        f"{h['balanced_accuracy']} | >= 0.95 |",
+        f"| ... on the four splits | {', '.join(map(str, h['balanced_accuracy_all_splits']))} | |",
+        f"| ... counting an answer from the wrong document as wrong | {h['balanced_accuracy_strict']} | |",
+        f"| ... a raw BM25 top-score threshold tuned on the split (reference) | {h['raw_bm25_best']} | |",
+    ]
+    lines += ["", "Threshold tuning (best on one split, balanced accuracy there and on the three others):", "",
+              "| split | best threshold | on itself | on the others |", "|---|---:|---:|---:|"]
+    lines += [f"| {t['split']} | {t['best_threshold']} | {t['tuned_on_itself']} | {t['on_the_other_splits']} |"
+              for t in h["tuning"]]
+    lines += ["", "Scale: indexes built and stored by one process, loaded from their bytes by a fresh one that then "
+              f"asks the {report['quality']['questions']} questions x {report['rounds']} (`retrieve`, k = passages; "
+              "a random tenant per question); RSS of that process (and its growth from loading the indexes, "
+              "after the segmenter and numpy are loaded):", "",
+              "| tenants x chunks | p50 ms | p99 ms | CPU ms/query (p99) | RSS MiB (indexes) | load ms/tenant "
+              "| stored MiB | build s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in report["scale"]:
+        lines.append(f"| {t['tenants']:,} x {t['chunks_per_tenant']:,} | {t['p50_ms']} | {t['p99_ms']} | "
+                     f"{t['cpu_mean_ms']} ({t['cpu_p99_ms']}) | {t['rss_mib']} ({t['indexes_rss_mib']}) | "
+                     f"{t['load_ms_per_tenant']} | "
+                     f"{t['bytes_mib']} | {t['build_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.kb_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--passages", type=int, default=PROMPT_PASSAGES, help="passages in the LLM prompt")
+    parser.add_argument("--chunk-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--scales", default="10000,100000",
+                        help="chunk counts of the one-tenant runs ('' for none)")
+    parser.add_argument("--tenants", type=int, default=1000, help="tenants of the many-tenants run (0 for none)")
+    parser.add_argument("--tenant-chunks", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2, help="times each question is asked in the scale runs")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    articles = load_articles(args.data)
+    knowledge = OfflineKnowledge(passages=args.passages, max_tokens=args.chunk_tokens)
+    figures = knowledge.ingest(articles)
+    ingest_s = figures.parse_chunk_s + figures.index_s
+    report: dict[str, Any] = {
+        "timestamp": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": " ".join(["python -m bench.kb_bench", *(argv if argv is not None else sys.argv[1:])]),
+        "chunk_tokens": args.chunk_tokens,
+        "passages": args.passages,
+        "ingest": asdict(figures) | {"documents_per_s": round(figures.documents / ingest_s, 1),
+                                     "chunks_per_s": round(figures.chunks / ingest_s, 1)},
+    }
+    print(f"ingested {figures.documents} documents, {figures.chunks} chunks in {ingest_s:.2f} s",
+          file=sys.stderr)
+    report["quality"] = quality(knowledge, articles)
+    print(f"quality: {report['quality']}", file=sys.stderr)
+    report["held_out"] = held_out(articles)
+    print(f"held out: balanced accuracy {report['held_out']['balanced_accuracy']}", file=sys.stderr)
+    report["rounds"] = args.rounds
+    report["scale"] = []
+    runs = [(1, int(c)) for c in args.scales.split(",") if c.strip()]
+    runs += [(args.tenants, args.tenant_chunks)] if args.tenants else []
+    for tenants, chunks in runs:
+        report["scale"].append(tenants_run(tenants, chunks, args.rounds))
+        print(f"scale {tenants} x {chunks}: {report['scale'][-1]}", file=sys.stderr)
+    report["duration_s"] = round(time.perf_counter() - started, 1)
+    text = markdown(report)
+    print(text)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"kb-{report['timestamp']}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report | {"markdown": text}, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The tenant indexes answers use, in this process: loaded on demand into a byte-bounded LRU, kept fresh by a watch.
+
+Use:
+
+    knowledge = await library.snapshot(tenant)   # one per turn; never fails for lack of documents
+    if knowledge.index is not None:
+        retrieval = knowledge.retrieve(question, previous_user_turns=earlier, k=5)
+
+A snapshot is immutable: a turn that took one finishes on it while newer indexes arrive. Its `version`
+changes whenever what may be retrieved changes (a new index, a deleted document), so it belongs in
+answer cache keys. Always retrieve through the snapshot (`retrieve`, `search`), never on `index`
+directly: a deleted document stays inside `index` until the next build, and only the snapshot
+drops its hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from services.common.errors import Unavailable
+from services.llm_worker.kb.metrics import KnowledgeMetrics
+from services.llm_worker.kb.store import DEL_OPERATIONS, TENANTS_BUCKET, IndexState, KnowledgeStore
+from services.llm_worker.knowledge.index import KnowledgeIndex
+from services.llm_worker.knowledge.models import Chunk, Hit, Retrieval
+from services.llm_worker.knowledge.retrieval import retrieve
+
+log = logging.getLogger(__name__)
+
+MAX_TENANT_STATES = 100_000
+"""Tenant states remembered (a few hundred bytes each); the indexes themselves are bounded by bytes."""
+WATCH_SUBJECT = f"$KV.{TENANTS_BUCKET}.*.index"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKnowledge:
+    """What one turn of a tenant answers from."""
+
+    tenant: str
+    version: int
+    """Knowledge version: 0 when the tenant never had documents; changes with every index and every delete."""
+    index: KnowledgeIndex | None
+    """None when the tenant has no indexed chunk (no documents, all deleted, or none parsed yet)."""
+    removed: frozenset[str] = field(default_factory=frozenset)
+    """Documents deleted since `index` was built; their hits are dropped."""
+
+    def retrieve(self, question: str, *, previous_user_turns: Sequence[str] = (), k: int = 5) -> Retrieval:
+        """The passages for a visitor's question (follow-ups resolved against the earlier turns)."""
+        if self.index is None:
+            return Retrieval(hits=(), answerable=False, query=question)
+        return retrieve(self._live(), question, previous_user_turns=previous_user_turns, k=k)
+
+    def search(self, query: str, k: int = 5) -> list[Hit]:
+        """The best `k` passages for a query, without the answer-or-hand-off decision."""
+        if self.index is None:
+            return []
+        return list(self._live().search(query, k))
+
+    def _live(self) -> KnowledgeIndex:
+        assert self.index is not None
+        if not self.removed:
+            return self.index
+        # Same interface, fewer documents: what retrieve() reads goes through the view.
+        return cast(KnowledgeIndex, LiveView(self.index, self.removed))
+
+
+class LiveView:
+    """An index without some of its documents (deleted since it was built): their hits never come out."""
+
+    def __init__(self, index: KnowledgeIndex, removed: frozenset[str]) -> None:
+        self._index = index
+        self._removed = removed
+        self._chunks = {cid: c for cid, c in index.chunks.items() if c.document_id not in removed}
+        self._hidden = len(index.chunks) - len(self._chunks)
+
+    def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit]:
+        # Asking for k plus every hidden chunk guarantees k visible ones when the index has them.
+        hits = self._index.search(query, k + self._hidden)
+        return [hit for hit in hits if hit.chunk.document_id not in self._removed][:k]
+
+    @property
+    def chunks(self) -> Mapping[str, Chunk]:
+        return self._chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._index, name)  # analyzer, idf, nbytes: the statistics stay the built index's
+
+
+@dataclass(slots=True)
+class _State:
+    state: IndexState
+    revision: int
+
+
+@dataclass(slots=True)
+class _Loaded:
+    name: str
+    index: KnowledgeIndex
+    nbytes: int
+
+
+class KnowledgeLibrary:
+    """Tenant indexes on demand: `snapshot(tenant)` for a turn, `search` for the API."""
+
+    def __init__(self, store: KnowledgeStore, metrics: KnowledgeMetrics, *, max_bytes: int = 256 * 1024 * 1024,
+                 max_states: int = MAX_TENANT_STATES) -> None:
+        self._store = store
+        self._metrics = metrics
+        self.max_bytes = max_bytes
+        self._max_states = max_states
+        self._states: OrderedDict[str, _State] = OrderedDict()
+        self._indexes: OrderedDict[str, _Loaded] = OrderedDict()
+        """Tenant -> its newest loaded index, least recently used first."""
+        self.bytes = 0
+        self._loading: dict[str, asyncio.Task[_Loaded]] = {}
+        """Index object name -> its load in flight (one fetch however many turns wait for it)."""
+        self._watch_task: asyncio.Task[None] | None = None
+        self._resubscribe = asyncio.Event()
+
+    # ------------------------------------------------------------------ public
+
+    async def snapshot(self, tenant: str) -> TenantKnowledge:
+        """The tenant's knowledge now: its newest published index (loaded if needed) and version."""
+        current = self._states.get(tenant)
+        if current is None:
+            state, revision = await self._store.state(tenant)
+            current = self._remember(tenant, state, revision)
+        else:
+            self._states.move_to_end(tenant)
+        state = current.state
+        if not state.index:
+            return TenantKnowledge(tenant, state.version, None, frozenset(state.removed))
+        loaded = self._indexes.get(tenant)
+        if loaded is None or loaded.name != state.index:
+            try:
+                loaded = await self._load(tenant, state.index)
+            except _IndexGone:
+                # Replaced (and deleted) by a newer index meanwhile: read the state again, once.
+                fresh, revision = await self._store.state(tenant)
+                self._remember(tenant, fresh, revision)
+                if fresh.index == state.index or not fresh.index:
+                    return TenantKnowledge(tenant, fresh.version, None, frozenset(fresh.removed))
+                state = fresh
+                loaded = await self._load(tenant, state.index)
+        else:
+            self._indexes.move_to_end(tenant)
+        return TenantKnowledge(tenant, state.version, loaded.index, frozenset(state.removed))
+
+    async def search(self, tenant: str, query: str, k: int = 5) -> list[Hit]:
+        return (await self.snapshot(tenant)).search(query, k)
+
+    def published(self, tenant: str, state: IndexState, revision: int) -> None:
+        """A state this process wrote (an index it built, a delete it did): used at once, before the watch."""
+        self._remember(tenant, state, revision)
+
+    async def start(self, nc: NatsClient) -> None:
+        """Follow the tenants' index states from now on (updates only: nothing is replayed at start)."""
+        subscription = await self._subscribe(nc)
+        self._watch_task = asyncio.create_task(self._watch(nc, subscription), name="kb-library-watch")
+
+    def reconnected(self) -> None:
+        """After a NATS reconnect updates may have been missed: forget the states (read again on use)."""
+        self._resubscribe.set()
+
+    async def aclose(self) -> None:
+        tasks = [task for task in (self._watch_task, *self._loading.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    # ------------------------------------------------------------------ states
+
+    def _remember(self, tenant: str, state: IndexState, revision: int) -> _State:
+        """Keep the newer of what we hold and (state, revision): the watch and a read may cross."""
+        held = self._states.get(tenant)
+        if held is not None and held.revision >= revision:
+            self._states.move_to_end(tenant)
+            return held
+        held = self._states[tenant] = _State(state, revision)
+        self._states.move_to_end(tenant)
+        while len(self._states) > self._max_states:
+            self._states.popitem(last=False)
+        if tenant in self._indexes and state.index and self._indexes[tenant].name != state.index:
+            self._prefetch(tenant, state.index)  # a tenant in use: have its new index ready for its next turn
+        return held
+
+    async def _subscribe(self, nc: NatsClient) -> object:
+        js = nc.jetstream(timeout=10)
+
+        async def on_update(message: Msg) -> None:
+            tenant = message.subject.split(".")[-2]
+            operation = message.headers.get("KV-Operation") if message.headers else None
+            try:
+                state = IndexState() if operation in DEL_OPERATIONS else IndexState.from_json(message.data)
+            except (ValueError, TypeError, AttributeError):
+                log.warning("ignoring a malformed knowledge state of tenant %s", tenant)
+                return
+            self._remember(tenant, state, message.metadata.sequence.stream)
+
+        return await js.subscribe(WATCH_SUBJECT, cb=on_update, ordered_consumer=True,
+                                  config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
+
+    async def _watch(self, nc: NatsClient, subscription: object) -> None:
+        while True:
+            await self._resubscribe.wait()
+            self._resubscribe.clear()
+            self._states.clear()  # any of them may be stale now
+            with contextlib.suppress(NatsError, TimeoutError):
+                await subscription.unsubscribe()  # type: ignore[attr-defined]
+            while True:
+                try:
+                    subscription = await self._subscribe(nc)
+                    self._states.clear()  # and again: updates may have come between the clear and the subscribe
+                    break
+                except (NatsError, TimeoutError) as error:
+                    log.warning("knowledge watch: %s; retrying", str(error) or type(error).__name__)
+                    await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ indexes
+
+    def _prefetch(self, tenant: str, name: str) -> None:
+        if name in self._loading:
+            return
+        task = self._start_load(tenant, name)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed prefetch is retried on use
+
+    async def _load(self, tenant: str, name: str) -> _Loaded:
+        task = self._loading.get(name) or self._start_load(tenant, name)
+        # shield: one turn giving up (a cancelled stream) must not cancel the load the others wait for.
+        return await asyncio.shield(task)
+
+    def _start_load(self, tenant: str, name: str) -> asyncio.Task[_Loaded]:
+        task = asyncio.create_task(self._fetch(tenant, name), name="kb-index-load")
+        self._loading[name] = task
+        task.add_done_callback(lambda _: self._loading.pop(name, None))
+        return task
+
+    async def _fetch(self, tenant: str, name: str) -> _Loaded:
+        start = time.perf_counter()
+        try:
+            data = await self._store.read_index(name)
+            if data is None:
+                raise _IndexGone(name)
+            index = await asyncio.to_thread(KnowledgeIndex.from_bytes, data)
+        except _IndexGone:
+            raise
+        except (NatsError, TimeoutError, OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+            self._metrics.loads.labels("error").inc()
+            log.warning("knowledge index of tenant %s could not be loaded: %s", tenant,
+                        str(error) or type(error).__name__)
+            raise Unavailable("the knowledge base is not reachable now") from error
+        self._metrics.loads.labels("ok").inc()
+        self._metrics.load_seconds.observe(time.perf_counter() - start)
+        loaded = _Loaded(name, index, max(1, int(index.nbytes)))
+        held = self._states.get(tenant)
+        if held is None or held.state.index == name:  # not superseded while it loaded
+            self._keep(tenant, loaded)
+        return loaded
+
+    def _keep(self, tenant: str, loaded: _Loaded) -> None:
+        old = self._indexes.pop(tenant, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        self._indexes[tenant] = loaded
+        self.bytes += loaded.nbytes
+        # The newest entry always stays, even alone over the budget: else every turn would load it again.
+        while self.bytes > self.max_bytes and len(self._indexes) > 1:
+            _, evicted = self._indexes.popitem(last=False)
+            self.bytes -= evicted.nbytes
+            self._metrics.evictions.inc()
+        self._metrics.cache_bytes.set(self.bytes)
+        self._metrics.cache_indexes.set(len(self._indexes))
+
+
+class _IndexGone(Exception):
+    """The index object named by a state no longer exists (a newer build replaced it)."""

@@ -1,0 +1,82 @@
+"""Starting and stopping the worker's knowledge base: its NATS connection, store, library, ingestion and seed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
+
+from services.common.nats_client import close_nats, connect_nats
+from services.llm_worker.kb.build import IndexBuilder
+from services.llm_worker.kb.ingest import Ingestor, JobQueue
+from services.llm_worker.kb.library import KnowledgeLibrary
+from services.llm_worker.kb.metrics import KnowledgeMetrics
+from services.llm_worker.kb.seed import seed
+from services.llm_worker.kb.service import KnowledgeBase
+from services.llm_worker.kb.store import KnowledgeStore, Limits
+from services.llm_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KnowledgeRuntime:
+    base: KnowledgeBase
+    library: KnowledgeLibrary
+    nc: NatsClient
+    builder: IndexBuilder
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+        await self.library.aclose()
+        await self.builder.aclose()
+        await close_nats(self.nc)
+
+
+async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry) -> KnowledgeRuntime:
+    """Open the buckets, start following tenant indexes and consuming ingestion jobs, then seed (in the
+    background: a large seed folder must not delay serving)."""
+    libraries: list[KnowledgeLibrary] = []
+
+    def reconnected() -> None:
+        for library in libraries:
+            library.reconnected()
+
+    # Its own connection: uploads of megabytes must not queue behind the answer cache's small messages.
+    nc = await connect_nats(settings.nats_url, "kefu-llm-worker-kb", reconnected=reconnected)
+    try:
+        metrics = KnowledgeMetrics(registry)
+        store = await KnowledgeStore.open(nc, Limits(settings.kb_max_document_bytes, settings.kb_max_documents,
+                                                     settings.kb_max_tenant_bytes), replicas=settings.nats_replicas)
+        queue = JobQueue(nc, replicas=settings.nats_replicas)
+        await queue.ensure()
+        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes)
+        libraries.append(library)
+        await library.start(nc)
+    except BaseException:
+        await close_nats(nc)
+        raise
+    builder = IndexBuilder()
+    base = KnowledgeBase(store, queue, library, metrics)
+    runtime = KnowledgeRuntime(base, library, nc, builder)
+    ingestor = Ingestor(store, builder, metrics, published=library.published)
+    runtime.tasks.append(asyncio.create_task(ingestor.run(nc), name="kb-ingest"))
+    if settings.kb_seed_dir is not None:
+        runtime.tasks.append(asyncio.create_task(_seed(base, settings), name="kb-seed"))
+    return runtime
+
+
+async def _seed(base: KnowledgeBase, settings: WorkerSettings) -> None:
+    assert settings.kb_seed_dir is not None
+    try:
+        stored = await seed(base, settings.kb_seed_dir)
+        log.info("knowledge seed %s: %d documents stored", settings.kb_seed_dir, stored)
+    except Exception:
+        log.exception("knowledge seed %s failed", settings.kb_seed_dir)

@@ -1,0 +1,207 @@
+"""A BM25 index of a tenant's chunks (bm25s, numpy backend) with a self-contained byte format."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields
+
+import bm25s
+import numpy as np
+
+from services.llm_worker.knowledge.analysis import Analyzer, default_analyzer
+from services.llm_worker.knowledge.models import Chunk, Hit
+
+FORMAT_VERSION = 1
+_CHUNK_FIELDS = tuple(f.name for f in fields(Chunk))
+# BM25 parameters (Lucene's variant). On the CMRC trial set k1 1.2-1.8 and b 0.6-0.9 move recall@1 by less
+# than 0.005, so these are bm25s' defaults.
+K1 = 1.5
+B = 0.75
+
+
+class IndexFormatError(ValueError):
+    """Bytes that are not an index this version wrote (damaged, truncated or from another format)."""
+
+
+class KnowledgeIndex:
+    """The chunks of one tenant's knowledge and their BM25 scores; immutable once built.
+
+    A turn searches the index it started with: a new version of a document builds a new index.
+    """
+
+    def __init__(self, chunks: Sequence[Chunk], data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+                 vocabulary: Sequence[str], analyzer: Analyzer | None = None) -> None:
+        """Use `build` or `from_bytes`. `data`/`indices`/`indptr`: the (chunks x terms) BM25 score matrix in
+        compressed sparse column form, row indexes sorted within each column; `vocabulary`: the terms of
+        the columns in order."""
+        self._chunks = tuple(chunks)
+        self._by_id = {chunk.chunk_id: chunk for chunk in self._chunks}
+        # Terms are looked up by their hash in a sorted array, not in a dict of strings: 16 bytes a term
+        # instead of ~180, which is most of a small tenant's index (this process's hash; never stored).
+        hashes = np.fromiter((hash(term) for term in vocabulary), dtype=np.int64, count=len(vocabulary))
+        self._term_order = np.argsort(hashes, kind="stable")
+        self._term_hashes = hashes[self._term_order]
+        self._vocabulary_json = json.dumps(list(vocabulary), ensure_ascii=False).encode()
+        self._analyzer = analyzer or default_analyzer()
+        self._data, self._indices, self._indptr = data, indices, indptr
+        count = len(self._chunks)
+        frequencies = np.diff(indptr).astype(np.float64)
+        # Lucene's IDF, the one the scores use; a term no chunk has gets the highest possible value.
+        self._idf = np.log1p((count - frequencies + 0.5) / (frequencies + 0.5))
+        self._unknown_idf = math.log1p((count + 0.5) / 0.5)
+        self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
+        self._bm25.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": count}
+        self._bm25.nonoccurrence_array = None
+        self._nbytes = (sum(a.nbytes for a in (data, indices, indptr, self._idf, self._term_order, self._term_hashes))
+                        + len(self._vocabulary_json) + sum(_chunk_size(chunk) for chunk in self._chunks))
+
+    def _column(self, term: str) -> int | None:
+        """The term's column, None when no chunk has it."""
+        key = hash(term)
+        at = int(np.searchsorted(self._term_hashes, key))
+        if at < len(self._term_hashes) and self._term_hashes[at] == key:
+            return int(self._term_order[at])
+        return None
+
+    @classmethod
+    def build(cls, chunks: Sequence[Chunk], analyzer: Analyzer | None = None) -> KnowledgeIndex:
+        analyzer = analyzer or default_analyzer()
+        corpus = [analyzer.terms(chunk.indexed_text) for chunk in chunks]
+        vocabulary = sorted({term for terms in corpus for term in terms})
+        if not vocabulary:
+            empty_i = np.zeros(0, dtype=np.int32)
+            return cls(chunks, np.zeros(0, dtype=np.float32), empty_i, np.zeros(len(vocabulary) + 1, np.int64),
+                       vocabulary, analyzer)
+        numbers = {term: number for number, term in enumerate(vocabulary)}
+        bm25 = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
+        # Ids, not strings: bm25s then keeps our vocabulary order and adds no empty-token column.
+        bm25.index([[numbers[t] for t in terms] for terms in corpus], create_empty_token=False, show_progress=False)
+        data = np.asarray(bm25.scores["data"], dtype=np.float32)
+        indices = np.asarray(bm25.scores["indices"], dtype=np.int32)
+        indptr = np.asarray(bm25.scores["indptr"], dtype=np.int64)
+        if len(indptr) != len(vocabulary) + 1:
+            raise RuntimeError(f"bm25s returned {len(indptr) - 1} columns for {len(vocabulary)} terms")
+        return cls(chunks, *_sorted_columns(data, indices, indptr), vocabulary, analyzer)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def chunks(self) -> Mapping[str, Chunk]:
+        """Every chunk by its id."""
+        return self._by_id
+
+    @property
+    def analyzer(self) -> Analyzer:
+        return self._analyzer
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate resident size in bytes (arrays, vocabulary, chunks), for a byte-bounded cache."""
+        return self._nbytes
+
+    def idf(self, term: str) -> float:
+        """The term's IDF in this index (the highest value for a term no chunk has)."""
+        number = self._column(term)
+        return self._unknown_idf if number is None else float(self._idf[number])
+
+    def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit]:
+        """The `k` best chunks for `query` (text, or terms from this index's analyzer), best first; only
+        chunks sharing a term with the query."""
+        terms = list(dict.fromkeys(self._analyzer.terms(query) if isinstance(query, str) else query))
+        columns = [(term, self._column(term)) for term in terms]
+        known = [(term, number) for term, number in columns if number is not None]
+        numbers = [number for _, number in known]
+        if not numbers or k < 1:
+            return []
+        scores = self._bm25.get_scores_from_ids(numbers)
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        top = top[scores[top] > 0]
+        idf = {term: self._unknown_idf if number is None else float(self._idf[number]) for term, number in columns}
+        total_idf = sum(idf.values())
+        hits = []
+        for row in top.tolist():
+            matched = tuple(t for t, n in known if self._contains(n, row))
+            coverage = sum(idf[t] for t in matched) / total_idf
+            hits.append(Hit(chunk=self._chunks[row], score=float(scores[row]), coverage=coverage,
+                            matched_terms=matched))
+        return hits
+
+    def _contains(self, number: int, row: int) -> bool:
+        start, end = self._indptr[number], self._indptr[number + 1]
+        at = start + np.searchsorted(self._indices[start:end], row)
+        return bool(at < end and self._indices[at] == row)
+
+    def to_bytes(self) -> bytes:
+        """A zip of JSON (metadata, vocabulary, chunks) and .npy arrays: no pickle, loadable by `from_bytes`."""
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            meta = {"format": FORMAT_VERSION, "k1": K1, "b": B, "chunks": len(self._chunks)}
+            archive.writestr("meta.json", json.dumps(meta), zipfile.ZIP_DEFLATED)
+            archive.writestr("vocabulary.json", self._vocabulary_json, zipfile.ZIP_DEFLATED)
+            archive.writestr("chunks.json", json.dumps([asdict(c) for c in self._chunks], ensure_ascii=False),
+                             zipfile.ZIP_DEFLATED)
+            for name, array in (("data", self._data), ("indices", self._indices), ("indptr", self._indptr)):
+                buffer = io.BytesIO()
+                np.save(buffer, array, allow_pickle=False)
+                archive.writestr(f"{name}.npy", buffer.getvalue(), zipfile.ZIP_STORED)
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, analyzer: Analyzer | None = None) -> KnowledgeIndex:
+        """The index `to_bytes` wrote; IndexFormatError for anything else."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                meta = json.loads(archive.read("meta.json"))
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+                    raise IndexFormatError(f"index format {meta.get('format') if isinstance(meta, dict) else '?'} "
+                                           f"is not {FORMAT_VERSION}")
+                vocabulary = json.loads(archive.read("vocabulary.json"))
+                raw_chunks = json.loads(archive.read("chunks.json"))
+                arrays = {name: np.load(io.BytesIO(archive.read(f"{name}.npy")), allow_pickle=False)
+                          for name in ("data", "indices", "indptr")}
+        except IndexFormatError:
+            raise
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as error:
+            raise IndexFormatError(f"not a knowledge index: {error}") from None
+        chunks = [_chunk(raw) for raw in raw_chunks] if isinstance(raw_chunks, list) else None
+        values, indices, indptr = arrays["data"], arrays["indices"], arrays["indptr"]
+        if (
+            chunks is None
+            or not isinstance(vocabulary, list)
+            or not all(isinstance(term, str) for term in vocabulary)
+            or values.dtype != np.float32 or indices.dtype != np.int32 or indptr.dtype != np.int64
+            or values.ndim != 1 or indices.shape != values.shape or indptr.shape != (len(vocabulary) + 1,)
+            or (len(indptr) and (indptr[0] != 0 or indptr[-1] != len(values) or np.any(np.diff(indptr) < 0)))
+            or (len(indices) and (indices.min() < 0 or indices.max() >= len(chunks)))
+        ):
+            raise IndexFormatError("not a knowledge index: inconsistent arrays, vocabulary or chunks")
+        return cls(chunks, values, indices, indptr, vocabulary, analyzer)
+
+
+def _chunk(raw: object) -> Chunk:
+    if not isinstance(raw, dict) or set(raw) != set(_CHUNK_FIELDS):
+        raise IndexFormatError("not a knowledge index: a chunk has the wrong fields")
+    try:
+        return Chunk(**raw)
+    except TypeError as error:
+        raise IndexFormatError(f"not a knowledge index: {error}") from None
+
+
+def _chunk_size(chunk: Chunk) -> int:
+    return 200 + sum(sys.getsizeof(getattr(chunk, name)) for name in ("chunk_id", "heading", "text", "answer"))
+
+
+def _sorted_columns(data: np.ndarray, indices: np.ndarray,
+                    indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same matrix with row indexes ascending within each column (membership tests bisect them)."""
+    columns = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    order = np.lexsort((indices, columns))
+    return data[order], indices[order], indptr
