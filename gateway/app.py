@@ -14,6 +14,7 @@ from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
 from gateway.directory.wiring import directory
 from gateway.handlers import ws
+from gateway.login_limits import LoginLimits
 from gateway.metrics import EdgeMetrics
 from gateway.middlewares import add_cors_headers, auth_middleware, cors_middleware, request_context_middleware
 from gateway.ratelimit import EdgeRateLimits
@@ -33,6 +34,12 @@ async def nats_bus(app: web.Application) -> AsyncIterator[None]:
     bus.start()
     yield
     await bus.close()
+
+
+async def login_limits(app: web.Application) -> AsyncIterator[None]:
+    limits = app[keys.LOGIN_LIMITS] = LoginLimits.of(app[keys.SETTINGS])
+    yield
+    limits.close()  # its argon2 threads
 
 
 async def close_open_streams(app: web.Application) -> None:
@@ -60,6 +67,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.cleanup_ctx.append(nats_bus)
     app.cleanup_ctx.append(directory)  # KV stores and the watched blacklist; needs the bus above, never waits for it
     app.cleanup_ctx.append(backend_clients)
+    app.cleanup_ctx.append(login_limits)
     app.cleanup_ctx.append(ws.live_hub)  # shared conversation feeds; needs the clients above
     app.on_shutdown.append(ws.close_sockets)  # 1012: reconnect elsewhere
     app.on_shutdown.append(close_open_streams)

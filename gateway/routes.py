@@ -30,7 +30,8 @@ STAFF = STAFF_ROLES
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", health.metrics)
+    if app[keys.SETTINGS].metrics_on_http_port:  # older scrape setups; by default its own port (gateway/__main__.py)
+        app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/openapi.json", openapi.openapi_document)
     setup_pages(app)  # the shop page, widget.js and the agent console: public static files
     # Live chat authenticates in its handler (a browser sends its token in the first frame).

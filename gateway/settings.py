@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Self
 
 from gateway.addresses import Network, parse_trusted_proxies
-from services.common.settings import SettingsError, env_float, env_int, env_str
+from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-service assistant of an online shop. Answer politely and briefly, "
@@ -87,6 +87,23 @@ class GatewaySettings:
     stop working within this, and its open sockets are closed within twice this)."""
     """KEFU_TRUSTED_PROXIES: networks of the proxies in front of the edge, whose X-Forwarded-For is believed."""
     """KEFU_MAX_HISTORY_MESSAGES (as the session service): a resume from before the kept history is a resync."""
+    login_max_concurrent: int = 2
+    """KEFU_LOGIN_MAX_CONCURRENT: argon2 password verifications at once in this process (19 MiB each); more
+    logins wait up to a second, then get 429."""
+    login_address_failures: int = 20
+    """KEFU_LOGIN_ADDRESS_FAILURES: failed console logins per client address per KEFU_LOGIN_FAILURE_WINDOW_S."""
+    login_user_failures: int = 10
+    """KEFU_LOGIN_USER_FAILURES: failed console logins per tenant and user name per KEFU_LOGIN_FAILURE_WINDOW_S."""
+    login_failure_window_s: float = 600.0
+    """KEFU_LOGIN_FAILURE_WINDOW_S: the failure buckets refill fully over this (one failure per window/N)."""
+    visitor_max_lifetime_s: int = 90 * 86400
+    """KEFU_VISITOR_MAX_LIFETIME_S: how long a chain of renewed visitor tokens may last from its first token."""
+    metrics_port: int = 9110
+    """KEFU_EDGE_METRICS_PORT: Prometheus /metrics of the edge, apart from the public port; each edge
+    process on a machine takes the first free port from this one upwards (workers: 9110, 9111, ...;
+    above the services' 9101-9103); 0 picks any free port."""
+    metrics_on_http_port: bool = False
+    """KEFU_METRICS_ON_HTTP_PORT: also serve /metrics on the public HTTP port (older scrape setups)."""
 
     def __post_init__(self) -> None:
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
@@ -158,6 +175,18 @@ class GatewaySettings:
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages, minimum=1),
             trusted_proxies=_trusted_proxies(env.get("KEFU_TRUSTED_PROXIES", "")),
             account_check_s=env_float(env, "KEFU_ACCOUNT_CHECK_S", cls.account_check_s, minimum=0.1),
+            login_max_concurrent=env_int(env, "KEFU_LOGIN_MAX_CONCURRENT", cls.login_max_concurrent, minimum=1,
+                                         maximum=64),
+            login_address_failures=env_int(env, "KEFU_LOGIN_ADDRESS_FAILURES", cls.login_address_failures,
+                                           minimum=1, maximum=100_000),
+            login_user_failures=env_int(env, "KEFU_LOGIN_USER_FAILURES", cls.login_user_failures, minimum=1,
+                                        maximum=100_000),
+            login_failure_window_s=env_float(env, "KEFU_LOGIN_FAILURE_WINDOW_S", cls.login_failure_window_s,
+                                             minimum=1),
+            visitor_max_lifetime_s=env_int(env, "KEFU_VISITOR_MAX_LIFETIME_S", cls.visitor_max_lifetime_s,
+                                           minimum=60, maximum=3650 * 86400),
+            metrics_port=env_int(env, "KEFU_EDGE_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            metrics_on_http_port=env_bool(env, "KEFU_METRICS_ON_HTTP_PORT", cls.metrics_on_http_port),
         )
 
 

@@ -46,7 +46,8 @@ def client_address(request: web.Request) -> str:
     return request.app[keys.CLIENT_ADDRESSES].of(request)
 
 
-def _limit_key(address: str) -> str:
+def address_key(address: str) -> str:
+    """The key of a client address in per-address buckets."""
     # An IPv6 host usually holds a whole /64: one bucket for all of it.
     try:
         ip = ipaddress.ip_address(address)
@@ -59,7 +60,7 @@ def _limit_key(address: str) -> str:
 
 def take_address_token(request: web.Request, route: str) -> None:
     """429 `rate_limited` when this client address has used up its bucket for `route`."""
-    decision = request.app[keys.ADDRESS_LIMITS][route].take(_limit_key(client_address(request)))
+    decision = request.app[keys.ADDRESS_LIMITS][route].take(address_key(client_address(request)))
     if not decision.allowed:
         request.app[keys.METRICS].rate_limited.labels("address").inc()
         raise ApiError("rate_limited", "too many requests from this address", 429, headers={
