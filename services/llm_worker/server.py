@@ -119,7 +119,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
 async def create_server(settings: WorkerSettings, servicer: LlmServicer,
                         metrics: WorkerMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
-    server = create_grpc_server(metrics.registry)
+    server = create_grpc_server(metrics.registry, settings.internal_token)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.grpc_port)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
-from services.common.settings import SettingsError, env_float, env_int, env_str, nats_url
+from services.common.settings import SettingsError, env_float, env_int, env_str, internal_token, nats_url
 from services.session.tokens import ENCODINGS, canonical_encoding
 
 
@@ -18,9 +18,12 @@ class SessionSettings:
     grpc_port: int = 50051
     """Port of the gRPC server; 0 picks a free one (tests)."""
     metrics_port: int = 9101
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
+    """May carry the process's NATS user and password: never printed."""
     nats_replicas: int = 1
     """JetStream replicas of the session bucket and stream (3 on a 3-node NATS cluster)."""
+    internal_token: str = field(default="", repr=False)
+    """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     max_history_messages: int = 200
     """Messages kept per session; the oldest are dropped first."""
     max_message_chars: int = 32_000
@@ -72,6 +75,7 @@ class SessionSettings:
             metrics_port=env_int(env, "KEFU_SESSION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             nats_url=nats_url(env),
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
+            internal_token=internal_token(env),
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages),
             max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
             session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),
