@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Self
 
 from gateway.addresses import Network, parse_trusted_proxies
-from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str
+from services.common.settings import (
+    SettingsError,
+    check_secret,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+    internal_token,
+    nats_url,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-service assistant of an online shop. Answer politely and briefly, "
@@ -41,7 +50,10 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the API ("*" for any); empty turns CORS off."""
     nats_url: str = "nats://127.0.0.1:4222"
-    """KEFU_NATS_URL: live-chat fan-out between edge processes and the edge's shared state (KV)."""
+    """KEFU_NATS_URL: live-chat fan-out between edge processes and the edge's shared state (KV); may carry
+    KEFU_NATS_USER / KEFU_NATS_PASSWORD (services.common.settings.nats_url), so never printed."""
+    internal_token: str = ""
+    """KEFU_INTERNAL_TOKEN: sent on every call to the services (services.common.grpc_client); "" sends none."""
     session_addr: str = "127.0.0.1:50051"
     moderation_addr: str = "127.0.0.1:50052"
     worker_addr: str = "127.0.0.1:50053"
@@ -106,6 +118,7 @@ class GatewaySettings:
     """KEFU_METRICS_ON_HTTP_PORT: also serve /metrics on the public HTTP port (older scrape setups)."""
 
     def __post_init__(self) -> None:
+        check_secret("KEFU_JWT_SECRET", self.jwt_secret)
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
             raise SettingsError("set KEFU_JWT_SECRET (HS256), KEFU_JWT_PUBLIC_KEY_FILE or KEFU_JWT_JWKS_FILE "
                                 "(RS256/ES256)")
@@ -146,7 +159,8 @@ class GatewaySettings:
             route_rate_limits=parse_route_limits(env.get("KEFU_RATE_LIMIT_ROUTES", "")),
             tenant_rate_limits=parse_tenant_limits(env.get("KEFU_TENANT_RATE_LIMITS", "")),
             cors_origins=tuple(o.strip().rstrip("/") for o in env.get("KEFU_CORS_ORIGINS", "").split(",") if o.strip()),
-            nats_url=env_str(env, "KEFU_NATS_URL", cls.nats_url),
+            nats_url=nats_url(env),
+            internal_token=internal_token(env),
             session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
             moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
             worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
