@@ -26,6 +26,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "in the visitor's language. If you cannot help, offer to pass the visitor to a human agent."
 )
 
+MAX_OUTPUT_TOKENS = 32_768
+"""The most output tokens any caller may ask for (OpenAI's max_tokens bound on /v1/chat/completions)."""
+
 
 # No slots: from_env reads the defaults off the class attributes.
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class GatewaySettings:
     """KEFU_MODEL: the default route's upstream model; picks the token encoding of its contexts."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     context_max_tokens: int = 3000
+    max_output_tokens: int = 1024
+    """KEFU_MAX_OUTPUT_TOKENS: most tokens of one answer to a visitor (a larger max_tokens is clamped)."""
+    tenant_max_output_tokens: Mapping[str, int] = field(default_factory=dict)
+    """KEFU_TENANT_MAX_OUTPUT_TOKENS: per-tenant caps over KEFU_MAX_OUTPUT_TOKENS, e.g. "acme=2048,beta=256"."""
     rpc_timeout_s: float = 5.0
     """Deadline of each unary gRPC call (moderation, session)."""
     stream_timeout_s: float = 300.0
@@ -133,6 +140,10 @@ class GatewaySettings:
                 raise SettingsError(f"KEFU_WIDGET_TENANTS: {tenant!r} is not a tenant name (1-64 letters, digits, "
                                     "'_' or '-')")
 
+    def output_cap(self, tenant: str) -> int:
+        """Most tokens one answer to a visitor of `tenant` may have."""
+        return self.tenant_max_output_tokens.get(tenant, self.max_output_tokens)
+
     def __repr__(self) -> str:
         return f"GatewaySettings(http_port={self.http_port}, session={self.session_addr}, " \
                f"moderation={self.moderation_addr}, worker={self.worker_addr})"
@@ -167,6 +178,9 @@ class GatewaySettings:
             model=env_str(env, "KEFU_MODEL", "") if env.get("KEFU_OPENAI_BASE_URL") else "",
             system_prompt=env_str(env, "KEFU_SYSTEM_PROMPT", cls.system_prompt),
             context_max_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.context_max_tokens, minimum=16),
+            max_output_tokens=env_int(env, "KEFU_MAX_OUTPUT_TOKENS", cls.max_output_tokens, minimum=1,
+                                      maximum=MAX_OUTPUT_TOKENS),
+            tenant_max_output_tokens=parse_tenant_output_caps(env.get("KEFU_TENANT_MAX_OUTPUT_TOKENS", "")),
             rpc_timeout_s=env_float(env, "KEFU_RPC_TIMEOUT_S", cls.rpc_timeout_s, minimum=0.05),
             stream_timeout_s=env_float(env, "KEFU_STREAM_TIMEOUT_S", cls.stream_timeout_s, minimum=1),
             shutdown_grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0),
@@ -235,6 +249,19 @@ def parse_route_limits(raw: str) -> dict[str, tuple[float, int]]:
             raise SettingsError(f"KEFU_RATE_LIMIT_ROUTES: {route}: rps and burst must be positive")
         limits[route] = (rps, burst)
     return limits
+
+
+def parse_tenant_output_caps(raw: str) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for tenant, value in _pairs(raw, "KEFU_TENANT_MAX_OUTPUT_TOKENS"):
+        try:
+            caps[tenant] = int(value)
+        except ValueError:
+            raise SettingsError(f"KEFU_TENANT_MAX_OUTPUT_TOKENS: {tenant}: expected an integer, "
+                                f"got {value!r}") from None
+        if not 1 <= caps[tenant] <= MAX_OUTPUT_TOKENS:
+            raise SettingsError(f"KEFU_TENANT_MAX_OUTPUT_TOKENS: {tenant}: must be 1..{MAX_OUTPUT_TOKENS}")
+    return caps
 
 
 def parse_tenant_limits(raw: str) -> dict[str, float]:

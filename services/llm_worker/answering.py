@@ -48,6 +48,9 @@ class AnswerRequest:
     tenant: str
     sticky_key: str
     """Session (or client) id: keeps a conversation on one canary target."""
+    shareable: bool = False
+    """The edge's word that everything that shaped `messages` is server-held: only then may the turn
+    use the shared cache or single flight (issue 17: a client-supplied history must not poison them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,7 @@ class Answerer:
             target = route.pick(request.sticky_key, str(id(request)))
             knower = _knower(generation, target)
             question = None
-            if self._cache is not None and request.tenant:
+            if self._cache is not None and request.tenant and request.shareable:
                 question = cacheable_question(request.messages, knower.is_standalone if knower else None)
             key = canonical_key = None
             canonical = version = epochs = None

@@ -81,7 +81,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             messages=[ChatMessage(m.role, m.content) for m in request.messages],
             params=GenerationParams(max_tokens=request.max_tokens or None,
                                     temperature=request.temperature if request.HasField("temperature") else None),
-            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get())
+            tenant=request.tenant, sticky_key=request.session_id or request_id_var.get(),
+            shareable=request.shareable)
         try:
             async for event in coalesced(self._answerer.answer(answer)):
                 if isinstance(event, str):

@@ -122,7 +122,7 @@ async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage) -> tuple[
     parts: list[str] = []
     done = None
     async for event in answerer.answer(AnswerRequest("default", [SYSTEM, *messages], GenerationParams(),
-                                                     tenant, "s")):
+                                                     tenant, "s", shareable=True)):
         if isinstance(event, str):
             parts.append(event)
         else:
