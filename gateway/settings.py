@@ -94,6 +94,10 @@ class GatewaySettings:
     ws_frame_rps: float = 20.0
     """KEFU_WS_FRAME_RPS / KEFU_WS_FRAME_BURST: frames a socket may send; faster closes it (4008)."""
     ws_frame_burst: int = 60
+    visitor_max_sockets: int = 5
+    """KEFU_VISITOR_MAX_SOCKETS: open WebSockets of one visitor on this edge process; one more is closed 4008."""
+    visitor_max_conversations: int = 5
+    """KEFU_VISITOR_MAX_CONVERSATIONS (as the session service): conversations a visitor's socket may follow."""
     handoff_keywords: tuple[str, ...] = ("转人工", "人工客服", "人工服务", "找人工", "真人", "人工", "human", "agent",
                                          "real person", "live agent")
     """KEFU_HANDOFF_KEYWORDS (comma-separated): a short visitor message with one of these asks for a human."""
@@ -197,6 +201,10 @@ class GatewaySettings:
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
             ws_frame_rps=env_float(env, "KEFU_WS_FRAME_RPS", cls.ws_frame_rps, minimum=0.1),
             ws_frame_burst=env_int(env, "KEFU_WS_FRAME_BURST", cls.ws_frame_burst, minimum=1),
+            visitor_max_sockets=env_int(env, "KEFU_VISITOR_MAX_SOCKETS", cls.visitor_max_sockets, minimum=1,
+                                        maximum=1000),
+            visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations,
+                                              minimum=1, maximum=1000),
             handoff_keywords=tuple(k.strip() for k in env_str(env, "KEFU_HANDOFF_KEYWORDS", ",".join(
                 cls.handoff_keywords)).split(",") if k.strip()),
             desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),

@@ -24,7 +24,7 @@ from gateway.chat_turn import (
     checked_input,
 )
 from gateway.clients import session_principal
-from gateway.errors import ApiError, api_error_from_grpc
+from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
 from gateway.live.connection import Connection
 from gateway.live.frames import (
     AGENT_TYPES,
@@ -75,6 +75,8 @@ class LiveSocket:
         """The upgrade request's Authorization header, if any (browsers send their token in hello)."""
         self._request_id = request_id
         self._bad_frames = 0
+        self._counted: Principal | None = None
+        """The visitor whose socket count this socket holds (released when it ends)."""
 
     @property
     def _principal(self) -> Principal:
@@ -82,6 +84,13 @@ class LiveSocket:
         return self._socket.principal
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._counted is not None:
+                self._live.release_socket(self._counted)
+
+    async def _run(self) -> None:
         socket, ws = self._socket, self._socket.ws
         header_principal: Principal | None = None
         if self._authorization is not None:
@@ -235,6 +244,16 @@ class LiveSocket:
         if await live.account_disabled(principal):
             self._refuse(CLOSE_AUTH_FAILED, "unauthorized", "this account is disabled")
             return False
+        if principal.role == "visitor":
+            if len(hello.resume) > self._settings.visitor_max_conversations:
+                self._refuse(CLOSE_RATE_LIMITED, "limit", f"a visitor's socket follows at most "
+                             f"{self._settings.visitor_max_conversations} conversations")
+                return False
+            if not live.take_socket(principal):
+                self._refuse(CLOSE_RATE_LIMITED, "limit", f"at most {self._settings.visitor_max_sockets} "
+                             "sockets per visitor")
+                return False
+            self._counted = principal
         socket.principal = principal
         live.metrics.ws_connections.labels(principal.role).inc()
         socket.hold()  # the welcome goes before any replayed event
@@ -317,6 +336,8 @@ class LiveSocket:
         message_id = message_id_for(principal.tenant, principal.subject, send.cid)
         socket.remember_cid(message_id, send.cid)
         conversation_id = send.conversation_id or socket.current
+        if conversation_id is None and len(socket.conversations) >= self._settings.visitor_max_conversations:
+            raise Refused("limit", f"this socket follows {len(socket.conversations)} conversations already")
         if conversation_id is not None:
             await self._ensure_joined(conversation_id)
             seq = await self._hub.find(principal, conversation_id, message_id, 0)
@@ -355,7 +376,7 @@ class LiveSocket:
                 if error.code == "not_found":
                     self._refuse(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
                 else:
-                    socket.send(nack_frame("send", error.code, error.message, cid=send.cid,
+                    socket.send(nack_frame("send", nack_code(error.code), error.message, cid=send.cid,
                                            conversation_id=conversation_id))
                 return
             assert isinstance(started, TurnStarted)
@@ -436,7 +457,7 @@ class LiveSocket:
                 timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             api_error = api_error_from_grpc(error, "session")
-            raise Refused(api_error.code, api_error.message) from None
+            raise Refused(nack_code(api_error.code), api_error.message) from None
         return reply
 
     async def _moderated(self, text: str) -> str:
@@ -448,8 +469,11 @@ class LiveSocket:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _ensure_joined(self, conversation_id: str) -> None:
-        if conversation_id not in self._socket.conversations:
-            await self._hub.join(self._socket, conversation_id, None)
+        socket = self._socket
+        if conversation_id not in socket.conversations:
+            if not socket.is_staff and len(socket.conversations) >= self._settings.visitor_max_conversations:
+                raise Refused("limit", f"this socket follows {len(socket.conversations)} conversations already")
+            await self._hub.join(socket, conversation_id, None)
 
     def _require_joined(self, conversation_id: str) -> None:
         if conversation_id not in self._socket.conversations:
@@ -475,6 +499,11 @@ class LiveSocket:
         self._socket.send(error_frame(error.code, error.message))
         if self._bad_frames >= MAX_BAD_FRAMES:
             self._socket.close(CLOSE_BAD_FRAMES, "too many bad frames")
+
+
+def nack_code(code: str) -> str:
+    """A limit the visitor or its tenant hit is nacked `limit` (its message says which)."""
+    return "limit" if code in LIMIT_CODES else code
 
 
 __all__ = ["LiveSocket", "MAX_FRAME_BYTES"]

@@ -24,8 +24,9 @@ from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.session.context import build_context
 from services.session.conversation import Change
-from services.session.errors import Conflict, WrongStatus
+from services.session.errors import Conflict, QuotaExceeded, RateLimited, StorageFull, WrongStatus
 from services.session.index import ConversationSummary
+from services.session.limits import TenantUsage, VisitorRates
 from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
 from services.session.models import ConversationState, Principal, StoredMessage
@@ -38,6 +39,9 @@ from services.session.visibility import for_model
 log = logging.getLogger(__name__)
 WATCH_READY_HEADER = "kefu-watch"
 """Initial metadata of a Watch that passed its access check (the edge waits for it)."""
+ERROR_HEADER = "kefu-error"
+"""Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
+RETRY_AFTER_HEADER = "retry-after"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
@@ -80,21 +84,32 @@ async def session_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[Non
             await context.abort(grpc.StatusCode.ABORTED, error.message)
         except WrongStatus as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, error.message)
+        except RateLimited as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message, trailing_metadata=(
+                (ERROR_HEADER, error.code), (RETRY_AFTER_HEADER, str(error.retry_after_s))))
+        except (QuotaExceeded, StorageFull) as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message,
+                                trailing_metadata=((ERROR_HEADER, error.code),))
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, settings: SessionSettings, store: SessionStore, counters: TokenCounters,
-                 metrics: SessionMetrics) -> None:
+                 metrics: SessionMetrics, rates: VisitorRates | None = None) -> None:
         self._settings = settings
         self._store = store
+        self._rates = rates
+        """Messages per visitor over every edge and replica (None: no limit, as in store-level tests)."""
         self._counters = counters
         self._metrics = metrics
 
     async def Append(self, request: session_pb2.AppendRequest,
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
         async with session_errors(context):
+            principal = principal_of(request)
+            if self._rates is not None and principal.role == "visitor" and request.role == "user":
+                await self._rates.take(principal.tenant, principal.subject)
             with self._metrics.operation_seconds.labels("append").time():
-                result = await self._store.append(principal_of(request), request.session_id, request.role,
+                result = await self._store.append(principal, request.session_id, request.role,
                                                   request.content, request.message_id, kind=request.kind,
                                                   sender_name=request.sender_name, if_version=request.if_version)
         if result.created:
@@ -194,17 +209,23 @@ async def serve(settings: SessionSettings) -> None:
     nc = await connect_nats(settings.nats_url, "kefu-session")
     background: list[asyncio.Task[None]] = []
     try:
+        usage = await TenantUsage.open(nc, settings.tenant_max_stored_bytes, settings.session_ttl_s * 2,
+                                       replicas=settings.nats_replicas)
+        rates = await VisitorRates.open(nc, settings.visitor_msg_rps, settings.visitor_msg_burst,
+                                        replicas=settings.nats_replicas)
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
-            replicas=settings.nats_replicas)
+            replicas=settings.nats_replicas, max_bytes=settings.messages_max_bytes,
+            max_visitor_conversations=settings.visitor_max_conversations, usage=usage)
         timers = await ConversationTimers.open(
             nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
             sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
+        background.append(asyncio.create_task(usage.run()))
         server, health_servicer, port = await create_server(
-            settings, SessionServicer(settings, store, counters, metrics), metrics)
+            settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
         await server.start()
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()

@@ -43,6 +43,16 @@ class SessionSettings:
     """How often the timers look; 0: a quarter of the shorter limit, held to 0.2..5 s."""
     grace_s: float = 10.0
     log_level: str = "INFO"
+    visitor_msg_rps: float = 1.0
+    """KEFU_VISITOR_MSG_RPS / _BURST: messages a visitor may store, over all its sockets, edges and /v1/chat."""
+    visitor_msg_burst: int = 10
+    visitor_max_conversations: int = 5
+    """KEFU_VISITOR_MAX_CONVERSATIONS: open conversations one visitor may have; a new one beyond is refused."""
+    tenant_max_stored_bytes: int = 1 << 30
+    """KEFU_TENANT_MAX_STORED_BYTES: bytes of messages one tenant may store within the log's max age."""
+    messages_max_bytes: int = 8 << 30
+    """KEFU_MESSAGES_MAX_BYTES: size of the conversation log (stream KEFU_MESSAGES); when full it refuses
+    new messages instead of dropping old ones."""
 
     def __post_init__(self) -> None:
         if not 0 < self.max_history_messages <= 10_000:
@@ -55,6 +65,15 @@ class SessionSettings:
             raise SettingsError(f"KEFU_IDLE_CLOSE_S must be positive, got {self.idle_close_s}")
         if self.session_sweep_s < 0:
             raise SettingsError(f"KEFU_SESSION_SWEEP_S must not be negative, got {self.session_sweep_s}")
+        if not 0 < self.visitor_msg_rps <= 1000 or not 1 <= self.visitor_msg_burst <= 100_000:
+            raise SettingsError("KEFU_VISITOR_MSG_RPS must be in (0, 1000] and KEFU_VISITOR_MSG_BURST 1..100000, "
+                                f"got {self.visitor_msg_rps} and {self.visitor_msg_burst}")
+        if not 1 <= self.visitor_max_conversations <= 1000:
+            raise SettingsError(f"KEFU_VISITOR_MAX_CONVERSATIONS must be 1..1000, got {self.visitor_max_conversations}")
+        if self.tenant_max_stored_bytes < 4096 or self.tenant_max_stored_bytes * 2 > self.messages_max_bytes:
+            # One tenant at its quota must leave the others most of the log (issue 17).
+            raise SettingsError("KEFU_TENANT_MAX_STORED_BYTES must be at least 4096 and at most half of "
+                                f"KEFU_MESSAGES_MAX_BYTES ({self.messages_max_bytes}), got {self.tenant_max_stored_bytes}")
         try:
             canonical_encoding(self.encoding)
         except ValueError:
@@ -86,4 +105,9 @@ class SessionSettings:
             session_sweep_s=env_float(env, "KEFU_SESSION_SWEEP_S", cls.session_sweep_s),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+            visitor_msg_rps=env_float(env, "KEFU_VISITOR_MSG_RPS", cls.visitor_msg_rps),
+            visitor_msg_burst=env_int(env, "KEFU_VISITOR_MSG_BURST", cls.visitor_msg_burst),
+            visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations),
+            tenant_max_stored_bytes=env_int(env, "KEFU_TENANT_MAX_STORED_BYTES", cls.tenant_max_stored_bytes),
+            messages_max_bytes=env_int(env, "KEFU_MESSAGES_MAX_BYTES", cls.messages_max_bytes),
         )

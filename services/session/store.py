@@ -35,16 +35,31 @@ from dataclasses import dataclass, field, replace
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, KeyValueLimitMarkerTTLNotSupportedError, KeyWrongLastSequenceError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyValueLimitMarkerTTLNotSupportedError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
-from services.session.errors import Conflict, WrongStatus
+from services.session.errors import Conflict, QuotaExceeded, StorageFull, WrongStatus
 from services.session.index import ConversationIndex
+from services.session.limits import TenantUsage
 from services.session.meta_cache import MetaCache
 from services.session.models import (
     MESSAGE_ID_PATTERN,
@@ -76,6 +91,10 @@ EXPIRY_MARKER_TTL_S = 3600.0
 """How long an expiry marker stays; a replica down for less than this still counts it later."""
 MAX_DUPLICATE_WINDOW_S = 120.0
 APPEND_KINDS = frozenset({"message", "note"})
+STREAM_FULL = 10077
+"""JetStream's err_code for a publish refused by a stream's limits under DiscardPolicy.NEW."""
+MESSAGE_OVERHEAD_BYTES = 96
+"""What JetStream stores besides subject and payload (the Nats-Msg-Id header, its record header)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +145,8 @@ class SessionStore:
     """Every operation is scoped to the principal: another owner's session is NotFound."""
 
     def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
-                 max_history: int, max_message_chars: int) -> None:
+                 max_history: int, max_message_chars: int, max_visitor_conversations: int = 0,
+                 usage: TenantUsage | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
@@ -134,6 +154,10 @@ class SessionStore:
         self._counter = counter
         self._max_history = max_history
         self._max_message_chars = max_message_chars
+        self._max_visitor_conversations = max_visitor_conversations
+        """Open conversations a visitor may have (0: no limit)."""
+        self.usage = usage
+        """Stored bytes per tenant against its quota (None: no quota)."""
         self._slots: dict[str, _MetaSlot] = {}
         self._cache = MetaCache()
         self.expiry_markers = True
@@ -144,7 +168,8 @@ class SessionStore:
 
     @classmethod
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
-                   max_message_chars: int, ttl_s: float, replicas: int = 1) -> SessionStore:
+                   max_message_chars: int, ttl_s: float, replicas: int = 1, max_bytes: int = -1,
+                   max_visitor_conversations: int = 0, usage: TenantUsage | None = None) -> SessionStore:
         """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
         SessionSettings holds production to at least 60 s."""
         if ttl_s <= 0:
@@ -165,10 +190,14 @@ class SessionStore:
             name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
             num_replicas=replicas,
             max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
+            # Full: refuse new messages (StorageFull) rather than silently drop other tenants' oldest ones.
+            # The per-subject history bound still drops a conversation's oldest under DiscardPolicy.NEW.
+            max_bytes=max_bytes, discard=DiscardPolicy.NEW if max_bytes > 0 else DiscardPolicy.OLD,
             # The server refuses a duplicate window longer than the max age.
             duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
         index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
-        store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars)
+        store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars,
+                    max_visitor_conversations=max_visitor_conversations, usage=usage)
         store.expiry_markers = markers
         return store
 
@@ -201,6 +230,10 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
+        if created and principal.role == "visitor":
+            await self._check_open_conversations(principal)
+        if self.usage is not None:
+            await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content))
         if created:
             session_id = new_id()
             now = time.time()
@@ -233,8 +266,7 @@ class SessionStore:
                                 encoding=self._counter.name, kind=kind,
                                 sender_id=principal.subject if role in ("user", "agent") else "",
                                 sender_name=sender_name, version=if_version)
-        ack = await self._js.publish(log_subject(principal.tenant, session_id), message.to_json(),
-                                     headers={"Nats-Msg-Id": message.id})
+        ack = await self._publish(principal.tenant, session_id, message)
         if ack.duplicate:
             first = await self._first_copy(principal, session_id, created, ack.seq)
             return replace(first, state=meta.state, reopened=reopened)
@@ -274,11 +306,42 @@ class SessionStore:
             return None
         message = StoredMessage(id=new_id(), role="system", content=content, created_at=time.time(),
                                 tokens=self._counter.count(content), encoding=self._counter.name)
-        ack = await self._js.publish(log_subject(tenant, session_id), message.to_json(),
-                                     headers={"Nats-Msg-Id": message.id})
+        ack = await self._publish(tenant, session_id, message)
         stored = replace(message, seq=ack.seq)
         await self._add_to_meta(meta_key(tenant, session_id), stored, entry)
         return stored
+
+    async def _publish(self, tenant: str, session_id: str, message: StoredMessage) -> PubAck:
+        """Append to the log, counting its bytes against the tenant's quota; StorageFull when the log is."""
+        subject, payload = log_subject(tenant, session_id), message.to_json()
+        try:
+            ack = await self._js.publish(subject, payload, headers={"Nats-Msg-Id": message.id})
+        except ServiceUnavailableError as error:
+            if error.err_code != STREAM_FULL:
+                raise
+            log.error("the conversation log is full (KEFU_MESSAGES_MAX_BYTES): new messages are refused")
+            raise StorageFull("the conversation store is full; try again later") from None
+        if self.usage is not None and not ack.duplicate:
+            self.usage.add(tenant, len(subject) + len(payload) + MESSAGE_OVERHEAD_BYTES)
+        return ack
+
+    def _stored_size(self, tenant: str, content: str) -> int:
+        """What a message of `content` adds to the tenant's usage, about (the envelope is left out)."""
+        return len(log_subject(tenant, "0" * 32)) + len(content.encode()) + MESSAGE_OVERHEAD_BYTES
+
+    async def _check_open_conversations(self, principal: Principal) -> None:
+        """A visitor opens a conversation only while it has fewer than the limit open (issue 17)."""
+        if not self._max_visitor_conversations:
+            return
+        session_ids = await self.index.sessions_of_visitor(principal.tenant, principal.subject)
+        if len(session_ids) < self._max_visitor_conversations:
+            return  # fewer than the limit of any status: no need to read them
+        metas = await asyncio.gather(*(self.read_meta(principal.tenant, s) for s in session_ids
+                                       if SESSION_ID_PATTERN.fullmatch(s)))
+        open_count = sum(1 for meta in metas if meta is not None and meta.owner == principal.subject
+                         and meta.state.status != "closed")
+        if open_count >= self._max_visitor_conversations:
+            raise QuotaExceeded(f"this visitor already has {open_count} open conversations; continue one of them")
 
     async def transition(self, principal: Principal, session_id: str, change: Change) -> TransitionResult:
         """Change the conversation's status by CAS and store its `state` event (NotFound as every read)."""
@@ -331,8 +394,7 @@ class SessionStore:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
             self._cache.put(key, updated, new_revision)
-            ack = await self._js.publish(log_subject(tenant, session_id), event.to_json(),
-                                         headers={"Nats-Msg-Id": event.id})
+            ack = await self._publish(tenant, session_id, event)
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
             return TransitionResult(state, meta.state, replace(event, seq=ack.seq), updated, new_revision)
         raise Unavailable(f"conversation {session_id}: too many concurrent changes")
