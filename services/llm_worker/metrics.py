@@ -42,7 +42,7 @@ class WorkerMetrics:
             registry=self.registry)
         self.pregenerations = Counter(
             "kefu_pregenerations", "Pre-generated answers: started, served (later hit), wasted (dropped unserved), "
-            "skipped (busy or over budget).", ["result"], registry=self.registry)
+            "skipped (busy or over budget), dropped (the oldest waiting job, when too many wait).", ["result"], registry=self.registry)
         self.plugin_reloads = Counter(
             "kefu_plugin_reloads", "Attempted plugin generation swaps, by result (ok or refused).",
             ["result"], registry=self.registry)
