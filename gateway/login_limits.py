@@ -10,13 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gateway.errors import ApiError
-from gateway.ratelimit import TokenBucketLimiter
+from gateway.ratelimit import Decision, TokenBucketLimiter
 from gateway.settings import GatewaySettings
 
 SLOT_WAIT_S = 1.0
 """How long a login waits for a verification slot before it gets 429 `busy` (a person barely notices)."""
 WAITERS_PER_SLOT = 4
 """Logins that may wait for a slot, per slot; beyond that a login gets 429 at once (no unbounded queue)."""
+BUSY = "too many logins at once; try again in a moment"
 MAX_TRACKED_KEYS = 10_000
 """Addresses and user names whose failures are remembered (least recently seen forgotten first)."""
 
@@ -26,9 +27,12 @@ class LoginThrottled(ApiError):
 
     status = 429
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__("rate_limited", message, headers={"Retry-After": str(max(1, retry_after_s))})
-        self.retry_after_s = retry_after_s
+    def __init__(self, message: str, decision: Decision) -> None:
+        # The headers of every other 429 (gateway/handlers/widget_token.take_address_token).
+        super().__init__("rate_limited", message, headers={
+            "Retry-After": str(max(1, decision.retry_after_s)), "RateLimit-Limit": str(decision.limit),
+            "RateLimit-Remaining": "0", "RateLimit-Reset": str(max(1, decision.reset_s))})
+        self.decision = decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,7 @@ class LoginLimits:
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(max_concurrent)
         self._max_waiters = max_concurrent * WAITERS_PER_SLOT
+        self._busy = Decision(False, max_concurrent, 0, 1, 1)
         self._waiters = 0
         # A bucket of N failures refilling over the window: N wrong guesses at once, then one per window/N.
         self._addresses = TokenBucketLimiter(address_failures / window_s, address_failures,
@@ -68,13 +73,11 @@ class LoginLimits:
         user = f"{tenant}/{username.strip().lower()}"
         decision = self._addresses.take(address)
         if not decision.allowed:
-            raise LoginThrottled("too many failed logins from this address; try again later",
-                                 decision.retry_after_s)
+            raise LoginThrottled("too many failed logins from this address; try again later", decision)
         decision = self._users.take(user)
         if not decision.allowed:
             self._addresses.give_back(address)
-            raise LoginThrottled("too many failed logins for this user name; try again later",
-                                 decision.retry_after_s)
+            raise LoginThrottled("too many failed logins for this user name; try again later", decision)
         return FailureCharge(address, user)
 
     def forgive(self, charge: FailureCharge) -> None:
@@ -86,13 +89,13 @@ class LoginLimits:
     async def slot(self) -> AsyncIterator[None]:
         """A verification slot, waited for at most SLOT_WAIT_S; 429 when none frees up or too many wait."""
         if self._slots.locked() and self._waiters >= self._max_waiters:
-            raise LoginThrottled("too many logins at once; try again in a moment", 1)
+            raise LoginThrottled(BUSY, self._busy)
         self._waiters += 1
         try:
             async with asyncio.timeout(SLOT_WAIT_S):
                 await self._slots.acquire()
         except TimeoutError:
-            raise LoginThrottled("too many logins at once; try again in a moment", 1) from None
+            raise LoginThrottled(BUSY, self._busy) from None
         finally:
             self._waiters -= 1
         try:

@@ -56,6 +56,7 @@ async def login(http: aiohttp.ClientSession, stack: Stack, address: str, usernam
                          json={"tenant": "shop1", "username": username, "password": password}) as response:
         body = await response.json()
         return response.status, {"Retry-After": response.headers.get("Retry-After", ""),
+                                 "RateLimit-Limit": response.headers.get("RateLimit-Limit", ""),
                                  "code": body.get("error", {}).get("code", ""),
                                  "token": body.get("token", ""), "message": body.get("error", {}).get("message", "")}
 
@@ -136,7 +137,7 @@ async def test_sec_login_guesses_at_one_user_are_throttled_from_any_address(stac
         # Even the right password from a fresh address: the guesser must not learn it is right.
         status, answer = await login(http, stack, "10.20.1.1", "carol", "carol's real password")
         assert (status, answer["code"]) == (429, "rate_limited") and int(answer["Retry-After"]) >= 1
-        assert "user name" in answer["message"]
+        assert "user name" in answer["message"] and answer["RateLimit-Limit"] == str(USER_FAILURES)
         # Unknown user names are throttled alike (no enumeration through the limits).
         for i in range(USER_FAILURES):
             assert (await login(http, stack, f"10.20.2.{i + 1}", "nobody-at-all", f"guess {i}"))[0] == 401
