@@ -34,7 +34,8 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | N
     return value
 
 
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None,
+              maximum: float | None = None) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -44,6 +45,8 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

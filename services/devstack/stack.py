@@ -102,7 +102,8 @@ class ProcessFailed(RuntimeError):
     """A process of the stack exited while it started; carries the end of what it wrote."""
 
     def __init__(self, name: str, code: int, log_tail: str) -> None:
-        super().__init__(f"{name} exited with code {code} during start-up")
+        wrote = f"; it wrote:\n{log_tail}" if log_tail else ""
+        super().__init__(f"{name} exited with code {code} during start-up{wrote}")
         self.name = name
         self.code = code
         self.log_tail = log_tail
