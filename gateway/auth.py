@@ -26,6 +26,8 @@ API = "api"
 """A server-to-server integrator of the tenant: the full OpenAI surface, no live chat, no staff routes."""
 ROLES = frozenset({VISITOR, "agent", "admin", API})
 STAFF_ROLES = frozenset({"agent", "admin"})
+LIVE_ROLES = frozenset({VISITOR, *STAFF_ROLES})
+"""Who may open the live-chat WebSocket (not `api`)."""
 API_SUBJECT_PREFIX = "api:"
 MAX_SUBJECT_CHARS = 256
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -10,7 +10,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import WSMsgType
 
-from gateway.auth import Principal, bearer_token
+from gateway.auth import LIVE_ROLES, Principal, bearer_token
 from gateway.chat_turn import (
     SUPERSEDED,
     ChatTurn,
@@ -238,6 +238,10 @@ class LiveSocket:
             except ApiError as error:
                 self._refuse(CLOSE_AUTH_FAILED, "unauthorized", error.message)
                 return False
+        if principal.role not in LIVE_ROLES:
+            # An `api` integrator's token is for the chat and OpenAI endpoints; live chat is for people.
+            self._refuse(CLOSE_FORBIDDEN, "forbidden", f"role {principal.role!r} has no live chat")
+            return False
         if live.blocked(principal, socket.address):
             self._refuse(CLOSE_FORBIDDEN, "blocked", "this visitor is blocked")
             return False
