@@ -98,6 +98,8 @@ class GatewaySettings:
     """KEFU_VISITOR_MAX_SOCKETS: open WebSockets of one visitor on this edge process; one more is closed 4008."""
     visitor_max_conversations: int = 5
     """KEFU_VISITOR_MAX_CONVERSATIONS (as the session service): conversations a visitor's socket may follow."""
+    answer_lease_s: float = 15.0
+    """KEFU_ANSWER_LEASE_S (as the session service): a streaming answer renews its lease every third of it."""
     handoff_keywords: tuple[str, ...] = ("转人工", "人工客服", "人工服务", "找人工", "真人", "人工", "human", "agent",
                                          "real person", "live agent")
     """KEFU_HANDOFF_KEYWORDS (comma-separated): a short visitor message with one of these asks for a human."""
@@ -205,6 +207,7 @@ class GatewaySettings:
                                         maximum=1000),
             visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations,
                                               minimum=1, maximum=1000),
+            answer_lease_s=env_float(env, "KEFU_ANSWER_LEASE_S", cls.answer_lease_s, minimum=1, maximum=300),
             handoff_keywords=tuple(k.strip() for k in env_str(env, "KEFU_HANDOFF_KEYWORDS", ",".join(
                 cls.handoff_keywords)).split(",") if k.strip()),
             desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),

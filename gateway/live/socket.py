@@ -53,6 +53,7 @@ from gateway.live.frames import (
     parse_frame,
 )
 from gateway.live.hub import FeedUnavailable, NotYours
+from gateway.live.owed import AnswerLease, answer_owed, owed_message
 from gateway.live.service import DEFAULT_WELCOME_TEXT, LiveService, Refused
 from kefu.session.v1 import session_pb2
 
@@ -296,6 +297,9 @@ class LiveSocket:
         socket.release(welcome)
         if socket.is_staff:
             live.desks.add_agent(socket)
+        else:
+            for conversation_id in socket.conversations:
+                self._answer_if_owed(conversation_id)
         return True
 
     def _beyond_retention(self, conversation_id: str, after_seq: int) -> bool:
@@ -346,8 +350,10 @@ class LiveSocket:
             await self._ensure_joined(conversation_id)
             seq = await self._hub.find(principal, conversation_id, message_id, 0)
             if seq is not None:
-                # Stored before (a retry): the same seq again, and no second answer.
+                # Stored before (a retry): the same seq again, and no second answer, unless the first
+                # one was cut off (its edge died while it streamed).
                 self._ack(send.cid, seq, duplicate=True)
+                self._answer_if_owed(conversation_id)
                 return
         # The turn runs in the hub: the answer is generated and stored even if this socket
         # drops meanwhile; this socket's next frame waits for it (frames are handled in order).
@@ -365,6 +371,7 @@ class LiveSocket:
         socket, hub, principal = self._socket, self._hub, self._principal
         wants_human = self._live.handoff_rules.asks_for_human(send.text)
         turn = ChatTurn(self._live.clients, self._settings, principal, self._request_id)
+        lease: AnswerLease | None = None
         # run() is an async generator (typed as an iterator): close it to end its gRPC streams.
         events = cast(AsyncGenerator[TurnEvent, None], turn.run(TurnRequest(
             message=send.text, session_id=conversation_id or "", message_id=message_id, answer=not wants_human)))
@@ -375,6 +382,7 @@ class LiveSocket:
                 # Stored by a resend that raced this one (or whose conversation id was lost).
                 socket.current = duplicate.session_id
                 self._ack(send.cid, duplicate.seq, duplicate=True)
+                self._answer_if_owed(duplicate.session_id)
                 return
             except ApiError as error:
                 if error.code == "not_found":
@@ -393,7 +401,14 @@ class LiveSocket:
             version = started.state.version if started.state is not None else 0
             if wants_human and started.state is not None and started.state.status == "ai":
                 await self._hand_off_quietly(conversation_id, "keyword", version)
+            if started.answering:
+                # Kept while the answer streams: should this edge die, another answers on the visitor's return.
+                lease = AnswerLease(self._live.clients, self._settings, principal, conversation_id, message_id, "")
+                lease.keep()
             async for event in events:
+                if lease is not None and lease.lost.is_set():
+                    log.warning("an answer's lease went to another edge: this one stops")
+                    break
                 feed = hub.feed(principal.tenant, conversation_id)
                 if isinstance(event, TurnDelta):
                     if feed is not None and version and feed.version > version:
@@ -412,6 +427,8 @@ class LiveSocket:
             log.warning("socket lost its conversation feed mid-turn: %s", type(error).__name__)
         finally:
             await events.aclose()
+            if lease is not None:
+                await lease.release()
 
     async def _hand_off_quietly(self, conversation_id: str, reason: str, version: int) -> None:
         try:
@@ -489,6 +506,12 @@ class LiveSocket:
         if principal.name:
             sender["name"] = principal.name
         return sender
+
+    def _answer_if_owed(self, conversation_id: str) -> None:
+        """A visitor message without its answer (an edge died while it streamed): answer it, once."""
+        if owed_message(self._hub.feed(self._principal.tenant, conversation_id)) is not None:
+            self._hub.spawn(answer_owed(self._hub, self._live.clients, self._settings, self._principal,
+                                        conversation_id, self._request_id))
 
     def _ack(self, cid: str | None, seq: int | None, *, duplicate: bool = False) -> None:
         frame: dict[str, Any] = {"type": "ack", "cid": cid, "seq": seq or 0, "duplicate": duplicate}

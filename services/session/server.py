@@ -42,15 +42,22 @@ WATCH_READY_HEADER = "kefu-watch"
 ERROR_HEADER = "kefu-error"
 """Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
 RETRY_AFTER_HEADER = "retry-after"
+INTEGRATOR_PREFIX = "api:"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
                  | session_pb2.WatchRequest | session_pb2.TransitionRequest
-                 | session_pb2.ListConversationsRequest) -> Principal:
+                 | session_pb2.ListConversationsRequest | session_pb2.ClaimAnswerRequest) -> Principal:
     p = request.principal
     return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
+
+
+def is_anonymous_visitor(principal: Principal) -> bool:
+    """A widget visitor: `api` integrators come as visitors under `api:` subjects (gateway.auth's
+    session_caller) and are held by the edge's per-principal limits instead."""
+    return principal.role == "visitor" and not principal.subject.startswith(INTEGRATOR_PREFIX)
 
 
 def state_to_proto(state: ConversationState) -> session_pb2.ConversationState:
@@ -106,7 +113,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
         async with session_errors(context):
             principal = principal_of(request)
-            if self._rates is not None and principal.role == "visitor" and request.role == "user":
+            if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
                 await self._rates.take(principal.tenant, principal.subject)
             with self._metrics.operation_seconds.labels("append").time():
                 result = await self._store.append(principal, request.session_id, request.role,
@@ -119,6 +126,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
                                           created=result.created, duplicate=result.duplicate,
                                           state=state_to_proto(result.state))
+
+    async def ClaimAnswer(self, request: session_pb2.ClaimAnswerRequest,
+                          context: grpc.aio.ServicerContext) -> session_pb2.ClaimAnswerResponse:
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("claim_answer").time():
+                claim = await self._store.claim_answer(principal_of(request), request.session_id, request.message_id,
+                                                       request.holder, request.lease_s)
+        return session_pb2.ClaimAnswerResponse(granted=claim.granted, message_id=claim.message_id,
+                                               held_for_s=claim.held_for_s, state=state_to_proto(claim.state))
 
     async def Transition(self, request: session_pb2.TransitionRequest,
                          context: grpc.aio.ServicerContext) -> session_pb2.TransitionResponse:
@@ -217,7 +233,8 @@ async def serve(settings: SessionSettings) -> None:
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
             replicas=settings.nats_replicas, max_bytes=settings.messages_max_bytes,
-            max_visitor_conversations=settings.visitor_max_conversations, usage=usage)
+            max_visitor_conversations=settings.visitor_max_conversations, usage=usage,
+            answer_lease_s=settings.answer_lease_s)
         timers = await ConversationTimers.open(
             nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
             sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)

@@ -50,6 +50,9 @@ class SessionSettings:
     """KEFU_VISITOR_MAX_CONVERSATIONS: open conversations one visitor may have; a new one beyond is refused."""
     tenant_max_stored_bytes: int = 1 << 30
     """KEFU_TENANT_MAX_STORED_BYTES: bytes of messages one tenant may store within the log's max age."""
+    answer_lease_s: float = 15.0
+    """KEFU_ANSWER_LEASE_S: an edge that stored a visitor message has this long (renewed while it streams)
+    to answer it; after that another edge answers it on the visitor's resume or resend."""
     messages_max_bytes: int = 8 << 30
     """KEFU_MESSAGES_MAX_BYTES: size of the conversation log (stream KEFU_MESSAGES); when full it refuses
     new messages instead of dropping old ones."""
@@ -72,8 +75,11 @@ class SessionSettings:
             raise SettingsError(f"KEFU_VISITOR_MAX_CONVERSATIONS must be 1..1000, got {self.visitor_max_conversations}")
         if self.tenant_max_stored_bytes < 4096 or self.tenant_max_stored_bytes * 2 > self.messages_max_bytes:
             # One tenant at its quota must leave the others most of the log (issue 17).
-            raise SettingsError("KEFU_TENANT_MAX_STORED_BYTES must be at least 4096 and at most half of "
-                                f"KEFU_MESSAGES_MAX_BYTES ({self.messages_max_bytes}), got {self.tenant_max_stored_bytes}")
+            raise SettingsError(f"KEFU_TENANT_MAX_STORED_BYTES must be at least 4096 and at most half of "
+                                f"KEFU_MESSAGES_MAX_BYTES ({self.messages_max_bytes}), "
+                                f"got {self.tenant_max_stored_bytes}")
+        if not 1 <= self.answer_lease_s <= 300:
+            raise SettingsError(f"KEFU_ANSWER_LEASE_S must be 1..300, got {self.answer_lease_s}")
         try:
             canonical_encoding(self.encoding)
         except ValueError:
@@ -110,4 +116,5 @@ class SessionSettings:
             visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations),
             tenant_max_stored_bytes=env_int(env, "KEFU_TENANT_MAX_STORED_BYTES", cls.tenant_max_stored_bytes),
             messages_max_bytes=env_int(env, "KEFU_MESSAGES_MAX_BYTES", cls.messages_max_bytes),
+            answer_lease_s=env_float(env, "KEFU_ANSWER_LEASE_S", cls.answer_lease_s),
         )

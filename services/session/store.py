@@ -93,6 +93,7 @@ MAX_DUPLICATE_WINDOW_S = 120.0
 APPEND_KINDS = frozenset({"message", "note"})
 STREAM_FULL = 10077
 """JetStream's err_code for a publish refused by a stream's limits under DiscardPolicy.NEW."""
+MAX_ANSWER_LEASE_S = 300.0
 MESSAGE_OVERHEAD_BYTES = 96
 """What JetStream stores besides subject and payload (the Nats-Msg-Id header, its record header)."""
 
@@ -107,6 +108,16 @@ class AppendResult:
     """The conversation's state after the append."""
     reopened: TransitionResult | None = None
     """The reopen a visitor's message to a closed conversation caused."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerClaim:
+    granted: bool
+    message_id: str
+    """The owed visitor message ("" when the AI owes nothing)."""
+    held_for_s: float
+    """Not granted: how long another edge still holds it."""
+    state: ConversationState
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +157,7 @@ class SessionStore:
 
     def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
                  max_history: int, max_message_chars: int, max_visitor_conversations: int = 0,
-                 usage: TenantUsage | None = None) -> None:
+                 usage: TenantUsage | None = None, answer_lease_s: float = 0.0) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
@@ -158,6 +169,8 @@ class SessionStore:
         """Open conversations a visitor may have (0: no limit)."""
         self.usage = usage
         """Stored bytes per tenant against its quota (None: no quota)."""
+        self._answer_lease_s = answer_lease_s
+        """How long the edge that stored a visitor message has to answer it before another may (0: untracked)."""
         self._slots: dict[str, _MetaSlot] = {}
         self._cache = MetaCache()
         self.expiry_markers = True
@@ -169,7 +182,8 @@ class SessionStore:
     @classmethod
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
                    max_message_chars: int, ttl_s: float, replicas: int = 1, max_bytes: int = -1,
-                   max_visitor_conversations: int = 0, usage: TenantUsage | None = None) -> SessionStore:
+                   max_visitor_conversations: int = 0, usage: TenantUsage | None = None,
+                   answer_lease_s: float = 0.0) -> SessionStore:
         """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
         SessionSettings holds production to at least 60 s."""
         if ttl_s <= 0:
@@ -197,7 +211,8 @@ class SessionStore:
             duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
         index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
         store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars,
-                    max_visitor_conversations=max_visitor_conversations, usage=usage)
+                    max_visitor_conversations=max_visitor_conversations, usage=usage,
+                    answer_lease_s=answer_lease_s)
         store.expiry_markers = markers
         return store
 
@@ -230,7 +245,8 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
-        if created and principal.role == "visitor":
+        if created and principal.role == "visitor" and not principal.subject.startswith("api:"):
+            # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
             await self._check_open_conversations(principal)
         if self.usage is not None:
             await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content))
@@ -343,6 +359,39 @@ class SessionStore:
         if open_count >= self._max_visitor_conversations:
             raise QuotaExceeded(f"this visitor already has {open_count} open conversations; continue one of them")
 
+    async def claim_answer(self, principal: Principal, session_id: str, message_id: str, holder: str,
+                           lease_s: float) -> AnswerClaim:
+        """The lease on answering the visitor message the AI owes (issue 17 item 7): granted to `holder`
+        when it holds it already (a renewal) or when the lease ran out (its edge died mid-answer)."""
+        if not 0 < lease_s <= MAX_ANSWER_LEASE_S:
+            raise InvalidArgument(f"lease_s must be in (0, {MAX_ANSWER_LEASE_S:g}]")
+        if len(holder) > 64:
+            raise InvalidArgument("holder must be at most 64 characters")
+        seen: tuple[SessionMeta, int] | None = await self._authorize_entry(principal, session_id)
+        key = meta_key(principal.tenant, session_id)
+        for attempt in range(CAS_ATTEMPTS):
+            if seen is None:
+                seen = await self.read_entry(principal.tenant, session_id)
+                if seen is None:
+                    raise NotFound("no such session")
+            meta, revision = seen
+            owed, now = meta.owed, time.time()
+            if owed is None or meta.state.status != "ai" or (message_id and owed.message_id != message_id):
+                return AnswerClaim(False, "", 0.0, meta.state)
+            if owed.holder != holder and owed.until > now:
+                return AnswerClaim(False, owed.message_id, owed.until - now, meta.state)
+            updated = replace(meta, owed=replace(owed, holder=holder, until=now + lease_s))
+            try:
+                new_revision = await self._meta.update(key, updated.to_json(), last=revision)
+            except KeyWrongLastSequenceError:
+                seen = None
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
+                continue
+            self._cache.put(key, updated, new_revision)
+            return AnswerClaim(True, owed.message_id, 0.0, meta.state)
+        raise Unavailable(f"conversation {session_id}: too many concurrent changes")
+
     async def transition(self, principal: Principal, session_id: str, change: Change) -> TransitionResult:
         """Change the conversation's status by CAS and store its `state` event (NotFound as every read)."""
         seen = await self._authorize_entry(principal, session_id)
@@ -385,7 +434,8 @@ class SessionStore:
                                   encoding=self._counter.name, kind="state", state=state)
             delta = MetaDelta()
             delta.add(event)
-            updated = replace(meta.with_delta(delta), state=state)
+            # A change of state settles what the AI owed: an agent has it, or it goes back to the AI later.
+            updated = replace(meta.with_delta(delta), state=state, owed=None)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
             except KeyWrongLastSequenceError:
@@ -622,7 +672,7 @@ class SessionStore:
                 if seen is None:
                     return None  # deleted or expired meanwhile
             meta, revision = seen
-            updated = meta.with_delta(delta)
+            updated = meta.with_delta(delta, self._answer_lease_s)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
                 self._cache.put(key, updated, new_revision)

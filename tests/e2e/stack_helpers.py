@@ -12,6 +12,10 @@ from services.devstack.stack import Stack, StackConfig, StackPorts, free_port
 # Fixed per run of the interpreter; imported by conftest and tests alike.
 SECRET = "e2e-" + secrets.token_hex(16)
 
+UNLIMITED_VISITORS = {"KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
+                      "KEFU_VISITOR_MAX_SOCKETS": "1000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000"}
+"""Functional tests send as one visitor faster than a person does; tests/security sets the real limits."""
+
 
 def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3, workers: int = 1) -> Stack:
     """The whole system on free ports with `workers` edge processes; a port taken between choosing and binding
@@ -20,7 +24,8 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int
         # The edge's own metrics port (KEFU_EDGE_METRICS_PORT; the workers take it and the ones above).
         stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
                                   env={"KEFU_SHUTDOWN_GRACE_S": "2", "KEFU_EDGE_METRICS_PORT": str(free_port()),
-                                       **(env or {})}, log_dir=data_dir / "logs", gateway_workers=workers))
+                                       **UNLIMITED_VISITORS, **(env or {})},
+                                  log_dir=data_dir / "logs", gateway_workers=workers))
         try:
             stack.start()  # stops whatever it started when it fails
             return stack

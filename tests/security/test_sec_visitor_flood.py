@@ -23,13 +23,16 @@ RPS = 1.0
 QUOTA = 32 * 1024
 BIG_TEXT = "x" * 7000
 """About 7 KB stored a message: a tenant's quota lasts a handful of them."""
+DEFAULT_LIMITS = {"KEFU_VISITOR_MSG_RPS": str(RPS), "KEFU_VISITOR_MSG_BURST": str(BURST),
+                  "KEFU_VISITOR_MAX_SOCKETS": "5", "KEFU_VISITOR_MAX_CONVERSATIONS": "5"}
+"""The defaults, said again: start_stack lifts them for functional tests."""
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     started = start_stack(tmp_path_factory.mktemp("sec-flood"), {
-        "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA), "KEFU_MESSAGES_MAX_BYTES": str(64 * QUOTA)})
+        **DEFAULT_LIMITS, "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA), "KEFU_MESSAGES_MAX_BYTES": str(64 * QUOTA)})
     try:
         yield started
     finally:
@@ -195,7 +198,7 @@ async def test_sec_a_full_log_refuses_writes_with_a_clear_error_and_the_edge_sta
         tmp_path_factory: pytest.TempPathFactory) -> None:
     # Tenants' quotas sum to more than the log holds: it fills, and says so instead of dropping history.
     small = start_stack(tmp_path_factory.mktemp("sec-full"), {
-        "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA), "KEFU_MESSAGES_MAX_BYTES": str(2 * QUOTA)})
+        **DEFAULT_LIMITS, "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA), "KEFU_MESSAGES_MAX_BYTES": str(2 * QUOTA)})
     try:
         outcomes: list[tuple[int, str | None]] = []
         async with aiohttp.ClientSession() as http:
