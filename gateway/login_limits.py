@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +20,11 @@ SLOT_WAIT_S = 1.0
 """How long a login waits for a verification slot before it gets 429 `busy` (a person barely notices)."""
 WAITERS_PER_SLOT = 4
 """Logins that may wait for a slot, per slot; beyond that a login gets 429 at once (no unbounded queue)."""
+ARGON2_NICE = 10
+"""How much lower than the event loop the argon2 threads run (Linux niceness is per thread)."""
 BUSY = "too many logins at once; try again in a moment"
+
+log = logging.getLogger(__name__)
 MAX_TRACKED_KEYS = 10_000
 """Addresses and user names whose failures are remembered (least recently seen forgotten first)."""
 
@@ -51,7 +58,8 @@ class LoginLimits:
 
     def __init__(self, max_concurrent: int, address_failures: int, user_failures: int, window_s: float, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2")
+        self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2",
+                                           initializer=_lower_priority)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._max_waiters = max_concurrent * WAITERS_PER_SLOT
         self._busy = Decision(False, max_concurrent, 0, 1, 1)
@@ -106,3 +114,11 @@ class LoginLimits:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
+
+def _lower_priority() -> None:
+    """Run this argon2 thread below everything else, so a login flood spends the CPU the edge's event
+    loop and the other processes leave idle instead of slowing every visitor's answer."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ARGON2_NICE)
+    except (AttributeError, OSError) as error:  # not Linux, or not allowed: logins still work
+        log.debug("argon2 thread priority unchanged: %s", error)

@@ -16,7 +16,6 @@ from gateway import keys
 from gateway.bodies import read_json_body
 from gateway.directory.agents import MAX_PASSWORD_CHARS, MAX_USERNAME_CHARS
 from gateway.errors import ApiError
-from gateway.login_limits import LoginThrottled
 from gateway.handlers.widget_token import (
     CONSOLE_LOGIN,
     NO_STORE,
@@ -27,6 +26,7 @@ from gateway.handlers.widget_token import (
     sign_token,
     take_address_token,
 )
+from gateway.login_limits import LoginThrottled
 from gateway.responses import json_response
 
 

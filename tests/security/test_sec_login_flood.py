@@ -1,4 +1,4 @@
-"""Issue 17 item 4: a flood of console logins neither grows the edge's memory nor locks it up, and guessing is throttled."""
+"""Issue 17 item 4: a console login flood neither grows the edge's memory nor locks it up; guessing is throttled."""
 
 from __future__ import annotations
 

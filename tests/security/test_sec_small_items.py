@@ -1,4 +1,4 @@
-"""Issue 17 item 9 (but lone surrogates): public /metrics, /readyz fan-out, endless visitor tokens, pre-generation backlog."""
+"""Issue 17 item 9 (but lone surrogates): public /metrics, /readyz fan-out, endless visitor tokens, pregen backlog."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ async def test_sec_readyz_says_503_soon_after_a_backend_dies(stack: Stack) -> No
         stack.kill("moderation")
         try:
             deadline = time.monotonic() + 3  # one cached second plus a round of checks
-            while (status := await ready_status()) != 503:
+            while await ready_status() != 503:
                 assert time.monotonic() < deadline, "readyz still 200 three seconds after moderation died"
                 await asyncio.sleep(0.05)
         finally:
@@ -142,7 +142,8 @@ class CountingProvider:
     async def setup(self) -> None:
         pass
 
-    async def stream(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncGenerator[StreamEvent, None]:
+    async def stream(self, messages: Sequence[ChatMessage],
+                     params: GenerationParams) -> AsyncGenerator[StreamEvent, None]:
         self.asked.append(messages[-1].content)
         yield Delta(f"answer to {messages[-1].content}")
         yield Finish("stop", Usage(5, 5), "counting-model")
