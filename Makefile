@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := kefu/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test test-unit bench bench-ws bench-kb token check clean k8s-sync k8s-validate
+.PHONY: help venv proto run test test-unit bench bench-ws bench-kb bench-security token check clean k8s-sync k8s-validate
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench-ws: $(GEN_STAMP) ## live chat: 10k idle sockets, resume, visitor-to-agent 
 
 bench-kb: $(GEN_STAMP) ## knowledge base on CMRC 2018: recall, grounded answers, handoffs, latency and RSS at scale
 	$(PY) -m bench.kb_bench $(ARGS)
+
+bench-security: $(GEN_STAMP) ## visitors' /v1/chat p99 idle vs under a login flood and a visitor flood; edge RSS
+	$(PY) -m bench.security_bench $(ARGS)
 
 k8s-sync: $(STAMP) ## generate k8s/base/config/ (the ConfigMap sources) from plugins/ and the lexicon
 	$(PY) k8s/sync_config.py

@@ -28,7 +28,7 @@ from bench.loadgen import LoadResult, LoadSpec, Target, format_summary, run_load
 from bench.processes import bench_work_dir
 from gateway.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
 
 log = logging.getLogger("bench")
 
@@ -172,13 +172,20 @@ def start_stack(data_dir: Path, upstream_url: str, secret: str, extra_env: Mappi
         "KEFU_RATE_LIMIT_RPS": "100000",
         "KEFU_RATE_LIMIT_BURST": "100000",
         "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
+        "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
         "KEFU_SHUTDOWN_GRACE_S": "2",
+        "KEFU_EDGE_METRICS_PORT": str(free_port()),  # edge_metrics_url() reads it back
         **(extra_env or {}),
     }
     stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
                               log_dir=data_dir / "logs"))
     stack.start()
     return stack
+
+
+def edge_metrics_url(stack: Stack) -> str:
+    """/metrics of the stack's (first) edge process: its own port, not the public one."""
+    return f"http://127.0.0.1:{stack.config.env['KEFU_EDGE_METRICS_PORT']}/metrics"
 
 
 def fetch_json(url: str) -> Any:

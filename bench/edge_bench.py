@@ -52,6 +52,7 @@ from bench.__main__ import (
     _cell,
     _write,
     cpu_snapshot,
+    edge_metrics_url,
     fetch_json,
     start_stack,
     start_upstream,
@@ -168,7 +169,8 @@ class Principals:
 
     def headers(self, user: int) -> Mapping[str, str]:
         if user not in self._tokens:
-            self._tokens[user] = mint(self._secret, tenant=TENANT, subject=f"edge-bench-{user}", role="visitor",
+            # `api`: the bench sends its own system prompt, as the direct client does; a visitor may not.
+            self._tokens[user] = mint(self._secret, tenant=TENANT, subject=f"edge-bench-{user}", role="api",
                                       ttl_s=6 * 3600)
         return {"Authorization": f"Bearer {self._tokens[user]}"}
 
@@ -569,7 +571,7 @@ def open_streams_phase(params: EdgeParams, work_dir: Path, secret: str) -> dict[
             principals.headers(user)  # mint before the ramp, not during it
         spec = OpenStreamsSpec(
             url=f"{stack.base_url}/v1/chat/completions",
-            metrics_urls={"gateway": f"{stack.base_url}/metrics",
+            metrics_urls={"gateway": edge_metrics_url(stack),
                           "llm_worker": f"http://127.0.0.1:{stack.config.ports.worker_metrics}/metrics"},
             upstream_stats_url=upstream_url.removesuffix("/v1") + "/stats",
             levels=params.levels, parallel=params.open_parallel, budget_s=params.open_budget_s)

@@ -32,8 +32,9 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from bench.__main__ import cpu_seconds
-from bench.processes import stop_process
+from bench.processes import INTERNAL_TOKEN, stop_process
 from gateway.clients import CHANNEL_OPTIONS
+from services.common.grpc_client import internal_channel
 from services.common.grpc_server import create_grpc_server
 
 log = logging.getLogger("bench.grpc_floor")
@@ -51,7 +52,7 @@ async def serve() -> None:
         async for request in requests:  # answered in order: an empty method has nothing to wait for
             yield request
 
-    server = create_grpc_server(CollectorRegistry())
+    server = create_grpc_server(CollectorRegistry(), os.environ["KEFU_INTERNAL_TOKEN"])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kefu.bench.v1.Floor", {
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
         "EchoMany": grpc.stream_stream_rpc_method_handler(echo_many)}),))
@@ -68,7 +69,8 @@ async def serve() -> None:
 
 def start_server() -> tuple[subprocess.Popen[bytes], int]:
     process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "KEFU_INTERNAL_TOKEN": INTERNAL_TOKEN})
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
@@ -106,7 +108,7 @@ class Multiplexed:
 
 async def measure(rate: float, duration_s: float, warmup_s: float, ports: Sequence[int],
                   pids: dict[str, int], *, multiplexed: bool = False) -> dict[str, Any]:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) for port in ports]
+    channels = [internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN, CHANNEL_OPTIONS) for port in ports]
     metadata = (("x-request-id", "0" * 32),)
     streams = [Multiplexed(channel) for channel in channels] if multiplexed else []
     calls: list[Callable[[bytes], Awaitable[bytes]]] = list(streams) or [

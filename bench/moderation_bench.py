@@ -39,8 +39,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import percentile
-from bench.processes import bench_work_dir, memory_kib, start_service, stop_process
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.moderation.lexicon import Action, load_lexicon
 from services.moderation.matcher import Matcher
 from services.moderation.normalize import normalize
@@ -340,7 +341,7 @@ async def grpc_stream(stub: moderation_pb2_grpc.ModerationServiceStub, answers: 
 async def measure_grpc(port: int, pid: int, corpus: list[str], short: list[str], answers: list[str],
                        args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
         stub = moderation_pb2_grpc.ModerationServiceStub(channel)
         await grpc_sequential(stub, short[:50], 0)  # warm the channel and the service's tables
         results["health_floor"] = (await grpc_floor(channel, args.seconds)).summary()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from services.devstack.stack import REPO_ROOT, free_port
 
 log = logging.getLogger(__name__)
 
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
+"""KEFU_INTERNAL_TOKEN of the services a benchmark starts; its clients send it (services.common.grpc_client)."""
 METRICS_PORT_ENV = {"session": "KEFU_SESSION_METRICS_PORT", "moderation": "KEFU_MODERATION_METRICS_PORT",
                     "llm_worker": "KEFU_WORKER_METRICS_PORT"}
 GRPC_PORT_ENV = {"session": "KEFU_SESSION_PORT", "moderation": "KEFU_MODERATION_PORT", "llm_worker": "KEFU_WORKER_PORT"}
@@ -32,7 +35,8 @@ def start_service(name: str, env: Mapping[str, str], log_path: Path,
     port = free_port()
     child_env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
     child_env.update({GRPC_PORT_ENV[name]: str(port), METRICS_PORT_ENV[name]: str(free_port()),
-                      "KEFU_BIND_HOST": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **env})
+                      "KEFU_BIND_HOST": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
+                      "KEFU_INTERNAL_TOKEN": INTERNAL_TOKEN, **env})
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO_ROOT, env=child_env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

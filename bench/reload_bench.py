@@ -22,10 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-
-from bench.processes import memory_kib
+from bench.processes import INTERNAL_TOKEN, memory_kib
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.devstack.stack import REPO_ROOT, free_port
 
 PLUGIN = '''
@@ -94,10 +93,10 @@ async def run(reloads: int) -> ReloadFigures:
         port = free_port()
         env = {**os.environ, "KEFU_PLUGINS_DIR": str(folder), "KEFU_WORKER_PORT": str(port),
                "KEFU_WORKER_METRICS_PORT": str(free_port()), "KEFU_LOG_LEVEL": "WARNING",
-               "KEFU_CACHE_SHARED": "false"}
+               "KEFU_CACHE_SHARED": "false", "KEFU_INTERNAL_TOKEN": INTERNAL_TOKEN}
         worker = subprocess.Popen([sys.executable, "-m", "services.llm_worker"], cwd=REPO_ROOT, env=env)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
                 await asyncio.wait_for(channel.channel_ready(), 30)
                 stub = llm_pb2_grpc.LlmServiceStub(channel)
                 assert await serving_version(stub) == "v1"

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import nats
 from nats.aio.client import Client as NatsClient
 
 from bench.loadgen import percentile
-from bench.processes import bench_work_dir, memory_kib, start_service, stop_process
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.conversation_log import log_subject
+from services.common.grpc_client import internal_channel
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.session.context import build_context
 from services.session.models import MetaDelta, Principal, SessionMeta, StoredMessage, new_id
@@ -196,7 +196,7 @@ async def measure_store(store: SessionStore, counters: TokenCounters, sessions: 
 async def measure_grpc(port: int, sessions: list[Session], args: argparse.Namespace) -> dict[str, Any]:
     pick = random.Random(2).choice
     results: dict[str, Any] = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
 
         async def append() -> None:

@@ -65,6 +65,7 @@ from bench.processes import bench_work_dir
 from bench.ws_idle_clients import SECRET_ENV, TENANT
 from gateway.mint_token import mint
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
 
 log = logging.getLogger("bench.ws")
@@ -182,6 +183,7 @@ def start_ws_stack(work_dir: Path, secret: str, params: WsBenchParams, attempts:
         # Limits high enough never to refuse: the bench measures the path, not the limiters.
         "KEFU_RATE_LIMIT_RPS": "100000", "KEFU_RATE_LIMIT_BURST": "100000", "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
         "KEFU_WS_FRAME_RPS": "100000", "KEFU_WS_FRAME_BURST": "100000",
+        "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",  # a bench visitor outpaces a person
         "KEFU_SHUTDOWN_GRACE_S": "2",
         "KEFU_WS_HEARTBEAT_S": f"{params.heartbeat_s:g}",
         # The session keeps 200 messages a conversation by default: a 500-event resume needs more,
@@ -456,9 +458,9 @@ async def timed_resume(http: aiohttp.ClientSession, url: str, token: str, missed
     return elapsed
 
 
-async def direct_read(session_addr: str, sub: str, missed: Missed) -> float:
+async def direct_read(session_addr: str, token: str, sub: str, missed: Missed) -> float:
     """The direct path: one ListMessages call to the session service (all kept messages)."""
-    async with grpc.aio.insecure_channel(session_addr) as channel:
+    async with internal_channel(session_addr, token) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
         request = session_pb2.ListMessagesRequest(
             principal=session_pb2.Principal(tenant=TENANT, subject=sub, role="visitor"),
@@ -490,7 +492,7 @@ async def resume_phase(params: WsBenchParams, stack: Stack, secret: str) -> dict
             for case in RESUME_CASES:
                 try:
                     times = await resume_case(case, params.resume_rounds, http, url, token, missed, session_addr,
-                                              sub)
+                                              stack.config.internal_token, sub)
                 except (RuntimeError, ConnectionError, TimeoutError, aiohttp.ClientError, grpc.RpcError) as error:
                     log.error("resume %d %s failed: %s", events, case, error)
                     row[f"{case}_error"] = f"{type(error).__name__}: {error}"
@@ -502,9 +504,9 @@ async def resume_phase(params: WsBenchParams, stack: Stack, secret: str) -> dict
 
 
 async def resume_case(case: str, rounds: int, http: aiohttp.ClientSession, url: str, token: str, missed: Missed,
-                      session_addr: str, sub: str) -> list[float]:
+                      session_addr: str, internal_token: str, sub: str) -> list[float]:
     if case == "direct":
-        return [await direct_read(session_addr, sub, missed) for _ in range(rounds)]
+        return [await direct_read(session_addr, internal_token, sub, missed) for _ in range(rounds)]
     if case == "cold":
         times = []
         for _ in range(rounds):

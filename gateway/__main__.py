@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Self
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway import keys
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
 from services.common.grpc_server import wait_for_stop_signal
+from services.common.metrics import MetricsServer, start_metrics_server
 from services.common.settings import SettingsError, env_int
 
 log = logging.getLogger("gateway")
@@ -66,23 +68,41 @@ class EdgeProcessSettings:
 async def serve(process: EdgeProcessSettings) -> None:
     settings = process.edge
     raise_open_file_limit()
+    app = create_app(settings)
+    metrics_server = start_edge_metrics(app[keys.METRICS].registry, settings)
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
     # it the gRPC streams and the upstream request (NOTES §6).
-    runner = web.AppRunner(create_app(settings), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace_s)
-    await runner.setup()
-    # With several workers, /metrics on the shared port answers from whichever process the
-    # kernel hands the connection to: each scrape sees one worker. Acceptable for a dev machine;
-    # in Kubernetes every pod is one edge process, scraped on its own address.
-    site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
-    await site.start()
-    log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
-             f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
+        await site.start()
+        log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
+                 f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")
         await wait_for_stop_signal()
         await drain(runner.app, settings.shutdown_grace_s)
     finally:
         await runner.cleanup()
+        metrics_server.close()
+
+
+def start_edge_metrics(registry: CollectorRegistry, settings: GatewaySettings) -> MetricsServer:
+    """/metrics on a port apart from the public one (issue 17: the public port served it to anyone).
+
+    Each edge process has its own registry, so each needs its own port (a shared one would answer
+    from whichever worker the kernel picked): a process takes the first free port from
+    KEFU_EDGE_METRICS_PORT upwards, so KEFU_GATEWAY_WORKERS=3 gives 9110, 9111 and 9112. In
+    Kubernetes every pod is one edge process, on the port itself.
+    """
+    last = settings.metrics_port + (MAX_WORKERS - 1 if settings.metrics_port else 0)
+    for port in range(settings.metrics_port, min(last, 65535) + 1):
+        try:
+            return start_metrics_server(registry, port, settings.host)
+        except OSError:
+            continue
+    # One line on stderr and exit 1, like a bad setting (no traceback).
+    raise SystemExit(f"gateway: KEFU_EDGE_METRICS_PORT: no free port in {settings.metrics_port}..{last} for "
+                     "this edge's /metrics")
 
 
 async def drain(app: web.Application, grace_s: float) -> None:

@@ -6,7 +6,8 @@
     python -m gateway.accounts reset-password --tenant demo --username alice
 
 `add` and `reset-password` ask for the password twice (or read one line from stdin with
-`--password-stdin`). The NATS server is KEFU_NATS_URL (default: the local one `make run` starts).
+`--password-stdin`). The NATS server is KEFU_NATS_URL (default: the local one `make run` starts), as
+KEFU_NATS_USER / KEFU_NATS_PASSWORD when it requires users (make run: `admin` or `edge` in data/nats/users.json).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import nats.errors
 from gateway.directory.agents import AGENT_ROLES, MAX_NAME_CHARS, AgentAccount, AgentAccounts, check_password
 from gateway.directory.buckets import TENANT_PATTERN, Buckets
 from gateway.errors import ApiError
+from services.common.nats_client import NatsEndpoint
 from services.common.settings import nats_url
 
 
@@ -80,11 +82,15 @@ async def _ignore(error: Exception) -> None:
 
 async def run(args: argparse.Namespace, url: str) -> list[str]:
     password = read_password(args.password_stdin) if args.command in ("add", "reset-password") else ""
+    # KEFU_NATS_USER / KEFU_NATS_PASSWORD (the edge's user, or admin) ride in `url`: never print it whole.
+    endpoint = NatsEndpoint.parse(url)
     try:
-        nc = await nats.connect(url, name="kefu-accounts", connect_timeout=2, max_reconnect_attempts=2,
-                                reconnect_time_wait=0.5, error_cb=_ignore)
+        nc = await nats.connect(list(endpoint.servers), name="kefu-accounts", connect_timeout=2,
+                                max_reconnect_attempts=2, reconnect_time_wait=0.5, error_cb=_ignore,
+                                user=endpoint.user or None, password=endpoint.password or None,
+                                inbox_prefix=endpoint.inbox_prefix)
     except (OSError, TimeoutError, nats.errors.Error) as error:
-        raise CliError(f"cannot reach NATS at {url}: {error or type(error).__name__}") from None
+        raise CliError(f"cannot reach NATS at {endpoint.redacted()}: {error or type(error).__name__}") from None
     try:
         async def connection() -> nats.NATS:
             return nc

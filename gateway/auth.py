@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,16 @@ from services.common.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
-ROLES = frozenset({"visitor", "agent", "admin"})
+VISITOR = "visitor"
+"""Anyone with a widget token: the tenant's system prompt, route and output cap, nothing else."""
+API = "api"
+"""A server-to-server integrator of the tenant: the full OpenAI surface, no live chat, no staff routes."""
+ROLES = frozenset({VISITOR, "agent", "admin", API})
 STAFF_ROLES = frozenset({"agent", "admin"})
+LIVE_ROLES = frozenset({VISITOR, *STAFF_ROLES})
+"""Who may open the live-chat WebSocket (not `api`)."""
+API_SUBJECT_PREFIX = "api:"
+MAX_SUBJECT_CHARS = 256
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REQUIRED_CLAIMS = ["sub", "tenant", "role", "exp"]
 
@@ -37,6 +45,17 @@ class Principal:
     @property
     def key(self) -> str:
         return f"{self.tenant}/{self.subject}"
+
+    @property
+    def is_visitor(self) -> bool:
+        return self.role == VISITOR
+
+    def session_caller(self) -> Principal:
+        """The caller as the session service knows it. An `api` integrator owns its conversations as a
+        visitor does, under subjects of its own (`api:<sub>`), so they never mix with a widget visitor's."""
+        if self.role != API:
+            return self
+        return replace(self, subject=API_SUBJECT_PREFIX + self.subject, role=VISITOR)
 
 
 MAX_NAME_CHARS = 80
@@ -134,8 +153,10 @@ class JwtVerifier:
         except (jwt.PyJWTError, UnicodeError):  # bytes that are no text at all: not a token either
             raise Unauthorized("invalid token") from None
         subject, tenant, role = claims["sub"], claims["tenant"], claims["role"]
-        if not isinstance(subject, str) or not 0 < len(subject) <= 256:
-            raise Unauthorized("claim 'sub' must be a string of 1-256 characters")
+        # An api subject gets a prefix at the session service (Principal.session_caller): room for it.
+        longest = MAX_SUBJECT_CHARS - (len(API_SUBJECT_PREFIX) if role == API else 0)
+        if not isinstance(subject, str) or not 0 < len(subject) <= longest:
+            raise Unauthorized(f"claim 'sub' must be a string of 1-{longest} characters")
         if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
             raise Unauthorized("claim 'tenant' must be 1-64 letters, digits, '_' or '-'")
         if role not in ROLES:

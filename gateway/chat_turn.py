@@ -7,17 +7,22 @@ raises StreamFailed (the client gets an SSE `error` event).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 
 import grpc
+import nats.errors
 
 from gateway.auth import Principal
+from gateway.bus import EdgeBus
 from gateway.clients import BackendClients, request_metadata, session_principal
 from gateway.directory.tenants import TenantSettings, TenantSettingsStore
 from gateway.errors import ApiError, ContentBlocked, api_error_from_grpc
 from gateway.settings import GatewaySettings
+from gateway.state_watch import StateWatch
 from kefu.llm.v1 import llm_pb2
 from kefu.moderation.v1 import moderation_pb2
 from kefu.session.v1 import session_pb2
@@ -39,7 +44,9 @@ class TurnRequest:
     temperature: float | None = None
     history: tuple[ContextMessage, ...] | None = None
     """The context before `message`, supplied by the client (OpenAI API); None builds it from the
-    session. With a history, the session (if any) only records the turn."""
+    session. With a history, the session (if any) only records the turn. A visitor's history holds
+    user messages only, and the tenant's system prompt goes before it. A non-empty history makes
+    the turn private: no shared cache, no single flight (issue 17)."""
     sticky_key: str = ""
     """Keeps a canary split stable for a client without a session (OpenAI `user`)."""
     start_on_first_delta: bool = False
@@ -106,6 +113,21 @@ TurnEvent = TurnStarted | TurnDelta | TurnDone
 SUPERSEDED = "superseded"
 """finish_reason of an answer dropped because the conversation changed state meanwhile (an agent claimed)."""
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    session_id: str
+    context: list[ContextMessage]
+    state: session_pb2.ConversationState | None
+    seq: int
+    """Log seq of the visitor's stored message (0 without a session)."""
+
+
+class _StateChanged(Exception):
+    """The conversation changed state while the answer streamed: stop relaying it."""
+
 
 class DuplicateMessage(Exception):
     """The visitor's message id was stored before (a resend): nothing new to answer."""
@@ -138,22 +160,26 @@ def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
 
 class ChatTurn:
     def __init__(self, clients: BackendClients, settings: GatewaySettings, principal: Principal,
-                 request_id: str, tenant_settings: TenantSettingsStore | None = None) -> None:
+                 request_id: str, tenant_settings: TenantSettingsStore | None = None, *,
+                 bus: EdgeBus | None = None) -> None:
         self._clients = clients
         self._settings = settings
-        self._principal = session_principal(principal)
+        self._principal = session_principal(principal.session_caller())
         self._tenant = principal.tenant
-        self._is_visitor = principal.role == "visitor"
+        self._visitor = principal.is_visitor
         self._metadata = request_metadata(request_id)
+        self._bus = bus
+        """With NATS, an answer stops the moment an agent claims its conversation (else only at its end)."""
         self._tenant_settings = tenant_settings
         self._assistant = TenantSettings()
 
     async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
-        text = await self._check_input(request.message)
+        text, history = await self._check_inputs(request)
         if self._tenant_settings is not None:
             self._assistant = await self._tenant_settings.get(self._tenant)  # cached; defaults when unreadable
         request = self._with_tenant_route(request)
-        session_id, context, state = await self._prepare(request, text)
+        prepared = await self._prepare(request, text, history)
+        session_id, context, state = prepared.session_id, prepared.context, prepared.state
         message_id = secrets.token_hex(16)
         if not request.answer or (state is not None and state.status not in ("", "ai")):
             # The AI never answers a conversation that a human holds or awaits (DESIGN "Live chat").
@@ -161,26 +187,42 @@ class ChatTurn:
             yield TurnDone(message_id, state.status if state is not None and state.status else "stored",
                            0, 0, False, "")
             return
+        watch = await self._watch(prepared)
         answer = self._filtered_answer(request, session_id, context)
+        source = answer if watch is None else _until_changed(answer, watch)
         first: str | llm_pb2.Done | None = None
+        parts: list[str] = []
+        done: llm_pb2.Done | None = None
+        superseded = False
         try:
             if request.start_on_first_delta:
                 try:
-                    first = await anext(answer)
+                    first = await anext(source)
                 except StreamFailed as failure:
                     raise failure.as_api_error() from None
+                except _StateChanged:
+                    superseded = True
             yield TurnStarted(session_id, message_id, state)
-            parts: list[str] = []
-            done: llm_pb2.Done | None = None
-            pending = [first] if first is not None else []
-            async for item in _chain(pending, answer):
-                if isinstance(item, str):
-                    parts.append(item)
-                    yield TurnDelta(item)
-                else:
-                    done = item
+            if not superseded:
+                pending = [first] if first is not None else []
+                try:
+                    async for item in _chain(pending, source):
+                        if isinstance(item, str):
+                            parts.append(item)
+                            yield TurnDelta(item)
+                        else:
+                            done = item
+                except _StateChanged:
+                    superseded = True
         finally:
-            await answer.aclose()
+            await source.aclose()
+            await answer.aclose()  # cancels the generation upstream
+            if watch is not None:
+                await watch.stop()
+        if superseded:
+            # DESIGN: a reply in flight when an agent claims never reaches the visitor; nothing is stored.
+            yield TurnDone(message_id, SUPERSEDED, 0, 0, False, "")
+            return
         assert done is not None
         finish_reason = done.finish_reason
         citations = tuple(Citation.of(c) for c in done.citations)
@@ -203,26 +245,22 @@ class ChatTurn:
     def _with_tenant_route(self, request: TurnRequest) -> TurnRequest:
         """The tenant's route answers its visitors (and any caller that names none)."""
         route = self._assistant.route
-        if route and (self._is_visitor or not request.route):
+        if route and (self._visitor or not request.route):
             return replace(request, route=route)
         return request
 
     def _system_prompt(self) -> str:
         return self._assistant.system_prompt or self._settings.system_prompt
 
-    def _with_tenant_prompt(self, history: tuple[ContextMessage, ...]) -> tuple[ContextMessage, ...]:
-        """A tenant's own system prompt is the only one its turns use (a caller's context cannot replace it)."""
-        if not self._assistant.system_prompt:
-            return history
-        return (ContextMessage("system", self._assistant.system_prompt),
-                *(m for m in history if m.role != "system"))
-
     async def _prepare(self, request: TurnRequest, text: str,
-                       ) -> tuple[str, list[ContextMessage], session_pb2.ConversationState | None]:
+                       history: tuple[ContextMessage, ...] | None) -> _Prepared:
         """Store the visitor's message (when there is a session); the context to send and the
         conversation's state after the message."""
-        if request.history is not None and not request.session_id:
-            return "", [*self._with_tenant_prompt(request.history), ContextMessage("user", text)], None
+        if history is not None and self._visitor:
+            # A visitor gets the tenant's system prompt, never one of its own (issue 17).
+            history = (ContextMessage("system", self._system_prompt()), *history)
+        if history is not None and not request.session_id:
+            return _Prepared("", [*history, ContextMessage("user", text)], None, 0)
         try:
             appended = await self._clients.session.Append(session_pb2.AppendRequest(
                 principal=self._principal, session_id=request.session_id, role="user", content=text,
@@ -231,11 +269,11 @@ class ChatTurn:
             if appended.duplicate:
                 raise DuplicateMessage(appended.session_id, appended.message.seq)
             state = appended.state if appended.HasField("state") else None
-            if request.history is not None:
-                return (appended.session_id, [*self._with_tenant_prompt(request.history), ContextMessage("user", text)],
-                        state)
+            seq = appended.message.seq
+            if history is not None:
+                return _Prepared(appended.session_id, [*history, ContextMessage("user", text)], state, seq)
             if not request.answer or (state is not None and state.status not in ("", "ai")):
-                return appended.session_id, [], state  # nobody asks the model: no context needed
+                return _Prepared(appended.session_id, [], state, seq)  # nobody asks the model: no context needed
             built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
                 principal=self._principal, session_id=appended.session_id,
                 system_prompt=self._system_prompt(), max_tokens=self._settings.context_max_tokens,
@@ -243,19 +281,48 @@ class ChatTurn:
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None
-        return appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages], state
+        return _Prepared(appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages], state,
+                         seq)
 
-    async def _check_input(self, text: str) -> str:
-        return await checked_input(self._clients, self._settings, self._tenant, text, self._metadata)
+    async def _check_inputs(self, request: TurnRequest) -> tuple[str, tuple[ContextMessage, ...] | None]:
+        """The new message and every user turn of a client's history through moderation (issue 17: not
+        only the last); a BLOCK in any is ContentBlocked, a MASK goes on masked."""
+        earlier = [m.content for m in request.history or () if m.role == "user"]
+        checked = await asyncio.gather(*(
+            checked_input(self._clients, self._settings, self._tenant, text, self._metadata)
+            for text in (request.message, *earlier)))
+        if request.history is None:
+            return checked[0], None
+        masked = iter(checked[1:])
+        history = tuple(ContextMessage(m.role, next(masked)) if m.role == "user" else m for m in request.history)
+        return checked[0], history
+
+    async def _watch(self, prepared: _Prepared) -> StateWatch | None:
+        """A watch on the conversation's state while its answer streams (None without a session or NATS)."""
+        if not prepared.session_id or prepared.state is None or self._bus is None or not self._bus.is_connected:
+            return None
+        try:
+            return await StateWatch.start(self._bus.nc, self._tenant, prepared.session_id, prepared.seq,
+                                          prepared.state.version)
+        except (nats.errors.Error, TimeoutError) as error:
+            log.debug("no state watch for this answer (%s)", error or type(error).__name__)
+            return None
 
     async def _filtered_answer(self, request: TurnRequest, session_id: str, context: list[ContextMessage],
                                ) -> AsyncGenerator[str | llm_pb2.Done, None]:
         """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed."""
+        max_tokens = request.max_tokens
+        if self._visitor:
+            # Visitors never get more than the tenant's cap, whatever they ask for (issue 17).
+            cap = self._settings.output_cap(self._tenant)
+            max_tokens = min(max_tokens, cap) if max_tokens else cap
         generate = llm_pb2.GenerateRequest(
             route=request.route, tenant=self._tenant, session_id=session_id or request.sticky_key,
-            max_tokens=request.max_tokens, grounding=self._assistant.grounding,
+            max_tokens=max_tokens, grounding=self._assistant.grounding,
             assistant_name=self._assistant.assistant_name,
-            messages=[llm_pb2.ChatMessage(role=m.role, content=m.content) for m in context])
+            messages=[llm_pb2.ChatMessage(role=m.role, content=m.content) for m in context],
+            # Only a context the server holds entire may meet other turns in the cache or a flight.
+            shareable=not request.history)
         if request.temperature is not None:
             generate.temperature = request.temperature
         answer = self._clients.llm.Generate(generate, timeout=self._settings.stream_timeout_s,
@@ -312,6 +379,36 @@ async def checked_input(clients: BackendClients, settings: GatewaySettings, tena
     return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
 
 
+async def _until_changed(answer: AsyncGenerator[str | llm_pb2.Done, None],
+                         watch: StateWatch) -> AsyncIterator[str | llm_pb2.Done]:
+    """The answer's items until the conversation changes state; then _StateChanged, at once, even while
+    the next delta is still awaited (the pending read is cancelled, which ends the gRPC streams)."""
+    changed = asyncio.ensure_future(watch.changed.wait())
+    step: asyncio.Future[str | llm_pb2.Done] | None = None
+    try:
+        while True:
+            if watch.changed.is_set():
+                raise _StateChanged()
+            step = asyncio.ensure_future(anext(answer))
+            await asyncio.wait((step, changed), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise _StateChanged()
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        changed.cancel()
+        if step is not None and not step.done():
+            # Also when the client went away (this generator cancelled or closed): the read must end
+            # before anyone closes `answer`, which it is still running.
+            step.cancel()
+            await asyncio.wait((step,))
+        if step is not None and not step.cancelled():
+            step.exception()  # retrieved: a failure after we stopped listening is nobody's to report
+
+
 async def _chain(first: Iterable[str | llm_pb2.Done],
                  rest: AsyncIterator[str | llm_pb2.Done]) -> AsyncIterator[str | llm_pb2.Done]:
     for item in first:
@@ -328,7 +425,8 @@ async def collect_answer(events: AsyncIterator[TurnEvent]) -> tuple[str, TurnDon
             if isinstance(event, TurnDelta):
                 parts.append(event.text)
             elif isinstance(event, TurnDone):
-                return "".join(parts), event
+                # A superseded answer never reaches the visitor, not even as what had arrived of it.
+                return ("" if event.finish_reason == SUPERSEDED else "".join(parts)), event
     except StreamFailed as failure:
         raise failure.as_api_error() from None
     raise RuntimeError("turn ended without done")

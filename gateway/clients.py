@@ -1,4 +1,7 @@
-"""gRPC channels and stubs to the three services, created once per process and reused."""
+"""gRPC channels and stubs to the three services, created once per process and reused.
+
+Every call on these channels carries the internal credential (KEFU_INTERNAL_TOKEN), added by the
+channel itself (services.common.grpc_client.InternalChannel), so no call site can forget it."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from gateway.settings import GatewaySettings
 from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.common.logs import REQUEST_ID_METADATA_KEY
 
 # A call that fails before the backend answered anything (a restarted pod, a connection in
@@ -63,10 +67,11 @@ class BackendClients:
 
     @classmethod
     def connect(cls, settings: GatewaySettings) -> BackendClients:
-        session = grpc.aio.insecure_channel(settings.session_addr, options=CHANNEL_OPTIONS)
-        moderation = grpc.aio.insecure_channel(settings.moderation_addr, options=CHANNEL_OPTIONS)
+        token = settings.internal_token
+        session = internal_channel(settings.session_addr, token, CHANNEL_OPTIONS)
+        moderation = internal_channel(settings.moderation_addr, token, CHANNEL_OPTIONS)
         # Uploads travel whole to the worker's KnowledgeService: room for the largest document.
-        worker = grpc.aio.insecure_channel(settings.worker_addr, options=(
+        worker = internal_channel(settings.worker_addr, token, (
             *CHANNEL_OPTIONS, ("grpc.max_send_message_length", settings.kb_max_document_bytes + 1024 * 1024)))
         return cls(session, moderation, worker, session_pb2_grpc.SessionServiceStub(session),
                    moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker),

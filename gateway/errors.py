@@ -79,15 +79,37 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 
 
+# The session service names which limit refused a message (trailing metadata `kefu-error`).
+_LIMITS: dict[str, tuple[int, str]] = {
+    "rate_limited": (429, "rate_limited"),
+    "quota_exceeded": (409, "quota_exceeded"),
+    "storage_full": (507, "storage_full"),
+}
+LIMIT_CODES = frozenset(name for _, name in _LIMITS.values())
+"""Error codes of the limits a visitor or tenant hit; the WebSocket nacks them as `limit`."""
+
+
+def _trailer(error: grpc.aio.AioRpcError, key: str) -> str:
+    for name, value in error.trailing_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""
+
+
 def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
     """`backend` names the service ("session", "moderation", "llm") so 503s say which one is down."""
     code = error.code()
     status, name = _GRPC_TO_HTTP.get(code, (500, "internal"))
     headers: dict[str, str] = {}
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        headers["Retry-After"] = "1"
+        limit = _trailer(error, "kefu-error")
+        headers["Retry-After"] = _trailer(error, "retry-after") or "1"
         if backend == "llm":
             name = "upstream_rate_limited"  # the model's provider refused: our client did nothing wrong
+        elif limit in _LIMITS:  # the session service's limits (issue 17)
+            status, name = _LIMITS[limit]
+            if limit != "rate_limited":
+                del headers["Retry-After"]  # waiting a second does not free a quota
     if code is grpc.StatusCode.UNAVAILABLE:
         name = "upstream_unavailable" if backend == "llm" else f"{backend}_unavailable"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -16,8 +16,10 @@ from gateway.directory.blacklist import Blacklist
 from gateway.directory.tenants import TenantSettingsStore
 from gateway.live.hub import LiveHub
 from gateway.live.service import LiveService
+from gateway.login_limits import LoginLimits
 from gateway.metrics import EdgeMetrics
 from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
+from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
 
@@ -48,6 +50,10 @@ CLIENT_ADDRESSES = web.AppKey("client_addresses", ClientAddresses)
 """The visitor's address of a request (the peer, or behind KEFU_TRUSTED_PROXIES the one they forwarded)."""
 ADDRESS_LIMITS = web.AppKey("address_limits", dict[str, TokenBucketLimiter])
 """Per-client-address buckets of the public routes (widget token, console login), by route name."""
+READINESS = web.AppKey("readiness", Readiness)
+"""The backends' health for /readyz, asked at most once a second."""
+LOGIN_LIMITS = web.AppKey("login_limits", LoginLimits)
+"""Console logins: argon2 verification slots and threads, failed-login buckets per address and user name."""
 
 # Per request (set by the middlewares).
 REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)

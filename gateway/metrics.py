@@ -37,6 +37,13 @@ class EdgeMetrics:
         self.log_consumer_restarts = Counter(
             "kefu_live_log_consumer_restarts_total", "Conversation-log consumers created again, by why: gap, "
             "reconnect, silent.", ["reason"], registry=self.registry)
+        self.console_logins = Counter(
+            "kefu_console_logins_total", "Console login attempts past the body check, by outcome: ok, invalid "
+            "(wrong credentials), throttled (too many failures for the address or user name), busy (every "
+            "verification slot taken).", ["outcome"], registry=self.registry)
+        self.readiness_rounds = Counter(
+            "kefu_readiness_checks", "Rounds of backend health checks behind /readyz (one gRPC check per backend "
+            "each; at most about one a second, however often /readyz is asked).", registry=self.registry)
         self.resume_replayed = Histogram(
             "kefu_resume_replayed_events", "Stored events replayed to a socket that resumed a conversation.",
             registry=self.registry, buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -10,6 +10,7 @@ import time
 import jwt
 
 from gateway.auth import ROLES
+from services.common.settings import SettingsError, check_secret
 
 
 def mint(secret: str, *, tenant: str, subject: str, role: str, ttl_s: int = 3600,
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     secret = os.environ.get("KEFU_JWT_SECRET", "")
     if not secret:
         sys.exit("mint_token: set KEFU_JWT_SECRET (make run prints one)")
+    try:
+        check_secret("KEFU_JWT_SECRET", secret)
+    except SettingsError as error:
+        sys.exit(f"mint_token: {error}")
     print(mint(secret, tenant=args.tenant, subject=args.sub, role=args.role, ttl_s=args.ttl,
                issuer=os.environ.get("KEFU_JWT_ISSUER", ""), audience=os.environ.get("KEFU_JWT_AUDIENCE", "")))
 

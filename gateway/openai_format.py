@@ -3,24 +3,51 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import pydantic
 
 from gateway.errors import ApiError
+from gateway.settings import MAX_OUTPUT_TOKENS
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
-MAX_COMPLETION_TOKENS = 32_768
+MAX_COMPLETION_TOKENS = MAX_OUTPUT_TOKENS
+
+IGNORED_PARAMETERS = frozenset({
+    "top_p", "presence_penalty", "frequency_penalty", "seed", "metadata", "store", "service_tier",
+    "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
+"""Accepted and ignored: they tune sampling or bookkeeping, never what kind of answer comes back. Any
+other parameter kefu does not implement (tools, response_format, stop, ...) is refused with a 400
+that names it, rather than dropped while the client believes it applied."""
+IGNORED_MESSAGE_FIELDS = frozenset({"refusal"})
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
+class ParameterError(ApiError):
+    """A 400 about one named part of the request (OpenAI's `param`)."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str, param: str) -> None:
+        super().__init__(code, message)
+        self.param = param
+
+
+class UnsupportedParameters(ParameterError):
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__("unsupported_parameter", f"not supported by kefu: {', '.join(names)}", names[0])
+        self.names = tuple(names)
+
+
 def error_body(error: ApiError, request_id: str) -> dict[str, Any]:
     """OpenAI's error shape, which the SDKs parse into their exception types."""
+    param = error.param if isinstance(error, ParameterError) else None
     return {"error": {"message": error.message, "type": _ERROR_TYPES.get(error.status, "api_error"),
-                      "param": None, "code": error.code, "request_id": request_id}}
+                      "param": param, "code": error.code, "request_id": request_id}}
 
 
 class TextPart(pydantic.BaseModel):
@@ -29,7 +56,8 @@ class TextPart(pydantic.BaseModel):
 
 
 class MessageIn(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore")
+    # Other fields are collected and refused by name (CompletionRequest.unsupported), not dropped.
+    model_config = pydantic.ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -46,9 +74,10 @@ class StreamOptions(pydantic.BaseModel):
 
 
 class CompletionRequest(pydantic.BaseModel):
-    """The fields kefu honours; others that SDKs send (top_p, stop, ...) are accepted and ignored."""
+    """The fields kefu honours; IGNORED_PARAMETERS are accepted and ignored, every other one is refused
+    (`unsupported()`)."""
 
-    model_config = pydantic.ConfigDict(extra="ignore")
+    model_config = pydantic.ConfigDict(extra="allow")
 
     model: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
     messages: Annotated[list[MessageIn], pydantic.Field(min_length=1)]
@@ -58,7 +87,23 @@ class CompletionRequest(pydantic.BaseModel):
     max_completion_tokens: Annotated[int, pydantic.Field(ge=1, le=MAX_COMPLETION_TOKENS)] | None = None
     temperature: Annotated[float, pydantic.Field(ge=0, le=2)] | None = None
     user: Annotated[str, pydantic.StringConstraints(max_length=256)] | None = None
-    n: Annotated[int, pydantic.Field(ge=1, le=1)] | None = None
+    n: Annotated[int, pydantic.Field(ge=1)] | None = None
+    """Only 1 is supported; more is refused by name."""
+    logprobs: bool | None = None
+    """Only false is supported."""
+
+    def unsupported(self) -> list[str]:
+        """The parameters set (not null) that kefu does not implement, in the order sent."""
+        names = [name for name, value in (self.model_extra or {}).items()
+                 if value is not None and name not in IGNORED_PARAMETERS]
+        if self.n is not None and self.n > 1:
+            names.append("n")
+        if self.logprobs:
+            names.append("logprobs")
+        for index, message in enumerate(self.messages):
+            names += [f"messages[{index}].{name}" for name, value in (message.model_extra or {}).items()
+                      if value is not None and name not in IGNORED_MESSAGE_FIELDS]
+        return names
 
 
 def completion_id(message_id: str) -> str:

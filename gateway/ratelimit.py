@@ -57,6 +57,12 @@ class TokenBucketLimiter:
         retry = 0 if allowed else max(1, math.ceil((1 - bucket.tokens) / self.rate))
         return Decision(allowed, self.burst, int(bucket.tokens), reset, retry)
 
+    def give_back(self, key: str) -> None:
+        """Return one token taken for `key` (a charge that turned out not to count, e.g. a login that succeeded)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1)
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import keys
-from gateway.auth import STAFF_ROLES
+from gateway.auth import API, STAFF_ROLES
 from gateway.handlers import (
     blacklist,
     canned_replies,
@@ -27,12 +27,15 @@ from gateway.pages import setup_pages
 EVERYONE = frozenset({"visitor", "agent", "admin"})
 STAFF = STAFF_ROLES
 ADMINS = frozenset({"admin"})
+CHAT = EVERYONE | {API}
+"""Where an `api` integrator may go: the chat turns and the model list, nothing of live chat or staff."""
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", health.metrics)
+    if app[keys.SETTINGS].metrics_on_http_port:  # older scrape setups; by default its own port (gateway/__main__.py)
+        app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/openapi.json", openapi.openapi_document)
     setup_pages(app)  # the shop page, widget.js and the agent console: public static files
     # Live chat authenticates in its handler (a browser sends its token in the first frame).
@@ -41,9 +44,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/widget/token", widget_token.widget_token)
     app.router.add_post("/v1/console/login", console_login.console_login)
     protected = (
-        ("POST", "/v1/chat", chat.chat, EVERYONE),
-        ("POST", "/v1/chat/completions", openai_compat.chat_completions, EVERYONE),
-        ("GET", "/v1/models", models.list_models, EVERYONE),
+        ("POST", "/v1/chat", chat.chat, CHAT),
+        ("POST", "/v1/chat/completions", openai_compat.chat_completions, CHAT),
+        ("GET", "/v1/models", models.list_models, CHAT),
         ("GET", "/v1/sessions/{session_id}/messages", sessions.list_messages, EVERYONE),
         ("DELETE", "/v1/sessions/{session_id}", sessions.delete_session, EVERYONE),
         ("GET", "/v1/conversations", conversations.list_conversations, STAFF),

@@ -10,12 +10,24 @@ from pathlib import Path
 from typing import Self
 
 from gateway.addresses import Network, parse_trusted_proxies
-from services.common.settings import SettingsError, env_float, env_int, env_str
+from services.common.settings import (
+    SettingsError,
+    check_secret,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+    internal_token,
+    nats_url,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-service assistant of an online shop. Answer politely and briefly, "
     "in the visitor's language. If you cannot help, offer to pass the visitor to a human agent."
 )
+
+MAX_OUTPUT_TOKENS = 32_768
+"""The most output tokens any caller may ask for (OpenAI's max_tokens bound on /v1/chat/completions)."""
 
 
 # No slots: from_env reads the defaults off the class attributes.
@@ -41,7 +53,10 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     """Browser origins allowed to call the API ("*" for any); empty turns CORS off."""
     nats_url: str = "nats://127.0.0.1:4222"
-    """KEFU_NATS_URL: live-chat fan-out between edge processes and the edge's shared state (KV)."""
+    """KEFU_NATS_URL: live-chat fan-out between edge processes and the edge's shared state (KV); may carry
+    KEFU_NATS_USER / KEFU_NATS_PASSWORD (services.common.settings.nats_url), so never printed."""
+    internal_token: str = ""
+    """KEFU_INTERNAL_TOKEN: sent on every call to the services (services.common.grpc_client); "" sends none."""
     session_addr: str = "127.0.0.1:50051"
     moderation_addr: str = "127.0.0.1:50052"
     worker_addr: str = "127.0.0.1:50053"
@@ -49,6 +64,10 @@ class GatewaySettings:
     """KEFU_MODEL: the default route's upstream model; picks the token encoding of its contexts."""
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     context_max_tokens: int = 3000
+    max_output_tokens: int = 1024
+    """KEFU_MAX_OUTPUT_TOKENS: most tokens of one answer to a visitor (a larger max_tokens is clamped)."""
+    tenant_max_output_tokens: Mapping[str, int] = field(default_factory=dict)
+    """KEFU_TENANT_MAX_OUTPUT_TOKENS: per-tenant caps over KEFU_MAX_OUTPUT_TOKENS, e.g. "acme=2048,beta=256"."""
     rpc_timeout_s: float = 5.0
     """Deadline of each unary gRPC call (moderation, session)."""
     stream_timeout_s: float = 300.0
@@ -75,6 +94,12 @@ class GatewaySettings:
     ws_frame_rps: float = 20.0
     """KEFU_WS_FRAME_RPS / KEFU_WS_FRAME_BURST: frames a socket may send; faster closes it (4008)."""
     ws_frame_burst: int = 60
+    visitor_max_sockets: int = 5
+    """KEFU_VISITOR_MAX_SOCKETS: open WebSockets of one visitor on this edge process; one more is closed 4008."""
+    visitor_max_conversations: int = 5
+    """KEFU_VISITOR_MAX_CONVERSATIONS (as the session service): conversations a visitor's socket may follow."""
+    answer_lease_s: float = 15.0
+    """KEFU_ANSWER_LEASE_S (as the session service): a streaming answer renews its lease every third of it."""
     handoff_keywords: tuple[str, ...] = ("转人工", "人工客服", "人工服务", "找人工", "真人", "人工", "human", "agent",
                                          "real person", "live agent")
     """KEFU_HANDOFF_KEYWORDS (comma-separated): a short visitor message with one of these asks for a human."""
@@ -89,8 +114,26 @@ class GatewaySettings:
     stop working within this, and its open sockets are closed within twice this)."""
     """KEFU_TRUSTED_PROXIES: networks of the proxies in front of the edge, whose X-Forwarded-For is believed."""
     """KEFU_MAX_HISTORY_MESSAGES (as the session service): a resume from before the kept history is a resync."""
+    login_max_concurrent: int = 2
+    """KEFU_LOGIN_MAX_CONCURRENT: argon2 password verifications at once in this process (19 MiB each); more
+    logins wait up to a second, then get 429."""
+    login_address_failures: int = 20
+    """KEFU_LOGIN_ADDRESS_FAILURES: failed console logins per client address per KEFU_LOGIN_FAILURE_WINDOW_S."""
+    login_user_failures: int = 10
+    """KEFU_LOGIN_USER_FAILURES: failed console logins per tenant and user name per KEFU_LOGIN_FAILURE_WINDOW_S."""
+    login_failure_window_s: float = 600.0
+    """KEFU_LOGIN_FAILURE_WINDOW_S: the failure buckets refill fully over this (one failure per window/N)."""
+    visitor_max_lifetime_s: int = 90 * 86400
+    """KEFU_VISITOR_MAX_LIFETIME_S: how long a chain of renewed visitor tokens may last from its first token."""
+    metrics_port: int = 9110
+    """KEFU_EDGE_METRICS_PORT: Prometheus /metrics of the edge, apart from the public port; each edge
+    process on a machine takes the first free port from this one upwards (workers: 9110, 9111, ...;
+    above the services' 9101-9103); 0 picks any free port."""
+    metrics_on_http_port: bool = False
+    """KEFU_METRICS_ON_HTTP_PORT: also serve /metrics on the public HTTP port (older scrape setups)."""
 
     def __post_init__(self) -> None:
+        check_secret("KEFU_JWT_SECRET", self.jwt_secret)
         if not self.jwt_secret and self.jwt_public_key_file is None and self.jwt_jwks_file is None:
             raise SettingsError("set KEFU_JWT_SECRET (HS256), KEFU_JWT_PUBLIC_KEY_FILE or KEFU_JWT_JWKS_FILE "
                                 "(RS256/ES256)")
@@ -104,6 +147,10 @@ class GatewaySettings:
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tenant):
                 raise SettingsError(f"KEFU_WIDGET_TENANTS: {tenant!r} is not a tenant name (1-64 letters, digits, "
                                     "'_' or '-')")
+
+    def output_cap(self, tenant: str) -> int:
+        """Most tokens one answer to a visitor of `tenant` may have."""
+        return self.tenant_max_output_tokens.get(tenant, self.max_output_tokens)
 
     def __repr__(self) -> str:
         return f"GatewaySettings(http_port={self.http_port}, session={self.session_addr}, " \
@@ -131,13 +178,17 @@ class GatewaySettings:
             route_rate_limits=parse_route_limits(env.get("KEFU_RATE_LIMIT_ROUTES", "")),
             tenant_rate_limits=parse_tenant_limits(env.get("KEFU_TENANT_RATE_LIMITS", "")),
             cors_origins=tuple(o.strip().rstrip("/") for o in env.get("KEFU_CORS_ORIGINS", "").split(",") if o.strip()),
-            nats_url=env_str(env, "KEFU_NATS_URL", cls.nats_url),
+            nats_url=nats_url(env),
+            internal_token=internal_token(env),
             session_addr=env_str(env, "KEFU_SESSION_ADDR", cls.session_addr),
             moderation_addr=env_str(env, "KEFU_MODERATION_ADDR", cls.moderation_addr),
             worker_addr=env_str(env, "KEFU_WORKER_ADDR", cls.worker_addr),
             model=env_str(env, "KEFU_MODEL", "") if env.get("KEFU_OPENAI_BASE_URL") else "",
             system_prompt=env_str(env, "KEFU_SYSTEM_PROMPT", cls.system_prompt),
             context_max_tokens=env_int(env, "KEFU_CONTEXT_MAX_TOKENS", cls.context_max_tokens, minimum=16),
+            max_output_tokens=env_int(env, "KEFU_MAX_OUTPUT_TOKENS", cls.max_output_tokens, minimum=1,
+                                      maximum=MAX_OUTPUT_TOKENS),
+            tenant_max_output_tokens=parse_tenant_output_caps(env.get("KEFU_TENANT_MAX_OUTPUT_TOKENS", "")),
             rpc_timeout_s=env_float(env, "KEFU_RPC_TIMEOUT_S", cls.rpc_timeout_s, minimum=0.05),
             stream_timeout_s=env_float(env, "KEFU_STREAM_TIMEOUT_S", cls.stream_timeout_s, minimum=1),
             shutdown_grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0),
@@ -154,6 +205,11 @@ class GatewaySettings:
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
             ws_frame_rps=env_float(env, "KEFU_WS_FRAME_RPS", cls.ws_frame_rps, minimum=0.1),
             ws_frame_burst=env_int(env, "KEFU_WS_FRAME_BURST", cls.ws_frame_burst, minimum=1),
+            visitor_max_sockets=env_int(env, "KEFU_VISITOR_MAX_SOCKETS", cls.visitor_max_sockets, minimum=1,
+                                        maximum=1000),
+            visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations,
+                                              minimum=1, maximum=1000),
+            answer_lease_s=env_float(env, "KEFU_ANSWER_LEASE_S", cls.answer_lease_s, minimum=1, maximum=300),
             handoff_keywords=tuple(k.strip() for k in env_str(env, "KEFU_HANDOFF_KEYWORDS", ",".join(
                 cls.handoff_keywords)).split(",") if k.strip()),
             desk_poll_s=env_float(env, "KEFU_DESK_POLL_S", cls.desk_poll_s, minimum=0.05),
@@ -162,6 +218,18 @@ class GatewaySettings:
             account_check_s=env_float(env, "KEFU_ACCOUNT_CHECK_S", cls.account_check_s, minimum=0.1),
             kb_max_document_bytes=env_int(env, "KEFU_KB_MAX_DOCUMENT_BYTES", cls.kb_max_document_bytes, minimum=1,
                                           maximum=64 * 1024 * 1024),
+            login_max_concurrent=env_int(env, "KEFU_LOGIN_MAX_CONCURRENT", cls.login_max_concurrent, minimum=1,
+                                         maximum=64),
+            login_address_failures=env_int(env, "KEFU_LOGIN_ADDRESS_FAILURES", cls.login_address_failures,
+                                           minimum=1, maximum=100_000),
+            login_user_failures=env_int(env, "KEFU_LOGIN_USER_FAILURES", cls.login_user_failures, minimum=1,
+                                        maximum=100_000),
+            login_failure_window_s=env_float(env, "KEFU_LOGIN_FAILURE_WINDOW_S", cls.login_failure_window_s,
+                                             minimum=1),
+            visitor_max_lifetime_s=env_int(env, "KEFU_VISITOR_MAX_LIFETIME_S", cls.visitor_max_lifetime_s,
+                                           minimum=60, maximum=3650 * 86400),
+            metrics_port=env_int(env, "KEFU_EDGE_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
+            metrics_on_http_port=env_bool(env, "KEFU_METRICS_ON_HTTP_PORT", cls.metrics_on_http_port),
         )
 
 
@@ -196,6 +264,19 @@ def parse_route_limits(raw: str) -> dict[str, tuple[float, int]]:
             raise SettingsError(f"KEFU_RATE_LIMIT_ROUTES: {route}: rps and burst must be positive")
         limits[route] = (rps, burst)
     return limits
+
+
+def parse_tenant_output_caps(raw: str) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for tenant, value in _pairs(raw, "KEFU_TENANT_MAX_OUTPUT_TOKENS"):
+        try:
+            caps[tenant] = int(value)
+        except ValueError:
+            raise SettingsError(f"KEFU_TENANT_MAX_OUTPUT_TOKENS: {tenant}: expected an integer, "
+                                f"got {value!r}") from None
+        if not 1 <= caps[tenant] <= MAX_OUTPUT_TOKENS:
+            raise SettingsError(f"KEFU_TENANT_MAX_OUTPUT_TOKENS: {tenant}: must be 1..{MAX_OUTPUT_TOKENS}")
+    return caps
 
 
 def parse_tenant_limits(raw: str) -> dict[str, float]:

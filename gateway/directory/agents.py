@@ -1,23 +1,33 @@
 """Agent accounts for the console login, in the `kefu_agents` bucket (key `<tenant>.<username>`).
 
-Passwords are stored as argon2id hashes (argon2-cffi's defaults); hashing runs in a thread so a
-login never stalls the event loop.
+Passwords are stored as argon2id hashes (PASSWORD_HASHER); hashing runs in a thread so a login never
+stalls the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 import re
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from gateway.directory.buckets import AGENTS, Buckets, decode, encode, nats_errors, scan
 from gateway.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+PASSWORD_HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16,
+                                 type=Type.ID)
+"""OWASP's argon2id minimum (m=19 MiB, t=2, p=1): with KEFU_LOGIN_MAX_CONCURRENT (2) verifications at
+once a login flood adds ~40 MiB to an edge whose pod may use 256 MiB. argon2-cffi's default (64 MiB,
+p=4) let ten parallel logins grow the edge by 386 MiB (issue 17). Hashes made with other
+parameters still verify (they are read from the hash) and are rehashed with these on the next login."""
 
 AGENT_ROLES = ("agent", "admin")
 USERNAME_PATTERN = re.compile(r"^(?!v_)[a-z0-9_-]+(?:\.[a-z0-9_-]+)*$")
@@ -83,16 +93,12 @@ class AgentAccount:
         return account
 
 
-@functools.cache
-def _dummy_hash(hasher: PasswordHasher) -> str:
-    # Verified against when the user does not exist, so that costs the same as a wrong password.
-    return hasher.hash("no such account: this hash is never matched")
-
-
 class AgentAccounts:
-    def __init__(self, buckets: Buckets, hasher: PasswordHasher | None = None) -> None:
+    def __init__(self, buckets: Buckets, hasher: PasswordHasher = PASSWORD_HASHER) -> None:
         self._buckets = buckets
-        self._hasher = hasher or PasswordHasher()
+        self._hasher = hasher
+        self._dummy_hash = ""
+        """Verified against when the user does not exist, so that costs the same as a wrong password."""
 
     async def get(self, tenant: str, username: str) -> AgentAccount | None:
         found = await self._get(tenant, username)
@@ -131,23 +137,50 @@ class AgentAccounts:
         password_hash = await asyncio.to_thread(self._hasher.hash, check_password(password))
         return await self._update(tenant, username, password_hash=password_hash)
 
-    async def authenticate(self, tenant: str, username: str, password: str) -> AgentAccount | None:
+    async def authenticate(self, tenant: str, username: str, password: str, *,
+                           executor: Executor | None = None) -> AgentAccount | None:
         """The account when the password is right and it is enabled, else None; every failure costs one
-        argon2 verification, so response times do not tell an unknown user from a wrong password."""
+        argon2 verification with PASSWORD_HASHER's parameters, so response times do not tell an unknown
+        user from a wrong password. The hashing runs on `executor` (the edge's bounded argon2 pool)."""
+        loop = asyncio.get_running_loop()
         try:
             username = check_username(username)
             found = await self._get(tenant, username)
         except ValueError:
             found = None
         account = found[0] if found is not None else None
-        stored = account.password_hash if account is not None else _dummy_hash(self._hasher)
+        if account is not None:
+            stored = account.password_hash
+        else:
+            if not self._dummy_hash:
+                self._dummy_hash = await loop.run_in_executor(
+                    executor, self._hasher.hash, "no such account: this hash is never matched")
+            stored = self._dummy_hash
         try:
-            await asyncio.to_thread(self._hasher.verify, stored, password)
+            await loop.run_in_executor(executor, self._hasher.verify, stored, password)
         except (VerificationError, InvalidHashError):
             return None
         if account is None or account.disabled:
             return None
+        if found is not None and self._hasher.check_needs_rehash(stored):
+            await self._rehash(tenant, found, password, executor)
         return account
+
+    async def _rehash(self, tenant: str, found: tuple[AgentAccount, int], password: str,
+                      executor: Executor | None) -> None:
+        """Store the password again with today's parameters, unless the account changed since it was read
+        (a reset password stays); a login never fails because this did."""
+        account, revision = found
+        new_hash = await asyncio.get_running_loop().run_in_executor(executor, self._hasher.hash, password)
+        try:
+            kv = await self._buckets.open(AGENTS)
+            async with nats_errors():
+                await kv.update(f"{tenant}.{account.username}",
+                                encode(replace(account, password_hash=new_hash).to_json()), last=revision)
+        except KeyWrongLastSequenceError:
+            pass  # changed meanwhile: the next login looks again
+        except ApiError as error:
+            log.warning("could not upgrade an account's password hash in %s: %s", tenant, error.code)
 
     async def _get(self, tenant: str, username: str) -> tuple[AgentAccount, int] | None:
         kv = await self._buckets.open(AGENTS)

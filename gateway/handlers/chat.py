@@ -52,8 +52,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest(f"message: longer than {settings.max_message_chars} characters")
     if not body.message.strip():
         raise InvalidRequest("message: must not be blank")
+    # With the bus, an agent's claim ends the stream at once with `superseded` (issue 17).
     turn = ChatTurn(request.app[keys.CLIENTS], settings, request[keys.REQUEST_PRINCIPAL], request[keys.REQUEST_ID],
-                    request.app.get(keys.TENANT_SETTINGS))
+                    request.app.get(keys.TENANT_SETTINGS), bus=request.app.get(keys.BUS))
     events = turn.run(TurnRequest(message=body.message, session_id=body.session_id or ""))
     try:
         # Errors before the first event are plain JSON errors (404, 400 content_blocked, 503).

@@ -1,6 +1,9 @@
 """POST /v1/console/login: an agent token for the console from a username and password.
 
-Accounts are made with the CLI: `python -m gateway.accounts add --tenant T --username U [--name N]
+Every attempt takes a token from the address's bucket (KEFU_WIDGET_TOKEN_RPS / _BURST) and, until it
+succeeds, one from the failure buckets of its address and of its user name (gateway/login_limits.py);
+the argon2 verification then waits for one of the process's few slots. Any refusal is 429 with
+Retry-After. Accounts are made with the CLI: `python -m gateway.accounts add --tenant T --username U [--name N]
 [--role agent|admin]` (see gateway/accounts.py).
 """
 
@@ -17,10 +20,13 @@ from gateway.handlers.widget_token import (
     CONSOLE_LOGIN,
     NO_STORE,
     TENANT_PATTERN,
+    address_key,
+    client_address,
     require_hs256,
     sign_token,
     take_address_token,
 )
+from gateway.login_limits import LoginThrottled
 from gateway.responses import json_response
 
 
@@ -36,10 +42,26 @@ async def console_login(request: web.Request) -> web.Response:
     body = await read_json_body(request, LoginBody)
     settings = request.app[keys.SETTINGS]
     require_hs256(settings)
-    account = await request.app[keys.DIRECTORY].agents.authenticate(body.tenant, body.username, body.password)
+    limits, outcomes = request.app[keys.LOGIN_LIMITS], request.app[keys.METRICS].console_logins
+    try:
+        charge = limits.charge(address_key(client_address(request)), body.tenant, body.username)
+    except LoginThrottled:
+        outcomes.labels("throttled").inc()
+        raise
+    try:
+        async with limits.slot():
+            account = await request.app[keys.DIRECTORY].agents.authenticate(
+                body.tenant, body.username, body.password, executor=limits.executor)
+    except LoginThrottled:
+        limits.forgive(charge)  # refused before it could guess
+        outcomes.labels("busy").inc()
+        raise
     if account is None:
+        outcomes.labels("invalid").inc()
         # One answer for an unknown tenant or user, a wrong password and a disabled account.
         raise ApiError("invalid_credentials", "wrong tenant, username or password", 401)
+    limits.forgive(charge)
+    outcomes.labels("ok").inc()
     token = sign_token(settings, tenant=body.tenant, subject=account.username, role=account.role,
                        ttl_s=settings.console_token_ttl_s, name=account.display_name)
     return json_response({"token": token, "expires_in": settings.console_token_ttl_s, "agent": {

@@ -16,7 +16,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[keys.STATE].draining:
         return json_response({"status": "draining"}, status=503)
-    backends = await request.app[keys.CLIENTS].health(timeout_s=1.0)
+    backends = await request.app[keys.READINESS].backends()
     ready = all(backends.values())
     return json_response({"status": "ready" if ready else "not_ready", "backends": backends},
                              status=200 if ready else 503)

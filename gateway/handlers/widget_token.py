@@ -1,4 +1,9 @@
-"""POST /v1/widget/token: an anonymous visitor token for the chat widget, renewable for the same visitor."""
+"""POST /v1/widget/token: an anonymous visitor token for the chat widget, renewable for the same visitor.
+
+A renewal carries the chain's first issue time (`orig_iat`) forward; a chain older than
+KEFU_VISITOR_MAX_LIFETIME_S renews no more (issue 17: a visitor token renewed forever), so a
+leaked token stops working at the latest that long after the visitor first came.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import ipaddress
 import math
 import secrets
 import time
+from dataclasses import dataclass
 
 import jwt
 import pydantic
@@ -46,7 +52,8 @@ def client_address(request: web.Request) -> str:
     return request.app[keys.CLIENT_ADDRESSES].of(request)
 
 
-def _limit_key(address: str) -> str:
+def address_key(address: str) -> str:
+    """The key of a client address in per-address buckets."""
     # An IPv6 host usually holds a whole /64: one bucket for all of it.
     try:
         ip = ipaddress.ip_address(address)
@@ -59,7 +66,7 @@ def _limit_key(address: str) -> str:
 
 def take_address_token(request: web.Request, route: str) -> None:
     """429 `rate_limited` when this client address has used up its bucket for `route`."""
-    decision = request.app[keys.ADDRESS_LIMITS][route].take(_limit_key(client_address(request)))
+    decision = request.app[keys.ADDRESS_LIMITS][route].take(address_key(client_address(request)))
     if not decision.allowed:
         request.app[keys.METRICS].rate_limited.labels("address").inc()
         raise ApiError("rate_limited", "too many requests from this address", 429, headers={
@@ -75,11 +82,13 @@ def require_hs256(settings: GatewaySettings) -> None:
 
 
 def sign_token(settings: GatewaySettings, *, tenant: str, subject: str, role: str, ttl_s: int,
-               name: str = "") -> str:
-    now = int(time.time())
+               name: str = "", orig_iat: int | None = None, now: int | None = None) -> str:
+    now = int(time.time()) if now is None else now
     claims: dict[str, object] = {"sub": subject, "tenant": tenant, "role": role, "iat": now, "exp": now + ttl_s}
     if name:
         claims["name"] = name
+    if orig_iat is not None:
+        claims["orig_iat"] = orig_iat
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:
@@ -87,9 +96,17 @@ def sign_token(settings: GatewaySettings, *, tenant: str, subject: str, role: st
     return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
 
 
-def renewed_visitor(settings: GatewaySettings, authorization: str, tenant: str) -> str:
-    """The visitor id of a previous visitor token of `tenant`, verified as strictly as any token except
-    that it may have expired up to RENEW_GRACE_S ago; 401 otherwise."""
+@dataclass(frozen=True, slots=True)
+class Visitor:
+    visitor_id: str
+    orig_iat: int
+    """When the visitor's first token was issued: the start of its renewal chain."""
+
+
+def renewed_visitor(settings: GatewaySettings, authorization: str, tenant: str) -> Visitor:
+    """The visitor of a previous visitor token of `tenant`, verified as strictly as any token except
+    that it may have expired up to RENEW_GRACE_S ago, and its chain started at most
+    KEFU_VISITOR_MAX_LIFETIME_S ago; 401 otherwise."""
     token = bearer_token(authorization)
     try:
         claims = jwt.decode(
@@ -110,7 +127,14 @@ def renewed_visitor(settings: GatewaySettings, authorization: str, tenant: str) 
         raise Unauthorized("only a visitor token of the same tenant renews")
     if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS:
         raise Unauthorized(f"claim 'sub' must be a string of 1-{MAX_SUBJECT_CHARS} characters")
-    return subject
+    # Tokens from before chains were capped have no orig_iat: their own iat (or exp) starts the chain.
+    started = claims.get("orig_iat", claims.get("iat", exp - settings.widget_token_ttl_s))
+    if isinstance(started, bool) or not isinstance(started, int | float) or not math.isfinite(started):
+        raise Unauthorized("claim 'orig_iat' must be a number")
+    if time.time() - started > settings.visitor_max_lifetime_s:
+        raise Unauthorized(f"this visitor's tokens were first issued more than {settings.visitor_max_lifetime_s} s "
+                           "ago and renew no more; get a new one without Authorization")
+    return Visitor(subject, int(started))
 
 
 def new_visitor_id() -> str:
@@ -125,10 +149,13 @@ async def widget_token(request: web.Request) -> web.Response:
         raise ApiError("tenant_not_enabled", "this tenant does not offer the chat widget", 403)
     require_hs256(settings)
     authorization = request.headers.get("Authorization", "")
-    visitor_id = renewed_visitor(settings, authorization, body.tenant) if authorization else new_visitor_id()
-    if request.app[keys.BLACKLIST].blocks(body.tenant, visitor_id, client_address(request)):
+    now = int(time.time())
+    visitor = renewed_visitor(settings, authorization, body.tenant) if authorization \
+        else Visitor(new_visitor_id(), now)
+    if request.app[keys.BLACKLIST].blocks(body.tenant, visitor.visitor_id, client_address(request)):
         raise ApiError("blocked", "this visitor may not chat with this tenant", 403)
-    token = sign_token(settings, tenant=body.tenant, subject=visitor_id, role="visitor",
-                       ttl_s=settings.widget_token_ttl_s)
-    return json_response({"token": token, "visitor_id": visitor_id, "expires_in": settings.widget_token_ttl_s},
-                         headers=NO_STORE)
+    # The last token of a chain ends with the chain.
+    ttl_s = max(1, min(settings.widget_token_ttl_s, visitor.orig_iat + settings.visitor_max_lifetime_s - now))
+    token = sign_token(settings, tenant=body.tenant, subject=visitor.visitor_id, role="visitor", ttl_s=ttl_s,
+                       orig_iat=visitor.orig_iat, now=now)
+    return json_response({"token": token, "visitor_id": visitor.visitor_id, "expires_in": ttl_s}, headers=NO_STORE)

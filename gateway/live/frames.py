@@ -142,6 +142,10 @@ def parse_frame(raw: str, *, max_text_chars: int) -> ClientFrame:
         raise FrameError("invalid_json", "frame is not JSON") from None
     if not isinstance(data, dict):
         raise FrameError("invalid_frame", "frame must be a JSON object")
+    if "\\u" in raw and _has_lone_surrogate(data):
+        # "\ud800" escapes decode to lone surrogates, which no UTF-8 (nor protobuf, nor a JWT check)
+        # can encode: refused here, before they reach a session call and hang the socket (issue 17).
+        raise FrameError("invalid_frame", "strings must be valid Unicode text (no lone surrogates)")
     kind = data.get("type")
     if not isinstance(kind, str):
         raise FrameError("invalid_frame", "type: required string")
@@ -185,6 +189,15 @@ def parse_frame(raw: str, *, max_text_chars: int) -> ClientFrame:
             if status not in ("online", "away"):
                 raise FrameError("invalid_frame", "status: must be \"online\" or \"away\"")
             return Presence(status)
+
+
+def _has_lone_surrogate(data: dict[str, Any]) -> bool:
+    """Only escapes can make one (the frame itself is UTF-8), so callers look for `\\u` first."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _hello(data: dict[str, Any]) -> Hello:

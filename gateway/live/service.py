@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -63,6 +63,8 @@ class LiveService:
     """gateway.directory's Blacklist when present: refuses and closes blocked visitors."""
     accounts: Any = None
     """gateway.directory's AccountStatus when present: a disabled agent account's tokens stop working."""
+    visitor_sockets: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Open sockets per visitor (tenant, sub) on this process, against KEFU_VISITOR_MAX_SOCKETS."""
 
     def __post_init__(self) -> None:
         self.desks.on_assigned = self._follow_assignment
@@ -127,6 +129,28 @@ class LiveService:
             return True
         return feed is not None and feed.status == "human" and feed.state is not None \
             and feed.state.get("assignee") == principal.subject
+
+    def take_socket(self, principal: Principal) -> bool:
+        """Count a visitor's new socket; False (and not counted) when it already has the most allowed.
+
+        Per edge process: sockets are this process's memory and file descriptors, and a visitor
+        spread over N edges holds at most N times the limit (its messages are limited over all)."""
+        if principal.role != "visitor":
+            return True
+        key = (principal.tenant, principal.subject)
+        count = self.visitor_sockets.get(key, 0)
+        if count >= self.settings.visitor_max_sockets:
+            return False
+        self.visitor_sockets[key] = count + 1
+        return True
+
+    def release_socket(self, principal: Principal) -> None:
+        key = (principal.tenant, principal.subject)
+        count = self.visitor_sockets.get(key, 0)
+        if count <= 1:
+            self.visitor_sockets.pop(key, None)
+        else:
+            self.visitor_sockets[key] = count - 1
 
     def blocked(self, principal: Principal, address: str | None) -> bool:
         return (self.blacklist is not None and principal.role == "visitor"

@@ -10,7 +10,7 @@ from typing import Any, cast
 import grpc
 from aiohttp import WSMsgType
 
-from gateway.auth import Principal, bearer_token
+from gateway.auth import LIVE_ROLES, Principal, bearer_token
 from gateway.chat_turn import (
     SUPERSEDED,
     ChatTurn,
@@ -24,7 +24,7 @@ from gateway.chat_turn import (
     checked_input,
 )
 from gateway.clients import session_principal
-from gateway.errors import ApiError, api_error_from_grpc
+from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
 from gateway.live.connection import Connection
 from gateway.live.frames import (
     AGENT_TYPES,
@@ -53,6 +53,7 @@ from gateway.live.frames import (
     parse_frame,
 )
 from gateway.live.hub import FeedUnavailable, NotYours
+from gateway.live.owed import AnswerLease, answer_owed, owed_message
 from gateway.live.service import DEFAULT_WELCOME_TEXT, LiveService, Refused
 from kefu.session.v1 import session_pb2
 
@@ -75,6 +76,8 @@ class LiveSocket:
         """The upgrade request's Authorization header, if any (browsers send their token in hello)."""
         self._request_id = request_id
         self._bad_frames = 0
+        self._counted: Principal | None = None
+        """The visitor whose socket count this socket holds (released when it ends)."""
 
     @property
     def _principal(self) -> Principal:
@@ -82,6 +85,13 @@ class LiveSocket:
         return self._socket.principal
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._counted is not None:
+                self._live.release_socket(self._counted)
+
+    async def _run(self) -> None:
         socket, ws = self._socket, self._socket.ws
         header_principal: Principal | None = None
         if self._authorization is not None:
@@ -229,12 +239,26 @@ class LiveSocket:
             except ApiError as error:
                 self._refuse(CLOSE_AUTH_FAILED, "unauthorized", error.message)
                 return False
+        if principal.role not in LIVE_ROLES:
+            # An `api` integrator's token is for the chat and OpenAI endpoints; live chat is for people.
+            self._refuse(CLOSE_FORBIDDEN, "forbidden", f"role {principal.role!r} has no live chat")
+            return False
         if live.blocked(principal, socket.address):
             self._refuse(CLOSE_FORBIDDEN, "blocked", "this visitor is blocked")
             return False
         if await live.account_disabled(principal):
             self._refuse(CLOSE_AUTH_FAILED, "unauthorized", "this account is disabled")
             return False
+        if principal.role == "visitor":
+            if len(hello.resume) > self._settings.visitor_max_conversations:
+                self._refuse(CLOSE_RATE_LIMITED, "limit", f"a visitor's socket follows at most "
+                             f"{self._settings.visitor_max_conversations} conversations")
+                return False
+            if not live.take_socket(principal):
+                self._refuse(CLOSE_RATE_LIMITED, "limit", f"at most {self._settings.visitor_max_sockets} "
+                             "sockets per visitor")
+                return False
+            self._counted = principal
         socket.principal = principal
         live.metrics.ws_connections.labels(principal.role).inc()
         socket.hold()  # the welcome goes before any replayed event
@@ -273,6 +297,9 @@ class LiveSocket:
         socket.release(welcome)
         if socket.is_staff:
             live.desks.add_agent(socket)
+        else:
+            for conversation_id in socket.conversations:
+                self._answer_if_owed(conversation_id)
         return True
 
     def _beyond_retention(self, conversation_id: str, after_seq: int) -> bool:
@@ -317,12 +344,16 @@ class LiveSocket:
         message_id = message_id_for(principal.tenant, principal.subject, send.cid)
         socket.remember_cid(message_id, send.cid)
         conversation_id = send.conversation_id or socket.current
+        if conversation_id is None and len(socket.conversations) >= self._settings.visitor_max_conversations:
+            raise Refused("limit", f"this socket follows {len(socket.conversations)} conversations already")
         if conversation_id is not None:
             await self._ensure_joined(conversation_id)
             seq = await self._hub.find(principal, conversation_id, message_id, 0)
             if seq is not None:
-                # Stored before (a retry): the same seq again, and no second answer.
+                # Stored before (a retry): the same seq again, and no second answer, unless the first
+                # one was cut off (its edge died while it streamed).
                 self._ack(send.cid, seq, duplicate=True)
+                self._answer_if_owed(conversation_id)
                 return
         # The turn runs in the hub: the answer is generated and stored even if this socket
         # drops meanwhile; this socket's next frame waits for it (frames are handled in order).
@@ -340,6 +371,7 @@ class LiveSocket:
         socket, hub, principal = self._socket, self._hub, self._principal
         wants_human = self._live.handoff_rules.asks_for_human(send.text)
         turn = ChatTurn(self._live.clients, self._settings, principal, self._request_id, self._live.tenant_settings)
+        lease: AnswerLease | None = None
         # run() is an async generator (typed as an iterator): close it to end its gRPC streams.
         events = cast(AsyncGenerator[TurnEvent, None], turn.run(TurnRequest(
             message=send.text, session_id=conversation_id or "", message_id=message_id, answer=not wants_human)))
@@ -350,12 +382,13 @@ class LiveSocket:
                 # Stored by a resend that raced this one (or whose conversation id was lost).
                 socket.current = duplicate.session_id
                 self._ack(send.cid, duplicate.seq, duplicate=True)
+                self._answer_if_owed(duplicate.session_id)
                 return
             except ApiError as error:
                 if error.code == "not_found":
                     self._refuse(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
                 else:
-                    socket.send(nack_frame("send", error.code, error.message, cid=send.cid,
+                    socket.send(nack_frame("send", nack_code(error.code), error.message, cid=send.cid,
                                            conversation_id=conversation_id))
                 return
             assert isinstance(started, TurnStarted)
@@ -368,7 +401,14 @@ class LiveSocket:
             version = started.state.version if started.state is not None else 0
             if wants_human and started.state is not None and started.state.status == "ai":
                 await self._hand_off_quietly(conversation_id, "keyword", version)
+            if started.answering:
+                # Kept while the answer streams: should this edge die, another answers on the visitor's return.
+                lease = AnswerLease(self._live.clients, self._settings, principal, conversation_id, message_id, "")
+                lease.keep()
             async for event in events:
+                if lease is not None and lease.lost.is_set():
+                    log.warning("an answer's lease went to another edge: this one stops")
+                    break
                 feed = hub.feed(principal.tenant, conversation_id)
                 if isinstance(event, TurnDelta):
                     if feed is not None and version and feed.version > version:
@@ -387,6 +427,8 @@ class LiveSocket:
             log.warning("socket lost its conversation feed mid-turn: %s", type(error).__name__)
         finally:
             await events.aclose()
+            if lease is not None:
+                await lease.release()
 
     async def _hand_off_quietly(self, conversation_id: str, reason: str, version: int) -> None:
         try:
@@ -436,7 +478,7 @@ class LiveSocket:
                 timeout=self._settings.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             api_error = api_error_from_grpc(error, "session")
-            raise Refused(api_error.code, api_error.message) from None
+            raise Refused(nack_code(api_error.code), api_error.message) from None
         return reply
 
     async def _moderated(self, text: str) -> str:
@@ -448,8 +490,11 @@ class LiveSocket:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _ensure_joined(self, conversation_id: str) -> None:
-        if conversation_id not in self._socket.conversations:
-            await self._hub.join(self._socket, conversation_id, None)
+        socket = self._socket
+        if conversation_id not in socket.conversations:
+            if not socket.is_staff and len(socket.conversations) >= self._settings.visitor_max_conversations:
+                raise Refused("limit", f"this socket follows {len(socket.conversations)} conversations already")
+            await self._hub.join(socket, conversation_id, None)
 
     def _require_joined(self, conversation_id: str) -> None:
         if conversation_id not in self._socket.conversations:
@@ -461,6 +506,12 @@ class LiveSocket:
         if principal.name:
             sender["name"] = principal.name
         return sender
+
+    def _answer_if_owed(self, conversation_id: str) -> None:
+        """A visitor message without its answer (an edge died while it streamed): answer it, once."""
+        if owed_message(self._hub.feed(self._principal.tenant, conversation_id)) is not None:
+            self._hub.spawn(answer_owed(self._hub, self._live.clients, self._settings, self._principal,
+                                        conversation_id, self._request_id, self._live.tenant_settings))
 
     def _ack(self, cid: str | None, seq: int | None, *, duplicate: bool = False) -> None:
         frame: dict[str, Any] = {"type": "ack", "cid": cid, "seq": seq or 0, "duplicate": duplicate}
@@ -475,6 +526,11 @@ class LiveSocket:
         self._socket.send(error_frame(error.code, error.message))
         if self._bad_frames >= MAX_BAD_FRAMES:
             self._socket.close(CLOSE_BAD_FRAMES, "too many bad frames")
+
+
+def nack_code(code: str) -> str:
+    """A limit the visitor or its tenant hit is nacked `limit` (its message says which)."""
+    return "limit" if code in LIMIT_CODES else code
 
 
 __all__ = ["LiveSocket", "MAX_FRAME_BYTES"]

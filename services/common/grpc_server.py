@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import signal
 import time
@@ -43,6 +45,78 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 600_000),
 )
+
+
+AUTHORIZATION_METADATA_KEY = "authorization"
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+"""Calls answered without the internal credential: Kubernetes `grpc:` probes carry none."""
+DENIED_LOG_INTERVAL_S = 10.0
+
+
+class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health must carry `authorization: Bearer <KEFU_INTERNAL_TOKEN>`; else UNAUTHENTICATED.
+
+    The services trust the principal their caller names, so only kefu's own processes may call them:
+    the network alone is not a boundary (any pod of the cluster could)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("an internal token is required")
+        # Compared as digests: equal lengths, so compare_digest leaks nothing about the token's length.
+        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
+        self._last_denied_log = -DENIED_LOG_INTERVAL_S
+        self._denied_since_log = 0
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(OPEN_METHOD_PREFIXES) or self._authorized(details):
+            return await continuation(details)
+        self._log_denied(details.method)
+        handler = await continuation(details)
+        return _denying(handler)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == AUTHORIZATION_METADATA_KEY:
+                presented = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(hashlib.sha256(presented).digest(), self._expected)
+        return False
+
+    def _log_denied(self, method: str) -> None:
+        # A stranger hammering the port must not flood the log: one line per interval, with a count.
+        self._denied_since_log += 1
+        now = time.monotonic()
+        if now - self._last_denied_log >= DENIED_LOG_INTERVAL_S:
+            log.warning("refused %d gRPC call(s) without a valid internal credential (last: %s)",
+                        self._denied_since_log, method)
+            self._last_denied_log, self._denied_since_log = now, 0
+
+
+_DENIED = "missing or wrong internal credential (authorization: Bearer <KEFU_INTERNAL_TOKEN>)"
+
+
+def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED without running anything."""
+
+    async def deny(context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await deny(context)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await deny(context)
+        yield None  # never reached: abort raises
+
+    if handler is None or handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary)
+    return grpc.stream_stream_rpc_method_handler(streaming)
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
@@ -119,15 +193,23 @@ def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any, metho
     return handler
 
 
-def create_grpc_server(registry: CollectorRegistry, *, max_receive_bytes: int | None = None) -> grpc.aio.Server:
+def create_grpc_server(registry: CollectorRegistry, internal_token: str, *,
+                       max_receive_bytes: int | None = None) -> grpc.aio.Server:
     """A grpc.aio server with kefu's options and interceptors; services are added by the caller.
 
+    With an `internal_token` every call but health needs it (InternalAuthInterceptor); "" serves
+    anyone (KEFU_INTERNAL_AUTH=off, and servers built in-process by unit tests).
     `max_receive_bytes`: a larger request limit (the worker receives whole documents)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(registry)]
+    if internal_token:
+        interceptors.insert(0, InternalAuthInterceptor(internal_token))
+    else:
+        log.warning("internal gRPC authentication is off: anyone who reaches this port may call it")
     options = list(SERVER_OPTIONS)
     if max_receive_bytes is not None:
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_bytes))
-    return grpc.aio.server(interceptors=[RequestContextInterceptor(registry)], options=options)
+    return grpc.aio.server(interceptors=interceptors, options=options)
 
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -18,12 +20,52 @@ from nats.js.kv import KeyValue
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class NatsEndpoint:
+    """A `nats://[user:pass@]host:port[,...]` setting split into bare server URLs and credentials."""
+
+    servers: tuple[str, ...]
+    user: str = ""
+    password: str = field(default="", repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> NatsEndpoint:
+        servers: list[str] = []
+        user = password = ""
+        for server in (part.strip() for part in url.split(",")):
+            if not server:
+                continue
+            parts = urlsplit(server if "://" in server else f"nats://{server}")
+            if parts.username is not None:
+                user, password = unquote(parts.username), unquote(parts.password or "")
+            servers.append(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+        return cls(tuple(servers), user, password)
+
+    @property
+    def inbox_prefix(self) -> str:
+        """Replies and push deliveries come to `_INBOX.<user>.>`: NATS permissions give each user only its own."""
+        return f"_INBOX.{self.user}" if self.user else "_INBOX"
+
+    def redacted(self) -> str:
+        """For logs: the servers and the user, never the password."""
+        return ",".join(self.servers) + (f" as {self.user}" if self.user else "")
+
+
+def redacted(url: str) -> str:
+    """A NATS URL setting fit for a log line (its password left out)."""
+    return NatsEndpoint.parse(url).redacted()
+
+
 async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1,
                        reconnected: Callable[[], None] | None = None) -> NatsClient:
     """Connect and keep reconnecting forever (a restarted nats-server is picked up by itself).
 
+    `url` may carry the process's user and password (services.common.settings.nats_url puts
+    KEFU_NATS_USER / KEFU_NATS_PASSWORD there); they are handed to nats-py apart from the servers,
+    so that no error or log line of nats-py ever contains them.
     `reconnected` is called after each reconnect: core subscriptions come back by themselves,
     JetStream consumers kept in a restarted server's memory do not."""
+    endpoint = NatsEndpoint.parse(url)
 
     async def on_error(error: Exception) -> None:
         # nats-py's default callback logs a full traceback on every failed attempt.
@@ -38,9 +80,10 @@ async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1,
             reconnected()
 
     return await nats.connect(
-        url, name=name, connect_timeout=2, reconnect_time_wait=0.5,
+        list(endpoint.servers), name=name, connect_timeout=2, reconnect_time_wait=0.5,
         max_reconnect_attempts=max_reconnect_attempts, error_cb=on_error,
         disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+        inbox_prefix=endpoint.inbox_prefix, user=endpoint.user or None, password=endpoint.password or None,
     )
 
 

@@ -14,22 +14,38 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.mint_token import mint
-from services.common.settings import SettingsError, env_int
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from services.common.settings import SettingsError, check_secret, env_int, env_str
+from services.devstack.stack import REPO_ROOT, ProcessFailed, Stack, StackConfig, StackPorts
 
 log = logging.getLogger("devstack")
 
 
-def dev_secret(data_dir: Path) -> str:
-    """KEFU_JWT_SECRET, else a random one kept under data/ so tokens survive a restart."""
-    if secret := os.environ.get("KEFU_JWT_SECRET", ""):
+def kept_secret(data_dir: Path, name: str, file_name: str) -> str:
+    """The env variable `name`, else a random secret kept (0600) under data/ so a restart keeps it."""
+    if secret := os.environ.get(name, ""):
+        check_secret(name, secret)
         return secret
-    path = data_dir / "dev_jwt_secret"
+    path = data_dir / file_name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(secrets.token_urlsafe(32))
+    secret = path.read_text().strip()
+    check_secret(f"{name} (from {path})", secret)
+    return secret
+
+
+def dev_secret(data_dir: Path) -> str:
+    """KEFU_JWT_SECRET, else a random one kept under data/ so tokens survive a restart."""
+    return kept_secret(data_dir, "KEFU_JWT_SECRET", "dev_jwt_secret")
+
+
+def dev_internal_token(data_dir: Path) -> str:
+    """KEFU_INTERNAL_TOKEN, else one kept under data/ (internal gRPC tools can read it there); "" when
+    KEFU_INTERNAL_AUTH=off."""
+    if env_str(os.environ, "KEFU_INTERNAL_AUTH", "required").lower() == "off":
+        return ""
+    return kept_secret(data_dir, "KEFU_INTERNAL_TOKEN", "dev_internal_token")
 
 
 def ports_from_env() -> StackPorts:
@@ -71,13 +87,19 @@ def banner(stack: Stack, secret: str, log_dir: Path) -> str:
     workers = stack.config.gateway_workers
     edges = f", {workers} edge processes sharing the port" if workers > 1 else ""
     return "\n".join([
-        "", f"kefu is running at {stack.base_url}   (NATS {stack.nats_url}{edges}, logs in {log_dir})", "",
+        "", f"kefu is running at {stack.base_url}   (NATS {stack.nats_address}{edges}, logs in {log_dir})", "",
         f"Demo shop with the chat widget (tenant '{DEMO_TENANT}'):", "", f"  {stack.base_url}/", "",
         f"Agent console, logged in as '{DEV_AGENT}' (the token stays in the URL fragment, valid 24 h):", "",
         f"  {stack.base_url}/console/#token={agent}", "",
         f"Ask it something (a dev token for tenant '{DEMO_TENANT}', valid 24 h):", "", f"  {curl}", "",
         "Mint other tokens: KEFU_JWT_SECRET=$(cat data/dev_jwt_secret) make token ARGS='--role agent'",
+        "Internal gRPC callers send 'authorization: Bearer <data/dev_internal_token>'; NATS users and their",
+        "passwords (edge, session, llm_worker, admin for tools) are in data/nats/users.json.",
         "Ctrl-C stops everything.", ""])
+
+
+def indented(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines()) or "  (it wrote nothing)"
 
 
 def main() -> None:
@@ -86,6 +108,7 @@ def main() -> None:
     log_dir = data_dir / "logs"
     try:
         config = StackConfig(data_dir=data_dir, jwt_secret=dev_secret(data_dir), ports=ports_from_env(),
+                             internal_token=dev_internal_token(data_dir),
                              nats_url=os.environ.get("KEFU_NATS_URL", ""), log_dir=log_dir,
                              env=edge_environment(os.environ),
                              gateway_workers=env_int(os.environ, "KEFU_GATEWAY_WORKERS", 1, minimum=1, maximum=64))
@@ -103,6 +126,10 @@ def main() -> None:
     log.info("starting nats-server, session, moderation, llm_worker and %s ...", edges)
     try:
         stack.start()
+    except ProcessFailed as failed:
+        # What the process said before it died, here on the terminal rather than only in its log.
+        sys.exit(f"devstack: {failed.name} exited with code {failed.code} during start-up; the end of its log:\n"
+                 f"{indented(failed.log_tail)}\n(full log: {log_dir / (failed.name + '.log')})")
     except (RuntimeError, TimeoutError, OSError) as error:
         sys.exit(f"devstack: {error} (see {log_dir})")
     print(banner(stack, config.jwt_secret, log_dir), flush=True)
@@ -112,8 +139,8 @@ def main() -> None:
             if process.poll() is not None and name not in reported:
                 # One child's death does not stop the rest (restart it by hand with the same argv).
                 reported.add(name)
-                log.warning("%s exited with code %s; the others keep running (see %s)",
-                            name, process.returncode, log_dir / f"{name}.log")
+                log.warning("%s exited with code %s; the others keep running. Its last lines (%s):\n%s",
+                            name, process.returncode, log_dir / f"{name}.log", indented(stack.log_tail(name)))
             elif process.poll() is None:
                 reported.discard(name)
     log.info("stopping ...")

@@ -44,8 +44,10 @@ class NatsServer:
 
 
 def start_nats_server(store_dir: Path, *, port: int = -1, host: str = "127.0.0.1",
-                      timeout: float = 10.0) -> NatsServer:
+                      timeout: float = 10.0, config_file: Path | None = None) -> NatsServer:
     """Start `nats-server -js` with its store in `store_dir`; port -1 picks a free one.
+
+    `config_file` (users and permissions, services.devstack.nats_auth) is read first; the flags win.
 
     The bound port is read from the ports file the server writes once it listens,
     so no polling of sockets and no race on a pre-chosen free port.
@@ -56,8 +58,9 @@ def start_nats_server(store_dir: Path, *, port: int = -1, host: str = "127.0.0.1
     for stale in ports_dir.glob("*.ports"):
         stale.unlink()
     exe = nats_server_binary()
+    config = ["-c", str(config_file)] if config_file is not None else []
     process = subprocess.Popen(
-        [exe, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir / "jetstream"),
+        [exe, *config, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir / "jetstream"),
          "--ports_file_dir", str(ports_dir), "-l", str(store_dir / "nats.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     ports_file = ports_dir / f"{Path(exe).name}_{process.pid}.ports"

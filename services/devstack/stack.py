@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.nats_client import NatsEndpoint
+from services.common.settings import with_credentials
+from services.devstack.nats_auth import PROCESS_ROLES, NatsUsers
 from services.devstack.nats_server import NatsServer, start_nats_server
 
 log = logging.getLogger(__name__)
@@ -71,10 +75,13 @@ class StackPorts:
 @dataclass
 class StackConfig:
     data_dir: Path
-    jwt_secret: str
+    jwt_secret: str = field(repr=False)
     ports: StackPorts = field(default_factory=StackPorts)
     nats_url: str = ""
-    """An existing NATS; empty starts a local nats-server on ports.nats."""
+    """An existing NATS (its credentials, if any, in env); empty starts a local nats-server on ports.nats,
+    with a user per process role (services.devstack.nats_auth)."""
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    """KEFU_INTERNAL_TOKEN of every process: what internal gRPC callers send (tests: stack.config.internal_token)."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra KEFU_* settings for every process (e.g. KEFU_OPENAI_BASE_URL)."""
     log_dir: Path | None = None
@@ -91,12 +98,26 @@ class StackConfig:
         return (EDGE, *(f"{EDGE}-{n}" for n in range(2, self.gateway_workers + 1)))
 
 
+class ProcessFailed(RuntimeError):
+    """A process of the stack exited while it started; carries the end of what it wrote."""
+
+    def __init__(self, name: str, code: int, log_tail: str) -> None:
+        wrote = f"; it wrote:\n{log_tail}" if log_tail else ""
+        super().__init__(f"{name} exited with code {code} during start-up{wrote}")
+        self.name = name
+        self.code = code
+        self.log_tail = log_tail
+
+
 class Stack:
     """nats-server, the three services and the edge, each its own process group."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.nats: NatsServer | None = None
+        self.nats_users: NatsUsers | None = None
+        """The local nats-server's users, when the stack started one."""
+        self._log_offsets: dict[str, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._argv: dict[str, list[str]] = {}
         self._env_overrides: dict[str, dict[str, str]] = {}
@@ -108,16 +129,41 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.http}"
 
     @property
+    def nats_address(self) -> str:
+        """The NATS server(s), without credentials: fit for printing."""
+        if self.config.nats_url:
+            return ",".join(NatsEndpoint.parse(self.config.nats_url).servers)
+        return self.nats.url if self.nats else ""
+
+    @property
     def nats_url(self) -> str:
-        return self.config.nats_url or (self.nats.url if self.nats else "")
+        """NATS for tests and tools, as the `admin` user when the stack runs its own server.
+
+        A secret (it carries the password): print nats_address instead."""
+        if self.config.nats_url or self.nats_users is None:
+            return self.config.nats_url or self.nats_address
+        return with_credentials(self.nats_address, "admin", self.nats_users.passwords["admin"])
+
+    def nats_url_as(self, user: str) -> str:
+        """The local NATS as one process role's user (edge, session, llm_worker): to test its permissions."""
+        assert self.nats_users is not None, "the stack runs no nats-server of its own"
+        return with_credentials(self.nats_address, user, self.nats_users.passwords[user])
+
+    def _nats_credentials(self, name: str) -> dict[str, str]:
+        """KEFU_NATS_USER / KEFU_NATS_PASSWORD of one process, when the stack's own nats-server has users."""
+        user = "edge" if name in self._http_ports else PROCESS_ROLES.get(name)
+        if self.nats_users is None or user is None:
+            return {}
+        return {"KEFU_NATS_USER": user, "KEFU_NATS_PASSWORD": self.nats_users.passwords[user]}
 
     def environment(self) -> dict[str, str]:
         ports = self.config.ports
         env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
         env.update({
             "PYTHONUNBUFFERED": "1",
-            "KEFU_NATS_URL": self.nats_url,
+            "KEFU_NATS_URL": self.config.nats_url or self.nats_address,
             "KEFU_JWT_SECRET": self.config.jwt_secret,
+            "KEFU_INTERNAL_TOKEN": self.config.internal_token,
             "KEFU_HTTP_PORT": str(ports.http),
             "KEFU_SESSION_PORT": str(ports.session),
             "KEFU_MODERATION_PORT": str(ports.moderation),
@@ -142,7 +188,10 @@ class Stack:
     def start(self, timeout_s: float = 60.0) -> None:
         try:
             if not self.config.nats_url:
-                self.nats = start_nats_server(self.config.data_dir / "nats", port=self.config.ports.nats)
+                store = self.config.data_dir / "nats"
+                self.nats_users = NatsUsers.load_or_create(store / "users.json")
+                self.nats = start_nats_server(store, port=self.config.ports.nats,
+                                              config_file=self.nats_users.write_server_config(store / "nats.conf"))
             ports = self.config.ports
             for name in SERVICES:
                 self.start_process(name)
@@ -176,9 +225,11 @@ class Stack:
         if self.config.log_dir is not None:
             self.config.log_dir.mkdir(parents=True, exist_ok=True)
             log_file = open(self.config.log_dir / f"{name}.log", "ab")
+            self._log_offsets[name] = log_file.tell()
         try:
             process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env={**self.environment(), **self._env_overrides.get(name, {})},
+                argv, cwd=REPO_ROOT,
+                env={**self.environment(), **self._nats_credentials(name), **self._env_overrides.get(name, {})},
                 stdout=log_file,
                 stderr=subprocess.STDOUT if log_file else None, start_new_session=True)
         finally:
@@ -231,7 +282,19 @@ class Stack:
     def _check_alive(self, name: str) -> None:
         process = self.processes[name]
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} during start-up")
+            raise ProcessFailed(name, process.returncode, self.log_tail(name))
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        """The last lines `name` wrote to its log since it was last started ("" without a log dir)."""
+        if self.config.log_dir is None:
+            return ""
+        try:
+            with open(self.config.log_dir / f"{name}.log", "rb") as log_file:
+                log_file.seek(self._log_offsets.get(name, 0))
+                text = log_file.read()[-64 * 1024:].decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (crash tests)."""

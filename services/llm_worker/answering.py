@@ -64,6 +64,9 @@ class AnswerRequest:
     """Session (or client) id: keeps a conversation on one canary target."""
     grounding: Grounding = field(default_factory=Grounding)
     """The tenant's grounding mode and assistant name."""
+    shareable: bool = False
+    """The edge's word that everything that shaped `messages` is server-held: only then may the turn
+    use the shared cache or single flight (issue 17: a client-supplied history must not poison them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ class Answerer:
                 return
             knower = _knower(generation, target)
             question = None
-            if self._cache is not None and request.tenant:
+            if self._cache is not None and request.tenant and request.shareable:
                 question = cacheable_question(request.messages, knower.is_standalone if knower else None)
             key = canonical_key = None
             canonical = version = epochs = None
@@ -172,7 +175,8 @@ class Answerer:
         grounded = request if offline else replace(
             request, messages=grounded_prompt(request.messages, plan.hits, request.grounding))
         key = None
-        question = cacheable_question(request.messages) if self._cache is not None and request.tenant else None
+        question = (cacheable_question(request.messages)
+                    if self._cache is not None and request.tenant and request.shareable else None)
         if question is not None and not plan.follow_up and self._cache is not None:
             version = target_version(generation.fingerprint, target.spec.provider, target.spec.settings)
             key = CacheKey.of(request.tenant, request.route, version, request.messages, question, request.params,

@@ -43,7 +43,8 @@ class WorkerMetrics:
             registry=self.registry)
         self.pregenerations = Counter(
             "kefu_pregenerations", "Pre-generated answers: started, served (later hit), wasted (dropped unserved), "
-            "skipped (busy or over budget).", ["result"], registry=self.registry)
+            "skipped (busy or over budget), dropped (the oldest waiting job, when too many wait).", ["result"],
+            registry=self.registry)
         self.grounded_turns = Counter(
             "kefu_kb_turns", "Turns by how the tenant's documents shaped them: small_talk, grounded, handoff "
             "(nothing in the documents answers) or ungrounded (the tenant has no documents).",

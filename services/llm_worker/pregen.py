@@ -3,6 +3,7 @@
 It never delays live traffic: it waits while live streams are above a threshold, runs at most
 `concurrency` generations per tenant, and spends at most `tokens_per_minute` per tenant. Warming
 jobs (the common questions of a tenant) take a tenant's slots only when no likely-next job waits.
+At most `max_queued` jobs wait for a slot; beyond that the oldest waiting one is dropped (issue 17).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -99,11 +101,17 @@ class Pregenerator:
     max_wait_s: float = 30.0
     """How long a job waits for live traffic to calm down before it is skipped."""
     warming_max_wait_s: float = 600.0
+    max_queued: int = 256
+    """Jobs waiting for a slot, all tenants together; one more drops the oldest waiting (counted
+    `dropped`). Every answer schedules a few, and each new system prompt a tenant's warming set, so
+    without a bound a burst of turns would pile up tasks faster than the slots drain them."""
     clock: Callable[[], float] = time.monotonic
     flights: Flights | None = None
     """Shared with live turns (the Answerer sets it): a turn asking what is being pre-generated joins it."""
     _budgets: dict[str, _TenantBudget] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _queued: OrderedDict[asyncio.Task[None], None] = field(default_factory=OrderedDict)
+    """Tasks not holding a slot yet, oldest first."""
     _in_flight: set[str] = field(default_factory=set)
     """Keys being pre-generated: two visitors' overlapping suggestions run once."""
     _waiting: set[tuple[str, int]] = field(default_factory=set)
@@ -113,7 +121,20 @@ class Pregenerator:
         for job in jobs:
             task = asyncio.create_task(self._run(job), name=f"pregen-{job.tenant}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._queued[task] = None
+            task.add_done_callback(self._forget)
+            while len(self._queued) > self.max_queued:
+                oldest, _ = self._queued.popitem(last=False)
+                oldest.cancel()
+                self.metrics.pregenerations.labels("dropped").inc()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._queued.pop(task, None)
+
+    def queued(self) -> int:
+        """Jobs waiting for a slot now."""
+        return len(self._queued)
 
     async def _run(self, job: PregenJob) -> None:
         key = CacheKey.of(job.tenant, job.route, job.version, [*job.system, ChatMessage("user", job.question)],
@@ -129,6 +150,8 @@ class Pregenerator:
         try:
             async with budget.slots.slot(priority):
                 self._waiting.discard((key.kv_key, priority))
+                if (task := asyncio.current_task()) is not None:
+                    self._queued.pop(task, None)  # holding a slot: never dropped
                 # A more urgent job for the key may have run meanwhile; another replica (or an earlier
                 # run of this one) may have it in the shared tier.
                 if key.kv_key in self._in_flight or (self.flights is not None and self.flights.get(key)) \

@@ -86,7 +86,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             params=GenerationParams(max_tokens=request.max_tokens or None,
                                     temperature=request.temperature if request.HasField("temperature") else None),
             tenant=request.tenant, sticky_key=request.session_id or request_id_var.get(),
-            grounding=Grounding.of(request.grounding, request.assistant_name))
+            grounding=Grounding.of(request.grounding, request.assistant_name),
+            shareable=request.shareable)
         try:
             async for event in coalesced(self._answerer.answer(answer)):
                 if isinstance(event, str):
@@ -127,7 +128,8 @@ async def create_server(settings: WorkerSettings, servicer: LlmServicer, metrics
                         ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
     # A PutDocument carries a whole document.
-    server = create_grpc_server(metrics.registry, max_receive_bytes=settings.kb_max_document_bytes + 1024 * 1024)
+    server = create_grpc_server(metrics.registry, settings.internal_token,
+                                max_receive_bytes=settings.kb_max_document_bytes + 1024 * 1024)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(servicer, server)
     names = [SERVICE_NAME]
     if knowledge is not None:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 from urllib.parse import urlparse
 
-from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, nats_url
+from services.common.settings import (
+    SettingsError,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+    internal_token,
+    nats_url,
+)
 
 BUNDLED_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
@@ -29,9 +37,12 @@ class WorkerSettings:
     openai_api_key: str = ""
     model: str = "gpt-4o-mini"
     upstream_timeout_s: float = 120.0
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
+    """May carry the process's NATS user and password: never printed."""
     nats_replicas: int = 1
     """JetStream replicas of the shared cache buckets (3 on a 3-node NATS cluster)."""
+    internal_token: str = field(default="", repr=False)
+    """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     cache_enabled: bool = True
     cache_shared: bool = True
     """Also keep answers in JetStream KV, shared by every worker replica."""
@@ -79,6 +90,7 @@ class WorkerSettings:
             upstream_timeout_s=env_float(env, "KEFU_UPSTREAM_TIMEOUT_S", cls.upstream_timeout_s, minimum=1),
             nats_url=nats_url(env),
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
+            internal_token=internal_token(env),
             cache_enabled=env_bool(env, "KEFU_CACHE_ENABLED", cls.cache_enabled),
             cache_shared=env_bool(env, "KEFU_CACHE_SHARED", cls.cache_shared),
             cache_local_max_bytes=env_int(env, "KEFU_CACHE_LOCAL_MAX_BYTES", cls.cache_local_max_bytes, minimum=0),

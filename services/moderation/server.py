@@ -99,7 +99,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
 async def create_server(settings: ModerationSettings, servicer: ModerationServicer,
                         metrics: ModerationMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
-    server = create_grpc_server(metrics.registry)
+    server = create_grpc_server(metrics.registry, settings.internal_token)
     moderation_pb2_grpc.add_ModerationServiceServicer_to_server(servicer, server)
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.grpc_port)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str
+from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, internal_token
 
 BUNDLED_LEXICON = Path(__file__).parent / "lexicon"
 
@@ -27,6 +27,8 @@ class ModerationSettings:
     lexicon_debounce_ms: int = 1600
     """Longest a batch groups changes before a reload is tried anyway (watchfiles' `debounce`)."""
     max_text_chars: int = 64_000
+    internal_token: str = field(default="", repr=False)
+    """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     grace_s: float = 10.0
     log_level: str = "INFO"
 
@@ -49,6 +51,7 @@ class ModerationSettings:
             lexicon_debounce_ms=env_int(env, "KEFU_LEXICON_DEBOUNCE_MS", cls.lexicon_debounce_ms, minimum=10,
                                         maximum=600_000),
             max_text_chars=env_int(env, "KEFU_MAX_MODERATION_CHARS", cls.max_text_chars, minimum=1),
+            internal_token=internal_token(env),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
         )

@@ -25,3 +25,26 @@ class WrongStatus(KefuError):
         super().__init__(f"cannot {action} a conversation in status {status}")
         self.action = action
         self.status = status
+
+
+class RateLimited(KefuError):
+    """A visitor sends messages faster than KEFU_VISITOR_MSG_RPS / _BURST allow (RESOURCE_EXHAUSTED)."""
+
+    code = "rate_limited"
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many messages; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(KefuError):
+    """A tenant's stored messages reached KEFU_TENANT_MAX_STORED_BYTES, or a visitor its open
+    conversations (RESOURCE_EXHAUSTED); nothing was stored."""
+
+    code = "quota_exceeded"
+
+
+class StorageFull(KefuError):
+    """The conversation log reached KEFU_MESSAGES_MAX_BYTES and refuses new messages (RESOURCE_EXHAUSTED)."""
+
+    code = "storage_full"

@@ -169,6 +169,10 @@ class MetaDelta:
     updated_at: float = 0.0
     preview: str = ""
     preview_seq: int = 0
+    owed: str = ""
+    """Id of the newest visitor message of the batch, or "" when something answered after it."""
+    owed_seq: int = 0
+    """Seq of the newest message that decides `owed` (0: none in the batch)."""
 
     def add(self, message: StoredMessage) -> None:
         self.messages += 1
@@ -177,6 +181,22 @@ class MetaDelta:
         self.updated_at = max(self.updated_at, message.created_at)
         if message.role == "user" and message.kind == "message" and message.seq > self.preview_seq:
             self.preview, self.preview_seq = message.content[:PREVIEW_CHARS], message.seq
+        if message.kind != "note" and message.seq > self.owed_seq:
+            # A visitor's message is owed an answer; anything said after it (AI, agent, system) pays it.
+            self.owed = message.id if message.role == "user" and message.kind == "message" else ""
+            self.owed_seq = message.seq
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerOwed:
+    """A visitor message without its answer yet, and who may answer it until when."""
+
+    message_id: str
+    seq: int
+    holder: str
+    """"" : the edge whose turn stored the message; else the id of the edge that claimed it."""
+    until: float
+    """Unix seconds: after this anyone may claim it (its holder is presumed dead)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +217,17 @@ class SessionMeta:
     """The start of the visitor's newest message (agents' lists)."""
     preview_seq: int = 0
     """Sequence of the message `preview` comes from: an older batch never overwrites a newer one."""
+    owed: AnswerOwed | None = None
+    """The visitor message the AI owes an answer to, while in status "ai" (issue 17 item 7)."""
 
-    def with_delta(self, delta: MetaDelta) -> Self:
+    def with_delta(self, delta: MetaDelta, answer_lease_s: float = 0.0) -> Self:
+        """Counters plus `delta`; a visitor message owed an answer gets a lease of `answer_lease_s` for the
+        edge whose turn stored it (0: nobody tracks answers)."""
         newer_preview = delta.preview_seq > self.preview_seq
+        owed = self.owed
+        if answer_lease_s and delta.owed_seq > (owed.seq if owed is not None else 0):
+            owed = (AnswerOwed(delta.owed, delta.owed_seq, "", time.time() + answer_lease_s)
+                    if delta.owed and self.state.status == "ai" else None)
         return replace(
             self, updated_at=max(self.updated_at, delta.updated_at),
             message_count=self.message_count + delta.messages,
@@ -207,14 +235,20 @@ class SessionMeta:
             token_count=self.token_count + delta.tokens,
             preview=delta.preview if newer_preview else self.preview,
             preview_seq=delta.preview_seq if newer_preview else self.preview_seq,
+            owed=owed,
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False).encode()
+        raw = asdict(self)
+        if self.owed is None:
+            del raw["owed"]  # most of the time: records stay as they were before
+        return json.dumps(raw, ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Self:
         raw = json.loads(data)
+        owed = raw.pop("owed", None)
+        raw["owed"] = AnswerOwed(**owed) if owed else None
         state = raw.pop("state", None)
         # Sessions stored before the live chat have no state: they read as a new one, in "ai".
         raw["state"] = (ConversationState.from_dict(state) if state

@@ -24,8 +24,9 @@ from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.session.context import build_context
 from services.session.conversation import Change
-from services.session.errors import Conflict, WrongStatus
+from services.session.errors import Conflict, QuotaExceeded, RateLimited, StorageFull, WrongStatus
 from services.session.index import ConversationSummary
+from services.session.limits import TenantUsage, VisitorRates
 from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
@@ -38,15 +39,25 @@ from services.session.visibility import for_model
 log = logging.getLogger(__name__)
 WATCH_READY_HEADER = "kefu-watch"
 """Initial metadata of a Watch that passed its access check (the edge waits for it)."""
+ERROR_HEADER = "kefu-error"
+"""Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
+RETRY_AFTER_HEADER = "retry-after"
+INTEGRATOR_PREFIX = "api:"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
                  | session_pb2.WatchRequest | session_pb2.TransitionRequest
-                 | session_pb2.ListConversationsRequest) -> Principal:
+                 | session_pb2.ListConversationsRequest | session_pb2.ClaimAnswerRequest) -> Principal:
     p = request.principal
     return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
+
+
+def is_anonymous_visitor(principal: Principal) -> bool:
+    """A widget visitor: `api` integrators come as visitors under `api:` subjects (gateway.auth's
+    session_caller) and are held by the edge's per-principal limits instead."""
+    return principal.role == "visitor" and not principal.subject.startswith(INTEGRATOR_PREFIX)
 
 
 def state_to_proto(state: ConversationState) -> session_pb2.ConversationState:
@@ -86,21 +97,32 @@ async def session_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[Non
             await context.abort(grpc.StatusCode.ABORTED, error.message)
         except WrongStatus as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, error.message)
+        except RateLimited as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message, trailing_metadata=(
+                (ERROR_HEADER, error.code), (RETRY_AFTER_HEADER, str(error.retry_after_s))))
+        except (QuotaExceeded, StorageFull) as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message,
+                                trailing_metadata=((ERROR_HEADER, error.code),))
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, settings: SessionSettings, store: SessionStore, counters: TokenCounters,
-                 metrics: SessionMetrics) -> None:
+                 metrics: SessionMetrics, rates: VisitorRates | None = None) -> None:
         self._settings = settings
         self._store = store
+        self._rates = rates
+        """Messages per visitor over every edge and replica (None: no limit, as in store-level tests)."""
         self._counters = counters
         self._metrics = metrics
 
     async def Append(self, request: session_pb2.AppendRequest,
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
         async with session_errors(context):
+            principal = principal_of(request)
+            if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
+                await self._rates.take(principal.tenant, principal.subject)
             with self._metrics.operation_seconds.labels("append").time():
-                result = await self._store.append(principal_of(request), request.session_id, request.role,
+                result = await self._store.append(principal, request.session_id, request.role,
                                                   request.content, request.message_id, kind=request.kind,
                                                   sender_name=request.sender_name, if_version=request.if_version,
                                                   citations=[citation_of(c) for c in request.citations])
@@ -111,6 +133,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
                                           created=result.created, duplicate=result.duplicate,
                                           state=state_to_proto(result.state))
+
+    async def ClaimAnswer(self, request: session_pb2.ClaimAnswerRequest,
+                          context: grpc.aio.ServicerContext) -> session_pb2.ClaimAnswerResponse:
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("claim_answer").time():
+                claim = await self._store.claim_answer(principal_of(request), request.session_id, request.message_id,
+                                                       request.holder, request.lease_s)
+        return session_pb2.ClaimAnswerResponse(granted=claim.granted, message_id=claim.message_id,
+                                               held_for_s=claim.held_for_s, state=state_to_proto(claim.state))
 
     async def Transition(self, request: session_pb2.TransitionRequest,
                          context: grpc.aio.ServicerContext) -> session_pb2.TransitionResponse:
@@ -186,7 +217,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 async def create_server(settings: SessionSettings, servicer: SessionServicer,
                         metrics: SessionMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
-    server = create_grpc_server(metrics.registry)
+    server = create_grpc_server(metrics.registry, settings.internal_token)
     session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.grpc_port)
@@ -201,17 +232,24 @@ async def serve(settings: SessionSettings) -> None:
     nc = await connect_nats(settings.nats_url, "kefu-session")
     background: list[asyncio.Task[None]] = []
     try:
+        usage = await TenantUsage.open(nc, settings.tenant_max_stored_bytes, settings.session_ttl_s * 2,
+                                       replicas=settings.nats_replicas)
+        rates = await VisitorRates.open(nc, settings.visitor_msg_rps, settings.visitor_msg_burst,
+                                        replicas=settings.nats_replicas)
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
-            replicas=settings.nats_replicas)
+            replicas=settings.nats_replicas, max_bytes=settings.messages_max_bytes,
+            max_visitor_conversations=settings.visitor_max_conversations, usage=usage,
+            answer_lease_s=settings.answer_lease_s)
         timers = await ConversationTimers.open(
             nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
             sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
+        background.append(asyncio.create_task(usage.run()))
         server, health_servicer, port = await create_server(
-            settings, SessionServicer(settings, store, counters, metrics), metrics)
+            settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
         await server.start()
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
-from services.common.settings import SettingsError, env_float, env_int, env_str, nats_url
+from services.common.settings import SettingsError, env_float, env_int, env_str, internal_token, nats_url
 from services.session.tokens import ENCODINGS, canonical_encoding
 
 
@@ -18,9 +18,12 @@ class SessionSettings:
     grpc_port: int = 50051
     """Port of the gRPC server; 0 picks a free one (tests)."""
     metrics_port: int = 9101
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
+    """May carry the process's NATS user and password: never printed."""
     nats_replicas: int = 1
     """JetStream replicas of the session bucket and stream (3 on a 3-node NATS cluster)."""
+    internal_token: str = field(default="", repr=False)
+    """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     max_history_messages: int = 200
     """Messages kept per session; the oldest are dropped first."""
     max_message_chars: int = 32_000
@@ -40,6 +43,19 @@ class SessionSettings:
     """How often the timers look; 0: a quarter of the shorter limit, held to 0.2..5 s."""
     grace_s: float = 10.0
     log_level: str = "INFO"
+    visitor_msg_rps: float = 1.0
+    """KEFU_VISITOR_MSG_RPS / _BURST: messages a visitor may store, over all its sockets, edges and /v1/chat."""
+    visitor_msg_burst: int = 10
+    visitor_max_conversations: int = 5
+    """KEFU_VISITOR_MAX_CONVERSATIONS: open conversations one visitor may have; a new one beyond is refused."""
+    tenant_max_stored_bytes: int = 1 << 30
+    """KEFU_TENANT_MAX_STORED_BYTES: bytes of messages one tenant may store within the log's max age."""
+    answer_lease_s: float = 15.0
+    """KEFU_ANSWER_LEASE_S: an edge that stored a visitor message has this long (renewed while it streams)
+    to answer it; after that another edge answers it on the visitor's resume or resend."""
+    messages_max_bytes: int = 8 << 30
+    """KEFU_MESSAGES_MAX_BYTES: size of the conversation log (stream KEFU_MESSAGES); when full it refuses
+    new messages instead of dropping old ones."""
 
     def __post_init__(self) -> None:
         if not 0 < self.max_history_messages <= 10_000:
@@ -52,6 +68,18 @@ class SessionSettings:
             raise SettingsError(f"KEFU_IDLE_CLOSE_S must be positive, got {self.idle_close_s}")
         if self.session_sweep_s < 0:
             raise SettingsError(f"KEFU_SESSION_SWEEP_S must not be negative, got {self.session_sweep_s}")
+        if not 0 < self.visitor_msg_rps <= 1000 or not 1 <= self.visitor_msg_burst <= 100_000:
+            raise SettingsError("KEFU_VISITOR_MSG_RPS must be in (0, 1000] and KEFU_VISITOR_MSG_BURST 1..100000, "
+                                f"got {self.visitor_msg_rps} and {self.visitor_msg_burst}")
+        if not 1 <= self.visitor_max_conversations <= 1000:
+            raise SettingsError(f"KEFU_VISITOR_MAX_CONVERSATIONS must be 1..1000, got {self.visitor_max_conversations}")
+        if self.tenant_max_stored_bytes < 4096 or self.tenant_max_stored_bytes * 2 > self.messages_max_bytes:
+            # One tenant at its quota must leave the others most of the log (issue 17).
+            raise SettingsError(f"KEFU_TENANT_MAX_STORED_BYTES must be at least 4096 and at most half of "
+                                f"KEFU_MESSAGES_MAX_BYTES ({self.messages_max_bytes}), "
+                                f"got {self.tenant_max_stored_bytes}")
+        if not 1 <= self.answer_lease_s <= 300:
+            raise SettingsError(f"KEFU_ANSWER_LEASE_S must be 1..300, got {self.answer_lease_s}")
         try:
             canonical_encoding(self.encoding)
         except ValueError:
@@ -72,6 +100,7 @@ class SessionSettings:
             metrics_port=env_int(env, "KEFU_SESSION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             nats_url=nats_url(env),
             nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
+            internal_token=internal_token(env),
             max_history_messages=env_int(env, "KEFU_MAX_HISTORY_MESSAGES", cls.max_history_messages),
             max_message_chars=env_int(env, "KEFU_MAX_MESSAGE_CHARS", cls.max_message_chars, minimum=1),
             session_ttl_s=env_float(env, "KEFU_SESSION_TTL_S", cls.session_ttl_s),
@@ -82,4 +111,10 @@ class SessionSettings:
             session_sweep_s=env_float(env, "KEFU_SESSION_SWEEP_S", cls.session_sweep_s),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
+            visitor_msg_rps=env_float(env, "KEFU_VISITOR_MSG_RPS", cls.visitor_msg_rps),
+            visitor_msg_burst=env_int(env, "KEFU_VISITOR_MSG_BURST", cls.visitor_msg_burst),
+            visitor_max_conversations=env_int(env, "KEFU_VISITOR_MAX_CONVERSATIONS", cls.visitor_max_conversations),
+            tenant_max_stored_bytes=env_int(env, "KEFU_TENANT_MAX_STORED_BYTES", cls.tenant_max_stored_bytes),
+            messages_max_bytes=env_int(env, "KEFU_MESSAGES_MAX_BYTES", cls.messages_max_bytes),
+            answer_lease_s=env_float(env, "KEFU_ANSWER_LEASE_S", cls.answer_lease_s),
         )

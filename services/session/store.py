@@ -35,16 +35,31 @@ from dataclasses import dataclass, field, replace
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, KeyValueLimitMarkerTTLNotSupportedError, KeyWrongLastSequenceError
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyValueLimitMarkerTTLNotSupportedError,
+    KeyWrongLastSequenceError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
-from services.session.errors import Conflict, WrongStatus
+from services.session.errors import Conflict, QuotaExceeded, StorageFull, WrongStatus
 from services.session.index import ConversationIndex
+from services.session.limits import TenantUsage
 from services.session.meta_cache import MetaCache
 from services.session.models import (
     MAX_CITATIONS,
@@ -78,6 +93,11 @@ EXPIRY_MARKER_TTL_S = 3600.0
 """How long an expiry marker stays; a replica down for less than this still counts it later."""
 MAX_DUPLICATE_WINDOW_S = 120.0
 APPEND_KINDS = frozenset({"message", "note"})
+STREAM_FULL = 10077
+"""JetStream's err_code for a publish refused by a stream's limits under DiscardPolicy.NEW."""
+MAX_ANSWER_LEASE_S = 300.0
+MESSAGE_OVERHEAD_BYTES = 96
+"""What JetStream stores besides subject and payload (the Nats-Msg-Id header, its record header)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +110,16 @@ class AppendResult:
     """The conversation's state after the append."""
     reopened: TransitionResult | None = None
     """The reopen a visitor's message to a closed conversation caused."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerClaim:
+    granted: bool
+    message_id: str
+    """The owed visitor message ("" when the AI owes nothing)."""
+    held_for_s: float
+    """Not granted: how long another edge still holds it."""
+    state: ConversationState
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +158,8 @@ class SessionStore:
     """Every operation is scoped to the principal: another owner's session is NotFound."""
 
     def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
-                 max_history: int, max_message_chars: int) -> None:
+                 max_history: int, max_message_chars: int, max_visitor_conversations: int = 0,
+                 usage: TenantUsage | None = None, answer_lease_s: float = 0.0) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
@@ -136,6 +167,12 @@ class SessionStore:
         self._counter = counter
         self._max_history = max_history
         self._max_message_chars = max_message_chars
+        self._max_visitor_conversations = max_visitor_conversations
+        """Open conversations a visitor may have (0: no limit)."""
+        self.usage = usage
+        """Stored bytes per tenant against its quota (None: no quota)."""
+        self._answer_lease_s = answer_lease_s
+        """How long the edge that stored a visitor message has to answer it before another may (0: untracked)."""
         self._slots: dict[str, _MetaSlot] = {}
         self._cache = MetaCache()
         self.expiry_markers = True
@@ -146,7 +183,9 @@ class SessionStore:
 
     @classmethod
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
-                   max_message_chars: int, ttl_s: float, replicas: int = 1) -> SessionStore:
+                   max_message_chars: int, ttl_s: float, replicas: int = 1, max_bytes: int = -1,
+                   max_visitor_conversations: int = 0, usage: TenantUsage | None = None,
+                   answer_lease_s: float = 0.0) -> SessionStore:
         """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
         SessionSettings holds production to at least 60 s."""
         if ttl_s <= 0:
@@ -167,10 +206,15 @@ class SessionStore:
             name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
             num_replicas=replicas,
             max_msgs_per_subject=max_history, max_age=ttl_s * 2, allow_direct=True,
+            # Full: refuse new messages (StorageFull) rather than silently drop other tenants' oldest ones.
+            # The per-subject history bound still drops a conversation's oldest under DiscardPolicy.NEW.
+            max_bytes=max_bytes, discard=DiscardPolicy.NEW if max_bytes > 0 else DiscardPolicy.OLD,
             # The server refuses a duplicate window longer than the max age.
             duplicate_window=min(MAX_DUPLICATE_WINDOW_S, ttl_s * 2)))
         index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
-        store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars)
+        store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars,
+                    max_visitor_conversations=max_visitor_conversations, usage=usage,
+                    answer_lease_s=answer_lease_s)
         store.expiry_markers = markers
         return store
 
@@ -207,6 +251,11 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
+        if created and principal.role == "visitor" and not principal.subject.startswith("api:"):
+            # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
+            await self._check_open_conversations(principal)
+        if self.usage is not None:
+            await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content))
         if created:
             session_id = new_id()
             now = time.time()
@@ -239,8 +288,7 @@ class SessionStore:
                                 encoding=self._counter.name, kind=kind,
                                 sender_id=principal.subject if role in ("user", "agent") else "",
                                 sender_name=sender_name, version=if_version, citations=tuple(citations))
-        ack = await self._js.publish(log_subject(principal.tenant, session_id), message.to_json(),
-                                     headers={"Nats-Msg-Id": message.id})
+        ack = await self._publish(principal.tenant, session_id, message)
         if ack.duplicate:
             first = await self._first_copy(principal, session_id, created, ack.seq)
             return replace(first, state=meta.state, reopened=reopened)
@@ -280,11 +328,75 @@ class SessionStore:
             return None
         message = StoredMessage(id=new_id(), role="system", content=content, created_at=time.time(),
                                 tokens=self._counter.count(content), encoding=self._counter.name)
-        ack = await self._js.publish(log_subject(tenant, session_id), message.to_json(),
-                                     headers={"Nats-Msg-Id": message.id})
+        ack = await self._publish(tenant, session_id, message)
         stored = replace(message, seq=ack.seq)
         await self._add_to_meta(meta_key(tenant, session_id), stored, entry)
         return stored
+
+    async def _publish(self, tenant: str, session_id: str, message: StoredMessage) -> PubAck:
+        """Append to the log, counting its bytes against the tenant's quota; StorageFull when the log is."""
+        subject, payload = log_subject(tenant, session_id), message.to_json()
+        try:
+            ack = await self._js.publish(subject, payload, headers={"Nats-Msg-Id": message.id})
+        except ServiceUnavailableError as error:
+            if error.err_code != STREAM_FULL:
+                raise
+            log.error("the conversation log is full (KEFU_MESSAGES_MAX_BYTES): new messages are refused")
+            raise StorageFull("the conversation store is full; try again later") from None
+        if self.usage is not None and not ack.duplicate:
+            self.usage.add(tenant, len(subject) + len(payload) + MESSAGE_OVERHEAD_BYTES)
+        return ack
+
+    def _stored_size(self, tenant: str, content: str) -> int:
+        """What a message of `content` adds to the tenant's usage, about (the envelope is left out)."""
+        return len(log_subject(tenant, "0" * 32)) + len(content.encode()) + MESSAGE_OVERHEAD_BYTES
+
+    async def _check_open_conversations(self, principal: Principal) -> None:
+        """A visitor opens a conversation only while it has fewer than the limit open (issue 17)."""
+        if not self._max_visitor_conversations:
+            return
+        session_ids = await self.index.sessions_of_visitor(principal.tenant, principal.subject)
+        if len(session_ids) < self._max_visitor_conversations:
+            return  # fewer than the limit of any status: no need to read them
+        metas = await asyncio.gather(*(self.read_meta(principal.tenant, s) for s in session_ids
+                                       if SESSION_ID_PATTERN.fullmatch(s)))
+        open_count = sum(1 for meta in metas if meta is not None and meta.owner == principal.subject
+                         and meta.state.status != "closed")
+        if open_count >= self._max_visitor_conversations:
+            raise QuotaExceeded(f"this visitor already has {open_count} open conversations; continue one of them")
+
+    async def claim_answer(self, principal: Principal, session_id: str, message_id: str, holder: str,
+                           lease_s: float) -> AnswerClaim:
+        """The lease on answering the visitor message the AI owes (issue 17 item 7): granted to `holder`
+        when it holds it already (a renewal) or when the lease ran out (its edge died mid-answer)."""
+        if not 0 < lease_s <= MAX_ANSWER_LEASE_S:
+            raise InvalidArgument(f"lease_s must be in (0, {MAX_ANSWER_LEASE_S:g}]")
+        if len(holder) > 64:
+            raise InvalidArgument("holder must be at most 64 characters")
+        seen: tuple[SessionMeta, int] | None = await self._authorize_entry(principal, session_id)
+        key = meta_key(principal.tenant, session_id)
+        for attempt in range(CAS_ATTEMPTS):
+            if seen is None:
+                seen = await self.read_entry(principal.tenant, session_id)
+                if seen is None:
+                    raise NotFound("no such session")
+            meta, revision = seen
+            owed, now = meta.owed, time.time()
+            if owed is None or meta.state.status != "ai" or (message_id and owed.message_id != message_id):
+                return AnswerClaim(False, "", 0.0, meta.state)
+            if owed.holder != holder and owed.until > now:
+                return AnswerClaim(False, owed.message_id, owed.until - now, meta.state)
+            updated = replace(meta, owed=replace(owed, holder=holder, until=now + lease_s))
+            try:
+                new_revision = await self._meta.update(key, updated.to_json(), last=revision)
+            except KeyWrongLastSequenceError:
+                seen = None
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
+                continue
+            self._cache.put(key, updated, new_revision)
+            return AnswerClaim(True, owed.message_id, 0.0, meta.state)
+        raise Unavailable(f"conversation {session_id}: too many concurrent changes")
 
     async def transition(self, principal: Principal, session_id: str, change: Change) -> TransitionResult:
         """Change the conversation's status by CAS and store its `state` event (NotFound as every read)."""
@@ -328,7 +440,8 @@ class SessionStore:
                                   encoding=self._counter.name, kind="state", state=state)
             delta = MetaDelta()
             delta.add(event)
-            updated = replace(meta.with_delta(delta), state=state)
+            # A change of state settles what the AI owed: an agent has it, or it goes back to the AI later.
+            updated = replace(meta.with_delta(delta), state=state, owed=None)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
             except KeyWrongLastSequenceError:
@@ -337,8 +450,7 @@ class SessionStore:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
             self._cache.put(key, updated, new_revision)
-            ack = await self._js.publish(log_subject(tenant, session_id), event.to_json(),
-                                         headers={"Nats-Msg-Id": event.id})
+            ack = await self._publish(tenant, session_id, event)
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
             return TransitionResult(state, meta.state, replace(event, seq=ack.seq), updated, new_revision)
         raise Unavailable(f"conversation {session_id}: too many concurrent changes")
@@ -566,7 +678,7 @@ class SessionStore:
                 if seen is None:
                     return None  # deleted or expired meanwhile
             meta, revision = seen
-            updated = meta.with_delta(delta)
+            updated = meta.with_delta(delta, self._answer_lease_s)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
                 self._cache.put(key, updated, new_revision)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from gateway.mint_token import mint
-from services.devstack.stack import Stack, StackConfig, StackPorts
+from services.devstack.stack import Stack, StackConfig, StackPorts, free_port
 
 # Fixed per run of the interpreter; imported by conftest and tests alike.
 SECRET = "e2e-" + secrets.token_hex(16)
@@ -39,14 +39,20 @@ def faq_plugins_env(data_dir: Path) -> dict[str, str]:
     (folder / "routes.toml").write_text(FAQ_ROUTES, encoding="utf-8")
     return {"KEFU_PLUGINS_DIR": str(folder)}
 
+UNLIMITED_VISITORS = {"KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
+                      "KEFU_VISITOR_MAX_SOCKETS": "1000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000"}
+"""Functional tests send as one visitor faster than a person does; tests/security sets the real limits."""
+
 
 def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int = 3, workers: int = 1) -> Stack:
     """The whole system on free ports with `workers` edge processes; a port taken between choosing and binding
     it means a retry."""
     for attempt in range(1, attempts + 1):
+        # The edge's own metrics port (KEFU_EDGE_METRICS_PORT; the workers take it and the ones above).
         stack = Stack(StackConfig(data_dir=data_dir, jwt_secret=SECRET, ports=StackPorts.free(),
-                                  env={"KEFU_SHUTDOWN_GRACE_S": "2", **(env or {})}, log_dir=data_dir / "logs",
-                                  gateway_workers=workers))
+                                  env={"KEFU_SHUTDOWN_GRACE_S": "2", "KEFU_EDGE_METRICS_PORT": str(free_port()),
+                                       **UNLIMITED_VISITORS, **(env or {})},
+                                  log_dir=data_dir / "logs", gateway_workers=workers))
         try:
             stack.start()  # stops whatever it started when it fails
             return stack
@@ -54,6 +60,11 @@ def start_stack(data_dir: Path, env: dict[str, str] | None = None, attempts: int
             if attempt == attempts:
                 raise
     raise AssertionError("unreachable")
+
+
+def edge_metrics_url(stack: Stack, worker: int = 0) -> str:
+    """/metrics of a stack's edge; each further edge process takes the next free port (gateway/__main__.py)."""
+    return f"http://127.0.0.1:{int(stack.config.env['KEFU_EDGE_METRICS_PORT']) + worker}/metrics"
 
 
 def token(tenant: str = "shop1", sub: str = "visitor-1", role: str = "visitor", ttl_s: int = 600) -> str:

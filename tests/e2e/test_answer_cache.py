@@ -8,12 +8,12 @@ import secrets
 import time
 
 import aiohttp
-import grpc
 import nats
 import nats.js.errors
 
 from bench.sse_reader import read_sse
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
@@ -51,7 +51,7 @@ async def test_cache_invalidation_rpc_drops_a_tenants_answers(kb_stack: Stack) -
     tenant = f"cache-d-{secrets.token_hex(4)}"
     await turn(kb_stack, tenant, "多久发货？")
     assert (await turn(kb_stack, tenant, "多久发货？"))[1]["cached"] is True
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{kb_stack.config.ports.worker}") as channel:
+    async with internal_channel(f"127.0.0.1:{kb_stack.config.ports.worker}", kb_stack.config.internal_token) as channel:
         reply = await llm_pb2_grpc.LlmServiceStub(channel).InvalidateCache(
             llm_pb2.InvalidateCacheRequest(tenant=tenant), timeout=5)
     assert reply.scope == "tenant"

@@ -14,11 +14,11 @@ import aiohttp
 from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
 from services.devstack.stack import Stack
-from tests.e2e.stack_helpers import auth
+from tests.e2e.stack_helpers import auth, edge_metrics_url
 
 
-def metric(port: int, name: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def metric(url: str, name: str) -> float:
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
     for line in body.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -59,8 +59,8 @@ async def test_two_hundred_hang_ups_leave_no_stream_open(upstream_stack: Stack, 
         deadline = time.monotonic() + 20
         ports = upstream_stack.config.ports
         while time.monotonic() < deadline:
-            gauges = (upstream.stats.in_flight, metric(ports.http, "kefu_active_streams"),
-                      metric(ports.worker_metrics, "kefu_active_streams"))
+            gauges = (upstream.stats.in_flight, metric(edge_metrics_url(upstream_stack), "kefu_active_streams"),
+                      metric(f"http://127.0.0.1:{ports.worker_metrics}/metrics", "kefu_active_streams"))
             if gauges == (0, 0, 0):
                 break
             await asyncio.sleep(0.1)

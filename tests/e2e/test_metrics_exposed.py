@@ -9,15 +9,15 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.devstack.stack import Stack
-from tests.e2e.stack_helpers import auth
+from tests.e2e.stack_helpers import auth, edge_metrics_url
 from tests.k8s.catalogue import parse_catalogue
 
 CATALOGUE = parse_catalogue((Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text())
 
 
-def scrape(port: int) -> dict[str, set[str]]:
+def scrape(url: str) -> dict[str, set[str]]:
     """{family name as exposed: label names seen} for one process."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
     families: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         name = family.name + ("_total" if family.type == "counter" else "")
@@ -35,9 +35,11 @@ async def test_every_process_exports_what_the_catalogue_lists(kb_stack: Stack) -
                              headers=auth(sub="metrics-probe")) as response:
             assert response.status == 200
     ports = kb_stack.config.ports
-    for process, port in (("edge", ports.http), ("session", ports.session_metrics),
-                          ("moderation", ports.moderation_metrics), ("llm-worker", ports.worker_metrics)):
-        exposed = scrape(port)
+    for process, url in (("edge", edge_metrics_url(kb_stack)),
+                         *((name, f"http://127.0.0.1:{port}/metrics") for name, port in (
+                             ("session", ports.session_metrics), ("moderation", ports.moderation_metrics),
+                             ("llm-worker", ports.worker_metrics)))):
+        exposed = scrape(url)
         documented = CATALOGUE[process]
         assert set(exposed) == set(documented), f"{process}: exposed vs documented differ"
         for name, labels in exposed.items():

@@ -13,12 +13,14 @@ from tests.e2e.stack_helpers import auth, token
 REPLY = "您好！This is kefu."
 
 
+# The full OpenAI surface (own system prompt, any route, max_tokens) is an `api` token's; a visitor's is
+# narrower (tests/security/test_sec_visitor_llm_proxy.py).
 def sync_client(stack: Stack, **claims: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token(**claims), max_retries=0)
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token(**{"role": "api", **claims}), max_retries=0)
 
 
 def async_client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=token(), max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=token(role="api"), max_retries=0)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis.specs.openapi.checks import unsupported_method
 
 from services.devstack.stack import Stack
-from tests.e2e.stack_helpers import auth, wait_until
+from tests.e2e.stack_helpers import auth, edge_metrics_url, wait_until
 
 DOCUMENT: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[2] / "gateway" / "openapi.json").read_text(encoding="utf-8"))
@@ -169,14 +169,16 @@ def test_edge_conforms_to_openapi_document(case: schemathesis.Case, kb_stack: St
         steer_completion_to_an_answer(case, answer_route)
     # Read per call by schemathesis' transport (its default stops every stream after 20 events).
     case.operation.schema.config.max_stream_events = 100_000 if read_whole_stream(case) else 3
-    case.call_and_validate(base_url=kb_stack.base_url, headers=auth(sub="openapi-fuzz"), timeout=30,
+    # Completions are fuzzed with an `api` token: a visitor's may only ask `default` with user messages.
+    role = "api" if case.operation.label == "POST /v1/chat/completions" else "visitor"
+    case.call_and_validate(base_url=kb_stack.base_url, headers=auth(sub="openapi-fuzz", role=role), timeout=30,
                            excluded_checks=EXCLUDED_CHECKS, additional_checks=[event_streams_conform])
 
 
 def test_edge_fuzzed_streams_are_all_closed(kb_stack: Stack) -> None:
     """After the fuzzing above (streams read whole or dropped early), the edge holds no stream open."""
     def open_streams() -> float:
-        metrics = requests.get(f"{kb_stack.base_url}/metrics", timeout=10).text
+        metrics = requests.get(edge_metrics_url(kb_stack), timeout=10).text
         return float(re.search(r"^kefu_active_streams (\S+)$", metrics, re.MULTILINE)[1])  # type: ignore[index]
 
     wait_until(lambda: open_streams() == 0, timeout_s=10, what="kefu_active_streams back to 0")

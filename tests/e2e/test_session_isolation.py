@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
@@ -161,7 +162,8 @@ async def rpc_outcomes(stub: session_pb2_grpc.SessionServiceStub, session_id: st
 async def test_isolation_grpc_rpcs_answer_strangers_like_a_session_that_never_existed(
         kb_stack: Stack, http: aiohttp.ClientSession) -> None:
     session_id, before = await owners_session(http, kb_stack)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{kb_stack.config.ports.session}") as channel:
+    target = f"127.0.0.1:{kb_stack.config.ports.session}"
+    async with internal_channel(target, kb_stack.config.internal_token) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
         for who in STRANGERS:
             baseline = await rpc_outcomes(stub, never_existed(), who)

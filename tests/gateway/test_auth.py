@@ -61,6 +61,17 @@ def test_auth_hs256_rejects_what_it_must(tmp_path: Path) -> None:
     rejects(v, "\udcff\udcfe", "invalid token")  # what aiohttp makes of non-UTF-8 header bytes
 
 
+def test_auth_api_role_is_known_and_owns_conversations_apart(tmp_path: Path) -> None:
+    v = verifier(tmp_path, jwt_secret=SECRET)
+    integrator = v.verify(jwt.encode(claims(role="api", sub="erp"), SECRET, algorithm="HS256"))
+    assert (integrator.role, integrator.is_visitor) == ("api", False)
+    # At the session service it owns its conversations as a visitor would, never a visitor's of the same sub.
+    assert integrator.session_caller() == Principal("shop1", "api:erp", "visitor")
+    assert v.verify(jwt.encode(claims(sub="erp"), SECRET, algorithm="HS256")).session_caller().subject == "erp"
+    assert v.verify(jwt.encode(claims(role="api", sub="x" * 252), SECRET, algorithm="HS256")).subject == "x" * 252
+    rejects(v, jwt.encode(claims(role="api", sub="x" * 253), SECRET, algorithm="HS256"), "1-252")
+
+
 def test_auth_leeway_accepts_small_clock_skew_only(tmp_path: Path) -> None:
     v = verifier(tmp_path, jwt_secret=SECRET, jwt_leeway_s=30)
     assert v.verify(jwt.encode(claims(exp=int(time.time()) - 10), SECRET, algorithm="HS256")).subject == "alice"

@@ -15,6 +15,9 @@ from services.common.settings import SettingsError
 from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, eventually, expect_error, start_edge
 
+DEV = {"KEFU_INTERNAL_AUTH": "off"}
+"""Settings read as a dev machine would (no internal token); every other variable as the test names it."""
+
 PROXIES = parse_trusted_proxies("10.0.0.0/8, 192.168.1.1, fd00::/8")
 
 
@@ -51,8 +54,9 @@ def test_without_trusted_proxies_the_header_is_ignored() -> None:
 
 def test_a_bad_trusted_proxy_setting_stops_the_edge() -> None:
     with pytest.raises(SettingsError, match="KEFU_TRUSTED_PROXIES"):
-        GatewaySettings.from_env({"KEFU_JWT_SECRET": "x" * 32, "KEFU_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"})
-    settings = GatewaySettings.from_env({"KEFU_JWT_SECRET": "x" * 32, "KEFU_TRUSTED_PROXIES": "127.0.0.1"})
+        GatewaySettings.from_env({**DEV, "KEFU_JWT_SECRET": "x" * 32,
+                                  "KEFU_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"})
+    settings = GatewaySettings.from_env({**DEV, "KEFU_JWT_SECRET": "x" * 32, "KEFU_TRUSTED_PROXIES": "127.0.0.1"})
     assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32"]
 
 

@@ -9,7 +9,9 @@ import jwt
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+from prometheus_client import generate_latest
 
+from gateway import keys
 from gateway.app import create_app
 from gateway.mint_token import mint
 from gateway.settings import GatewaySettings
@@ -151,6 +153,15 @@ async def test_edge_health_and_metrics_are_public(client: TestClient) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 503 and (await ready.json())["backends"]["session"] is False
+    await client.post("/v1/chat", json={"message": "hi"})
+    # /metrics has its own port (gateway/__main__.py); the public one serves it only when asked to.
+    assert (await client.get("/metrics")).status == 404
+    metrics = generate_latest(client.app[keys.METRICS].registry).decode()
+    assert 'kefu_http_request_duration_seconds_count{route="/v1/chat",status="401"} 1.0' in metrics
+
+
+async def test_edge_metrics_on_the_public_port_only_when_asked(aiohttp_client: ClientFactory) -> None:
+    client = await aiohttp_client(create_app(settings(metrics_on_http_port=True)))  # KEFU_METRICS_ON_HTTP_PORT
     await client.post("/v1/chat", json={"message": "hi"})
     metrics = await (await client.get("/metrics")).text()
     assert 'kefu_http_request_duration_seconds_count{route="/v1/chat",status="401"} 1.0' in metrics

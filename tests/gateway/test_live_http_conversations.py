@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.devstack.nats_server import NatsServer
 from services.session.metrics import SessionMetrics
 from services.session.server import SessionServicer, create_server
@@ -17,6 +17,9 @@ from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import CL100K, TokenCounters
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
+
+INTERNAL_TOKEN = "internal-test-token-0123456789abcdef"
+"""The services' bearer credential in these tests (services.common.grpc_client)."""
 
 
 def who(subject: str, role: str = "visitor", tenant: str = "shop1") -> session_pb2.Principal:
@@ -29,14 +32,14 @@ AGENT = who("agent-1", "agent")
 @pytest.fixture
 async def session(nats_client: NatsClient) -> AsyncIterator[tuple[session_pb2_grpc.SessionServiceStub, int]]:
     counters = TokenCounters(CL100K)
-    settings = SessionSettings(grpc_port=0)
+    settings = SessionSettings(grpc_port=0, internal_token=INTERNAL_TOKEN)
     metrics = SessionMetrics()
     store = await SessionStore.open(nats_client, counters.default_counter, max_history=200, max_message_chars=1000,
                                     ttl_s=3600)
     server, _, port = await create_server(settings, SessionServicer(settings, store, counters, metrics), metrics)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
             yield session_pb2_grpc.SessionServiceStub(channel), port
     finally:
         await server.stop(None)
@@ -50,7 +53,8 @@ async def stub(session: tuple[session_pb2_grpc.SessionServiceStub, int]) -> sess
 @pytest.fixture
 async def client(nats_server: NatsServer, session: tuple[session_pb2_grpc.SessionServiceStub, int],
                  aiohttp_client: ClientFactory) -> TestClient:
-    return await start_edge(aiohttp_client, edge_settings(nats_server.url, session_addr=f"127.0.0.1:{session[1]}"))
+    return await start_edge(aiohttp_client, edge_settings(nats_server.url, session_addr=f"127.0.0.1:{session[1]}",
+                                                   internal_token=INTERNAL_TOKEN))
 
 
 async def say(stub: session_pb2_grpc.SessionServiceStub, visitor: session_pb2.Principal, text: str,

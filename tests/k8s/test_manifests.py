@@ -16,11 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = ("edge", "session", "moderation", "llm-worker")
 
 GRPC_PORTS = {"session": 50051, "moderation": 50052, "llm-worker": 50053}
-METRICS_PORTS = {"session": 9101, "moderation": 9102, "llm-worker": 9103}
+METRICS_PORTS = {"edge": 9110, "session": 9101, "moderation": 9102, "llm-worker": 9103}
 ADDR_ENV = {"session": "KEFU_SESSION_ADDR", "moderation": "KEFU_MODERATION_ADDR", "llm-worker": "KEFU_WORKER_ADDR"}
 PORT_ENV = {"session": "KEFU_SESSION_PORT", "moderation": "KEFU_MODERATION_PORT", "llm-worker": "KEFU_WORKER_PORT"}
-METRICS_ENV = {"session": "KEFU_SESSION_METRICS_PORT", "moderation": "KEFU_MODERATION_METRICS_PORT",
-               "llm-worker": "KEFU_WORKER_METRICS_PORT"}
+METRICS_ENV = {"edge": "KEFU_EDGE_METRICS_PORT", "session": "KEFU_SESSION_METRICS_PORT",
+               "moderation": "KEFU_MODERATION_METRICS_PORT", "llm-worker": "KEFU_WORKER_METRICS_PORT"}
 STREAM_TIMEOUT_S = 300  # KEFU_STREAM_TIMEOUT_S default: the longest an answer stream may last
 
 
@@ -171,7 +171,8 @@ def test_edge_has_http_probes_and_a_normal_service(rendered: dict[str, list[Obj]
         assert env_value(edge, "KEFU_HTTP_PORT") == "8080"
         service = objects(rendered, variant, "Service")["edge"]
         assert service["spec"].get("clusterIP") != "None"
-        assert [p["port"] for p in service["spec"]["ports"]] == [8080]
+        # /metrics has a port of its own (issue 17), for the ServiceMonitor; an ingress routes `http` only.
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "metrics": 9110}
 
 
 def test_edge_targets_are_dns_round_robin_over_the_headless_services(rendered: dict[str, list[Obj]]) -> None:
@@ -210,18 +211,17 @@ def test_metrics_ports_env_and_scrape_annotations_agree(rendered: dict[str, list
             annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
             assert annotations.get("prometheus.io/scrape") == "true", (variant, name)
             assert annotations.get("prometheus.io/path") == "/metrics", (variant, name)
-            expected = 8080 if name == "edge" else METRICS_PORTS[name]
+            expected = METRICS_PORTS[name]
             assert annotations.get("prometheus.io/port") == str(expected), (variant, name)
-            if name != "edge":
-                assert env_value(deployment, METRICS_ENV[name]) == str(expected)
-                assert port_number(deployment, "metrics") == expected
+            assert env_value(deployment, METRICS_ENV[name]) == str(expected)
+            assert port_number(deployment, "metrics") == expected
 
 
 def test_servicemonitor_component_replaces_annotation_scraping(rendered: dict[str, list[Obj]]) -> None:
     monitors = objects(rendered, "prod+components", "ServiceMonitor")
     assert list(monitors) == ["kefu"]
     spec = monitors["kefu"]["spec"]
-    assert {e["port"] for e in spec["endpoints"]} == {"metrics", "http"}
+    assert {e["port"] for e in spec["endpoints"]} == {"metrics"}  # never the edge's public port
     assert set(spec["selector"]["matchExpressions"][0]["values"]) == set(PROCESSES)
     for name, deployment in deployments(rendered, "prod+components").items():
         assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false", name
@@ -263,7 +263,7 @@ def test_every_process_has_a_prestop_hook(rendered: dict[str, list[Obj]]) -> Non
             assert command, (variant, name)
         edge_hook = container(deployments(rendered, variant)["edge"])["lifecycle"]["preStop"]["exec"]["command"]
         # The edge's hook waits for its open answer streams (kefu_active_streams) to end.
-        assert "kefu_active_streams" in edge_hook[-1] and "127.0.0.1:8080/metrics" in edge_hook[-1]
+        assert "kefu_active_streams" in edge_hook[-1] and "127.0.0.1:9110/metrics" in edge_hook[-1]
         compile(edge_hook[-1], "edge preStop", "exec")
 
 

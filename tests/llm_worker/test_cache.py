@@ -118,11 +118,12 @@ async def host(tmp_path: Path) -> PluginHost:
     await plugin_host.aclose()
 
 
-async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage) -> tuple[str, AnswerDone]:
+async def ask(answerer: Answerer, tenant: str, *messages: ChatMessage, shareable: bool = True,
+              ) -> tuple[str, AnswerDone]:
     parts: list[str] = []
     done = None
     async for event in answerer.answer(AnswerRequest("default", [SYSTEM, *messages], GenerationParams(),
-                                                     tenant, "s")):
+                                                     tenant, "s", shareable=shareable)):
         if isinstance(event, str):
             parts.append(event)
         else:
@@ -152,6 +153,18 @@ async def test_answerer_second_turn_with_context_is_never_cached(host: PluginHos
     assert (await ask(answerer, "t", *turn))[1].cached is False
     assert len(cache.local) == 0
     assert metrics.registry.get_sample_value("kefu_cache_requests_total", {"tier": "local", "result": "miss"}) is None
+
+
+async def test_answerer_private_turn_neither_reads_nor_fills_the_cache(host: PluginHost) -> None:
+    """A turn the edge did not mark shareable (a client-supplied history or prompt) stays out of the cache."""
+    cache = AnswerCache(LocalTier(1 << 20, 60))
+    answerer = Answerer(host, WorkerMetrics(), cache)
+    question = ChatMessage("user", "How long does shipping take?")
+    assert (await ask(answerer, "t", question, shareable=False))[1].cached is False
+    assert len(cache.local) == 0
+    assert (await ask(answerer, "t", question))[1].cached is False  # the private turn filled nothing
+    assert (await ask(answerer, "t", question))[1].cached is True
+    assert (await ask(answerer, "t", question, shareable=False))[1].cached is False  # nor reads it
 
 
 async def test_pregeneration_fills_the_cache_and_counts_served(host: PluginHost) -> None:

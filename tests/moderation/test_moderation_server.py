@@ -12,11 +12,15 @@ import grpc
 import pytest
 
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.moderation.metrics import ModerationMetrics
 from services.moderation.reload import LexiconReloader, ReloadResult
 from services.moderation.server import ModerationServicer, create_server
 from services.moderation.settings import ModerationSettings
 from tests.moderation.lexicon_helpers import reload_count, wait_until, write_files
+
+INTERNAL_TOKEN = "internal-test-token-0123456789abcdef"
+"""The services' bearer credential in these tests (services.common.grpc_client)."""
 
 APPLES = {"fruit.txt": "# action: mask\n苹果\n", "fraud.txt": "刷单返利\n", "whitelist.txt": "苹果派\n"}
 BANANAS = {"fruit.txt": "# action: mask\n香蕉\n", "fraud.txt": "刷单返利\n", "whitelist.txt": "苹果派\n"}
@@ -39,10 +43,11 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
     write_files(folder, APPLES)
     metrics = ModerationMetrics()
     lexicon = LexiconReloader.load(folder, metrics)
-    settings = ModerationSettings(grpc_port=0, metrics_port=0, lexicon_dir=folder, max_text_chars=1000)
+    settings = ModerationSettings(grpc_port=0, metrics_port=0, lexicon_dir=folder, max_text_chars=1000,
+                                  internal_token=INTERNAL_TOKEN)
     server, _health, port = await create_server(settings, ModerationServicer(settings, lexicon, metrics), metrics)
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN)
     try:
         yield Service(moderation_pb2_grpc.ModerationServiceStub(channel), lexicon, metrics, folder)
     finally:

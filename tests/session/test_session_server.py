@@ -10,12 +10,19 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.common.settings import SettingsError
 from services.session.metrics import SessionMetrics
 from services.session.server import SessionServicer, create_server
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import CL100K, O200K, TokenCounters
+
+DEV = {"KEFU_INTERNAL_AUTH": "off"}
+"""Settings read as a dev machine would (no internal token); every other variable as the test names it."""
+
+INTERNAL_TOKEN = "internal-test-token-0123456789abcdef"
+"""The services' bearer credential in these tests (services.common.grpc_client)."""
 
 ALICE = session_pb2.Principal(tenant="shop1", subject="alice", role="visitor")
 TEXT = "您好，我的订单号是20240518001，快递三天了还没到，请帮我查一下物流状态，谢谢！"
@@ -36,14 +43,14 @@ def counters() -> TokenCounters:
 
 @pytest.fixture
 async def service(nats_client: NatsClient, counters: TokenCounters) -> AsyncIterator[Service]:
-    settings = SessionSettings(grpc_port=0)
+    settings = SessionSettings(grpc_port=0, internal_token=INTERNAL_TOKEN)
     metrics = SessionMetrics()
     store = await SessionStore.open(nats_client, counters.default_counter, max_history=50,
                                     max_message_chars=1000, ttl_s=3600)
     server, _, port = await create_server(settings, SessionServicer(settings, store, counters, metrics), metrics)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
             yield Service(session_pb2_grpc.SessionServiceStub(channel), metrics)
     finally:
         await server.stop(None)
@@ -84,10 +91,10 @@ async def test_server_other_visitor_gets_not_found(service: Service) -> None:
 
 
 def test_settings_token_encoding_and_ttl_are_checked() -> None:
-    assert SessionSettings.from_env({"KEFU_TOKEN_ENCODING": "o200k_base"}).encoding == O200K
-    assert SessionSettings.from_env({}).encoding == CL100K
+    assert SessionSettings.from_env({**DEV, "KEFU_TOKEN_ENCODING": "o200k_base"}).encoding == O200K
+    assert SessionSettings.from_env(DEV).encoding == CL100K
     with pytest.raises(SettingsError, match="KEFU_TOKEN_ENCODING"):
-        SessionSettings.from_env({"KEFU_TOKEN_ENCODING": "p50k_base"})
+        SessionSettings.from_env({**DEV, "KEFU_TOKEN_ENCODING": "p50k_base"})
     with pytest.raises(SettingsError, match="KEFU_SESSION_TTL_S"):
-        SessionSettings.from_env({"KEFU_SESSION_TTL_S": "5"})
-    assert SessionSettings.from_env({"KEFU_SESSION_TTL_S": "60"}).session_ttl_s == 60
+        SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "5"})
+    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "60"}).session_ttl_s == 60

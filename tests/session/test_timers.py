@@ -22,6 +22,9 @@ from services.session.timers import DEFAULT_LEAVE_MESSAGE, TENANTS_BUCKET, Conve
 from services.session.tokens import TokenCounters
 from tests.session.live_helpers import Live, poll, principal
 
+DEV = {"KEFU_INTERNAL_AUTH": "off"}
+"""Settings read as a dev machine would (no internal token); every other variable as the test names it."""
+
 ALICE = principal("alice")
 BOB = principal("bob")
 AGENT = principal("agent-1", "agent")
@@ -152,17 +155,17 @@ async def test_timers_sweep_sets_the_conversations_gauge(live: Live) -> None:
 
 
 def test_timers_settings_and_the_derived_sweep_interval() -> None:
-    defaults = SessionSettings.from_env({})
+    defaults = SessionSettings.from_env(DEV)
     assert (defaults.handoff_wait_s, defaults.idle_close_s, defaults.sweep_interval_s) == (120, 600, 5)
-    short = SessionSettings.from_env({"KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2"})
+    short = SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2"})
     assert short.sweep_interval_s == 0.25
-    assert SessionSettings.from_env({"KEFU_HANDOFF_WAIT_S": "0.1"}).sweep_interval_s == 0.2
-    assert SessionSettings.from_env({"KEFU_SESSION_SWEEP_S": "1.5"}).sweep_interval_s == 1.5
+    assert SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "0.1"}).sweep_interval_s == 0.2
+    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_SWEEP_S": "1.5"}).sweep_interval_s == 1.5
     for name in ("KEFU_HANDOFF_WAIT_S", "KEFU_IDLE_CLOSE_S"):
         with pytest.raises(SettingsError, match=name):
-            SessionSettings.from_env({name: "0"})
+            SessionSettings.from_env({**DEV, name: "0"})
     with pytest.raises(SettingsError, match="KEFU_SESSION_SWEEP_S"):
-        SessionSettings.from_env({"KEFU_SESSION_SWEEP_S": "-1"})
+        SessionSettings.from_env({**DEV, "KEFU_SESSION_SWEEP_S": "-1"})
 
 
 async def test_timers_leave_message_falls_back_to_the_default(live: Live) -> None:

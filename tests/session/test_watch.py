@@ -10,11 +10,15 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.grpc_client import internal_channel
 from services.session.metrics import SessionMetrics
 from services.session.server import SessionServicer, create_server
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import CL100K, TokenCounters
+
+INTERNAL_TOKEN = "internal-test-token-0123456789abcdef"
+"""The services' bearer credential in these tests (services.common.grpc_client)."""
 
 ALICE = session_pb2.Principal(tenant="shop1", subject="alice", role="visitor")
 BOB = session_pb2.Principal(tenant="shop1", subject="bob", role="visitor")
@@ -25,14 +29,14 @@ OTHER_TENANT_AGENT = session_pb2.Principal(tenant="shop2", subject="agent-7", ro
 @pytest.fixture
 async def stub(nats_client: NatsClient) -> AsyncIterator[session_pb2_grpc.SessionServiceStub]:
     counters = TokenCounters(CL100K)
-    settings = SessionSettings(grpc_port=0)
+    settings = SessionSettings(grpc_port=0, internal_token=INTERNAL_TOKEN)
     metrics = SessionMetrics()
     store = await SessionStore.open(nats_client, counters.default_counter, max_history=50,
                                     max_message_chars=1000, ttl_s=3600)
     server, _, port = await create_server(settings, SessionServicer(settings, store, counters, metrics), metrics)
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
             yield session_pb2_grpc.SessionServiceStub(channel)
     finally:
         await server.stop(None)

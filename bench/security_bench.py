@@ -1,0 +1,389 @@
+"""`python -m bench.security_bench`: other visitors' /v1/chat latency while the edge is attacked (issue 17).
+
+One kefu stack against the fake upstream (cache off, so every turn reaches it), behind a trusted proxy
+(127.0.0.1) so an attacker can come from many addresses. Throughout every phase, `--visitors` ordinary
+visitors each send one /v1/chat turn every `--interval-s` (as people do; a visitor's own message rate
+is limited) in their own conversation, and the bench times each whole answer. Phases of `--duration-s`:
+
+- `idle`: nothing else.
+- `login flood, one address`: waves of 100 parallel wrong console logins from one address, repeated.
+- `login flood, 100 addresses`: the same with every login from an address and for a user name of its
+  own, so only the argon2 verification slots stand between the flood and the CPU (a botnet).
+- `visitor flood`: one visitor token sending /v1/chat turns from 8 connections and WebSocket `send`
+  frames from 3 sockets (reconnecting when closed) as fast as the edge lets it.
+
+For each phase: the visitors' p50/p99 and its ratio to idle (issue 17 wants p99 within 2x), the
+attack's answers by status, /readyz during the phase, and the edge's RSS (VmRSS sampled every 50 ms).
+A real console login after the floods must still work. Results: bench/results/security-<UTC>.json and
+the markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import nats
+from nats.aio.client import Client as NatsClient
+
+from bench.__main__ import RESULTS_DIR, BenchParams, _write, start_stack, start_upstream, stop_process
+from bench.loadgen import percentile
+from bench.processes import bench_work_dir, memory_kib
+from bench.sse_reader import read_sse
+from gateway.directory.agents import AgentAccounts
+from gateway.directory.buckets import Buckets
+from gateway.mint_token import mint
+from services.devstack.stack import REPO_ROOT, Stack
+
+log = logging.getLogger("bench.security")
+
+TENANT = "shop1"
+AGENT, AGENT_PASSWORD = "bench-agent", "the bench agent's password"
+"""The one-address login flood guesses this agent's password (its user-name bucket runs dry)."""
+OTHER_AGENT = "bench-agent-2"
+K8S_EDGE_MEMORY_LIMIT_MIB = 256  # k8s/base/edge.yaml
+SECRET_ENV = "BENCH_SECURITY_JWT_SECRET"
+"""How the attacker process gets the stack's JWT secret (not on its command line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityParams:
+    duration_s: float = 10.0
+    visitors: int = 20
+    interval_s: float = 1.25
+    login_wave: int = 100
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.visitors < 1 or self.interval_s <= 0 or self.login_wave < 1:
+            raise ValueError("--duration-s, --visitors, --interval-s and --login-wave must be positive")
+
+
+@dataclass
+class Phase:
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    visitor_errors: Counter[str] = field(default_factory=Counter)
+    attack: Counter[str] = field(default_factory=Counter)
+    readyz: Counter[int] = field(default_factory=Counter)
+    rss_mib: list[float] = field(default_factory=list)
+
+    def summary(self, idle_p99: float | None) -> dict[str, Any]:
+        p50 = percentile(self.latencies_s, 50) if self.latencies_s else None
+        p99 = percentile(self.latencies_s, 99) if self.latencies_s else None
+        return {"phase": self.name, "turns": len(self.latencies_s), "visitor_errors": dict(self.visitor_errors),
+                "p50_ms": p50 and p50 * 1e3, "p99_ms": p99 and p99 * 1e3,
+                "p99_vs_idle": p99 / idle_p99 if p99 and idle_p99 else None,
+                "attack": dict(sorted(self.attack.items())), "readyz": {str(k): v for k, v in self.readyz.items()},
+                "rss_mib_max": max(self.rss_mib, default=None), "rss_mib_min": min(self.rss_mib, default=None)}
+
+
+# ---------------------------------------------------------------- the ordinary visitors
+
+
+class Visitor:
+    """One person: a token, a conversation, one turn every `interval_s`."""
+
+    def __init__(self, base_url: str, secret: str, index: int, interval_s: float) -> None:
+        self.url = f"{base_url}/v1/chat"
+        token = mint(secret, tenant=TENANT, subject=f"v_bench_{index}", role="visitor", ttl_s=3600)
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.index = index
+        self.interval_s = interval_s
+        self.session_id: str | None = None
+        self.turns = itertools.count()
+
+    async def turn(self, http: aiohttp.ClientSession) -> tuple[float | None, str]:
+        """(seconds to the end of the answer, "") or (None, what went wrong)."""
+        body: dict[str, Any] = {"message": f"请问第 {next(self.turns)} 个订单什么时候发货？"}
+        if self.session_id:
+            body["session_id"] = self.session_id
+        started = time.perf_counter()
+        try:
+            async with http.post(self.url, json=body, headers=self.headers) as response:
+                if response.status != 200:
+                    return None, f"http_{response.status}"
+                async for event in read_sse(response):
+                    if event.event == "session":
+                        self.session_id = event.json()["session_id"]
+                    elif event.event == "done":
+                        return time.perf_counter() - started, ""
+                    elif event.event == "error":
+                        return None, event.json().get("code", "error")
+                return None, "incomplete_stream"
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return None, type(error).__name__
+
+    async def run(self, http: aiohttp.ClientSession, phase: Phase, until: float) -> None:
+        await asyncio.sleep(self.index * 0.05 % 1.0)  # spread the visitors over the interval
+        while time.monotonic() < until:
+            started = time.monotonic()
+            seconds, error = await self.turn(http)
+            if seconds is None:
+                phase.visitor_errors[error] += 1
+            else:
+                phase.latencies_s.append(seconds)
+            await asyncio.sleep(max(0.0, started + self.interval_s - time.monotonic()))
+
+
+# ---------------------------------------------------------------- the attacks
+
+
+async def login(http: aiohttp.ClientSession, base_url: str, address: str, username: str, password: str) -> int:
+    try:
+        async with http.post(f"{base_url}/v1/console/login", headers={"X-Forwarded-For": address},
+                             json={"tenant": TENANT, "username": username, "password": password}) as response:
+            await response.read()
+            return response.status
+    except (aiohttp.ClientError, TimeoutError):
+        return 0
+
+
+async def login_flood(http: aiohttp.ClientSession, base_url: str, distributed: bool, wave_size: int,
+                      counts: Counter[str], until: float) -> None:
+    for wave in itertools.count():
+        if time.monotonic() >= until:
+            return
+        if distributed:  # an address and a user name of its own for every login
+            logins = [login(http, base_url, f"10.{100 + wave // 250 % 100}.{wave % 250}.{i + 1}",
+                            f"nobody-{wave}-{i}", "wrong password") for i in range(wave_size)]
+        else:
+            logins = [login(http, base_url, "10.250.0.1", AGENT, f"guess {wave}-{i}") for i in range(wave_size)]
+        for status in await asyncio.gather(*logins):
+            counts[f"login {status}"] += 1
+
+
+async def visitor_flood(http: aiohttp.ClientSession, base_url: str, secret: str, counts: Counter[str],
+                        until: float) -> None:
+    token = mint(secret, tenant=TENANT, subject="v_bench_attacker", role="visitor", ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def chats() -> None:
+        session_id = None
+        for n in itertools.count():
+            if time.monotonic() >= until:
+                return
+            body: dict[str, Any] = {"message": f"flood {n}"}
+            if session_id:
+                body["session_id"] = session_id
+            try:
+                async with http.post(f"{base_url}/v1/chat", json=body, headers=headers) as response:
+                    if response.status != 200:
+                        counts[f"chat {response.status}"] += 1
+                        await response.read()
+                        continue
+                    async for event in read_sse(response):
+                        if event.event == "session":
+                            session_id = event.json()["session_id"]
+                        elif event.event in ("done", "error"):  # an answer, or refused inside the stream
+                            outcome = "done" if event.event == "done" else event.json().get("code", "error")
+                            counts[f"chat 200 {outcome}"] += 1
+            except (aiohttp.ClientError, TimeoutError) as error:
+                counts[f"chat {type(error).__name__}"] += 1
+
+    async def socket() -> None:
+        while time.monotonic() < until:
+            try:
+                async with http.ws_connect(f"{base_url.replace('http', 'ws', 1)}/v1/ws") as ws:
+                    await ws.send_json({"type": "hello", "token": token})
+
+                    async def read() -> None:
+                        async for message in ws:
+                            if message.type == aiohttp.WSMsgType.TEXT:
+                                kind = json.loads(message.data).get("type")
+                                if kind in ("ack", "nack", "error"):
+                                    counts[f"ws {kind}"] += 1
+
+                    reader = asyncio.create_task(read())
+                    try:
+                        for n in itertools.count():
+                            if time.monotonic() >= until or ws.closed:
+                                break
+                            await ws.send_json({"type": "send", "cid": secrets.token_hex(6), "text": f"ws flood {n}"})
+                            await asyncio.sleep(0)
+                    finally:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reader
+                    counts[f"ws close {ws.close_code}"] += 1
+            except (aiohttp.ClientError, ConnectionError, TimeoutError) as error:
+                counts[f"ws {type(error).__name__}"] += 1
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(chats() for _ in range(8)), *(socket() for _ in range(3)))
+
+
+# ---------------------------------------------------------------- one phase
+
+
+ATTACKS = ("login-one-address", "login-many-addresses", "visitor")
+
+
+async def attack(mode: str, base_url: str, secret: str, params: SecurityParams) -> Counter[str]:
+    """One attack for `params.duration_s`, in its own process (see run_phase); the answers it got, by kind."""
+    counts: Counter[str] = Counter()
+    until = time.monotonic() + params.duration_s
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+        if mode == "visitor":
+            await visitor_flood(http, base_url, secret, counts, until)
+        else:
+            await login_flood(http, base_url, mode == "login-many-addresses", params.login_wave, counts, until)
+    return counts
+
+
+async def run_phase(name: str, stack: Stack, visitors: Sequence[Visitor], params: SecurityParams,
+                    secret: str, mode: str | None) -> Phase:
+    """The visitors' turns, with the attack `mode` running meanwhile in a process of its own: in the same
+    event loop, the attacker's client work would delay the visitors' reading and pass for edge latency."""
+    phase = Phase(name)
+    attacker = None
+    if mode is not None:
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.security_bench", "--attack", mode, "--base-url", stack.base_url,
+            "--duration-s", str(params.duration_s), "--login-wave", str(params.login_wave),
+            env={**os.environ, SECRET_ENV: secret}, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+    pid = stack.processes["gateway"].pid
+    until = time.monotonic() + params.duration_s
+
+    async def watch(http: aiohttp.ClientSession) -> None:
+        while time.monotonic() < until:
+            phase.rss_mib.append(memory_kib(pid)["VmRSS"] / 1024)
+            if len(phase.rss_mib) % 10 == 0:
+                try:
+                    async with http.get(f"{stack.base_url}/readyz") as response:
+                        phase.readyz[response.status] += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    phase.readyz[0] += 1
+            await asyncio.sleep(0.05)
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+        await asyncio.gather(watch(http), *(visitor.run(http, phase, until) for visitor in visitors))
+    if attacker is not None:
+        output, _ = await attacker.communicate()
+        phase.attack.update(json.loads(output.decode().strip().splitlines()[-1]))
+    log.info("%s: %d turns, %s", name, len(phase.latencies_s), dict(phase.attack))
+    return phase
+
+
+async def add_agent(stack: Stack) -> None:
+    nc = await nats.connect(stack.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+
+    async def connection() -> NatsClient:
+        return nc
+
+    try:
+        for username in (AGENT, OTHER_AGENT):
+            await AgentAccounts(Buckets(connection)).add(TENANT, username, AGENT_PASSWORD)
+    finally:
+        await nc.close()
+
+
+async def measure(stack: Stack, secret: str, params: SecurityParams) -> dict[str, Any]:
+    await add_agent(stack)
+    visitors = [Visitor(stack.base_url, secret, i, params.interval_s) for i in range(params.visitors)]
+    async with aiohttp.ClientSession() as http:  # every visitor's conversation exists before timing starts
+        for visitor in visitors:
+            await visitor.turn(http)
+    await asyncio.sleep(1.5)  # the visitors' message buckets refill
+    before = memory_kib(stack.processes["gateway"].pid)["VmRSS"] / 1024
+    phases = []
+    for name, mode in (("idle", None), ("login flood, one address", "login-one-address"),
+                       ("login flood, 100 addresses", "login-many-addresses"), ("visitor flood", "visitor")):
+        phases.append(await run_phase(name, stack, visitors, params, secret, mode))
+    async with aiohttp.ClientSession() as http:
+        after_login = {username: await login(http, stack.base_url, "10.251.0.1", username, AGENT_PASSWORD)
+                       for username in (OTHER_AGENT, AGENT)}
+    idle_p99 = percentile(phases[0].latencies_s, 99) if phases[0].latencies_s else None
+    return {"edge_rss_mib_before": before, "real_login_after": after_login,
+            "phases": [phase.summary(idle_p99) for phase in phases]}
+
+
+def render(report: dict[str, Any]) -> str:
+    def cell(value: float | None, fmt: str = ".0f") -> str:
+        return "–" if value is None else format(value, fmt)
+
+    params = report["params"]
+    lines = [f"# Security bench {report['started']}", "",
+             f"{params['visitors']} visitors, one /v1/chat turn each every {params['interval_s']} s; "
+             f"{params['duration_s']:g} s per phase; edge RSS before {report['edge_rss_mib_before']:.0f} MiB "
+             f"(k8s limit {K8S_EDGE_MEMORY_LIMIT_MIB} MiB). Real console logins afterwards, from a fresh "
+             f"address: another agent HTTP {report['real_login_after'][OTHER_AGENT]}, the agent the flood "
+             f"guessed at HTTP {report['real_login_after'][AGENT]} (429 while its failure bucket refills).", "",
+             "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | edge RSS max MiB | readyz "
+             "| attack answers |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in report["phases"]:
+        lines.append(f"| {p['phase']} | {p['turns']} | {json.dumps(p['visitor_errors']) if p['visitor_errors'] else 0} "
+                     f"| {cell(p['p50_ms'])} | {cell(p['p99_ms'])} | {cell(p['p99_vs_idle'], '.2f')} "
+                     f"| {cell(p['rss_mib_max'])} | {json.dumps(p['readyz'])} | {json.dumps(p['attack'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[SecurityParams, dict[str, str], argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m bench.security_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = SecurityParams()
+    parser.add_argument("--duration-s", type=float, default=defaults.duration_s, help="length of each phase")
+    parser.add_argument("--visitors", type=int, default=defaults.visitors, help="ordinary visitors")
+    parser.add_argument("--interval-s", type=float, default=defaults.interval_s, help="a visitor's time between turns")
+    parser.add_argument("--login-wave", type=int, default=defaults.login_wave, help="parallel logins per wave")
+    parser.add_argument("--env", action="append", default=[], metavar="KEFU_X=VALUE",
+                        help="a setting for every process of the stack (repeatable), e.g. KEFU_LOGIN_MAX_CONCURRENT=1")
+    parser.add_argument("--attack", choices=ATTACKS, help=argparse.SUPPRESS)  # the attacker process of a phase
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    extra_env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("KEFU_"):
+            parser.error(f"--env wants KEFU_NAME=value, got {item!r}")
+        extra_env[name] = value
+    return SecurityParams(args.duration_s, args.visitors, args.interval_s, args.login_wave), extra_env, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    params, extra_env, args = parse_args(argv)
+    if args.attack:  # the attacker process of one phase: its counts as the last line of stdout
+        counts = asyncio.run(attack(args.attack, args.base_url, os.environ[SECRET_ENV], params))
+        print(json.dumps(counts))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    secret = secrets.token_hex(32)
+    with bench_work_dir("kefu-security-bench-") as work:
+        upstream, upstream_url = start_upstream(BenchParams(ttft_ms=20, chunks=8, interval_ms=5),
+                                                work.path / "upstream.log")
+        stack: Stack | None = None
+        try:
+            stack = start_stack(work.path, upstream_url, secret, {
+                "KEFU_CACHE_ENABLED": "false", "KEFU_TRUSTED_PROXIES": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING",
+                # The defaults a deployment runs with (bench/__main__ lifts them to measure the turn).
+                "KEFU_VISITOR_MSG_RPS": "1", "KEFU_VISITOR_MSG_BURST": "10", **extra_env})
+            report = asyncio.run(measure(stack, secret, params))
+        finally:
+            if stack is not None:
+                stack.stop()
+            stop_process(upstream)
+    report = {"started": started, "params": asdict(params), "env": extra_env, **report}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    _write(RESULTS_DIR / f"security-{started}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(render(report), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""NATS users per process role and their subject permissions: the local nats-server's config (make run, tests).
+
+Each process connects as its role's user and may touch only the JetStream streams, KV buckets and core
+subjects that role uses; anonymous connections are refused. k8s/overlays/*/nats.conf carries the same
+table for the cluster (tests/k8s checks they agree). A new bucket or stream needs a line here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class Access(Enum):
+    READ = "read"
+    """Stream info, message and direct gets, consumers (create, fetch, ack, delete)."""
+    CREATE = "create"
+    """READ, and creating or updating the stream's config (every process ensures the buckets it opens)."""
+    WRITE = "write"
+    """CREATE, and publishing to the stream's subjects, purging it and deleting its messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    streams: Mapping[str, Access]
+    """JetStream stream name (a KV bucket's is KV_<bucket>) -> what the role may do with it."""
+    publish: tuple[str, ...] = ()
+    """Core subjects the role publishes to."""
+    subscribe: tuple[str, ...] = ()
+    """Core subjects the role subscribes to (its own inbox, `_INBOX.<user>.>`, is always allowed)."""
+
+
+def kv(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+LOG_STREAM = "KEFU_MESSAGES"
+STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>"}
+"""Subjects of the streams that are not KV buckets (a bucket's are `$KV.<bucket>.>`)."""
+
+ROLES: Mapping[str, Role] = {
+    # The internet-facing process: reads conversation logs but never writes them (the session does,
+    # after moderation), and cannot touch the sessions' metadata, the answer cache or any stream's existence.
+    "edge": Role(
+        streams={LOG_STREAM: Access.READ, kv("kefu_canned"): Access.WRITE, kv("kefu_blacklist"): Access.WRITE,
+                 kv("kefu_tenants"): Access.WRITE, kv("kefu_agents"): Access.WRITE,
+                 kv("kefu_presence"): Access.WRITE},
+        publish=("kefu.live.>",),
+        subscribe=("kefu.live.>", "kefu.msg.>")),
+    "session": Role(
+        streams={LOG_STREAM: Access.WRITE, kv("kefu_sessions"): Access.WRITE,
+                 kv("kefu_conversations"): Access.WRITE, kv("kefu_visitor_rates"): Access.WRITE,
+                 kv("kefu_tenant_usage"): Access.WRITE, kv("kefu_tenants"): Access.CREATE}),
+    "llm_worker": Role(
+        streams={kv("kefu_cache"): Access.WRITE, kv("kefu_cache_epochs"): Access.WRITE},
+        subscribe=("kefu.cache.invalidate",)),
+    # Operators and tools (the accounts CLI, cache invalidation, tests): everything.
+    "admin": Role(streams={}, publish=(">",), subscribe=(">",)),
+}
+"""moderation has no user: it does not use NATS."""
+
+PROCESS_ROLES: Mapping[str, str] = {"session": "session", "llm_worker": "llm_worker"}
+"""Devstack process name -> NATS user; every edge process is `edge`, moderation connects to nothing."""
+
+
+def _stream_api(stream: str, access: Access) -> list[str]:
+    api = "$JS.API"
+    subjects = [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
+                f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>",
+                f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.>", f"{api}.CONSUMER.INFO.{stream}.>",
+                f"{api}.CONSUMER.DELETE.{stream}.>", f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+                f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+    if access in (Access.CREATE, Access.WRITE):
+        subjects += [f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
+    if access is Access.WRITE:
+        subjects += [f"{api}.STREAM.PURGE.{stream}", f"{api}.STREAM.MSG.DELETE.{stream}",
+                     STREAM_SUBJECTS.get(stream) or f"$KV.{stream.removeprefix('KV_')}.>"]
+    return subjects
+
+
+def permissions(user: str, role: Role) -> dict[str, dict[str, list[str]]]:
+    """nats-server `permissions` of one user: allow lists only, everything else denied."""
+    publish = ["$JS.API.INFO", "$JS.API.STREAM.NAMES", *role.publish]
+    for stream, access in role.streams.items():
+        publish += _stream_api(stream, access)
+    subscribe = [f"_INBOX.{user}.>", *role.subscribe]
+    return {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+
+
+@dataclass(frozen=True)
+class NatsUsers:
+    """The passwords of one data dir's users, generated once and kept (0600) so a restart keeps them."""
+
+    passwords: Mapping[str, str] = field(repr=False)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> NatsUsers:
+        try:
+            stored = json.loads(path.read_text())
+        except FileNotFoundError:
+            stored = {}
+        passwords = {user: stored.get(user) or secrets.token_urlsafe(24) for user in ROLES}
+        if passwords != stored:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+                json.dump(passwords, file)
+            temporary.replace(path)
+        return cls(passwords)
+
+    def server_config(self) -> str:
+        """The `authorization` block of nats-server's config (quoted strings: `$` is no variable there)."""
+        users = [{"user": user, "password": self.passwords[user], "permissions": permissions(user, role)}
+                 for user, role in ROLES.items()]
+        return "authorization " + json.dumps({"users": users}, indent=2) + "\n"
+
+    def write_server_config(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            file.write(self.server_config())
+        return path
