@@ -325,3 +325,14 @@ async def test_kb_library_follows_updates_after_nats_restarts(nats_server: NatsS
         await writer.library.aclose()
         await runtime_nc.close()
         await writer_nc.close()
+
+
+async def test_kb_a_lost_index_object_is_rebuilt_from_the_files_by_the_next_job(kb: Kb) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    state, _ = await kb.store.state("shop1")
+    await kb.store.delete_index(state.index)  # lost (an operator purged the bucket, a restore without it...)
+    await put(kb, "shop1", "returns", RETURNS)
+    rebuilt = await kb.ingestor.reconcile("shop1")
+    assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}
+    assert await texts(kb, "shop1", "orders ship hours") and await texts(kb, "shop1", "refund")

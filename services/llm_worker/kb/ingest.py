@@ -157,6 +157,12 @@ class Ingestor:
             start = time.perf_counter()
             await self._mark_indexing(tenant, plan)
             previous = await self._store.read_index(plan.state.index) if plan.state.index else None
+            if plan.state.index and previous is None:
+                if (await self._store.state(tenant))[1] != plan.revision:
+                    continue  # replaced by a newer build meanwhile (which deleted the old object): plan again
+                # The published index is gone from the Object Store: parse every document again.
+                log.warning("tenant %s: its knowledge index object is missing; rebuilding from the files", tenant)
+                plan = await self._plan(tenant, trust_index=False)
             result = await self._builder.build(previous, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
             name = await self._store.write_index(tenant, result.index) if result.index is not None else ""
             state = IndexState(version=plan.state.version + 1, index=name, documents=result.documents)
@@ -178,7 +184,7 @@ class Ingestor:
                     "next job", tenant, PUBLISH_ATTEMPTS)
         raise TimeoutError("knowledge index publish kept losing its race")
 
-    async def _plan(self, tenant: str) -> Plan:
+    async def _plan(self, tenant: str, *, trust_index: bool = True) -> Plan:
         # The state first, then the records: a delete writes them in the other order (see KnowledgeStore.delete).
         state, revision = await self._store.state(tenant)
         records = await self._store.records(tenant)
@@ -187,7 +193,7 @@ class Ingestor:
         settled: dict[str, int] = {}
         by_id = {record.document_id: record for record, _ in records}
         for record in by_id.values():
-            indexed = state.documents.get(record.document_id)
+            indexed = state.documents.get(record.document_id) if trust_index else None
             if record.serving_version and indexed == record.serving_version:
                 keep[record.document_id] = record.serving_version
             if record.status in PENDING:

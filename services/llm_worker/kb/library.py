@@ -154,6 +154,9 @@ class KnowledgeLibrary:
                 fresh, revision = await self._store.state(tenant)
                 self._remember(tenant, fresh, revision)
                 if fresh.index == state.index or not fresh.index:
+                    if fresh.index:
+                        # Lost from the Object Store: a new upload (or any job of the tenant) rebuilds it.
+                        log.warning("knowledge index of tenant %s is missing from the store", tenant)
                     return TenantKnowledge(tenant, fresh.version, None, frozenset(fresh.removed))
                 state = fresh
                 loaded = await self._load(tenant, state.index)
