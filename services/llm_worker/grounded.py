@@ -1,4 +1,4 @@
-"""How a turn uses the tenant's documents: small talk, retrieval on one snapshot, and a provider that answers from it."""
+"""How a turn uses the tenant's documents: small talk, retrieval on one snapshot, a provider answering from it."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from services.llm_worker.cache import CachedAnswer
 from services.llm_worker.cache_key import CacheKey, knowledge_part
 from services.llm_worker.citations import Citation, CitedFinish, citations_of
 from services.llm_worker.grounded import (
-    Grounding,
     GroundedProvider,
+    Grounding,
     TenantSnapshot,
     grounded_prompt,
     plan_turn,
