@@ -56,6 +56,12 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
+_CJK = re.compile("[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+_SEEN_LIMIT = 200_000
+"""Tokens remembered per analyzer (a few MB)."""
+
+
 def is_cjk(ch: str) -> bool:
     """A Han character (the scripts Chinese is written in, without spaces between words)."""
     return "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\U00020000" <= ch <= "\U0003134f"
@@ -71,6 +77,8 @@ class Analyzer:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # token -> its term ("" when dropped): tokens repeat, and classifying one costs more than a lookup.
+        self._seen: dict[str, str] = {}
 
     def normalize(self, text: str) -> str:
         """NFKC, traditional folded to simplified, case folded."""
@@ -78,17 +86,27 @@ class Analyzer:
 
     def terms(self, text: str) -> list[str]:
         """The retrieval terms of `text` in order, repeats kept (BM25 counts them)."""
-        stemmer = self._stemmer()
+        seen = self._seen
         found: list[str] = []
         for token in rjieba.cut_for_search(self.normalize(text)):
-            if not any(unicodedata.category(ch)[0] in "LN" for ch in token):
-                continue  # spaces, punctuation, symbols, emoji
-            if any(is_cjk(ch) for ch in token):
-                if token not in ZH_STOP_WORDS:
-                    found.append(token)
-            elif token not in EN_STOP_WORDS:
-                found.append(stemmer.stemWord(token) if token.isascii() and token.isalpha() else token)
+            term = seen.get(token)
+            if term is None:
+                term = self._term(token)
+                if len(seen) >= _SEEN_LIMIT:
+                    seen.clear()
+                seen[token] = term
+            if term:
+                found.append(term)
         return found
+
+    def _term(self, token: str) -> str:
+        if not _LETTER_OR_DIGIT.search(token):
+            return ""  # spaces, punctuation, symbols, emoji
+        if _CJK.search(token):
+            return "" if token in ZH_STOP_WORDS else token
+        if token in EN_STOP_WORDS:
+            return ""
+        return self._stemmer().stemWord(token) if token.isascii() and token.isalpha() else token
 
     def _t2s(self) -> opencc.OpenCC:
         return _opencc()
