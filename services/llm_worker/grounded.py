@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
@@ -19,9 +20,12 @@ from services.llm_worker.plugin_api import (
     GenerationParams,
     Hit,
     Provider,
+    ProviderError,
     StreamEvent,
     Usage,
 )
+
+log = logging.getLogger(__name__)
 
 GROUNDING_MODES = ("strict", "open")
 PASSAGES_K = 8
@@ -100,7 +104,12 @@ async def plan_turn(source: KnowledgeSource | None, tenant: str, messages: Seque
     would hand it over); an LLM route of a tenant without documents answers it itself, as before."""
     question, earlier = last_user_turns(messages)
     start = time.perf_counter()
-    snapshot = await source.snapshot(tenant) if source is not None and tenant else None
+    try:
+        snapshot = await source.snapshot(tenant) if source is not None and tenant else None
+    except Exception as error:
+        # Answering without the tenant's documents could break its strict grounding: fail the turn (retryable).
+        log.warning("knowledge of tenant %s unavailable: %s", tenant, type(error).__name__)
+        raise ProviderError("the knowledge base is unavailable", retryable=True) from error
     version = snapshot.version if snapshot is not None else 0
     if version > 0 or offline:
         chat = small_talk(question, assistant_name=grounding.assistant_name)
