@@ -18,7 +18,7 @@ from services.llm_worker.kb.build import IndexBuilder, SourceDocument
 from services.llm_worker.kb.ingest import Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
-from services.llm_worker.kb.seed import seed
+from services.llm_worker.kb.seed import seed, wait_settled
 from services.llm_worker.kb.service import KnowledgeBase
 from services.llm_worker.kb.store import KnowledgeStore, Limits, QuotaExceeded
 from services.llm_worker.knowledge.parsing import UnsupportedFormat
@@ -250,11 +250,14 @@ async def test_kb_seed_is_idempotent(kb: Kb, tmp_path: Path) -> None:
     (folder / "demo" / "shipping policy.md").write_bytes(SHIPPING)
     (folder / "demo" / ".hidden").write_bytes(b"x")
     (folder / "not a tenant").mkdir()
-    assert await seed(kb.base, folder) == 1
+    first = await seed(kb.base, folder)
+    assert [(s.tenant, s.document_id, s.version) for s in first] == [("demo", "shipping-policy", 1)]
+    assert not await wait_settled(kb.base, first, 0.2)  # nobody ingests it yet
     await kb.ingestor.reconcile("demo")
-    assert await seed(kb.base, folder) == 0  # unchanged
+    assert await wait_settled(kb.base, first, 5)
+    assert await seed(kb.base, folder) == []  # unchanged
     (folder / "demo" / "shipping policy.md").write_bytes(SHIPPING + b"\nAlso by express.\n")
-    assert await seed(kb.base, folder) == 1
+    assert len(await seed(kb.base, folder)) == 1
     record = await kb.store.get("demo", "shipping-policy")
     assert record.version == 2 and record.filename == "shipping policy.md"
 
