@@ -6,6 +6,7 @@ import io
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -44,21 +45,22 @@ class KnowledgeIndex:
         # Terms are looked up by their hash in a sorted array, not in a dict of strings: 16 bytes a term
         # instead of ~180, which is most of a small tenant's index (this process's hash; never stored).
         hashes = np.fromiter((hash(term) for term in vocabulary), dtype=np.int64, count=len(vocabulary))
-        self._term_order = np.argsort(hashes, kind="stable")
-        self._term_hashes = hashes[self._term_order]
-        self._vocabulary_json = json.dumps(list(vocabulary), ensure_ascii=False).encode()
+        order = np.argsort(hashes, kind="stable")
+        self._term_hashes = hashes[order]
+        self._term_order = order.astype(np.int32)
+        # Kept for to_bytes only (a worker never writes an index), so compressed: a third of its size.
+        self._vocabulary_z = zlib.compress(json.dumps(list(vocabulary), ensure_ascii=False).encode())
         self._analyzer = analyzer or default_analyzer()
-        self._data, self._indices, self._indptr = data, indices, indptr
-        count = len(self._chunks)
-        frequencies = np.diff(indptr).astype(np.float64)
-        # Lucene's IDF, the one the scores use; a term no chunk has gets the highest possible value.
-        self._idf = np.log1p((count - frequencies + 0.5) / (frequencies + 0.5))
-        self._unknown_idf = math.log1p((count + 0.5) / 0.5)
+        # int32 offsets in memory (half the per-term cost; a tenant has far fewer than 2**31 postings).
+        self._data, self._indices = data, indices
+        self._indptr = indptr.astype(np.int32) if len(data) < 2**31 else indptr
+        self._count = len(self._chunks)
+        self._unknown_idf = math.log1p((self._count + 0.5) / 0.5)
         self._bm25 = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
-        self._bm25.scores = {"data": data, "indices": indices, "indptr": indptr, "num_docs": count}
+        self._bm25.scores = {"data": data, "indices": indices, "indptr": self._indptr, "num_docs": self._count}
         self._bm25.nonoccurrence_array = None
-        arrays = (data, indices, indptr, self._idf, self._term_order, self._term_hashes)
-        self._nbytes = sum(a.nbytes for a in arrays) + len(self._vocabulary_json) + self._chunks.nbytes
+        arrays = (data, indices, self._indptr, self._term_order, self._term_hashes)
+        self._nbytes = sum(a.nbytes for a in arrays) + len(self._vocabulary_z) + self._chunks.nbytes
 
     def _column(self, term: str) -> int | None:
         """The term's column, None when no chunk has it."""
@@ -107,8 +109,15 @@ class KnowledgeIndex:
 
     def idf(self, term: str) -> float:
         """The term's IDF in this index (the highest value for a term no chunk has)."""
-        number = self._column(term)
-        return self._unknown_idf if number is None else float(self._idf[number])
+        return self._idf(self._column(term))
+
+    def _idf(self, column: int | None) -> float:
+        """Lucene's IDF, the one the scores use (computed, not stored: terms outnumber postings in a small
+        tenant's index)."""
+        if column is None:
+            return self._unknown_idf
+        frequency = int(self._indptr[column + 1]) - int(self._indptr[column])
+        return math.log1p((self._count - frequency + 0.5) / (frequency + 0.5))
 
     def search(self, query: str | Sequence[str], k: int = 5) -> list[Hit]:
         """The `k` best chunks for `query` (text, or terms from this index's analyzer), best first; only
@@ -123,7 +132,7 @@ class KnowledgeIndex:
         rows = _top(scores, k)
         if not rows.size:
             return []
-        idf = {term: self._unknown_idf if number is None else float(self._idf[number]) for term, number in columns}
+        idf = {term: self._idf(number) for term, number in columns}
         total_idf = sum(idf.values())
         # Which of the query's terms each hit contains: one bisection of each term's postings for all hits.
         contains = []
@@ -144,10 +153,11 @@ class KnowledgeIndex:
         with zipfile.ZipFile(out, "w") as archive:
             meta = {"format": FORMAT_VERSION, "k1": K1, "b": B, "chunks": len(self._chunks)}
             archive.writestr("meta.json", json.dumps(meta), zipfile.ZIP_DEFLATED)
-            archive.writestr("vocabulary.json", self._vocabulary_json, zipfile.ZIP_DEFLATED)
+            archive.writestr("vocabulary.json", zlib.decompress(self._vocabulary_z), zipfile.ZIP_DEFLATED)
             archive.writestr("chunks.json", json.dumps(self._chunks.columns, ensure_ascii=False),
                              zipfile.ZIP_DEFLATED)
-            for name, array in (("data", self._data), ("indices", self._indices), ("indptr", self._indptr)):
+            indptr = self._indptr.astype(np.int64)
+            for name, array in (("data", self._data), ("indices", self._indices), ("indptr", indptr)):
                 buffer = io.BytesIO()
                 np.save(buffer, array, allow_pickle=False)
                 archive.writestr(f"{name}.npy", buffer.getvalue(), zipfile.ZIP_STORED)
