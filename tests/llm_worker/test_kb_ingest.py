@@ -99,13 +99,20 @@ async def test_kb_a_broken_version_fails_alone_and_the_previous_one_keeps_servin
     await put(kb, "shop1", "shipping", SHIPPING)
     await put(kb, "shop1", "returns", RETURNS)
     await kb.ingestor.reconcile("shop1")
+    version = (await kb.library.snapshot("shop1")).version
     await put(kb, "shop1", "shipping", b"this is not a PDF at all", filename="shipping.pdf")
-    await kb.ingestor.reconcile("shop1")
+    assert await kb.ingestor.reconcile("shop1") is None  # nothing new to serve: the same index, same version
+    assert (await kb.library.snapshot("shop1")).version == version
     record = await kb.store.get("shop1", "shipping")
     assert (record.status, record.version, record.serving_version) == ("failed", 2, 1)
     assert "PDF" in record.error and "\n" not in record.error
     assert (await kb.store.get("shop1", "returns")).status == "ready"
     assert any("48 hours" in text for text in await texts(kb, "shop1", "orders ship hours"))
+    # A tenant whose only document fails keeps knowledge version 0 (no documents to answer from).
+    await put(kb, "shop3", "broken", b"%PDF-1.4 broken", filename="broken.pdf")
+    await kb.ingestor.reconcile("shop3")
+    assert (await kb.store.get("shop3", "broken")).status == "failed"
+    assert (await kb.library.snapshot("shop3")).version == 0
 
 
 async def test_kb_a_new_version_replaces_the_old_text(kb: Kb) -> None:

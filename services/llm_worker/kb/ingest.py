@@ -157,13 +157,19 @@ class Ingestor:
             start = time.perf_counter()
             await self._mark_indexing(tenant, plan)
             previous = await self._store.read_index(plan.state.index) if plan.state.index else None
-            if plan.state.index and previous is None:
+            lost = bool(plan.state.index) and previous is None
+            if lost:
                 if (await self._store.state(tenant))[1] != plan.revision:
                     continue  # replaced by a newer build meanwhile (which deleted the old object): plan again
                 # The published index is gone from the Object Store: parse every document again.
                 log.warning("tenant %s: its knowledge index object is missing; rebuilding from the files", tenant)
                 plan = await self._plan(tenant, trust_index=False)
             result = await self._builder.build(previous, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
+            if not lost and result.documents == plan.state.documents and not plan.state.removed:
+                # The same documents at the same versions (every new one failed, or a crashed build's
+                # records to settle): the published index stays, and so does the knowledge version.
+                await self._settle(tenant, plan, result)
+                return None
             name = await self._store.write_index(tenant, result.index) if result.index is not None else ""
             state = IndexState(version=plan.state.version + 1, index=name, documents=result.documents)
             revision = await self._store.publish(tenant, state, plan.revision)
