@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
-from services.common.errors import NotFound
+from services.common.errors import NotFound, Unavailable
 from services.common.nats_client import connect_nats
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument
@@ -54,7 +54,7 @@ async def open_kb(nc: NatsClient, builder: IndexBuilder, limits: Limits | None =
     store = await KnowledgeStore.open(nc, limits or Limits())
     queue = JobQueue(nc)
     await queue.ensure()
-    library = KnowledgeLibrary(store, metrics, max_bytes=max_bytes)
+    library = KnowledgeLibrary(store, metrics, max_bytes=max_bytes, rebuild=queue.rebuild)
     await library.start(nc)
     ingestor = Ingestor(store, builder, metrics, published=library.published)
     return Kb(KnowledgeBase(store, queue, library, metrics), store, library, ingestor, metrics)
@@ -342,6 +342,47 @@ async def test_kb_a_lost_index_object_is_rebuilt_from_the_files_by_the_next_job(
     await kb.ingestor.reconcile("shop1")
     state, _ = await kb.store.state("shop1")
     await kb.store.delete_index(state.index)  # lost (an operator purged the bucket, a restore without it...)
+    await put(kb, "shop1", "returns", RETURNS)
+    rebuilt = await kb.ingestor.reconcile("shop1")
+    assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}
+    assert await texts(kb, "shop1", "orders ship hours") and await texts(kb, "shop1", "refund")
+
+
+async def test_kb_an_unreadable_index_fails_turns_as_retryable_and_gets_rebuilt(kb: Kb,
+                                                                               nats_client: NatsClient) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    # An index another kefu version wrote (or damaged bytes) under a new name, published as the tenant's.
+    state, revision = await kb.store.state("shop1")
+    name = await kb.store.write_index("shop1", b"PK\x03\x04 not an index of this version")
+    assert await kb.store.publish("shop1", dataclasses.replace(state, version=state.version + 1, index=name),
+                                  revision)
+    fresh = await open_kb(nats_client, IndexBuilder())  # a replica that has not loaded the good one
+    run = asyncio.create_task(kb.ingestor.run(nats_client, fetch_timeout_s=0.5))
+    try:
+        with pytest.raises(Unavailable):
+            await fresh.library.snapshot("shop1")
+        for _ in range(300):  # the rebuild it asked for: every document parsed again
+            try:
+                if (await fresh.library.snapshot("shop1")).search("orders ship"):
+                    break
+            except Unavailable:
+                pass
+            await asyncio.sleep(0.05)
+        knowledge = await fresh.library.snapshot("shop1")
+        assert knowledge.search("orders ship") and knowledge.version == state.version + 2
+    finally:
+        run.cancel()
+        await asyncio.wait([run])
+        await fresh.library.aclose()
+
+
+async def test_kb_a_build_on_an_unreadable_index_parses_every_document_again(kb: Kb) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    state, revision = await kb.store.state("shop1")
+    name = await kb.store.write_index("shop1", b"not an index")
+    assert await kb.store.publish("shop1", dataclasses.replace(state, index=name), revision)
     await put(kb, "shop1", "returns", RETURNS)
     rebuilt = await kb.ingestor.reconcile("shop1")
     assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}

@@ -62,7 +62,7 @@ async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry)
                                                      settings.kb_max_tenant_bytes), replicas=settings.nats_replicas)
         queue = JobQueue(nc, replicas=settings.nats_replicas)
         await queue.ensure()
-        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes)
+        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes, rebuild=queue.rebuild)
         libraries.append(library)
         await library.start(nc)
     except BaseException:
