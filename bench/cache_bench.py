@@ -23,6 +23,7 @@ import platform
 import random
 import re
 import secrets
+import shutil
 import sys
 import time
 import urllib.request
@@ -535,10 +536,17 @@ MODES = {
 
 def start_mode_stack(work_dir: Path, upstream_url: str, secret: str, mode: Mode,
                      worker_env: Mapping[str, str]) -> Stack:
-    """bench/__main__'s stack with the mode's cache switches."""
+    """bench/__main__'s stack with the mode's cache switches, and plugins whose routes name the sample FAQ:
+    the knowledge base then knows the tea shop's common questions for every tenant (the bundled routes
+    answer each tenant from its own documents, and these tenants have none)."""
+    plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "plugins",
+                              ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    routes = plugins / "routes.toml"
+    routes.write_text(routes.read_text().replace("settings]\n", 'settings]\nfaq_file = "shop_faq.json"\n'))
     return start_stack(work_dir, upstream_url, secret, {
         "KEFU_CACHE_ENABLED": "1" if mode.cache else "0",
         "KEFU_PREGEN_ENABLED": "1" if mode.pregen else "0",
+        "KEFU_PLUGINS_DIR": str(plugins),
         **worker_env,
     })
 

@@ -177,7 +177,10 @@ def start_ws_stack(work_dir: Path, secret: str, params: WsBenchParams, attempts:
     # The knowledge base paces its answer (20 ms a chunk) like a model would; this bench measures
     # the live-chat path, not that pace, and producing 500 events would take minutes with it.
     routes = plugins / "routes.toml"
-    routes.write_text(routes.read_text().replace("chunk_delay_s = 0.02", "chunk_delay_s = 0"))
+    # The bundled routes answer each tenant from its own documents; this bench's tenant has none, so its
+    # route names the sample FAQ (every tenant of the stack then gets the tea shop's answers).
+    text = routes.read_text().replace("chunk_delay_s = 0.02", "chunk_delay_s = 0")
+    routes.write_text(text.replace("settings]\n", 'settings]\nfaq_file = "shop_faq.json"\n'))
     env = {
         "KEFU_PLUGINS_DIR": str(plugins),
         # Limits high enough never to refuse: the bench measures the path, not the limiters.

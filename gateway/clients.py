@@ -70,9 +70,10 @@ class BackendClients:
         token = settings.internal_token
         session = internal_channel(settings.session_addr, token, CHANNEL_OPTIONS)
         moderation = internal_channel(settings.moderation_addr, token, CHANNEL_OPTIONS)
-        # Uploads travel whole to the worker's KnowledgeService: room for the largest document.
+        # Uploads travel whole to the worker's KnowledgeService. A client's sends are unlimited by
+        # default (the worker raises its receive limit to KEFU_KB_MAX_DOCUMENT_BYTES); only say so here.
         worker = internal_channel(settings.worker_addr, token, (
-            *CHANNEL_OPTIONS, ("grpc.max_send_message_length", settings.kb_max_document_bytes + 1024 * 1024)))
+            *CHANNEL_OPTIONS, ("grpc.max_send_message_length", -1)))
         return cls(session, moderation, worker, session_pb2_grpc.SessionServiceStub(session),
                    moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker),
                    knowledge_pb2_grpc.KnowledgeServiceStub(worker))

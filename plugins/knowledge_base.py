@@ -1,4 +1,4 @@
-"""The offline default responder: answers extractively from the tenant's document passages, or from a route's FAQ file."""
+"""The offline default responder: extractive answers from the tenant's passages, or from a route's FAQ file."""
 
 # No `from __future__ import annotations`: the host may exec this module without registering it in
 # sys.modules, and dataclasses then fail to resolve string annotations (cpython gh-89681).

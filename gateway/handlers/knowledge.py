@@ -14,7 +14,7 @@ from aiohttp import BodyPartReader, web
 from gateway import keys
 from gateway.bodies import read_json_body
 from gateway.clients import request_metadata
-from gateway.errors import ApiError, InvalidRequest, api_error_from_grpc
+from gateway.errors import ApiError, BodyTooLarge, InvalidRequest, api_error_from_grpc
 from gateway.responses import json_response
 from kefu.llm.v1 import knowledge_pb2
 
@@ -148,8 +148,12 @@ async def _multipart(request: web.Request, limit: int) -> knowledge_pb2.PutDocum
 
 
 async def _json_upload(request: web.Request, limit: int) -> knowledge_pb2.PutDocumentRequest:
-    # base64 grows a file by 4/3: the body may be that much larger than the document.
-    body = await read_json_body(request, DocumentBody, limit=limit * 4 // 3 + ENVELOPE_BYTES)
+    # The body may be larger than the document: base64 grows a file by 4/3, and JSON's \uXXXX escapes
+    # (json.dumps' default) double Chinese text.
+    try:
+        body = await read_json_body(request, DocumentBody, limit=2 * limit + ENVELOPE_BYTES)
+    except BodyTooLarge:
+        raise too_large(limit) from None
     put = knowledge_pb2.PutDocumentRequest(title=body.title, url=body.url, document_id=body.document_id or "")
     if body.text is not None:
         put.content = body.text.encode("utf-8")

@@ -31,6 +31,7 @@ from services.common.logs import REQUEST_ID_METADATA_KEY, request_id_var
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_RECEIVE_BYTES = 8 * 1024 * 1024
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # Without this a second server can bind the same port and silently take calls.
     ("grpc.so_reuseport", 0),
@@ -39,7 +40,7 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", DEFAULT_MAX_RECEIVE_BYTES),
     # Clients reconnect every few minutes, so DNS round robin finds pods added by a scale-up;
     # streams open at that moment get a long grace to finish.
     ("grpc.max_connection_age_ms", 300_000),
@@ -199,14 +200,14 @@ def create_grpc_server(registry: CollectorRegistry, internal_token: str, *,
 
     With an `internal_token` every call but health needs it (InternalAuthInterceptor); "" serves
     anyone (KEFU_INTERNAL_AUTH=off, and servers built in-process by unit tests).
-    `max_receive_bytes`: a larger request limit (the worker receives whole documents)."""
+    `max_receive_bytes`: a larger request limit (the worker receives whole documents); never lowers it."""
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(registry)]
     if internal_token:
         interceptors.insert(0, InternalAuthInterceptor(internal_token))
     else:
         log.warning("internal gRPC authentication is off: anyone who reaches this port may call it")
     options = list(SERVER_OPTIONS)
-    if max_receive_bytes is not None:
+    if max_receive_bytes is not None and max_receive_bytes > DEFAULT_MAX_RECEIVE_BYTES:
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_bytes))
     return grpc.aio.server(interceptors=interceptors, options=options)

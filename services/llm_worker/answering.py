@@ -28,8 +28,8 @@ from services.llm_worker.flights import Flights
 from services.llm_worker.grounded import (
     HANDOFF,
     SMALL_TALK_MODEL,
-    Grounding,
     GroundedProvider,
+    Grounding,
     KnowledgeSource,
     TurnPlan,
     grounded_prompt,

@@ -282,3 +282,40 @@ async def test_knowledge_documents_survive_a_restart_of_every_process(stack: Sta
     # and ingestion works after the restart
     await upload(stack, {"document_id": "later", "text": "# Later\n\nThe wombat tin holds 50 g.\n"}, headers)
     assert (await settled(stack, "later", 1, headers))["status"] == "ready"
+
+
+async def test_knowledge_hostile_requests_get_a_documented_4xx(stack: Stack) -> None:
+    admin = auth(tenant="kbhostile", sub="boss", role="admin")
+    json_headers = {**admin, "Content-Type": "application/json"}
+    cases: list[tuple[str, str, dict[str, str], dict[str, Any], int]] = [
+        ("POST", "/v1/knowledge/documents", json_headers, {"data": b"{not json"}, 400),
+        ("POST", "/v1/knowledge/documents", json_headers, {"data": b"[1, 2]"}, 422),
+        ("POST", "/v1/knowledge/documents", json_headers, {"data": b'{"text": "\\ud800"}'}, 422),
+        ("POST", "/v1/knowledge/documents", admin, {"json": {"text": "x", "extra": 1}}, 422),
+        ("POST", "/v1/knowledge/documents", admin, {"json": {"text": "x", "url": "javascript:alert(1)"}}, 422),
+        ("POST", "/v1/knowledge/documents", admin, {"json": {"text": "x", "title": "t" * 301}}, 422),
+        ("GET", "/v1/knowledge/documents?limit=abc", admin, {}, 422),
+        ("GET", "/v1/knowledge/documents?limit=0", admin, {}, 422),
+        ("GET", "/v1/knowledge/documents?cursor=%%%", admin, {}, 422),
+        ("GET", "/v1/knowledge/documents/..%2F..%2Fetc", admin, {}, 404),
+        ("GET", "/v1/knowledge/documents/" + "a" * 65, admin, {}, 404),
+        ("POST", "/v1/knowledge/search", admin, {"json": {"query": ""}}, 422),
+        ("POST", "/v1/knowledge/search", admin, {"json": {"query": "x", "k": 0}}, 422),
+        ("POST", "/v1/knowledge/search", admin, {"json": {"query": "x", "k": 51}}, 422),
+        ("POST", "/v1/knowledge/search", admin, {"json": {"query": "x" * 2001}}, 422),
+    ]
+    for method, path, headers, kwargs, expected in cases:
+        status, reply = await call(stack, method, path, headers, **kwargs)
+        assert status == expected, (method, path, kwargs, status, reply)
+        assert set(reply["error"]) == {"code", "message", "request_id"}, reply
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("title", "no file")
+    status, reply = await call(stack, "POST", "/v1/knowledge/documents", admin, data=form)
+    assert status == 422 and "file" in reply["error"]["message"]
+    form = aiohttp.FormData()
+    form.add_field("file", b"# x\n\ny\n", filename="x.md")
+    form.add_field("colour", "blue")
+    status, reply = await call(stack, "POST", "/v1/knowledge/documents", admin, data=form)
+    assert status == 422 and "colour" in reply["error"]["message"]
+    status, listed = await call(stack, "GET", "/v1/knowledge/documents", admin)
+    assert listed["documents"] == []  # nothing stored by any of the above

@@ -70,8 +70,8 @@ def test_bytes_round_trip_gives_the_same_results() -> None:
 
 def test_bytes_hold_no_pickle() -> None:
     with zipfile.ZipFile(io.BytesIO(INDEX.to_bytes())) as archive:
-        assert sorted(archive.namelist()) == ["chunks.json", "data.npy", "indices.npy", "indptr.npy", "meta.json",
-                                              "vocabulary.json"]
+        assert sorted(archive.namelist()) == ["chunks.json", "data.npy", "indices.npy", "indptr.npy", "lengths.npy",
+                                              "meta.json", "vocabulary.json"]
 
 
 def test_empty_index_searches_nothing_and_round_trips() -> None:

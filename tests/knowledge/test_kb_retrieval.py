@@ -54,6 +54,11 @@ def test_a_standalone_question_ignores_the_previous_turn() -> None:
     assert found.hits[0].chunk.document_id == "returns" and found.query == "已经开封的茶叶可以退货吗？"
 
 
+@pytest.mark.parametrize("question", ["何时发货？", "几个工作日退款？", "第几天能到"])
+def test_question_words_and_a_long_passage_among_faq_items_still_answer(question: str) -> None:
+    assert retrieve(INDEX, question).answerable
+
+
 def test_is_follow_up() -> None:
     assert is_follow_up("那运费呢？", 1)
     assert is_follow_up("and the shipping?", 1)

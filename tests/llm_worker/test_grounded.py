@@ -6,6 +6,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 
+import nats.errors
 import pytest
 
 from bench.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
@@ -13,8 +14,8 @@ from services.llm_worker.cache import CachedAnswer
 from services.llm_worker.cache_key import CacheKey, knowledge_part
 from services.llm_worker.citations import Citation, CitedFinish, citations_of
 from services.llm_worker.grounded import (
-    Grounding,
     GroundedProvider,
+    Grounding,
     TenantSnapshot,
     grounded_prompt,
     plan_turn,
@@ -23,7 +24,15 @@ from services.llm_worker.kb.library import TenantKnowledge
 from services.llm_worker.knowledge.chunking import chunk_document
 from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.knowledge.parsing import parse_document
-from services.llm_worker.plugin_api import ChatMessage, Delta, GenerationParams, Hit, PluginContext, Provider
+from services.llm_worker.plugin_api import (
+    ChatMessage,
+    Delta,
+    GenerationParams,
+    Hit,
+    PluginContext,
+    Provider,
+    ProviderError,
+)
 from tests.plugins.plugin_loading import PLUGINS_DIR, load_plugin
 
 pytestmark = pytest.mark.timeout(30)
@@ -98,6 +107,19 @@ async def test_plan_retrieves_on_the_snapshot_and_hands_off_what_the_documents_d
     assert (unknown.kind, unknown.hits) == ("handoff", ())
     opened = await plan_turn(library, "shop", turn("量子色动力学是什么？"), Grounding("open"), offline=False)
     assert (opened.kind, opened.answerable) == ("grounded", False)
+
+
+class Unreachable:
+    """A KnowledgeSource whose store cannot be read (NATS down): what the library raises then."""
+
+    async def snapshot(self, tenant: str) -> TenantSnapshot:
+        raise nats.errors.NoServersError()
+
+
+async def test_an_unreadable_knowledge_base_fails_the_turn_retryably_rather_than_answer_ungrounded() -> None:
+    with pytest.raises(ProviderError, match="knowledge base is unavailable") as failed:
+        await plan_turn(Unreachable(), "shop", turn("怎么退货？"), Grounding(), offline=True)
+    assert failed.value.retryable and failed.value.status is None  # the edge answers 503
 
 
 async def test_plan_resolves_a_follow_up_against_the_previous_turn() -> None:

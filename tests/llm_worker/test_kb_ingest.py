@@ -11,14 +11,14 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
-from services.common.errors import NotFound
+from services.common.errors import NotFound, Unavailable
 from services.common.nats_client import connect_nats
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument
 from services.llm_worker.kb.ingest import Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
-from services.llm_worker.kb.seed import seed
+from services.llm_worker.kb.seed import seed, wait_settled
 from services.llm_worker.kb.service import KnowledgeBase
 from services.llm_worker.kb.store import KnowledgeStore, Limits, QuotaExceeded
 from services.llm_worker.knowledge.parsing import UnsupportedFormat
@@ -54,7 +54,7 @@ async def open_kb(nc: NatsClient, builder: IndexBuilder, limits: Limits | None =
     store = await KnowledgeStore.open(nc, limits or Limits())
     queue = JobQueue(nc)
     await queue.ensure()
-    library = KnowledgeLibrary(store, metrics, max_bytes=max_bytes)
+    library = KnowledgeLibrary(store, metrics, max_bytes=max_bytes, rebuild=queue.rebuild)
     await library.start(nc)
     ingestor = Ingestor(store, builder, metrics, published=library.published)
     return Kb(KnowledgeBase(store, queue, library, metrics), store, library, ingestor, metrics)
@@ -99,13 +99,20 @@ async def test_kb_a_broken_version_fails_alone_and_the_previous_one_keeps_servin
     await put(kb, "shop1", "shipping", SHIPPING)
     await put(kb, "shop1", "returns", RETURNS)
     await kb.ingestor.reconcile("shop1")
+    version = (await kb.library.snapshot("shop1")).version
     await put(kb, "shop1", "shipping", b"this is not a PDF at all", filename="shipping.pdf")
-    await kb.ingestor.reconcile("shop1")
+    assert await kb.ingestor.reconcile("shop1") is None  # nothing new to serve: the same index, same version
+    assert (await kb.library.snapshot("shop1")).version == version
     record = await kb.store.get("shop1", "shipping")
     assert (record.status, record.version, record.serving_version) == ("failed", 2, 1)
     assert "PDF" in record.error and "\n" not in record.error
     assert (await kb.store.get("shop1", "returns")).status == "ready"
     assert any("48 hours" in text for text in await texts(kb, "shop1", "orders ship hours"))
+    # A tenant whose only document fails keeps knowledge version 0 (no documents to answer from).
+    await put(kb, "shop3", "broken", b"%PDF-1.4 broken", filename="broken.pdf")
+    await kb.ingestor.reconcile("shop3")
+    assert (await kb.store.get("shop3", "broken")).status == "failed"
+    assert (await kb.library.snapshot("shop3")).version == 0
 
 
 async def test_kb_a_new_version_replaces_the_old_text(kb: Kb) -> None:
@@ -250,11 +257,14 @@ async def test_kb_seed_is_idempotent(kb: Kb, tmp_path: Path) -> None:
     (folder / "demo" / "shipping policy.md").write_bytes(SHIPPING)
     (folder / "demo" / ".hidden").write_bytes(b"x")
     (folder / "not a tenant").mkdir()
-    assert await seed(kb.base, folder) == 1
+    first = await seed(kb.base, folder)
+    assert [(s.tenant, s.document_id, s.version) for s in first] == [("demo", "shipping-policy", 1)]
+    assert not await wait_settled(kb.base, first, 0.2)  # nobody ingests it yet
     await kb.ingestor.reconcile("demo")
-    assert await seed(kb.base, folder) == 0  # unchanged
+    assert await wait_settled(kb.base, first, 5)
+    assert await seed(kb.base, folder) == []  # unchanged
     (folder / "demo" / "shipping policy.md").write_bytes(SHIPPING + b"\nAlso by express.\n")
-    assert await seed(kb.base, folder) == 1
+    assert len(await seed(kb.base, folder)) == 1
     record = await kb.store.get("demo", "shipping-policy")
     assert record.version == 2 and record.filename == "shipping policy.md"
 
@@ -325,3 +335,55 @@ async def test_kb_library_follows_updates_after_nats_restarts(nats_server: NatsS
         await writer.library.aclose()
         await runtime_nc.close()
         await writer_nc.close()
+
+
+async def test_kb_a_lost_index_object_is_rebuilt_from_the_files_by_the_next_job(kb: Kb) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    state, _ = await kb.store.state("shop1")
+    await kb.store.delete_index(state.index)  # lost (an operator purged the bucket, a restore without it...)
+    await put(kb, "shop1", "returns", RETURNS)
+    rebuilt = await kb.ingestor.reconcile("shop1")
+    assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}
+    assert await texts(kb, "shop1", "orders ship hours") and await texts(kb, "shop1", "refund")
+
+
+async def test_kb_an_unreadable_index_fails_turns_as_retryable_and_gets_rebuilt(kb: Kb,
+                                                                               nats_client: NatsClient) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    # An index another kefu version wrote (or damaged bytes) under a new name, published as the tenant's.
+    state, revision = await kb.store.state("shop1")
+    name = await kb.store.write_index("shop1", b"PK\x03\x04 not an index of this version")
+    assert await kb.store.publish("shop1", dataclasses.replace(state, version=state.version + 1, index=name),
+                                  revision)
+    fresh = await open_kb(nats_client, IndexBuilder())  # a replica that has not loaded the good one
+    run = asyncio.create_task(kb.ingestor.run(nats_client, fetch_timeout_s=0.5))
+    try:
+        with pytest.raises(Unavailable):
+            await fresh.library.snapshot("shop1")
+        for _ in range(300):  # the rebuild it asked for: every document parsed again
+            try:
+                if (await fresh.library.snapshot("shop1")).search("orders ship"):
+                    break
+            except Unavailable:
+                pass
+            await asyncio.sleep(0.05)
+        knowledge = await fresh.library.snapshot("shop1")
+        assert knowledge.search("orders ship") and knowledge.version == state.version + 2
+    finally:
+        run.cancel()
+        await asyncio.wait([run])
+        await fresh.library.aclose()
+
+
+async def test_kb_a_build_on_an_unreadable_index_parses_every_document_again(kb: Kb) -> None:
+    await put(kb, "shop1", "shipping", SHIPPING)
+    await kb.ingestor.reconcile("shop1")
+    state, revision = await kb.store.state("shop1")
+    name = await kb.store.write_index("shop1", b"not an index")
+    assert await kb.store.publish("shop1", dataclasses.replace(state, index=name), revision)
+    await put(kb, "shop1", "returns", RETURNS)
+    rebuilt = await kb.ingestor.reconcile("shop1")
+    assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}
+    assert await texts(kb, "shop1", "orders ship hours") and await texts(kb, "shop1", "refund")

@@ -140,6 +140,7 @@
     var staff = role === 'admin' || role === 'agent';
     $('tab-knowledge').hidden = !staff;
     $('kb-admin').hidden = !isAdmin();
+    $('knowledge').classList.toggle('kb-try-only', !isAdmin());
     $('kb-agent-note').hidden = isAdmin();
     $('kb-list').textContent = '';
     $('kb-try-result').hidden = true;

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from services.llm_worker.knowledge.chunking import chunk_document
-from services.llm_worker.knowledge.index import KnowledgeIndex
+from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk
 from services.llm_worker.knowledge.parsing import DocumentParseError, UnsupportedFormat, parse_document
 
@@ -48,6 +48,10 @@ class BuildResult:
     outcomes: dict[str, Outcome]
     """Per parsed document."""
     chunks: int
+
+
+class UnreadableIndex(Exception):
+    """The previous index is not one this version reads (an older format, damaged): rebuild from the files."""
 
 
 FORMAT_EXTENSIONS = {"markdown": ".md", "text": ".txt", "html": ".html", "pdf": ".pdf", "docx": ".docx",
@@ -90,8 +94,11 @@ def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequen
     # What stays from the previous index; a document whose new version failed keeps its previous one.
     kept = {doc: version for doc, version in keep.items() if doc not in documents}
     if previous is not None and kept:
-        chunks.extend(chunk for chunk in KnowledgeIndex.from_bytes(previous).chunks.values()
-                      if kept.get(chunk.document_id) == chunk.version)
+        try:
+            old = KnowledgeIndex.from_bytes(previous)
+        except IndexFormatError as error:
+            raise UnreadableIndex(str(error)) from None
+        chunks.extend(chunk for chunk in old.chunks.values() if kept.get(chunk.document_id) == chunk.version)
     documents.update(kept)
     index = KnowledgeIndex.build(chunks).to_bytes() if chunks else None
     return BuildResult(index, documents, outcomes, len(chunks))

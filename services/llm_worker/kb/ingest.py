@@ -20,7 +20,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from services.common.nats_client import ensure_stream
-from services.llm_worker.kb.build import BuildResult, IndexBuilder, Outcome, SourceDocument
+from services.llm_worker.kb.build import BuildResult, IndexBuilder, Outcome, SourceDocument, UnreadableIndex
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.store import DocumentRecord, IndexState, KnowledgeStore, one_line
 
@@ -40,6 +40,7 @@ BUILD_TIMEOUT_S = 900.0
 """One rebuild (parse, chunk, index) longer than this is stopped (a parser stuck on a hostile file)."""
 PUBLISH_ATTEMPTS = 5
 PENDING = frozenset({"queued", "indexing"})
+REBUILD = b"rebuild"
 
 
 class JobQueue:
@@ -54,8 +55,12 @@ class JobQueue:
             name=JOBS_STREAM, subjects=[f"{JOBS_SUBJECT}.*"], retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE, num_replicas=self._replicas))
 
-    async def enqueue(self, tenant: str) -> None:
-        await self._js.publish(f"{JOBS_SUBJECT}.{tenant}", b"")
+    async def enqueue(self, tenant: str, *, rebuild: bool = False) -> None:
+        """`rebuild`: parse every document again (the published index cannot be read)."""
+        await self._js.publish(f"{JOBS_SUBJECT}.{tenant}", REBUILD if rebuild else b"")
+
+    async def rebuild(self, tenant: str) -> None:
+        await self.enqueue(tenant, rebuild=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +120,7 @@ class Ingestor:
         for tenant, messages in by_tenant.items():
             keepalive = asyncio.create_task(_keep_in_progress(messages), name="kb-job-keepalive")
             try:
-                await self.reconcile(tenant)
+                await self.reconcile(tenant, rebuild=any(m.data == REBUILD for m in messages))
             except Exception as error:
                 self._metrics.ingest_failures.inc()
                 reason = str(error) or type(error).__name__
@@ -148,16 +153,38 @@ class Ingestor:
                     r, status="failed", error=error, updated_at=time.time()) if r.version == v else None)
                 self._metrics.documents.labels("failed").inc()
 
-    async def reconcile(self, tenant: str) -> IndexState | None:
-        """Make the tenant's published index match its records; the new state, or None when nothing changed."""
+    async def reconcile(self, tenant: str, *, rebuild: bool = False) -> IndexState | None:
+        """Make the tenant's published index match its records; the new state, or None when nothing changed.
+
+        `rebuild`: ignore the published index and parse every document again."""
         for _ in range(PUBLISH_ATTEMPTS):
-            plan = await self._plan(tenant)
-            if plan.idle:
+            plan = await self._plan(tenant, trust_index=not rebuild)
+            if plan.idle and not (rebuild and plan.state.index):
                 return None
             start = time.perf_counter()
             await self._mark_indexing(tenant, plan)
-            previous = await self._store.read_index(plan.state.index) if plan.state.index else None
-            result = await self._builder.build(previous, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
+            previous = await self._store.read_index(plan.state.index) if plan.state.index and not rebuild else None
+            lost = rebuild or (bool(plan.state.index) and previous is None)
+            if lost and not rebuild:
+                if (await self._store.state(tenant))[1] != plan.revision:
+                    continue  # replaced by a newer build meanwhile (which deleted the old object): plan again
+                # The published index is gone from the Object Store: parse every document again.
+                log.warning("tenant %s: its knowledge index object is missing; rebuilding from the files", tenant)
+                plan = await self._plan(tenant, trust_index=False)
+            try:
+                result = await self._builder.build(previous, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
+            except UnreadableIndex as error:
+                # Written by another kefu version (or damaged): parse every document again.
+                log.warning("tenant %s: its knowledge index is unreadable (%s); rebuilding from the files", tenant,
+                            error)
+                lost, previous = True, None
+                plan = await self._plan(tenant, trust_index=False)
+                result = await self._builder.build(None, plan.keep, plan.sources, timeout_s=BUILD_TIMEOUT_S)
+            if not lost and result.documents == plan.state.documents and not plan.state.removed:
+                # The same documents at the same versions (every new one failed, or a crashed build's
+                # records to settle): the published index stays, and so does the knowledge version.
+                await self._settle(tenant, plan, result)
+                return None
             name = await self._store.write_index(tenant, result.index) if result.index is not None else ""
             state = IndexState(version=plan.state.version + 1, index=name, documents=result.documents)
             revision = await self._store.publish(tenant, state, plan.revision)
@@ -178,7 +205,7 @@ class Ingestor:
                     "next job", tenant, PUBLISH_ATTEMPTS)
         raise TimeoutError("knowledge index publish kept losing its race")
 
-    async def _plan(self, tenant: str) -> Plan:
+    async def _plan(self, tenant: str, *, trust_index: bool = True) -> Plan:
         # The state first, then the records: a delete writes them in the other order (see KnowledgeStore.delete).
         state, revision = await self._store.state(tenant)
         records = await self._store.records(tenant)
@@ -187,7 +214,7 @@ class Ingestor:
         settled: dict[str, int] = {}
         by_id = {record.document_id: record for record, _ in records}
         for record in by_id.values():
-            indexed = state.documents.get(record.document_id)
+            indexed = state.documents.get(record.document_id) if trust_index else None
             if record.serving_version and indexed == record.serving_version:
                 keep[record.document_id] = record.serving_version
             if record.status in PENDING:

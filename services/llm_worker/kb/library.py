@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -33,7 +33,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from services.common.errors import Unavailable
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.store import DEL_OPERATIONS, TENANTS_BUCKET, IndexState, KnowledgeStore
-from services.llm_worker.knowledge.index import KnowledgeIndex
+from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk, Hit, Retrieval
 from services.llm_worker.knowledge.retrieval import retrieve
 
@@ -118,8 +118,13 @@ class KnowledgeLibrary:
     """Tenant indexes on demand: `snapshot(tenant)` for a turn, `search` for the API."""
 
     def __init__(self, store: KnowledgeStore, metrics: KnowledgeMetrics, *, max_bytes: int = 256 * 1024 * 1024,
-                 max_states: int = MAX_TENANT_STATES) -> None:
+                 max_states: int = MAX_TENANT_STATES,
+                 rebuild: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """`rebuild(tenant)`: ask for a new build of an index this process cannot read (the job queue)."""
         self._store = store
+        self._rebuild = rebuild
+        self._rebuilds_asked: set[str] = set()
+        """Index objects whose rebuild was asked for already (once each, however many turns fail on it)."""
         self._metrics = metrics
         self.max_bytes = max_bytes
         self._max_states = max_states
@@ -154,6 +159,9 @@ class KnowledgeLibrary:
                 fresh, revision = await self._store.state(tenant)
                 self._remember(tenant, fresh, revision)
                 if fresh.index == state.index or not fresh.index:
+                    if fresh.index:
+                        # Lost from the Object Store: a new upload (or any job of the tenant) rebuilds it.
+                        log.warning("knowledge index of tenant %s is missing from the store", tenant)
                     return TenantKnowledge(tenant, fresh.version, None, frozenset(fresh.removed))
                 state = fresh
                 loaded = await self._load(tenant, state.index)
@@ -260,6 +268,15 @@ class KnowledgeLibrary:
             index = await asyncio.to_thread(KnowledgeIndex.from_bytes, data)
         except _IndexGone:
             raise
+        except IndexFormatError as error:
+            # Another kefu version's format, or damaged: fail this turn (retryable) and have it rebuilt.
+            self._metrics.loads.labels("error").inc()
+            log.warning("knowledge index of tenant %s is unreadable: %s; asking for a rebuild", tenant, error)
+            if self._rebuild is not None and name not in self._rebuilds_asked:
+                self._rebuilds_asked.add(name)
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await self._rebuild(tenant)
+            raise Unavailable("the knowledge base is being rebuilt; retry") from error
         except (NatsError, TimeoutError, OSError, ValueError, KeyError, json.JSONDecodeError) as error:
             self._metrics.loads.labels("error").inc()
             log.warning("knowledge index of tenant %s could not be loaded: %s", tenant,

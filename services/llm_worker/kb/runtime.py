@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry
 
+from services.common.errors import KefuError
 from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.kb.build import IndexBuilder
 from services.llm_worker.kb.ingest import Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
-from services.llm_worker.kb.seed import seed
+from services.llm_worker.kb.seed import seed, wait_settled
 from services.llm_worker.kb.service import KnowledgeBase
 from services.llm_worker.kb.store import KnowledgeStore, Limits
 from services.llm_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+SEED_WAIT_S = 60.0
+"""How long start-up waits for the seeded documents' ingestion (the first build starts its process)."""
 
 
 @dataclass
@@ -41,8 +47,7 @@ class KnowledgeRuntime:
 
 
 async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry) -> KnowledgeRuntime:
-    """Open the buckets, start following tenant indexes and consuming ingestion jobs, then seed (in the
-    background: a large seed folder must not delay serving)."""
+    """Open the buckets, start following tenant indexes and consuming ingestion jobs, then seed."""
     libraries: list[KnowledgeLibrary] = []
 
     def reconnected() -> None:
@@ -57,7 +62,7 @@ async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry)
                                                      settings.kb_max_tenant_bytes), replicas=settings.nats_replicas)
         queue = JobQueue(nc, replicas=settings.nats_replicas)
         await queue.ensure()
-        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes)
+        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes, rebuild=queue.rebuild)
         libraries.append(library)
         await library.start(nc)
     except BaseException:
@@ -69,14 +74,22 @@ async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry)
     ingestor = Ingestor(store, builder, metrics, published=library.published)
     runtime.tasks.append(asyncio.create_task(ingestor.run(nc), name="kb-ingest"))
     if settings.kb_seed_dir is not None:
-        runtime.tasks.append(asyncio.create_task(_seed(base, settings), name="kb-seed"))
+        try:
+            await _seed(base, settings.kb_seed_dir)
+        except BaseException:
+            await runtime.aclose()
+            raise
     return runtime
 
 
-async def _seed(base: KnowledgeBase, settings: WorkerSettings) -> None:
-    assert settings.kb_seed_dir is not None
+async def _seed(base: KnowledgeBase, folder: Path) -> None:
+    """Store the seed folder's new or changed files and wait (bounded) for their ingestion, so the worker
+    reports SERVING with its seeded tenants answerable (make run's demo answers with citations at once)."""
     try:
-        stored = await seed(base, settings.kb_seed_dir)
-        log.info("knowledge seed %s: %d documents stored", settings.kb_seed_dir, stored)
-    except Exception:
-        log.exception("knowledge seed %s failed", settings.kb_seed_dir)
+        seeded = await seed(base, folder)
+    except (KefuError, NatsError, OSError, TimeoutError) as error:
+        log.warning("knowledge seed %s failed: %s", folder, error)
+        return
+    log.info("knowledge seed %s: %d documents stored", folder, len(seeded))
+    if seeded and not await wait_settled(base, seeded, SEED_WAIT_S):
+        log.warning("knowledge seed %s: not ingested within %.0f s; serving meanwhile", folder, SEED_WAIT_S)

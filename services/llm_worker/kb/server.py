@@ -14,6 +14,7 @@ from kefu.llm.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common.errors import InvalidArgument, KefuError, NotFound, Unavailable
 from services.llm_worker.kb.service import KnowledgeBase
 from services.llm_worker.kb.store import DocumentRecord, DocumentTooLarge, QuotaExceeded
+from services.llm_worker.knowledge.models import Chunk
 from services.llm_worker.knowledge.parsing import UnsupportedFormat
 
 log = logging.getLogger(__name__)
@@ -100,5 +101,9 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
             hits = await self._base.search(request.tenant, request.query, request.k)
         return knowledge_pb2.SearchResponse(results=[knowledge_pb2.SearchResult(
             document_id=hit.chunk.document_id, title=hit.chunk.title, url=hit.chunk.url,
-            chunk_id=hit.chunk.chunk_id, text=hit.chunk.answer if hit.chunk.kind == "faq" and hit.chunk.answer
-            else hit.chunk.text, score=hit.score) for hit in hits])
+            chunk_id=hit.chunk.chunk_id, text=passage_text(hit.chunk), score=hit.score) for hit in hits])
+
+
+def passage_text(chunk: Chunk) -> str:
+    """What a search result shows: the passage, or an FAQ item's question(s) and its answer."""
+    return f"{chunk.text}\n{chunk.answer}" if chunk.kind == "faq" and chunk.answer else chunk.text

@@ -232,7 +232,8 @@ class KnowledgeStore:
 
     async def records(self, tenant: str, timeout_s: float = 10.0) -> list[tuple[DocumentRecord, int]]:
         """Every live record of the tenant with its revision, ordered by document id."""
-        watcher = await self.documents.watch(f"{tenant}.*", ignore_deletes=True)
+        # A short inactivity threshold: the server drops this one-shot consumer soon after it stops.
+        watcher = await self.documents.watch(f"{tenant}.*", ignore_deletes=True, inactive_threshold=5.0)
         found: list[tuple[DocumentRecord, int]] = []
         try:
             # asyncio.timeout, not watcher.updates(): its wait_for can swallow a cancel on 3.11.

@@ -17,6 +17,8 @@ import Stemmer
 ZH_STOP_WORDS = frozenset(
     """
     你好 您好 谢谢 麻烦 亲 嗨 哈喽 嘿 好的 已经 已 曾经 多久 多长 多长时间 多大 怎么办 咋办
+    何时 何地 何人 何种 何处 因何 有何 哪一年 哪年 哪位 哪国 哪家 哪部 哪所 哪本 哪几 哪些地方 哪些方面
+    第几 几条 几张 几类 几次 几项 几所 几名 几个 几种 由谁 时候 什么时候
     的 地 得 了 着 过 吗 呢 吧 啊 呀 嘛 哦 哈 呐 么 嗯 哇 哟 是 在 有 和 与 及
     或 就 都 也 还 又 被 把 给 对 从 向 于 以 为 之 其 所 而 则 且 等 等等 即
     这 那 这个 那个 这些 那些 这里 那里 个 我 你 您 他 她 它 我们 你们 他们 她们
@@ -56,6 +58,12 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
+_CJK = re.compile("[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
+_SEEN_LIMIT = 200_000
+"""Tokens remembered per analyzer (a few MB)."""
+
+
 def is_cjk(ch: str) -> bool:
     """A Han character (the scripts Chinese is written in, without spaces between words)."""
     return "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\U00020000" <= ch <= "\U0003134f"
@@ -71,6 +79,8 @@ class Analyzer:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        # token -> its term ("" when dropped): tokens repeat, and classifying one costs more than a lookup.
+        self._seen: dict[str, str] = {}
 
     def normalize(self, text: str) -> str:
         """NFKC, traditional folded to simplified, case folded."""
@@ -78,17 +88,27 @@ class Analyzer:
 
     def terms(self, text: str) -> list[str]:
         """The retrieval terms of `text` in order, repeats kept (BM25 counts them)."""
-        stemmer = self._stemmer()
+        seen = self._seen
         found: list[str] = []
         for token in rjieba.cut_for_search(self.normalize(text)):
-            if not any(unicodedata.category(ch)[0] in "LN" for ch in token):
-                continue  # spaces, punctuation, symbols, emoji
-            if any(is_cjk(ch) for ch in token):
-                if token not in ZH_STOP_WORDS:
-                    found.append(token)
-            elif token not in EN_STOP_WORDS:
-                found.append(stemmer.stemWord(token) if token.isascii() and token.isalpha() else token)
+            term = seen.get(token)
+            if term is None:
+                term = self._term(token)
+                if len(seen) >= _SEEN_LIMIT:
+                    seen.clear()
+                seen[token] = term
+            if term:
+                found.append(term)
         return found
+
+    def _term(self, token: str) -> str:
+        if not _LETTER_OR_DIGIT.search(token):
+            return ""  # spaces, punctuation, symbols, emoji
+        if _CJK.search(token):
+            return "" if token in ZH_STOP_WORDS else token
+        if token in EN_STOP_WORDS:
+            return ""
+        return self._stemmer().stemWord(token) if token.isascii() and token.isalpha() else token
 
     def _t2s(self) -> opencc.OpenCC:
         return _opencc()

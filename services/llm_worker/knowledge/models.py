@@ -88,6 +88,9 @@ class Hit:
     """The IDF-weighted share of the query's terms that this chunk contains, in [0, 1]."""
     matched_terms: tuple[str, ...] = ()
     """The query's terms this chunk contains, in the query's order."""
+    tf_score: float = 0.0
+    """The BM25 score with the chunk's length normalisation capped (index.LENGTH_NORM_CAP): what
+    answerability reads, so a long passage among short FAQ items is not doubted for its length."""
 
 
 @dataclass(frozen=True, slots=True)

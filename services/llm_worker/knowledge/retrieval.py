@@ -32,9 +32,9 @@ _PRONOUNS = re.compile(r"它|他们|她们|它们|这个|那个|这些|那些|\b
 
 
 def confidence(index: KnowledgeIndex, terms: Sequence[str], hits: Sequence[Hit]) -> float:
-    """The top hit's BM25 score over the total IDF of `terms` (0 without hits or terms); see MIN_CONFIDENCE."""
+    """The top hit's `tf_score` over the total IDF of `terms` (0 without hits or terms); see MIN_CONFIDENCE."""
     total = sum(index.idf(term) for term in dict.fromkeys(terms))
-    return hits[0].score / total if hits and total > 0 else 0.0
+    return hits[0].tf_score / total if hits and total > 0 else 0.0
 
 
 def leans_back(question: str) -> bool:
