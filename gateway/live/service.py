@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OFFLINE_TEXT = ("No agent is online right now; leave a message and we will reply soon. / "
                         "当前没有客服在线，请留言，我们会尽快回复您。")
+MAX_HOLDS = 100_000
 DEFAULT_WELCOME_TEXT = "Hi! Ask me anything about our shop. / 您好！有什么可以帮您？"
 
 # gRPC status of a refused Transition -> the `nack` code the client gets.
@@ -65,6 +67,9 @@ class LiveService:
     """gateway.directory's AccountStatus when present: a disabled agent account's tokens stop working."""
     visitor_sockets: dict[tuple[str, str], int] = field(default_factory=dict)
     """Open sockets per visitor (tenant, sub) on this process, against KEFU_VISITOR_MAX_SOCKETS."""
+    visitor_holds: dict[tuple[str, str], float] = field(default_factory=dict)
+    """Visitors the session service found over their message rate -> when (monotonic) one message is
+    allowed again: their sends are refused here until then, without a moderation or session call."""
 
     def __post_init__(self) -> None:
         self.desks.on_assigned = self._follow_assignment
@@ -143,6 +148,24 @@ class LiveService:
             return False
         self.visitor_sockets[key] = count + 1
         return True
+
+    def hold_visitor(self, principal: Principal, retry_after_s: float) -> None:
+        now = time.monotonic()
+        if len(self.visitor_holds) >= MAX_HOLDS:  # a flood of many visitors: forget the ones already free
+            self.visitor_holds = {key: until for key, until in self.visitor_holds.items() if until > now}
+        if len(self.visitor_holds) < MAX_HOLDS:
+            self.visitor_holds[(principal.tenant, principal.subject)] = now + retry_after_s
+
+    def held_for(self, principal: Principal) -> float:
+        """Seconds until a held visitor may send again (0: not held)."""
+        until = self.visitor_holds.get((principal.tenant, principal.subject))
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self.visitor_holds[(principal.tenant, principal.subject)]
+            return 0.0
+        return left
 
     def release_socket(self, principal: Principal) -> None:
         key = (principal.tenant, principal.subject)

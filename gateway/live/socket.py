@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -341,6 +342,9 @@ class LiveSocket:
 
     async def _visitor_send(self, send: Send) -> None:
         socket, principal = self._socket, self._principal
+        held_for = self._live.held_for(principal)
+        if held_for:
+            raise Refused("limit", f"too many messages; retry in {math.ceil(held_for)} s")
         message_id = message_id_for(principal.tenant, principal.subject, send.cid)
         socket.remember_cid(message_id, send.cid)
         conversation_id = send.conversation_id or socket.current
@@ -388,6 +392,8 @@ class LiveSocket:
                 if error.code == "not_found":
                     self._refuse(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
                 else:
+                    if error.code == "rate_limited":
+                        self._live.hold_visitor(principal, float(error.headers.get("Retry-After", "1")))
                     socket.send(nack_frame("send", nack_code(error.code), error.message, cid=send.cid,
                                            conversation_id=conversation_id))
                 return
