@@ -164,6 +164,16 @@ async def test_sec_a_sixth_socket_of_a_visitor_is_refused(stack: Stack) -> None:
             await ws.close()
 
 
+async def test_sec_a_socket_follows_at_most_its_conversations(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{stack.base_url}/v1/ws")
+        resume = [{"conversation_id": f"{n:032x}", "after_seq": 0} for n in range(6)]
+        await ws.send_json({"type": "hello", "token": token("flood", "follower"), "resume": resume})
+        refused = await receive(ws)
+        assert isinstance(refused, dict) and refused["type"] == "error" and refused["code"] == "limit", refused
+        assert await receive(ws) == 4008
+
+
 async def test_sec_a_visitor_cannot_open_conversations_without_end(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
         statuses = []
