@@ -11,11 +11,13 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from services.common.errors import InvalidArgument
+from services.common.settings import SettingsError
 from services.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import QuotaExceeded, RateLimited, StorageFull
 from services.session.limits import TenantUsage, VisitorRates
 from services.session.models import Principal
+from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import TokenCounter
 
@@ -149,3 +151,20 @@ async def test_limits_a_change_of_state_settles_what_the_ai_owed(nats_client: Na
     await store.transition(AGENT, session_id, Change("release_ai"))
     await asyncio.sleep(0.2)
     assert not (await store.claim_answer(ALICE, session_id, "", "edge-b", 5.0)).granted
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KEFU_VISITOR_MSG_RPS", "0"), ("KEFU_VISITOR_MSG_BURST", "0"), ("KEFU_VISITOR_MAX_CONVERSATIONS", "0"),
+    ("KEFU_TENANT_MAX_STORED_BYTES", "100"), ("KEFU_TENANT_MAX_STORED_BYTES", str(5 << 30)),
+    ("KEFU_ANSWER_LEASE_S", "0.5"), ("KEFU_MESSAGES_MAX_BYTES", "nine"),
+])
+def test_limits_settings_name_the_variable_they_refuse(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        SessionSettings.from_env({"KEFU_INTERNAL_AUTH": "off", name: value})
+
+
+def test_limits_settings_default_to_what_a_person_never_reaches() -> None:
+    settings = SessionSettings.from_env({"KEFU_INTERNAL_AUTH": "off"})
+    assert (settings.visitor_msg_rps, settings.visitor_msg_burst, settings.visitor_max_conversations) == (1.0, 10, 5)
+    # A tenant at its quota leaves the other tenants at least half of the log.
+    assert settings.tenant_max_stored_bytes * 2 <= settings.messages_max_bytes
