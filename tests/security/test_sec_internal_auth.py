@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -25,7 +28,7 @@ from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import Stack
+from services.devstack.stack import REPO_ROOT, Stack, free_port
 from tests.e2e.stack_helpers import auth, start_stack
 
 TENANT = "shop1"
@@ -265,3 +268,16 @@ async def test_a_role_cannot_listen_to_another_roles_subjects(
     session = await connect(stack.nats_url_as("session"), "session")
     await session.nc.publish("kefu.live.shop1.c.x", b'{"frame": "forged"}')
     assert await session.denied('publish to "kefu.live.shop1.c.x"'), session.errors
+
+
+def test_a_process_with_a_wrong_nats_password_stops_at_start_with_one_line(stack: Stack) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+    env.update({"KEFU_NATS_URL": stack.nats_address, "KEFU_NATS_USER": "session",
+                "KEFU_NATS_PASSWORD": "not-the-password", "KEFU_INTERNAL_TOKEN": stack.config.internal_token,
+                "KEFU_SESSION_PORT": str(free_port()), "KEFU_SESSION_METRICS_PORT": str(free_port())})
+    result = subprocess.run([sys.executable, "-m", "services.session"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("session: NATS at ") and "refused user 'session'" in last and "KEFU_NATS_PASSWORD" in last
+    assert "Traceback" not in result.stderr and "not-the-password" not in result.stdout + result.stderr
