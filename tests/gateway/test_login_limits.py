@@ -59,7 +59,12 @@ async def test_login_limits_failures_per_address_and_user_name_with_successes_gi
     limits.charge("10.0.0.1", "shop1", "dave")  # the address's third failure (alice, carol, dave)
     with pytest.raises(LoginThrottled, match="address"):
         limits.charge("10.0.0.1", "shop1", "erin")
+    for _ in range(5):  # checking takes nothing
+        limits.check("10.0.0.4", "shop1", "zoe")
+    with pytest.raises(LoginThrottled, match="user name"):
+        limits.check("10.0.0.4", "shop1", "alice")
     clock.now += 30  # one failure per window / N
+    limits.check("10.0.0.3", "shop1", "alice")
     limits.charge("10.0.0.3", "shop1", "alice")
     limits.close()
 
