@@ -36,12 +36,26 @@ class Role:
 
 
 def kv(bucket: str) -> str:
+    """The stream of a KV bucket (its subjects: `$KV.<bucket>.>`)."""
     return f"KV_{bucket}"
+
+
+def obj(bucket: str) -> str:
+    """The stream of an object store bucket (its subjects: `$O.<bucket>.>`)."""
+    return f"OBJ_{bucket}"
+
+
+def stream_subjects(stream: str) -> str:
+    if stream.startswith("KV_"):
+        return f"$KV.{stream.removeprefix('KV_')}.>"
+    if stream.startswith("OBJ_"):
+        return f"$O.{stream.removeprefix('OBJ_')}.>"
+    return STREAM_SUBJECTS[stream]
 
 
 LOG_STREAM = "KEFU_MESSAGES"
 STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>"}
-"""Subjects of the streams that are not KV buckets (a bucket's are `$KV.<bucket>.>`)."""
+"""Subjects of the streams that are not KV or object store buckets."""
 
 ROLES: Mapping[str, Role] = {
     # The internet-facing process: reads conversation logs but never writes them (the session does,
@@ -80,7 +94,7 @@ def _stream_api(stream: str, access: Access) -> list[str]:
         subjects += [f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
     if access is Access.WRITE:
         subjects += [f"{api}.STREAM.PURGE.{stream}", f"{api}.STREAM.MSG.DELETE.{stream}",
-                     STREAM_SUBJECTS.get(stream) or f"$KV.{stream.removeprefix('KV_')}.>"]
+                     stream_subjects(stream)]
     return subjects
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.devstack.nats_auth import ROLES, STREAM_SUBJECTS, Access, permissions
+from services.devstack.nats_auth import ROLES, STREAM_SUBJECTS, Access, kv, obj, permissions, stream_subjects
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [p for folder in ("gateway", "services") for p in (REPO_ROOT / folder).rglob("*.py")
@@ -44,8 +44,8 @@ def test_every_bucket_in_the_code_belongs_to_a_role() -> None:
     buckets = constants(r"kefu_[a-z_]+", names=r"(?!\w*CONSUMER)\w+")  # durable consumers are not buckets
     assert {"kefu_sessions", "kefu_cache", "kefu_canned"} <= buckets.keys()  # the scan finds them
     streams = {stream for role in ROLES.values() for stream in role.streams}
-    missing = {bucket: where for bucket, where in buckets.items() if f"KV_{bucket}" not in streams}
-    assert not missing, f"add these buckets to services/devstack/nats_auth.py ROLES: {missing}"
+    missing = {bucket: where for bucket, where in buckets.items() if not {kv(bucket), obj(bucket)} & streams}
+    assert not missing, f"add these buckets (kv() or obj()) to services/devstack/nats_auth.py ROLES: {missing}"
 
 
 def test_every_stream_and_core_subject_in_the_code_belongs_to_a_role() -> None:
@@ -61,6 +61,12 @@ def test_every_stream_and_core_subject_in_the_code_belongs_to_a_role() -> None:
     for subject, where in subjects.items():
         # A prefix (kefu.live, kefu.msg) is followed by tenant and id tokens.
         assert covered(subject, allowed) or covered(f"{subject}.x.y", allowed), f"{subject} ({where}) is in no role"
+
+
+def test_each_kind_of_stream_writes_its_own_subjects() -> None:
+    assert stream_subjects(kv("kefu_x")) == "$KV.kefu_x.>"
+    assert stream_subjects(obj("kefu_docs")) == "$O.kefu_docs.>"
+    assert stream_subjects("KEFU_MESSAGES") == "kefu.msg.>"
 
 
 def test_only_admin_may_do_everything_and_the_edge_writes_no_log() -> None:
