@@ -92,7 +92,7 @@ async def test_limits_a_visitor_opens_at_most_its_conversations(nats_client: Nat
 
 async def test_limits_a_tenant_over_its_quota_stores_nothing_more(nats_client: NatsClient,
                                                                   counter: TokenCounter) -> None:
-    usage = await TenantUsage.open(nats_client, limit_bytes=4096, max_age_s=3600)
+    usage = await TenantUsage.open(nats_client, limit_bytes=6144, max_age_s=3600)  # a conversation counts 2 KiB
     store = await SessionStore.open(nats_client, counter, max_history=20, max_message_chars=5000, ttl_s=3600,
                                     usage=usage)
     session_id = (await store.append(ALICE, "", "user", "a" * 1500)).session_id
