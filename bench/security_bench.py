@@ -15,9 +15,9 @@ is limited) in their own conversation, and the bench times each whole answer. Ph
 The phases run `--rounds` times, interleaved. For each phase: the visitors' p50/p99 over all rounds
 and its ratio to idle, each round's p99 and the median of the rounds' ratios to the same round's idle
 (issue 17 wants p99 within 2x), the machine's load average, the attack's answers by status, /readyz
-during the phase, and the edge's RSS (VmRSS sampled every 50 ms). The attacker runs in a process of
-its own, but on the same cores as kefu. A real console login after the floods must still work. Results: bench/results/security-<UTC>.json and
-the markdown table on stdout.
+during the phase, each kefu process's CPU, and the edge's RSS (VmRSS sampled every 50 ms). The
+attacker runs in a process of its own, but on the same cores as kefu. A real console login after the
+floods must still work. Results: bench/results/security-<UTC>.json and the markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -43,7 +43,15 @@ import aiohttp
 import nats
 from nats.aio.client import Client as NatsClient
 
-from bench.__main__ import RESULTS_DIR, BenchParams, _write, start_stack, start_upstream, stop_process
+from bench.__main__ import (
+    RESULTS_DIR,
+    BenchParams,
+    _write,
+    cpu_seconds,
+    start_stack,
+    start_upstream,
+    stop_process,
+)
 from bench.loadgen import percentile
 from bench.processes import bench_work_dir, memory_kib
 from bench.sse_reader import read_sse
@@ -87,6 +95,9 @@ class Phase:
     readyz: Counter[int] = field(default_factory=Counter)
     rss_mib: list[float] = field(default_factory=list)
     round_p99_s: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu_s: Counter[str] = field(default_factory=Counter)
+    """CPU seconds each kefu process spent during this phase's rounds."""
     load_average: list[float] = field(default_factory=list)
     """The machine's 1-minute load average at the end of each round (2 cores here: above 2 is contention)."""
 
@@ -101,6 +112,8 @@ class Phase:
                 "round_p99_ms": [round(v * 1e3, 1) for v in self.round_p99_s],
                 "round_p99_vs_idle_median": statistics.median(ratios) if ratios else None,
                 "load_average": self.load_average,
+                "cpu_share": {name: round(seconds / self.seconds, 2) for name, seconds in self.cpu_s.items()}
+                if self.seconds else {},
                 "attack": dict(sorted(self.attack.items())), "readyz": {str(k): v for k, v in self.readyz.items()},
                 "rss_mib_max": max(self.rss_mib, default=None), "rss_mib_min": min(self.rss_mib, default=None)}
 
@@ -265,6 +278,9 @@ async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], par
     of its own: in the same event loop, the attacker's client work would delay the visitors' reading and
     pass for edge latency."""
     turns_before = len(phase.latencies_s)
+    pids = {name: process.pid for name, process in stack.processes.items()}
+    cpu_before = {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+    started = time.monotonic()
     attacker = None
     if mode is not None:
         attacker = await asyncio.create_subprocess_exec(
@@ -291,6 +307,9 @@ async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], par
     if attacker is not None:
         output, _ = await attacker.communicate()
         phase.attack.update(json.loads(output.decode().strip().splitlines()[-1]))
+    phase.seconds += time.monotonic() - started
+    for name, pid in pids.items():
+        phase.cpu_s[name] += (cpu_seconds(pid) or 0.0) - cpu_before[name]
     this_round = phase.latencies_s[turns_before:]
     if this_round:
         phase.round_p99_s.append(percentile(this_round, 99))
@@ -346,13 +365,16 @@ def render(report: dict[str, Any]) -> str:
              f"address: another agent HTTP {report['real_login_after'][OTHER_AGENT]}, the agent the flood "
              f"guessed at HTTP {report['real_login_after'][AGENT]} (429 while its failure bucket refills).", "",
              "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | rounds' p99 ms | median of the "
-             "rounds' p99 / idle | load average | edge RSS max MiB | readyz | attack answers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rounds' p99 / idle | load average | CPU (cores) of edge, session, moderation, worker "
+             "| edge RSS max MiB | readyz | attack answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    processes = ("gateway", "session", "moderation", "llm_worker")
     for p in report["phases"]:
         lines.append(f"| {p['phase']} | {p['turns']} | {json.dumps(p['visitor_errors']) if p['visitor_errors'] else 0} "
                      f"| {cell(p['p50_ms'])} | {cell(p['p99_ms'])} | {cell(p['p99_vs_idle'], '.2f')} "
                      f"| {', '.join(f'{v:.0f}' for v in p['round_p99_ms'])} "
                      f"| {cell(p['round_p99_vs_idle_median'], '.2f')} | {', '.join(map(str, p['load_average']))} "
+                     f"| {', '.join(str(p['cpu_share'].get(name, '–')) for name in processes)} "
                      f"| {cell(p['rss_mib_max'])} | {json.dumps(p['readyz'])} | {json.dumps(p['attack'])} |")
     return "\n".join(lines) + "\n"
 
