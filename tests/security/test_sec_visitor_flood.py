@@ -164,6 +164,22 @@ async def test_sec_a_sixth_socket_of_a_visitor_is_refused(stack: Stack) -> None:
             await ws.close()
 
 
+async def test_sec_a_visitor_closed_for_a_frame_flood_cannot_reconnect_at_once(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws, welcome = await connect(http, stack, "flood", "pinger")
+        assert isinstance(welcome, dict) and welcome["type"] == "welcome", welcome
+        for _ in range(100):  # over KEFU_WS_FRAME_BURST (60) at once
+            await ws.send_json({"type": "ping"})
+        while (frame := await receive(ws)) != 4008:
+            assert isinstance(frame, dict) and frame["type"] in ("pong", "error"), frame
+        again, refused = await connect(http, stack, "flood", "pinger")
+        assert isinstance(refused, dict) and refused["type"] == "error" and refused["code"] == "limit", refused
+        assert await receive(again) == 4008
+        other, welcome = await connect(http, stack, "flood", "calm")
+        assert isinstance(welcome, dict) and welcome["type"] == "welcome", welcome
+        await other.close()
+
+
 async def test_sec_a_socket_follows_at_most_its_conversations(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{stack.base_url}/v1/ws")
