@@ -12,10 +12,12 @@ is limited) in their own conversation, and the bench times each whole answer. Ph
 - `visitor flood`: one visitor token sending /v1/chat turns from 8 connections and WebSocket `send`
   frames from 3 sockets (reconnecting when closed) as fast as the edge lets it.
 
-For each phase: the visitors' p50/p99 and its ratio to idle (issue 17 wants p99 within 2x), the
-attack's answers by status, /readyz during the phase, and the edge's RSS (VmRSS sampled every 50 ms).
-A real console login after the floods must still work. Results: bench/results/security-<UTC>.json and
-the markdown table on stdout.
+The phases run `--rounds` times, interleaved. For each phase: the visitors' p50/p99 over all rounds
+and its ratio to idle, each round's p99 and the median of the rounds' ratios to the same round's idle
+(issue 17 wants p99 within 2x), the machine's load average, the attack's answers by status, /readyz
+during the phase, each kefu process's CPU, and the edge's RSS (VmRSS sampled every 50 ms). The
+attacker runs in a process of its own, but on the same cores as kefu. A real console login after the
+floods must still work. Results: bench/results/security-<UTC>.json and the markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import secrets
+import statistics
 import sys
 import time
 from collections import Counter
@@ -40,7 +43,15 @@ import aiohttp
 import nats
 from nats.aio.client import Client as NatsClient
 
-from bench.__main__ import RESULTS_DIR, BenchParams, _write, start_stack, start_upstream, stop_process
+from bench.__main__ import (
+    RESULTS_DIR,
+    BenchParams,
+    _write,
+    cpu_seconds,
+    start_stack,
+    start_upstream,
+    stop_process,
+)
 from bench.loadgen import percentile
 from bench.processes import bench_work_dir, memory_kib
 from bench.sse_reader import read_sse
@@ -66,10 +77,13 @@ class SecurityParams:
     visitors: int = 20
     interval_s: float = 1.25
     login_wave: int = 100
+    rounds: int = 3
+    """Each phase this many times, interleaved: a busy neighbour on the machine then spoils one round, not
+    one phase (the report gives the pooled figures and the median of the rounds' ratios)."""
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0 or self.visitors < 1 or self.interval_s <= 0 or self.login_wave < 1:
-            raise ValueError("--duration-s, --visitors, --interval-s and --login-wave must be positive")
+        if min(self.duration_s, self.visitors, self.interval_s, self.login_wave, self.rounds) <= 0:
+            raise ValueError("--duration-s, --visitors, --interval-s, --login-wave and --rounds must be positive")
 
 
 @dataclass
@@ -80,13 +94,26 @@ class Phase:
     attack: Counter[str] = field(default_factory=Counter)
     readyz: Counter[int] = field(default_factory=Counter)
     rss_mib: list[float] = field(default_factory=list)
+    round_p99_s: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu_s: Counter[str] = field(default_factory=Counter)
+    """CPU seconds each kefu process spent during this phase's rounds."""
+    load_average: list[float] = field(default_factory=list)
+    """The machine's 1-minute load average at the end of each round (2 cores here: above 2 is contention)."""
 
-    def summary(self, idle_p99: float | None) -> dict[str, Any]:
+    def summary(self, idle: Phase) -> dict[str, Any]:
         p50 = percentile(self.latencies_s, 50) if self.latencies_s else None
         p99 = percentile(self.latencies_s, 99) if self.latencies_s else None
+        idle_p99 = percentile(idle.latencies_s, 99) if idle.latencies_s else None
+        ratios = [mine / theirs for mine, theirs in zip(self.round_p99_s, idle.round_p99_s, strict=False) if theirs]
         return {"phase": self.name, "turns": len(self.latencies_s), "visitor_errors": dict(self.visitor_errors),
                 "p50_ms": p50 and p50 * 1e3, "p99_ms": p99 and p99 * 1e3,
                 "p99_vs_idle": p99 / idle_p99 if p99 and idle_p99 else None,
+                "round_p99_ms": [round(v * 1e3, 1) for v in self.round_p99_s],
+                "round_p99_vs_idle_median": statistics.median(ratios) if ratios else None,
+                "load_average": self.load_average,
+                "cpu_share": {name: round(seconds / self.seconds, 2) for name, seconds in self.cpu_s.items()}
+                if self.seconds else {},
                 "attack": dict(sorted(self.attack.items())), "readyz": {str(k): v for k, v in self.readyz.items()},
                 "rss_mib_max": max(self.rss_mib, default=None), "rss_mib_min": min(self.rss_mib, default=None)}
 
@@ -245,11 +272,15 @@ async def attack(mode: str, base_url: str, secret: str, params: SecurityParams) 
     return counts
 
 
-async def run_phase(name: str, stack: Stack, visitors: Sequence[Visitor], params: SecurityParams,
-                    secret: str, mode: str | None) -> Phase:
-    """The visitors' turns, with the attack `mode` running meanwhile in a process of its own: in the same
-    event loop, the attacker's client work would delay the visitors' reading and pass for edge latency."""
-    phase = Phase(name)
+async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], params: SecurityParams,
+                    secret: str, mode: str | None) -> None:
+    """One round of the visitors' turns into `phase`, with the attack `mode` running meanwhile in a process
+    of its own: in the same event loop, the attacker's client work would delay the visitors' reading and
+    pass for edge latency."""
+    turns_before = len(phase.latencies_s)
+    pids = {name: process.pid for name, process in stack.processes.items()}
+    cpu_before = {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+    started = time.monotonic()
     attacker = None
     if mode is not None:
         attacker = await asyncio.create_subprocess_exec(
@@ -276,8 +307,14 @@ async def run_phase(name: str, stack: Stack, visitors: Sequence[Visitor], params
     if attacker is not None:
         output, _ = await attacker.communicate()
         phase.attack.update(json.loads(output.decode().strip().splitlines()[-1]))
-    log.info("%s: %d turns, %s", name, len(phase.latencies_s), dict(phase.attack))
-    return phase
+    phase.seconds += time.monotonic() - started
+    for name, pid in pids.items():
+        phase.cpu_s[name] += (cpu_seconds(pid) or 0.0) - cpu_before[name]
+    this_round = phase.latencies_s[turns_before:]
+    if this_round:
+        phase.round_p99_s.append(percentile(this_round, 99))
+    phase.load_average.append(round(os.getloadavg()[0], 2))
+    log.info("%s: %d turns, p99 %s, %s", phase.name, len(this_round), phase.round_p99_s[-1:], dict(phase.attack))
 
 
 async def add_agent(stack: Stack) -> None:
@@ -301,16 +338,18 @@ async def measure(stack: Stack, secret: str, params: SecurityParams) -> dict[str
             await visitor.turn(http)
     await asyncio.sleep(1.5)  # the visitors' message buckets refill
     before = memory_kib(stack.processes["gateway"].pid)["VmRSS"] / 1024
-    phases = []
-    for name, mode in (("idle", None), ("login flood, one address", "login-one-address"),
-                       ("login flood, 100 addresses", "login-many-addresses"), ("visitor flood", "visitor")):
-        phases.append(await run_phase(name, stack, visitors, params, secret, mode))
+    modes = {"idle": None, "login flood, one address": "login-one-address",
+             "login flood, 100 addresses": "login-many-addresses", "visitor flood": "visitor"}
+    phases = {name: Phase(name) for name in modes}
+    for _ in range(params.rounds):
+        for name, mode in modes.items():
+            await run_phase(phases[name], stack, visitors, params, secret, mode)
+            await asyncio.sleep(1.0)  # the visitors' message buckets refill between phases
     async with aiohttp.ClientSession() as http:
         after_login = {username: await login(http, stack.base_url, "10.251.0.1", username, AGENT_PASSWORD)
                        for username in (OTHER_AGENT, AGENT)}
-    idle_p99 = percentile(phases[0].latencies_s, 99) if phases[0].latencies_s else None
     return {"edge_rss_mib_before": before, "real_login_after": after_login,
-            "phases": [phase.summary(idle_p99) for phase in phases]}
+            "phases": [phase.summary(phases["idle"]) for phase in phases.values()]}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -320,16 +359,22 @@ def render(report: dict[str, Any]) -> str:
     params = report["params"]
     lines = [f"# Security bench {report['started']}", "",
              f"{params['visitors']} visitors, one /v1/chat turn each every {params['interval_s']} s; "
-             f"{params['duration_s']:g} s per phase; edge RSS before {report['edge_rss_mib_before']:.0f} MiB "
+             f"{params['duration_s']:g} s per phase, {params['rounds']} rounds; "
+             f"edge RSS before {report['edge_rss_mib_before']:.0f} MiB "
              f"(k8s limit {K8S_EDGE_MEMORY_LIMIT_MIB} MiB). Real console logins afterwards, from a fresh "
              f"address: another agent HTTP {report['real_login_after'][OTHER_AGENT]}, the agent the flood "
              f"guessed at HTTP {report['real_login_after'][AGENT]} (429 while its failure bucket refills).", "",
-             "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | edge RSS max MiB | readyz "
-             "| attack answers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | rounds' p99 ms | median of the "
+             "rounds' p99 / idle | load average | CPU (cores) of edge, session, moderation, worker "
+             "| edge RSS max MiB | readyz | attack answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    processes = ("gateway", "session", "moderation", "llm_worker")
     for p in report["phases"]:
         lines.append(f"| {p['phase']} | {p['turns']} | {json.dumps(p['visitor_errors']) if p['visitor_errors'] else 0} "
                      f"| {cell(p['p50_ms'])} | {cell(p['p99_ms'])} | {cell(p['p99_vs_idle'], '.2f')} "
+                     f"| {', '.join(f'{v:.0f}' for v in p['round_p99_ms'])} "
+                     f"| {cell(p['round_p99_vs_idle_median'], '.2f')} | {', '.join(map(str, p['load_average']))} "
+                     f"| {', '.join(str(p['cpu_share'].get(name, '–')) for name in processes)} "
                      f"| {cell(p['rss_mib_max'])} | {json.dumps(p['readyz'])} | {json.dumps(p['attack'])} |")
     return "\n".join(lines) + "\n"
 
@@ -342,6 +387,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SecurityParams, dict[str, st
     parser.add_argument("--visitors", type=int, default=defaults.visitors, help="ordinary visitors")
     parser.add_argument("--interval-s", type=float, default=defaults.interval_s, help="a visitor's time between turns")
     parser.add_argument("--login-wave", type=int, default=defaults.login_wave, help="parallel logins per wave")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds of every phase, interleaved")
     parser.add_argument("--env", action="append", default=[], metavar="KEFU_X=VALUE",
                         help="a setting for every process of the stack (repeatable), e.g. KEFU_LOGIN_MAX_CONCURRENT=1")
     parser.add_argument("--attack", choices=ATTACKS, help=argparse.SUPPRESS)  # the attacker process of a phase
@@ -353,7 +399,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SecurityParams, dict[str, st
         if not sep or not name.startswith("KEFU_"):
             parser.error(f"--env wants KEFU_NAME=value, got {item!r}")
         extra_env[name] = value
-    return SecurityParams(args.duration_s, args.visitors, args.interval_s, args.login_wave), extra_env, args
+    return (SecurityParams(args.duration_s, args.visitors, args.interval_s, args.login_wave, args.rounds), extra_env,
+            args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

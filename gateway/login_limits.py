@@ -25,8 +25,10 @@ ARGON2_NICE = 10
 BUSY = "too many logins at once; try again in a moment"
 
 log = logging.getLogger(__name__)
-MAX_TRACKED_KEYS = 10_000
-"""Addresses and user names whose failures are remembered (least recently seen forgotten first)."""
+MAX_TRACKED_KEYS = 20_000
+"""Addresses and user names whose failures are remembered (least recently seen forgotten first; ~235
+bytes each). Only logins that got a verification slot are remembered, at most ~45 a second per process,
+so flushing a guessed user's entry out takes minutes, longer than its bucket takes to refill anyway."""
 
 
 class LoginThrottled(ApiError):
@@ -34,12 +36,14 @@ class LoginThrottled(ApiError):
 
     status = 429
 
-    def __init__(self, message: str, decision: Decision) -> None:
+    def __init__(self, message: str, decision: Decision, outcome: str = "throttled") -> None:
         # The headers of every other 429 (gateway/handlers/widget_token.take_address_token).
         super().__init__("rate_limited", message, headers={
             "Retry-After": str(max(1, decision.retry_after_s)), "RateLimit-Limit": str(decision.limit),
             "RateLimit-Remaining": "0", "RateLimit-Reset": str(max(1, decision.reset_s))})
         self.decision = decision
+        self.outcome = outcome
+        """kefu_console_logins_total's outcome: "throttled" (a failure bucket) or "busy" (no slot)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +79,19 @@ class LoginLimits:
         return cls(settings.login_max_concurrent, settings.login_address_failures, settings.login_user_failures,
                    settings.login_failure_window_s)
 
+    def check(self, address: str, tenant: str, username: str) -> None:
+        """429 at once when the address's or the user name's failure bucket is empty; remembers nothing, so
+        refused floods cannot push the entries of the users they guess at out of the tables."""
+        for limiter, key, what in ((self._addresses, address, "from this address"),
+                                   (self._users, _user_key(tenant, username), "for this user name")):
+            decision = limiter.peek(key)
+            if not decision.allowed:
+                raise LoginThrottled(f"too many failed logins {what}; try again later", decision)
+
     def charge(self, address: str, tenant: str, username: str) -> FailureCharge:
         """Take a failure token from the address's and the user name's bucket before verifying (so parallel
         guesses count too); 429 when either is empty. Unknown user names are charged like real ones."""
-        user = f"{tenant}/{username.strip().lower()}"
+        user = _user_key(tenant, username)
         decision = self._addresses.take(address)
         if not decision.allowed:
             raise LoginThrottled("too many failed logins from this address; try again later", decision)
@@ -97,13 +110,13 @@ class LoginLimits:
     async def slot(self) -> AsyncIterator[None]:
         """A verification slot, waited for at most SLOT_WAIT_S; 429 when none frees up or too many wait."""
         if self._slots.locked() and self._waiters >= self._max_waiters:
-            raise LoginThrottled(BUSY, self._busy)
+            raise LoginThrottled(BUSY, self._busy, "busy")
         self._waiters += 1
         try:
             async with asyncio.timeout(SLOT_WAIT_S):
                 await self._slots.acquire()
         except TimeoutError:
-            raise LoginThrottled(BUSY, self._busy) from None
+            raise LoginThrottled(BUSY, self._busy, "busy") from None
         finally:
             self._waiters -= 1
         try:
@@ -113,6 +126,10 @@ class LoginLimits:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _user_key(tenant: str, username: str) -> str:
+    return f"{tenant}/{username.strip().lower()}"
 
 
 def _lower_priority() -> None:

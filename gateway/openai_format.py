@@ -14,13 +14,10 @@ from gateway.settings import MAX_OUTPUT_TOKENS
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
 MAX_COMPLETION_TOKENS = MAX_OUTPUT_TOKENS
 
-IGNORED_PARAMETERS = frozenset({
-    "top_p", "presence_penalty", "frequency_penalty", "seed", "metadata", "store", "service_tier",
-    "parallel_tool_calls", "prompt_cache_key", "safety_identifier"})
-"""Accepted and ignored: they tune sampling or bookkeeping, never what kind of answer comes back. Any
-other parameter kefu does not implement (tools, response_format, stop, ...) is refused with a 400
-that names it, rather than dropped while the client believes it applied."""
-IGNORED_MESSAGE_FIELDS = frozenset({"refusal"})
+# What the schema does not declare is collected (extra="allow") and refused by name with a 400
+# (CompletionRequest.unsupported): tools, response_format, stop, ... are never dropped while the client
+# believes they applied. The document says the same: no additional properties.
+_REFUSE_OTHERS = pydantic.ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
@@ -56,12 +53,13 @@ class TextPart(pydantic.BaseModel):
 
 
 class MessageIn(pydantic.BaseModel):
-    # Other fields are collected and refused by name (CompletionRequest.unsupported), not dropped.
-    model_config = pydantic.ConfigDict(extra="allow")
+    model_config = _REFUSE_OTHERS
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+    refusal: str | None = None
+    """Ignored (an assistant message the SDK hands back)."""
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -74,10 +72,9 @@ class StreamOptions(pydantic.BaseModel):
 
 
 class CompletionRequest(pydantic.BaseModel):
-    """The fields kefu honours; IGNORED_PARAMETERS are accepted and ignored, every other one is refused
-    (`unsupported()`)."""
+    """The fields kefu honours, then those it accepts and ignores; any other one is refused (`unsupported()`)."""
 
-    model_config = pydantic.ConfigDict(extra="allow")
+    model_config = _REFUSE_OTHERS
 
     model: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
     messages: Annotated[list[MessageIn], pydantic.Field(min_length=1)]
@@ -87,22 +84,30 @@ class CompletionRequest(pydantic.BaseModel):
     max_completion_tokens: Annotated[int, pydantic.Field(ge=1, le=MAX_COMPLETION_TOKENS)] | None = None
     temperature: Annotated[float, pydantic.Field(ge=0, le=2)] | None = None
     user: Annotated[str, pydantic.StringConstraints(max_length=256)] | None = None
-    n: Annotated[int, pydantic.Field(ge=1)] | None = None
-    """Only 1 is supported; more is refused by name."""
-    logprobs: bool | None = None
-    """Only false is supported."""
+    # The schema says 1 and false; more, or true, is refused by name (400), not by the validator (422).
+    n: Annotated[int, pydantic.Field(ge=1, json_schema_extra={"maximum": 1})] | None = None
+    logprobs: Annotated[bool, pydantic.Field(json_schema_extra={"const": False})] | None = None
+    # Accepted and ignored: they tune sampling or bookkeeping, never what kind of answer comes back.
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def unsupported(self) -> list[str]:
-        """The parameters set (not null) that kefu does not implement, in the order sent."""
-        names = [name for name, value in (self.model_extra or {}).items()
-                 if value is not None and name not in IGNORED_PARAMETERS]
+        """The parameters sent that kefu does not implement, in the order sent."""
+        names = list(self.model_extra or {})
         if self.n is not None and self.n > 1:
             names.append("n")
         if self.logprobs:
             names.append("logprobs")
         for index, message in enumerate(self.messages):
-            names += [f"messages[{index}].{name}" for name, value in (message.model_extra or {}).items()
-                      if value is not None and name not in IGNORED_MESSAGE_FIELDS]
+            names += [f"messages[{index}].{name}" for name in message.model_extra or {}]
         return names
 
 

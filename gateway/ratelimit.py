@@ -57,6 +57,17 @@ class TokenBucketLimiter:
         retry = 0 if allowed else max(1, math.ceil((1 - bucket.tokens) / self.rate))
         return Decision(allowed, self.burst, int(bucket.tokens), reset, retry)
 
+    def peek(self, key: str) -> Decision:
+        """What take(key) would decide now, without taking a token or remembering the key."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return Decision(True, self.burst, self.burst, 0, 0)
+        tokens = min(self.burst, bucket.tokens + (self._clock() - bucket.updated) * self.rate)
+        allowed = tokens >= 1
+        reset = math.ceil((self.burst - tokens) / self.rate)
+        retry = 0 if allowed else max(1, math.ceil((1 - tokens) / self.rate))
+        return Decision(allowed, self.burst, int(tokens), reset, retry)
+
     def give_back(self, key: str) -> None:
         """Return one token taken for `key` (a charge that turned out not to count, e.g. a login that succeeded)."""
         bucket = self._buckets.get(key)

@@ -1,9 +1,9 @@
 """POST /v1/console/login: an agent token for the console from a username and password.
 
-Every attempt takes a token from the address's bucket (KEFU_WIDGET_TOKEN_RPS / _BURST) and, until it
-succeeds, one from the failure buckets of its address and of its user name (gateway/login_limits.py);
-the argon2 verification then waits for one of the process's few slots. Any refusal is 429 with
-Retry-After. Accounts are made with the CLI: `python -m gateway.accounts add --tenant T --username U [--name N]
+Every attempt takes a token from the address's bucket (KEFU_WIDGET_TOKEN_RPS / _BURST); it is refused
+at once when the failure bucket of its address or of its user name is empty (gateway/login_limits.py),
+else it waits for one of the process's few argon2 slots, takes a failure token from both (given back
+when it succeeds) and verifies. Any refusal is 429 with Retry-After. Accounts are made with the CLI: `python -m gateway.accounts add --tenant T --username U [--name N]
 [--role agent|admin]` (see gateway/accounts.py).
 """
 
@@ -43,18 +43,16 @@ async def console_login(request: web.Request) -> web.Response:
     settings = request.app[keys.SETTINGS]
     require_hs256(settings)
     limits, outcomes = request.app[keys.LOGIN_LIMITS], request.app[keys.METRICS].console_logins
+    address = address_key(client_address(request))
     try:
-        charge = limits.charge(address_key(client_address(request)), body.tenant, body.username)
-    except LoginThrottled:
-        outcomes.labels("throttled").inc()
-        raise
-    try:
+        limits.check(address, body.tenant, body.username)
         async with limits.slot():
+            # Charged before verifying, so parallel guesses count too; given back on success.
+            charge = limits.charge(address, body.tenant, body.username)
             account = await request.app[keys.DIRECTORY].agents.authenticate(
                 body.tenant, body.username, body.password, executor=limits.executor)
-    except LoginThrottled:
-        limits.forgive(charge)  # refused before it could guess
-        outcomes.labels("busy").inc()
+    except LoginThrottled as refused:
+        outcomes.labels(refused.outcome).inc()
         raise
     if account is None:
         outcomes.labels("invalid").inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OFFLINE_TEXT = ("No agent is online right now; leave a message and we will reply soon. / "
                         "当前没有客服在线，请留言，我们会尽快回复您。")
+MAX_HOLDS = 100_000
 DEFAULT_WELCOME_TEXT = "Hi! Ask me anything about our shop. / 您好！有什么可以帮您？"
 
 # gRPC status of a refused Transition -> the `nack` code the client gets.
@@ -47,6 +49,33 @@ class Refused(Exception):
         self.message = message
 
 
+class VisitorHolds:
+    """Visitors refused on this edge until a moment (monotonic), with memory bounded under a flood."""
+
+    def __init__(self, max_entries: int = MAX_HOLDS) -> None:
+        self._until: dict[tuple[str, str], float] = {}
+        self._max_entries = max_entries
+
+    def hold(self, principal: Principal, seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._until) >= self._max_entries:  # many visitors at once: forget the ones already free
+            self._until = {key: until for key, until in self._until.items() if until > now}
+        if len(self._until) < self._max_entries:
+            self._until[(principal.tenant, principal.subject)] = now + seconds
+
+    def held_for(self, principal: Principal) -> float:
+        """Seconds until the visitor is free again (0: not held)."""
+        key = (principal.tenant, principal.subject)
+        until = self._until.get(key)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._until[key]
+            return 0.0
+        return left
+
+
 @dataclass
 class LiveService:
     clients: BackendClients
@@ -65,6 +94,12 @@ class LiveService:
     """gateway.directory's AccountStatus when present: a disabled agent account's tokens stop working."""
     visitor_sockets: dict[tuple[str, str], int] = field(default_factory=dict)
     """Open sockets per visitor (tenant, sub) on this process, against KEFU_VISITOR_MAX_SOCKETS."""
+    message_holds: VisitorHolds = field(default_factory=lambda: VisitorHolds())
+    """Visitors the session service found over their message rate, until one message is allowed again:
+    their sends are refused here without a moderation or session call."""
+    socket_holds: VisitorHolds = field(default_factory=lambda: VisitorHolds())
+    """Visitors whose socket was closed for a frame flood: their new sockets are refused for a while,
+    before any session call (a flood that reconnects costs a JWT check, not a history read)."""
 
     def __post_init__(self) -> None:
         self.desks.on_assigned = self._follow_assignment

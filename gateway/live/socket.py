@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
 """A socket that has not said `hello` by then is closed (4001)."""
 MAX_BAD_FRAMES = 3
+FLOOD_HOLD_S = 10.0
+"""A visitor closed for a frame flood (4008) gets no new socket on this edge for this long."""
 HELD_LIMIT = 50
 """Conversations an agent's socket follows on hello without naming them."""
 
@@ -120,6 +123,8 @@ class LiveSocket:
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 return  # aiohttp already answered a close, or closed an oversized frame with 1009
             if not socket.take_frame_token(self._settings.ws_frame_rps, self._settings.ws_frame_burst):
+                if socket.principal is not None and socket.principal.role == "visitor":
+                    self._live.socket_holds.hold(socket.principal, FLOOD_HOLD_S)
                 self._refuse(CLOSE_RATE_LIMITED, "rate_limited", "too many frames")
                 return
             try:
@@ -250,6 +255,10 @@ class LiveSocket:
             self._refuse(CLOSE_AUTH_FAILED, "unauthorized", "this account is disabled")
             return False
         if principal.role == "visitor":
+            held_for = live.socket_holds.held_for(principal)
+            if held_for:
+                self._refuse(CLOSE_RATE_LIMITED, "limit", f"too many frames; reconnect in {math.ceil(held_for)} s")
+                return False
             if len(hello.resume) > self._settings.visitor_max_conversations:
                 self._refuse(CLOSE_RATE_LIMITED, "limit", f"a visitor's socket follows at most "
                              f"{self._settings.visitor_max_conversations} conversations")
@@ -341,6 +350,9 @@ class LiveSocket:
 
     async def _visitor_send(self, send: Send) -> None:
         socket, principal = self._socket, self._principal
+        held_for = self._live.message_holds.held_for(principal)
+        if held_for:
+            raise Refused("limit", f"too many messages; retry in {math.ceil(held_for)} s")
         message_id = message_id_for(principal.tenant, principal.subject, send.cid)
         socket.remember_cid(message_id, send.cid)
         conversation_id = send.conversation_id or socket.current
@@ -388,6 +400,8 @@ class LiveSocket:
                 if error.code == "not_found":
                     self._refuse(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
                 else:
+                    if error.code == "rate_limited":
+                        self._live.message_holds.hold(principal, float(error.headers.get("Retry-After", "1")))
                     socket.send(nack_frame("send", nack_code(error.code), error.message, cid=send.cid,
                                            conversation_id=conversation_id))
                 return

@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from services.common.logs import configure_logging
+from services.common.nats_client import NatsCredentialsRefused
 from services.common.settings import SettingsError
 
 
@@ -25,4 +26,8 @@ def run_process(name: str, load_settings: Callable[[], S], serve: Callable[[S], 
     except SettingsError as error:
         sys.exit(f"{name}: {error}")
     configure_logging(name, settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except NatsCredentialsRefused as error:
+        # A configuration error like a bad setting: one line, no traceback, exit 1.
+        sys.exit(f"{name}: {error}")

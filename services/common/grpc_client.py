@@ -8,13 +8,17 @@ from typing import Any
 import grpc
 
 from services.common.grpc_server import AUTHORIZATION_METADATA_KEY
+from services.common.settings import internal_tokens
 
 Metadata = tuple[tuple[str, str], ...]
 
 
 def internal_metadata(token: str) -> Metadata:
-    """The metadata that authenticates an internal caller (empty when internal auth is off)."""
-    return ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),) if token else ()
+    """The metadata that authenticates an internal caller (empty when internal auth is off).
+
+    `token` is a KEFU_INTERNAL_TOKEN value: of a rotation list ("new,old") the first is sent."""
+    tokens = internal_tokens(token)
+    return ((AUTHORIZATION_METADATA_KEY, f"Bearer {tokens[0]}"),) if tokens else ()
 
 
 class _WithMetadata:

@@ -51,6 +51,38 @@ class NatsEndpoint:
         return ",".join(self.servers) + (f" as {self.user}" if self.user else "")
 
 
+class NatsCredentialsRefused(nats.errors.Error):
+    """NATS answered 'Authorization Violation' to the first connect: a wrong user or password, not an outage."""
+
+    def __init__(self, endpoint: NatsEndpoint) -> None:
+        who = f"user {endpoint.user!r}" if endpoint.user else "a client without a user"
+        super().__init__(f"NATS at {','.join(endpoint.servers)} refused {who}: check KEFU_NATS_USER and "
+                         "KEFU_NATS_PASSWORD (or the credentials in KEFU_NATS_URL)")
+
+
+async def check_credentials(endpoint: NatsEndpoint, timeout_s: float = 2.0) -> None:
+    """Raise NatsCredentialsRefused when the server rejects the credentials; anything else (no server yet)
+    is left to the retrying connect. One short connection, so a bad password stops a process at start
+    with one line instead of retrying forever."""
+    refused: list[str] = []
+
+    async def on_error(error: Exception) -> None:
+        if "authorization violation" in str(error).lower():
+            refused.append(str(error))
+
+    probe = NatsClient()
+    try:
+        await probe.connect(list(endpoint.servers), connect_timeout=timeout_s, allow_reconnect=False,
+                            max_reconnect_attempts=0, error_cb=on_error, user=endpoint.user or None,
+                            password=endpoint.password or None, name="kefu-credentials-check")
+    except (OSError, TimeoutError, nats.errors.Error) as error:
+        if refused or "authorization violation" in str(error).lower():
+            raise NatsCredentialsRefused(endpoint) from None
+    finally:
+        with contextlib.suppress(OSError, nats.errors.Error):
+            await probe.close()
+
+
 def redacted(url: str) -> str:
     """A NATS URL setting fit for a log line (its password left out)."""
     return NatsEndpoint.parse(url).redacted()
@@ -66,6 +98,7 @@ async def connect_nats(url: str, name: str, *, max_reconnect_attempts: int = -1,
     `reconnected` is called after each reconnect: core subscriptions come back by themselves,
     JetStream consumers kept in a restarted server's memory do not."""
     endpoint = NatsEndpoint.parse(url)
+    await check_credentials(endpoint)
 
     async def on_error(error: Exception) -> None:
         # nats-py's default callback logs a full traceback on every failed attempt.

@@ -75,12 +75,22 @@ def check_secret(name: str, value: str) -> None:
                             "needed (e.g. openssl rand -base64 32)")
 
 
+def internal_tokens(value: str) -> tuple[str, ...]:
+    """The tokens of a KEFU_INTERNAL_TOKEN value: callers send the first, services accept any of them."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def internal_token(env: Mapping[str, str]) -> str:
     """KEFU_INTERNAL_TOKEN, the bearer credential of internal gRPC calls; "" only with KEFU_INTERNAL_AUTH=off.
 
     Every gRPC service requires it from its callers and every caller sends it, so a process that has
-    none refuses to start unless the deployment turned internal authentication off on purpose."""
-    token = env_secret(env, "KEFU_INTERNAL_TOKEN")
+    none refuses to start unless the deployment turned internal authentication off on purpose.
+    A comma-separated list rotates it without downtime: callers send the first, services accept each
+    (roll out "old,new", then "new,old", then "new")."""
+    tokens = internal_tokens(env.get("KEFU_INTERNAL_TOKEN", ""))
+    for token in tokens:
+        check_secret("KEFU_INTERNAL_TOKEN", token)
+    token = ",".join(tokens)
     mode = env_str(env, "KEFU_INTERNAL_AUTH", "required").lower()
     if mode not in ("required", "off"):
         raise SettingsError(f"KEFU_INTERNAL_AUTH must be required or off, got {mode!r}")

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 RATES_BUCKET = "kefu_visitor_rates"
 USAGE_BUCKET = "kefu_tenant_usage"
 CAS_ATTEMPTS = 8
+RATES_MAX_BYTES = 64 << 20
+"""Memory for the buckets of about 400,000 visitors active within a TTL; beyond it a new visitor's message
+is refused (the session answers UNAVAILABLE) rather than nats-server's memory growing without end."""
 MAX_CACHED = 65536
 WINDOWS = 8
 """Windows per max age of the log: finer windows free aged-out bytes sooner."""
@@ -66,7 +69,8 @@ class VisitorRates:
         # A bucket refills in burst/rate seconds; a key idle for longer says nothing a missing one does not.
         ttl = max(60.0, math.ceil(burst / rate) * 2)
         kv = await ensure_key_value(nc.jetstream(), KeyValueConfig(
-            bucket=RATES_BUCKET, history=1, ttl=ttl, storage=StorageType.MEMORY, replicas=replicas))
+            bucket=RATES_BUCKET, history=1, ttl=ttl, storage=StorageType.MEMORY, replicas=replicas,
+            max_bytes=RATES_MAX_BYTES))
         return cls(kv, rate, burst)
 
     async def take(self, tenant: str, visitor: str) -> None:

@@ -23,6 +23,12 @@ class SessionMetrics:
         self.sessions_expired = Counter(
             "kefu_sessions_expired_total", "Sessions whose metadata expired after the idle TTL.",
             registry=self.registry)
+        self.messages_refused = Counter(
+            "kefu_session_messages_refused_total", "Messages refused by a limit (issue 17): rate_limited, "
+            "quota_exceeded or storage_full.", ["limit"], registry=self.registry)
+        self.answer_claims = Counter(
+            "kefu_session_answer_claims_total", "Claims on an answer the AI owes: granted (an edge died mid-answer, "
+            "or renews), held (another edge answers) or none (nothing owed).", ["result"], registry=self.registry)
         self.messages_appended = Counter(
             "kefu_session_messages_appended_total", "Messages stored, by role.", ["role"], registry=self.registry)
         self.context_tokens = Histogram(

@@ -119,13 +119,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
         async with session_errors(context):
             principal = principal_of(request)
-            if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
-                await self._rates.take(principal.tenant, principal.subject)
-            with self._metrics.operation_seconds.labels("append").time():
-                result = await self._store.append(principal, request.session_id, request.role,
-                                                  request.content, request.message_id, kind=request.kind,
-                                                  sender_name=request.sender_name, if_version=request.if_version,
-                                                  citations=[citation_of(c) for c in request.citations])
+            try:
+                if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
+                    await self._rates.take(principal.tenant, principal.subject)
+                with self._metrics.operation_seconds.labels("append").time():
+                    result = await self._store.append(principal, request.session_id, request.role,
+                                                      request.content, request.message_id, kind=request.kind,
+                                                      sender_name=request.sender_name, if_version=request.if_version,
+                                                      citations=[citation_of(c) for c in request.citations])
+            except (RateLimited, QuotaExceeded, StorageFull) as refused:
+                self._metrics.messages_refused.labels(refused.code).inc()
+                raise
         if result.created:
             self._metrics.sessions_created.inc()
         if not result.duplicate:
@@ -140,6 +144,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             with self._metrics.operation_seconds.labels("claim_answer").time():
                 claim = await self._store.claim_answer(principal_of(request), request.session_id, request.message_id,
                                                        request.holder, request.lease_s)
+        self._metrics.answer_claims.labels(
+            "granted" if claim.granted else "held" if claim.message_id else "none").inc()
         return session_pb2.ClaimAnswerResponse(granted=claim.granted, message_id=claim.message_id,
                                                held_for_s=claim.held_for_s, state=state_to_proto(claim.state))
 

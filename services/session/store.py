@@ -96,6 +96,9 @@ APPEND_KINDS = frozenset({"message", "note"})
 STREAM_FULL = 10077
 """JetStream's err_code for a publish refused by a stream's limits under DiscardPolicy.NEW."""
 MAX_ANSWER_LEASE_S = 300.0
+CONVERSATION_BYTES = 2048
+"""What a new conversation adds to its tenant's usage besides its messages: its metadata and index
+entries in KV (about 1.2 KB), so a quota also bounds how many conversations a tenant's visitors open."""
 MESSAGE_OVERHEAD_BYTES = 96
 """What JetStream stores besides subject and payload (the Nats-Msg-Id header, its record header)."""
 
@@ -255,8 +258,11 @@ class SessionStore:
             # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
             await self._check_open_conversations(principal)
         if self.usage is not None:
-            await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content))
+            await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content)
+                                   + (CONVERSATION_BYTES if created else 0))
         if created:
+            if self.usage is not None:
+                self.usage.add(principal.tenant, CONVERSATION_BYTES)
             session_id = new_id()
             now = time.time()
             meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))

@@ -437,3 +437,103 @@ def test_dev_worker_seeds_the_demo_tenant_from_its_configmap(rendered: dict[str,
     assert _configmap_files(objects(rendered, "dev", "ConfigMap")["kefu-demo-knowledge"]) == demo
     for variant in ("prod", "prod+components"):  # a production cluster gets no demo documents
         assert "KEFU_KB_SEED_DIR" not in env_of(deployments(rendered, variant)["llm-worker"]), variant
+# ----------------------------------------------------------------- internal credentials and NetworkPolicies
+
+NATS_USERS = {"edge": "edge", "session": "session", "llm-worker": "llm_worker"}
+"""Deployment -> its NATS user; moderation uses no NATS and has none."""
+
+
+def secret_ref(entry: Obj | None) -> tuple[str, str]:
+    assert entry is not None and "value" not in entry
+    ref = entry["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional"), ref
+    return ref["name"], ref["key"]
+
+
+def test_every_process_gets_the_internal_token_and_its_nats_user_from_the_secret(
+        rendered: dict[str, list[Obj]]) -> None:
+    for variant in rendered:
+        for name, deployment in deployments(rendered, variant).items():
+            env = env_of(deployment)
+            assert secret_ref(env.get("KEFU_INTERNAL_TOKEN")) == ("kefu-secrets", "internal-token"), (variant, name)
+            user = NATS_USERS.get(name)
+            if user is None:
+                assert "KEFU_NATS_USER" not in env and "KEFU_NATS_PASSWORD" not in env, (variant, name)
+                continue
+            assert env_value(deployment, "KEFU_NATS_USER") == user, (variant, name)
+            expected = ("kefu-secrets", f"nats-{user.replace('_', '-')}-password")
+            assert secret_ref(env.get("KEFU_NATS_PASSWORD")) == expected, (variant, name)
+
+
+def test_nats_requires_the_users_and_permissions_make_run_uses(rendered: dict[str, list[Obj]]) -> None:
+    from services.devstack.nats_auth import ROLES, k8s_authorization, password_variable, secret_key
+
+    for variant in rendered:
+        configmap = next(o for o in rendered[variant]
+                         if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("nats-config"))
+        assert "include ./nats-auth.conf" in configmap["data"]["nats.conf"], variant
+        # The same table as the devstack's, users of every role, passwords from the environment only.
+        assert configmap["data"]["nats-auth.conf"] == k8s_authorization(), variant
+        assert "no_auth_user" not in configmap["data"]["nats.conf"]
+        env = env_of(objects(rendered, variant, "StatefulSet")["nats"])
+        for user in ROLES:
+            assert f"${password_variable(user)}" in configmap["data"]["nats-auth.conf"]
+            assert secret_ref(env.get(password_variable(user))) == ("kefu-secrets", secret_key(user)), (variant, user)
+
+
+def _selects(selector: Obj, labels: dict[str, str]) -> bool:
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression  # the only operator these manifests use
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def allowed_sources(rendered: dict[str, list[Obj]], variant: str, workload: Obj, port: int) -> list[Obj]:
+    """The `from` peers that the variant's NetworkPolicies let reach `port` of `workload`'s pods ({} = anyone)."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    sources: list[Obj] = []
+    for policy in objects(rendered, variant, "NetworkPolicy").values():
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            ports = [port_number(workload, p["port"]) for p in rule.get("ports", [])]
+            if not ports or port in ports:
+                sources += rule.get("from") or [{}]
+    return sources
+
+
+def pods_named(*names: str) -> Obj:
+    if len(names) == 1:
+        return {"podSelector": {"matchLabels": {"app.kubernetes.io/name": names[0]}}}
+    return {"podSelector": {"matchExpressions": [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": list(names)}]}}
+
+
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_prod_network_policies_let_only_the_edge_reach_the_services(rendered: dict[str, list[Obj]]) -> None:
+    for variant in ("prod", "prod+components"):
+        policies = objects(rendered, variant, "NetworkPolicy")
+        deny = policies["default-deny-ingress"]["spec"]
+        assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
+        for name, deployment in deployments(rendered, variant).items():
+            assert allowed_sources(rendered, variant, deployment, METRICS_PORTS[name]) == [MONITORING], name
+            if name in GRPC_PORTS:
+                assert allowed_sources(rendered, variant, deployment, GRPC_PORTS[name]) == [pods_named("edge")], name
+            # Nothing else of the pod is reachable (the edge's public port aside).
+            assert allowed_sources(rendered, variant, deployment, 12345) == [], name
+        edge = deployments(rendered, variant)["edge"]
+        assert allowed_sources(rendered, variant, edge, port_number(edge, "http")) == [{}]  # the ingress
+
+
+def test_prod_network_policies_let_only_kefu_reach_nats(rendered: dict[str, list[Obj]]) -> None:
+    for variant in ("prod", "prod+components"):
+        nats = objects(rendered, variant, "StatefulSet")["nats"]
+        assert allowed_sources(rendered, variant, nats, 4222) == [pods_named("edge", "session", "llm-worker")]
+        assert allowed_sources(rendered, variant, nats, 6222) == [pods_named("nats")]
+        assert allowed_sources(rendered, variant, nats, 8222) == [MONITORING]
+    assert not objects(rendered, "dev", "NetworkPolicy")  # dev clusters often enforce none; prod must

@@ -117,9 +117,11 @@ async def test_sec_cache_visitors_never_join_an_attackers_generation(stack: Stac
         attack = asyncio.create_task(completion_text(http, stack, tenant, "mallory", "api", forged_history(FAQ),
                                                      max_tokens=CAP, stream=False))
         deadline = time.monotonic() + 10
-        while model.stats.in_flight < 1:  # the forged generation is running: a flight others could join
+        while not any(m["content"] == FORGED for body in model.received for m in body["messages"]):
             assert time.monotonic() < deadline and not attack.done(), "the attacker's turn never reached the model"
             await asyncio.sleep(0.01)
+        # The forged generation runs for most of a second yet: a flight the visitors could join.
+        assert not attack.done()
         chats = asyncio.gather(chat(http, stack, tenant, "dave", FAQ), chat(http, stack, tenant, "erin", FAQ))
         completions = completion_text(http, stack, tenant, "frank", "visitor", [{"role": "user", "content": FAQ}])
         (dave, erin), frank = await asyncio.gather(chats, completions)

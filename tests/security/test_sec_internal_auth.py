@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -25,7 +28,7 @@ from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import Stack
+from services.devstack.stack import REPO_ROOT, Stack, free_port
 from tests.e2e.stack_helpers import auth, start_stack
 
 TENANT = "shop1"
@@ -60,11 +63,11 @@ def service_calls(stack: Stack, session_id: str) -> dict[str, tuple[int, Call]]:
 
     async def list_messages(channel: grpc.aio.Channel) -> object:
         return await session_pb2_grpc.SessionServiceStub(channel).ListMessages(
-            session_pb2.ListMessagesRequest(principal=OWNER, session_id=session_id), timeout=5)
+            session_pb2.ListMessagesRequest(principal=OWNER, session_id=session_id), timeout=15)
 
     async def watch(channel: grpc.aio.Channel) -> object:
         call = session_pb2_grpc.SessionServiceStub(channel).Watch(
-            session_pb2.WatchRequest(principal=OWNER, session_id=session_id), timeout=5)
+            session_pb2.WatchRequest(principal=OWNER, session_id=session_id), timeout=15)
         try:
             metadata = await call.initial_metadata()  # the session sends its header once the caller passed
             if not any(key == "kefu-watch" for key, _ in metadata or ()):
@@ -75,10 +78,10 @@ def service_calls(stack: Stack, session_id: str) -> dict[str, tuple[int, Call]]:
 
     async def check(channel: grpc.aio.Channel) -> object:
         return await moderation_pb2_grpc.ModerationServiceStub(channel).Check(
-            moderation_pb2.CheckRequest(tenant=TENANT, text="你好"), timeout=5)
+            moderation_pb2.CheckRequest(tenant=TENANT, text="你好"), timeout=15)
 
     async def check_stream(channel: grpc.aio.Channel) -> object:
-        call = moderation_pb2_grpc.ModerationServiceStub(channel).CheckStream(timeout=5)
+        call = moderation_pb2_grpc.ModerationServiceStub(channel).CheckStream(timeout=15)
         try:
             await call.write(moderation_pb2.CheckStreamRequest(tenant=TENANT, delta="你好", final=True))
             return await call.read()
@@ -86,11 +89,11 @@ def service_calls(stack: Stack, session_id: str) -> dict[str, tuple[int, Call]]:
             call.cancel()
 
     async def list_models(channel: grpc.aio.Channel) -> object:
-        return await llm_pb2_grpc.LlmServiceStub(channel).ListModels(llm_pb2.ListModelsRequest(), timeout=5)
+        return await llm_pb2_grpc.LlmServiceStub(channel).ListModels(llm_pb2.ListModelsRequest(), timeout=15)
 
     async def generate(channel: grpc.aio.Channel) -> object:
         call = llm_pb2_grpc.LlmServiceStub(channel).Generate(llm_pb2.GenerateRequest(
-            tenant=TENANT, messages=[llm_pb2.ChatMessage(role="user", content="多久发货？")]), timeout=5)
+            tenant=TENANT, messages=[llm_pb2.ChatMessage(role="user", content="多久发货？")]), timeout=15)
         try:
             return await call.read()
         finally:
@@ -130,12 +133,12 @@ async def test_a_forged_principal_without_the_credential_reads_nothing(stack: St
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.config.ports.session}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await session_pb2_grpc.SessionServiceStub(channel).ListMessages(
-                session_pb2.ListMessagesRequest(principal=OWNER, session_id=conversation), timeout=5)
+                session_pb2.ListMessagesRequest(principal=OWNER, session_id=conversation), timeout=15)
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "我的订单" not in (refused.value.details() or "")
     async with internal_channel(f"127.0.0.1:{stack.config.ports.session}", stack.config.internal_token) as channel:
         reply = await session_pb2_grpc.SessionServiceStub(channel).ListMessages(
-            session_pb2.ListMessagesRequest(principal=OWNER, session_id=conversation), timeout=5)
+            session_pb2.ListMessagesRequest(principal=OWNER, session_id=conversation), timeout=15)
     assert any("我的订单" in message.content for message in reply.messages)
 
 
@@ -143,17 +146,17 @@ async def test_health_answers_without_a_credential_and_reflection_does_not(stack
     ports = stack.config.ports
     for port in (ports.session, ports.moderation, ports.worker):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=15)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=15)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 async for _ in listing:
                     pass
             assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
         async with internal_channel(f"127.0.0.1:{port}", stack.config.internal_token) as channel:
             listing = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=15)
             names = [s.name async for reply in listing for s in reply.list_services_response.service]
             assert "grpc.health.v1.Health" in names
 
@@ -170,7 +173,7 @@ class Connection:
 
     async def denied(self, what: str) -> bool:
         """Whether the server refused something matching `what` (a subject), once pending traffic is flushed."""
-        await self.nc.flush(timeout=5)
+        await self.nc.flush(timeout=15)
         for _ in range(20):
             if any("permissions violation" in e and what.lower() in e for e in self.errors):
                 return True
@@ -228,7 +231,7 @@ async def test_the_edges_nats_user_cannot_touch_streams_or_subjects_it_does_not_
     live = await edge.nc.subscribe("kefu.live.shop1.c.x")
     await edge.nc.flush()  # the server has the subscription before anything is published
     await admin.nc.publish("kefu.live.shop1.c.x", b"{}")
-    assert (await live.next_msg(timeout=5)).data == b"{}"
+    assert (await live.next_msg(timeout=15)).data == b"{}"
     # What it does not need is refused: deleting or purging the log, forging a stored message,
     # poisoning the answer cache, creating streams of other roles.
     attempts: dict[str, Callable[[], Awaitable[object]]] = {
@@ -265,3 +268,16 @@ async def test_a_role_cannot_listen_to_another_roles_subjects(
     session = await connect(stack.nats_url_as("session"), "session")
     await session.nc.publish("kefu.live.shop1.c.x", b'{"frame": "forged"}')
     assert await session.denied('publish to "kefu.live.shop1.c.x"'), session.errors
+
+
+def test_a_process_with_a_wrong_nats_password_stops_at_start_with_one_line(stack: Stack) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+    env.update({"KEFU_NATS_URL": stack.nats_address, "KEFU_NATS_USER": "session",
+                "KEFU_NATS_PASSWORD": "not-the-password", "KEFU_INTERNAL_TOKEN": stack.config.internal_token,
+                "KEFU_SESSION_PORT": str(free_port()), "KEFU_SESSION_METRICS_PORT": str(free_port())})
+    result = subprocess.run([sys.executable, "-m", "services.session"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("session: NATS at ") and "refused user 'session'" in last and "KEFU_NATS_PASSWORD" in last
+    assert "Traceback" not in result.stderr and "not-the-password" not in result.stdout + result.stderr

@@ -67,7 +67,8 @@ def rss_kib(pid: int) -> int:
 
 
 def metric(stack: Stack, sample: str) -> float:
-    body = urllib.request.urlopen(edge_metrics_url(stack), timeout=5).read().decode()
+    with urllib.request.urlopen(edge_metrics_url(stack), timeout=5) as response:
+        body = response.read().decode()
     found = re.search(rf"^{re.escape(sample)} (\S+)$", body, re.MULTILINE)
     return float(found[1]) if found else 0.0
 

@@ -6,21 +6,23 @@ import asyncio
 import math
 import re
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncGenerator, Iterator, Sequence
+from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
 
-from services.devstack.stack import Stack
+from services.devstack.stack import Stack, listens_on
 from services.llm_worker.cache import AnswerCache, LocalTier
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, StreamEvent, Usage
 from services.llm_worker.plugin_host import Target
 from services.llm_worker.pregen import Pregenerator, PregenJob
 from services.llm_worker.routes import TargetSpec
-from tests.e2e.stack_helpers import SECRET, edge_metrics_url, start_stack, wait_until
+from tests.e2e.stack_helpers import SECRET, edge_metrics_url, start_stack
 
 DAY_S = 86400
 MAX_LIFETIME_S = 90 * DAY_S  # KEFU_VISITOR_MAX_LIFETIME_S's default
@@ -36,7 +38,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def edge_metric(stack: Stack, sample: str) -> float:
-    body = urllib.request.urlopen(edge_metrics_url(stack), timeout=5).read().decode()
+    with urllib.request.urlopen(edge_metrics_url(stack), timeout=5) as response:
+        body = response.read().decode()
     found = re.search(rf"^{re.escape(sample)} (\S+)$", body, re.MULTILINE)
     return float(found[1]) if found else 0.0
 
@@ -50,6 +53,28 @@ async def test_sec_metrics_are_not_on_the_public_port(stack: Stack) -> None:
         async with http.get(edge_metrics_url(stack)) as response:
             assert response.status == 200
             assert "kefu_http_request_duration_seconds" in await response.text()
+
+
+def test_sec_each_edge_worker_serves_its_metrics_on_a_port_of_its_own(tmp_path: Path) -> None:
+    """Two edge processes share the public port; each keeps its own registry on its own metrics port."""
+    two = start_stack(tmp_path, workers=2)
+    try:
+        pids = {name: process.pid for name, process in two.processes.items() if name.startswith("gateway")}
+        assert len(pids) == 2
+        owners = set()
+        for worker in range(2):
+            url = edge_metrics_url(two, worker)
+            with urllib.request.urlopen(url, timeout=5) as response:
+                assert "kefu_http_request_duration_seconds" in response.read().decode()
+            port = int(url.split(":")[2].split("/")[0])
+            owners |= {pid for pid in pids.values() if listens_on(pid, port)}
+        assert owners == set(pids.values())  # one port each, not one answering for both
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{two.base_url}/metrics", timeout=5)
+        refused.value.close()
+        assert refused.value.code == 404
+    finally:
+        two.stop()
 
 
 async def test_sec_readyz_burst_makes_about_one_round_of_checks_a_second(stack: Stack) -> None:
@@ -127,8 +152,10 @@ async def test_sec_readyz_says_503_soon_after_a_backend_dies(stack: Stack) -> No
         finally:
             stack.start_process("moderation")
         stack.wait_grpc_serving("moderation", stack.config.ports.moderation, time.monotonic() + 30)
-        wait_until(lambda: urllib.request.urlopen(f"{stack.base_url}/readyz", timeout=2).status == 200,
-                   timeout_s=10, what="readyz 200 again")
+        deadline = time.monotonic() + 10
+        while await ready_status() != 200:
+            assert time.monotonic() < deadline, "readyz not 200 again after moderation came back"
+            await asyncio.sleep(0.1)
 
 
 class CountingProvider:

@@ -21,7 +21,7 @@ from tests.e2e.stack_helpers import auth, start_stack, token
 BURST = 10
 RPS = 1.0
 QUOTA = 32 * 1024
-BIG_TEXT = "x" * 7000
+BIG_TEXT = "hello there " * 580
 """About 7 KB stored a message: a tenant's quota lasts a handful of them."""
 DEFAULT_LIMITS = {"KEFU_VISITOR_MSG_RPS": str(RPS), "KEFU_VISITOR_MSG_BURST": str(BURST),
                   "KEFU_VISITOR_MAX_SOCKETS": "5", "KEFU_VISITOR_MAX_CONVERSATIONS": "5"}
@@ -115,8 +115,18 @@ async def test_sec_a_flood_over_several_sockets_stores_only_the_burst(stack: Sta
         # The burst (less the first message) and what refilled meanwhile; no more.
         assert len(acks) <= BURST - 1 + int(elapsed * RPS) + 1, (len(acks), elapsed)
 
+        # /v1/chat turns draw on the same bucket: 429 with Retry-After, never a 5xx.
+        refusal = None
+        for n in range(5):
+            async with http.post(f"{stack.base_url}/v1/chat", headers=auth(tenant, sub), json={
+                    "message": f"more {n}", "session_id": conversation_id, "stream": False}) as response:
+                assert response.status in (200, 429), (response.status, await response.text())
+                if response.status == 429:
+                    refusal = (await response.json())["error"]["code"], int(response.headers["Retry-After"])
+                    break
+        assert refusal is not None and refusal[0] == "rate_limited" and refusal[1] >= 1, refusal
         stored = await stored_visitor_messages(http, stack, tenant, sub, conversation_id)
-        assert stored == len(acks) + 1, (stored, len(acks))
+        assert stored == len(acks) + 1 + n, (stored, len(acks), n)
 
         # Another visitor of the same tenant is not slowed down by the flood.
         other, welcome = await connect(http, stack, tenant, "bystander")
@@ -152,6 +162,32 @@ async def test_sec_a_sixth_socket_of_a_visitor_is_refused(stack: Stack) -> None:
         assert isinstance(answer, dict) and answer["type"] == "welcome", answer
         for ws in [*sockets, other, again]:
             await ws.close()
+
+
+async def test_sec_a_visitor_closed_for_a_frame_flood_cannot_reconnect_at_once(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws, welcome = await connect(http, stack, "flood", "pinger")
+        assert isinstance(welcome, dict) and welcome["type"] == "welcome", welcome
+        for _ in range(100):  # over KEFU_WS_FRAME_BURST (60) at once
+            await ws.send_json({"type": "ping"})
+        while (frame := await receive(ws)) != 4008:
+            assert isinstance(frame, dict) and frame["type"] in ("pong", "error"), frame
+        again, refused = await connect(http, stack, "flood", "pinger")
+        assert isinstance(refused, dict) and refused["type"] == "error" and refused["code"] == "limit", refused
+        assert await receive(again) == 4008
+        other, welcome = await connect(http, stack, "flood", "calm")
+        assert isinstance(welcome, dict) and welcome["type"] == "welcome", welcome
+        await other.close()
+
+
+async def test_sec_a_socket_follows_at_most_its_conversations(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{stack.base_url}/v1/ws")
+        resume = [{"conversation_id": f"{n:032x}", "after_seq": 0} for n in range(6)]
+        await ws.send_json({"type": "hello", "token": token("flood", "follower"), "resume": resume})
+        refused = await receive(ws)
+        assert isinstance(refused, dict) and refused["type"] == "error" and refused["code"] == "limit", refused
+        assert await receive(ws) == 4008
 
 
 async def test_sec_a_visitor_cannot_open_conversations_without_end(stack: Stack) -> None:
@@ -198,16 +234,15 @@ async def test_sec_a_full_log_refuses_writes_with_a_clear_error_and_the_edge_sta
         tmp_path_factory: pytest.TempPathFactory) -> None:
     # Tenants' quotas sum to more than the log holds: it fills, and says so instead of dropping history.
     small = start_stack(tmp_path_factory.mktemp("sec-full"), {
-        **DEFAULT_LIMITS, "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA), "KEFU_MESSAGES_MAX_BYTES": str(2 * QUOTA)})
+        **DEFAULT_LIMITS, "KEFU_TENANT_MAX_STORED_BYTES": str(QUOTA // 2), "KEFU_MESSAGES_MAX_BYTES": str(QUOTA)})
     try:
         outcomes: list[tuple[int, str | None]] = []
         async with aiohttp.ClientSession() as http:
-            for tenant in ("t1", "t2", "t3"):
-                for n in range(6):
-                    async with http.post(f"{small.base_url}/v1/chat", headers=auth(tenant, f"v{n}"),
-                                         json={"message": BIG_TEXT, "stream": False}) as response:
-                        payload = await response.json()
-                        outcomes.append((response.status, payload.get("error", {}).get("code")))
+            for n in range(8):  # each tenant well within its quota; together more than the log holds
+                async with http.post(f"{small.base_url}/v1/chat", headers=auth(f"t{n}", "v"),
+                                     json={"message": BIG_TEXT, "stream": False}) as response:
+                    payload = await response.json()
+                    outcomes.append((response.status, payload.get("error", {}).get("code")))
             assert (507, "storage_full") in outcomes, outcomes
             assert {status for status, _ in outcomes} <= {200, 409, 507}, outcomes
             async with http.get(f"{small.base_url}/readyz") as response:

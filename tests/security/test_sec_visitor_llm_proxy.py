@@ -146,11 +146,12 @@ async def test_sec_unsupported_parameters_are_refused_by_name(stack: Stack, upst
     for name in ("tools", "tool_choice", "response_format", "stop", "n", "logprobs", "messages[0].tool_calls"):
         assert name in error["message"], name
     assert upstream.stats.requests_total == 0
-    # Sampling and bookkeeping knobs are accepted and ignored; null means not set.
+    # Sampling and bookkeeping knobs are accepted and ignored.
     status, body = await complete(stack, {"messages": [user("hi")], "top_p": 0.5, "seed": 7, "store": False,
-                                          "presence_penalty": 0, "n": 1, "logprobs": False, "tools": None},
-                                  role=role)
+                                          "presence_penalty": 0, "n": 1, "logprobs": False}, role=role)
     assert status == 200, body
+    status, body = await complete(stack, {"messages": [user("hi")], "functions": None}, role=role)
+    assert (status, body["error"]["param"]) == (400, "functions")  # not even as null: the client meant something
 
 
 async def test_sec_api_role_keeps_the_full_surface(stack: Stack, upstream: FakeUpstream) -> None:
