@@ -54,7 +54,8 @@ def stream_subjects(stream: str) -> str:
 
 
 LOG_STREAM = "KEFU_MESSAGES"
-STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>"}
+KB_JOBS_STREAM = "KEFU_KB_JOBS"
+STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>", KB_JOBS_STREAM: "kefu.kb.jobs.>"}
 """Subjects of the streams that are not KV or object store buckets."""
 
 ROLES: Mapping[str, Role] = {
@@ -71,7 +72,12 @@ ROLES: Mapping[str, Role] = {
                  kv("kefu_conversations"): Access.WRITE, kv("kefu_visitor_rates"): Access.WRITE,
                  kv("kefu_tenant_usage"): Access.WRITE, kv("kefu_tenants"): Access.CREATE}),
     "llm_worker": Role(
-        streams={kv("kefu_cache"): Access.WRITE, kv("kefu_cache_epochs"): Access.WRITE},
+        # The knowledge base too: documents and index state (KV), files and built indexes (object
+        # stores), and the shared ingestion work queue.
+        streams={kv("kefu_cache"): Access.WRITE, kv("kefu_cache_epochs"): Access.WRITE,
+                 kv("kefu_kb_documents"): Access.WRITE, kv("kefu_kb_tenants"): Access.WRITE,
+                 obj("kefu_kb_files"): Access.WRITE, obj("kefu_kb_indexes"): Access.WRITE,
+                 KB_JOBS_STREAM: Access.WRITE},
         subscribe=("kefu.cache.invalidate",)),
     # Operators and tools (the accounts CLI, cache invalidation, tests): everything.
     "admin": Role(streams={}, publish=(">",), subscribe=(">",)),
