@@ -262,7 +262,7 @@ class KnowledgeLibrary:
     async def _fetch(self, tenant: str, name: str) -> _Loaded:
         start = time.perf_counter()
         try:
-            data = await self._store.read_index(name)
+            data = await self._read(name)
             if data is None:
                 raise _IndexGone(name)
             index = await asyncio.to_thread(KnowledgeIndex.from_bytes, data)
@@ -289,6 +289,18 @@ class KnowledgeLibrary:
         if held is None or held.state.index == name:  # not superseded while it loaded
             self._keep(tenant, loaded)
         return loaded
+
+    async def _read(self, name: str, attempts: int = 3) -> bytes | None:
+        # A nats-server that just restarted answers KV reads before it can create the consumer an
+        # object read needs: retry briefly before failing the turn.
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._store.read_index(name)
+            except (NatsError, TimeoutError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.25 * attempt)
+        return None
 
     def _keep(self, tenant: str, loaded: _Loaded) -> None:
         old = self._indexes.pop(tenant, None)
