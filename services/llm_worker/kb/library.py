@@ -27,6 +27,7 @@ from typing import cast
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -208,7 +209,7 @@ class KnowledgeLibrary:
             self._prefetch(tenant, state.index)  # a tenant in use: have its new index ready for its next turn
         return held
 
-    async def _subscribe(self, nc: NatsClient) -> object:
+    async def _subscribe(self, nc: NatsClient) -> Subscription:
         js = nc.jetstream(timeout=10)
 
         async def on_update(message: Msg) -> None:
@@ -224,13 +225,13 @@ class KnowledgeLibrary:
         return await js.subscribe(WATCH_SUBJECT, cb=on_update, ordered_consumer=True,
                                   config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
 
-    async def _watch(self, nc: NatsClient, subscription: object) -> None:
+    async def _watch(self, nc: NatsClient, subscription: Subscription) -> None:
         while True:
             await self._resubscribe.wait()
             self._resubscribe.clear()
             self._states.clear()  # any of them may be stale now
             with contextlib.suppress(NatsError, TimeoutError):
-                await subscription.unsubscribe()  # type: ignore[attr-defined]
+                await subscription.unsubscribe()
             while True:
                 try:
                     subscription = await self._subscribe(nc)
