@@ -366,3 +366,21 @@ async def test_tenant_route_and_system_prompt_are_used_for_its_visitors(grounded
         assert upstream.stats.requests_total == 2
     assert served["model"] == "knowledge-base" and served["finish_reason"] == "handoff"
     assert completion["model"] == "default" and completion["citations"] == []
+
+
+async def test_llm_follow_up_gets_the_passages_of_its_context_and_the_conversation(grounded_llm_stack: Stack,
+                                                                                   upstream_port: int) -> None:
+    async with FakeUpstream(FakeUpstreamConfig(grounded=True), port=upstream_port) as upstream, \
+            aiohttp.ClientSession() as http:
+        await seed(http, grounded_llm_stack, "llm-follow")
+        first = await chat(http, grounded_llm_stack, "llm-follow", "怎么申请退货？", sub="asker")
+        follow = await chat(http, grounded_llm_stack, "llm-follow", "那运费呢？", sub="asker",
+                            session_id=first["session_id"])
+        prompt = upstream.received[-1]["messages"]
+    assert first["finish_reason"] == "stop" and first["reply"].endswith("[1]")
+    passages = prompt[0]["content"].split("[1]", 1)[1]
+    assert "退货运费由买家承担" in passages.split("[2]", 1)[0]  # the returns passage comes first
+    assert [(m["role"], m["content"]) for m in prompt[1:]] == [
+        ("user", "怎么申请退货？"), ("assistant", first["reply"]), ("user", "那运费呢？")]
+    # (The fake model reads only the last message, too short for it: it declines; a real model has the context.)
+    assert follow["finish_reason"] == "handoff"

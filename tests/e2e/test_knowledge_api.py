@@ -88,7 +88,7 @@ async def settled(stack: Stack, document_id: str, version: int, headers: dict[st
 
 async def search(stack: Stack, query: str, headers: dict[str, str] = AGENT, k: int = 5) -> list[dict[str, Any]]:
     status, reply = await call(stack, "POST", "/v1/knowledge/search", headers, json={"query": query, "k": k})
-    assert status == 200, reply
+    assert status == 200, (status, reply)
     return reply["results"]
 
 

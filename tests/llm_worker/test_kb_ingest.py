@@ -15,7 +15,7 @@ from services.common.errors import NotFound, Unavailable
 from services.common.nats_client import connect_nats
 from services.devstack.nats_server import NatsServer, start_nats_server
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument
-from services.llm_worker.kb.ingest import Ingestor, JobQueue
+from services.llm_worker.kb.ingest import JOBS_STREAM, Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.seed import seed, wait_settled
@@ -387,3 +387,34 @@ async def test_kb_a_build_on_an_unreadable_index_parses_every_document_again(kb:
     rebuilt = await kb.ingestor.reconcile("shop1")
     assert rebuilt is not None and rebuilt.documents == {"shipping": 1, "returns": 1}
     assert await texts(kb, "shop1", "orders ship hours") and await texts(kb, "shop1", "refund")
+
+
+async def test_kb_two_replicas_share_the_job_queue(kb: Kb, nats_client: NatsClient, builder: IndexBuilder) -> None:
+    other = await open_kb(nats_client, builder)
+    runs = [asyncio.create_task(replica.ingestor.run(nats_client, fetch_timeout_s=0.3)) for replica in (kb, other)]
+    try:
+        for tenant in ("t1", "t2", "t3"):
+            for n in range(3):
+                await put(kb if n % 2 else other, tenant, f"doc{n}", f"# {tenant} {n}\n\nword{tenant}{n}\n".encode())
+        for _ in range(600):
+            records = [r for tenant in ("t1", "t2", "t3") for r, _ in await kb.store.records(tenant)]
+            if len(records) == 9 and all(r.status == "ready" for r in records):
+                break
+            await asyncio.sleep(0.05)
+        for tenant in ("t1", "t2", "t3"):
+            state, _ = await kb.store.state(tenant)
+            assert state.documents == {f"doc{n}": 1 for n in range(3)}, tenant
+            for n in range(3):  # either replica's library serves every document
+                for replica in (kb, other):
+                    hits = await replica.library.search(tenant, f"word{tenant}{n}", 1)
+                    assert hits and hits[0].chunk.document_id == f"doc{n}"
+        for _ in range(100):  # a work queue: every job acked (after its records were settled), none left
+            if (await nats_client.jetstream().stream_info(JOBS_STREAM)).state.messages == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await nats_client.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
+    finally:
+        for run in runs:
+            run.cancel()
+        await asyncio.wait(runs)
+        await other.library.aclose()

@@ -27,6 +27,7 @@ from typing import cast
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -208,7 +209,7 @@ class KnowledgeLibrary:
             self._prefetch(tenant, state.index)  # a tenant in use: have its new index ready for its next turn
         return held
 
-    async def _subscribe(self, nc: NatsClient) -> object:
+    async def _subscribe(self, nc: NatsClient) -> Subscription:
         js = nc.jetstream(timeout=10)
 
         async def on_update(message: Msg) -> None:
@@ -224,13 +225,13 @@ class KnowledgeLibrary:
         return await js.subscribe(WATCH_SUBJECT, cb=on_update, ordered_consumer=True,
                                   config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
 
-    async def _watch(self, nc: NatsClient, subscription: object) -> None:
+    async def _watch(self, nc: NatsClient, subscription: Subscription) -> None:
         while True:
             await self._resubscribe.wait()
             self._resubscribe.clear()
             self._states.clear()  # any of them may be stale now
             with contextlib.suppress(NatsError, TimeoutError):
-                await subscription.unsubscribe()  # type: ignore[attr-defined]
+                await subscription.unsubscribe()
             while True:
                 try:
                     subscription = await self._subscribe(nc)
@@ -262,7 +263,7 @@ class KnowledgeLibrary:
     async def _fetch(self, tenant: str, name: str) -> _Loaded:
         start = time.perf_counter()
         try:
-            data = await self._store.read_index(name)
+            data = await self._read(name)
             if data is None:
                 raise _IndexGone(name)
             index = await asyncio.to_thread(KnowledgeIndex.from_bytes, data)
@@ -289,6 +290,18 @@ class KnowledgeLibrary:
         if held is None or held.state.index == name:  # not superseded while it loaded
             self._keep(tenant, loaded)
         return loaded
+
+    async def _read(self, name: str, attempts: int = 3) -> bytes | None:
+        # A nats-server that just restarted answers KV reads before it can create the consumer an
+        # object read needs: retry briefly before failing the turn.
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._store.read_index(name)
+            except (NatsError, TimeoutError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.25 * attempt)
+        return None
 
     def _keep(self, tenant: str, loaded: _Loaded) -> None:
         old = self._indexes.pop(tenant, None)

@@ -9,17 +9,18 @@ from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.knowledge.models import Hit, Retrieval
 
 MIN_CONFIDENCE = 0.256
-"""Answer only when the top chunk's BM25 score per unit of the question's IDF (`confidence`) reaches this.
+"""Answer only when the top chunk's score per unit of the question's IDF (`confidence`) reaches this.
 
-The score of a chunk containing every query term once is about the query's total IDF (Lucene's term
-frequency part is ~1 for one occurrence in a chunk of average length), so the ratio reads as "how much
-of what was asked the best chunk answers", whatever the corpus size or the question's length; a term no
-chunk has counts at the highest IDF, so a question about something absent scores low. Tuned in
-bench/kb_bench.py on the CMRC 2018 trial set with half of the articles held out, on four different
-halves: the best threshold was 0.255-0.260 on each, with balanced accuracy 0.949-0.959 on the half it
-was tuned on and 0.953-0.957 (mean) on the three others. A raw BM25 threshold reaches 0.89 there; the
-IDF-weighted coverage of the top chunk 0.94; adding coverage, the gap to the runner-up or the raw score
-to this ratio (logistic fit or AND/OR rules) did not improve on held-out halves (0.951-0.954).
+The score (BM25 with the chunk's length normalisation capped, `Hit.tf_score`) of a chunk containing every
+query term once is about 0.4 x the query's total IDF, rising towards 1 x with repeats, so the ratio reads
+as "how much of what was asked the best chunk answers", whatever the corpus size or the question's
+length; a term no chunk has counts at the highest IDF, so a question about something absent scores low.
+Tuned in bench/kb_bench.py on the CMRC 2018 trial set with half of the articles held out, on four
+different halves: the best threshold was 0.253-0.272, with balanced accuracy 0.946-0.962 on the half it
+was tuned on and 0.943-0.950 (mean) on the three others; at 0.256: 0.944-0.955. A raw BM25 threshold
+reaches 0.89 there, the IDF-weighted coverage of the top chunk 0.94; adding coverage, the gap to the
+runner-up, phrase matches or the raw score to this ratio (logistic fit, AND/OR rules) did not do better
+on held-out halves.
 """
 FOLLOW_UP_MAX_TERMS = 2
 """A question with at most this many content terms may lean on the previous turn ("那运费呢？")."""
