@@ -12,7 +12,8 @@ import pytest
 from aiohttp import hdrs
 
 from gateway.app import create_app
-from gateway.errors import api_error_from_grpc
+from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
+from gateway.handlers.knowledge import knowledge_error
 from gateway.settings import GatewaySettings
 from services.devstack.stack import free_port
 
@@ -21,8 +22,8 @@ API_MD = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
 CODE_DIRS = ("gateway", "services", "plugins")
 
 # Calls that name an error code, and the position of the code among their arguments.
-CODE_ARGUMENT = {"ApiError": 0, "Refused": 0, "FrameError": 0, "StreamFailed": 0, "error_frame": 0,
-                 "nack_frame": 1, "_refuse": 1}
+CODE_ARGUMENT = {"ApiError": 0, "ParameterError": 0, "Refused": 0, "FrameError": 0, "StreamFailed": 0,
+                 "error_frame": 0, "nack_frame": 1, "_refuse": 1}
 
 
 def python_files(*folders: str) -> list[Path]:
@@ -52,15 +53,15 @@ def argument(node: ast.Call, index: int, keyword: str) -> ast.expr | None:
 def literal_codes() -> dict[str, set[int | None]]:
     """Every error code the edge's source names literally, with the HTTP status it goes with when known."""
     found: dict[str, set[int | None]] = defaultdict(set)
-    for path in python_files("gateway"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        statuses = class_statuses(tree)
+    trees = [ast.parse(path.read_text(encoding="utf-8")) for path in python_files("gateway")]
+    statuses = class_statuses(trees)
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = call_name(node)
                 if name in CODE_ARGUMENT:
                     status = argument(node, 2, "status") if name == "ApiError" else None
-                    http = status.value if isinstance(status, ast.Constant) else None
+                    http = status.value if isinstance(status, ast.Constant) else statuses.get(name)
                     for code in constant_strings(argument(node, CODE_ARGUMENT[name], "code")):
                         found[code].add(http)
                 elif name == "__init__" and isinstance(node.func, ast.Attribute) and node.args:
@@ -85,15 +86,28 @@ def literal_codes() -> dict[str, set[int | None]]:
     return found
 
 
-def class_statuses(tree: ast.Module) -> dict[str, int]:
-    """Classes of the module that set `status = <int>` (ApiError subclasses)."""
-    statuses = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            for item in node.body:
-                if (isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name)
-                        and item.targets[0].id == "status" and isinstance(item.value, ast.Constant)):
-                    statuses[node.name] = item.value.value
+def class_statuses(trees: list[ast.Module]) -> dict[str, int]:
+    """ApiError subclasses (by name, across the modules) that set `status = <int>` or inherit one from a
+    base class that does."""
+    statuses: dict[str, int] = {}
+    bases: dict[str, list[str]] = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name != "ApiError":
+                bases[node.name] = [base.id for base in node.bases if isinstance(base, ast.Name)]
+                for item in node.body:
+                    if (isinstance(item, ast.Assign) and len(item.targets) == 1
+                            and isinstance(item.targets[0], ast.Name) and item.targets[0].id == "status"
+                            and isinstance(item.value, ast.Constant)):
+                        statuses[node.name] = item.value.value
+    changed = True
+    while changed:  # a subclass without its own status has its base's
+        changed = False
+        for name, parents in bases.items():
+            inherited = next((statuses[p] for p in parents if p in statuses), None)
+            if name not in statuses and inherited is not None:
+                statuses[name] = inherited
+                changed = True
     return statuses
 
 
@@ -128,11 +142,19 @@ def mapped_codes() -> dict[str, set[int | None]]:
                 backends.update(constant_strings(argument(node, 1, "backend")))
     assert {"session", "moderation", "llm"} <= backends
     found: dict[str, set[int | None]] = defaultdict(set)
-    for backend in backends:
-        for code in grpc.StatusCode:
-            error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
-            api_error = api_error_from_grpc(error, backend)
-            found[api_error.code].add(api_error.status)
+
+    def add(api_error: ApiError) -> None:
+        found[api_error.code].add(api_error.status)
+
+    for code in grpc.StatusCode:
+        error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
+        add(knowledge_error(error))  # the knowledge routes' own mapping of the worker's refusals
+        for backend in backends:
+            add(api_error_from_grpc(error, backend))
+    for limit in LIMIT_CODES:  # the session service names the limit it refused with in a trailer
+        trailer = grpc.aio.Metadata(("kefu-error", limit))
+        error = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailer, details="x")
+        add(api_error_from_grpc(error, "session"))
     return found
 
 
@@ -191,11 +213,18 @@ NUMERIC_EDGE_SETTINGS = sorted(name for name, f in GatewaySettings.__dataclass_f
                                if isinstance(f.default, int | float) and not isinstance(f.default, bool))
 
 
+def edge_variable(field: str) -> str:
+    """The variable GatewaySettings.from_env reads a field from (`field=env_x(env, "KEFU_...", ...)`)."""
+    source = (REPO / "gateway" / "settings.py").read_text(encoding="utf-8")
+    match = re.search(rf"\b{field}=\w+\(env, \"(KEFU_[A-Z0-9_]+)\"", source)
+    return match.group(1) if match else "KEFU_" + field.upper()
+
+
 @pytest.mark.parametrize("field", NUMERIC_EDGE_SETTINGS)
 def test_api_md_edge_defaults_are_the_settings(field: str) -> None:
-    """The edge table's default of each numeric setting is GatewaySettings' (KEFU_ + the field's name)."""
+    """The edge table's default of each numeric setting is GatewaySettings' (the variable from_env reads)."""
     default = GatewaySettings.__dataclass_fields__[field].default
-    variable = "KEFU_" + field.upper()
+    variable = edge_variable(field)
     edge = API_MD.split("Edge (`python -m gateway`):", 1)[1].split("\n\n", 2)[1]
     row = next((line for line in edge.splitlines() if f"`{variable}`" in line), None)
     assert row is not None, f"{variable} is not in the edge's table"
