@@ -1,10 +1,12 @@
 """What the edge really sends over /v1/ws matches docs/asyncapi.yaml: one live-chat exchange through the real
 processes (every client frame type, every server frame type), each received frame checked against the
-server messages of the document."""
+server messages of the document. The tenant has the demo shop's documents, so AI `msg` frames carry citations."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -12,14 +14,23 @@ import pytest
 from gateway.mint_token import mint
 from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import SECRET, start_stack, token
+from tests.e2e.test_grounded_answers import DEMO_KNOWLEDGE
 from tests.e2e.test_ws_handoff import CLOSED, Peer, connect, is_type, start_conversation, url
 from tests.gateway.asyncapi_support import operation_messages, server_frame_problems
 
 
+TENANT = "shop1"
+"""connect()'s default tenant."""
+
+
 @pytest.fixture(scope="module")
 def frames_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = start_stack(tmp_path_factory.mktemp("asyncapi-stack"), {
-        "KEFU_DESK_POLL_S": "0.3", "KEFU_WS_FRAME_RPS": "100", "KEFU_WS_FRAME_BURST": "200"})
+    data_dir = tmp_path_factory.mktemp("asyncapi-stack")
+    seed_dir = data_dir / "knowledge"
+    shutil.copytree(Path(DEMO_KNOWLEDGE) / "demo", seed_dir / TENANT)  # seeded before the worker is ready
+    stack = start_stack(data_dir, {
+        "KEFU_DESK_POLL_S": "0.3", "KEFU_WS_FRAME_RPS": "100", "KEFU_WS_FRAME_BURST": "200",
+        "KEFU_KB_SEED_DIR": str(seed_dir)})
     try:
         yield stack
     finally:
@@ -43,7 +54,10 @@ async def test_every_frame_the_edge_sends_matches_exactly_one_server_message(fra
         await visitor.next(is_type("pong"))
         await visitor.send(type="dance")
         await visitor.next(is_type("error", code="unknown_type"))
-        conversation_id = await start_conversation(visitor)  # msg echo, ack, ai_delta..., msg from the AI
+        # msg echo, ack, ai_delta..., msg from the AI answered from the FAQ document, with its citation
+        conversation_id = await start_conversation(visitor, "多久发货？")
+        answer = next(f for f in visitor.frames if f["type"] == "msg" and f["sender"]["type"] == "ai")
+        assert answer["citations"] and answer["citations"][0]["document_id"], answer
         await visitor.send(type="claim", conversation_id=conversation_id, cid="not-mine")
         await visitor.next(is_type("nack", cid="not-mine", code="forbidden"))
 
