@@ -642,7 +642,7 @@ def turn_figures(turns: Sequence[Turn], duration_s: float) -> dict[str, Any]:
         "ttft_ms_misses": _ms([t.ttft_s for t in good if not t.cached and t.ttft_s is not None]),
         "ttft_ms_personal": _ms([t.ttft_s for t in good if t.kind == "personal" and t.ttft_s is not None]),
         "ttft_ms_novel": _ms([t.ttft_s for t in good if t.kind == "novel" and t.ttft_s is not None]),
-        # The turns the DESIGN rule lets the cache serve at all (predicted with the worker's own rule).
+        # The turns the cache rule lets the cache serve at all (predicted with the worker's own rule).
         "ttft_ms_cacheable": _ms([t.ttft_s for t in good if t.predicted_cacheable and t.ttft_s is not None]),
         "hit_ratio_cacheable": (sum(t.cached for t in good if t.predicted_cacheable)
                                 / max(1, sum(1 for t in good if t.predicted_cacheable))),

@@ -331,7 +331,7 @@ async def grpc_stream(stub: moderation_pb2_grpc.ModerationServiceStub, answers: 
                     if response is grpc.aio.EOF or response.verdict == moderation_pb2.VERDICT_BLOCK:
                         break
             finally:
-                call.cancel()  # leaving the loop does not end a gRPC stream (NOTES §5)
+                call.cancel()  # leaving the loop does not end a gRPC stream (grpc.aio)
             timing.chars += len(answer)
             timing.utf8_bytes += len(answer.encode())
     timing.wall_s = time.perf_counter() - start

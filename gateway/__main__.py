@@ -45,7 +45,7 @@ class EdgeProcessSettings:
     """KEFU_GATEWAY_WORKERS: edge processes on this machine sharing KEFU_HTTP_PORT (make run starts them).
     Above 1 every one binds the port with SO_REUSEPORT and the kernel spreads new connections over
     them. At 1 the bind is exclusive, so a stray second edge on the port fails at start instead of
-    silently taking part of the traffic (the pitfall NOTES §5 shows for gRPC)."""
+    silently taking part of the traffic (as a second grpc.aio server on a port does by default)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -71,7 +71,7 @@ async def serve(process: EdgeProcessSettings) -> None:
     app = create_app(settings)
     metrics_server = start_edge_metrics(app[keys.METRICS].registry, settings)
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
-    # it the gRPC streams and the upstream request (NOTES §6).
+    # it the gRPC streams and the upstream request (by default aiohttp only notices on the next write).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     try:
         await runner.setup()

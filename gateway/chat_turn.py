@@ -182,7 +182,7 @@ class ChatTurn:
         session_id, context, state = prepared.session_id, prepared.context, prepared.state
         message_id = secrets.token_hex(16)
         if not request.answer or (state is not None and state.status not in ("", "ai")):
-            # The AI never answers a conversation that a human holds or awaits (DESIGN "Live chat").
+            # The AI never answers a conversation that a human holds or awaits (docs/api.md, handoff states).
             yield TurnStarted(session_id, message_id, state, answering=False)
             yield TurnDone(message_id, state.status if state is not None and state.status else "stored",
                            0, 0, False, "")
@@ -220,7 +220,7 @@ class ChatTurn:
             if watch is not None:
                 await watch.stop()
         if superseded:
-            # DESIGN: a reply in flight when an agent claims never reaches the visitor; nothing is stored.
+            # The contract: a reply in flight when an agent claims never reaches the visitor; nothing is stored.
             yield TurnDone(message_id, SUPERSEDED, 0, 0, False, "")
             return
         assert done is not None
@@ -351,7 +351,7 @@ class ChatTurn:
         except grpc.aio.AioRpcError as error:
             raise _stream_failure(error, backend) from None
         finally:
-            # Leaving the loop does not cancel a gRPC stream by itself (NOTES §5).
+            # Leaving the loop does not cancel a gRPC stream by itself (grpc.aio keeps it streaming).
             answer.cancel()
             check.cancel()
 

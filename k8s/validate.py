@@ -24,7 +24,7 @@ import yaml
 K8S_DIR = Path(__file__).resolve().parent
 REPO_ROOT = K8S_DIR.parent
 KUBERNETES_VERSION = "1.30.0"
-"""The oldest Kubernetes the manifests must apply to (DESIGN.md: strict 1.30 schemas)."""
+"""The oldest Kubernetes the manifests must apply to (validated against its strict schemas)."""
 
 
 

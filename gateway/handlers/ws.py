@@ -1,4 +1,4 @@
-"""GET /v1/ws: live chat over a WebSocket (DESIGN.md "Live chat"); the dialogue is in gateway.live.socket."""
+"""GET /v1/ws: live chat over a WebSocket (docs/api.md "WebSocket protocol"); the dialogue is in gateway.live.socket."""
 
 from __future__ import annotations
 

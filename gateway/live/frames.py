@@ -11,14 +11,14 @@ from typing import Any
 from kefu.session.v1 import session_pb2
 
 MAX_FRAME_BYTES = 65536
-"""DESIGN.md: at most 64 KiB a frame; aiohttp closes a larger one with 1009."""
+"""The contract: at most 64 KiB a frame; aiohttp closes a larger one with 1009."""
 MAX_CID_CHARS = 64
 MAX_ID_CHARS = 128
 MAX_RESUME = 32
 """Conversations one `hello` may resume."""
 MAX_SEQ = 2**63 - 1
 
-# Close codes (DESIGN.md "Live chat").
+# Close codes (docs/api.md "Close codes").
 CLOSE_AUTH_FAILED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_RATE_LIMITED = 4008
@@ -319,7 +319,7 @@ def error_frame(code: str, message: str) -> dict[str, Any]:
 
 def nack_frame(kind: str, code: str, message: str, *, cid: str | None = None,
                conversation_id: str | None = None) -> dict[str, Any]:
-    """A refused request. DESIGN.md names the refused request's type `type`, which is also the
+    """A refused request. Its type cannot go in `type`, which is also the
     field every frame names itself by; the request's type goes in `request_type` instead."""
     frame: dict[str, Any] = {"type": "nack", "request_type": kind}
     if cid is not None:

@@ -1,4 +1,4 @@
-"""When a visitor's words ask for a human (DESIGN "Live chat": 人工/转人工/human/agent)."""
+"""When a visitor's words ask for a human (人工/转人工/human/agent: KEFU_HANDOFF_KEYWORDS)."""
 
 from __future__ import annotations
 

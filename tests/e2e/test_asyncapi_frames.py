@@ -14,20 +14,20 @@ import pytest
 from gateway.mint_token import mint
 from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import SECRET, start_stack, token
-from tests.e2e.test_grounded_answers import DEMO_KNOWLEDGE
 from tests.e2e.test_ws_handoff import CLOSED, Peer, connect, is_type, start_conversation, url
 from tests.gateway.asyncapi_support import operation_messages, server_frame_problems
 
-
 TENANT = "shop1"
 """connect()'s default tenant."""
+DEMO_SHOP = Path(__file__).resolve().parents[2] / "services" / "llm_worker" / "demo_knowledge" / "demo"
+"""The tea shop's documents that `make run` seeds for its demo tenant."""
 
 
 @pytest.fixture(scope="module")
 def frames_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("asyncapi-stack")
     seed_dir = data_dir / "knowledge"
-    shutil.copytree(Path(DEMO_KNOWLEDGE) / "demo", seed_dir / TENANT)  # seeded before the worker is ready
+    shutil.copytree(DEMO_SHOP, seed_dir / TENANT)  # seeded before the worker is ready
     stack = start_stack(data_dir, {
         "KEFU_DESK_POLL_S": "0.3", "KEFU_WS_FRAME_RPS": "100", "KEFU_WS_FRAME_BURST": "200",
         "KEFU_KB_SEED_DIR": str(seed_dir)})
