@@ -16,7 +16,7 @@ import pytest
 from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
 from services.devstack.stack import REPO_ROOT, Stack, free_port
-from tests.e2e.stack_helpers import SECRET, auth, start_stack, token
+from tests.e2e.stack_helpers import SECRET, auth, faq_plugins_env, start_stack, token
 
 PROMPT = "You are the tea shop's assistant. Talk about tea only."
 CAP, BIG_CAP = 64, 200
@@ -31,8 +31,10 @@ def upstream_port() -> int:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream_port: int) -> Iterator[Stack]:
     # No answer cache: every turn reaches the fake upstream, which records what it was sent.
-    stack = start_stack(tmp_path_factory.mktemp("sec-visitor-proxy"), {
-        "KEFU_CACHE_ENABLED": "false", "KEFU_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+    # The `knowledge-base` route answers from the tea shop's FAQ (the api role may name any route).
+    data_dir = tmp_path_factory.mktemp("sec-visitor-proxy")
+    stack = start_stack(data_dir, {
+        **faq_plugins_env(data_dir), "KEFU_CACHE_ENABLED": "false", "KEFU_OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
         "KEFU_MODEL": "fake-model", "KEFU_OPENAI_API_KEY": "sk-test", "KEFU_SYSTEM_PROMPT": PROMPT,
         "KEFU_MAX_OUTPUT_TOKENS": str(CAP), "KEFU_TENANT_MAX_OUTPUT_TOKENS": f"bigshop={BIG_CAP}"})
     try:
