@@ -17,7 +17,8 @@ and its ratio to idle, each round's p99 and the median of the rounds' ratios to 
 (issue 17 wants p99 within 2x), the machine's load average, the attack's answers by status, /readyz
 during the phase, each kefu process's CPU, and the edge's RSS (VmRSS sampled every 50 ms). The
 attacker runs in a process of its own, but on the same cores as kefu. A real console login after the
-floods must still work. Results: bench/results/security-<UTC>.json and the markdown table on stdout.
+floods must still work. The attacker runs at nice 10 (`--attacker-nice`): a real attacker's CPU is not
+the edge's machine's. Results: bench/results/security-<UTC>.json and the markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ async def attack(mode: str, base_url: str, secret: str, params: SecurityParams) 
 
 
 async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], params: SecurityParams,
-                    secret: str, mode: str | None) -> None:
+                    secret: str, mode: str | None, attacker_nice: int) -> None:
     """One round of the visitors' turns into `phase`, with the attack `mode` running meanwhile in a process
     of its own: in the same event loop, the attacker's client work would delay the visitors' reading and
     pass for edge latency."""
@@ -286,6 +287,7 @@ async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], par
         attacker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.security_bench", "--attack", mode, "--base-url", stack.base_url,
             "--duration-s", str(params.duration_s), "--login-wave", str(params.login_wave),
+            "--attacker-nice", str(attacker_nice),
             env={**os.environ, SECRET_ENV: secret}, stdout=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
     pid = stack.processes["gateway"].pid
     until = time.monotonic() + params.duration_s
@@ -330,7 +332,7 @@ async def add_agent(stack: Stack) -> None:
         await nc.close()
 
 
-async def measure(stack: Stack, secret: str, params: SecurityParams) -> dict[str, Any]:
+async def measure(stack: Stack, secret: str, params: SecurityParams, attacker_nice: int) -> dict[str, Any]:
     await add_agent(stack)
     visitors = [Visitor(stack.base_url, secret, i, params.interval_s) for i in range(params.visitors)]
     async with aiohttp.ClientSession() as http:  # every visitor's conversation exists before timing starts
@@ -343,7 +345,7 @@ async def measure(stack: Stack, secret: str, params: SecurityParams) -> dict[str
     phases = {name: Phase(name) for name in modes}
     for _ in range(params.rounds):
         for name, mode in modes.items():
-            await run_phase(phases[name], stack, visitors, params, secret, mode)
+            await run_phase(phases[name], stack, visitors, params, secret, mode, attacker_nice)
             await asyncio.sleep(1.0)  # the visitors' message buckets refill between phases
     async with aiohttp.ClientSession() as http:
         after_login = {username: await login(http, stack.base_url, "10.251.0.1", username, AGENT_PASSWORD)
@@ -363,7 +365,8 @@ def render(report: dict[str, Any]) -> str:
              f"edge RSS before {report['edge_rss_mib_before']:.0f} MiB "
              f"(k8s limit {K8S_EDGE_MEMORY_LIMIT_MIB} MiB). Real console logins afterwards, from a fresh "
              f"address: another agent HTTP {report['real_login_after'][OTHER_AGENT]}, the agent the flood "
-             f"guessed at HTTP {report['real_login_after'][AGENT]} (429 while its failure bucket refills).", "",
+             f"guessed at HTTP {report['real_login_after'][AGENT]} (429 until its failure bucket has a token "
+             f"again, one a minute by default). Attacker at nice {report['attacker_nice']}.", "",
              "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | rounds' p99 ms | median of the "
              "rounds' p99 / idle | load average | CPU (cores) of edge, session, moderation, worker "
              "| edge RSS max MiB | readyz | attack answers |",
@@ -392,6 +395,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SecurityParams, dict[str, st
                         help="a setting for every process of the stack (repeatable), e.g. KEFU_LOGIN_MAX_CONCURRENT=1")
     parser.add_argument("--attack", choices=ATTACKS, help=argparse.SUPPRESS)  # the attacker process of a phase
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--attacker-nice", type=int, default=10,
+                        help="niceness of the attacker process (default 10): a real attacker's CPU is not the "
+                             "edge's, so here it takes what kefu leaves; 0 lets it compete")
     args = parser.parse_args(argv)
     extra_env = {}
     for item in args.env:
@@ -406,6 +412,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SecurityParams, dict[str, st
 def main(argv: Sequence[str] | None = None) -> None:
     params, extra_env, args = parse_args(argv)
     if args.attack:  # the attacker process of one phase: its counts as the last line of stdout
+        os.nice(args.attacker_nice)
         counts = asyncio.run(attack(args.attack, args.base_url, os.environ[SECRET_ENV], params))
         print(json.dumps(counts))
         return
@@ -421,12 +428,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "KEFU_CACHE_ENABLED": "false", "KEFU_TRUSTED_PROXIES": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING",
                 # The defaults a deployment runs with (bench/__main__ lifts them to measure the turn).
                 "KEFU_VISITOR_MSG_RPS": "1", "KEFU_VISITOR_MSG_BURST": "10", **extra_env})
-            report = asyncio.run(measure(stack, secret, params))
+            report = asyncio.run(measure(stack, secret, params, args.attacker_nice))
         finally:
             if stack is not None:
                 stack.stop()
             stop_process(upstream)
-    report = {"started": started, "params": asdict(params), "env": extra_env, **report}
+    report = {"started": started, "params": asdict(params), "env": extra_env, "attacker_nice": args.attacker_nice,
+              **report}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     _write(RESULTS_DIR / f"security-{started}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(render(report), end="")

@@ -12,7 +12,7 @@ import grpc
 from aiohttp import web
 
 from gateway import keys
-from gateway.auth import bearer_token, require_role
+from gateway.auth import Principal, bearer_token, require_role
 from gateway.errors import ApiError, BodyTooLarge, Unauthorized, api_error_from_grpc
 from gateway.openai_format import OPENAI_PATHS
 from gateway.openai_format import error_body as openai_error_body
@@ -73,7 +73,8 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /v1/* route needs a verified JWT with a role the route accepts, then room in its buckets."""
+    """Every /v1/* route needs a verified JWT with a role the route accepts, no blacklisted visitor, then
+    room in its buckets."""
     if not request.path.startswith("/v1/") or request.path == WS_PATH:
         return await handler(request)
     if request.app[keys.STATE].draining:
@@ -93,6 +94,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     roles = request.app[keys.ROUTE_ROLES].get(route)
     if roles is not None:
         require_role(principal, roles)
+    refuse_blocked_visitor(request, principal)
     refusal = request.app[keys.RATE_LIMITS].take(route, principal.key, principal.tenant)
     if refusal is not None:
         request.app[keys.METRICS].rate_limited.labels(refusal.scope).inc()
@@ -101,6 +103,21 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "Retry-After": str(decision.retry_after_s), "RateLimit-Limit": str(decision.limit),
             "RateLimit-Remaining": "0", "RateLimit-Reset": str(decision.reset_s)})
     return await handler(request)
+
+
+def refuse_blocked_visitor(request: web.Request, principal: Principal) -> None:
+    """403 `blocked` (as for a widget token) when the tenant's blacklist names this visitor or its address.
+
+    Issue 17: a visitor blocked after it got its token kept chatting over HTTP until the token expired.
+    `Blacklist.blocks` reads the watched in-memory copy (the WebSocket's check), so this costs no NATS
+    call; an entry added or lifted on any edge applies here as soon as the KV watch delivers it.
+    """
+    if not principal.is_visitor:
+        return
+    blacklist = request.app.get(keys.BLACKLIST)
+    if blacklist is not None and blacklist.blocks(principal.tenant, principal.subject,
+                                                  request.app[keys.CLIENT_ADDRESSES].of(request)):
+        raise ApiError("blocked", "this visitor may not chat with this tenant", 403)
 
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Session-Id"

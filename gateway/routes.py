@@ -22,6 +22,7 @@ from gateway.handlers import (
     widget_token,
     ws,
 )
+from gateway.live.held_routes import held_visitors
 from gateway.pages import setup_pages
 
 EVERYONE = frozenset({"visitor", "agent", "admin"})
@@ -44,8 +45,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/widget/token", widget_token.widget_token)
     app.router.add_post("/v1/console/login", console_login.console_login)
     protected = (
-        ("POST", "/v1/chat", chat.chat, CHAT),
-        ("POST", "/v1/chat/completions", openai_compat.chat_completions, CHAT),
+        ("POST", "/v1/chat", held_visitors(chat.chat), CHAT),
+        ("POST", "/v1/chat/completions", held_visitors(openai_compat.chat_completions), CHAT),
         ("GET", "/v1/models", models.list_models, CHAT),
         ("GET", "/v1/sessions/{session_id}/messages", sessions.list_messages, EVERYONE),
         ("DELETE", "/v1/sessions/{session_id}", sessions.delete_session, EVERYONE),

@@ -1,8 +1,9 @@
 """The visitor blacklist: entries per tenant in the `kefu_blacklist` bucket, and a watched in-memory copy.
 
 An entry names one visitor id or one address (an IP or a CIDR network). The edge refuses a
-blocked visitor a widget token; the WebSocket code asks `Blacklist.blocks()` on connect and
-re-checks its open sockets when `on_change` reports a tenant.
+blocked visitor a widget token and every /v1/ route (the auth middleware asks `Blacklist.blocks()`
+on each visitor request); the WebSocket code asks on connect and re-checks its open sockets when
+`on_change` reports a tenant.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
-from gateway.addresses import Network, parse_address, parse_network
+from gateway.addresses import Address, parse_address, parse_network
 from gateway.directory.buckets import (
     BLACKLIST,
     DEL_OPERATIONS,
@@ -112,12 +113,39 @@ class BlacklistStore:
 
 
 @dataclass(frozen=True, slots=True)
-class _TenantIndex:
+class TenantIndex:
+    """One tenant's entries as `Blacklist.blocks()` reads them: set lookups only."""
+
     visitors: frozenset[str]
-    networks: tuple[Network, ...]
+    networks: frozenset[tuple[int, int, int]]
+    """Each listed network as (IP version, prefix length, its address without the host bits)."""
+    prefixes: tuple[tuple[int, int], ...]
+    """The (IP version, prefix length) pairs in `networks`: a lookup probes the set once for each.
+
+    Every HTTP request of a visitor asks (issue 17), so a tenant's 1000 networks must not mean 1000
+    `in` tests a request; at most 33 IPv4 and 129 IPv6 prefix lengths exist.
+    """
+
+    @classmethod
+    def of(cls, entries: Iterable[BlacklistEntry]) -> TenantIndex:
+        visitors: set[str] = set()
+        networks: set[tuple[int, int, int]] = set()
+        for entry in entries:
+            if entry.visitor_id:
+                visitors.add(entry.visitor_id)
+            if entry.address:
+                network = parse_network(entry.address)
+                networks.add(_network_key(network.version, network.prefixlen, network.network_address))
+        return cls(frozenset(visitors), frozenset(networks), tuple(sorted({k[:2] for k in networks})))
+
+    def holds(self, ip: Address) -> bool:
+        """Whether one of the listed networks holds this address."""
+        return any(_network_key(version, prefix, ip) in self.networks
+                   for version, prefix in self.prefixes if version == ip.version)
 
 
-_EMPTY = _TenantIndex(frozenset(), ())
+def _network_key(version: int, prefix: int, address: Address) -> tuple[int, int, int]:
+    return version, prefix, int(address) >> (address.max_prefixlen - prefix)
 
 
 class Blacklist:
@@ -137,7 +165,7 @@ class Blacklist:
         self._timeout_s = timeout_s
         self._entries: dict[str, dict[str, BlacklistEntry]] = {}
         """By tenant, then by KV key."""
-        self._index: dict[str, _TenantIndex] = {}
+        self._index: dict[str, TenantIndex] = {}
         self._callbacks: list[Callable[[str], None]] = []
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -181,7 +209,7 @@ class Blacklist:
         if index.networks:
             ip = parse_address(address)
             if ip is not None:
-                return any(ip in network for network in index.networks)
+                return index.holds(ip)
         return False
 
     def entries(self, tenant: str) -> list[BlacklistEntry]:
@@ -248,8 +276,7 @@ class Blacklist:
         if not mine:
             self._index.pop(tenant, None)
             return
-        self._index[tenant] = _TenantIndex(frozenset(e.visitor_id for e in mine.values() if e.visitor_id),
-                                           tuple(parse_network(e.address) for e in mine.values() if e.address))
+        self._index[tenant] = TenantIndex.of(mine.values())
 
     def _notify(self, tenants: set[str]) -> None:
         for tenant in sorted(tenants):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from gateway.live.connection import Connection
 from gateway.live.desk import Desks
 from gateway.live.frames import CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN
 from gateway.live.handoff import HandoffRules
+from gateway.live.holds import VisitorHolds
 from gateway.live.hub import Feed, LiveHub
 from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OFFLINE_TEXT = ("No agent is online right now; leave a message and we will reply soon. / "
                         "当前没有客服在线，请留言，我们会尽快回复您。")
-MAX_HOLDS = 100_000
 DEFAULT_WELCOME_TEXT = "Hi! Ask me anything about our shop. / 您好！有什么可以帮您？"
 
 # gRPC status of a refused Transition -> the `nack` code the client gets.
@@ -47,33 +46,6 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class VisitorHolds:
-    """Visitors refused on this edge until a moment (monotonic), with memory bounded under a flood."""
-
-    def __init__(self, max_entries: int = MAX_HOLDS) -> None:
-        self._until: dict[tuple[str, str], float] = {}
-        self._max_entries = max_entries
-
-    def hold(self, principal: Principal, seconds: float) -> None:
-        now = time.monotonic()
-        if len(self._until) >= self._max_entries:  # many visitors at once: forget the ones already free
-            self._until = {key: until for key, until in self._until.items() if until > now}
-        if len(self._until) < self._max_entries:
-            self._until[(principal.tenant, principal.subject)] = now + seconds
-
-    def held_for(self, principal: Principal) -> float:
-        """Seconds until the visitor is free again (0: not held)."""
-        key = (principal.tenant, principal.subject)
-        until = self._until.get(key)
-        if until is None:
-            return 0.0
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._until[key]
-            return 0.0
-        return left
 
 
 @dataclass

@@ -125,7 +125,9 @@ EXCLUDED_CHECKS = [unsupported_method]
 @pytest.fixture(scope="module")
 def answer_route(kb_stack: Stack) -> str:
     """The route fuzzed completions ask: the knowledge base without its typing delay when the stack has it."""
-    listed = requests.get(f"{kb_stack.base_url}/v1/models", headers=auth(sub="openapi-fuzz"), timeout=10).json()
+    # Asked as `api`, the role completions are fuzzed with: a visitor is shown `default` only.
+    listed = requests.get(f"{kb_stack.base_url}/v1/models", headers=auth(sub="openapi-fuzz", role="api"),
+                          timeout=10).json()
     names = {model["id"] for model in listed["data"]}
     return "knowledge-base" if "knowledge-base" in names else "default"
 

@@ -18,9 +18,9 @@ from tests.e2e.stack_helpers import auth, start_stack, token
 
 LEASE_S = 2.0
 """KEFU_ANSWER_LEASE_S here: how long a dead edge's claim on an answer blocks the others."""
-SLOW = FakeUpstreamConfig(reply="Your parcel leaves the warehouse within two working days.", chunk_count=10,
-                          chunk_interval_s=0.4)
-"""About four seconds an answer: the edge is killed in the middle of it."""
+SLOW = FakeUpstreamConfig(reply="Your parcel leaves the warehouse within two working days.", chunk_count=12,
+                          chunk_interval_s=0.25)
+"""About three seconds an answer, longer than a lease: the edge is killed in the middle of it."""
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
 
@@ -94,7 +94,7 @@ async def test_sec_a_resume_after_the_edge_died_mid_answer_gets_the_answer_once(
         answer = await until(ws, "msg", "ai")
         assert answer["text"] == SLOW.reply and answer["seq"] > echo["seq"]
         # Nothing more comes once another lease would have run out: one answer, stored once.
-        await asyncio.sleep(LEASE_S * 2)
+        await asyncio.sleep(LEASE_S + 1)
         assert await answers_stored(http, stack, "crash-resume", conversation_id) == [SLOW.reply]
         assert upstream.stats.requests_total == 2  # the cut one and the one given
         await ws.close()
@@ -114,7 +114,7 @@ async def test_sec_a_resend_and_two_resumes_at_once_get_one_answer(stack: Stack,
         assert ack["duplicate"] is True and ack["seq"] == echo["seq"]
         answers = await asyncio.gather(*(until(ws, "msg", "ai") for ws in sockets))
         assert {a["message_id"] for a in answers} == {answers[0]["message_id"]}  # the same one, everywhere
-        await asyncio.sleep(LEASE_S * 2)
+        await asyncio.sleep(LEASE_S + 1)
         assert await answers_stored(http, stack, "crash-many", conversation_id) == [SLOW.reply]
         for ws in sockets:
             await ws.close()
@@ -133,7 +133,7 @@ async def test_sec_a_resume_while_the_answer_still_streams_elsewhere_adds_none(s
                                resume=[{"conversation_id": echo["conversation_id"], "after_seq": echo["seq"]}])
         answer = await until(again, "msg", "ai")
         assert answer["text"] == SLOW.reply
-        await asyncio.sleep(LEASE_S * 2)
+        await asyncio.sleep(LEASE_S + 1)
         assert await answers_stored(http, stack, "drop-only", echo["conversation_id"]) == [SLOW.reply]
         assert upstream.stats.requests_total == 1
         await again.close()

@@ -65,6 +65,13 @@ async def answer_to(ws: aiohttp.ClientWebSocketResponse, cid: str) -> dict[str, 
             return frame
 
 
+async def moderation_checks(http: aiohttp.ClientSession, stack: Stack) -> float:
+    async with http.get(f"http://127.0.0.1:{stack.config.ports.moderation_metrics}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("kefu_moderation_checks_total{"))
+
+
 async def stored_visitor_messages(http: aiohttp.ClientSession, stack: Stack, tenant: str, sub: str,
                                   conversation_id: str) -> int:
     async with http.get(f"{stack.base_url}/v1/sessions/{conversation_id}/messages",
@@ -125,6 +132,13 @@ async def test_sec_a_flood_over_several_sockets_stores_only_the_burst(stack: Sta
                     refusal = (await response.json())["error"]["code"], int(response.headers["Retry-After"])
                     break
         assert refusal is not None and refusal[0] == "rate_limited" and refusal[1] >= 1, refusal
+        # Held at the edge until then: more turns are refused without a moderation (or session) call.
+        checks = await moderation_checks(http, stack)
+        for _ in range(5):
+            async with http.post(f"{stack.base_url}/v1/chat", headers=auth(tenant, sub), json={
+                    "message": "more", "session_id": conversation_id, "stream": False}) as response:
+                assert response.status == 429 and "Retry-After" in response.headers
+        assert await moderation_checks(http, stack) == checks
         stored = await stored_visitor_messages(http, stack, tenant, sub, conversation_id)
         assert stored == len(acks) + 1 + n, (stored, len(acks), n)
 
