@@ -3,8 +3,8 @@
 Every attempt takes a token from the address's bucket (KEFU_WIDGET_TOKEN_RPS / _BURST); it is refused
 at once when the failure bucket of its address or of its user name is empty (gateway/login_limits.py),
 else it waits for one of the process's few argon2 slots, takes a failure token from both (given back
-when it succeeds) and verifies. Any refusal is 429 with Retry-After. Accounts are made with the CLI: `python -m gateway.accounts add --tenant T --username U [--name N]
-[--role agent|admin]` (see gateway/accounts.py).
+when it succeeds) and verifies. Any refusal is 429 with Retry-After. Accounts are made with the CLI:
+`python -m gateway.accounts add --tenant T --username U [--name N] [--role agent|admin]` (gateway/accounts.py).
 """
 
 from __future__ import annotations
