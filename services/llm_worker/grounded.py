@@ -45,8 +45,10 @@ class TenantSnapshot(Protocol):
     def version(self) -> int:
         """0 when the tenant never had documents."""
 
-    def retrieve(self, question: str, *, previous_user_turns: Sequence[str] = (), k: int = 5) -> Retrieval:
-        """The passages for `question` (a follow-up resolved against the earlier turns) and whether they answer it."""
+    async def retrieve_fused(self, question: str, *, previous_user_turns: Sequence[str] = (),
+                             k: int = 5) -> Retrieval:
+        """The passages for `question` (a follow-up resolved against the earlier turns) and whether they
+        answer it; with embeddings, in the order fused with dense retrieval."""
 
 
 class KnowledgeSource(Protocol):
@@ -117,7 +119,7 @@ async def plan_turn(source: KnowledgeSource | None, tenant: str, messages: Seque
             return TurnPlan("small_talk", reply=chat.reply, knowledge_version=version)
     if snapshot is None or version <= 0:
         return TurnPlan("ungrounded", retrieval_seconds=time.perf_counter() - start)
-    retrieval = snapshot.retrieve(question, previous_user_turns=earlier, k=k)
+    retrieval = await snapshot.retrieve_fused(question, previous_user_turns=earlier, k=k)
     seconds = time.perf_counter() - start
     follow_up = retrieval.query != question
     if retrieval.answerable or grounding.mode == "open":
