@@ -12,6 +12,7 @@ from nats.aio.client import Client as NatsClient
 
 from bench.fake_embeddings import fake_vector
 from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
+from services.llm_worker.grounded import Grounding, plan_turn
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument, build_index
 from services.llm_worker.kb.embeddings import (
     EmbeddingsConfig,
@@ -27,6 +28,7 @@ from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.service import KnowledgeBase
 from services.llm_worker.kb.store import KnowledgeStore, Limits
 from services.llm_worker.knowledge.index import KnowledgeIndex
+from services.llm_worker.plugin_api import ChatMessage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,3 +231,27 @@ async def test_an_index_without_vectors_serves_bm25_and_is_rebuilt_with_them(nat
             await plain.aclose()
             if embedding is not None:
                 await embedding.aclose()
+
+
+class OneTenant:
+    def __init__(self, knowledge: TenantKnowledge) -> None:
+        self.knowledge = knowledge
+
+    async def snapshot(self, tenant: str) -> TenantKnowledge:
+        return self.knowledge
+
+
+async def test_a_turn_gets_the_fused_passages_and_keeps_the_bm25_decision() -> None:
+    async with FakeUpstream() as upstream:
+        embedder = QueryEmbedder(config(upstream))
+        try:
+            source = OneTenant(await knowledge(upstream, embedder))
+            question = [ChatMessage("user", PARAPHRASE)]
+            open_plan = await plan_turn(source, "shop", question, Grounding("open"), offline=False)
+            strict_plan = await plan_turn(source, "shop", question, Grounding(), offline=False)
+        finally:
+            await embedder.aclose()
+    # Open grounding sends the model the passages: the paraphrase's passage comes first.
+    assert open_plan.kind == "grounded" and open_plan.hits[0].chunk.document_id == "refunds"
+    assert not open_plan.answerable
+    assert strict_plan.kind == "handoff"  # strict: BM25 found no support, the embeddings do not overrule it
