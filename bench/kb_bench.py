@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from services.llm_worker.knowledge.analysis import Analyzer, split_sentences
 from services.llm_worker.knowledge.chunking import MAX_TOKENS, chunk_document
 from services.llm_worker.knowledge.extractive import extract_answer
-from services.llm_worker.knowledge.grounding import grounded_messages
+from services.llm_worker.knowledge.grounding import grounded_messages, join_adjacent
 from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk, Hit
 from services.llm_worker.knowledge.parsing import parse_document
@@ -155,7 +155,8 @@ class OfflineKnowledge:
         found = retrieve(self.index, question, k=self.passages)
         extract = extract_answer(question, found.hits)
         ranked = list(dict.fromkeys(hit.chunk.document_id for hit in self.index.search(question, 40)))[:10]
-        prompt = grounded_messages(SYSTEM_PROMPT, found.hits, [ChatMessage("user", question)])[0].content
+        # As the worker sends it: neighbouring chunks of a document joined into one passage.
+        prompt = grounded_messages(SYSTEM_PROMPT, join_adjacent(found.hits), [ChatMessage("user", question)])[0].content
         text = extract.text if extract else ""
         return Answer(documents=tuple(ranked), answered=found.answerable,
                       extract=text if found.answerable else "", extract_any=text, prompt=prompt, passages=found.hits)
@@ -389,7 +390,9 @@ def serve_tenants(directory: str, tenants: int, chunks: int, rounds: int) -> dic
 
 
 def scale_runs(runs: Sequence[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
-    results = []
+    results: list[dict[str, Any]] = []
+    if not runs:
+        return results
     with tempfile.TemporaryDirectory(prefix="kefu-kb-bench-") as directory:
         build_s = in_fresh_process(build_scales, directory, runs)
         print(f"built {build_s}", file=sys.stderr)
