@@ -235,7 +235,7 @@ def held_out(articles: Sequence[Article], salts: Sequence[str] = SPLIT_SALTS) ->
         split = Split(salt)
         for article in articles:
             for question in article.questions:
-                terms = knowledge.index.analyzer.terms(question.text)
+                terms = knowledge.index.query_terms(question.text)
                 hits = knowledge.index.search(terms, PROMPT_PASSAGES)
                 split.truth.append(kept(article.id, salt))
                 split.confidence.append(confidence(knowledge.index, terms, hits))
