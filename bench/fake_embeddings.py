@@ -68,8 +68,9 @@ def fake_vector(text: str, dimensions: int = DIMENSIONS) -> list[float]:
     return (vector / norm if norm else vector).astype(np.float32).tolist()
 
 
-def parse_embeddings_request(body: Any) -> tuple[str, list[str], str]:
-    """(model, inputs, encoding_format) of a valid body; EmbeddingsRequestError as the real API answers."""
+def parse_embeddings_request(body: Any) -> tuple[str, list[str], str, int]:
+    """(model, inputs, encoding_format, dimensions) of a valid body; EmbeddingsRequestError as the real API
+    answers."""
     if not isinstance(body, dict):
         raise EmbeddingsRequestError("We could not parse the JSON body of your request.")
     model = body.get("model")
@@ -87,7 +88,10 @@ def parse_embeddings_request(body: Any) -> tuple[str, list[str], str]:
     if encoding not in ("float", "base64"):
         raise EmbeddingsRequestError(f"Invalid value: '{encoding}'. Supported values are: 'float' and 'base64'.",
                                      "encoding_format")
-    return model, inputs, encoding
+    dimensions = body.get("dimensions", DIMENSIONS)
+    if type(dimensions) is not int or not 1 <= dimensions <= 3072:
+        raise EmbeddingsRequestError("Invalid 'dimensions': expected an integer between 1 and 3072.", "dimensions")
+    return model, inputs, encoding, dimensions
 
 
 def embeddings_response(model: str, inputs: Sequence[str], encoding: str, tokens: int,

@@ -586,7 +586,7 @@ async def embeddings(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError):
             body = None
         try:
-            model, inputs, encoding_format = parse_embeddings_request(body)
+            model, inputs, encoding_format, dimensions = parse_embeddings_request(body)
         except EmbeddingsRequestError as error:
             raise _ApiError(400, error.message, param=error.param, code="invalid_value" if error.param else None) \
                 from None
@@ -598,7 +598,7 @@ async def embeddings(request: web.Request) -> web.Response:
         return error.response()
     await asyncio.sleep(config.embeddings_delay_s)
     tokens = sum(len(encoding().encode(text)) for text in inputs)
-    return web.json_response(embeddings_response(config.model or model, inputs, encoding_format, tokens),
+    return web.json_response(embeddings_response(config.model or model, inputs, encoding_format, tokens, dimensions),
                              dumps=lambda obj: _dumps(obj).decode())
 
 

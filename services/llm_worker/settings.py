@@ -62,6 +62,10 @@ class WorkerSettings:
     KEFU_OPENAI_BASE_URL) and stored with the tenant's index, and each turn embeds its question and fuses the
     cosine ranking with BM25's (reciprocal rank fusion). Unset: BM25 alone, fully offline. Every worker
     replica must have the same value; an index built with another model (or none) is rebuilt on first use."""
+    embeddings_dimensions: int = 0
+    """KEFU_EMBEDDINGS_DIMENSIONS: ask the model for vectors this long (OpenAI's `dimensions`, text-embedding-3
+    models); 0, the default, takes the model's own. Dense retrieval reads every vector of the tenant per
+    turn: 100,000 chunks of 1536 dimensions are 590 MiB and tens of ms; at 256, 98 MiB."""
     embeddings_batch: int = 64
     """KEFU_EMBEDDINGS_BATCH: chunks per embeddings request at ingestion."""
     embeddings_timeout_s: float = 2.0
@@ -111,6 +115,8 @@ class WorkerSettings:
             kb_max_documents=env_int(env, "KEFU_KB_MAX_DOCUMENTS", cls.kb_max_documents, minimum=1),
             kb_max_tenant_bytes=env_int(env, "KEFU_KB_MAX_TENANT_BYTES", cls.kb_max_tenant_bytes, minimum=1),
             embeddings_model=env_str(env, "KEFU_EMBEDDINGS_MODEL", "").strip(),
+            embeddings_dimensions=env_int(env, "KEFU_EMBEDDINGS_DIMENSIONS", cls.embeddings_dimensions, minimum=0,
+                                          maximum=8192),
             embeddings_batch=env_int(env, "KEFU_EMBEDDINGS_BATCH", cls.embeddings_batch, minimum=1, maximum=2048),
             embeddings_timeout_s=env_float(env, "KEFU_EMBEDDINGS_TIMEOUT_S", cls.embeddings_timeout_s, minimum=0.05),
         )

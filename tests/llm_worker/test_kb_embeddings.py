@@ -255,3 +255,22 @@ async def test_a_turn_gets_the_fused_passages_and_keeps_the_bm25_decision() -> N
     assert open_plan.kind == "grounded" and open_plan.hits[0].chunk.document_id == "refunds"
     assert not open_plan.answerable
     assert strict_plan.kind == "handoff"  # strict: BM25 found no support, the embeddings do not overrule it
+
+
+async def test_dimensions_are_asked_for_and_name_the_vectors() -> None:
+    async with FakeUpstream() as upstream:
+        short = config(upstream, dimensions=64)
+        built = await asyncio.to_thread(build_index, None, {}, [source("refunds", REFUNDS)], short)
+        embedder = QueryEmbedder(short)
+        try:
+            vector = await embedder.vector("refund")
+        finally:
+            await embedder.aclose()
+        assert {body.get("dimensions") for body in upstream.received_embeddings} == {64}
+    assert built.index is not None
+    index = KnowledgeIndex.from_bytes(built.index)
+    assert index.embeddings_model == "fake-embed@64" and index.vectors is not None and index.vectors.shape[1] == 64
+    assert vector is not None and vector.shape == (64,)
+    # The same model at its own length is another set of vectors: such an index is rebuilt, not mixed.
+    assert TenantKnowledge("shop", 1, index, embedder=QueryEmbedder(config(upstream))).dense is False
+    assert TenantKnowledge("shop", 1, index, embedder=QueryEmbedder(short)).dense is True

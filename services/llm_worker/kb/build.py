@@ -105,7 +105,7 @@ def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequen
             old = KnowledgeIndex.from_bytes(previous)
         except IndexFormatError as error:
             raise UnreadableIndex(str(error)) from None
-        same_model = embeddings is not None and old.vectors is not None and old.embeddings_model == embeddings.model
+        same_model = embeddings is not None and old.vectors is not None and old.embeddings_model == embeddings.identity
         for row, chunk in enumerate(old.chunks.values()):
             if kept.get(chunk.document_id) == chunk.version:
                 chunks.append(chunk)
@@ -117,7 +117,7 @@ def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequen
     if embeddings is None:
         return BuildResult(KnowledgeIndex.build(chunks).to_bytes(), documents, outcomes, len(chunks))
     vectors = chunk_vectors(chunks, reused, embeddings)
-    index = KnowledgeIndex.build(chunks, vectors=vectors, embeddings_model=embeddings.model)
+    index = KnowledgeIndex.build(chunks, vectors=vectors, embeddings_model=embeddings.identity)
     return BuildResult(index.to_bytes(), documents, outcomes, len(chunks))
 
 

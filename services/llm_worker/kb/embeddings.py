@@ -43,14 +43,21 @@ class EmbeddingsConfig:
     """Tries per ingestion batch (backing off 0.5 s, 1 s...)."""
     query_timeout_s: float = 2.0
     """A turn's question: past this the turn retrieves with BM25 alone."""
+    dimensions: int = 0
+    """Ask for vectors this long (OpenAI's `dimensions`, text-embedding-3 models); 0: the model's own."""
 
     def __post_init__(self) -> None:
         if not self.base_url or not self.model:
             raise ValueError("embeddings need a base URL and a model")
         if not 1 <= self.batch <= MAX_BATCH:
             raise ValueError(f"embedding batch must be 1..{MAX_BATCH}, got {self.batch}")
-        if self.timeout_s <= 0 or self.query_timeout_s <= 0 or self.attempts < 1:
-            raise ValueError("embedding timeouts must be > 0 and attempts >= 1")
+        if self.timeout_s <= 0 or self.query_timeout_s <= 0 or self.attempts < 1 or self.dimensions < 0:
+            raise ValueError("embedding timeouts must be > 0, attempts >= 1 and dimensions >= 0")
+
+    @property
+    def identity(self) -> str:
+        """What the vectors are comparable by (stored in the index): the model, and the dimensions asked for."""
+        return f"{self.model}@{self.dimensions}" if self.dimensions else self.model
 
 
 def parse_vectors(body: object, count: int) -> np.ndarray:
@@ -80,7 +87,9 @@ async def embed(session: aiohttp.ClientSession, config: EmbeddingsConfig, texts:
     """One request: the vectors of `texts`; EmbeddingsUnavailable on any failure (never with the texts)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     # An empty input is refused by OpenAI; a blank text gets a vector all the same.
-    body = {"model": config.model, "input": [text if text.strip() else " " for text in texts]}
+    body: dict[str, object] = {"model": config.model, "input": [text if text.strip() else " " for text in texts]}
+    if config.dimensions:
+        body["dimensions"] = config.dimensions
     try:
         async with asyncio.timeout(timeout_s or config.timeout_s):
             async with session.post(f"{config.base_url}/embeddings", json=body, headers=headers) as response:
@@ -152,7 +161,8 @@ class QueryEmbedder:
 
     @property
     def model(self) -> str:
-        return self.config.model
+        """The vectors' identity (EmbeddingsConfig.identity): an index's vectors must be of the same."""
+        return self.config.identity
 
     async def vector(self, text: str) -> np.ndarray | None:
         cached = self._cache.get(text)

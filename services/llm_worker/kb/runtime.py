@@ -57,7 +57,8 @@ def embeddings_config(settings: WorkerSettings) -> EmbeddingsConfig | None:
     return EmbeddingsConfig(base_url=settings.openai_base_url, model=settings.embeddings_model,
                             api_key=settings.openai_api_key, batch=settings.embeddings_batch,
                             timeout_s=max(settings.upstream_timeout_s, 10.0),
-                            query_timeout_s=settings.embeddings_timeout_s)
+                            query_timeout_s=settings.embeddings_timeout_s,
+                            dimensions=settings.embeddings_dimensions)
 
 
 async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry) -> KnowledgeRuntime:
