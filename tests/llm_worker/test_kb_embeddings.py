@@ -241,16 +241,18 @@ class OneTenant:
         return self.knowledge
 
 
-async def test_a_turn_gets_the_fused_passages_and_keeps_the_bm25_decision() -> None:
+async def test_a_turn_gets_the_fused_passages_keeps_the_bm25_decision_and_embeds_only_when_used() -> None:
     async with FakeUpstream() as upstream:
         embedder = QueryEmbedder(config(upstream))
         try:
             source = OneTenant(await knowledge(upstream, embedder))
             question = [ChatMessage("user", PARAPHRASE)]
-            open_plan = await plan_turn(source, "shop", question, Grounding("open"), offline=False)
             strict_plan = await plan_turn(source, "shop", question, Grounding(), offline=False)
+            asked_for_handoff = [PARAPHRASE] in [body["input"] for body in upstream.received_embeddings]
+            open_plan = await plan_turn(source, "shop", question, Grounding("open"), offline=False)
         finally:
             await embedder.aclose()
+    assert not asked_for_handoff  # a handoff uses no passage: its question is not embedded
     # Open grounding sends the model the passages: the paraphrase's passage comes first.
     assert open_plan.kind == "grounded" and open_plan.hits[0].chunk.document_id == "refunds"
     assert not open_plan.answerable

@@ -87,7 +87,10 @@ class TenantKnowledge:
                              k: int = 5) -> Retrieval:
         """`retrieve`, with the passages in the order fused with dense retrieval of the (follow-up resolved)
         query; whether to answer stays `retrieve`'s decision."""
-        retrieval = self.retrieve(question, previous_user_turns=previous_user_turns, k=k)
+        return await self.fused(self.retrieve(question, previous_user_turns=previous_user_turns, k=k), k)
+
+    async def fused(self, retrieval: Retrieval, k: int = 5) -> Retrieval:
+        """`retrieval` (from `retrieve`) with its passages in the order fused with dense retrieval of its query."""
         return fuse(retrieval, await self._dense(retrieval.query, k), k)
 
     async def search_fused(self, query: str, k: int = 5) -> list[Hit]:
