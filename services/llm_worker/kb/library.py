@@ -109,7 +109,7 @@ class TenantKnowledge:
         hidden = len(self.index) - len(live)
         try:
             hits = self.index.dense_search(vector, k + hidden)
-        except ValueError as error:  # the model's dimensions changed under the same name: rebuilt on load
+        except ValueError as error:  # the model changed its dimensions under the same name: BM25 until a rebuild
             log.warning("dense retrieval of tenant %s skipped: %s", self.tenant, error)
             return []
         return [hit for hit in hits if hit.chunk.document_id not in self.removed][:k]
