@@ -18,8 +18,8 @@ length; a term no chunk has counts at the highest IDF, so a question about somet
 Tuned in bench/kb_bench.py on the CMRC 2018 trial set with half of the articles held out, on four
 different halves: the best threshold was 0.253-0.272, with balanced accuracy 0.946-0.962 on the half it
 was tuned on and 0.943-0.950 (mean) on the three others; at 0.256: 0.944-0.955. Since the query's unknown
-words are re-cut into the index's words (KnowledgeIndex.query_terms), at 0.256: 0.945-0.960 (0.954 on the
-reported split); the best threshold of each half (0.253-0.274) gives 0.949-0.954 on the three others.
+words are re-cut into the index's words (KnowledgeIndex.query_terms), at 0.256: 0.946-0.961 (0.957 on the
+reported split); the best threshold of each half (0.253-0.274) gives 0.950-0.956 on the three others.
 A raw BM25 threshold reaches 0.89 there, the IDF-weighted coverage of the top chunk 0.94; adding
 coverage, the gap to the runner-up, phrase matches, the best sentence's coverage or the raw score to this
 ratio (logistic fit, AND/OR rules, weighted sums) did not do better on held-out halves.
