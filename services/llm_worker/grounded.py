@@ -48,6 +48,9 @@ class TenantSnapshot(Protocol):
     def retrieve(self, question: str, *, previous_user_turns: Sequence[str] = (), k: int = 5) -> Retrieval:
         """The passages for `question` (a follow-up resolved against the earlier turns) and whether they answer it."""
 
+    async def fused(self, retrieval: Retrieval, k: int = 5) -> Retrieval:
+        """With embeddings, `retrieval`'s passages in the order fused with dense retrieval (else as they are)."""
+
 
 class KnowledgeSource(Protocol):
     """Where the worker gets a tenant's snapshot (kb.library.KnowledgeLibrary)."""
@@ -118,12 +121,15 @@ async def plan_turn(source: KnowledgeSource | None, tenant: str, messages: Seque
     if snapshot is None or version <= 0:
         return TurnPlan("ungrounded", retrieval_seconds=time.perf_counter() - start)
     retrieval = snapshot.retrieve(question, previous_user_turns=earlier, k=k)
-    seconds = time.perf_counter() - start
     follow_up = retrieval.query != question
     if retrieval.answerable or grounding.mode == "open":
+        # Only passages that will be used are worth an embeddings request (a handoff needs none).
+        retrieval = await snapshot.fused(retrieval, k)
+        seconds = time.perf_counter() - start
         return TurnPlan("grounded", knowledge_version=version, hits=tuple(retrieval.hits),
                         answerable=retrieval.answerable, follow_up=follow_up, retrieval_seconds=seconds)
-    return TurnPlan(HANDOFF, knowledge_version=version, follow_up=follow_up, retrieval_seconds=seconds)
+    return TurnPlan(HANDOFF, knowledge_version=version, follow_up=follow_up,
+                    retrieval_seconds=time.perf_counter() - start)
 
 
 def grounded_prompt(messages: Sequence[ChatMessage], hits: Sequence[Hit], grounding: Grounding) -> list[ChatMessage]:

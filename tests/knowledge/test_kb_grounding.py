@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.llm_worker.knowledge.grounding import DECLINE_MARKER, CitationScanner, grounded_messages
+from services.llm_worker.knowledge.grounding import DECLINE_MARKER, CitationScanner, grounded_messages, join_adjacent
 from services.llm_worker.knowledge.models import Chunk, Hit
 from services.llm_worker.plugin_api import ChatMessage
 
@@ -91,3 +91,32 @@ def test_scanner_releases_the_whole_answer_whatever_the_split(answer: str, cuts:
     released, scanner = scan(pieces)
     if not scanner.declined:
         assert "".join(released) == answer.lstrip()
+
+
+def text_hit(document_id: str, n: int, text: str, *, heading: str = "", score: float = 1.0) -> Hit:
+    return Hit(chunk=Chunk(chunk_id=f"{document_id}-1-{n}", document_id=document_id, version=1, title=document_id,
+                           url="", heading=heading, text=text), score=score)
+
+
+def test_join_adjacent_merges_neighbouring_chunks_once_in_the_best_ones_place() -> None:
+    hits = [text_hit("a", 2, "第三句。第四句。", score=9), text_hit("b", 0, "别的文章。", score=8),
+            text_hit("a", 1, "第二句。第三句。", score=7), text_hit("a", 4, "第六句。", score=6)]
+    joined = join_adjacent(hits)
+    assert [h.chunk.text for h in joined] == ["第二句。第三句。第四句。", "别的文章。", "第六句。"]
+    assert joined[0].chunk.chunk_id == "a-1-1" and joined[0].score == 9  # first chunk's id, best part's score
+    # n-1 and n+1 retrieved before n: one passage of three chunks.
+    bridged = join_adjacent([text_hit("a", 0, "One. Two."), text_hit("a", 2, "Four. Five."),
+                             text_hit("a", 1, "Two. Three. Four.")])
+    assert [h.chunk.text for h in bridged] == ["One. Two. Three. Four. Five."]
+
+
+def test_join_adjacent_keeps_sections_faq_items_and_unrelated_chunks_apart() -> None:
+    other_section = [text_hit("a", 0, "甲。"), text_hit("a", 1, "乙。", heading="退款")]
+    assert join_adjacent(other_section) == other_section
+    faq = Hit(chunk=Chunk(chunk_id="f-1-0", document_id="f", version=1, title="FAQ", url="", heading="Q",
+                          text="Q", kind="faq", answer="A"), score=1.0)
+    faq_next = Hit(chunk=Chunk(chunk_id="f-1-1", document_id="f", version=1, title="FAQ", url="", heading="Q2",
+                               text="Q2", kind="faq", answer="A2"), score=1.0)
+    assert join_adjacent([faq, faq_next]) == [faq, faq_next]
+    no_overlap = join_adjacent([text_hit("a", 0, "First part."), text_hit("a", 1, "Second part.")])
+    assert [h.chunk.text for h in no_overlap] == ["First part.\nSecond part."]

@@ -96,3 +96,23 @@ def test_from_bytes_rejects_a_damaged_index() -> None:
 def test_from_bytes_raises_only_index_format_error(data: bytes) -> None:
     with pytest.raises(IndexFormatError):
         KnowledgeIndex.from_bytes(data)
+
+
+def test_query_terms_recut_a_glued_unknown_word_into_words_of_the_index() -> None:
+    index = KnowledgeIndex.build([
+        Chunk(chunk_id="r-1-0", document_id="r", version=1, title="刘六刘七起义", url="", heading="",
+              text="刘七在狼山战斗中中箭落水而死。"),
+        Chunk(chunk_id="h-1-0", document_id="h", version=1, title="马", url="", heading="", text="马是一种动物。")])
+    assert index.analyzer.terms("刘七是怎么死的？") == ["刘七是", "死"]  # the segmenter glues 是 to the name
+    assert index.query_terms("刘七是怎么死的？") == ["刘七", "死"]
+    assert index.search("刘七是怎么死的？")[0].chunk.chunk_id == "r-1-0"
+    # A name the index lacks is not cut into single characters it has: it stays unknown (against answering).
+    assert index.query_terms("马飚担任什么职务？") == index.analyzer.terms("马飚担任什么职务？")
+
+
+def test_query_terms_join_neighbours_cut_apart_into_the_word_of_the_index() -> None:
+    index = KnowledgeIndex.build([
+        Chunk(chunk_id="j-1-0", document_id="j", version=1, title="锦地罗", url="", heading="",
+              text="锦地罗是茅膏菜科茅膏菜属的植物。")])
+    assert index.analyzer.terms("锦地罗的全长是多少厘米？")[:2] == ["锦地", "罗"]
+    assert index.query_terms("锦地罗的全长是多少厘米？")[0] == "锦地罗"

@@ -9,6 +9,9 @@ import multiprocessing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from services.llm_worker.kb.embeddings import EmbeddingsConfig, embed_blocking
 from services.llm_worker.knowledge.chunking import chunk_document
 from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk
@@ -72,10 +75,13 @@ def parse_source(source: SourceDocument) -> tuple[list[Chunk], Outcome]:
     return chunks, Outcome(source.version, chunks=len(chunks), title=title)
 
 
-def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequence[SourceDocument]) -> BuildResult:
+def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequence[SourceDocument],
+                embeddings: EmbeddingsConfig | None = None) -> BuildResult:
     """The index of `keep`'s chunks taken from `previous` plus the chunks of `sources` (which win).
 
-    `keep`: document id -> the version whose chunks `previous` holds and which stays.
+    `keep`: document id -> the version whose chunks `previous` holds and which stays. `embeddings`: also
+    store every chunk's vector from that model (kept chunks reuse `previous`'s when it used the same
+    model); EmbeddingsUnavailable when the upstream fails, and then no index at all (retried by the job).
     """
     chunks: list[Chunk] = []
     documents: dict[str, int] = {}
@@ -93,22 +99,49 @@ def build_index(previous: bytes | None, keep: Mapping[str, int], sources: Sequen
             documents[source.document_id] = source.version
     # What stays from the previous index; a document whose new version failed keeps its previous one.
     kept = {doc: version for doc, version in keep.items() if doc not in documents}
+    reused: dict[str, np.ndarray] = {}
     if previous is not None and kept:
         try:
             old = KnowledgeIndex.from_bytes(previous)
         except IndexFormatError as error:
             raise UnreadableIndex(str(error)) from None
-        chunks.extend(chunk for chunk in old.chunks.values() if kept.get(chunk.document_id) == chunk.version)
+        same_model = embeddings is not None and old.vectors is not None and old.embeddings_model == embeddings.identity
+        for row, chunk in enumerate(old.chunks.values()):
+            if kept.get(chunk.document_id) == chunk.version:
+                chunks.append(chunk)
+                if same_model and old.vectors is not None:
+                    reused[chunk.chunk_id] = old.vectors[row]
     documents.update(kept)
-    index = KnowledgeIndex.build(chunks).to_bytes() if chunks else None
-    return BuildResult(index, documents, outcomes, len(chunks))
+    if not chunks:
+        return BuildResult(None, documents, outcomes, 0)
+    if embeddings is None:
+        return BuildResult(KnowledgeIndex.build(chunks).to_bytes(), documents, outcomes, len(chunks))
+    vectors = chunk_vectors(chunks, reused, embeddings)
+    index = KnowledgeIndex.build(chunks, vectors=vectors, embeddings_model=embeddings.identity)
+    return BuildResult(index.to_bytes(), documents, outcomes, len(chunks))
+
+
+def chunk_vectors(chunks: Sequence[Chunk], reused: Mapping[str, np.ndarray], config: EmbeddingsConfig) -> np.ndarray:
+    """One vector per chunk: `reused` ones as they are, the others embedded (their indexed text)."""
+    missing = [chunk for chunk in chunks if chunk.chunk_id not in reused]
+    fresh = dict(zip((chunk.chunk_id for chunk in missing),
+                     embed_blocking(config, [chunk.indexed_text for chunk in missing]), strict=True))
+    dimensions = {len(vector) for vector in (*reused.values(), *fresh.values())}
+    if len(dimensions) != 1:
+        # The model's dimensions changed under the same name: embed everything again.
+        return embed_blocking(config, [chunk.indexed_text for chunk in chunks])
+    return np.stack([fresh[chunk.chunk_id] if chunk.chunk_id in fresh else reused[chunk.chunk_id]
+                     for chunk in chunks]).astype(np.float32)
 
 
 class IndexBuilder:
-    """One build process, started on first use; `build` awaits it without blocking the event loop."""
+    """One build process, started on first use; `build` awaits it without blocking the event loop.
 
-    def __init__(self) -> None:
+    `embeddings`: every index it builds also holds the chunks' vectors from that model."""
+
+    def __init__(self, embeddings: EmbeddingsConfig | None = None) -> None:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self.embeddings = embeddings
 
     async def build(self, previous: bytes | None, keep: Mapping[str, int], sources: Sequence[SourceDocument], *,
                     timeout_s: float | None = None) -> BuildResult:
@@ -119,7 +152,8 @@ class IndexBuilder:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
-                return await loop.run_in_executor(self._executor, build_index, previous, dict(keep), list(sources))
+                return await loop.run_in_executor(self._executor, build_index, previous, dict(keep), list(sources),
+                                                  self.embeddings)
         except TimeoutError:
             self._stop_process()  # stuck: a new process for the next build
             raise

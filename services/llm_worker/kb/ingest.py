@@ -21,6 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 
 from services.common.nats_client import ensure_stream
 from services.llm_worker.kb.build import BuildResult, IndexBuilder, Outcome, SourceDocument, UnreadableIndex
+from services.llm_worker.kb.embeddings import EmbeddingsUnavailable
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.store import DocumentRecord, IndexState, KnowledgeStore, one_line
 
@@ -123,6 +124,8 @@ class Ingestor:
                 await self.reconcile(tenant, rebuild=any(m.data == REBUILD for m in messages))
             except Exception as error:
                 self._metrics.ingest_failures.inc()
+                if isinstance(error, EmbeddingsUnavailable):
+                    self._metrics.embedding_failures.labels("ingest").inc()
                 reason = str(error) or type(error).__name__
                 if max(m.metadata.num_delivered for m in messages) < MAX_ATTEMPTS:
                     # NATS trouble is worth a retry; anything else is logged with its traceback.

@@ -4,13 +4,17 @@ Use:
 
     knowledge = await library.snapshot(tenant)   # one per turn; never fails for lack of documents
     if knowledge.index is not None:
-        retrieval = knowledge.retrieve(question, previous_user_turns=earlier, k=5)
+        retrieval = await knowledge.retrieve_fused(question, previous_user_turns=earlier, k=5)
 
 A snapshot is immutable: a turn that took one finishes on it while newer indexes arrive. Its `version`
 changes whenever what may be retrieved changes (a new index, a deleted document), so it belongs in
 answer cache keys. Always retrieve through the snapshot (`retrieve`, `search`), never on `index`
 directly: a deleted document stays inside `index` until the next build, and only the snapshot
 drops its hits.
+
+With KEFU_EMBEDDINGS_MODEL, `retrieve_fused` and `search_fused` also embed the query (one upstream request,
+cached) and fuse the cosine ranking of the index's chunk vectors with BM25's (knowledge.fusion); without it,
+or when the embedding fails, they are `retrieve` and `search`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.common.errors import Unavailable
+from services.llm_worker.kb.embeddings import QueryVectors
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.store import DEL_OPERATIONS, TENANTS_BUCKET, IndexState, KnowledgeStore
+from services.llm_worker.knowledge.fusion import fuse
 from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk, Hit, Retrieval
 from services.llm_worker.knowledge.retrieval import retrieve
@@ -56,6 +62,8 @@ class TenantKnowledge:
     """None when the tenant has no indexed chunk (no documents, all deleted, or none parsed yet)."""
     removed: frozenset[str] = field(default_factory=frozenset)
     """Documents deleted since `index` was built; their hits are dropped."""
+    embedder: QueryVectors | None = None
+    """Embeds queries for dense retrieval (None: BM25 alone)."""
 
     def retrieve(self, question: str, *, previous_user_turns: Sequence[str] = (), k: int = 5) -> Retrieval:
         """The passages for a visitor's question (follow-ups resolved against the earlier turns)."""
@@ -68,6 +76,43 @@ class TenantKnowledge:
         if self.index is None:
             return []
         return list(self._live().search(query, k))
+
+    @property
+    def dense(self) -> bool:
+        """Queries are embedded and fused: an embedder, and an index with vectors of its model."""
+        return (self.embedder is not None and self.index is not None and self.index.vectors is not None
+                and self.index.embeddings_model == self.embedder.model)
+
+    async def retrieve_fused(self, question: str, *, previous_user_turns: Sequence[str] = (),
+                             k: int = 5) -> Retrieval:
+        """`retrieve`, with the passages in the order fused with dense retrieval of the (follow-up resolved)
+        query; whether to answer stays `retrieve`'s decision."""
+        return await self.fused(self.retrieve(question, previous_user_turns=previous_user_turns, k=k), k)
+
+    async def fused(self, retrieval: Retrieval, k: int = 5) -> Retrieval:
+        """`retrieval` (from `retrieve`) with its passages in the order fused with dense retrieval of its query."""
+        return fuse(retrieval, await self._dense(retrieval.query, k), k)
+
+    async def search_fused(self, query: str, k: int = 5) -> list[Hit]:
+        """`search` fused with dense retrieval."""
+        hits = self.search(query, k)
+        dense = await self._dense(query, k)
+        return list(fuse(Retrieval(hits=tuple(hits), answerable=False, query=query), dense, k).hits)
+
+    async def _dense(self, query: str, k: int) -> list[Hit]:
+        if not self.dense or self.embedder is None or self.index is None or not query.strip():
+            return []
+        vector = await self.embedder.vector(query)
+        if vector is None:
+            return []
+        live = self._live()
+        hidden = len(self.index) - len(live)
+        try:
+            hits = self.index.dense_search(vector, k + hidden)
+        except ValueError as error:  # the model changed its dimensions under the same name: BM25 until a rebuild
+            log.warning("dense retrieval of tenant %s skipped: %s", self.tenant, error)
+            return []
+        return [hit for hit in hits if hit.chunk.document_id not in self.removed][:k]
 
     def _live(self) -> KnowledgeIndex:
         assert self.index is not None
@@ -120,9 +165,13 @@ class KnowledgeLibrary:
 
     def __init__(self, store: KnowledgeStore, metrics: KnowledgeMetrics, *, max_bytes: int = 256 * 1024 * 1024,
                  max_states: int = MAX_TENANT_STATES,
-                 rebuild: Callable[[str], Awaitable[None]] | None = None) -> None:
-        """`rebuild(tenant)`: ask for a new build of an index this process cannot read (the job queue)."""
+                 rebuild: Callable[[str], Awaitable[None]] | None = None,
+                 embedder: QueryVectors | None = None) -> None:
+        """`rebuild(tenant)`: ask for a new build of an index this process cannot read (the job queue), or
+        whose vectors are not of `embedder`'s model (KEFU_EMBEDDINGS_MODEL changed: it serves with BM25
+        alone meanwhile)."""
         self._store = store
+        self._embedder = embedder
         self._rebuild = rebuild
         self._rebuilds_asked: set[str] = set()
         """Index objects whose rebuild was asked for already (once each, however many turns fail on it)."""
@@ -150,7 +199,7 @@ class KnowledgeLibrary:
             self._states.move_to_end(tenant)
         state = current.state
         if not state.index:
-            return TenantKnowledge(tenant, state.version, None, frozenset(state.removed))
+            return TenantKnowledge(tenant, state.version, None, frozenset(state.removed), self._embedder)
         loaded = self._indexes.get(tenant)
         if loaded is None or loaded.name != state.index:
             try:
@@ -163,15 +212,15 @@ class KnowledgeLibrary:
                     if fresh.index:
                         # Lost from the Object Store: a new upload (or any job of the tenant) rebuilds it.
                         log.warning("knowledge index of tenant %s is missing from the store", tenant)
-                    return TenantKnowledge(tenant, fresh.version, None, frozenset(fresh.removed))
+                    return TenantKnowledge(tenant, fresh.version, None, frozenset(fresh.removed), self._embedder)
                 state = fresh
                 loaded = await self._load(tenant, state.index)
         else:
             self._indexes.move_to_end(tenant)
-        return TenantKnowledge(tenant, state.version, loaded.index, frozenset(state.removed))
+        return TenantKnowledge(tenant, state.version, loaded.index, frozenset(state.removed), self._embedder)
 
     async def search(self, tenant: str, query: str, k: int = 5) -> list[Hit]:
-        return (await self.snapshot(tenant)).search(query, k)
+        return await (await self.snapshot(tenant)).search_fused(query, k)
 
     def published(self, tenant: str, state: IndexState, revision: int) -> None:
         """A state this process wrote (an index it built, a delete it did): used at once, before the watch."""
@@ -272,11 +321,7 @@ class KnowledgeLibrary:
         except IndexFormatError as error:
             # Another kefu version's format, or damaged: fail this turn (retryable) and have it rebuilt.
             self._metrics.loads.labels("error").inc()
-            log.warning("knowledge index of tenant %s is unreadable: %s; asking for a rebuild", tenant, error)
-            if self._rebuild is not None and name not in self._rebuilds_asked:
-                self._rebuilds_asked.add(name)
-                with contextlib.suppress(NatsError, TimeoutError):
-                    await self._rebuild(tenant)
+            await self._ask_rebuild(tenant, name, f"it is unreadable: {error}")
             raise Unavailable("the knowledge base is being rebuilt; retry") from error
         except (NatsError, TimeoutError, OSError, ValueError, KeyError, json.JSONDecodeError) as error:
             self._metrics.loads.labels("error").inc()
@@ -285,11 +330,24 @@ class KnowledgeLibrary:
             raise Unavailable("the knowledge base is not reachable now") from error
         self._metrics.loads.labels("ok").inc()
         self._metrics.load_seconds.observe(time.perf_counter() - start)
+        if self._embedder is not None and index.embeddings_model != self._embedder.model:
+            await self._ask_rebuild(tenant, name, f"its vectors are of {index.embeddings_model or 'no model'!r}, "
+                                                  f"not KEFU_EMBEDDINGS_MODEL {self._embedder.model!r}")
         loaded = _Loaded(name, index, max(1, int(index.nbytes)))
         held = self._states.get(tenant)
         if held is None or held.state.index == name:  # not superseded while it loaded
             self._keep(tenant, loaded)
         return loaded
+
+    async def _ask_rebuild(self, tenant: str, name: str, why: str) -> None:
+        """Queue a rebuild of the tenant's index `name` (once per index, however many turns meet it)."""
+        if name in self._rebuilds_asked:
+            return
+        log.warning("knowledge index of tenant %s: %s; asking for a rebuild", tenant, why)
+        if self._rebuild is not None:
+            self._rebuilds_asked.add(name)
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._rebuild(tenant)
 
     async def _read(self, name: str, attempts: int = 3) -> bytes | None:
         # A nats-server that just restarted answers KV reads before it can create the consumer an

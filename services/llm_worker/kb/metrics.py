@@ -35,6 +35,9 @@ class KnowledgeMetrics:
         self.load_seconds = Histogram(
             "kefu_kb_index_load_duration_seconds", "Time to fetch and open a tenant index.",
             registry=self.registry, buckets=LOAD_BUCKETS)
+        self.embedding_failures = Counter(
+            "kefu_kb_embedding_failures", "Embedding requests that failed, by stage: query (that turn retrieved "
+            "with BM25 alone) or ingest (that rebuild failed and is retried).", ["stage"], registry=self.registry)
         self.evictions = Counter(
             "kefu_kb_index_evictions", "Tenant indexes dropped to stay within KEFU_KB_CACHE_MAX_BYTES.",
             registry=self.registry)

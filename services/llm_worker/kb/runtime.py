@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from services.common.errors import KefuError
 from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.kb.build import IndexBuilder
+from services.llm_worker.kb.embeddings import EmbeddingsConfig, QueryEmbedder
 from services.llm_worker.kb.ingest import Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
@@ -34,6 +35,7 @@ class KnowledgeRuntime:
     library: KnowledgeLibrary
     nc: NatsClient
     builder: IndexBuilder
+    embedder: QueryEmbedder | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
@@ -42,8 +44,21 @@ class KnowledgeRuntime:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=5)
         await self.library.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         await self.builder.aclose()
         await close_nats(self.nc)
+
+
+def embeddings_config(settings: WorkerSettings) -> EmbeddingsConfig | None:
+    """Where chunks and questions are embedded; None without KEFU_EMBEDDINGS_MODEL (BM25 alone)."""
+    if not settings.embeddings_model:
+        return None
+    return EmbeddingsConfig(base_url=settings.openai_base_url, model=settings.embeddings_model,
+                            api_key=settings.openai_api_key, batch=settings.embeddings_batch,
+                            timeout_s=max(settings.upstream_timeout_s, 10.0),
+                            query_timeout_s=settings.embeddings_timeout_s,
+                            dimensions=settings.embeddings_dimensions)
 
 
 async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry) -> KnowledgeRuntime:
@@ -62,15 +77,19 @@ async def start_knowledge(settings: WorkerSettings, registry: CollectorRegistry)
                                                      settings.kb_max_tenant_bytes), replicas=settings.nats_replicas)
         queue = JobQueue(nc, replicas=settings.nats_replicas)
         await queue.ensure()
-        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes, rebuild=queue.rebuild)
+        embeddings = embeddings_config(settings)
+        embedder = None if embeddings is None else QueryEmbedder(
+            embeddings, on_failure=metrics.embedding_failures.labels("query").inc)
+        library = KnowledgeLibrary(store, metrics, max_bytes=settings.kb_cache_max_bytes, rebuild=queue.rebuild,
+                                   embedder=embedder)
         libraries.append(library)
         await library.start(nc)
     except BaseException:
         await close_nats(nc)
         raise
-    builder = IndexBuilder()
+    builder = IndexBuilder(embeddings)
     base = KnowledgeBase(store, queue, library, metrics)
-    runtime = KnowledgeRuntime(base, library, nc, builder)
+    runtime = KnowledgeRuntime(base, library, nc, builder, embedder)
     ingestor = Ingestor(store, builder, metrics, published=library.published)
     runtime.tasks.append(asyncio.create_task(ingestor.run(nc), name="kb-ingest"))
     if settings.kb_seed_dir is not None:

@@ -91,6 +91,8 @@ class Hit:
     tf_score: float = 0.0
     """The BM25 score with the chunk's length normalisation capped (index.LENGTH_NORM_CAP): what
     answerability reads, so a long passage among short FAQ items is not doubted for its length."""
+    similarity: float = 0.0
+    """Cosine similarity of the chunk's embedding to the query's (dense retrieval; 0 without)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,12 @@ as "how much of what was asked the best chunk answers", whatever the corpus size
 length; a term no chunk has counts at the highest IDF, so a question about something absent scores low.
 Tuned in bench/kb_bench.py on the CMRC 2018 trial set with half of the articles held out, on four
 different halves: the best threshold was 0.253-0.272, with balanced accuracy 0.946-0.962 on the half it
-was tuned on and 0.943-0.950 (mean) on the three others; at 0.256: 0.944-0.955. A raw BM25 threshold
-reaches 0.89 there, the IDF-weighted coverage of the top chunk 0.94; adding coverage, the gap to the
-runner-up, phrase matches or the raw score to this ratio (logistic fit, AND/OR rules) did not do better
-on held-out halves.
+was tuned on and 0.943-0.950 (mean) on the three others; at 0.256: 0.944-0.955. Since the query's unknown
+words are re-cut into the index's words (KnowledgeIndex.query_terms), at 0.256: 0.946-0.961 (0.957 on the
+reported split); the best threshold of each half (0.253-0.274) gives 0.950-0.956 on the three others.
+A raw BM25 threshold reaches 0.89 there, the IDF-weighted coverage of the top chunk 0.94; adding
+coverage, the gap to the runner-up, phrase matches, the best sentence's coverage or the raw score to this
+ratio (logistic fit, AND/OR rules, weighted sums) did not do better on held-out halves.
 """
 FOLLOW_UP_MAX_TERMS = 2
 """A question with at most this many content terms may lean on the previous turn ("那运费呢？")."""
@@ -58,13 +60,13 @@ def retrieve(index: KnowledgeIndex, question: str, *, previous_user_turns: Seque
     the better supported of the two. So "那运费呢？" after "无理由退货怎么办？" finds the return-shipping
     passage, and after "多久发货？" (no chunk has both) the shipping-fee one.
     """
-    terms = index.analyzer.terms(question)
+    terms = index.query_terms(question)
     hits = index.search(terms, k)
     best = Retrieval(hits=tuple(hits), answerable=False, query=question,
                      confidence=confidence(index, terms, hits))
     previous = next((turn for turn in reversed(previous_user_turns) if turn.strip()), "")
     if previous and is_follow_up(question, len(set(terms))):
-        joined_terms = index.analyzer.terms(previous) + terms
+        joined_terms = index.query_terms(previous) + terms
         joined_hits = index.search(joined_terms, k)
         own = set(terms)
         if own:
