@@ -23,12 +23,14 @@ class Command:
     module: str
     summary: str
     takes_arguments: bool = True
+    needs_grpc_code: bool = False
+    """Whether it imports the generated kefu/ package (`make proto`); token and accounts do not."""
 
 
 COMMANDS: dict[str, Command] = {
     "run": Command("services.devstack.__main__",
                    "start nats-server, the three services and the edge (what `make run` starts); Ctrl-C stops them",
-                   takes_arguments=False),
+                   takes_arguments=False, needs_grpc_code=True),
     "token": Command("gateway.mint_token", "mint a dev JWT signed with KEFU_JWT_SECRET (--tenant, --sub, --role)"),
     "accounts": Command("gateway.accounts", "manage the console's agent accounts (add, list, disable, ...)"),
 }
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = repo_root([Path(__file__).resolve().parents[1], Path.cwd()])
     if root is None:
         sys.exit("kefu: kefu's sources are not here: run it from an editable install (make venv) or the repository")
-    if not (root / "kefu").is_dir():
+    if command.needs_grpc_code and not (root / "kefu").is_dir():
         sys.exit(f"kefu: the gRPC code is not generated yet: run `make proto` in {root}")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
