@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,14 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET = "cli-test-secret-0123456789abcdef0123"
 
 
-@pytest.fixture(scope="module")
-def kefu(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install -e` of this repository into a throw-away virtualenv: its bin/kefu is the console script.
+def install_kefu(venv: Path, *target: str) -> Path:
+    """`pip install TARGET` into a throw-away virtualenv; its bin/kefu is the console script.
 
     The virtualenv sees the shared one's packages through a .pth line (nothing is downloaded) and installs
     only the project itself; `--ignore-installed` so pip never touches the shared virtualenv's install.
     """
-    venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
@@ -37,12 +36,18 @@ def kefu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Path(site, "_kefu_test_shared.pth").write_text(sysconfig.get_path("purelib") + "\n", encoding="utf-8")
     installed = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--ignore-installed", "--disable-pip-version-check", "-e", str(REPO_ROOT)],
+         "--ignore-installed", "--disable-pip-version-check", *target],
         capture_output=True, text=True, timeout=300, check=False)
     assert installed.returncode == 0, installed.stderr[-3000:]
     script = venv / "bin" / "kefu"
     assert script.is_file()
     return script
+
+
+@pytest.fixture(scope="module")
+def kefu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `make venv` installs: this repository, editable."""
+    return install_kefu(tmp_path_factory.mktemp("venv"), "-e", str(REPO_ROOT))
 
 
 def run_kefu(kefu: Path, *args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -72,6 +77,26 @@ def test_kefu_token_mints_a_jwt_from_outside_the_repository(kefu: Path, tmp_path
     assert claims["exp"] - claims["iat"] == 600
     refused = run_kefu(kefu, "token", cwd=tmp_path)
     assert refused.returncode == 1 and "KEFU_JWT_SECRET" in refused.stderr
+
+
+def test_kefu_installed_as_the_image_installs_it_runs_from_the_sources_directory(tmp_path: Path) -> None:
+    # k8s/Dockerfile runs `pip install .` with only the files it copied before (its first COPY lines), then
+    # serves from /app, a copy of the sources: the same install here, run from the sources, and refused elsewhere.
+    dockerfile = (REPO_ROOT / "k8s" / "Dockerfile").read_text(encoding="utf-8")
+    before_install = dockerfile[:dockerfile.index("pip install .")]
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in before_install.splitlines():
+        if line.startswith("COPY "):
+            for name in line.split()[1:-1]:
+                source = REPO_ROOT / name
+                (shutil.copytree if source.is_dir() else shutil.copy)(source, context / name)
+    script = install_kefu(tmp_path / "venv", str(context))
+    minted = run_kefu(script, "token", "--sub", "pod", cwd=REPO_ROOT, env={"KEFU_JWT_SECRET": SECRET})
+    assert minted.returncode == 0, minted.stderr
+    assert jwt.decode(minted.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "pod"
+    elsewhere = run_kefu(script, "token", cwd=tmp_path, env={"KEFU_JWT_SECRET": SECRET})
+    assert elsewhere.returncode == 1 and "sources are not here" in elsewhere.stderr
 
 
 @pytest.fixture
