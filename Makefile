@@ -54,7 +54,7 @@ bench-kb: $(STAMP) ## knowledge base on CMRC 2018: recall, grounded answers, han
 bench-security: $(GEN_STAMP) ## visitors' /v1/chat p99 idle vs under a login flood and a visitor flood; edge RSS
 	$(PY) -m bench.security_bench $(ARGS)
 
-k8s-sync: $(STAMP) ## generate k8s/base/config/ (the ConfigMap sources) from plugins/ and the lexicon
+k8s-sync: $(STAMP) ## rewrite the ConfigMaps' file lists (plugins/, the lexicon, the demo knowledge) and nats-auth.conf
 	$(PY) k8s/sync_config.py
 
 k8s-validate: $(STAMP) ## render both kustomize overlays and validate them offline (strict Kubernetes 1.30)

@@ -3,7 +3,7 @@
 The session service writes the log (after its access and state checks); an edge only reads
 it, as the tenant's staff would: every event, notes included. Which socket may see which
 event (no notes for visitors, no void AI replies) the feed decides, as the session does for
-its own readers. Reading the log here rather than through the session's Watch saves a gRPC
+its own readers. Reading the log here rather than through a session gRPC stream saves a gRPC
 stream message per event and edge: the session's CPU went to relaying events it had just
 stored.
 """

@@ -8,8 +8,9 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -125,12 +126,12 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Puts the caller's request id into the logging context and times every call."""
+    """Puts the caller's request id into the logging context and times every call by service, method and code."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._duration = Histogram(
             "kefu_grpc_server_handling_seconds", "Time to handle a gRPC call (streams: until the last message).",
-            ["method"], registry=registry,
+            ["service", "method", "code"], registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
@@ -140,62 +141,92 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None:
-            return handler
+            return handler  # an unknown method: gRPC answers UNIMPLEMENTED, and no label takes a caller's string
         request_id = ""
         for key, value in details.invocation_metadata or ():
             if key == REQUEST_ID_METADATA_KEY:
                 request_id = str(value)
                 break
-        method = details.method.rsplit("/", 1)[-1]
-        return _wrap(handler, request_id, self._duration.labels(method), method)
+        # "/kefu.moderation.v1.ModerationService/Check": the service's full name tells it from health's Check.
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        return _wrap(handler, _CallTimer(self._duration, service, method, request_id))
 
 
-def _wrap(handler: grpc.RpcMethodHandler, request_id: str, histogram: Any, method: str) -> grpc.RpcMethodHandler:
-    # Each RPC runs in its own task, so setting the context variable scopes it to the call.
-    def begin() -> float:
-        request_id_var.set(request_id)
-        log.debug("rpc %s", method)
-        return time.perf_counter()
+@dataclass(frozen=True, slots=True)
+class _CallTimer:
+    """Times one call and records it under its outcome's status code."""
 
+    histogram: Histogram
+    service: str
+    method: str
+    request_id: str
+
+    @contextmanager
+    def timed(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        # Each RPC runs in its own task, so setting the context variable scopes it to the call.
+        request_id_var.set(self.request_id)
+        log.debug("rpc %s/%s", self.service, self.method)
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as raised:  # observed, then re-raised untouched: cancellation included
+            error = raised
+            raise
+        finally:
+            code = call_status(context, error)
+            self.histogram.labels(self.service, self.method, code.name).observe(time.perf_counter() - start)
+
+
+def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with, as its client sees it."""
+    code: grpc.StatusCode | None = context.code()  # set by abort() and set_code()
+    if code is not None:
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        # grpc.aio cancels the handler both when the client goes away and when the deadline passes.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN  # what grpc.aio answers for an exception the handler let escape
+
+
+def _wrap(handler: grpc.RpcMethodHandler, timer: _CallTimer) -> grpc.RpcMethodHandler:
+    codec = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = begin()
-            try:
-                return await inner_uu(request, context)
-            finally:
-                histogram.observe(time.perf_counter() - start)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_answering(handler.unary_unary, timer), *codec)
     if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = begin()
-            try:
-                async for item in inner_us(request, context):
-                    yield item
-            finally:
-                histogram.observe(time.perf_counter() - start)
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, timer), *codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_answering(handler.stream_unary, timer), *codec)
     if handler.stream_stream:
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = begin()
-            try:
-                async for item in inner_ss(requests, context):
-                    yield item
-            finally:
-                histogram.observe(time.perf_counter() - start)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, timer), *codec)
     return handler
+
+
+def _answering(inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """A handler with one response (its request: one message or a stream), timed."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with timer.timed(context):
+            return await inner(request, context)
+
+    return handle
+
+
+def _streaming(inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A handler with a response stream, timed until its last message."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with timer.timed(context):
+            async for item in inner(request, context):
+                yield item
+
+    return handle
 
 
 def create_grpc_server(registry: CollectorRegistry, internal_token: str, *,

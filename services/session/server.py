@@ -37,8 +37,6 @@ from services.session.tokens import TokenCounters
 from services.session.visibility import for_model
 
 log = logging.getLogger(__name__)
-WATCH_READY_HEADER = "kefu-watch"
-"""Initial metadata of a Watch that passed its access check (the edge waits for it)."""
 ERROR_HEADER = "kefu-error"
 """Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
 RETRY_AFTER_HEADER = "retry-after"
@@ -48,7 +46,7 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_na
 
 def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
-                 | session_pb2.WatchRequest | session_pb2.TransitionRequest
+                 | session_pb2.TransitionRequest
                  | session_pb2.ListConversationsRequest | session_pb2.ClaimAnswerRequest) -> Principal:
     p = request.principal
     return Principal(tenant=p.tenant, subject=p.subject, role=p.role)
@@ -205,19 +203,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             with self._metrics.operation_seconds.labels("delete").time():
                 deleted = await self._store.delete(principal_of(request), request.session_id)
         return session_pb2.DeleteSessionResponse(deleted_messages=deleted)
-
-    async def Watch(self, request: session_pb2.WatchRequest,
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[session_pb2.WatchResponse]:
-        async with session_errors(context):
-            messages = await self._store.watch(principal_of(request), request.session_id, request.after_seq)
-        # Access is checked: this header tells the caller so before any message arrives.
-        await context.send_initial_metadata(((WATCH_READY_HEADER, "on"),))
-        try:
-            async with session_errors(context):
-                async for message in messages:
-                    yield session_pb2.WatchResponse(message=to_proto(message))
-        finally:
-            await messages.aclose()
 
 
 async def create_server(settings: SessionSettings, servicer: SessionServicer,

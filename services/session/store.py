@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from nats.aio.client import Client as NatsClient
@@ -76,7 +76,7 @@ from services.session.models import (
 )
 from services.session.reads import direct_get
 from services.session.tokens import TokenCounter
-from services.session.visibility import LogFilter, version_at, visible
+from services.session.visibility import visible
 
 log = logging.getLogger(__name__)
 
@@ -525,46 +525,6 @@ class SessionStore:
         if self.batch_reads:
             return await self._read_subject_batch(subject)
         return await self._read_subject(subject)
-
-    async def watch(self, principal: Principal, session_id: str, after_seq: int) -> AsyncGenerator[StoredMessage, None]:
-        """The kept messages with `seq` > `after_seq`, in order, then each new one; runs until closed.
-
-        Checks access at once (NotFound before the first message). One ordered push
-        consumer, server-side and in memory, filtered on the session's subject: it starts
-        at `after_seq + 1` and replays and follows in one, so nothing falls between the
-        replay and the live part; the client library recreates it after a gap or a
-        reconnect, from the last sequence it delivered. Closing the iterator removes it.
-        """
-        meta = await self._authorize(principal, session_id)
-        log_filter = LogFilter(principal.is_staff)
-        if after_seq and meta.state.version > 1:
-            # The version in force at `after_seq` decides whether a reply after it is void: one
-            # history read, only for conversations whose state ever changed.
-            history = await self._history(principal.tenant, session_id, meta)
-            log_filter.version = version_at(history, after_seq)
-        return self._follow(log_subject(principal.tenant, session_id), after_seq, log_filter)
-
-    async def _follow(self, subject: str, after_seq: int,
-                      log_filter: LogFilter) -> AsyncGenerator[StoredMessage, None]:
-        config = (ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
-                  if after_seq else ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-        subscription = await self._js.subscribe(subject, stream=LOG_STREAM, ordered_consumer=True,
-                                                config=config)
-        try:
-            async for raw in subscription.messages:
-                seq = raw.metadata.sequence.stream
-                if seq > after_seq:
-                    after_seq = seq
-                    message = StoredMessage.from_json(raw.data, seq)
-                    if log_filter.admit(message):
-                        yield message
-        finally:
-            await subscription.unsubscribe()
-            # Unsubscribing leaves the ephemeral consumer for the server's inactivity timer
-            # (5 s); delete it now. nats-py keeps its current name (it changes on a reset)
-            # only in a private attribute.
-            with contextlib.suppress(NatsError, TimeoutError):
-                await self._js.delete_consumer(LOG_STREAM, subscription._consumer)
 
     async def delete(self, principal: Principal, session_id: str) -> int:
         meta = await self._authorize(principal, session_id)

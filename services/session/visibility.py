@@ -40,14 +40,3 @@ def visible(history: Iterable[StoredMessage], staff: bool) -> list[StoredMessage
 def for_model(history: Iterable[StoredMessage]) -> list[StoredMessage]:
     """What the model is given: said messages only, no notes, no state events, no void replies."""
     return [m for m in visible(history, staff=False) if m.kind == "message"]
-
-
-def version_at(history: Iterable[StoredMessage], seq: int) -> int:
-    """Newest state version among the `state` events at or before `seq` (0 if none)."""
-    version = 0
-    for message in history:
-        if message.seq > seq:
-            break
-        if message.kind == "state" and message.state is not None:
-            version = max(version, message.state.version)
-    return version

@@ -1,7 +1,7 @@
 """GET /v1/ws through the real processes: visitor hello, send, AI answer, resume, refusals and close codes.
 
 Order a sender sees for one `send` (what the edge guarantees): its own `msg` echo, then the
-`ack` (sent once the stored message came back from the conversation's Watch), then the
+`ack` (sent once the stored message came back from the conversation's log), then the
 `ai_delta` frames, then the AI's stored `msg`.
 """
 

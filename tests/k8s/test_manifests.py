@@ -308,12 +308,12 @@ def test_config_maps_hold_the_repo_files_byte_for_byte(rendered: dict[str, list[
     assert "routes.toml" in plugins and "shop_faq.json" in plugins and "whitelist.txt" in lexicon
     for variant in rendered:
         configmaps = objects(rendered, variant, "ConfigMap")
-        stale = "stale copy under k8s/base/config: run python k8s/sync_config.py"
+        stale = "a stale file list: run python k8s/sync_config.py"
         assert _configmap_files(configmaps["kefu-plugins"]) == plugins, stale
         assert _configmap_files(configmaps["kefu-lexicon"]) == lexicon, stale
 
 
-def test_sync_config_copies_and_detects_drift(sync_module: ModuleType, tmp_path: Path) -> None:
+def test_sync_config_writes_the_file_lists_and_detects_drift(sync_module: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "routes.toml").write_bytes(b"[routes.default]\nprovider = \"x\"\n")
     (tmp_path / "plugins" / "shout.py").write_bytes(b"plugin = None\n")
@@ -322,16 +322,33 @@ def test_sync_config_copies_and_detects_drift(sync_module: ModuleType, tmp_path:
     lexicon = tmp_path / "services" / "moderation" / "lexicon"
     lexicon.mkdir(parents=True)
     (lexicon / "abuse.txt").write_bytes("# action: mask\n傻逼\n".encode())
-    assert sync_module.differences(tmp_path)
+    demo = tmp_path / "services" / "llm_worker" / "demo_knowledge" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "faq.md").write_bytes(b"# FAQ\n")
+    old_copies = tmp_path / "k8s" / "base" / "config" / "plugins"
+    old_copies.mkdir(parents=True)
+    (old_copies / "shout.py").write_bytes(b"plugin = None\n")
+    problems = sync_module.differences(tmp_path)
+    assert "plugins/kustomization.yaml is missing" in problems
+    assert "k8s/overlays/dev/nats-auth.conf is missing" in problems
     sync_module.sync(tmp_path)
     assert sync_module.differences(tmp_path) == []
-    copies = tmp_path / "k8s" / "base" / "config"
-    assert sorted(p.name for p in (copies / "plugins").iterdir()) == ["routes.toml", "shout.py"]
-    assert "lexicon/abuse.txt" in (copies / "kustomization.yaml").read_text(encoding="utf-8")
-    (tmp_path / "plugins" / "shout.py").write_bytes(b"plugin = 1\n")
+    assert not (tmp_path / "k8s" / "base" / "config").exists()  # the old copies are gone
+    listed = (tmp_path / "plugins" / "kustomization.yaml").read_text(encoding="utf-8")
+    assert "      - routes.toml\n      - shout.py\n" in listed and "README" not in listed and "_private" not in listed
+    assert "      - abuse.txt\n" in (lexicon / "kustomization.yaml").read_text(encoding="utf-8")
+    # The demo tenant's kustomization sits above its folder: the worker seeds every file of a tenant's folder.
+    assert not (demo / "kustomization.yaml").exists()
+    assert "      - demo/faq.md\n" in (demo.parent / "kustomization.yaml").read_text(encoding="utf-8")
     (lexicon / "fraud.txt").write_bytes(b"x\n")
-    problems = sync_module.differences(tmp_path)
-    assert any("shout.py differs" in p for p in problems) and any("fraud.txt is missing" in p for p in problems)
+    (tmp_path / "plugins" / "shout.py").unlink()
+    assert sync_module.differences(tmp_path) == [
+        "plugins/kustomization.yaml does not list the current files",
+        "services/moderation/lexicon/kustomization.yaml does not list the current files"]
+
+
+def test_committed_config_file_lists_are_in_sync(sync_module: ModuleType) -> None:
+    assert sync_module.differences() == [], "run: python k8s/sync_config.py"
 
 
 def test_secrets_are_referenced_never_shipped(rendered: dict[str, list[Obj]]) -> None:

@@ -57,24 +57,17 @@ def conversation(stack: Stack) -> str:
 
 
 def service_calls(stack: Stack, session_id: str) -> dict[str, tuple[int, Call]]:
-    """One real RPC per service, unary and streaming, each worth stealing: the owner's messages, a free
-    moderation, a free model call."""
+    """Real RPCs of each service (unary, and streaming where it has one), each worth stealing: the owner's
+    messages and context, a free moderation, a free model call."""
     ports = stack.config.ports
 
     async def list_messages(channel: grpc.aio.Channel) -> object:
         return await session_pb2_grpc.SessionServiceStub(channel).ListMessages(
             session_pb2.ListMessagesRequest(principal=OWNER, session_id=session_id), timeout=15)
 
-    async def watch(channel: grpc.aio.Channel) -> object:
-        call = session_pb2_grpc.SessionServiceStub(channel).Watch(
-            session_pb2.WatchRequest(principal=OWNER, session_id=session_id), timeout=15)
-        try:
-            metadata = await call.initial_metadata()  # the session sends its header once the caller passed
-            if not any(key == "kefu-watch" for key, _ in metadata or ()):
-                await call.read()  # a refused call raises its status here
-            return metadata
-        finally:
-            call.cancel()
+    async def build_context(channel: grpc.aio.Channel) -> object:
+        return await session_pb2_grpc.SessionServiceStub(channel).BuildContext(
+            session_pb2.BuildContextRequest(principal=OWNER, session_id=session_id), timeout=15)
 
     async def check(channel: grpc.aio.Channel) -> object:
         return await moderation_pb2_grpc.ModerationServiceStub(channel).Check(
@@ -99,7 +92,8 @@ def service_calls(stack: Stack, session_id: str) -> dict[str, tuple[int, Call]]:
         finally:
             call.cancel()
 
-    return {"session.ListMessages": (ports.session, list_messages), "session.Watch": (ports.session, watch),
+    return {"session.ListMessages": (ports.session, list_messages),
+            "session.BuildContext": (ports.session, build_context),
             "moderation.Check": (ports.moderation, check), "moderation.CheckStream": (ports.moderation, check_stream),
             "llm_worker.ListModels": (ports.worker, list_models), "llm_worker.Generate": (ports.worker, generate)}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.session.models import ConversationState, StoredMessage
-from services.session.visibility import LogFilter, for_model, version_at, visible
+from services.session.visibility import for_model, visible
 
 
 def event(seq: int, content: str, *, kind: str = "message", role: str = "user", version: int = 0,
@@ -32,9 +32,3 @@ def test_visibility_void_replies_and_notes() -> None:
 
 def test_visibility_the_model_gets_said_messages_only() -> None:
     assert [m.content for m in for_model(LOG)] == ["question", "answer v1", "answer v2", "unconditional"]
-
-
-def test_visibility_a_watch_resumed_mid_log_starts_from_the_version_in_force() -> None:
-    assert [version_at(LOG, seq) for seq in (0, 2, 3, 6, 7, 99)] == [0, 0, 2, 2, 3, 3]
-    resumed = LogFilter(staff=False, version=version_at(LOG, 3))
-    assert [m.seq for m in LOG[3:] if resumed.admit(m)] == [6, 7, 8]

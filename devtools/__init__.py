@@ -1,0 +1,1 @@
+"""Developer tools: the `kefu` command and what a laptop needs to run kefu (not shipped to production)."""
