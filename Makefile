@@ -48,8 +48,9 @@ bench: $(GEN_STAMP) ## measure kefu against the direct path to the upstream (ben
 bench-ws: $(GEN_STAMP) ## live chat: 10k idle sockets, resume, visitor-to-agent latency (ARGS="--quick")
 	$(PY) -m bench.ws_bench $(ARGS)
 
-bench-kb: $(STAMP) ## knowledge base on CMRC 2018: recall, grounded answers, handoffs, latency and RSS at scale
+bench-kb: $(GEN_STAMP) ## knowledge base on CMRC 2018: recall, grounded answers, handoffs, latency and RSS at scale; ingest and search through the HTTP API
 	$(PY) -m bench.kb_bench $(ARGS)
+	$(PY) -m bench.kb_ingest_bench
 
 bench-security: $(GEN_STAMP) ## visitors' /v1/chat p99 idle vs under a login flood and a visitor flood; edge RSS
 	$(PY) -m bench.security_bench $(ARGS)
