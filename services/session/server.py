@@ -30,6 +30,7 @@ from services.session.limits import TenantUsage, VisitorRates
 from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
+from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
@@ -242,15 +243,16 @@ async def serve(settings: SessionSettings) -> None:
                                        replicas=settings.nats_replicas)
         rates = await VisitorRates.open(nc, settings.visitor_msg_rps, settings.visitor_msg_burst,
                                         replicas=settings.nats_replicas)
+        schedule = await TimerSchedule.open(nc, TimerLimits(
+            wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s, retention_s=settings.retention_s),
+            replicas=settings.nats_replicas)
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
             replicas=settings.nats_replicas, max_bytes=settings.messages_max_bytes,
             max_visitor_conversations=settings.visitor_max_conversations, usage=usage,
-            answer_lease_s=settings.answer_lease_s)
-        timers = await ConversationTimers.open(
-            nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
-            sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)
+            answer_lease_s=settings.answer_lease_s, schedule=schedule)
+        timers = await ConversationTimers.open(nc, store, metrics, replicas=settings.nats_replicas)
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
         background.append(asyncio.create_task(usage.run()))
