@@ -123,13 +123,18 @@ class TimerSchedule:
         """Arm what the conversation's new state needs: called after each create and status change."""
         await asyncio.gather(*(self.arm(timer, tenant, session_id, meta) for timer in timers_for(meta)))
 
-    async def arm(self, timer: str, tenant: str, session_id: str, meta: SessionMeta) -> None:
-        """(Re)place the conversation's `timer`, due after the limit from `meta`'s state."""
+    async def arm(self, timer: str, tenant: str, session_id: str, meta: SessionMeta, *,
+                  only_if_none: bool = False) -> None:
+        """(Re)place the conversation's `timer`, due after the limit from `meta`'s state.
+
+        `only_if_none`: leave a pending one in place (the server refuses the publish: APIError)."""
         payload = json.dumps({"version": meta.state.version, "updated_at": meta.updated_at,
                               "owner": meta.owner}, ensure_ascii=False).encode()
-        await self._js.publish(f"{SCHEDULE_PREFIX}.{timer}.{tenant}.{session_id}", payload, headers={
-            "Nats-Schedule": at_header(due_time(timer, meta, self.limits)),
-            "Nats-Schedule-Target": f"{DUE_PREFIX}.{timer}.{tenant}.{session_id}"})
+        headers = {"Nats-Schedule": at_header(due_time(timer, meta, self.limits)),
+                   "Nats-Schedule-Target": f"{DUE_PREFIX}.{timer}.{tenant}.{session_id}"}
+        if only_if_none:
+            headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+        await self._js.publish(f"{SCHEDULE_PREFIX}.{timer}.{tenant}.{session_id}", payload, headers=headers)
 
     async def cancel(self, tenant: str, session_id: str) -> None:
         """Drop every pending timer of a conversation that is gone (one purge, by subject)."""

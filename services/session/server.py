@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_server import (
@@ -22,6 +24,7 @@ from services.common.grpc_server import (
 )
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
+from services.session.backfill import arm_stored
 from services.session.context import build_context
 from services.session.conversation import Change
 from services.session.errors import Conflict, QuotaExceeded, RateLimited, StorageFull, WrongStatus
@@ -231,6 +234,14 @@ async def create_server(settings: SessionSettings, servicer: SessionServicer,
     return server, health_servicer, port
 
 
+async def _arm_stored(nc: NatsClient, schedule: TimerSchedule) -> None:
+    """The one-time backfill, beside serving: a failure leaves it to the next start."""
+    try:
+        await arm_stored(nc, schedule)
+    except (NatsError, TimeoutError) as error:
+        log.warning("timers of stored conversations not armed: %s", str(error) or type(error).__name__)
+
+
 async def serve(settings: SessionSettings) -> None:
     metrics = SessionMetrics()
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
@@ -256,6 +267,7 @@ async def serve(settings: SessionSettings) -> None:
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
         background.append(asyncio.create_task(usage.run()))
+        background.append(asyncio.create_task(_arm_stored(nc, schedule)))
         server, health_servicer, port = await create_server(
             settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
         await server.start()

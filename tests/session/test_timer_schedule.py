@@ -17,6 +17,7 @@ from nats.js.errors import NotFoundError
 
 from kefu.session.v1 import session_pb2
 from services.common.conversation_log import LOG_STREAM, log_subject
+from services.session.backfill import arm_stored
 from services.session.models import ConversationState, SessionMeta
 from services.session.schedule import (
     DUE_PREFIX,
@@ -114,12 +115,12 @@ async def test_timers_read_only_the_conversations_that_come_due(live: Live) -> N
         live.store.schedule = TimerSchedule(live.nc, TimerLimits(wait_s=3600, idle_s=0.5, retention_s=3600))
         short = [await live.open_conversation(principal(f"short-{n}")) for n in range(3)]
 
-        async def closed() -> bool:
-            return all([await status_of(live, s) == "closed" for s in short])
+        async def handled() -> bool:
+            return sample(live, "kefu_session_timers_total", timer="idle", result="acted") == 3
 
-        await poll(closed, 20, "the idle close of the three short conversations")
+        await poll(handled, 20, "the idle close of the three short conversations")
     assert sample(live, "kefu_session_timer_reads_total") == 3
-    assert sample(live, "kefu_session_timers_total", timer="idle", result="acted") == 3
+    assert {await status_of(live, s) for s in short} == {"closed"}
     assert {await status_of(live, s) for s in waiting} == {"waiting_human"}
 
 
@@ -140,10 +141,11 @@ async def test_timers_idle_close_rearms_while_the_conversation_is_active(live: L
         [entry] = await live.store.index.in_status("shop1", "ai")
         assert entry.updated_at >= meta.updated_at - 1.0
 
-        async def closed() -> bool:
-            return await status_of(live, session_id) == "closed"
+        async def closed() -> bool:  # counted once the close is stored whole
+            return sample(live, "kefu_session_timers_total", timer="idle", result="acted") == 1
 
         await poll(closed, 15, "the idle close once the visitor went quiet")
+    assert await status_of(live, session_id) == "closed"
     event = (await live.messages(AGENT, session_id))[-1]
     assert (event.kind, event.state.reason) == ("state", "idle")
 
@@ -156,17 +158,17 @@ async def test_timers_purge_a_closed_conversation_after_its_retention(live: Live
     await live.transition(AGENT, session_id, "close")
     assert await has_message(live.nc, LOG_STREAM, log_subject("shop1", session_id))
     async with running(timers):
-        async def purged() -> bool:
-            return await live.store.read_meta("shop1", session_id) is None
+        async def purged() -> bool:  # counted once every part is gone
+            return sample(live, "kefu_session_timers_total", timer="purge", result="acted") == 1
 
         await poll(purged, 15, "the purge after the retention")
+    assert await live.store.read_meta("shop1", session_id) is None
     assert not await has_message(live.nc, LOG_STREAM, log_subject("shop1", session_id))
     assert await live.store.index.in_status("shop1", "closed") == []
     assert await live.store.index.sessions_of_visitor("shop1", "alice") == []
     assert not await has_message(live.nc, TIMERS_STREAM, f"{SCHEDULE_PREFIX}.{IDLE}.shop1.{session_id}")
     await refused(live.stub.ListMessages(session_pb2.ListMessagesRequest(principal=ALICE, session_id=session_id)),
                   grpc.StatusCode.NOT_FOUND)
-    assert sample(live, "kefu_session_timers_total", timer="purge", result="acted") == 1
     # Only the closed one: the open conversation and its messages stay.
     assert await status_of(live, kept) == "ai"
     assert await has_message(live.nc, LOG_STREAM, log_subject("shop1", kept))
@@ -212,3 +214,24 @@ async def test_deleting_a_conversation_cancels_its_timers(live: Live) -> None:
     assert [await has_message(live.nc, TIMERS_STREAM, s) for s in subjects] == [True, True]
     await live.stub.DeleteSession(session_pb2.DeleteSessionRequest(principal=ALICE, session_id=session_id))
     assert [await has_message(live.nc, TIMERS_STREAM, s) for s in subjects] == [False, False]
+
+
+@pytest.mark.timeout(60)
+async def test_conversations_stored_before_the_timers_get_theirs_armed_once(live: Live) -> None:
+    # The store arms nothing here, as before timers were schedules.
+    old = [await live.open_conversation(principal(f"old-{n}")) for n in range(5)]
+    await live.transition(principal("old-0"), old[0], "handoff")
+    schedule = await TimerSchedule.open(live.nc, TimerLimits(wait_s=3600, idle_s=0.5, retention_s=3600))
+    meta = await live.store.read_meta("shop1", old[1])
+    assert meta is not None
+    # Armed meanwhile by a replica that already schedules: the backfill leaves it in place.
+    await TimerSchedule(live.nc, TimerLimits(3600, 3600, 3600)).arm(IDLE, "shop1", old[1], meta)
+    assert await arm_stored(live.nc, schedule) == 5
+    assert await arm_stored(live.nc, schedule) == 0  # marked done: a later start reads nothing
+    live.store.schedule = schedule
+    async with running(await ConversationTimers.open(live.nc, live.store, live.metrics)):
+        async def closed() -> bool:
+            return {await status_of(live, s) for s in old[:1] + old[2:]} == {"closed"}
+
+        await poll(closed, 20, "the idle close of the conversations stored before")
+    assert await status_of(live, old[1]) == "ai"
