@@ -14,7 +14,6 @@ import contextlib
 import logging
 
 from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
@@ -48,7 +47,7 @@ async def arm_stored(nc: NatsClient, schedule: TimerSchedule) -> int:
             while True:
                 try:
                     batch = await subscription.fetch(BATCH, timeout=2.0)
-                except NatsTimeoutError:
+                except TimeoutError:  # nats-py's own subclass, or asyncio's
                     break
                 entries = [(m.subject, m.data) for m in batch if m.data and not m.headers]
                 armed += sum(await asyncio.gather(*(_arm(schedule, s, d) for s, d in entries)))

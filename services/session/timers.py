@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError
@@ -52,7 +51,7 @@ GAUGE_S = 30.0
 CLOSED_GAUGE_S = 300.0
 """The same for "closed": its count grows with what is stored (about 150 ms of server CPU per million)."""
 ACK_WAIT_S = 30.0
-MAX_DELIVER = 5
+MAX_DELIVER = 8
 RETRY_S = 2.0
 
 
@@ -131,7 +130,7 @@ class ConversationTimers:
                                       ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER))
         try:
             return await self._subscription.fetch(FETCH_BATCH, timeout=timeout_s)
-        except NatsTimeoutError:
+        except TimeoutError:  # nats-py raises its own subclass, or asyncio's when the deadline ran out
             return []
 
     async def _drop_subscription(self) -> None:
@@ -153,13 +152,23 @@ class ConversationTimers:
         except (ValueError, KeyError, TypeError):
             log.warning("dropping a malformed due timer on %s", message.subject)
             await message.term()
+            self._metrics.timers.labels("unknown", "failed").inc()
             return "unknown", "failed"
         handler = {WAIT: self._time_out, IDLE: self._close_idle, PURGE: self._purge}[timer.timer]
         try:
             outcome = await handler(timer)
         except (KefuError, NatsError, TimeoutError) as error:
-            # Redelivered after the ack wait (at most MAX_DELIVER times).
+            # Passing trouble (NATS away, a CAS storm): redelivered later, backing off; after MAX_DELIVER
+            # tries it is dropped, so it does not stay in the work queue (the TTL still ends the conversation).
             log.warning("%s timer of %s: %s", timer.timer, timer.session_id, str(error) or type(error).__name__)
+            delivered = message.metadata.num_delivered or 1
+            with contextlib.suppress(NatsError, TimeoutError):
+                await (message.term() if delivered >= MAX_DELIVER else message.nak(delay=RETRY_S * delivered))
+            outcome = "failed"
+        except Exception:
+            # A bug would fail again on every redelivery: drop this timer (the TTL still ends the conversation).
+            log.exception("%s timer of %s failed", timer.timer, timer.session_id)
+            await message.term()
             outcome = "failed"
         else:
             await message.ack()

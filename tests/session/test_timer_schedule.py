@@ -29,7 +29,7 @@ from services.session.schedule import (
     TimerLimits,
     TimerSchedule,
 )
-from services.session.timers import ConversationTimers
+from services.session.timers import ConversationTimers, SweepResult
 from tests.session.live_helpers import Live, poll, principal, refused
 
 ALICE = principal("alice")
@@ -235,3 +235,14 @@ async def test_conversations_stored_before_the_timers_get_theirs_armed_once(live
 
         await poll(closed, 20, "the idle close of the conversations stored before")
     assert await status_of(live, old[1]) == "ai"
+
+
+async def test_a_malformed_due_timer_is_dropped_not_retried(live: Live) -> None:
+    timers = await timers_for(live, TimerLimits(wait_s=3600, idle_s=3600, retention_s=3600))
+    subject = f"{DUE_PREFIX}.{IDLE}.shop1.{'c' * 32}"
+    await live.nc.jetstream().publish(subject, b"not json")
+    assert await timers.sweep() == SweepResult()
+    assert sample(live, "kefu_session_timers_total", timer="unknown", result="failed") == 1
+    assert not await has_message(live.nc, TIMERS_STREAM, subject)
+    assert await timers.sweep() == SweepResult()
+    assert sample(live, "kefu_session_timers_total", timer="unknown", result="failed") == 1
