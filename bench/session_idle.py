@@ -6,6 +6,7 @@ pipelined publishes), then starts `python -m services.session` on it and reports
 serves and the CPU (user + system) of the session process and of nats-server over `--seconds` idle.
 `--source DIR` runs the session service from another checkout of the repository (a before/after
 comparison: `git archive <commit> | tar -x -C DIR`, with `make proto` or a copy of `kefu/` there).
+`--backfill` leaves out the mark of armed timers, so the start includes the one-time backfill (backfill.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, stop_pro
 from services.common.conversation_log import log_subject
 from services.devstack.nats_server import start_nats_server
 from services.devstack.stack import REPO_ROOT, free_port
+from services.session.backfill import MARK_SUBJECT
 from services.session.index import ConversationSummary, status_key, visitor_key
 from services.session.models import ConversationState, SessionMeta, StoredMessage, new_id
 from services.session.schedule import TimerLimits, TimerSchedule
@@ -44,7 +46,7 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def seed(url: str, conversations: int) -> float:
+async def seed(url: str, conversations: int, mark_armed: bool) -> float:
     """Create the buckets and streams as the service does, then write the conversations; returns seconds."""
     nc = await nats.connect(url)
     try:
@@ -75,6 +77,9 @@ async def seed(url: str, conversations: int) -> float:
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)
+        if mark_armed:
+            # As a store whose timers were always schedules: the one-time backfill has nothing to do.
+            await js.publish(MARK_SUBJECT, str(conversations).encode())
         return time.monotonic() - started
     finally:
         await nc.close()
@@ -110,12 +115,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--conversations", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--source", type=Path, default=REPO_ROOT, help="checkout to run the session service from")
+    parser.add_argument("--backfill", action="store_true",
+                        help="leave the store unmarked: the session arms every stored conversation's timers at start")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     with bench_work_dir("kefu-session-idle-", args.keep_logs) as work:
         nats_server = start_nats_server(work.path / "nats")
         try:
-            seed_s = asyncio.run(seed(nats_server.url, args.conversations))
+            seed_s = asyncio.run(seed(nats_server.url, args.conversations, not args.backfill))
             session, ready_s = start_session(args.source.resolve(), nats_server.url, work.path / "session.log")
             try:
                 time.sleep(5.0)  # past start-up: measure the steady idle state
