@@ -55,7 +55,9 @@ def stream_subjects(stream: str) -> str:
 
 LOG_STREAM = "KEFU_MESSAGES"
 KB_JOBS_STREAM = "KEFU_KB_JOBS"
-STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>", KB_JOBS_STREAM: "kefu.kb.jobs.>"}
+TIMERS_STREAM = "KEFU_TIMERS"
+STREAM_SUBJECTS: Mapping[str, str] = {LOG_STREAM: "kefu.msg.>", KB_JOBS_STREAM: "kefu.kb.jobs.>",
+                                      TIMERS_STREAM: "kefu.timer.>"}
 """Subjects of the streams that are not KV or object store buckets."""
 
 ROLES: Mapping[str, Role] = {
@@ -70,7 +72,8 @@ ROLES: Mapping[str, Role] = {
     "session": Role(
         streams={LOG_STREAM: Access.WRITE, kv("kefu_sessions"): Access.WRITE,
                  kv("kefu_conversations"): Access.WRITE, kv("kefu_visitor_rates"): Access.WRITE,
-                 kv("kefu_tenant_usage"): Access.WRITE, kv("kefu_tenants"): Access.CREATE}),
+                 kv("kefu_tenant_usage"): Access.WRITE, kv("kefu_tenants"): Access.CREATE,
+                 TIMERS_STREAM: Access.WRITE}),
     "llm_worker": Role(
         # The knowledge base too: documents and index state (KV), files and built indexes (object
         # stores), and the shared ingestion work queue.

@@ -10,7 +10,7 @@ Old entries are purged, not deleted, so no tombstones pile up in listings. Two p
 of one conversation may interleave; each re-reads the metadata after writing and projects
 again when the version moved, so the last one to finish writes the newest state. A process
 that dies between the metadata write and the projection leaves the index behind until the
-sweeper repairs it.
+conversation's next change or idle timer writes it again.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ INDEX_STREAM = f"KV_{INDEX_BUCKET}"
 INDEX_SUBJECT_PREFIX = f"$KV.{INDEX_BUCKET}"
 VISITOR_TOKEN = "visitor"
 PROJECTION_ROUNDS = 5
-"""A projection chasing a conversation that keeps changing stops after this many rounds (the sweeper goes on)."""
+"""A projection chasing a conversation that keeps changing stops after this many rounds (its next change goes on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,8 @@ class ConversationIndex:
 
     @classmethod
     async def open(cls, nc: NatsClient, *, ttl_s: float, replicas: int = 1) -> ConversationIndex:
-        """Entries age out with the sessions (every open conversation is written again within
-        the idle limit, by a change or by the sweeper)."""
+        """Entries age out with the sessions: each is written on every status change, and the idle
+        timer writes an open conversation's again while it stays active (timers.py)."""
         kv = await ensure_key_value(nc.jetstream(), KeyValueConfig(
             bucket=INDEX_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas, direct=True))
         version = nc.connected_server_version
@@ -120,7 +120,7 @@ class ConversationIndex:
         await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}")
 
     async def in_status(self, tenant: str, status: str) -> list[ConversationSummary]:
-        """Entries of one status; `tenant` "*" means every tenant (the sweeper)."""
+        """Entries of one status of one tenant (agents' lists)."""
         found = await last_per_subject(self._nc, INDEX_STREAM, f"{INDEX_SUBJECT_PREFIX}.{tenant}.{status}.*",
                                        batch_reads=self._batch_reads)
         summaries = []

@@ -41,6 +41,14 @@ class SessionMetrics:
         self.queue_wait_seconds = Histogram(
             "kefu_queue_wait_seconds", "Time a conversation waited in the queue until an agent claimed it.",
             registry=self.registry, buckets=(1, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 1800))
+        # The timers wait in nats-server (KEFU_TIMERS); these count only the ones that came due, and the
+        # conversations they read: both stay flat while conversations sit open (no polling, issue 19).
+        self.timers = Counter(
+            "kefu_session_timers", "Due timers handled, by timer (wait, idle, purge) and result (acted, "
+            "rearmed, skipped, gone, failed).", ["timer", "result"], registry=self.registry)
+        self.timer_reads = Counter(
+            "kefu_session_timer_reads", "Conversations the timers read: one per due timer, none while none is due.",
+            registry=self.registry)
         # Every replica reads the same index: take one replica's value (max), never the sum.
         self.conversations = Gauge(
             "kefu_conversations", "Conversations by status over every tenant, from the conversation index.",

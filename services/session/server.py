@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_server import (
@@ -22,6 +24,7 @@ from services.common.grpc_server import (
 )
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
+from services.session.backfill import arm_stored
 from services.session.context import build_context
 from services.session.conversation import Change
 from services.session.errors import Conflict, QuotaExceeded, RateLimited, StorageFull, WrongStatus
@@ -30,6 +33,7 @@ from services.session.limits import TenantUsage, VisitorRates
 from services.session.listing import list_conversations
 from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
+from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
@@ -215,6 +219,14 @@ async def create_server(settings: SessionSettings, servicer: SessionServicer,
     return server, health_servicer, port
 
 
+async def _arm_stored(nc: NatsClient, schedule: TimerSchedule) -> None:
+    """The one-time backfill, beside serving: a failure leaves it to the next start."""
+    try:
+        await arm_stored(nc, schedule)
+    except (NatsError, TimeoutError) as error:
+        log.warning("timers of stored conversations not armed: %s", str(error) or type(error).__name__)
+
+
 async def serve(settings: SessionSettings) -> None:
     metrics = SessionMetrics()
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
@@ -227,18 +239,20 @@ async def serve(settings: SessionSettings) -> None:
                                        replicas=settings.nats_replicas)
         rates = await VisitorRates.open(nc, settings.visitor_msg_rps, settings.visitor_msg_burst,
                                         replicas=settings.nats_replicas)
+        schedule = await TimerSchedule.open(nc, TimerLimits(
+            wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s, retention_s=settings.retention_s),
+            replicas=settings.nats_replicas)
         store = await SessionStore.open(
             nc, counters.default_counter, max_history=settings.max_history_messages,
             max_message_chars=settings.max_message_chars, ttl_s=settings.session_ttl_s,
             replicas=settings.nats_replicas, max_bytes=settings.messages_max_bytes,
             max_visitor_conversations=settings.visitor_max_conversations, usage=usage,
-            answer_lease_s=settings.answer_lease_s)
-        timers = await ConversationTimers.open(
-            nc, store, metrics, wait_s=settings.handoff_wait_s, idle_s=settings.idle_close_s,
-            sweep_s=settings.sweep_interval_s, replicas=settings.nats_replicas)
+            answer_lease_s=settings.answer_lease_s, schedule=schedule)
+        timers = await ConversationTimers.open(nc, store, metrics, replicas=settings.nats_replicas)
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
         background.append(asyncio.create_task(usage.run()))
+        background.append(asyncio.create_task(_arm_stored(nc, schedule)))
         server, health_servicer, port = await create_server(
             settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
         await server.start()

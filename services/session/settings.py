@@ -39,8 +39,9 @@ class SessionSettings:
     """A conversation waiting for an agent longer than this goes back to the AI, with a leave-a-message reply."""
     idle_close_s: float = 600.0
     """An open conversation with no stored event for this long is closed."""
-    session_sweep_s: float = 0.0
-    """How often the timers look; 0: a quarter of the shorter limit, held to 0.2..5 s."""
+    closed_retention_s: float = 0.0
+    """KEFU_CLOSED_RETENTION_S: a closed conversation (messages, metadata, index entries) is purged this long
+    after it closed; 0: KEFU_SESSION_TTL_S, which bounds every stored record anyway."""
     grace_s: float = 10.0
     log_level: str = "INFO"
     visitor_msg_rps: float = 1.0
@@ -66,8 +67,9 @@ class SessionSettings:
             raise SettingsError(f"KEFU_HANDOFF_WAIT_S must be positive, got {self.handoff_wait_s}")
         if self.idle_close_s <= 0:
             raise SettingsError(f"KEFU_IDLE_CLOSE_S must be positive, got {self.idle_close_s}")
-        if self.session_sweep_s < 0:
-            raise SettingsError(f"KEFU_SESSION_SWEEP_S must not be negative, got {self.session_sweep_s}")
+        if self.closed_retention_s and not 60 <= self.closed_retention_s <= self.session_ttl_s:
+            raise SettingsError(f"KEFU_CLOSED_RETENTION_S must be 0 or 60..KEFU_SESSION_TTL_S "
+                                f"({self.session_ttl_s:g}), got {self.closed_retention_s:g}")
         if not 0 < self.visitor_msg_rps <= 1000 or not 1 <= self.visitor_msg_burst <= 100_000:
             raise SettingsError("KEFU_VISITOR_MSG_RPS must be in (0, 1000] and KEFU_VISITOR_MSG_BURST 1..100000, "
                                 f"got {self.visitor_msg_rps} and {self.visitor_msg_burst}")
@@ -87,10 +89,9 @@ class SessionSettings:
                 f"KEFU_TOKEN_ENCODING must be one of {list(ENCODINGS)}, got {self.encoding!r}") from None
 
     @property
-    def sweep_interval_s(self) -> float:
-        if self.session_sweep_s:
-            return self.session_sweep_s
-        return min(5.0, max(0.2, min(self.handoff_wait_s, self.idle_close_s) / 4))
+    def retention_s(self) -> float:
+        """How long a closed conversation is kept."""
+        return self.closed_retention_s or self.session_ttl_s
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
@@ -108,7 +109,7 @@ class SessionSettings:
             encoding=env_str(env, "KEFU_TOKEN_ENCODING", cls.encoding),
             handoff_wait_s=env_float(env, "KEFU_HANDOFF_WAIT_S", cls.handoff_wait_s),
             idle_close_s=env_float(env, "KEFU_IDLE_CLOSE_S", cls.idle_close_s),
-            session_sweep_s=env_float(env, "KEFU_SESSION_SWEEP_S", cls.session_sweep_s),
+            closed_retention_s=env_float(env, "KEFU_CLOSED_RETENTION_S", cls.closed_retention_s),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
             visitor_msg_rps=env_float(env, "KEFU_VISITOR_MSG_RPS", cls.visitor_msg_rps),

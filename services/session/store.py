@@ -19,7 +19,8 @@
   changes by CAS too: a counter batch and a status change that race both re-read and
   re-apply, so neither overwrites the other. Each change then stores a `state` event in
   the log, which orders it among the messages (readers void AI replies generated under an
-  older version by it), and moves the conversation's entry in the index (index.py).
+  older version by it), moves the conversation's entry in the index (index.py) and arms the
+  timers its new state needs (schedule.py); `purge` erases a conversation past its retention.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from services.session.models import (
     new_id,
 )
 from services.session.reads import direct_get
+from services.session.schedule import TimerSchedule
 from services.session.tokens import TokenCounter
 from services.session.visibility import visible
 
@@ -162,7 +164,8 @@ class SessionStore:
 
     def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
                  max_history: int, max_message_chars: int, max_visitor_conversations: int = 0,
-                 usage: TenantUsage | None = None, answer_lease_s: float = 0.0) -> None:
+                 usage: TenantUsage | None = None, answer_lease_s: float = 0.0,
+                 schedule: TimerSchedule | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
@@ -176,6 +179,8 @@ class SessionStore:
         """Stored bytes per tenant against its quota (None: no quota)."""
         self._answer_lease_s = answer_lease_s
         """How long the edge that stored a visitor message has to answer it before another may (0: untracked)."""
+        self.schedule = schedule
+        """Arms each conversation's timers on create and status change (None: no timers, as in store tests)."""
         self._slots: dict[str, _MetaSlot] = {}
         self._cache = MetaCache()
         self.expiry_markers = True
@@ -188,7 +193,7 @@ class SessionStore:
     async def open(cls, nc: NatsClient, counter: TokenCounter, *, max_history: int,
                    max_message_chars: int, ttl_s: float, replicas: int = 1, max_bytes: int = -1,
                    max_visitor_conversations: int = 0, usage: TenantUsage | None = None,
-                   answer_lease_s: float = 0.0) -> SessionStore:
+                   answer_lease_s: float = 0.0, schedule: TimerSchedule | None = None) -> SessionStore:
         """Create or reconcile the bucket and stream. `ttl_s` may be short here (tests);
         SessionSettings holds production to at least 60 s."""
         if ttl_s <= 0:
@@ -217,7 +222,7 @@ class SessionStore:
         index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
         store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars,
                     max_visitor_conversations=max_visitor_conversations, usage=usage,
-                    answer_lease_s=answer_lease_s)
+                    answer_lease_s=answer_lease_s, schedule=schedule)
         store.expiry_markers = markers
         return store
 
@@ -308,6 +313,9 @@ class SessionStore:
             with contextlib.suppress(NatsError):
                 await self._js.delete_msg(LOG_STREAM, stored.seq)
             raise NotFound("no such session")
+        if created:
+            # Armed with the first message counted, so the idle timer starts from it.
+            await self._arm(principal.tenant, session_id, written)
         state = written.state
         if if_version and state.version != if_version:
             # A change landed between the check and the publish: take the message back.
@@ -458,8 +466,45 @@ class SessionStore:
             self._cache.put(key, updated, new_revision)
             ack = await self._publish(tenant, session_id, event)
             await self.index.project(tenant, session_id, updated, self._rereader(tenant, session_id))
+            await self._arm(tenant, session_id, updated)
             return TransitionResult(state, meta.state, replace(event, seq=ack.seq), updated, new_revision)
         raise Unavailable(f"conversation {session_id}: too many concurrent changes")
+
+    async def _arm(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
+        if self.schedule is None:
+            return
+        try:
+            await self.schedule.changed(tenant, session_id, meta)
+        except (NatsError, TimeoutError) as error:
+            # The change itself is stored; without its timer the conversation still ends with the TTL.
+            log.warning("conversation %s: timers not armed: %s", session_id, str(error) or type(error).__name__)
+
+    async def purge(self, tenant: str, session_id: str, owner: str, seen: tuple[SessionMeta, int] | None) -> bool:
+        """Erase a conversation past its retention: metadata, messages, index entries and timers.
+
+        `seen`: the metadata and revision the caller judged; its removal is a CAS against that
+        revision, so a conversation a visitor reopened meanwhile is kept (False). None: the
+        metadata is gone already (TTL), the rest is removed all the same.
+        """
+        key = meta_key(tenant, session_id)
+        if seen is not None:
+            try:
+                await self._meta.delete(key, last=seen[1])
+            except KeyWrongLastSequenceError:
+                return False
+        await self._erase(tenant, session_id, owner)
+        return True
+
+    async def _erase(self, tenant: str, session_id: str, owner: str) -> None:
+        # A subject purge leaves no tombstone: nothing of the session remains, and no
+        # MaxAge marker appears later to be mistaken for an expiry.
+        key = meta_key(tenant, session_id)
+        self._cache.drop(key)
+        await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
+        await self._js.purge_stream(LOG_STREAM, subject=log_subject(tenant, session_id))
+        await self.index.remove(tenant, session_id, owner)
+        if self.schedule is not None:
+            await self.schedule.cancel(tenant, session_id)
 
     async def read_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
         """The session's metadata without an access check (internal callers); None if gone."""
@@ -532,13 +577,7 @@ class SessionStore:
             # Staff may read a visitor's conversation, but erasing it is the owner's right.
             raise NotFound("no such session")
         kept = min(meta.message_count, self._max_history)
-        # A subject purge leaves no tombstone: nothing of the session remains, and no
-        # MaxAge marker appears later to be mistaken for an expiry.
-        key = meta_key(principal.tenant, session_id)
-        self._cache.drop(key)
-        await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
-        await self._js.purge_stream(LOG_STREAM, subject=log_subject(principal.tenant, session_id))
-        await self.index.remove(principal.tenant, session_id, meta.owner)
+        await self._erase(principal.tenant, session_id, meta.owner)
         return kept
 
     async def watch_expired(self, on_expired: Callable[[], None], *, fetch_timeout_s: float = 5.0,

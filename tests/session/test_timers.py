@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from services.common.settings import SettingsError
 from services.devstack.nats_server import NatsServer
 from services.session.metrics import SessionMetrics
+from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.timers import DEFAULT_LEAVE_MESSAGE, TENANTS_BUCKET, ConversationTimers
@@ -31,9 +32,11 @@ AGENT = principal("agent-1", "agent")
 SHOP2_VISITOR = principal("dave", tenant="shop2")
 
 
-async def timers_for(live: Live, *, wait_s: float = 3600, idle_s: float = 3600) -> ConversationTimers:
-    return await ConversationTimers.open(live.nc, live.store, live.metrics, wait_s=wait_s, idle_s=idle_s,
-                                         sweep_s=0.2)
+async def timers_for(live: Live, *, wait_s: float = 3600, idle_s: float = 3600,
+                     retention_s: float = 3600) -> ConversationTimers:
+    """The store arms timers with these limits from now on; the timers handle those that come due."""
+    live.store.schedule = await TimerSchedule.open(live.nc, TimerLimits(wait_s, idle_s, retention_s))
+    return await ConversationTimers.open(live.nc, live.store, live.metrics)
 
 
 @contextlib.asynccontextmanager
@@ -121,8 +124,8 @@ async def second_store(nats_server: NatsServer, live_counters: TokenCounters) ->
 async def test_timers_two_replicas_sweeping_act_once(live: Live, second_store: SessionStore,
                                                     nats_client: NatsClient) -> None:
     one = await timers_for(live, wait_s=0.5)
-    other = ConversationTimers(second_store, await nats_client.jetstream().key_value(TENANTS_BUCKET),
-                               SessionMetrics(), wait_s=0.5, idle_s=3600, sweep_s=0.2)
+    second_store.schedule = await TimerSchedule.open(nats_client, TimerLimits(0.5, 3600, 3600))
+    other = await ConversationTimers.open(nats_client, second_store, SessionMetrics())
     session_ids = []
     for visitor in (ALICE, BOB, principal("carol")):
         session_id = await live.open_conversation(visitor)
@@ -154,18 +157,19 @@ async def test_timers_sweep_sets_the_conversations_gauge(live: Live) -> None:
     assert counts == {"ai": 1, "waiting_human": 2, "human": 0, "closed": 1}
 
 
-def test_timers_settings_and_the_derived_sweep_interval() -> None:
+def test_timers_settings_and_the_closed_retention() -> None:
     defaults = SessionSettings.from_env(DEV)
-    assert (defaults.handoff_wait_s, defaults.idle_close_s, defaults.sweep_interval_s) == (120, 600, 5)
-    short = SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2"})
-    assert short.sweep_interval_s == 0.25
-    assert SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "0.1"}).sweep_interval_s == 0.2
-    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_SWEEP_S": "1.5"}).sweep_interval_s == 1.5
+    assert (defaults.handoff_wait_s, defaults.idle_close_s, defaults.retention_s) == (120, 600, 7 * 24 * 3600)
+    short = SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2",
+                                      "KEFU_CLOSED_RETENTION_S": "86400"})
+    assert (short.handoff_wait_s, short.idle_close_s, short.retention_s) == (1, 2, 86400)
+    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "3600"}).retention_s == 3600
     for name in ("KEFU_HANDOFF_WAIT_S", "KEFU_IDLE_CLOSE_S"):
         with pytest.raises(SettingsError, match=name):
             SessionSettings.from_env({**DEV, name: "0"})
-    with pytest.raises(SettingsError, match="KEFU_SESSION_SWEEP_S"):
-        SessionSettings.from_env({**DEV, "KEFU_SESSION_SWEEP_S": "-1"})
+    for retention in ("30", "-1", str(8 * 24 * 3600)):  # below a minute, negative, beyond the TTL
+        with pytest.raises(SettingsError, match="KEFU_CLOSED_RETENTION_S"):
+            SessionSettings.from_env({**DEV, "KEFU_CLOSED_RETENTION_S": retention})
 
 
 async def test_timers_leave_message_falls_back_to_the_default(live: Live) -> None:

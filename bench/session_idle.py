@@ -1,0 +1,146 @@
+"""`python -m bench.session_idle`: what open conversations cost the session service while nothing happens (issue 19).
+
+Starts its own nats-server, seeds `--conversations` open conversations straight into JetStream in the
+production format (metadata, index entries, one visitor message each, and their idle timers, with
+pipelined publishes), then starts `python -m services.session` on it and reports the time until it
+serves and the CPU (user + system) of the session process and of nats-server over `--seconds` idle.
+`--source DIR` runs the session service from another checkout of the repository (a before/after
+comparison: `git archive <commit> | tar -x -C DIR`, with `make proto` or a copy of `kefu/` there).
+`--backfill` leaves out the mark of armed timers, so the start includes the one-time backfill (backfill.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import nats
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, stop_process
+from services.common.conversation_log import log_subject
+from services.devstack.nats_server import start_nats_server
+from services.devstack.stack import REPO_ROOT, free_port
+from services.session.backfill import MARK_SUBJECT
+from services.session.index import ConversationSummary, status_key, visitor_key
+from services.session.models import ConversationState, SessionMeta, StoredMessage, new_id
+from services.session.schedule import TimerLimits, TimerSchedule
+from services.session.store import META_SUBJECT_PREFIX, SessionStore, meta_key
+from services.session.tokens import CL100K, TokenCounters
+
+INDEX_PREFIX = "$KV.kefu_conversations"
+TENANTS = 10
+WAIT_S, IDLE_S = 120.0, 600.0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def seed(url: str, conversations: int, mark_armed: bool) -> float:
+    """Create the buckets and streams as the service does, then write the conversations; returns seconds."""
+    nc = await nats.connect(url)
+    try:
+        counter = TokenCounters(CL100K).default_counter
+        schedule = await TimerSchedule.open(nc, TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0))
+        await SessionStore.open(nc, counter, max_history=200, max_message_chars=32_000, ttl_s=7 * 24 * 3600.0,
+                                max_bytes=8 << 30)
+        js = nc.jetstream()
+        started = time.monotonic()
+        pending: list[asyncio.Future[object]] = []
+        for n in range(conversations):
+            tenant, session_id, now = f"t{n % TENANTS}", new_id(), time.time()
+            message = StoredMessage(id=new_id(), role="user", content="您好，我的订单还没到，请帮我查一下。",
+                                    created_at=now, tokens=16, encoding=counter.name)
+            meta = SessionMeta(tenant, f"visitor-{n}", now, now, message_count=1, user_message_count=1,
+                               token_count=16, state=ConversationState(since=now), preview=message.content,
+                               preview_seq=1)
+            pending += [
+                await js.publish_async(log_subject(tenant, session_id), message.to_json(),
+                                       headers={"Nats-Msg-Id": message.id}),
+                await js.publish_async(f"{INDEX_PREFIX}.{status_key(tenant, 'ai', session_id)}",
+                                       ConversationSummary.of(session_id, meta).to_json()),
+                await js.publish_async(f"{INDEX_PREFIX}.{visitor_key(tenant, meta.owner, session_id)}", b"1"),
+                await js.publish_async(f"{META_SUBJECT_PREFIX}.{meta_key(tenant, session_id)}", meta.to_json()),
+            ]
+            pending.append(asyncio.ensure_future(schedule.arm("idle", tenant, session_id, meta)))
+            if len(pending) >= 4000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        if mark_armed:
+            # As a store whose timers were always schedules: the one-time backfill has nothing to do.
+            await js.publish(MARK_SUBJECT, str(conversations).encode())
+        return time.monotonic() - started
+    finally:
+        await nc.close()
+
+
+def start_session(source: Path, url: str, log_path: Path) -> tuple[subprocess.Popen[bytes], float]:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+    env.update({"KEFU_SESSION_PORT": str(port), "KEFU_SESSION_METRICS_PORT": str(free_port()),
+                "KEFU_BIND_HOST": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING", "KEFU_NATS_URL": url,
+                "KEFU_INTERNAL_TOKEN": INTERNAL_TOKEN, "KEFU_HANDOFF_WAIT_S": str(WAIT_S),
+                "KEFU_IDLE_CLOSE_S": str(IDLE_S), "PYTHONPATH": str(source)})
+    started = time.monotonic()
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "services.session"], cwd=source, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"session exited with {process.returncode}; see {log_path}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return process, time.monotonic() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--source", type=Path, default=REPO_ROOT, help="checkout to run the session service from")
+    parser.add_argument("--backfill", action="store_true",
+                        help="leave the store unmarked: the session arms every stored conversation's timers at start")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args(argv)
+    with bench_work_dir("kefu-session-idle-", args.keep_logs) as work:
+        nats_server = start_nats_server(work.path / "nats")
+        try:
+            seed_s = asyncio.run(seed(nats_server.url, args.conversations, not args.backfill))
+            session, ready_s = start_session(args.source.resolve(), nats_server.url, work.path / "session.log")
+            try:
+                time.sleep(5.0)  # past start-up: measure the steady idle state
+                pids = {"session": session.pid, "nats-server": nats_server.process.pid}
+                before = {name: cpu_s(pid) for name, pid in pids.items()}
+                time.sleep(args.seconds)
+                used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+                rss = {name: memory_kib(pid)["VmRSS"] // 1024 for name, pid in pids.items()}
+            finally:
+                stop_process(session)
+        finally:
+            nats_server.stop()
+    print(json.dumps({
+        "source": str(args.source), "conversations": args.conversations, "seed_s": round(seed_s, 1),
+        "ready_s": round(ready_s, 2), "idle_seconds": args.seconds,
+        "cpu_percent_of_a_core": {name: round(100 * value / args.seconds, 2) for name, value in used.items()},
+        "rss_mib": rss}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
