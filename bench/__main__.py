@@ -173,6 +173,8 @@ def start_stack(data_dir: Path, upstream_url: str, secret: str, extra_env: Mappi
         "KEFU_RATE_LIMIT_BURST": "100000",
         "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
         "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
+        # Every bench request opens a new conversation; the default 5 per visitor refused most of them.
+        "KEFU_VISITOR_MAX_CONVERSATIONS": "1000",
         "KEFU_SHUTDOWN_GRACE_S": "2",
         "KEFU_EDGE_METRICS_PORT": str(free_port()),  # edge_metrics_url() reads it back
         **(extra_env or {}),
