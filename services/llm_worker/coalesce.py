@@ -1,10 +1,9 @@
-"""Windowed batching of an answer stream: the first text at once, then at most one text message per window.
+"""Windowed batching of an answer stream: the first text at once, then at most one text message per window."""
 
-Every gRPC message costs CPU on the worker, the edge and the output moderation (about 0.15-0.4 ms
-each, issue 20), whatever its size; an upstream sends 20-100 small chunks per answer. Joining the
-texts of a window (KEFU_STREAM_WINDOW_MS, 40 ms: still smooth to read) halves the messages at 20 ms
-chunks and cuts more at faster ones, without delaying the first token.
-"""
+# Every gRPC message costs CPU on the worker, the edge and the output moderation (0.15-0.4 ms each,
+# issue 20) whatever its size, and an upstream sends 20-100 small chunks per answer. Joining the texts
+# of a window (KEFU_STREAM_WINDOW_MS, 40 ms: still smooth to read) halves the messages at 20 ms chunks
+# and cuts more at faster ones, without delaying the first token.
 
 from __future__ import annotations
 
