@@ -103,11 +103,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user: about 15 s")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
+    parser.add_argument("--env", action="append", default=[], metavar="KEFU_NAME=VALUE",
+                        help="a setting for kefu's processes, repeatable (A/B runs: KEFU_UVLOOP=0, "
+                             "KEFU_STREAM_WINDOW_MS=0)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else BenchParams()
     given = {name: getattr(args, name) for name in ("requests_per_user", "rounds", "warmup", "ttft_ms",
                                                      "chunks", "interval_ms", "timeout_s")}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if any(not item.startswith("KEFU_") or "=" not in item for item in args.env):
+        parser.error(f"--env takes KEFU_NAME=VALUE, got {args.env}")
     try:
         if args.concurrency:
             overrides["concurrency"] = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
@@ -173,6 +178,8 @@ def start_stack(data_dir: Path, upstream_url: str, secret: str, extra_env: Mappi
         "KEFU_RATE_LIMIT_BURST": "100000",
         "KEFU_TENANT_RATE_LIMIT_RPS": "100000",
         "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
+        # Every bench request opens a new conversation; the default 5 per visitor refused most of them.
+        "KEFU_VISITOR_MAX_CONVERSATIONS": "1000",
         "KEFU_SHUTDOWN_GRACE_S": "2",
         "KEFU_EDGE_METRICS_PORT": str(free_port()),  # edge_metrics_url() reads it back
         **(extra_env or {}),
@@ -412,7 +419,9 @@ def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, 
         f"{machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end. "
         f"Upstream: TTFT {p['ttft_ms']:g} ms, {p['chunks']} chunks {p['interval_ms']:g} ms apart. "
         f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
-        f"paths alternating; figures are medians of the rounds, times in ms.",
+        f"paths alternating; figures are medians of the rounds, times in ms."
+        + (f" kefu's settings: {', '.join(f'{k}={v}' for k, v in report['kefu_env'].items())}."
+           if report.get("kefu_env") else ""),
         "",
     ]
     upstream = report["upstream"]["stats"]
@@ -461,7 +470,8 @@ def build_report(params: BenchParams, started: datetime, loadavg_start: tuple[fl
 # ---------------------------------------------------------------- main
 
 
-def run(params: BenchParams, work_dir: Path, results_dir: Path) -> tuple[str, Path, bool]:
+def run(params: BenchParams, work_dir: Path, results_dir: Path,
+        kefu_env: Mapping[str, str] | None = None) -> tuple[str, Path, bool]:
     """Start everything, measure, stop everything; return the markdown, the JSON path and 'had errors'."""
     started, loadavg_start = datetime.now(UTC), os.getloadavg()
     secret = secrets.token_hex(32)
@@ -469,7 +479,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path) -> tuple[str, Pa
     stack: Stack | None = None
     try:
         log.info("fake upstream at %s; starting kefu (logs in %s)", upstream_url, work_dir / "logs")
-        stack = start_stack(work_dir, upstream_url, secret)
+        stack = start_stack(work_dir, upstream_url, secret, kefu_env)
         processes: Processes = {"client": os.getpid(), "upstream": upstream_process.pid,
                                 **{name: p.pid for name, p in stack.processes.items()}}
         if stack.nats is not None:
@@ -486,6 +496,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path) -> tuple[str, Pa
         stop_process(upstream_process)
     table = medians_by_concurrency(params, measured)
     report = build_report(params, started, loadavg_start, measured, table, upstream, memory)
+    report["kefu_env"] = dict(kefu_env or {})
     markdown = render_markdown(report, table)
     return markdown, write_results(results_dir, report, markdown), any(m.result.failed for m in measured)
 
@@ -495,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     t0 = time.monotonic()
     with bench_work_dir("kefu-bench-", args.keep_logs) as work:
-        markdown, json_path, had_errors = run(params, work.path, args.results_dir)
+        kefu_env = dict(item.split("=", 1) for item in args.env)
+        markdown, json_path, had_errors = run(params, work.path, args.results_dir, kefu_env)
         work.keep = work.keep or had_errors
     print(markdown, end="")
     log.info("wrote %s and %s in %.0f s", json_path, json_path.with_name("latest.md"), time.monotonic() - t0)

@@ -329,6 +329,72 @@ def _safe_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+class _ReadTimeout(Exception):
+    """A read of the response ran past its deadline (`kind`: first_token, idle or total)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _ReadWatchdog:
+    """One timer over every read of a response, instead of a timeout per read (issue 20).
+
+    A read only stores its deadline; the timer, when it fires before the deadline of the read in
+    progress (which moved on since it was set), sets itself again for that deadline, so a stream
+    arms it about once per idle period. It cancels the reading task only during a read that ran
+    past its deadline, and that read raises _ReadTimeout (asyncio.Timeout's way of telling its own
+    cancellation from anyone else's)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+        self._by = 0.0
+        self._reader: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._expired = False
+
+    async def read(self, content: aiohttp.StreamReader, by: float, kind: str) -> bytes:
+        """`content.readany()`, or _ReadTimeout(kind) if nothing came by `by` (loop time)."""
+        self._by = by
+        self._reader = reader = asyncio.current_task()
+        if self._handle is None or by < self._armed_for:
+            self._arm(by)
+        try:
+            return await content.readany()
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if reader is not None and reader.uncancel() <= self._cancelling:
+                    raise _ReadTimeout(kind) from None
+            raise
+        finally:
+            self._reader = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self, when: float) -> None:
+        self.close()
+        self._armed_for = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        reader = self._reader
+        if reader is None:
+            return  # between reads: the next read sets the timer again
+        if self._loop.time() < self._by:
+            self._arm(self._by)
+            return
+        self._expired = True
+        self._cancelling = reader.cancelling()
+        reader.cancel()
+
+
 class OpenAICompatibleProvider:
     """Streams answers from an OpenAI-compatible `/chat/completions` endpoint.
 
@@ -431,6 +497,7 @@ class OpenAICompatibleProvider:
                 response = await self._session.post(self._settings.endpoint, json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc) from _safe_cause(exc)
+        watchdog = _ReadWatchdog(loop)
         try:
             async with self._deadline(first_token_by, "first_token", deadline):
                 await self._check_response(response)
@@ -440,8 +507,13 @@ class OpenAICompatibleProvider:
                     read_by, kind = loop.time() + self._settings.idle_timeout_s, "idle"
                 else:
                     read_by, kind = first_token_by, "first_token"
-                async with self._deadline(read_by, kind, deadline):
-                    raw = await response.content.readany()
+                if deadline <= read_by:
+                    read_by, kind = deadline, "total"
+                try:
+                    raw = await watchdog.read(response.content, read_by, kind)
+                except _ReadTimeout as timeout:
+                    # A fresh TimeoutError as the cause: the host reads __cause__ to tell timeouts apart.
+                    raise self._timeout_error(timeout.kind) from TimeoutError(timeout.kind)
                 try:
                     events = decoder.feed(raw) if raw else decoder.close()
                 except UnicodeDecodeError:
@@ -471,6 +543,7 @@ class OpenAICompatibleProvider:
             response.close()
             raise
         finally:
+            watchdog.close()
             response.release()
 
     async def _drain(self, response: aiohttp.ClientResponse) -> None:

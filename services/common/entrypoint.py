@@ -1,15 +1,20 @@
-"""The `__main__` of every service: settings -> logging -> serve, with one-line setting errors."""
+"""The `__main__` of every service: settings -> logging -> serve on the event loop, with one-line setting errors."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+import uvloop
+
 from services.common.logs import configure_logging
 from services.common.nats_client import NatsCredentialsRefused
-from services.common.settings import SettingsError
+from services.common.settings import EventLoopSettings, SettingsError
+
+log = logging.getLogger(__name__)
 
 
 class HasLogLevel(Protocol):
@@ -18,16 +23,35 @@ class HasLogLevel(Protocol):
 
 
 S = TypeVar("S", bound=HasLogLevel)
+T = TypeVar("T")
 
 
 def run_process(name: str, load_settings: Callable[[], S], serve: Callable[[S], Coroutine[Any, Any, None]]) -> None:
     try:
         settings = load_settings()
+        loop_settings = EventLoopSettings.from_env()
     except SettingsError as error:
         sys.exit(f"{name}: {error}")
     configure_logging(name, settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        run_on_loop(serve(settings), loop_settings)
     except NatsCredentialsRefused as error:
         # A configuration error like a bad setting: one line, no traceback, exit 1.
         sys.exit(f"{name}: {error}")
+
+
+def run_on_loop(main: Coroutine[Any, Any, T], settings: EventLoopSettings) -> T:
+    """Run `main` to its end on a new uvloop (or asyncio's own loop with KEFU_UVLOOP=0)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if settings.uvloop else None) as runner:
+        return runner.run(_announced(main))
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    """"uvloop" or "asyncio": the name the start-up log line gives the running loop."""
+    return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"
+
+
+async def _announced(main: Coroutine[Any, Any, T]) -> T:
+    # One line at start, so a deployment (and tests/e2e/test_event_loop.py) can see which loop runs.
+    log.info("event loop: %s", loop_kind(asyncio.get_running_loop()))
+    return await main

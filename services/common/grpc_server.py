@@ -10,7 +10,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -126,7 +125,10 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Puts the caller's request id into the logging context and times every call by service, method and code."""
+    """Puts the caller's request id into the logging context and times every call by service, method and code.
+
+    A method's handler is wrapped once and its labels bound then (issue 20): a call costs a dictionary
+    lookup here, and the wrapper reads the request id from the call's own metadata."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._duration = Histogram(
@@ -134,6 +136,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             ["service", "method", "code"], registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """By full method name: the handler the server gave and its wrapper (bounded: only served
+        methods get a handler)."""
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -142,29 +147,39 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler  # an unknown method: gRPC answers UNIMPLEMENTED, and no label takes a caller's string
-        request_id = ""
-        for key, value in details.invocation_metadata or ():
-            if key == REQUEST_ID_METADATA_KEY:
-                request_id = str(value)
-                break
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
         # "/kefu.moderation.v1.ModerationService/Check": the service's full name tells it from health's Check.
         service, _, method = details.method.lstrip("/").rpartition("/")
-        return _wrap(handler, _CallTimer(self._duration, service, method, request_id))
+        wrapped = _wrap(handler, _CallTimer(self._duration, service, method))
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
 
-@dataclass(frozen=True, slots=True)
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA_KEY:
+            return str(value)
+    return ""
+
+
 class _CallTimer:
-    """Times one call and records it under its outcome's status code."""
+    """Times the calls of one method and records each under its outcome's status code."""
 
-    histogram: Histogram
-    service: str
-    method: str
-    request_id: str
+    __slots__ = ("_by_code", "_histogram", "method", "service")
+
+    def __init__(self, histogram: Histogram, service: str, method: str) -> None:
+        self._histogram = histogram
+        self.service = service
+        self.method = method
+        self._by_code: dict[grpc.StatusCode, Any] = {}
+        """The histogram's child per status code, bound on first use (at most the 17 codes)."""
 
     @contextmanager
     def timed(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
         # Each RPC runs in its own task, so setting the context variable scopes it to the call.
-        request_id_var.set(self.request_id)
+        request_id_var.set(_request_id(context))
         log.debug("rpc %s/%s", self.service, self.method)
         start = time.perf_counter()
         error: BaseException | None = None
@@ -175,7 +190,10 @@ class _CallTimer:
             raise
         finally:
             code = call_status(context, error)
-            self.histogram.labels(self.service, self.method, code.name).observe(time.perf_counter() - start)
+            child = self._by_code.get(code)
+            if child is None:
+                child = self._by_code[code] = self._histogram.labels(self.service, self.method, code.name)
+            child.observe(time.perf_counter() - start)
 
 
 def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:

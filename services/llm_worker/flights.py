@@ -61,15 +61,17 @@ class Flight:
         return self.finish is not None or self.error is not None
 
     async def follow(self) -> AsyncIterator[str | Finish]:
-        """Every delta from the first, then the Finish; raises the generation's ProviderError."""
+        """Every delta from the first (those already there joined), then the Finish; raises the
+        generation's ProviderError."""
         self.readers += 1
         try:
             index = 0
             while True:
                 changed = self._changed  # taken before looking: no wake-up is lost
                 if index < len(self.parts):
-                    index += 1
-                    yield self.parts[index - 1]
+                    # What piled up since the last look goes on as one delta (one hop, not one per chunk).
+                    start, index = index, len(self.parts)
+                    yield self.parts[start] if index - start == 1 else "".join(self.parts[start:index])
                     continue
                 if self.finish is not None:
                     yield self.finish

@@ -26,7 +26,7 @@ from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.llm_worker.answering import Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
-from services.llm_worker.coalesce import coalesced
+from services.llm_worker.coalesce import windowed
 from services.llm_worker.grounded import Grounding
 from services.llm_worker.kb.runtime import start_knowledge
 from services.llm_worker.kb.server import SERVICE_NAME as KNOWLEDGE_SERVICE_NAME
@@ -70,8 +70,10 @@ def status_of(error: ProviderError) -> grpc.StatusCode:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, host: PluginHost, answerer: Answerer, cache: AnswerCache | None) -> None:
+    def __init__(self, host: PluginHost, answerer: Answerer, cache: AnswerCache | None,
+                 stream_window_s: float = 0.0) -> None:
         self._host = host
+        self._window_s = stream_window_s
         self._answerer = answerer
         self._cache = cache
 
@@ -89,7 +91,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             grounding=Grounding.of(request.grounding, request.assistant_name),
             shareable=request.shareable)
         try:
-            async for event in coalesced(self._answerer.answer(answer)):
+            async for event in windowed(self._answerer.answer(answer), self._window_s):
                 if isinstance(event, str):
                     yield llm_pb2.GenerateResponse(delta=event)
                 else:
@@ -188,7 +190,8 @@ async def serve(settings: WorkerSettings) -> None:
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
-        server, health_servicer, port = await create_server(settings, LlmServicer(host, answerer, cache), metrics,
+        servicer = LlmServicer(host, answerer, cache, stream_window_s=settings.stream_window_ms / 1000)
+        server, health_servicer, port = await create_server(settings, servicer, metrics,
                                                             KnowledgeServicer(knowledge.base))
         await server.start()
         log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))

@@ -22,6 +22,8 @@ from services.common.settings import (
 BUNDLED_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 """Ceiling of KEFU_KB_MAX_DOCUMENT_BYTES: a document travels in one gRPC message."""
+MAX_STREAM_WINDOW_MS = 60_000
+"""Ceiling of KEFU_STREAM_WINDOW_MS (tests use a window that long to tell "at once" from "at its end")."""
 
 
 # No slots: from_env reads the defaults off the class attributes.
@@ -56,6 +58,9 @@ class WorkerSettings:
     pregen_max_live_streams: int = 8
     """Pre-generation waits while this many live answers stream on the worker."""
     grace_s: float = 30.0
+    stream_window_ms: int = 40
+    """KEFU_STREAM_WINDOW_MS: after an answer's first text (sent at once), at most one text message per
+    window to the edge (services.llm_worker.coalesce); 0 only joins what piled up."""
     log_level: str = "INFO"
     kb_seed_dir: Path | None = None
     """KEFU_KB_SEED_DIR: `<dir>/<tenant>/<files>` stored as the tenant's documents at start when missing or changed."""
@@ -119,6 +124,8 @@ class WorkerSettings:
             pregen_max_live_streams=env_int(env, "KEFU_PREGEN_MAX_LIVE_STREAMS", cls.pregen_max_live_streams,
                                             minimum=1),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
+            stream_window_ms=env_int(env, "KEFU_STREAM_WINDOW_MS", cls.stream_window_ms, minimum=0,
+                                     maximum=MAX_STREAM_WINDOW_MS),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
             kb_seed_dir=Path(seed_dir) if (seed_dir := env_str(env, "KEFU_KB_SEED_DIR", "")) else None,
             kb_cache_max_bytes=env_int(env, "KEFU_KB_CACHE_MAX_BYTES", cls.kb_cache_max_bytes, minimum=0),

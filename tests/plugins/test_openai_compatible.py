@@ -584,3 +584,24 @@ def test_sse_decoder_yields_the_same_events_however_bytes_are_split(
         start += size
 
     assert got + decoder.close() == data
+
+
+async def test_openai_compatible_idle_deadline_moves_with_every_read() -> None:
+    # 1.2 s of chunks 0.1 s apart against a 0.3 s idle timeout: one timer serves every read, so it
+    # must follow the reads rather than expire at the first deadline it was set for.
+    config = FakeUpstreamConfig(reply=REPLY, chunk_count=12, chunk_interval_s=0.1)
+    async with serving(config, idle_timeout_s=0.3, first_token_timeout_s=0.3, max_retries=0) as (_, provider):
+        text, finish = await collect(provider)
+
+    assert (text, finish.finish_reason) == (REPLY, "stop")
+
+
+async def test_openai_compatible_idle_timeout_shorter_than_the_first_token_one_still_fires() -> None:
+    config = FakeUpstreamConfig(reply=REPLY, chunk_count=6, hang_after_chunks=2)
+    async with serving(config, first_token_timeout_s=10, idle_timeout_s=0.2, max_retries=0) as (_, provider):
+        started = time.monotonic()
+        text, error = await drain(provider)
+
+    assert time.monotonic() - started < 5  # the idle deadline, not the first token's 10 s
+    assert text and REPLY.startswith(text) and text != REPLY
+    assert "idle_timeout_s" in str(error) and isinstance(error.__cause__, TimeoutError)
