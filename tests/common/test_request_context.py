@@ -74,5 +74,6 @@ async def test_request_context_each_call_gets_its_own_request_id_and_is_timed() 
     assert watches == [[SERVING] * WATCHED] * len(ids)
     assert no_id.status == SERVING  # no id sent: none is left over from an earlier call
     count = registry.get_sample_value
-    assert count("kefu_grpc_server_handling_seconds_count", {"method": "Check"}) == len(ids) + 1
-    assert count("kefu_grpc_server_handling_seconds_count", {"method": "Watch"}) == len(ids)
+    health_calls = {"service": "probe.Probe", "code": "OK"}
+    assert count("kefu_grpc_server_handling_seconds_count", {**health_calls, "method": "Check"}) == len(ids) + 1
+    assert count("kefu_grpc_server_handling_seconds_count", {**health_calls, "method": "Watch"}) == len(ids)
