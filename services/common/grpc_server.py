@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -100,6 +101,7 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 _DENIED = "missing or wrong internal credential (authorization: Bearer <KEFU_INTERNAL_TOKEN>)"
+DENY_FIRST_MESSAGE_WAIT_S = 1.0
 
 
 def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
@@ -115,13 +117,29 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
         await deny(context)
         yield None  # never reached: abort raises
 
+    async def after_first(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        # A caller that writes before it reads would see its write race the early status, and grpc.aio's
+        # client then reports INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066): let the first
+        # message arrive (briefly) before refusing.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(anext(aiter(requests)), DENY_FIRST_MESSAGE_WAIT_S)
+        await deny(context)
+
+    async def unary_after_first(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        await after_first(requests, context)
+
+    async def streaming_after_first(requests: AsyncIterator[Any],
+                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await after_first(requests, context)
+        yield None  # never reached: abort raises
+
     if handler is None or handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(streaming)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    return grpc.stream_stream_rpc_method_handler(streaming)
+        return grpc.stream_unary_rpc_method_handler(unary_after_first)
+    return grpc.stream_stream_rpc_method_handler(streaming_after_first)
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):

@@ -27,7 +27,7 @@ from typing import Literal
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
@@ -55,6 +55,7 @@ MAX_URL_CHARS = 2000
 MAX_FILENAME_CHARS = 255
 CAS_ATTEMPTS = 50
 DEL_OPERATIONS = frozenset({"DEL", "PURGE"})
+RECORDS_BATCH = 256
 
 Status = Literal["queued", "indexing", "ready", "failed"]
 
@@ -185,8 +186,9 @@ async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -
 class KnowledgeStore:
     """Records, tenant state and bytes of every tenant's documents; stateless apart from its handles."""
 
-    def __init__(self, documents: KeyValue, tenants: KeyValue, files: ObjectStore, indexes: ObjectStore,
-                 limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, js: JetStreamContext, documents: KeyValue, tenants: KeyValue, files: ObjectStore,
+                 indexes: ObjectStore, limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
+        self._js = js
         self.documents = documents
         self.tenants = tenants
         self._files = files
@@ -209,7 +211,7 @@ class KnowledgeStore:
         tenants = await ensure_key_value(js, kv(TENANTS_BUCKET))
         files = await ensure_object_store(js, objects(FILES_BUCKET))
         indexes = await ensure_object_store(js, objects(INDEXES_BUCKET))
-        return cls(documents, tenants, files, indexes, limits)
+        return cls(js, documents, tenants, files, indexes, limits)
 
     # ------------------------------------------------------------------ records
 
@@ -231,23 +233,33 @@ class KnowledgeStore:
         return found[0]
 
     async def records(self, tenant: str, timeout_s: float = 10.0) -> list[tuple[DocumentRecord, int]]:
-        """Every live record of the tenant with its revision, ordered by document id."""
-        # A short inactivity threshold: the server drops this one-shot consumer soon after it stops.
-        watcher = await self.documents.watch(f"{tenant}.*", ignore_deletes=True, inactive_threshold=5.0)
+        """Every live record of the tenant with its revision, ordered by document id.
+
+        Read with a one-shot pull consumer whose pending count is exact before anything is delivered: a KV
+        watch's "no more values" marker can come before values already on their way (nats-py decides it from
+        a consumer info taken after delivery began), and an empty list read that way would make ingestion
+        drop every document of the tenant from its index."""
+        consumer = await self._js.pull_subscribe(
+            f"$KV.{DOCUMENTS_BUCKET}.{tenant}.*", stream=f"KV_{DOCUMENTS_BUCKET}",
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                                  inactive_threshold=5.0, mem_storage=True))
         found: list[tuple[DocumentRecord, int]] = []
         try:
-            # asyncio.timeout, not watcher.updates(): its wait_for can swallow a cancel on 3.11.
+            remaining = (await consumer.consumer_info()).num_pending
             async with asyncio.timeout(timeout_s):
-                async for entry in watcher:
-                    if entry is None:  # the end of the current values
-                        break
-                    if entry.value and entry.operation not in DEL_OPERATIONS:
+                while remaining > 0:
+                    for msg in await consumer.fetch(min(remaining, RECORDS_BATCH), timeout=timeout_s):
+                        remaining = msg.metadata.num_pending
+                        headers = msg.headers or {}
+                        if (not msg.data or headers.get("KV-Operation") in DEL_OPERATIONS
+                                or "Nats-Marker-Reason" in headers):
+                            continue
                         try:
-                            found.append((DocumentRecord.from_json(entry.value), entry.revision or 0))
+                            found.append((DocumentRecord.from_json(msg.data), msg.metadata.sequence.stream))
                         except (ValueError, TypeError):
-                            log.warning("ignoring a malformed knowledge record at %s", entry.key)
+                            log.warning("ignoring a malformed knowledge record at %s", msg.subject)
         finally:
-            await watcher.stop()
+            await consumer.unsubscribe()
         found.sort(key=lambda pair: pair[0].document_id)
         return found
 
