@@ -11,11 +11,11 @@ import grpc
 import pytest
 from aiohttp import hdrs
 
+from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
 from gateway.handlers.knowledge import knowledge_error
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
