@@ -34,7 +34,7 @@ $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 run: $(GEN_STAMP) ## start nats-server, the three services and the edge; Ctrl-C stops them all
-	$(PY) -m services.devstack
+	$(PY) -m devtools.devstack
 
 test: $(GEN_STAMP) $(CHROMIUM) k8s-validate ## run every test (unit, end-to-end with real processes, browser, manifests)
 	$(PY) -m pytest -q
@@ -62,7 +62,7 @@ k8s-validate: $(STAMP) ## render both kustomize overlays and validate them offli
 	$(PY) k8s/validate.py
 
 token: $(GEN_STAMP) ## mint a dev token: make token ARGS="--tenant demo --sub alice --role visitor"
-	@$(PY) -m gateway.mint_token $(ARGS)
+	@$(PY) -m devtools.mint_token $(ARGS)
 
 check: test ## lint (when ruff is installed) and test
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check .; fi

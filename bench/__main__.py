@@ -26,9 +26,9 @@ from typing import Any
 
 from bench.loadgen import LoadResult, LoadSpec, Target, format_summary, run_load
 from bench.processes import bench_work_dir
-from gateway.mint_token import mint
+from devtools.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
+from devtools.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
 
 log = logging.getLogger("bench")
 
@@ -127,7 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
 def start_upstream(params: BenchParams, log_path: Path, timeout_s: float = 20.0,
                    ) -> tuple[subprocess.Popen[bytes], str]:
     """Start the fake upstream as its own process, off the load generator's loop; return it and its URL."""
-    argv = [sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--ttft-ms", str(params.ttft_ms),
+    argv = [sys.executable, "-m", "devtools.fake_upstream", "--port", "0", "--ttft-ms", str(params.ttft_ms),
             "--chunks", str(params.chunks), "--interval-ms", str(params.interval_ms),
             "--reply", params.reply, "--model", MODEL]
     with open(log_path, "wb") as log_file:

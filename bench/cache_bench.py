@@ -53,9 +53,9 @@ from bench.__main__ import (
 from bench.loadgen import LoadSpec, Target, _error_code, percentiles, run_load
 from bench.processes import bench_work_dir
 from bench.sse_reader import read_sse
-from gateway.mint_token import mint
+from devtools.devstack.stack import REPO_ROOT, Stack
+from devtools.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import REPO_ROOT, Stack
 from services.llm_worker.cache_key import cacheable_question, normalize_question
 from services.llm_worker.plugin_api import ChatMessage, PluginContext
 

@@ -62,9 +62,9 @@ from bench.__main__ import (
 from bench.loadgen import LoadResult, RequestResult, Target, _error_code, _one_request, format_summary, summarise
 from bench.open_streams import OpenStreamsSpec, open_files_limit, raise_open_files_limit, run_open_streams
 from bench.processes import bench_work_dir
-from gateway.mint_token import mint
+from devtools.devstack.stack import Stack
+from devtools.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import Stack
 
 log = logging.getLogger("bench.edge")
 

@@ -35,8 +35,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.kb_bench import RESULTS_DIR, Article, load_articles, percentile, synthetic_chunks
-from gateway.mint_token import mint
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from devtools.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts
+from devtools.mint_token import mint
 from services.llm_worker.grounded import Grounding, TenantSnapshot, plan_turn
 from services.llm_worker.kb.library import TenantKnowledge
 from services.llm_worker.knowledge.chunking import chunk_document

@@ -497,7 +497,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--embeddings-url", default="",
                         help="hybrid retrieval: the OpenAI-compatible base URL to embed with (e.g. python -m "
-                             "bench.fake_upstream's), key from KEFU_OPENAI_API_KEY")
+                             "devtools.fake_upstream's), key from KEFU_OPENAI_API_KEY")
     parser.add_argument("--embeddings-model", default="", help="the embeddings model (with --embeddings-url)")
     return parser.parse_args(argv)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.mint_token import mint
-from services.devstack.stack import Stack, StackConfig, StackPorts
+from devtools.devstack.stack import Stack, StackConfig, StackPorts
+from devtools.mint_token import mint
 
 DATA = Path(__file__).resolve().parent / "data" / "cmrc2018_trial.json"
 RESULTS = Path(__file__).resolve().parent / "results"

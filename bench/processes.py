@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.devstack.stack import REPO_ROOT, free_port
+from devtools.devstack.stack import REPO_ROOT, free_port
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.processes import INTERNAL_TOKEN, memory_kib
+from devtools.devstack.stack import REPO_ROOT, free_port
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import REPO_ROOT, free_port
 
 PLUGIN = '''
 from services.llm_worker.plugin_api import Delta, Finish, Usage

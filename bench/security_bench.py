@@ -56,10 +56,10 @@ from bench.__main__ import (
 from bench.loadgen import percentile
 from bench.processes import bench_work_dir, memory_kib
 from bench.sse_reader import read_sse
+from devtools.devstack.stack import REPO_ROOT, Stack
+from devtools.mint_token import mint
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
-from gateway.mint_token import mint
-from services.devstack.stack import REPO_ROOT, Stack
 
 log = logging.getLogger("bench.security")
 

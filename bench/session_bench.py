@@ -36,10 +36,10 @@ from nats.aio.client import Client as NatsClient
 
 from bench.loadgen import percentile
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
+from devtools.devstack.nats_server import NatsServer, start_nats_server
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.conversation_log import log_subject
 from services.common.grpc_client import internal_channel
-from services.devstack.nats_server import NatsServer, start_nats_server
 from services.session.context import build_context
 from services.session.models import MetaDelta, Principal, SessionMeta, StoredMessage, new_id
 from services.session.store import META_SUBJECT_PREFIX, SessionStore, meta_key

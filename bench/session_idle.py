@@ -26,9 +26,9 @@ import nats
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, stop_process
+from devtools.devstack.nats_server import start_nats_server
+from devtools.devstack.stack import REPO_ROOT, free_port
 from services.common.conversation_log import log_subject
-from services.devstack.nats_server import start_nats_server
-from services.devstack.stack import REPO_ROOT, free_port
 from services.session.backfill import MARK_SUBJECT
 from services.session.index import ConversationSummary, status_key, visitor_key
 from services.session.models import ConversationState, SessionMeta, StoredMessage, new_id

@@ -63,10 +63,10 @@ from bench.loadgen import percentile
 from bench.open_streams import open_files, open_files_limit, raise_open_files_limit
 from bench.processes import bench_work_dir
 from bench.ws_idle_clients import SECRET_ENV, TENANT
-from gateway.mint_token import mint
+from devtools.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
+from devtools.mint_token import mint
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
 
 log = logging.getLogger("bench.ws")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.mint_token import mint
+from devtools.mint_token import mint
 
 SECRET_ENV = "KEFU_BENCH_JWT_SECRET"
 TENANT = "bench"

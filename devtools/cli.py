@@ -28,10 +28,10 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "run": Command("services.devstack.__main__",
+    "run": Command("devtools.devstack.__main__",
                    "start nats-server, the three services and the edge (what `make run` starts); Ctrl-C stops them",
                    takes_arguments=False, needs_grpc_code=True),
-    "token": Command("gateway.mint_token", "mint a dev JWT signed with KEFU_JWT_SECRET (--tenant, --sub, --role)"),
+    "token": Command("devtools.mint_token", "mint a dev JWT signed with KEFU_JWT_SECRET (--tenant, --sub, --role)"),
     "accounts": Command("gateway.accounts", "manage the console's agent accounts (add, list, disable, ...)"),
 }
 

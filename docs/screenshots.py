@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright  # noqa: E402
 
-from gateway.mint_token import mint  # noqa: E402
+from devtools.mint_token import mint  # noqa: E402
 from tests.browser.browser_helpers import stored_state  # noqa: E402
 from tests.e2e.stack_helpers import SECRET, start_stack  # noqa: E402
 

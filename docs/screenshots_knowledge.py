@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
-from gateway.mint_token import mint  # noqa: E402
-from services.devstack.__main__ import DEMO_KNOWLEDGE  # noqa: E402
+from devtools.devstack.__main__ import DEMO_KNOWLEDGE  # noqa: E402
+from devtools.mint_token import mint  # noqa: E402
 from tests.e2e.stack_helpers import SECRET, start_stack  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

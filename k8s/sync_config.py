@@ -1,5 +1,5 @@
 """Write the kustomizations that turn plugins/, the lexicon and the demo knowledge into ConfigMaps, and the
-overlays' NATS users (nats-auth.conf) from services/devstack/nats_auth.py.
+overlays' NATS users (nats-auth.conf) from devtools/devstack/nats_auth.py.
 
 kustomize reads files only in or below a kustomization's own folder (symlinks included), but a kustomization
 may use another folder's kustomization as a resource. So each ConfigMap's kustomization lives beside its files
@@ -93,7 +93,7 @@ def nats_authorization() -> str:
     # k8s/ is a folder of scripts run by path: the repo root is not on sys.path by itself.
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from services.devstack.nats_auth import k8s_authorization
+    from devtools.devstack.nats_auth import k8s_authorization
 
     return k8s_authorization()
 
@@ -120,7 +120,7 @@ def differences(repo_root: Path = REPO_ROOT) -> list[str]:
             problems.append(f"{rel} is missing")
         elif current != text:
             problems.append(f"{rel} does not list the current files" if path.name == "kustomization.yaml"
-                            else f"{rel} differs from services/devstack/nats_auth.py")
+                            else f"{rel} differs from devtools/devstack/nats_auth.py")
     return problems
 
 

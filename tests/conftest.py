@@ -9,7 +9,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from services.devstack.nats_server import NatsServer, start_nats_server
+from devtools.devstack.nats_server import NatsServer, start_nats_server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig, encoding
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, encoding
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -222,7 +222,7 @@ async def test_fake_upstream_cli_serves_on_the_printed_url(http: aiohttp.ClientS
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.fake_upstream",
+        "devtools.fake_upstream",
         "--port",
         "0",
         "--chunks",

@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.loadgen import LoadSpec, Summary, Target, percentile, percentiles, run_load
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 
 pytestmark = pytest.mark.timeout(10)
 

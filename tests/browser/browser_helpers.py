@@ -10,8 +10,8 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, BrowserContext, Page
 
-from gateway.mint_token import mint
-from services.devstack.stack import free_port
+from devtools.devstack.stack import free_port
+from devtools.mint_token import mint
 from tests.e2e.stack_helpers import SECRET
 
 OUTPUT = Path(__file__).resolve().parent / "output"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.browser.browser_helpers import CUSTOMER_ORIGIN, TENANT, BrowserPages, Relay
 from tests.e2e.stack_helpers import faq_plugins_env, start_stack
 

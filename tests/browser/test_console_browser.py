@@ -11,7 +11,7 @@ import pytest
 import requests
 from playwright.sync_api import Locator, Page, expect
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.browser.browser_helpers import BrowserPages, Relay, agent_token, csp_violations, stored_state
 
 pytestmark = pytest.mark.timeout(300)

@@ -10,8 +10,8 @@ import pytest
 import requests
 from playwright.sync_api import Locator, Page, expect
 
-from gateway.mint_token import mint
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
+from devtools.mint_token import mint
 from tests.browser.browser_helpers import TENANT, BrowserPages, agent_token, csp_violations, stored_state
 from tests.e2e.stack_helpers import SECRET, start_stack
 

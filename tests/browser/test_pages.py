@@ -10,10 +10,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.pages import PAGES, WEB_DIR, content_security_policy
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 WIDGET_BUDGET_BYTES = 30 * 1024

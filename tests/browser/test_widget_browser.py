@@ -8,7 +8,7 @@ import jwt
 import pytest
 from playwright.sync_api import Page, expect
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.browser.browser_helpers import (
     CUSTOMER_ORIGIN,
     BrowserPages,

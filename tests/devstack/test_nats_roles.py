@@ -1,4 +1,4 @@
-"""The NATS permission table (services/devstack/nats_auth.py) covers every bucket, stream and subject the code uses.
+"""The NATS permission table (devtools/devstack/nats_auth.py) covers every bucket, stream and subject the code uses.
 
 A bucket added without a line there works in unit tests (their nats-server has no users) and fails only
 against the real stack with a permissions violation: this test names it at once."""
@@ -8,11 +8,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.devstack.nats_auth import ROLES, STREAM_SUBJECTS, Access, kv, obj, permissions, stream_subjects
+from devtools.devstack.nats_auth import ROLES, STREAM_SUBJECTS, Access, kv, obj, permissions, stream_subjects
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [p for folder in ("gateway", "services") for p in (REPO_ROOT / folder).rglob("*.py")
-           if "devstack" not in p.parts]
+SOURCES = [p for folder in ("gateway", "services") for p in (REPO_ROOT / folder).rglob("*.py")]
 CONSTANT = re.compile(r'^(\w+)\s*=\s*f?"([^"{]+)"', re.MULTILINE)
 
 
@@ -45,7 +44,7 @@ def test_every_bucket_in_the_code_belongs_to_a_role() -> None:
     assert {"kefu_sessions", "kefu_cache", "kefu_canned"} <= buckets.keys()  # the scan finds them
     streams = {stream for role in ROLES.values() for stream in role.streams}
     missing = {bucket: where for bucket, where in buckets.items() if not {kv(bucket), obj(bucket)} & streams}
-    assert not missing, f"add these buckets (kv() or obj()) to services/devstack/nats_auth.py ROLES: {missing}"
+    assert not missing, f"add these buckets (kv() or obj()) to devtools/devstack/nats_auth.py ROLES: {missing}"
 
 
 def test_every_stream_and_core_subject_in_the_code_belongs_to_a_role() -> None:

@@ -16,7 +16,7 @@ import aiohttp
 import jwt
 import pytest
 
-from services.devstack.stack import StackPorts
+from devtools.devstack.stack import StackPorts
 from tests.security.test_sec_weak_secrets import devstack_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.devstack.stack import Stack, free_port
+from devtools.devstack.stack import Stack, free_port
 from tests.e2e.stack_helpers import faq_plugins_env, start_stack
 
 

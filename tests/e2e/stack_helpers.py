@@ -7,8 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
-from gateway.mint_token import mint
-from services.devstack.stack import Stack, StackConfig, StackPorts, free_port
+from devtools.devstack.stack import Stack, StackConfig, StackPorts, free_port
+from devtools.mint_token import mint
 
 # Fixed per run of the interpreter; imported by conftest and tests alike.
 SECRET = "e2e-" + secrets.token_hex(16)

@@ -12,9 +12,9 @@ import nats
 import nats.js.errors
 
 from bench.sse_reader import read_sse
+from devtools.devstack.stack import Stack
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.mint_token import mint
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
+from devtools.mint_token import mint
 from tests.e2e.stack_helpers import SECRET, start_stack, token
 from tests.e2e.test_ws_handoff import CLOSED, Peer, connect, is_type, start_conversation, url
 from tests.gateway.asyncapi_support import operation_messages, server_frame_problems

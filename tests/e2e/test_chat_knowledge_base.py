@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
 

@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from bench.sse_reader import read_sse
-from services.devstack.stack import REPO_ROOT, StackPorts, listens_on
+from devtools.devstack.stack import REPO_ROOT, StackPorts, listens_on
 
 
 def children_of(pid: int) -> list[int]:
@@ -61,7 +61,7 @@ async def test_devstack_prints_working_curl_and_ctrl_c_stops_everything(tmp_path
                 "KEFU_WORKER_METRICS_PORT": str(ports.worker_metrics)})
     if workers > 1:
         env["KEFU_GATEWAY_WORKERS"] = str(workers)
-    supervisor = subprocess.Popen([sys.executable, "-m", "services.devstack"], cwd=REPO_ROOT, env=env,
+    supervisor = subprocess.Popen([sys.executable, "-m", "devtools.devstack"], cwd=REPO_ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)
     children: list[int] = []

@@ -11,9 +11,9 @@ import urllib.request
 
 import aiohttp
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, edge_metrics_url
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.devstack.stack import (
+from devtools.devstack.stack import (
     REPO_ROOT,
     TCP_ESTABLISHED,
     Stack,

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
+from devtools.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, start_stack, token
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, start_stack
 from tests.llm_worker.plugin_fixtures import ROUTES_CANARY, ROUTES_ONE, plugin_source
 from tests.llm_worker.test_watcher import configmap_swap

@@ -16,8 +16,8 @@ import docx
 import pytest
 from fpdf import FPDF
 
-from services.devstack.__main__ import DEMO_KNOWLEDGE
-from services.devstack.stack import Stack
+from devtools.devstack.__main__ import DEMO_KNOWLEDGE
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, start_stack
 
 MAX_DOCUMENT_BYTES = 200_000

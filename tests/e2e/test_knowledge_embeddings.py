@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
-from services.devstack.stack import Stack, free_port
+from devtools.devstack.stack import Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, start_stack
 
 ADMIN = auth(tenant="dense-shop", sub="boss", role="admin")

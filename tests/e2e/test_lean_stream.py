@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import EDGE, SERVICES, Stack, free_port
+from devtools.devstack.stack import EDGE, SERVICES, Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, start_stack
 
 WINDOW_MS = 60_000

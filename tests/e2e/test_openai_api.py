@@ -6,8 +6,8 @@ import aiohttp
 import openai
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, token
 
 REPLY = "您好！This is kefu."

@@ -20,7 +20,7 @@ import requests
 import schemathesis
 from schemathesis.specs.openapi.checks import unsupported_method
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, edge_metrics_url, wait_until
 
 DOCUMENT: dict[str, Any] = json.loads(

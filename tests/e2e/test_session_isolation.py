@@ -11,9 +11,9 @@ import aiohttp
 import grpc
 import pytest
 
+from devtools.devstack.stack import Stack
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
 OWNER = ("shop1", "owner-a", "visitor")

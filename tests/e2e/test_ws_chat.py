@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, token
 
 QUESTION = "下单后多久发货？"

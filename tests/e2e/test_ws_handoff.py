@@ -14,9 +14,9 @@ import nats
 import nats.js.errors
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack, free_port
+from devtools.devstack.stack import Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import faq_plugins_env, start_stack, token
 
 Frame = dict[str, Any]

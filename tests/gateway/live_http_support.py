@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
+from devtools.devstack.stack import free_port
+from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
-from gateway.mint_token import mint
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]

@@ -11,15 +11,15 @@ import grpc
 import pytest
 from aiohttp import hdrs
 
+from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
 from gateway.handlers.knowledge import knowledge_error
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
-CODE_DIRS = ("gateway", "services", "plugins")
+CODE_DIRS = ("gateway", "services", "plugins", "devtools")  # devtools: `make run` reads KEFU_DATA_DIR and others
 
 # Calls that name an error code, and the position of the code among their arguments.
 CODE_ARGUMENT = {"ApiError": 0, "ParameterError": 0, "Refused": 0, "FrameError": 0, "StreamFailed": 0,

@@ -8,11 +8,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 
+from devtools.devstack.nats_server import NatsServer
 from gateway import keys
 from gateway.addresses import ClientAddresses, parse_trusted_proxies
 from gateway.settings import GatewaySettings
 from services.common.settings import SettingsError
-from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, eventually, expect_error, start_edge
 
 DEV = {"KEFU_INTERNAL_AUTH": "off"}

@@ -10,12 +10,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
+from devtools.mint_token import mint
 from gateway.auth import Principal
 from gateway.directory.account_status import AccountStatus
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
-from gateway.mint_token import mint
-from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import SECRET, ClientFactory, edge_settings, eventually, expect_error, start_edge
 
 

@@ -11,11 +11,11 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 
+from devtools.devstack.stack import free_port
+from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
-from gateway.mint_token import mint
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]

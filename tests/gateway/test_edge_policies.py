@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
-from gateway.mint_token import mint
 from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.routes import STAFF
 from tests.gateway.test_edge_errors import SECRET, ClientFactory, settings

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from services.devstack.nats_server import NatsServer
-from services.devstack.stack import free_port
+from devtools.devstack.nats_server import NatsServer
+from devtools.devstack.stack import free_port
 from tests.gateway.live_http_support import ClientFactory, edge_settings, start_edge
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from gateway.directory.blacklist import Blacklist, BlacklistStore
 from gateway.directory.buckets import Buckets
-from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, eventually, expect_error, start_edge
 
 

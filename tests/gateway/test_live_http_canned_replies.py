@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient
 
+from devtools.devstack.nats_server import NatsServer
+from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.directory import canned
-from services.devstack.nats_server import NatsServer
-from services.devstack.stack import free_port
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
 
 

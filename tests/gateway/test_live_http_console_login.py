@@ -7,11 +7,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from gateway import keys
 from gateway.auth import JwtVerifier
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
-from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import SECRET, ClientFactory, edge_settings, expect_error, start_edge
 
 

@@ -8,9 +8,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.nats_server import NatsServer
 from services.session.metrics import SessionMetrics
 from services.session.server import SessionServicer, create_server
 from services.session.settings import SessionSettings

@@ -8,11 +8,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
+from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.directory.buckets import Buckets
 from gateway.directory.tenants import DEFAULT_OFFLINE, DEFAULT_WELCOME, TenantSettings, TenantSettingsStore
-from services.devstack.nats_server import NatsServer
-from services.devstack.stack import free_port
 from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
 
 DEFAULTS = {"welcome": DEFAULT_WELCOME, "offline": DEFAULT_OFFLINE, "leave_message": DEFAULT_OFFLINE,

@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from devtools.devstack.nats_server import NatsServer
 from gateway import keys
 from gateway.auth import JwtVerifier
-from services.devstack.nats_server import NatsServer
 from tests.gateway.live_http_support import (
     SECRET,
     ClientFactory,

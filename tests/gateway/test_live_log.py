@@ -11,12 +11,12 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import start_nats_server
+from devtools.devstack.stack import free_port
 from gateway.live.log import LogFollower, decode_event
 from kefu.session.v1 import session_pb2
 from services.common.conversation_log import LOG_STREAM
 from services.common.nats_client import close_nats, connect_nats
-from services.devstack.nats_server import start_nats_server
-from services.devstack.stack import free_port
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.server import to_proto
 from services.session.store import SessionStore

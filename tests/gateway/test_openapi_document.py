@@ -14,6 +14,7 @@ from aiohttp import hdrs, web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from devtools.devstack.stack import free_port
 from gateway import keys
 from gateway.app import create_app
 from gateway.handlers import openai_compat, openapi
@@ -27,7 +28,6 @@ from gateway.handlers.widget_token import WidgetTokenBody
 from gateway.middlewares import PUBLIC_API_PATHS, PUBLIC_PATHS
 from gateway.openai_format import CompletionRequest
 from gateway.settings import GatewaySettings
-from services.devstack.stack import free_port
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 DOCUMENT: dict[str, Any] = json.loads(openapi.DOCUMENT_PATH.read_text(encoding="utf-8"))

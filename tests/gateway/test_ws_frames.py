@@ -10,6 +10,7 @@ import pytest
 from aiohttp import WSMsgType
 from pytest_aiohttp import AiohttpClient
 
+from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
 from gateway.live.connection import Connection
@@ -33,7 +34,6 @@ from gateway.live.frames import (
     nack_frame,
     parse_frame,
 )
-from gateway.mint_token import mint
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 

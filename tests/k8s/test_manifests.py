@@ -483,7 +483,7 @@ def test_every_process_gets_the_internal_token_and_its_nats_user_from_the_secret
 
 
 def test_nats_requires_the_users_and_permissions_make_run_uses(rendered: dict[str, list[Obj]]) -> None:
-    from services.devstack.nats_auth import ROLES, k8s_authorization, password_variable, secret_key
+    from devtools.devstack.nats_auth import ROLES, k8s_authorization, password_variable, secret_key
 
     for variant in rendered:
         configmap = next(o for o in rendered[variant]

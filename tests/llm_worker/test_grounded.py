@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 import nats.errors
 import pytest
 
-from bench.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
+from devtools.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
 from services.llm_worker.cache import CachedAnswer
 from services.llm_worker.cache_key import CacheKey, knowledge_part
 from services.llm_worker.citations import Citation, CitedFinish, citations_of

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from bench.fake_embeddings import fake_vector
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
+from devtools.fake_embeddings import fake_vector
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from services.llm_worker.grounded import Grounding, plan_turn
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument, build_index
 from services.llm_worker.kb.embeddings import (

@@ -11,9 +11,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
+from devtools.devstack.nats_server import NatsServer, start_nats_server
 from services.common.errors import NotFound, Unavailable
 from services.common.nats_client import connect_nats
-from services.devstack.nats_server import NatsServer, start_nats_server
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument
 from services.llm_worker.kb.ingest import JOBS_STREAM, Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary

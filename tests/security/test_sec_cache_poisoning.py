@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench import fake_upstream
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig, content_text
 from bench.sse_reader import read_sse
+from devtools import fake_upstream
+from devtools.devstack.stack import Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, content_text
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
-from services.devstack.stack import Stack, free_port
 from tests.e2e.stack_helpers import auth, start_stack
 
 GENUINE = "Orders paid before 4 pm ship the same day."

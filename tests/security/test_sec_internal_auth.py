@@ -24,11 +24,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.stack import REPO_ROOT, Stack, free_port
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.grpc_client import internal_channel
-from services.devstack.stack import REPO_ROOT, Stack, free_port
 from tests.e2e.stack_helpers import auth, start_stack
 
 TENANT = "shop1"

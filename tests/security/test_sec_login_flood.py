@@ -14,10 +14,10 @@ import pytest
 from argon2 import PasswordHasher, Type, extract_parameters
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
+from devtools.devstack.stack import Stack
 from gateway.directory.agents import PASSWORD_HASHER, AgentAccounts
 from gateway.directory.buckets import Buckets
-from services.devstack.nats_server import NatsServer
-from services.devstack.stack import Stack
 from tests.e2e.stack_helpers import edge_metrics_url, start_stack
 
 K8S_EDGE_MEMORY_LIMIT_KIB = 256 * 1024  # k8s/base/edge.yaml: limits.memory 256Mi

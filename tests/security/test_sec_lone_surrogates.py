@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.devstack.stack import Stack
+from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, start_stack, token
 
 LONE = "\\ud800"

@@ -15,7 +15,7 @@ import aiohttp
 import jwt
 import pytest
 
-from services.devstack.stack import Stack, listens_on
+from devtools.devstack.stack import Stack, listens_on
 from services.llm_worker.cache import AnswerCache, LocalTier
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, Delta, Finish, GenerationParams, StreamEvent, Usage

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import Stack, free_port
+from devtools.devstack.stack import Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, start_stack, token
 
 TENANT = "sec-superseded"

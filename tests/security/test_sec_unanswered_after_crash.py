@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
-from services.devstack.stack import EDGE, Stack, free_port
+from devtools.devstack.stack import EDGE, Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth, start_stack, token
 
 LEASE_S = 2.0

@@ -13,9 +13,9 @@ import aiohttp
 import jwt
 import pytest
 
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.sse_reader import read_sse
-from services.devstack.stack import REPO_ROOT, Stack, free_port
+from devtools.devstack.stack import REPO_ROOT, Stack, free_port
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import SECRET, auth, faq_plugins_env, start_stack, token
 
 PROMPT = "You are the tea shop's assistant. Talk about tea only."
@@ -196,7 +196,7 @@ async def test_sec_api_role_reaches_only_the_chat_routes(stack: Stack, upstream:
 
 
 def test_sec_make_token_mints_api_tokens() -> None:
-    minted = subprocess.run([sys.executable, "-m", "gateway.mint_token", "--role", "api", "--tenant", "shop1",
+    minted = subprocess.run([sys.executable, "-m", "devtools.mint_token", "--role", "api", "--tenant", "shop1",
                              "--sub", "erp"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
                             env={**os.environ, "KEFU_JWT_SECRET": SECRET}, check=True).stdout.strip()
     claims = jwt.decode(minted, SECRET, algorithms=["HS256"])

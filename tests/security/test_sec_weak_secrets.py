@@ -1,5 +1,5 @@
 """Issue 17 item 6: a weak or missing secret stops every process that reads it, with one line naming it, and
-`make run` (python -m services.devstack) shows a failing process's error on the terminal and exits non-zero."""
+`make run` (python -m devtools.devstack) shows a failing process's error on the terminal and exits non-zero."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.devstack.stack import REPO_ROOT, StackPorts, free_port, listening_pids
+from devtools.devstack.stack import REPO_ROOT, StackPorts, free_port, listening_pids
 
 SHORT = "too-short-secret-31-bytes-long!"  # 31 bytes: one under the minimum
 GOOD = "a-long-enough-secret-of-40-bytes-0123456"
@@ -61,10 +61,10 @@ def test_a_missing_internal_token_stops_every_process_unless_turned_off_on_purpo
 def test_a_short_jwt_secret_stops_the_edge_and_the_token_tool() -> None:
     result = run("gateway", clean_env(KEFU_JWT_SECRET=SHORT, KEFU_INTERNAL_TOKEN=GOOD))
     assert "too short: 31 bytes" in assert_refused_in_one_line(result, "gateway", "KEFU_JWT_SECRET")
-    minted = run("gateway.mint_token", clean_env(KEFU_JWT_SECRET=SHORT))
+    minted = run("devtools.mint_token", clean_env(KEFU_JWT_SECRET=SHORT))
     assert_refused_in_one_line(minted, "mint_token", "KEFU_JWT_SECRET")
     # Multi-byte characters count as bytes: 11 Chinese characters are 33 bytes, enough.
-    accepted = run("gateway.mint_token", clean_env(KEFU_JWT_SECRET="密" * 11))
+    accepted = run("devtools.mint_token", clean_env(KEFU_JWT_SECRET="密" * 11))
     assert accepted.returncode == 0 and accepted.stdout.count(".") == 2, accepted.stderr
 
 
@@ -82,7 +82,7 @@ def devstack_env(data_dir: Path, ports: StackPorts, **settings: str) -> dict[str
 
 def test_make_run_refuses_a_short_jwt_secret_before_starting_anything(tmp_path: Path) -> None:
     ports = StackPorts.free()
-    result = run("services.devstack", devstack_env(tmp_path, ports, KEFU_JWT_SECRET=SHORT))
+    result = run("devtools.devstack", devstack_env(tmp_path, ports, KEFU_JWT_SECRET=SHORT))
     assert result.returncode != 0
     assert "devstack: KEFU_JWT_SECRET is too short" in result.stderr, result.stderr
     assert SHORT not in result.stdout + result.stderr
@@ -92,7 +92,7 @@ def test_make_run_refuses_a_short_jwt_secret_before_starting_anything(tmp_path: 
 def test_make_run_prints_a_failing_processs_error_and_stops_the_rest(tmp_path: Path) -> None:
     # A setting only the session service checks: it exits at start, the others are already starting.
     ports = StackPorts.free()
-    supervisor = subprocess.Popen([sys.executable, "-m", "services.devstack"], cwd=REPO_ROOT,
+    supervisor = subprocess.Popen([sys.executable, "-m", "devtools.devstack"], cwd=REPO_ROOT,
                                   env=devstack_env(tmp_path, ports, KEFU_SESSION_TTL_S="5"),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)

@@ -10,9 +10,9 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from services.common.errors import InvalidArgument
 from services.common.settings import SettingsError
-from services.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import QuotaExceeded, RateLimited, StorageFull
 from services.session.limits import TenantUsage, VisitorRates

@@ -8,9 +8,9 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from services.common.conversation_log import LOG_STREAM, log_subject
 from services.common.errors import NotFound
-from services.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import Conflict
 from services.session.meta_cache import MetaCache

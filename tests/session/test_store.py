@@ -11,8 +11,8 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig
 
+from devtools.devstack.nats_server import NatsServer
 from services.common.errors import InvalidArgument, NotFound
-from services.devstack.nats_server import NatsServer
 from services.session.models import Principal
 from services.session.store import EXPIRY_MARKER_TTL_S, META_BUCKET, META_STREAM, SessionStore
 from services.session.tokens import TokenCounter

@@ -13,8 +13,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from devtools.devstack.nats_server import NatsServer
 from services.common.settings import SettingsError
-from services.devstack.nats_server import NatsServer
 from services.session.metrics import SessionMetrics
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings

@@ -1,4 +1,4 @@
-"""`python -m services.devstack` (make run): the whole system on this machine until Ctrl-C."""
+"""`python -m devtools.devstack` (make run): the whole system on this machine until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
-from gateway.mint_token import mint
+from devtools.devstack.stack import REPO_ROOT, ProcessFailed, Stack, StackConfig, StackPorts
+from devtools.mint_token import mint
 from services.common.settings import SettingsError, check_secret, env_int, env_str
-from services.devstack.stack import REPO_ROOT, ProcessFailed, Stack, StackConfig, StackPorts
 
 log = logging.getLogger("devstack")
 

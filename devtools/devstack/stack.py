@@ -21,10 +21,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.devstack.nats_auth import PROCESS_ROLES, NatsUsers
+from devtools.devstack.nats_server import NatsServer, start_nats_server
 from services.common.nats_client import NatsEndpoint
 from services.common.settings import with_credentials
-from services.devstack.nats_auth import PROCESS_ROLES, NatsUsers
-from services.devstack.nats_server import NatsServer, start_nats_server
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class StackConfig:
     ports: StackPorts = field(default_factory=StackPorts)
     nats_url: str = ""
     """An existing NATS (its credentials, if any, in env); empty starts a local nats-server on ports.nats,
-    with a user per process role (services.devstack.nats_auth)."""
+    with a user per process role (devtools.devstack.nats_auth)."""
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     """KEFU_INTERNAL_TOKEN of every process: what internal gRPC callers send (tests: stack.config.internal_token)."""
     env: Mapping[str, str] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""`python -m gateway.mint_token`: mint a dev JWT signed with KEFU_JWT_SECRET (HS256)."""
+"""`python -m devtools.mint_token`: mint a dev JWT signed with KEFU_JWT_SECRET (HS256)."""
 
 from __future__ import annotations
 

