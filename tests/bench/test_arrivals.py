@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 
 import pytest
@@ -45,7 +46,7 @@ def test_poisson_arrivals_are_seeded_with_the_mean_gap_of_the_rate() -> None:
     offsets = arrival_offsets(50, count=20_000, arrivals="poisson", seed=7)
     assert offsets == arrival_offsets(50, count=20_000, arrivals="poisson", seed=7)
     assert offsets != arrival_offsets(50, count=20_000, arrivals="poisson", seed=8)
-    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(offsets)]
     assert offsets[0] == 0.0 and min(gaps) >= 0
     assert statistics.fmean(gaps) == pytest.approx(1 / 50, rel=0.03)
     # Exponential gaps: the spread equals the mean (even arrivals would have none).
