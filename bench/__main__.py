@@ -118,7 +118,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     parser.add_argument("--chunks", type=int, help="upstream content chunks per answer (default 20)")
     parser.add_argument("--interval-ms", type=float, help="upstream delay between chunks (default 10)")
     parser.add_argument("--timeout-s", type=float, help="deadline of one request (default 60)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user: about 15 s")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user, rates 10 and 40 for 3 s: about 25 s")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
     parser.add_argument("--env", action="append", default=[], metavar="KEFU_NAME=VALUE",
