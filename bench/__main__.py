@@ -46,6 +46,8 @@ TIMINGS = ("ttft_p50", "ttft_p95", "ttft_p99", "total_p50", "total_p95", "total_
 FIGURES = (*TIMINGS, "throughput_rps")
 KEFU_PROCESSES = ("gateway", "session", "moderation", "llm_worker", "nats")
 WITHIN_MS = 50.0
+IDLE_S = 3.0
+"""Before the open loop, the processes' CPU with nothing sent is read for this long."""
 """Open loop: a rate passes while kefu's TTFT p99 is at most this much above the direct path's."""
 
 
@@ -118,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     parser.add_argument("--chunks", type=int, help="upstream content chunks per answer (default 20)")
     parser.add_argument("--interval-ms", type=float, help="upstream delay between chunks (default 10)")
     parser.add_argument("--timeout-s", type=float, help="deadline of one request (default 60)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user, rates 10 and 40 for 3 s: about 25 s")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round, 2 requests per user, rates 10 and 40 for 3 s: about 25 s")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
     parser.add_argument("--env", action="append", default=[], metavar="KEFU_NAME=VALUE",
@@ -310,8 +313,17 @@ async def warm_up(params: BenchParams, paths: Mapping[str, Target]) -> None:
             raise RuntimeError(f"every warm-up request to {target.name} failed: {result.errors}")
 
 
+async def idle_cpu(processes: Processes, seconds: float = IDLE_S) -> dict[str, float]:
+    """CPU ms per second each process spends with nothing sent (timers, heartbeats, watchers)."""
+    before = cpu_snapshot(processes)
+    await asyncio.sleep(seconds)
+    after = cpu_snapshot(processes)
+    return {name: round((after[name] - before[name]) * 1000 / seconds, 1) for name in after if name in before}
+
+
 async def run_rounds(params: BenchParams, paths: Mapping[str, Target],
-                     processes: Processes) -> list[Measured]:
+                     processes: Processes) -> tuple[list[Measured], dict[str, float]]:
+    """The closed-loop rounds, then the open-loop rates; and the idle CPU measured between them."""
     await warm_up(params, paths)
     measured: list[Measured] = []
     for concurrency in params.concurrency:
@@ -322,6 +334,7 @@ async def run_rounds(params: BenchParams, paths: Mapping[str, Target],
             order = PATHS if round_ % 2 == 0 else PATHS[::-1]
             for name in order:
                 measured.append(await measure(paths[name], spec, processes, round_))
+    idle = await idle_cpu(processes) if params.rates else {}
     for index, rate in enumerate(params.rates):
         # The same seed on both paths: identical arrivals, so only the path differs.
         open_spec = OpenLoopSpec(rate, duration_s=params.open_s, arrivals=params.arrivals, seed=index,
@@ -329,7 +342,7 @@ async def run_rounds(params: BenchParams, paths: Mapping[str, Target],
         order = PATHS if index % 2 == 0 else PATHS[::-1]
         for name in order:
             measured.append(await measure(paths[name], open_spec, processes, index))
-    return measured
+    return measured, idle
 
 
 # ---------------------------------------------------------------- figures
@@ -502,6 +515,13 @@ def open_loop_lines(report: Mapping[str, Any], rows: Mapping[float, Mapping[str,
             total = _cell(sum(cpu.get(n) or 0.0 for n in KEFU_PROCESSES), ".2f") if path == "kefu" else "–"
             lines.append(f"| {rate:g} | {path} | " + " | ".join(_cell(cpu.get(n), ".2f") for n in names)
                          + f" | {total} |")
+    idle = report.get("idle_cpu_ms_per_s") or {}
+    if idle:
+        kefu_idle = sum(idle.get(n) or 0.0 for n in KEFU_PROCESSES)
+        lines += ["", f"With nothing sent ({IDLE_S:g} s before the first rate), CPU ms per second: "
+                      + ", ".join(f"{n} {v:g}" for n, v in idle.items())
+                      + f" (kefu {kefu_idle:.1f}); at R requests/s that adds {kefu_idle:.1f}/R ms to kefu's "
+                        f"figure per turn above, the part that is not the turns' own."]
     best = report.get("open_loop_highest_rate")
     lines += ["", f"Highest arrival rate with kefu's TTFT p99 within {WITHIN_MS:g} ms of the direct path's (no "
                   f"failure on either path, and every lower rate measured within too): "
@@ -523,8 +543,8 @@ def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, 
         f"{machine['cpu_count']} CPUs, Python {machine['python']}, load average "
         f"{machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end. "
         f"Upstream: TTFT {p['ttft_ms']:g} ms, {p['chunks']} chunks {p['interval_ms']:g} ms apart. "
-        f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
-        f"paths alternating; figures are medians of the rounds, times in ms."
+        + (f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
+           f"paths alternating; figures are medians of the rounds, times in ms." if p["concurrency"] else "")
         + (f" kefu's settings: {', '.join(f'{k}={v}' for k, v in report['kefu_env'].items())}."
            if report.get("kefu_env") else ""),
         "",
@@ -592,7 +612,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path,
         if stack.nats is not None:
             processes["nats"] = stack.nats.process.pid
         paths = targets(upstream_url, stack.base_url, secret)
-        measured = asyncio.run(run_rounds(params, paths, processes))
+        measured, idle = asyncio.run(run_rounds(params, paths, processes))
         memory = {name: memory_mib(pid) for name, pid in processes.items()
                   if name in KEFU_PROCESSES}
         stats = fetch_json(upstream_url.removesuffix("/v1") + "/stats")
@@ -607,6 +627,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path,
     open_rows = open_loop_rows(measured)
     report["open_loop"] = {f"{rate:g}": row for rate, row in open_rows.items()}
     report["open_loop_highest_rate"] = highest_rate_within(open_rows)
+    report["idle_cpu_ms_per_s"] = idle
     markdown = render_markdown(report, table, open_rows)
     return markdown, write_results(results_dir, report, markdown), any(m.result.failed for m in measured)
 

@@ -53,3 +53,17 @@ def test_ws_rates_include_the_main_rate_and_stop_at_the_first_failure() -> None:
     assert ws_highest_rate_within({"kefu": ws_row(300, 45.0)}) == 300
     assert ws_highest_rate_within({"kefu": {"error": "RuntimeError: x"}}) is None
     assert ws_highest_rate_within({"sweep": {"100": {"error": "boom"}, "200": ws_row(200, 1.0)}}) is None
+
+
+def test_open_loop_report_names_the_highest_rate_and_each_process_cpu() -> None:
+    from bench.__main__ import open_loop_lines
+
+    rows = open_loop_rows([Measured("direct", 0, result("direct", 10, 60), {"client": 1.0}),
+                           Measured("kefu", 0, result("kefu", 10, 100), {"gateway": 6.5, "nats": 1.25})])
+    report = {"parameters": {"arrivals": "even", "open_s": 5.0}, "open_loop_highest_rate": highest_rate_within(rows),
+              "idle_cpu_ms_per_s": {"gateway": 4.0, "session": 2.0, "client": 0.5}}
+    text = "\n".join(open_loop_lines(report, rows))
+    assert "| 10 | kefu | 10 | 0 | 3 |" in text and "+40.0 (within)" in text
+    assert "| 10 | kefu | – | – | 6.50 | – | – | – | 1.25 | 7.75 |" in text
+    assert "(kefu 6.0)" in text
+    assert "**10 requests/s** of 10." in text
