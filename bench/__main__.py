@@ -46,7 +46,7 @@ TIMINGS = ("ttft_p50", "ttft_p95", "ttft_p99", "total_p50", "total_p95", "total_
 FIGURES = (*TIMINGS, "throughput_rps")
 KEFU_PROCESSES = ("gateway", "session", "moderation", "llm_worker", "nats")
 WITHIN_MS = 50.0
-IDLE_S = 3.0
+IDLE_S = 5.0
 """Before the open loop, the processes' CPU with nothing sent is read for this long."""
 """Open loop: a rate passes while kefu's TTFT p99 is at most this much above the direct path's."""
 
