@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LoadResult, LoadSpec, Target, format_summary, run_load
+from bench.arrivals import ARRIVALS, Arrivals, highest_within
+from bench.loadgen import LoadResult, LoadSpec, OpenLoopSpec, Target, format_summary, run_load, run_open_loop
 from bench.processes import bench_work_dir
 from devtools.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
 from devtools.mint_token import mint
@@ -44,6 +45,10 @@ PATHS = ("direct", "kefu")
 TIMINGS = ("ttft_p50", "ttft_p95", "ttft_p99", "total_p50", "total_p95", "total_p99")
 FIGURES = (*TIMINGS, "throughput_rps")
 KEFU_PROCESSES = ("gateway", "session", "moderation", "llm_worker", "nats")
+WITHIN_MS = 50.0
+IDLE_S = 5.0
+"""Before the open loop, the processes' CPU with nothing sent is read for this long."""
+"""Open loop: a rate passes while kefu's TTFT p99 is at most this much above the direct path's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +63,21 @@ class BenchParams:
     interval_ms: float = 10.0
     timeout_s: float = 60.0
     reply: str = REPLY
+    rates: tuple[float, ...] = (10.0, 20.0, 40.0, 60.0, 80.0)
+    """Open loop: arrival rates (requests/s), each run on both paths after the closed-loop rounds."""
+    open_s: float = 5.0
+    """Open loop: seconds of arrivals per rate and path."""
+    arrivals: Arrivals = "even"
 
     def __post_init__(self) -> None:
-        if not self.concurrency or min(self.concurrency) < 1:
+        if not self.concurrency and not self.rates:
+            raise ValueError("--concurrency and --rates are both empty: nothing to measure")
+        if self.concurrency and min(self.concurrency) < 1:
             raise ValueError(f"--concurrency needs positive integers, got {self.concurrency}")
+        if self.rates and min(self.rates) <= 0:
+            raise ValueError(f"--rates needs positive numbers, got {self.rates}")
+        if not self.open_s > 0 or self.arrivals not in ARRIVALS:
+            raise ValueError(f"--open-s must be > 0 and --arrivals one of {ARRIVALS}")
         for name in ("requests_per_user", "rounds", "chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -69,7 +85,7 @@ class BenchParams:
             raise ValueError("--warmup, --ttft-ms and --interval-ms must be >= 0")
 
 
-QUICK = BenchParams(requests_per_user=2, rounds=1, warmup=10)
+QUICK = BenchParams(requests_per_user=2, rounds=1, warmup=10, rates=(10.0, 40.0), open_s=3.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +107,11 @@ Processes = dict[str, int]
 
 def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--concurrency", help="comma-separated virtual users per run (default 10,100)")
+    parser.add_argument("--concurrency", help="comma-separated virtual users per run (default 10,100; '' none)")
+    parser.add_argument("--rates", help="open loop: comma-separated arrival rates per second "
+                                        "(default 10,20,40,60,80; '' none)")
+    parser.add_argument("--open-s", type=float, help="open loop: seconds of arrivals per rate and path (default 5)")
+    parser.add_argument("--arrivals", choices=ARRIVALS, help="open loop: evenly spaced (default) or Poisson")
     parser.add_argument("--requests-per-user", type=int,
                         help="requests per virtual user per run (default 10)")
     parser.add_argument("--rounds", type=int, help="measured rounds per concurrency and path (default 3)")
@@ -100,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     parser.add_argument("--chunks", type=int, help="upstream content chunks per answer (default 20)")
     parser.add_argument("--interval-ms", type=float, help="upstream delay between chunks (default 10)")
     parser.add_argument("--timeout-s", type=float, help="deadline of one request (default 60)")
-    parser.add_argument("--quick", action="store_true", help="1 round, 2 requests per user: about 15 s")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round, 2 requests per user, rates 10 and 40 for 3 s: about 25 s")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary data and log folder")
     parser.add_argument("--env", action="append", default=[], metavar="KEFU_NAME=VALUE",
@@ -109,13 +130,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchParams, argparse.Namesp
     args = parser.parse_args(argv)
     base = QUICK if args.quick else BenchParams()
     given = {name: getattr(args, name) for name in ("requests_per_user", "rounds", "warmup", "ttft_ms",
-                                                     "chunks", "interval_ms", "timeout_s")}
+                                                     "chunks", "interval_ms", "timeout_s", "open_s",
+                                                     "arrivals")}
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if any(not item.startswith("KEFU_") or "=" not in item for item in args.env):
         parser.error(f"--env takes KEFU_NAME=VALUE, got {args.env}")
     try:
-        if args.concurrency:
+        if args.concurrency is not None:
             overrides["concurrency"] = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
+        if args.rates is not None:
+            overrides["rates"] = tuple(float(r) for r in args.rates.split(",") if r.strip())
         return replace(base, **overrides), args
     except ValueError as error:
         parser.error(str(error))
@@ -267,9 +291,9 @@ def targets(upstream_url: str, edge_url: str, secret: str) -> dict[str, Target]:
 # ---------------------------------------------------------------- running
 
 
-async def measure(target: Target, spec: LoadSpec, processes: Processes, round_: int) -> Measured:
+async def measure(target: Target, spec: LoadSpec | OpenLoopSpec, processes: Processes, round_: int) -> Measured:
     before = cpu_snapshot(processes)
-    result = await run_load(target, spec)
+    result = await (run_load(target, spec) if isinstance(spec, LoadSpec) else run_open_loop(target, spec))
     after = cpu_snapshot(processes)
     per_request = {name: round((after[name] - before[name]) * 1000 / max(result.requests, 1), 2)
                    for name in after if name in before}
@@ -289,8 +313,17 @@ async def warm_up(params: BenchParams, paths: Mapping[str, Target]) -> None:
             raise RuntimeError(f"every warm-up request to {target.name} failed: {result.errors}")
 
 
+async def idle_cpu(processes: Processes, seconds: float = IDLE_S) -> dict[str, float]:
+    """CPU ms per second each process spends with nothing sent (timers, heartbeats, watchers)."""
+    before = cpu_snapshot(processes)
+    await asyncio.sleep(seconds)
+    after = cpu_snapshot(processes)
+    return {name: round((after[name] - before[name]) * 1000 / seconds, 1) for name in after if name in before}
+
+
 async def run_rounds(params: BenchParams, paths: Mapping[str, Target],
-                     processes: Processes) -> list[Measured]:
+                     processes: Processes) -> tuple[list[Measured], dict[str, float]]:
+    """The closed-loop rounds, then the open-loop rates; and the idle CPU measured between them."""
     await warm_up(params, paths)
     measured: list[Measured] = []
     for concurrency in params.concurrency:
@@ -301,7 +334,15 @@ async def run_rounds(params: BenchParams, paths: Mapping[str, Target],
             order = PATHS if round_ % 2 == 0 else PATHS[::-1]
             for name in order:
                 measured.append(await measure(paths[name], spec, processes, round_))
-    return measured
+    idle = await idle_cpu(processes) if params.rates else {}
+    for index, rate in enumerate(params.rates):
+        # The same seed on both paths: identical arrivals, so only the path differs.
+        open_spec = OpenLoopSpec(rate, duration_s=params.open_s, arrivals=params.arrivals, seed=index,
+                                 timeout_s=params.timeout_s)
+        order = PATHS if index % 2 == 0 else PATHS[::-1]
+        for name in order:
+            measured.append(await measure(paths[name], open_spec, processes, index))
+    return measured, idle
 
 
 # ---------------------------------------------------------------- figures
@@ -352,10 +393,37 @@ def overhead(direct: Mapping[str, Any], kefu: Mapping[str, Any]) -> dict[str, di
 def medians_by_concurrency(params: BenchParams, measured: Sequence[Measured]) -> dict[int, dict[str, Any]]:
     table: dict[int, dict[str, Any]] = {}
     for concurrency in params.concurrency:
-        paths = {p: combine([m for m in measured if m.result.concurrency == concurrency and m.path == p])
-                 for p in PATHS}
+        paths = {p: combine([m for m in measured if m.result.offered_rate is None
+                             and m.result.concurrency == concurrency and m.path == p]) for p in PATHS}
         table[concurrency] = {**paths, "overhead": overhead(paths["direct"], paths["kefu"])}
     return table
+
+
+def open_loop_rows(measured: Sequence[Measured]) -> dict[float, dict[str, Any]]:
+    """Per offered rate: each path's figures and CPU per turn, kefu's TTFT p99 over direct's, and the verdict."""
+    rows: dict[float, dict[str, Any]] = {}
+    for m in measured:
+        r = m.result
+        if r.offered_rate is None:
+            continue
+        rows.setdefault(r.offered_rate, {})[m.path] = {
+            **figures(r), "requests": r.requests, "failed": r.failed, "errors": r.errors, "cached": r.cached,
+            "max_in_flight": r.max_in_flight,
+            "start_lag_p99_ms": None if r.start_lag is None else r.start_lag.p99 * 1000,
+            "cpu_ms_per_request": m.cpu_ms_per_request}
+    for row in rows.values():
+        direct, kefu = row.get("direct"), row.get("kefu")
+        diff = None
+        if direct and kefu and direct["ttft_p99"] is not None and kefu["ttft_p99"] is not None:
+            diff = kefu["ttft_p99"] - direct["ttft_p99"]
+        row["ttft_p99_diff_ms"] = diff
+        # A failure on either path disqualifies the rate: a failed request has no TTFT to count.
+        row["within"] = diff is not None and diff <= WITHIN_MS and not direct["failed"] and not kefu["failed"]
+    return dict(sorted(rows.items()))
+
+
+def highest_rate_within(rows: Mapping[float, Mapping[str, Any]]) -> float | None:
+    return highest_within({rate: bool(row["within"]) for rate, row in rows.items()})
 
 
 # ---------------------------------------------------------------- report
@@ -410,7 +478,64 @@ def error_lines(table: Mapping[int, Mapping[str, Any]]) -> list[str]:
     return ["", "Errors (all rounds):", *lines] if lines else []
 
 
-def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, Any]]) -> str:
+def open_loop_lines(report: Mapping[str, Any], rows: Mapping[float, Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    p = report["parameters"]
+    lines = ["", "## Open loop", "",
+             f"{p['arrivals'].capitalize()} arrivals for {p['open_s']:g} s per rate and path (the same schedule on "
+             f"both paths, which goes first alternating by rate); a request starts on schedule whether or not "
+             f"earlier ones have ended, so queueing shows in the times instead of slowing the arrivals. "
+             f"`in flight`: the most requests open at once; `lag p99`: how late the client itself started "
+             f"them. Times in ms.", "",
+             "| rate/s | path | requests | errors | in flight | lag p99 | TTFT p50 | TTFT p99 | total p99 "
+             "| req/s | TTFT p99 kefu − direct |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rate, row in rows.items():
+        for path in PATHS:
+            f = row.get(path)
+            if not f:
+                continue
+            verdict = ""
+            if path == "kefu":
+                verdict = _cell(row["ttft_p99_diff_ms"], "+.1f") + (" (within)" if row["within"] else " (over)")
+            lines.append(f"| {rate:g} | {path} | {f['requests']} | {f['failed']} | {f['max_in_flight']} | "
+                         f"{_cell(f['start_lag_p99_ms'], '.1f')} | {_cell(f['ttft_p50'], '.1f')} | "
+                         f"{_cell(f['ttft_p99'], '.1f')} | {_cell(f['total_p99'], '.1f')} | "
+                         f"{_cell(f['throughput_rps'], '.1f')} | {verdict} |")
+    names = ["client", "upstream", *KEFU_PROCESSES]
+    lines += ["", "CPU ms per turn, open loop (all of each process's CPU during the rate's run, over its requests):",
+              "", "| rate/s | path | " + " | ".join(names) + " | kefu total |",
+              "|---:|---|" + "---:|" * (len(names) + 1)]
+    for rate, row in rows.items():
+        for path in PATHS:
+            if path not in row:
+                continue
+            cpu = row[path]["cpu_ms_per_request"]
+            total = _cell(sum(cpu.get(n) or 0.0 for n in KEFU_PROCESSES), ".2f") if path == "kefu" else "–"
+            lines.append(f"| {rate:g} | {path} | " + " | ".join(_cell(cpu.get(n), ".2f") for n in names)
+                         + f" | {total} |")
+    idle = report.get("idle_cpu_ms_per_s") or {}
+    if idle:
+        kefu_idle = sum(idle.get(n) or 0.0 for n in KEFU_PROCESSES)
+        lines += ["", f"With nothing sent ({IDLE_S:g} s before the first rate), CPU ms per second: "
+                      + ", ".join(f"{n} {v:g}" for n, v in idle.items())
+                      + f" (kefu {kefu_idle:.1f}); at R requests/s that adds {kefu_idle:.1f}/R ms to kefu's "
+                        f"figure per turn above, the part that is not the turns' own."]
+    best = report.get("open_loop_highest_rate")
+    lines += ["", f"Highest arrival rate with kefu's TTFT p99 within {WITHIN_MS:g} ms of the direct path's (no "
+                  f"failure on either path, and every lower rate measured within too): "
+                  f"**{f'{best:g} requests/s' if best is not None else 'none'}** of "
+                  + ", ".join(f"{r:g}" for r in rows) + "."]
+    for rate, row in rows.items():
+        for path in PATHS:
+            if row.get(path, {}).get("errors"):
+                lines.append(f"- {rate:g}/s, {path}: {json.dumps(row[path]['errors'], ensure_ascii=False)}")
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, Any]],
+                    open_rows: Mapping[float, Mapping[str, Any]] | None = None) -> str:
     p, machine = report["parameters"], report["machine"]
     head = [
         f"# kefu bench, {report['timestamp']}",
@@ -418,21 +543,23 @@ def render_markdown(report: Mapping[str, Any], table: Mapping[int, Mapping[str, 
         f"{machine['cpu_count']} CPUs, Python {machine['python']}, load average "
         f"{machine['loadavg_start'][0]:.2f} at start, {machine['loadavg_end'][0]:.2f} at end. "
         f"Upstream: TTFT {p['ttft_ms']:g} ms, {p['chunks']} chunks {p['interval_ms']:g} ms apart. "
-        f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
-        f"paths alternating; figures are medians of the rounds, times in ms."
+        + (f"{p['rounds']} round(s) × {p['requests_per_user']} request(s) per user per path, "
+           f"paths alternating; figures are medians of the rounds, times in ms." if p["concurrency"] else "")
         + (f" kefu's settings: {', '.join(f'{k}={v}' for k, v in report['kefu_env'].items())}."
            if report.get("kefu_env") else ""),
         "",
     ]
     upstream = report["upstream"]["stats"]
+    closed = [*latency_table(table), "", "CPU per request (ms; `client` is the load generator itself):", "",
+              *cpu_table(table)] if table else ["No closed-loop rounds (`--concurrency ''`)."]
     tail = [
-        "", "CPU per request (ms; `client` is the load generator itself):", "", *cpu_table(table),
+        *open_loop_lines(report, open_rows or {}),
         "", "Memory of the kefu processes after the run:", "", *memory_table(report["memory"]),
         "", f"The upstream answered {upstream.get('requests_total')} requests (warm-up included), "
             f"{upstream.get('cancelled')} cancelled, at most {upstream.get('max_in_flight')} at once.",
         *error_lines(table),
     ]
-    return "\n".join([*head, *latency_table(table), *tail]) + "\n"
+    return "\n".join([*head, *closed, *tail]) + "\n"
 
 
 def _write(path: Path, text: str) -> None:
@@ -485,7 +612,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path,
         if stack.nats is not None:
             processes["nats"] = stack.nats.process.pid
         paths = targets(upstream_url, stack.base_url, secret)
-        measured = asyncio.run(run_rounds(params, paths, processes))
+        measured, idle = asyncio.run(run_rounds(params, paths, processes))
         memory = {name: memory_mib(pid) for name, pid in processes.items()
                   if name in KEFU_PROCESSES}
         stats = fetch_json(upstream_url.removesuffix("/v1") + "/stats")
@@ -497,7 +624,11 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path,
     table = medians_by_concurrency(params, measured)
     report = build_report(params, started, loadavg_start, measured, table, upstream, memory)
     report["kefu_env"] = dict(kefu_env or {})
-    markdown = render_markdown(report, table)
+    open_rows = open_loop_rows(measured)
+    report["open_loop"] = {f"{rate:g}": row for rate, row in open_rows.items()}
+    report["open_loop_highest_rate"] = highest_rate_within(open_rows)
+    report["idle_cpu_ms_per_s"] = idle
+    markdown = render_markdown(report, table, open_rows)
     return markdown, write_results(results_dir, report, markdown), any(m.result.failed for m in measured)
 
 

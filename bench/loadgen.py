@@ -1,4 +1,4 @@
-"""A closed-loop load generator: virtual users stream chat answers over HTTP and time each one."""
+"""A load generator: streamed chat answers over HTTP, timed, from a closed loop of users or an open-loop schedule."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
 
+from bench.arrivals import Arrivals, arrival_offsets, fire_on_schedule
 from bench.sse_reader import SseEvent, read_sse
 
 Flavour = Literal["kefu", "openai"]
@@ -70,6 +71,38 @@ class LoadSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenLoopSpec:
+    """Open loop: requests start at `rate` per second on a fixed schedule, whether or not earlier ones ended.
+
+    Bounded by `requests`, by `duration_s` of starts, or both; each request by `timeout_s`. Request i
+    speaks as user i % `users` (one principal each), so per-user limits see a realistic spread.
+    """
+
+    rate: float
+    requests: int | None = None
+    duration_s: float | None = None
+    arrivals: Arrivals = "even"
+    seed: int = 0
+    users: int = 100
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+        if self.requests is None and self.duration_s is None:
+            raise ValueError("give requests, duration_s or both")
+        if self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        self.offsets()  # validates the rest (bounds, arrivals)
+
+    def offsets(self) -> list[float]:
+        return arrival_offsets(self.rate, count=self.requests, duration_s=self.duration_s,
+                               arrivals=self.arrivals, seed=self.seed)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestResult:
     """One request: times are seconds from just before the POST."""
 
@@ -123,6 +156,12 @@ class LoadResult:
     ttft: Summary | None
     total: Summary | None
     samples: tuple[RequestResult, ...] = field(default=(), repr=False)
+    offered_rate: float | None = None
+    """Open loop: the scheduled arrival rate (requests/s); None for a closed loop."""
+    start_lag: Summary | None = None
+    """Open loop: how late the client started requests against their schedule (its own delay)."""
+    max_in_flight: int | None = None
+    """Open loop: the most requests the client had open at once."""
 
     def to_dict(self, *, with_samples: bool = False) -> dict[str, Any]:
         data = asdict(self)
@@ -290,12 +329,41 @@ async def run_load(target: Target, spec: LoadSpec) -> LoadResult:
     return summarise(target, spec.concurrency, [r for results in per_user for r in results], duration)
 
 
+async def run_open_loop(target: Target, spec: OpenLoopSpec) -> LoadResult:
+    """Start requests on `spec`'s schedule on one client session; return the figures.
+
+    `concurrency` in the result is the most requests in flight at once (what the arrivals built up).
+    """
+    offsets = spec.offsets()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
+    in_flight = peak = 0
+
+    async def one(index: int) -> RequestResult:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await _one_request(http, target, index % spec.users, index // spec.users)
+        finally:
+            in_flight -= 1
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        started = time.perf_counter()
+        fired = await fire_on_schedule(offsets, one)
+        duration = time.perf_counter() - started
+    result = summarise(target, peak, [f.result for f in fired], duration)
+    return replace(result, offered_rate=spec.rate, max_in_flight=peak,
+                   start_lag=Summary.of([f.lag_s for f in fired]))
+
+
 def format_summary(result: LoadResult) -> str:
     """One line for logs: counts, TTFT and total p50/p99 in ms, throughput."""
     def ms(summary: Summary | None, name: str) -> str:
         if summary is None:
             return f"{name} -"
         return f"{name} p50 {summary.p50 * 1e3:.1f} p99 {summary.p99 * 1e3:.1f} ms"
-    return (f"{result.target} c={result.concurrency}: {result.succeeded}/{result.requests} ok, "
+    load = f"c={result.concurrency}" if result.offered_rate is None else f"{result.offered_rate:g}/s"
+    return (f"{result.target} {load}: {result.succeeded}/{result.requests} ok, "
             f"{ms(result.ttft, 'ttft')}, {ms(result.total, 'total')}, {result.throughput_rps:.1f} req/s"
             + (f", errors {json.dumps(result.errors)}" if result.errors else ""))
