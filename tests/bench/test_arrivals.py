@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from bench.arrivals import arrival_offsets, fire_on_schedule, highest_within
-from bench.fake_upstream import FakeUpstream, FakeUpstreamConfig
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.loadgen import OpenLoopSpec, Target, run_open_loop
 
 pytestmark = pytest.mark.timeout(20)
