@@ -9,8 +9,8 @@ import statistics
 import pytest
 
 from bench.arrivals import arrival_offsets, fire_on_schedule, highest_within
-from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from bench.loadgen import OpenLoopSpec, Target, run_open_loop
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 
 pytestmark = pytest.mark.timeout(20)
 
