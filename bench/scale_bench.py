@@ -18,7 +18,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -32,11 +35,14 @@ import nats
 from bench.__main__ import RESULTS_DIR, BenchParams, _write, cpu_seconds, memory_mib, start_stack, start_upstream
 from bench.__main__ import stop_process as stop_upstream
 from bench.loadgen import LoadResult, LoadSpec, Target, percentile, run_load
+from bench.open_streams import raise_open_files_limit
 from bench.processes import bench_work_dir
 from bench.session_idle import seed
+from bench.ws_bench import read_json_line, tell
+from bench.ws_idle_clients import SECRET_ENV
 from gateway.mint_token import mint
 from services.devstack.nats_server import start_nats_server
-from services.devstack.stack import SERVICES, Stack
+from services.devstack.stack import REPO_ROOT, SERVICES, Stack
 from services.session.schedule import TimerLimits
 
 TENANTS = 10
@@ -48,6 +54,8 @@ SEED_STATUSES = ("closed", "closed", "closed", "closed", "closed", "closed", "ai
 """A day's store: most conversations closed, some open with the AI, some waiting for or with an agent."""
 LIST_QUERIES = ("waiting_human", "human", "ai", "closed", "")
 """The agent queue first; "" is the list without a status filter."""
+SOCKETS_PER_ADDRESS = 25_000
+"""One source address runs out of ephemeral ports near 28k connections to one server port."""
 
 
 # ---------------------------------------------------------------- seeding
@@ -211,6 +219,49 @@ def restart_all(stack: Stack, timeout_s: float = 120.0) -> dict[str, float]:
     return {name: round(seconds, 2) for name, seconds in ready.items()}
 
 
+# ---------------------------------------------------------------- live sockets
+
+
+def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float) -> dict[str, Any]:
+    """`sockets` visitor WebSockets, each opening a conversation (hello without resume), from client processes
+    on 127.0.0.2, 127.0.0.3, ...; then the idle CPU and the RSS of every process while they are held."""
+    addresses = math.ceil(sockets / SOCKETS_PER_ADDRESS)
+    counts = [sockets // addresses + (1 if n < sockets % addresses else 0) for n in range(addresses)]
+    url = stack.base_url.replace("http", "ws", 1) + "/v1/ws"
+    env = {**os.environ, SECRET_ENV: secret}
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        for n, (count, first) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
+            clients.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first), "--count",
+                 str(count), "--parallel", "200", "--local-address", f"127.0.0.{2 + n}"],
+                cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True))
+        for client in clients:
+            read_json_line(client, 120, "socket client start-up")
+        started = time.monotonic()
+        tell(clients, "go")
+        opened = [read_json_line(client, 1800, "opening sockets") for client in clients]
+        open_s = time.monotonic() - started
+        time.sleep(5.0)
+        idle = idle_cpu(stack, idle_s)
+        rss = rss_of(stack)
+        tell(clients, "check")
+        still = sum(read_json_line(client, 60, "check")["open"] for client in clients)
+        tell(clients, "close")
+        for client in clients:
+            read_json_line(client, 120, "closing sockets")
+    finally:
+        for client in clients:
+            stop_upstream(client)
+    errors: dict[str, int] = {}
+    for record in opened:
+        for error, count in record["errors"].items():
+            errors[error] = errors.get(error, 0) + count
+    return {"sockets": sockets, "source_addresses": addresses, "opened": sum(r["opened"] for r in opened),
+            "failed": sum(r["failed"] for r in opened), "errors": errors, "open_s": round(open_s, 1),
+            "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -248,6 +299,13 @@ def render(report: Mapping[str, Any]) -> str:
               + ", ".join(f"{name} {seconds}" for name, seconds in report["ready_after_restart_s"].items())]
     failed = empty["turns"]["failed"] + full["turns"]["failed"]
     lines.append(f"Failed turns: {failed}")
+    if live := report.get("sockets"):
+        lines += ["", f"Sockets: {live['opened']:,} of {live['sockets']:,} opened ({live['failed']} failed) from "
+                  f"{live['source_addresses']} source addresses in {live['open_s']} s, each with an open "
+                  f"conversation; {live['still_open_after_idle']:,} still open after the idle window",
+                  "idle CPU % of a core: " + ", ".join(f"{name} {value}" for name, value
+                                                       in live["idle_cpu_percent_of_a_core"].items()),
+                  "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -267,11 +325,12 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             ready = restart_all(stack)
             time.sleep(5.0)
             stored = phase_figures(stack, secret, args, "stored")
+            live = socket_run(stack, secret, args.sockets, args.idle_s) if args.sockets else None
         finally:
             stack.stop()
     finally:
         stop_upstream(upstream)
-    return {"seed": seeded, "ready_after_restart_s": ready, "empty": empty, "stored": stored}
+    return {"seed": seeded, "ready_after_restart_s": ready, "empty": empty, "stored": stored, "sockets": live}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -282,11 +341,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--list-requests", type=int, default=50, help="GET /v1/conversations per status")
     parser.add_argument("--idle-s", type=float, default=60.0)
+    parser.add_argument("--sockets", type=int, default=0,
+                        help="then hold this many visitor sockets, each with an open conversation (0: none)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     if min(args.conversations, args.seed_procs, args.turns, args.concurrency, args.list_requests) < 1:
         parser.error("--conversations, --seed-procs, --turns, --concurrency and --list-requests must be >= 1")
+    raise_open_files_limit()  # the stack's processes inherit it: the edge holds a descriptor per socket
     started = datetime.now(UTC)
     with bench_work_dir("kefu-scale-", args.keep_logs) as work:
         figures = run(args, work.path)

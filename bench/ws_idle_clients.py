@@ -88,7 +88,9 @@ async def run(args: argparse.Namespace) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     emit({"ready": True, "open_files_limit": hard})
     holder = Holder(args.url, args.parallel)
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    # A source address of its own per client process: one address runs out of ports near 28k sockets.
+    local_addr = (args.local_address, 0) if args.local_address else None
+    connector = aiohttp.TCPConnector(limit=0, force_close=True, local_addr=local_addr)
     async with aiohttp.ClientSession(connector=connector) as http:
         while line := (await reader.readline()).decode().strip():
             if line == "go":
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="number of the first visitor (distinct tokens)")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--parallel", type=int, default=100, help="handshakes in flight at once")
+    parser.add_argument("--local-address", default="", help="source address of the sockets (e.g. 127.0.0.2)")
     asyncio.run(run(parser.parse_args()))
 
 
