@@ -222,19 +222,24 @@ def restart_all(stack: Stack, timeout_s: float = 120.0) -> dict[str, float]:
 # ---------------------------------------------------------------- live sockets
 
 
-def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float) -> dict[str, Any]:
-    """`sockets` visitor WebSockets, each opening a conversation (hello without resume), from client processes
-    on 127.0.0.2, 127.0.0.3, ...; then the idle CPU and the RSS of every process while they are held."""
-    addresses = math.ceil(sockets / SOCKETS_PER_ADDRESS)
+def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: int,
+               per_address: int = SOCKETS_PER_ADDRESS) -> dict[str, Any]:
+    """`sockets` visitors, each with an open conversation seeded for it in t0 (visitor-`first`, ...), connect
+    a WebSocket each (hello without resume continues the open conversation) from client processes on
+    127.0.0.2, 127.0.0.3, ...; then the idle CPU and the RSS of every process while they are held."""
+    asyncio.run(seed(stack.nats_url, sockets, True, statuses=("ai",), tenants=1, limits=LIMITS,
+                     open_streams=False, first=first))
+    addresses = math.ceil(sockets / per_address)
     counts = [sockets // addresses + (1 if n < sockets % addresses else 0) for n in range(addresses)]
     url = stack.base_url.replace("http", "ws", 1) + "/v1/ws"
     env = {**os.environ, SECRET_ENV: secret}
     clients: list[subprocess.Popen[bytes]] = []
     try:
-        for n, (count, first) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
+        for n, (count, start) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
             clients.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first), "--count",
-                 str(count), "--parallel", "200", "--local-address", f"127.0.0.{2 + n}"],
+                [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first + start), "--count",
+                 str(count), "--parallel", "200", "--local-address", f"127.0.0.{2 + n}",
+                 "--tenant", TENANT, "--subject-prefix", "visitor-"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True))
         for client in clients:
             read_json_line(client, 120, "socket client start-up")
@@ -258,7 +263,8 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float) -> dict[s
         for error, count in record["errors"].items():
             errors[error] = errors.get(error, 0) + count
     return {"sockets": sockets, "source_addresses": addresses, "opened": sum(r["opened"] for r in opened),
-            "failed": sum(r["failed"] for r in opened), "errors": errors, "open_s": round(open_s, 1),
+            "failed": sum(r["failed"] for r in opened), "errors": errors,
+            "in_conversation": sum(r["in_conversation"] for r in opened), "open_s": round(open_s, 1),
             "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss}
 
 
@@ -301,8 +307,8 @@ def render(report: Mapping[str, Any]) -> str:
     lines.append(f"Failed turns: {failed}")
     if live := report.get("sockets"):
         lines += ["", f"Sockets: {live['opened']:,} of {live['sockets']:,} opened ({live['failed']} failed) from "
-                  f"{live['source_addresses']} source addresses in {live['open_s']} s, each with an open "
-                  f"conversation; {live['still_open_after_idle']:,} still open after the idle window",
+                  f"{live['source_addresses']} source addresses in {live['open_s']} s, {live['in_conversation']:,} "
+                  f"in an open conversation; {live['still_open_after_idle']:,} still open after the idle window",
                   "idle CPU % of a core: " + ", ".join(f"{name} {value}" for name, value
                                                        in live["idle_cpu_percent_of_a_core"].items()),
                   "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items())]
@@ -325,7 +331,10 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             ready = restart_all(stack)
             time.sleep(5.0)
             stored = phase_figures(stack, secret, args, "stored")
-            live = socket_run(stack, secret, args.sockets, args.idle_s) if args.sockets else None
+            live = None
+            if args.sockets:
+                live = socket_run(stack, secret, args.sockets, args.idle_s, args.conversations,
+                                  args.sockets_per_address)
         finally:
             stack.stop()
     finally:
@@ -343,11 +352,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--sockets", type=int, default=0,
                         help="then hold this many visitor sockets, each with an open conversation (0: none)")
+    parser.add_argument("--sockets-per-address", type=int, default=SOCKETS_PER_ADDRESS,
+                        help="sockets per source address (127.0.0.2, .3, ...), one client process each")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
-    if min(args.conversations, args.seed_procs, args.turns, args.concurrency, args.list_requests) < 1:
-        parser.error("--conversations, --seed-procs, --turns, --concurrency and --list-requests must be >= 1")
+    if min(args.conversations, args.seed_procs, args.turns, args.concurrency, args.list_requests,
+           args.sockets_per_address) < 1 or args.sockets < 0:
+        parser.error("--conversations, --seed-procs, --turns, --concurrency, --list-requests and "
+                     "--sockets-per-address must be >= 1, --sockets >= 0")
     raise_open_files_limit()  # the stack's processes inherit it: the edge holds a descriptor per socket
     started = datetime.now(UTC)
     with bench_work_dir("kefu-scale-", args.keep_logs) as work:
