@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := kefu/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test test-unit bench bench-ws bench-kb bench-security token check clean k8s-sync k8s-validate
+.PHONY: help venv proto run test test-unit bench bench-ws bench-kb bench-security bench-scale token check clean k8s-sync k8s-validate
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ bench-kb: $(GEN_STAMP) ## knowledge base on CMRC 2018: recall, grounded answers,
 
 bench-security: $(GEN_STAMP) ## visitors' /v1/chat p99 idle vs under a login flood and a visitor flood; edge RSS
 	$(PY) -m bench.security_bench $(ARGS)
+
+bench-scale: $(GEN_STAMP) ## a million conversations stored vs none: idle CPU, restart, turn TTFT and CPU, lists, RSS (ARGS="--conversations 100000")
+	$(PY) -m bench.scale_bench $(ARGS)
 
 k8s-sync: $(STAMP) ## rewrite the ConfigMaps' file lists (plugins/, the lexicon, the demo knowledge) and nats-auth.conf
 	$(PY) k8s/sync_config.py

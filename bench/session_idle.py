@@ -39,6 +39,7 @@ from services.session.tokens import CL100K, TokenCounters
 INDEX_PREFIX = "$KV.kefu_conversations"
 TENANTS = 10
 WAIT_S, IDLE_S = 120.0, 600.0
+LIMITS = TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0)
 
 
 def cpu_s(pid: int) -> float:
@@ -46,33 +47,39 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def seed(url: str, conversations: int, mark_armed: bool) -> float:
-    """Create the buckets and streams as the service does, then write the conversations; returns seconds."""
+async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequence[str] = ("ai",),
+               tenants: int = TENANTS, limits: TimerLimits = LIMITS,
+               open_streams: bool = True, first: int = 0) -> float:
+    """Create the buckets and streams as the service does (unless `open_streams` is off: a running service
+    made them), then write conversations `first`..`first + conversations - 1` over `tenants` tenants, each
+    tenant's statuses cycling through `statuses`, with the timers each status arms; returns seconds."""
     nc = await nats.connect(url)
     try:
         counter = TokenCounters(CL100K).default_counter
-        schedule = await TimerSchedule.open(nc, TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0))
-        await SessionStore.open(nc, counter, max_history=200, max_message_chars=32_000, ttl_s=7 * 24 * 3600.0,
-                                max_bytes=8 << 30)
+        schedule = await TimerSchedule.open(nc, limits) if open_streams else TimerSchedule(nc, limits)
+        if open_streams:
+            await SessionStore.open(nc, counter, max_history=200, max_message_chars=32_000, ttl_s=7 * 24 * 3600.0,
+                                    max_bytes=8 << 30)
         js = nc.jetstream()
         started = time.monotonic()
         pending: list[asyncio.Future[object]] = []
-        for n in range(conversations):
-            tenant, session_id, now = f"t{n % TENANTS}", new_id(), time.time()
+        for n in range(first, first + conversations):
+            tenant, session_id, now = f"t{n % tenants}", new_id(), time.time()
+            status = statuses[n // tenants % len(statuses)]  # every tenant gets every status
             message = StoredMessage(id=new_id(), role="user", content="您好，我的订单还没到，请帮我查一下。",
                                     created_at=now, tokens=16, encoding=counter.name)
             meta = SessionMeta(tenant, f"visitor-{n}", now, now, message_count=1, user_message_count=1,
-                               token_count=16, state=ConversationState(since=now), preview=message.content,
-                               preview_seq=1)
+                               token_count=16, state=ConversationState(status=status, since=now),
+                               preview=message.content, preview_seq=1)
             pending += [
                 await js.publish_async(log_subject(tenant, session_id), message.to_json(),
                                        headers={"Nats-Msg-Id": message.id}),
-                await js.publish_async(f"{INDEX_PREFIX}.{status_key(tenant, 'ai', session_id)}",
+                await js.publish_async(f"{INDEX_PREFIX}.{status_key(tenant, status, session_id)}",
                                        ConversationSummary.of(session_id, meta).to_json()),
                 await js.publish_async(f"{INDEX_PREFIX}.{visitor_key(tenant, meta.owner, session_id)}", b"1"),
                 await js.publish_async(f"{META_SUBJECT_PREFIX}.{meta_key(tenant, session_id)}", meta.to_json()),
             ]
-            pending.append(asyncio.ensure_future(schedule.arm("idle", tenant, session_id, meta)))
+            pending.append(asyncio.ensure_future(schedule.changed(tenant, session_id, meta)))
             if len(pending) >= 4000:
                 await asyncio.gather(*pending)
                 pending.clear()

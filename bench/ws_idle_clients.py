@@ -42,6 +42,8 @@ class Holder:
         self.errors: Counter[str] = Counter()
         self.close_codes: Counter[str] = Counter()
         self.connect_ms: list[float] = []
+        self.in_conversation = 0
+        """Sockets whose welcome named a conversation (the visitor had an open one)."""
         self._gate = asyncio.Semaphore(parallel)
 
     async def open_one(self, http: aiohttp.ClientSession, hello: dict[str, Any]) -> None:
@@ -52,10 +54,12 @@ class Holder:
                     ws_close=5.0))
                 await ws.send_str(json.dumps(hello))
                 message = await ws.receive(timeout=WELCOME_TIMEOUT_S)
-                if message.type is not aiohttp.WSMsgType.TEXT or json.loads(message.data).get("type") != "welcome":
+                welcome = json.loads(message.data) if message.type is aiohttp.WSMsgType.TEXT else {}
+                if welcome.get("type") != "welcome":
                     self.errors[f"no welcome: {message.type.name} {str(message.data)[:80]}"] += 1
                     await ws.close()
                     return
+                self.in_conversation += bool(welcome.get("conversation_id"))
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 self.errors[f"{type(error).__name__}: {str(error)[:80]}"] += 1
                 return
@@ -81,21 +85,25 @@ async def run(args: argparse.Namespace) -> None:
     for number in range(args.first, args.first + args.count):
         hello: dict[str, Any] = {"type": "hello"}
         if args.mode == "kefu":
-            hello["token"] = mint(secret, tenant=TENANT, subject=f"idle-{number}", role="visitor", ttl_s=3600)
+            hello["token"] = mint(secret, tenant=args.tenant, subject=f"{args.subject_prefix}{number}",
+                                  role="visitor", ttl_s=3600)
         hellos.append(hello)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     emit({"ready": True, "open_files_limit": hard})
     holder = Holder(args.url, args.parallel)
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    # A source address of its own per client process: one address runs out of ports near 28k sockets.
+    local_addr = (args.local_address, 0) if args.local_address else None
+    connector = aiohttp.TCPConnector(limit=0, force_close=True, local_addr=local_addr)
     async with aiohttp.ClientSession(connector=connector) as http:
         while line := (await reader.readline()).decode().strip():
             if line == "go":
                 started = time.perf_counter()
                 await asyncio.gather(*(holder.open_one(http, hello) for hello in hellos))
                 emit({"opened": len(holder.sockets), "failed": sum(holder.errors.values()),
-                      "errors": dict(holder.errors.most_common(5)), "seconds": time.perf_counter() - started,
+                      "errors": dict(holder.errors.most_common(5)), "in_conversation": holder.in_conversation,
+                      "seconds": time.perf_counter() - started,
                       "connect_ms": sorted(holder.connect_ms)})
             elif line == "check":
                 emit({"open": holder.still_open(), "close_codes": dict(holder.close_codes)})
@@ -115,6 +123,9 @@ def main() -> None:
     parser.add_argument("--first", type=int, default=0, help="number of the first visitor (distinct tokens)")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--parallel", type=int, default=100, help="handshakes in flight at once")
+    parser.add_argument("--tenant", default=TENANT)
+    parser.add_argument("--subject-prefix", default="idle-", help="visitor N's JWT sub is this and N")
+    parser.add_argument("--local-address", default="", help="source address of the sockets (e.g. 127.0.0.2)")
     asyncio.run(run(parser.parse_args()))
 
 
