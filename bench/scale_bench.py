@@ -40,9 +40,9 @@ from bench.processes import bench_work_dir
 from bench.session_idle import seed
 from bench.ws_bench import read_json_line, tell
 from bench.ws_idle_clients import SECRET_ENV
-from gateway.mint_token import mint
-from services.devstack.nats_server import start_nats_server
-from services.devstack.stack import REPO_ROOT, SERVICES, Stack
+from devtools.devstack.nats_server import start_nats_server
+from devtools.devstack.stack import REPO_ROOT, SERVICES, Stack
+from devtools.mint_token import mint
 from services.session.schedule import TimerLimits
 
 TENANTS = 10

@@ -64,6 +64,7 @@ def ports_from_env() -> StackPorts:
 
 DEMO_TENANT = "demo"
 DEV_AGENT = "dev-agent"
+DEV_ADMIN = "dev-admin"
 DEMO_KNOWLEDGE = REPO_ROOT / "services" / "llm_worker" / "demo_knowledge"
 """`<tenant>/<files>`: the seed folder `make run` gives the worker (KEFU_KB_SEED_DIR)."""
 DEV_TOKEN_TTL_S = 24 * 3600
@@ -81,6 +82,7 @@ def edge_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def banner(stack: Stack, secret: str, log_dir: Path) -> str:
     token = mint(secret, tenant=DEMO_TENANT, subject="visitor-1", role="visitor", ttl_s=DEV_TOKEN_TTL_S)
     agent = mint(secret, tenant=DEMO_TENANT, subject=DEV_AGENT, role="agent", ttl_s=DEV_TOKEN_TTL_S)
+    admin = mint(secret, tenant=DEMO_TENANT, subject=DEV_ADMIN, role="admin", ttl_s=DEV_TOKEN_TTL_S)
     body = '{"message": "下单后多久发货？"}'
     curl = (f"curl -N {stack.base_url}/v1/chat -H 'Authorization: Bearer {token}' "
             f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
@@ -91,6 +93,8 @@ def banner(stack: Stack, secret: str, log_dir: Path) -> str:
         f"Demo shop with the chat widget (tenant '{DEMO_TENANT}'):", "", f"  {stack.base_url}/", "",
         f"Agent console, logged in as '{DEV_AGENT}' (the token stays in the URL fragment, valid 24 h):", "",
         f"  {stack.base_url}/console/#token={agent}", "",
+        "The console as an admin: its Knowledge page holds the tenant's documents (the tea shop's, seeded):", "",
+        f"  {stack.base_url}/console/#token={admin}", "",
         f"Ask it something (a dev token for tenant '{DEMO_TENANT}', valid 24 h):", "", f"  {curl}", "",
         "Mint other tokens: KEFU_JWT_SECRET=$(cat data/dev_jwt_secret) make token ARGS='--role agent'",
         "Internal gRPC callers send 'authorization: Bearer <data/dev_internal_token>'; NATS users and their",

@@ -9,7 +9,7 @@ import nats
 
 from bench.scale_bench import LIMITS, SEED_STATUSES, TENANTS, seed_store
 from bench.session_idle import seed
-from services.devstack.nats_server import NatsServer
+from devtools.devstack.nats_server import NatsServer
 from services.session.index import ConversationIndex
 from services.session.schedule import TIMERS_STREAM
 from services.session.store import META_STREAM
