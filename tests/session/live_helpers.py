@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,9 @@ from nats.aio.client import Client as NatsClient
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.session.metrics import SessionMetrics
+from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.store import SessionStore
+from services.session.timers import ConversationTimers
 
 
 @dataclass
@@ -57,3 +60,21 @@ async def poll(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout_s} s")
         await asyncio.sleep(0.05)
+
+
+async def timers_for(live: Live, limits: TimerLimits) -> ConversationTimers:
+    """The store arms timers with `limits` from now on; the timers handle those that come due."""
+    live.store.schedule = await TimerSchedule.open(live.nc, limits)
+    return await ConversationTimers.open(live.nc, live.store, live.metrics)
+
+
+@contextlib.asynccontextmanager
+async def running(timers: ConversationTimers) -> AsyncIterator[None]:
+    """The timers' consumer loop for the duration of the block."""
+    task = asyncio.create_task(timers.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -30,26 +29,10 @@ from services.session.schedule import (
     TimerSchedule,
 )
 from services.session.timers import ConversationTimers, SweepResult
-from tests.session.live_helpers import Live, poll, principal, refused
+from tests.session.live_helpers import Live, poll, principal, refused, running, timers_for
 
 ALICE = principal("alice")
 AGENT = principal("agent-1", "agent")
-
-
-async def timers_for(live: Live, limits: TimerLimits) -> ConversationTimers:
-    live.store.schedule = await TimerSchedule.open(live.nc, limits)
-    return await ConversationTimers.open(live.nc, live.store, live.metrics)
-
-
-@contextlib.asynccontextmanager
-async def running(timers: ConversationTimers) -> AsyncIterator[None]:
-    task = asyncio.create_task(timers.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def sample(live: Live, name: str, **labels: str) -> float:

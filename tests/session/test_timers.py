@@ -4,7 +4,6 @@ several replicas, the conversations gauge, and their settings."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.timers import DEFAULT_LEAVE_MESSAGE, TENANTS_BUCKET, ConversationTimers
 from services.session.tokens import TokenCounters
-from tests.session.live_helpers import Live, poll, principal
+from tests.session.live_helpers import Live, poll, principal, running, timers_for
 
 DEV = {"KEFU_INTERNAL_AUTH": "off"}
 """Settings read as a dev machine would (no internal token); every other variable as the test names it."""
@@ -32,24 +31,6 @@ AGENT = principal("agent-1", "agent")
 SHOP2_VISITOR = principal("dave", tenant="shop2")
 
 
-async def timers_for(live: Live, *, wait_s: float = 3600, idle_s: float = 3600,
-                     retention_s: float = 3600) -> ConversationTimers:
-    """The store arms timers with these limits from now on; the timers handle those that come due."""
-    live.store.schedule = await TimerSchedule.open(live.nc, TimerLimits(wait_s, idle_s, retention_s))
-    return await ConversationTimers.open(live.nc, live.store, live.metrics)
-
-
-@contextlib.asynccontextmanager
-async def running(timers: ConversationTimers) -> AsyncIterator[None]:
-    task = asyncio.create_task(timers.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def status_of(live: Live, session_id: str, tenant: str = "shop1") -> str:
     meta = await live.store.read_meta(tenant, session_id)
     assert meta is not None
@@ -58,7 +39,7 @@ async def status_of(live: Live, session_id: str, tenant: str = "shop1") -> str:
 
 @pytest.mark.timeout(30)
 async def test_timers_unclaimed_conversation_goes_back_to_the_ai_with_a_leave_message(live: Live) -> None:
-    timers = await timers_for(live, wait_s=1)  # creates the tenants bucket
+    timers = await timers_for(live, TimerLimits(wait_s=1, idle_s=3600, retention_s=3600))  # creates the tenants bucket
     kv = await live.nc.jetstream().key_value(TENANTS_BUCKET)
     await kv.put("shop2", json.dumps({"leave_message": "请留言 / please leave a message"}).encode())
     ours = await live.open_conversation(ALICE)
@@ -85,7 +66,7 @@ async def test_timers_unclaimed_conversation_goes_back_to_the_ai_with_a_leave_me
 
 @pytest.mark.timeout(30)
 async def test_timers_idle_conversations_are_closed(live: Live) -> None:
-    timers = await timers_for(live, idle_s=1)
+    timers = await timers_for(live, TimerLimits(wait_s=3600, idle_s=1, retention_s=3600))
     in_ai = await live.open_conversation(ALICE)
     held = await live.open_conversation(BOB)
     await live.transition(AGENT, held, "claim")
@@ -101,7 +82,7 @@ async def test_timers_idle_conversations_are_closed(live: Live) -> None:
 
 
 async def test_timers_leave_recent_conversations_alone(live: Live) -> None:
-    timers = await timers_for(live)
+    timers = await timers_for(live, TimerLimits(wait_s=3600, idle_s=3600, retention_s=3600))
     waiting = await live.open_conversation(ALICE)
     await live.transition(ALICE, waiting, "handoff")
     in_ai = await live.open_conversation(BOB)
@@ -123,7 +104,7 @@ async def second_store(nats_server: NatsServer, live_counters: TokenCounters) ->
 @pytest.mark.timeout(30)
 async def test_timers_two_replicas_sweeping_act_once(live: Live, second_store: SessionStore,
                                                     nats_client: NatsClient) -> None:
-    one = await timers_for(live, wait_s=0.5)
+    one = await timers_for(live, TimerLimits(wait_s=0.5, idle_s=3600, retention_s=3600))
     second_store.schedule = await TimerSchedule.open(nats_client, TimerLimits(0.5, 3600, 3600))
     other = await ConversationTimers.open(nats_client, second_store, SessionMetrics())
     session_ids = []
@@ -146,7 +127,7 @@ async def test_timers_two_replicas_sweeping_act_once(live: Live, second_store: S
 
 
 async def test_timers_sweep_sets_the_conversations_gauge(live: Live) -> None:
-    timers = await timers_for(live)
+    timers = await timers_for(live, TimerLimits(wait_s=3600, idle_s=3600, retention_s=3600))
     for visitor in (ALICE, BOB):
         await live.transition(visitor, await live.open_conversation(visitor), "handoff")
     await live.transition(AGENT, await live.open_conversation(principal("carol")), "close")
@@ -173,7 +154,7 @@ def test_timers_settings_and_the_closed_retention() -> None:
 
 
 async def test_timers_leave_message_falls_back_to_the_default(live: Live) -> None:
-    timers = await timers_for(live)
+    timers = await timers_for(live, TimerLimits(wait_s=3600, idle_s=3600, retention_s=3600))
     kv = await live.nc.jetstream().key_value(TENANTS_BUCKET)
     await kv.put("broken", b"not json")
     await kv.put("empty", b"{}")
