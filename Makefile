@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := kefu/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto run test test-unit bench bench-ws bench-kb bench-security bench-scale token check clean k8s-sync k8s-validate
+.PHONY: help venv proto run test test-unit bench bench-ws bench-kb bench-security bench-scale token typecheck check clean k8s-sync k8s-validate
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,8 +67,11 @@ k8s-validate: $(STAMP) ## render both kustomize overlays and validate them offli
 token: $(GEN_STAMP) ## mint a dev token: make token ARGS="--tenant demo --sub alice --role visitor"
 	@$(PY) -m devtools.mint_token $(ARGS)
 
-check: test ## lint (when ruff is installed) and test
-	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check .; fi
+typecheck: $(GEN_STAMP) ## mypy --strict over gateway, services, plugins, devtools, tests and bench (pyproject.toml)
+	$(PY) -m mypy
+
+check: typecheck test ## lint, types and every test
+	$(PY) -m ruff check .
 
 clean: ## remove generated code, the virtualenv and local data
 	rm -rf kefu $(VENV) data .pytest_cache
