@@ -7,12 +7,12 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Self
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import Field
 
 from gateway import keys
 from gateway.app import create_app
@@ -20,7 +20,7 @@ from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
 from services.common.grpc_server import wait_for_stop_signal
 from services.common.metrics import MetricsServer, start_metrics_server
-from services.common.settings import SettingsError, env_int
+from services.common.settings import KefuSettings
 
 log = logging.getLogger("gateway")
 
@@ -36,20 +36,23 @@ def raise_open_file_limit() -> None:
 MAX_WORKERS = 64
 
 
+class EdgeWorkersSettings(KefuSettings):
+    """How many edge processes share the port (the dev stack starts them; read here by each)."""
+
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, validation_alias="KEFU_GATEWAY_WORKERS")
+    """KEFU_GATEWAY_WORKERS: edge processes on this machine sharing KEFU_HTTP_PORT (make run starts them).
+    Above 1 every one binds the port with SO_REUSEPORT and the kernel spreads new connections over
+    them. At 1 the bind is exclusive, so a stray second edge on the port fails at start instead of
+    silently taking part of the traffic (as a second grpc.aio server on a port does by default)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeProcessSettings:
     """The edge's settings plus how this process shares its port with the other edge processes."""
 
     edge: GatewaySettings
     workers: int = 1
-    """KEFU_GATEWAY_WORKERS: edge processes on this machine sharing KEFU_HTTP_PORT (make run starts them).
-    Above 1 every one binds the port with SO_REUSEPORT and the kernel spreads new connections over
-    them. At 1 the bind is exclusive, so a stray second edge on the port fails at start instead of
-    silently taking part of the traffic (as a second grpc.aio server on a port does by default)."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.workers <= MAX_WORKERS:
-            raise SettingsError(f"KEFU_GATEWAY_WORKERS must be 1..{MAX_WORKERS}, got {self.workers}")
+    """EdgeWorkersSettings.workers."""
 
     @property
     def log_level(self) -> str:
@@ -60,9 +63,8 @@ class EdgeProcessSettings:
         return self.workers > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
-        return cls(GatewaySettings.from_env(env),
-                   env_int(env, "KEFU_GATEWAY_WORKERS", 1, minimum=1, maximum=MAX_WORKERS))
+    def load(cls) -> Self:
+        return cls(GatewaySettings.load(), EdgeWorkersSettings.load().workers)
 
 
 async def serve(process: EdgeProcessSettings) -> None:
@@ -117,4 +119,4 @@ async def drain(app: web.Application, grace_s: float) -> None:
 
 
 if __name__ == "__main__":
-    run_process("gateway", EdgeProcessSettings.from_env, serve)
+    run_process("gateway", EdgeProcessSettings.load, serve)

@@ -13,18 +13,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
-from devtools.devstack.stack import REPO_ROOT, ProcessFailed, Stack, StackConfig, StackPorts
+from devtools.devstack.settings import DevStackSettings
+from devtools.devstack.stack import REPO_ROOT, ProcessFailed, Stack, StackConfig
 from devtools.mint_token import mint
-from services.common.settings import SettingsError, check_secret, env_int, env_str
+from services.common.settings import SettingsError, check_secret
 
 log = logging.getLogger("devstack")
 
 
-def kept_secret(data_dir: Path, name: str, file_name: str) -> str:
-    """The env variable `name`, else a random secret kept (0600) under data/ so a restart keeps it."""
-    if secret := os.environ.get(name, ""):
-        check_secret(name, secret)
-        return secret
+def kept_secret(data_dir: Path, name: str, given: str, file_name: str) -> str:
+    """The secret `given` in variable `name`, else a random one kept (0600) under data/ so a restart keeps it."""
+    if given:
+        check_secret(name, given)
+        return given
     path = data_dir / file_name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -35,31 +36,17 @@ def kept_secret(data_dir: Path, name: str, file_name: str) -> str:
     return secret
 
 
-def dev_secret(data_dir: Path) -> str:
+def dev_secret(data_dir: Path, settings: DevStackSettings) -> str:
     """KEFU_JWT_SECRET, else a random one kept under data/ so tokens survive a restart."""
-    return kept_secret(data_dir, "KEFU_JWT_SECRET", "dev_jwt_secret")
+    return kept_secret(data_dir, "KEFU_JWT_SECRET", settings.jwt_secret, "dev_jwt_secret")
 
 
-def dev_internal_token(data_dir: Path) -> str:
+def dev_internal_token(data_dir: Path, settings: DevStackSettings) -> str:
     """KEFU_INTERNAL_TOKEN, else one kept under data/ (internal gRPC tools can read it there); "" when
     KEFU_INTERNAL_AUTH=off."""
-    if env_str(os.environ, "KEFU_INTERNAL_AUTH", "required").lower() == "off":
+    if settings.internal_auth_off:
         return ""
-    return kept_secret(data_dir, "KEFU_INTERNAL_TOKEN", "dev_internal_token")
-
-
-def ports_from_env() -> StackPorts:
-    defaults = StackPorts()
-    return StackPorts(
-        http=env_int(os.environ, "KEFU_HTTP_PORT", defaults.http),
-        session=env_int(os.environ, "KEFU_SESSION_PORT", defaults.session),
-        moderation=env_int(os.environ, "KEFU_MODERATION_PORT", defaults.moderation),
-        worker=env_int(os.environ, "KEFU_WORKER_PORT", defaults.worker),
-        session_metrics=env_int(os.environ, "KEFU_SESSION_METRICS_PORT", defaults.session_metrics),
-        moderation_metrics=env_int(os.environ, "KEFU_MODERATION_METRICS_PORT", defaults.moderation_metrics),
-        worker_metrics=env_int(os.environ, "KEFU_WORKER_METRICS_PORT", defaults.worker_metrics),
-        nats=env_int(os.environ, "KEFU_NATS_PORT", defaults.nats),
-    )
+    return kept_secret(data_dir, "KEFU_INTERNAL_TOKEN", settings.internal_token, "dev_internal_token")
 
 
 DEMO_TENANT = "demo"
@@ -108,14 +95,16 @@ def indented(text: str) -> str:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
-    data_dir = Path(os.environ.get("KEFU_DATA_DIR", "") or REPO_ROOT / "data")
-    log_dir = data_dir / "logs"
     try:
-        config = StackConfig(data_dir=data_dir, jwt_secret=dev_secret(data_dir), ports=ports_from_env(),
-                             internal_token=dev_internal_token(data_dir),
-                             nats_url=os.environ.get("KEFU_NATS_URL", ""), log_dir=log_dir,
-                             env=edge_environment(os.environ),
-                             gateway_workers=env_int(os.environ, "KEFU_GATEWAY_WORKERS", 1, minimum=1, maximum=64))
+        # Read once here (environment over .env) and passed on whole: the processes read no .env themselves.
+        variables = DevStackSettings.environment()
+        settings = DevStackSettings.load(variables)
+        data_dir = settings.data_dir or REPO_ROOT / "data"
+        log_dir = data_dir / "logs"
+        config = StackConfig(data_dir=data_dir, jwt_secret=dev_secret(data_dir, settings), ports=settings.ports,
+                             internal_token=dev_internal_token(data_dir, settings), nats_url=settings.nats_url,
+                             log_dir=log_dir, env=edge_environment(variables),
+                             gateway_workers=settings.gateway_workers)
     except SettingsError as error:
         sys.exit(f"devstack: {error}")
     stack = Stack(config)

@@ -29,7 +29,7 @@ T = TypeVar("T")
 def run_process(name: str, load_settings: Callable[[], S], serve: Callable[[S], Coroutine[Any, Any, None]]) -> None:
     try:
         settings = load_settings()
-        loop_settings = EventLoopSettings.from_env()
+        loop_settings = EventLoopSettings.load()
     except SettingsError as error:
         sys.exit(f"{name}: {error}")
     configure_logging(name, settings.log_level)

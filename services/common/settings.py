@@ -1,24 +1,164 @@
-"""Reading typed `KEFU_*` settings from the environment, failing with one clear line."""
+"""The one settings loader: typed `KEFU_*` settings from the environment over a `.env` file, failing with one line."""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
 MIN_SECRET_BYTES = 32
 """Shared secrets (the JWT HMAC key, the internal token) shorter than this are refused at start."""
+
+ENV_FILE = Path(".env")
+"""Read from the working directory when present; the process environment wins over it."""
 
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-@dataclass(frozen=True, slots=True)
-class EventLoopSettings:
+class KefuSettings(BaseSettings):
+    """Base of every process's settings: typed, frozen fields that `load()` reads from `KEFU_*` variables.
+
+    A field reads `KEFU_<FIELD>` unless its `validation_alias` names the variable. Constructing a
+    subclass takes the values given and reads nothing (tests, tools); `load()` reads the process
+    environment over `./.env`. Fields with `repr=False` are secrets: never printed, used as given."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KEFU_", env_file=ENV_FILE, case_sensitive=True, frozen=True, extra="ignore",
+        use_attribute_docstrings=True, validate_by_name=True, validate_by_alias=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The constructor takes its arguments alone, so a test's settings never depend on the shell or a .env.
+        return (init_settings,)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, env_file: Path | str | None = None) -> Self:
+        """The settings from `KEFU_*` variables (`environment()`), or SettingsError naming the first bad one."""
+        values = VariablesSource(cls, cls.resolved(cls.environment(env, env_file)))()
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise settings_error(cls, error) from None
+
+    @classmethod
+    def environment(cls, env: Mapping[str, str] | None = None, env_file: Path | str | None = None) -> dict[str, str]:
+        """The variables settings are read from: `env` over the variables of `env_file`.
+
+        By default the process environment over the file KEFU_ENV_FILE names (`.env` in the working
+        directory; empty: none), read when present. Tests pass `env`, read alone unless `env_file` is given."""
+        if env is None:
+            env = os.environ
+            env_file = env_file or env.get("KEFU_ENV_FILE", str(ENV_FILE)).strip()
+        return {**read_env_file(cls, env_file), **env} if env_file else dict(env)
+
+    @classmethod
+    def resolved(cls, variables: Mapping[str, str]) -> dict[str, str]:
+        """`variables` with the settings made of several variables resolved into their field's variable."""
+        resolved = dict(variables)
+        if "nats_url" in cls.model_fields:
+            resolved["KEFU_NATS_URL"] = nats_url(variables)
+        if "internal_token" in cls.model_fields:
+            resolved["KEFU_INTERNAL_TOKEN"] = internal_token(variables)
+        return resolved
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The variable `field` is read from."""
+        return variable_of(cls.model_config.get("env_prefix", ""), field, cls.model_fields[field])
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Every field with the variable it is read from."""
+        return {name: cls.variable(name) for name in cls.model_fields}
+
+
+def variable_of(prefix: str, name: str, field: FieldInfo) -> str:
+    alias = field.validation_alias
+    return alias if isinstance(alias, str) else f"{prefix}{name}".upper()
+
+
+def read_env_file(settings_cls: type[KefuSettings], path: Path | str) -> dict[str, str]:
+    """The variables of a `.env` file (python-dotenv's syntax); none when it does not exist."""
+    source = DotEnvSettingsSource(settings_cls, env_file=path, case_sensitive=True)
+    return {name: value for name, value in source.env_vars.items() if value is not None}
+
+
+class VariablesSource(PydanticBaseSettingsSource):
+    """Each field's raw text from a mapping of variables; the model's validators parse it.
+
+    Unset or blank variables leave the default; text is stripped except a secret's (`repr=False`)."""
+
+    def __init__(self, settings_cls: type[KefuSettings], variables: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._variables = variables
+        self._prefix = settings_cls.model_config.get("env_prefix", "")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[str | None, str, bool]:
+        raw = self._variables.get(variable_of(self._prefix, field_name, field))
+        if raw is None or not raw.strip():
+            return None, field_name, False
+        return (raw if not field.repr else raw.strip()), field_name, False
+
+    def __call__(self) -> dict[str, object]:
+        values: dict[str, object] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+def settings_error(settings_cls: type[KefuSettings], error: ValidationError) -> SettingsError:
+    """One line naming the variable of the first error; a secret's value is never quoted."""
+    details = error.errors()[0]
+    cause = details.get("ctx", {}).get("error")
+    if isinstance(cause, SettingsError):
+        return cause  # our own validators' messages name their variables already
+    location = details["loc"]
+    if not location or str(location[0]) not in settings_cls.model_fields:
+        return SettingsError(f"{settings_cls.__name__}: {details['msg']}")
+    field = str(location[0])
+    shown = details["input"] if settings_cls.model_fields[field].repr else "(hidden)"
+    return SettingsError(f"{settings_cls.variable(field)} {_must(details, shown)}")
+
+
+_PARSING = {"int_parsing": "an integer", "int_from_float": "an integer", "float_parsing": "a number",
+            "bool_parsing": "true or false", "path_type": "a path"}
+_BOUNDS = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
+
+
+def _must(details: ErrorDetails, shown: object) -> str:
+    kind, ctx = details["type"], details.get("ctx", {})
+    if kind in _PARSING:
+        return f"must be {_PARSING[kind]}, got {shown!r}"
+    for bound, sign in _BOUNDS.items():
+        if kind == bound:
+            limit = next(iter(ctx.values()))
+            return f"must be {sign} {limit}, got {shown}"
+    message = details["msg"].removeprefix("Value error, ")
+    return f"is wrong: {message}"
+
+
+class EventLoopSettings(KefuSettings):
     """How every kefu process runs its event loop (services.common.entrypoint)."""
 
     uvloop: bool = True
@@ -26,63 +166,9 @@ class EventLoopSettings:
     aiohttp client's CPU by about 45 % and nats-py's by 25-35 %); 0 falls back to asyncio's own loop,
     for debugging."""
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
-        return cls(uvloop=env_bool(env, "KEFU_UVLOOP", True))
 
-
-def env_str(env: Mapping[str, str], name: str, default: str) -> str:
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
     return env.get(name, default).strip() or default
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None,
-            maximum: int | None = None) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None,
-              maximum: float | None = None) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-def env_secret(env: Mapping[str, str], name: str) -> str:
-    """A shared secret, used as given; empty when unset, refused when shorter than 32 bytes (never echoed)."""
-    value = env.get(name, "")
-    check_secret(name, value)
-    return value
 
 
 def check_secret(name: str, value: str) -> None:
@@ -108,7 +194,7 @@ def internal_token(env: Mapping[str, str]) -> str:
     for token in tokens:
         check_secret("KEFU_INTERNAL_TOKEN", token)
     token = ",".join(tokens)
-    mode = env_str(env, "KEFU_INTERNAL_AUTH", "required").lower()
+    mode = _text(env, "KEFU_INTERNAL_AUTH", "required").lower()
     if mode not in ("required", "off"):
         raise SettingsError(f"KEFU_INTERNAL_AUTH must be required or off, got {mode!r}")
     if mode == "off":
@@ -130,8 +216,10 @@ def nats_url(env: Mapping[str, str]) -> str:
     `KEFU_NATS_USER` / `KEFU_NATS_PASSWORD` go into the URL (`nats://user:pass@host:port`, percent-encoded),
     as they may instead be written there directly: such a URL is a secret, never logged as is
     (services.common.nats_client splits it and logs `redacted()`)."""
-    port = env_int(env, "KEFU_NATS_PORT", 4222, minimum=1, maximum=65535)
-    url = env_str(env, "KEFU_NATS_URL", f"nats://127.0.0.1:{port}")
+    port = _text(env, "KEFU_NATS_PORT", "4222")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SettingsError(f"KEFU_NATS_PORT must be a port number 1..65535, got {port!r}")
+    url = _text(env, "KEFU_NATS_URL", f"nats://127.0.0.1:{port}")
     user = env.get("KEFU_NATS_USER", "").strip()
     password = env.get("KEFU_NATS_PASSWORD", "")
     if bool(user) != bool(password):

@@ -5,4 +5,4 @@ from services.llm_worker.server import serve
 from services.llm_worker.settings import WorkerSettings
 
 if __name__ == "__main__":
-    run_process("llm_worker", WorkerSettings.from_env, serve)
+    run_process("llm_worker", WorkerSettings.load, serve)

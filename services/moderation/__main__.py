@@ -5,4 +5,4 @@ from services.moderation.server import serve
 from services.moderation.settings import ModerationSettings
 
 if __name__ == "__main__":
-    run_process("moderation", ModerationSettings.from_env, serve)
+    run_process("moderation", ModerationSettings.load, serve)

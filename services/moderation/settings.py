@@ -1,57 +1,38 @@
-"""Settings of the moderation service, read once from `KEFU_*` variables."""
+"""Settings of the moderation service, read once from `KEFU_*` variables (services.common.settings.KefuSettings)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, internal_token
+from pydantic import Field, model_validator
+
+from services.common.settings import KefuSettings, SettingsError
 
 BUNDLED_LEXICON = Path(__file__).parent / "lexicon"
 
 
-# No slots: from_env reads the defaults off the class attributes.
-@dataclass(frozen=True)
-class ModerationSettings:
-    host: str = "127.0.0.1"
-    grpc_port: int = 50052
-    metrics_port: int = 9102
+class ModerationSettings(KefuSettings):
+    host: str = Field("127.0.0.1", validation_alias="KEFU_BIND_HOST")
+    grpc_port: int = Field(50052, ge=0, le=65535, validation_alias="KEFU_MODERATION_PORT")
+    metrics_port: int = Field(9102, ge=0, le=65535, validation_alias="KEFU_MODERATION_METRICS_PORT")
     lexicon_dir: Path = BUNDLED_LEXICON
     lexicon_watch: bool = True
     """Reload the lexicon when its folder changes (watchfiles)."""
-    lexicon_quiet_ms: int = 200
+    lexicon_quiet_ms: int = Field(200, ge=10, le=60_000)
     """A change batch is complete once the folder was quiet this long (watchfiles' `step`)."""
-    lexicon_debounce_ms: int = 1600
+    lexicon_debounce_ms: int = Field(1600, ge=10, le=600_000)
     """Longest a batch groups changes before a reload is tried anyway (watchfiles' `debounce`)."""
-    max_text_chars: int = 64_000
-    internal_token: str = field(default="", repr=False)
+    max_text_chars: int = Field(64_000, ge=1, validation_alias="KEFU_MAX_MODERATION_CHARS")
+    internal_token: str = Field("", repr=False)
     """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
-    grace_s: float = 10.0
+    grace_s: float = Field(10.0, ge=0, validation_alias="KEFU_SHUTDOWN_GRACE_S")
     log_level: str = "INFO"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         if self.lexicon_quiet_ms > self.lexicon_debounce_ms:
             raise SettingsError(
                 f"KEFU_LEXICON_QUIET_MS ({self.lexicon_quiet_ms}) must not exceed "
                 f"KEFU_LEXICON_DEBOUNCE_MS ({self.lexicon_debounce_ms})")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
-        return cls(
-            host=env_str(env, "KEFU_BIND_HOST", cls.host),
-            grpc_port=env_int(env, "KEFU_MODERATION_PORT", cls.grpc_port, minimum=0, maximum=65535),
-            metrics_port=env_int(env, "KEFU_MODERATION_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
-            lexicon_dir=Path(env_str(env, "KEFU_LEXICON_DIR", str(cls.lexicon_dir))),
-            lexicon_watch=env_bool(env, "KEFU_LEXICON_WATCH", cls.lexicon_watch),
-            lexicon_quiet_ms=env_int(env, "KEFU_LEXICON_QUIET_MS", cls.lexicon_quiet_ms, minimum=10,
-                                     maximum=60_000),
-            lexicon_debounce_ms=env_int(env, "KEFU_LEXICON_DEBOUNCE_MS", cls.lexicon_debounce_ms, minimum=10,
-                                        maximum=600_000),
-            max_text_chars=env_int(env, "KEFU_MAX_MODERATION_CHARS", cls.max_text_chars, minimum=1),
-            internal_token=internal_token(env),
-            grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
-            log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),
-        )
+        return self

@@ -5,4 +5,4 @@ from services.session.server import serve
 from services.session.settings import SessionSettings
 
 if __name__ == "__main__":
-    run_process("session", SessionSettings.from_env, serve)
+    run_process("session", SessionSettings.load, serve)

@@ -18,9 +18,9 @@ async def running_loop() -> str:
                                                ({"KEFU_UVLOOP": "0"}, "asyncio"),
                                                ({"KEFU_UVLOOP": "off"}, "asyncio")])
 def test_event_loop_setting_picks_the_loop(env: dict[str, str], expected: str) -> None:
-    assert run_on_loop(running_loop(), EventLoopSettings.from_env(env)) == expected
+    assert run_on_loop(running_loop(), EventLoopSettings.load(env)) == expected
 
 
 def test_event_loop_setting_refuses_a_bad_value_naming_it() -> None:
     with pytest.raises(SettingsError, match="KEFU_UVLOOP"):
-        EventLoopSettings.from_env({"KEFU_UVLOOP": "maybe"})
+        EventLoopSettings.load({"KEFU_UVLOOP": "maybe"})

@@ -11,11 +11,17 @@ import grpc
 import pytest
 from aiohttp import hdrs
 
+from devtools.devstack.settings import DevStackSettings
 from devtools.devstack.stack import free_port
+from gateway.__main__ import EdgeWorkersSettings
 from gateway.app import create_app
 from gateway.errors import LIMIT_CODES, ApiError, api_error_from_grpc
 from gateway.handlers.knowledge import knowledge_error
 from gateway.settings import GatewaySettings
+from services.common.settings import EventLoopSettings, KefuSettings
+from services.llm_worker.settings import WorkerSettings
+from services.moderation.settings import ModerationSettings
+from services.session.settings import SessionSettings
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
@@ -199,8 +205,13 @@ def documented_variables() -> set[str]:
     return set(re.findall(r"\bKEFU_[A-Z0-9_]+[A-Z0-9]\b", API_MD)) - STREAM_NAMES
 
 
+SETTINGS: tuple[type[KefuSettings], ...] = (GatewaySettings, EdgeWorkersSettings, SessionSettings, WorkerSettings,
+                                            ModerationSettings, EventLoopSettings, DevStackSettings)
+"""Every settings class: a field reads KEFU_<FIELD> without naming it in the source."""
+
+
 def code_variables() -> set[str]:
-    names: set[str] = set()
+    names: set[str] = {name for settings in SETTINGS for name in settings.variables().values()}
     for path in python_files(*CODE_DIRS):
         names.update(re.findall(r"\bKEFU_[A-Z0-9_]+[A-Z0-9]\b", path.read_text(encoding="utf-8")))
     return names - STREAM_NAMES
@@ -213,22 +224,15 @@ def test_api_md_documents_every_environment_variable_and_no_other() -> None:
     assert documented - code == set(), "in docs/api.md, read by no code"
 
 
-NUMERIC_EDGE_SETTINGS = sorted(name for name, f in GatewaySettings.__dataclass_fields__.items()
+NUMERIC_EDGE_SETTINGS = sorted(name for name, f in GatewaySettings.model_fields.items()
                                if isinstance(f.default, int | float) and not isinstance(f.default, bool))
-
-
-def edge_variable(field: str) -> str:
-    """The variable GatewaySettings.from_env reads a field from (`field=env_x(env, "KEFU_...", ...)`)."""
-    source = (REPO / "gateway" / "settings.py").read_text(encoding="utf-8")
-    match = re.search(rf"\b{field}=\w+\(env, \"(KEFU_[A-Z0-9_]+)\"", source)
-    return match.group(1) if match else "KEFU_" + field.upper()
 
 
 @pytest.mark.parametrize("field", NUMERIC_EDGE_SETTINGS)
 def test_api_md_edge_defaults_are_the_settings(field: str) -> None:
-    """The edge table's default of each numeric setting is GatewaySettings' (the variable from_env reads)."""
-    default = GatewaySettings.__dataclass_fields__[field].default
-    variable = edge_variable(field)
+    """The edge table's default of each numeric setting is GatewaySettings' (the variable load() reads)."""
+    default = GatewaySettings.model_fields[field].default
+    variable = GatewaySettings.variable(field)
     edge = API_MD.split("Edge (`python -m gateway`):", 1)[1].split("\n\n", 2)[1]
     row = next((line for line in edge.splitlines() if f"`{variable}`" in line), None)
     assert row is not None, f"{variable} is not in the edge's table"

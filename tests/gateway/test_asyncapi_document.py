@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from typing import Any
@@ -25,7 +24,7 @@ from tests.gateway.asyncapi_support import (
 )
 
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
-MAX_TEXT = {f.name: f.default for f in dataclasses.fields(GatewaySettings)}["max_message_chars"]
+MAX_TEXT = GatewaySettings.model_fields["max_message_chars"].default
 
 
 # --- (a) the document itself ------------------------------------------------------------------------

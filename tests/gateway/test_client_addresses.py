@@ -54,9 +54,9 @@ def test_without_trusted_proxies_the_header_is_ignored() -> None:
 
 def test_a_bad_trusted_proxy_setting_stops_the_edge() -> None:
     with pytest.raises(SettingsError, match="KEFU_TRUSTED_PROXIES"):
-        GatewaySettings.from_env({**DEV, "KEFU_JWT_SECRET": "x" * 32,
-                                  "KEFU_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"})
-    settings = GatewaySettings.from_env({**DEV, "KEFU_JWT_SECRET": "x" * 32, "KEFU_TRUSTED_PROXIES": "127.0.0.1"})
+        GatewaySettings.load({**DEV, "KEFU_JWT_SECRET": "x" * 32,
+                              "KEFU_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"})
+    settings = GatewaySettings.load({**DEV, "KEFU_JWT_SECRET": "x" * 32, "KEFU_TRUSTED_PROXIES": "127.0.0.1"})
     assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32"]
 
 

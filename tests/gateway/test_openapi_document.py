@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,7 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 DOCUMENT: dict[str, Any] = json.loads(openapi.DOCUMENT_PATH.read_text(encoding="utf-8"))
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-DEFAULT_MAX_MESSAGE_CHARS = {f.name: f.default for f in dataclasses.fields(GatewaySettings)}["max_message_chars"]
+DEFAULT_MAX_MESSAGE_CHARS = GatewaySettings.model_fields["max_message_chars"].default
 
 
 def settings(**overrides: object) -> GatewaySettings:

@@ -14,15 +14,15 @@ DEV = {"KEFU_INTERNAL_AUTH": "off"}
 
 
 def test_settings_defaults_watch_the_bundled_lexicon() -> None:
-    settings = ModerationSettings.from_env(DEV)
+    settings = ModerationSettings.load(DEV)
     assert settings.lexicon_dir == BUNDLED_LEXICON and settings.lexicon_watch
     assert (settings.lexicon_quiet_ms, settings.lexicon_debounce_ms) == (200, 1600)
 
 
 def test_settings_read_the_lexicon_variables() -> None:
-    settings = ModerationSettings.from_env({**DEV, "KEFU_LEXICON_DIR": "/etc/kefu/lexicon",
-                                            "KEFU_LEXICON_WATCH": "false", "KEFU_LEXICON_QUIET_MS": "500",
-                                            "KEFU_LEXICON_DEBOUNCE_MS": "5000"})
+    settings = ModerationSettings.load({**DEV, "KEFU_LEXICON_DIR": "/etc/kefu/lexicon",
+                                        "KEFU_LEXICON_WATCH": "false", "KEFU_LEXICON_QUIET_MS": "500",
+                                        "KEFU_LEXICON_DEBOUNCE_MS": "5000"})
     assert settings.lexicon_dir == Path("/etc/kefu/lexicon") and not settings.lexicon_watch
     assert (settings.lexicon_quiet_ms, settings.lexicon_debounce_ms) == (500, 5000)
 
@@ -34,4 +34,4 @@ def test_settings_read_the_lexicon_variables() -> None:
 ])
 def test_settings_bad_lexicon_variable_is_named(env: dict[str, str], name: str) -> None:
     with pytest.raises(SettingsError, match=name):
-        ModerationSettings.from_env({**DEV, **env})
+        ModerationSettings.load({**DEV, **env})

@@ -160,11 +160,11 @@ async def test_limits_a_change_of_state_settles_what_the_ai_owed(nats_client: Na
 ])
 def test_limits_settings_name_the_variable_they_refuse(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
-        SessionSettings.from_env({"KEFU_INTERNAL_AUTH": "off", name: value})
+        SessionSettings.load({"KEFU_INTERNAL_AUTH": "off", name: value})
 
 
 def test_limits_settings_default_to_what_a_person_never_reaches() -> None:
-    settings = SessionSettings.from_env({"KEFU_INTERNAL_AUTH": "off"})
+    settings = SessionSettings.load({"KEFU_INTERNAL_AUTH": "off"})
     assert (settings.visitor_msg_rps, settings.visitor_msg_burst, settings.visitor_max_conversations) == (1.0, 10, 5)
     # A tenant at its quota leaves the other tenants at least half of the log.
     assert settings.tenant_max_stored_bytes * 2 <= settings.messages_max_bytes

@@ -91,10 +91,10 @@ async def test_server_other_visitor_gets_not_found(service: Service) -> None:
 
 
 def test_settings_token_encoding_and_ttl_are_checked() -> None:
-    assert SessionSettings.from_env({**DEV, "KEFU_TOKEN_ENCODING": "o200k_base"}).encoding == O200K
-    assert SessionSettings.from_env(DEV).encoding == CL100K
+    assert SessionSettings.load({**DEV, "KEFU_TOKEN_ENCODING": "o200k_base"}).encoding == O200K
+    assert SessionSettings.load(DEV).encoding == CL100K
     with pytest.raises(SettingsError, match="KEFU_TOKEN_ENCODING"):
-        SessionSettings.from_env({**DEV, "KEFU_TOKEN_ENCODING": "p50k_base"})
+        SessionSettings.load({**DEV, "KEFU_TOKEN_ENCODING": "p50k_base"})
     with pytest.raises(SettingsError, match="KEFU_SESSION_TTL_S"):
-        SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "5"})
-    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "60"}).session_ttl_s == 60
+        SessionSettings.load({**DEV, "KEFU_SESSION_TTL_S": "5"})
+    assert SessionSettings.load({**DEV, "KEFU_SESSION_TTL_S": "60"}).session_ttl_s == 60

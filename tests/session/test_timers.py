@@ -139,18 +139,18 @@ async def test_timers_sweep_sets_the_conversations_gauge(live: Live) -> None:
 
 
 def test_timers_settings_and_the_closed_retention() -> None:
-    defaults = SessionSettings.from_env(DEV)
+    defaults = SessionSettings.load(DEV)
     assert (defaults.handoff_wait_s, defaults.idle_close_s, defaults.retention_s) == (120, 600, 7 * 24 * 3600)
-    short = SessionSettings.from_env({**DEV, "KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2",
+    short = SessionSettings.load({**DEV, "KEFU_HANDOFF_WAIT_S": "1", "KEFU_IDLE_CLOSE_S": "2",
                                       "KEFU_CLOSED_RETENTION_S": "86400"})
     assert (short.handoff_wait_s, short.idle_close_s, short.retention_s) == (1, 2, 86400)
-    assert SessionSettings.from_env({**DEV, "KEFU_SESSION_TTL_S": "3600"}).retention_s == 3600
+    assert SessionSettings.load({**DEV, "KEFU_SESSION_TTL_S": "3600"}).retention_s == 3600
     for name in ("KEFU_HANDOFF_WAIT_S", "KEFU_IDLE_CLOSE_S"):
         with pytest.raises(SettingsError, match=name):
-            SessionSettings.from_env({**DEV, name: "0"})
+            SessionSettings.load({**DEV, name: "0"})
     for retention in ("30", "-1", str(8 * 24 * 3600)):  # below a minute, negative, beyond the TTL
         with pytest.raises(SettingsError, match="KEFU_CLOSED_RETENTION_S"):
-            SessionSettings.from_env({**DEV, "KEFU_CLOSED_RETENTION_S": retention})
+            SessionSettings.load({**DEV, "KEFU_CLOSED_RETENTION_S": retention})
 
 
 async def test_timers_leave_message_falls_back_to_the_default(live: Live) -> None:
