@@ -153,9 +153,14 @@ def _must(details: ErrorDetails, shown: object) -> str:
     for bound, sign in _BOUNDS.items():
         if kind == bound:
             limit = next(iter(ctx.values()))
-            return f"must be {sign} {limit}, got {shown}"
+            return f"must be {sign} {_number(limit)}, got {shown}"
     message = details["msg"].removeprefix("Value error, ")
     return f"is wrong: {message}"
+
+
+def _number(limit: object) -> object:
+    """60.0 as 60: a float field's bound reads as the variable would be written."""
+    return int(limit) if isinstance(limit, float) and limit.is_integer() else limit
 
 
 class EventLoopSettings(KefuSettings):
