@@ -7,7 +7,7 @@ import pytest
 from gateway.live.handoff import HandoffRules
 from gateway.settings import GatewaySettings
 
-RULES = HandoffRules(GatewaySettings.handoff_keywords)
+RULES = HandoffRules(GatewaySettings.model_fields["handoff_keywords"].default)
 
 
 @pytest.mark.parametrize("text", ["转人工", "我要转人工！", "人工客服在吗", "找真人", "human please", "Agent!",
