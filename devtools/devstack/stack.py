@@ -161,8 +161,6 @@ class Stack:
         env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
         env.update({
             "PYTHONUNBUFFERED": "1",
-            # The stack passes every setting; a .env in the repository is read by the stack's caller or not at all.
-            "KEFU_ENV_FILE": "",
             "KEFU_NATS_URL": self.config.nats_url or self.nats_address,
             "KEFU_JWT_SECRET": self.config.jwt_secret,
             "KEFU_INTERNAL_TOKEN": self.config.internal_token,
@@ -180,6 +178,8 @@ class Stack:
         env.update(self.config.env)
         # The stack's own count wins over a stray value in env: every worker must agree to share.
         env["KEFU_GATEWAY_WORKERS"] = str(self.config.gateway_workers)
+        # The stack passes every setting: the processes read no .env (make run read it once; tests want none).
+        env["KEFU_ENV_FILE"] = ""
         return env
 
     @property

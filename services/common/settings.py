@@ -37,9 +37,11 @@ class KefuSettings(BaseSettings):
     subclass takes the values given and reads nothing (tests, tools); `load()` reads the process
     environment over `./.env`. Fields with `repr=False` are secrets: never printed, used as given."""
 
+    # extra="forbid" catches a misspelt constructor argument; load() passes only the fields' own variables, so
+    # every other variable (another process's, or no setting at all) is ignored there.
     model_config = SettingsConfigDict(
-        env_prefix="KEFU_", env_file=ENV_FILE, case_sensitive=True, frozen=True, extra="ignore",
-        use_attribute_docstrings=True, validate_by_name=True, validate_by_alias=True)
+        env_prefix="KEFU_", case_sensitive=True, frozen=True, extra="forbid", use_attribute_docstrings=True,
+        validate_by_name=True, validate_by_alias=True)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

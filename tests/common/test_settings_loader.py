@@ -134,10 +134,12 @@ def test_settings_repr_hides_secrets() -> None:
     assert "http_port=8080" in repr(settings) and "openai_base_url='http://upstream'" in repr(worker)
 
 
-def test_settings_are_frozen() -> None:
+def test_settings_are_frozen_and_refuse_a_misspelt_argument() -> None:
     settings = SessionSettings()
     with pytest.raises(ValidationError):
         settings.grpc_port = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="grpc_prot"):
+        SessionSettings(grpc_prot=1)  # type: ignore[call-arg]
 
 
 def test_settings_parsed_forms_from_variables() -> None:
