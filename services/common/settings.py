@@ -137,7 +137,7 @@ def settings_error(settings_cls: type[KefuSettings], error: ValidationError) -> 
         return cause  # our own validators' messages name their variables already
     location = details["loc"]
     if not location or str(location[0]) not in settings_cls.model_fields:
-        return SettingsError(f"{settings_cls.__name__}: {details['msg']}")
+        return SettingsError(f"{settings_cls.__name__}: {' '.join(details['msg'].split())}")
     field = str(location[0])
     shown = details["input"] if settings_cls.model_fields[field].repr else "(hidden)"
     return SettingsError(f"{settings_cls.variable(field)} {_must(details, shown)}")
@@ -152,12 +152,9 @@ def _must(details: ErrorDetails, shown: object) -> str:
     kind, ctx = details["type"], details.get("ctx", {})
     if kind in _PARSING:
         return f"must be {_PARSING[kind]}, got {shown!r}"
-    for bound, sign in _BOUNDS.items():
-        if kind == bound:
-            limit = next(iter(ctx.values()))
-            return f"must be {sign} {_number(limit)}, got {shown}"
-    message = details["msg"].removeprefix("Value error, ")
-    return f"is wrong: {message}"
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind]} {_number(next(iter(ctx.values())))}, got {shown}"
+    return "is wrong: " + " ".join(details["msg"].removeprefix("Value error, ").split())
 
 
 def _number(limit: object) -> object:
