@@ -115,6 +115,20 @@ def test_settings_loader_bad_value_stops_the_process_with_one_line(tmp_path: Pat
     assert done.stderr == "moderation: KEFU_MODERATION_PORT must be an integer, got 'port'\n"
 
 
+def test_make_run_reads_dotenv_in_its_working_directory(tmp_path: Path) -> None:
+    """`make run` reads .env itself (and then passes every setting on): a bad secret there stops it at once."""
+    write_env(tmp_path, "KEFU_JWT_SECRET=too-short-dotenv-secret\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEFU_")}
+    # Were .env not read, the stack would start and fail fast at its first process, not wait for the timeout.
+    env.update({"PYTHONPATH": str(REPO_ROOT), "KEFU_DATA_DIR": str(tmp_path / "data"),
+                "NATS_SERVER_BIN": str(tmp_path / "no-nats-server")})
+    done = subprocess.run([sys.executable, "-m", "devtools.devstack"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert "devstack: KEFU_JWT_SECRET is too short: 23 bytes" in done.stderr, done.stderr
+    assert "too-short-dotenv-secret" not in done.stdout + done.stderr
+
+
 def test_settings_loader_ignores_unknown_variables() -> None:
     """Each process reads its own; the others' variables (and the field names themselves) mean nothing to it."""
     plain = ModerationSettings.load(DEV)
