@@ -127,6 +127,7 @@ class Provider(Protocol):
         """Release what `setup()` acquired. Called when the generation is dropped."""
 
 
+@runtime_checkable
 class ProviderFactory(Protocol):
     """The module's `plugin` object: builds a provider from a route's settings."""
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import docx
 import pypdf
-from bs4 import BeautifulSoup, Comment, Doctype, NavigableString, Tag
-from bs4.element import CData, Declaration, ProcessingInstruction
+from bs4 import BeautifulSoup, Comment, Doctype, Tag
+from bs4.element import CData, Declaration, NavigableString, ProcessingInstruction
+from docx.opc.exceptions import PackageNotFoundError
 from docx.table import Table
 from docx.text.paragraph import Paragraph
 from markdown_it import MarkdownIt
@@ -344,7 +345,7 @@ def _parse_docx(data: bytes) -> ParsedDocument:
         raise DocumentParseError("DOCX is not a zip file")
     try:
         document = docx.Document(io.BytesIO(data))
-    except (KeyError, ValueError, zipfile.BadZipFile, docx.opc.exceptions.PackageNotFoundError) as error:
+    except (KeyError, ValueError, zipfile.BadZipFile, PackageNotFoundError) as error:
         raise DocumentParseError(f"DOCX is not a Word document: {error}") from None
     sections = _Sections()
     for block in document.iter_inner_content():
