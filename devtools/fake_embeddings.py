@@ -65,7 +65,8 @@ def fake_vector(text: str, dimensions: int = DIMENSIONS) -> list[float]:
         slot = int.from_bytes(digest[:4], "little") % dimensions
         vector[slot] += weight if digest[4] & 1 else -weight
     norm = float(np.linalg.norm(vector))
-    return (vector / norm if norm else vector).astype(np.float32).tolist()
+    values: list[float] = (vector / norm if norm else vector).astype(np.float32).tolist()
+    return values
 
 
 def parse_embeddings_request(body: Any) -> tuple[str, list[str], str, int]:

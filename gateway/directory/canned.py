@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -92,7 +93,7 @@ class CannedReplies:
         """False when the tenant has no reply with this id."""
         return await delete_if_present(await self._buckets.open(CANNED), f"{tenant}.{reply_id}")
 
-    async def _all(self, tenant: str) -> list[CannedReply]:
+    async def _all(self, tenant: str) -> builtins.list[CannedReply]:  # `list`: a method here
         kv = await self._buckets.open(CANNED)
         replies = []
         for entry in await scan(kv, f"{tenant}.*", self._buckets.timeout_s):
