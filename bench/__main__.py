@@ -418,7 +418,8 @@ def open_loop_rows(measured: Sequence[Measured]) -> dict[float, dict[str, Any]]:
             diff = kefu["ttft_p99"] - direct["ttft_p99"]
         row["ttft_p99_diff_ms"] = diff
         # A failure on either path disqualifies the rate: a failed request has no TTFT to count.
-        row["within"] = diff is not None and diff <= WITHIN_MS and not direct["failed"] and not kefu["failed"]
+        row["within"] = (diff is not None and diff <= WITHIN_MS and direct is not None and kefu is not None
+                         and not direct["failed"] and not kefu["failed"])
     return dict(sorted(rows.items()))
 
 

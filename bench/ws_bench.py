@@ -320,7 +320,7 @@ def idle_phase(params: WsBenchParams, url: str, server_pid: int, mode: str, secr
             stop_process(client)
     time.sleep(1.0)
     after_close = memory_mib(server_pid)
-    total = sum(o["opened"] for o in opened)
+    total: int = sum(o["opened"] for o in opened)
     errors: Counter[str] = Counter()
     for o in opened:
         errors.update(o["errors"])

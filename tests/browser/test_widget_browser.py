@@ -6,7 +6,7 @@ import time
 
 import jwt
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from devtools.devstack.stack import Stack
 from tests.browser.browser_helpers import (
@@ -42,7 +42,7 @@ def say(page: Page, text: str) -> None:
     page.get_by_test_id("kefu-send").click()
 
 
-def messages(page: Page, sender: str):  # noqa: ANN201 - a Playwright Locator
+def messages(page: Page, sender: str) -> Locator:
     return page.locator(f"[data-testid=kefu-message][data-sender={sender}]")
 
 

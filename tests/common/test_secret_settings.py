@@ -62,7 +62,7 @@ def test_a_rotation_list_checks_each_token() -> None:
 async def test_during_a_rotation_the_service_accepts_both_tokens_and_callers_send_the_first() -> None:
     server = create_grpc_server(CollectorRegistry(), f"{OLD},{NEW}")  # step 1: accept both, send old
 
-    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return request
 
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(

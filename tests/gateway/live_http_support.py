@@ -16,7 +16,9 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+EdgeClient = TestClient[web.Request, web.Application]
+"""What pytest-aiohttp's `aiohttp_client` gives for an edge app."""
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 
 
 def edge_settings(nats_url: str, **overrides: object) -> GatewaySettings:
@@ -48,7 +50,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float =
         await asyncio.sleep(0.02)
 
 
-async def start_edge(aiohttp_client: ClientFactory, settings: GatewaySettings) -> TestClient:
+async def start_edge(aiohttp_client: ClientFactory, settings: GatewaySettings) -> EdgeClient:
     """An edge whose NATS connection is up and whose blacklist copy is loaded (no start-up race left)."""
     client = await aiohttp_client(create_app(settings))
     blacklist = client.app[keys.BLACKLIST]

@@ -61,7 +61,8 @@ def literal_codes() -> dict[str, set[int | None]]:
                 name = call_name(node)
                 if name in CODE_ARGUMENT:
                     status = argument(node, 2, "status") if name == "ApiError" else None
-                    http = status.value if isinstance(status, ast.Constant) else statuses.get(name)
+                    http = status.value if isinstance(status, ast.Constant) and isinstance(status.value, int) \
+                        else statuses.get(name)
                     for code in constant_strings(argument(node, CODE_ARGUMENT[name], "code")):
                         found[code].add(http)
                 elif name == "__init__" and isinstance(node.func, ast.Attribute) and node.args:
@@ -98,7 +99,7 @@ def class_statuses(trees: list[ast.Module]) -> dict[str, int]:
                 for item in node.body:
                     if (isinstance(item, ast.Assign) and len(item.targets) == 1
                             and isinstance(item.targets[0], ast.Name) and item.targets[0].id == "status"
-                            and isinstance(item.value, ast.Constant)):
+                            and isinstance(item.value, ast.Constant) and isinstance(item.value.value, int)):
                         statuses[node.name] = item.value.value
     changed = True
     while changed:  # a subclass without its own status has its base's
@@ -228,6 +229,7 @@ def edge_variable(field: str) -> str:
 def test_api_md_edge_defaults_are_the_settings(field: str) -> None:
     """The edge table's default of each numeric setting is GatewaySettings' (the variable from_env reads)."""
     default = GatewaySettings.__dataclass_fields__[field].default
+    assert isinstance(default, int | float), (field, default)
     variable = edge_variable(field)
     edge = API_MD.split("Edge (`python -m gateway`):", 1)[1].split("\n\n", 2)[1]
     row = next((line for line in edge.splitlines() if f"`{variable}`" in line), None)

@@ -25,7 +25,9 @@ from tests.gateway.asyncapi_support import (
 )
 
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
-MAX_TEXT = {f.name: f.default for f in dataclasses.fields(GatewaySettings)}["max_message_chars"]
+_MAX_TEXT_DEFAULT = {f.name: f.default for f in dataclasses.fields(GatewaySettings)}["max_message_chars"]
+assert isinstance(_MAX_TEXT_DEFAULT, int)
+MAX_TEXT = _MAX_TEXT_DEFAULT
 
 
 # --- (a) the document itself ------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from typing import Any
 import pydantic
 import pytest
 from aiohttp import hdrs, web
-from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from devtools.devstack.stack import free_port
@@ -28,8 +27,9 @@ from gateway.handlers.widget_token import WidgetTokenBody
 from gateway.middlewares import PUBLIC_API_PATHS, PUBLIC_PATHS
 from gateway.openai_format import CompletionRequest
 from gateway.settings import GatewaySettings
+from tests.gateway.live_http_support import EdgeClient
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 DOCUMENT: dict[str, Any] = json.loads(openapi.DOCUMENT_PATH.read_text(encoding="utf-8"))
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

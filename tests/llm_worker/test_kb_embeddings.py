@@ -79,6 +79,7 @@ async def test_the_fake_speaks_openais_embeddings_format() -> None:
 def test_parse_vectors_refuses_what_is_not_one_vector_per_input() -> None:
     good = {"data": [{"index": 1, "embedding": [0.0, 2.0]}, {"index": 0, "embedding": [3.0, 4.0]}]}
     assert np.allclose(parse_vectors(good, 2), [[0.6, 0.8], [0.0, 1.0]])
+    bad: object
     for bad in ({"data": []}, {"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]},
                 {"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
                 {"data": [{"index": 0, "embedding": "AAAA"}, {"index": 1, "embedding": [1.0]}]},
@@ -115,8 +116,9 @@ async def test_a_build_stores_vectors_and_reuses_those_of_kept_chunks() -> None:
     assert second.index is not None
     index = KnowledgeIndex.from_bytes(second.index)
     assert index.embeddings_model == "fake-embed" and index.vectors is not None and index.vectors.shape[0] == 3
-    refunds_row = list(index.chunks).index(next(cid for cid, c in index.chunks.items() if c.document_id == "refunds"))
-    assert np.allclose(index.vectors[refunds_row], fake_vector(index.chunks.row(refunds_row).indexed_text), atol=1e-6)
+    refunds_id = next(cid for cid, c in index.chunks.items() if c.document_id == "refunds")
+    refunds_row = list(index.chunks).index(refunds_id)
+    assert np.allclose(index.vectors[refunds_row], fake_vector(index.chunks[refunds_id].indexed_text), atol=1e-6)
 
 
 async def test_a_build_whose_embeddings_fail_fails_whole() -> None:

@@ -7,6 +7,7 @@ import re
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import nats
@@ -195,7 +196,7 @@ class RecordingHasher(PasswordHasher):
                          salt_len=parameters.salt_len, type=parameters.type)
         self.verified: list[tuple[int, int, int]] = []
 
-    def verify(self, hash: str | bytes, password: str | bytes) -> bool:  # noqa: A002 (argon2-cffi's name)
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:  # noqa: A002 (argon2-cffi's name)
         parameters = extract_parameters(hash if isinstance(hash, str) else hash.decode())
         self.verified.append((parameters.memory_cost, parameters.time_cost, parameters.parallelism))
         return super().verify(hash, password)
