@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from services.llm_worker.plugin_api import PluginContext, Provider, ProviderFactory
 from services.llm_worker.routes import RouteSpec, TargetSpec, parse_routes, pick_target
@@ -133,7 +132,7 @@ def _check_provider(provider: object, where: str) -> Provider:
 
 
 async def load_generation(snapshot: FolderSnapshot, folder: Path, attempt: int, routes_file: str,
-                          route_overrides: Mapping[str, RouteSpec], extra: Mapping[str, Any] | None = None,
+                          route_overrides: Mapping[str, RouteSpec], extra: Mapping[str, object] | None = None,
                           ) -> Generation:
     """Write `snapshot` to `folder`, import every plugin, build, set up and self-test every target.
 
