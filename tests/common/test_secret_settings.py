@@ -74,7 +74,8 @@ async def test_during_a_rotation_the_service_accepts_both_tokens_and_callers_sen
         for caller in (OLD, NEW, f"{NEW},{OLD}", "x" * 32):
             async with internal_channel(f"127.0.0.1:{port}", caller) as channel:
                 try:
-                    await channel.unary_unary("/kefu.test.Echo/Echo")(b"hi", timeout=5)
+                    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/kefu.test.Echo/Echo")
+                    await call(b"hi", timeout=5)
                     outcomes[caller[:1]] = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as error:
                     outcomes[caller[:1]] = error.code()
