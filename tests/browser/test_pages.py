@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from devtools.devstack.stack import free_port
 from gateway.app import create_app
-from gateway.pages import PAGES, WEB_DIR, content_security_policy
+from gateway.pages import PAGES, WEB_DIR, Page, content_security_policy
 from gateway.settings import GatewaySettings
 
 EdgeClient = TestClient[web.Request, web.Application]
@@ -37,11 +37,11 @@ def directives(policy: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.path)
-async def test_pages_are_served_with_security_headers(client: EdgeClient, page: object) -> None:
-    response = await client.get(page.path)  # type: ignore[attr-defined]
+async def test_pages_are_served_with_security_headers(client: EdgeClient, page: Page) -> None:
+    response = await client.get(page.path)
     assert response.status == 200
-    assert response.content_type == page.content_type  # type: ignore[attr-defined]
-    assert await response.read() == (WEB_DIR / page.file).read_bytes()  # type: ignore[attr-defined]
+    assert response.content_type == page.content_type
+    assert await response.read() == (WEB_DIR / page.file).read_bytes()
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "no-referrer"
     assert "X-Request-Id" in response.headers and "Cache-Control" in response.headers

@@ -184,7 +184,9 @@ def test_edge_fuzzed_streams_are_all_closed(kb_stack: Stack) -> None:
     """After the fuzzing above (streams read whole or dropped early), the edge holds no stream open."""
     def open_streams() -> float:
         metrics = requests.get(edge_metrics_url(kb_stack), timeout=10).text
-        return float(re.search(r"^kefu_active_streams (\S+)$", metrics, re.MULTILINE)[1])  # type: ignore[index]
+        found = re.search(r"^kefu_active_streams (\S+)$", metrics, re.MULTILINE)
+        assert found is not None, metrics
+        return float(found[1])
 
     wait_until(lambda: open_streams() == 0, timeout_s=10, what="kefu_active_streams back to 0")
 

@@ -23,8 +23,9 @@ async def staff_probe(request: web.Request) -> web.Response:
 
 async def test_policy_route_roles_are_enforced(aiohttp_client: ClientFactory) -> None:
     app = create_app(settings())
-    route = app.router.add_get("/v1/staff-probe", staff_probe)
-    app[keys.ROUTE_ROLES][route.resource.canonical] = STAFF  # type: ignore[union-attr]
+    resource = app.router.add_get("/v1/staff-probe", staff_probe).resource
+    assert resource is not None
+    app[keys.ROUTE_ROLES][resource.canonical] = STAFF
     client = await aiohttp_client(app)
     denied = await client.get("/v1/staff-probe", headers=bearer("visitor"))
     assert denied.status == 403 and (await denied.json())["error"]["code"] == "forbidden"

@@ -176,7 +176,8 @@ async def test_a_failed_question_embedding_falls_back_to_bm25_counted_and_retrie
             assert len(failures) == 2  # not cached: each turn asks again
         finally:
             assert snapshot.embedder is not None
-            await snapshot.embedder.aclose()  # type: ignore[attr-defined]
+            assert isinstance(snapshot.embedder, QueryEmbedder)
+            await snapshot.embedder.aclose()
 
 
 async def test_a_question_embedding_is_cached() -> None:

@@ -64,7 +64,9 @@ async def login(http: aiohttp.ClientSession, stack: Stack, address: str, usernam
 
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert found is not None, status
+    return int(found[1])
 
 
 def metric(stack: Stack, sample: str) -> float:
