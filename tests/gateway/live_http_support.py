@@ -39,7 +39,8 @@ async def expect_error(response: ClientResponse, status: int, code: str) -> dict
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (status, code), body
     assert body["error"]["request_id"] == response.headers["X-Request-Id"]
-    return body["error"]  # type: ignore[no-any-return]
+    error: dict[str, object] = body["error"]
+    return error
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = "") -> None:

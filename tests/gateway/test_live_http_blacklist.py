@@ -47,7 +47,8 @@ async def watched(nats_client: NatsClient) -> AsyncIterator[Blacklist]:
 async def entries(client: EdgeClient, tenant: str = "shop1") -> list[dict[str, object]]:
     response = await client.get("/v1/blacklist", headers=bearer(tenant=tenant))
     assert response.status == 200
-    return (await response.json())["entries"]  # type: ignore[no-any-return]
+    listed: list[dict[str, object]] = (await response.json())["entries"]
+    return listed
 
 
 async def test_blacklist_add_list_delete(client: EdgeClient) -> None:

@@ -19,7 +19,8 @@ async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> Edge
 async def create(client: EdgeClient, tenant: str = "shop1", **body: str) -> dict[str, object]:
     response = await client.post("/v1/canned-replies", json=body, headers=bearer(tenant=tenant))
     assert response.status == 201, await response.text()
-    return await response.json()  # type: ignore[no-any-return]
+    created: dict[str, object] = await response.json()
+    return created
 
 
 async def titles(client: EdgeClient, tenant: str = "shop1", q: str | None = None) -> list[str]:

@@ -33,7 +33,8 @@ def buckets_over(nc: NatsClient) -> Buckets:
 async def read(client: EdgeClient, tenant: str = "shop1", role: str = "agent") -> dict[str, str]:
     response = await client.get("/v1/tenant/settings", headers=bearer(role=role, tenant=tenant))
     assert response.status == 200
-    return await response.json()  # type: ignore[no-any-return]
+    settings: dict[str, str] = await response.json()
+    return settings
 
 
 async def test_tenant_settings_default_then_admin_sets_them(client: EdgeClient, nats_client: NatsClient) -> None:
