@@ -40,7 +40,7 @@ PARAPHRASE = "When do I get my money back?"  # no word in common with REFUNDS
 
 def config(upstream: FakeUpstream, **changes: object) -> EmbeddingsConfig:
     return EmbeddingsConfig(**{"base_url": upstream.base_url, "model": "fake-embed", "api_key": "sk-test",
-                               "batch": 2, "attempts": 2, **changes})  # type: ignore[arg-type]
+                               "batch": 2, "attempts": 2, **changes})  # type: ignore[arg-type]  # any field
 
 
 def source(document_id: str, data: bytes, version: int = 1) -> SourceDocument:
