@@ -28,7 +28,7 @@ def edge_settings(nats_url: str, **overrides: object) -> GatewaySettings:
         "moderation_addr": dead, "worker_addr": dead, "rpc_timeout_s": 2.0,
         "widget_tenants": frozenset({"shop1", "shop2"})}
     values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
+    return GatewaySettings(**values)  # type: ignore[arg-type]  # overrides of any field
 
 
 def bearer(role: str = "agent", tenant: str = "shop1", sub: str = "agent-1") -> dict[str, str]:

@@ -41,7 +41,7 @@ def settings(**overrides: object) -> GatewaySettings:
     values: dict[str, object] = {"jwt_secret": "test-secret-that-is-long-enough-for-hs256", "session_addr": dead,
                                  "moderation_addr": dead, "worker_addr": dead}
     values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
+    return GatewaySettings(**values)  # type: ignore[arg-type]  # overrides of any field
 
 
 def documented_operations() -> set[tuple[str, str]]:
