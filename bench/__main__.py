@@ -264,13 +264,13 @@ def targets(upstream_url: str, edge_url: str, secret: str) -> dict[str, Target]:
         return (f"您好，我是第 {user} 位顾客，这是我的第 {seq} 个问题"
                 f"（#{next(serial)}）：我的订单什么时候发货？")
 
-    def direct_body(user: int, seq: int) -> Mapping[str, Any]:
+    def direct_body(user: int, seq: int) -> Mapping[str, object]:
         # kefu sends the system prompt plus the question; the direct client sends the same.
         return {"model": MODEL, "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                              {"role": "user", "content": question(user, seq)}]}
 
-    def kefu_body(user: int, seq: int) -> Mapping[str, Any]:
+    def kefu_body(user: int, seq: int) -> Mapping[str, object]:
         return {"message": question(user, seq), "stream": True}
 
     tokens: dict[int, str] = {}
@@ -418,7 +418,8 @@ def open_loop_rows(measured: Sequence[Measured]) -> dict[float, dict[str, Any]]:
             diff = kefu["ttft_p99"] - direct["ttft_p99"]
         row["ttft_p99_diff_ms"] = diff
         # A failure on either path disqualifies the rate: a failed request has no TTFT to count.
-        row["within"] = diff is not None and diff <= WITHIN_MS and not direct["failed"] and not kefu["failed"]
+        row["within"] = (diff is not None and diff <= WITHIN_MS and direct is not None and kefu is not None
+                         and not direct["failed"] and not kefu["failed"])
     return dict(sorted(rows.items()))
 
 

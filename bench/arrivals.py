@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -66,7 +66,7 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-async def fire_on_schedule(offsets: Sequence[float], start: Callable[[int], Awaitable[T]], *,
+async def fire_on_schedule(offsets: Sequence[float], start: Callable[[int], Coroutine[object, object, T]], *,
                            clock: Clock = time.perf_counter, sleep: Sleep = asyncio.sleep) -> list[Fired[T]]:
     """Start `start(i)` as its own task at `offsets[i]` after now, never waiting for an earlier one;
     return once every one has ended, in schedule order.

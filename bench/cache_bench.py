@@ -211,7 +211,8 @@ def paraphrase(text: str, language: str, variant: str, rng: random.Random) -> st
         return _swap_width(text)
     if variant == "script":
         if language == "zh":
-            return _S2T.convert(text)
+            traditional: str = _S2T.convert(text)  # opencc is untyped
+            return traditional
         return text.upper() if rng.random() < 0.5 else text.lower()
     if variant == "polite":
         return ("请问" + text) if language == "zh" else ("Hi, " + text)
@@ -223,8 +224,8 @@ class WorkloadBuilder:
 
     def __init__(self, faq: Mapping[str, Any], spec: WorkloadSpec) -> None:
         self._spec = spec
-        self._entries = {e["id"]: e for e in faq["entries"]}
-        self._ids = [e["id"] for e in faq["entries"]]
+        self._entries: dict[str, Mapping[str, Any]] = {e["id"]: e for e in faq["entries"]}
+        self._ids: list[str] = [e["id"] for e in faq["entries"]]
         self._entry_weights = zipf_weights(len(self._ids), spec.zipf_s)
         self._rng = random.Random(spec.seed)
 
@@ -266,7 +267,7 @@ class WorkloadBuilder:
     def _next_entry(self, previous: str | None, asked: set[str]) -> str:
         rng = self._rng
         if previous is not None and rng.random() < self._spec.related_bias:
-            related = [r for r in self._entries[previous]["related"] if r not in asked]
+            related: list[str] = [r for r in self._entries[previous]["related"] if r not in asked]
             if related:
                 return rng.choice(related)
         for _ in range(20):  # a fresh topic: not one this visitor already asked about
@@ -277,13 +278,16 @@ class WorkloadBuilder:
 
 
 def load_faq(plugins_dir: Path) -> dict[str, Any]:
-    return json.loads((plugins_dir / FAQ_FILE).read_text(encoding="utf-8"))
+    faq: dict[str, Any] = json.loads((plugins_dir / FAQ_FILE).read_text(encoding="utf-8"))
+    return faq
 
 
 # ---------------------------------------------------------------- what the worker may cache
 
 
 class _Knower(Protocol):
+    async def setup(self) -> None: ...
+
     def is_standalone(self, question: str) -> bool: ...
 
     def canonical_question(self, question: str) -> str | None: ...
@@ -301,7 +305,7 @@ async def load_knowledge_base(plugins_dir: Path) -> _Knower:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
-    provider = module.plugin({"faq_file": FAQ_FILE}, PluginContext(plugins_dir))
+    provider: _Knower = module.plugin({"faq_file": FAQ_FILE}, PluginContext(plugins_dir))
     await provider.setup()
     return provider
 

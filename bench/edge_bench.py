@@ -175,8 +175,8 @@ class Principals:
         return {"Authorization": f"Bearer {self._tokens[user]}"}
 
 
-def completion_body(model: str, stream: bool, question: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "stream": stream,
+def completion_body(model: str, stream: bool, question: str) -> dict[str, object]:
+    body: dict[str, object] = {"model": model, "stream": stream,
                             "messages": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                                          {"role": "user", "content": question}]}
     if stream:
@@ -188,8 +188,8 @@ def targets(upstream_url: str, edge_url: str, principals: Principals) -> dict[tu
     """(mode, path) -> the same body both ways; every question is unique, so nothing can come from a cache."""
     serial = itertools.count()
 
-    def body_of(model: str, stream: bool) -> Callable[[int, int], Mapping[str, Any]]:
-        def body(user: int, seq: int) -> Mapping[str, Any]:
+    def body_of(model: str, stream: bool) -> Callable[[int, int], Mapping[str, object]]:
+        def body(user: int, seq: int) -> Mapping[str, object]:
             question = f"您好，我是第 {user} 位顾客，第 {seq} 个问题（#{next(serial)}）：我的订单什么时候发货？"
             return completion_body(model, stream, question)
         return body
@@ -578,7 +578,7 @@ def open_streams_phase(params: EdgeParams, work_dir: Path, secret: str) -> dict[
         polls = {name: p.poll for name, p in stack.processes.items()}
         polls["upstream"] = upstream.poll
 
-        def body(user: int) -> Mapping[str, Any]:
+        def body(user: int) -> Mapping[str, object]:
             return completion_body("default", True, f"您好，第 {user} 位顾客：请问我的订单什么时候发货？")
 
         result = asyncio.run(run_open_streams(spec, body, principals.headers, processes, polls))

@@ -45,10 +45,11 @@ PAYLOAD = "bench-1 您好，请问我的订单到哪了？".encode() * 4  # abou
 
 
 async def serve() -> None:
-    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return request
 
-    async def echo_many(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def echo_many(requests: AsyncIterator[bytes],
+                        context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
         async for request in requests:  # answered in order: an empty method has nothing to wait for
             yield request
 
@@ -82,7 +83,8 @@ class Multiplexed:
     """Calls as messages of one bidi stream: an id before each payload, the answer found by its id."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._call = channel.stream_stream(STREAM_METHOD)()
+        echo_many: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(STREAM_METHOD)
+        self._call = echo_many()
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._next_id = 0
         self._write = asyncio.Lock()  # a grpc.aio stream takes one write at a time
@@ -97,7 +99,8 @@ class Multiplexed:
         return await asyncio.wait_for(answer, 5.0)
 
     async def _read(self) -> None:
-        while (reply := await self._call.read()) is not grpc.aio.EOF:
+        # isinstance rather than `is not grpc.aio.EOF`: it narrows the read to the payload's type.
+        while isinstance(reply := await self._call.read(), bytes):
             (call_id,) = struct.unpack(">I", reply[:4])
             self._waiting.pop(call_id).set_result(reply[4:])
 

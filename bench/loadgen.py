@@ -22,7 +22,7 @@ Flavour = Literal["kefu", "openai"]
 
 FLAVOURS: tuple[Flavour, ...] = ("kefu", "openai")
 
-BodyBuilder = Callable[[int, int], Mapping[str, Any]]
+BodyBuilder = Callable[[int, int], Mapping[str, object]]
 """(virtual user, that user's request number) -> JSON body."""
 HeadersBuilder = Callable[[int], Mapping[str, str]]
 """virtual user -> request headers (a distinct principal per user keeps rate limits per user)."""

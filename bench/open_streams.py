@@ -91,7 +91,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
 
 
-async def _hold(http: aiohttp.ClientSession, spec: OpenStreamsSpec, body: Mapping[str, Any],
+async def _hold(http: aiohttp.ClientSession, spec: OpenStreamsSpec, body: Mapping[str, object],
                 headers: Mapping[str, str], gate: asyncio.Semaphore, tally: _Tally) -> None:
     """Open one stream, report it open at its first chunk, then read it until cancelled."""
     opened = False
@@ -208,7 +208,7 @@ def _dead(processes: Mapping[str, Callable[[], int | None]]) -> dict[str, int]:
     return {name: code for name, poll in processes.items() if (code := poll()) is not None}
 
 
-async def run_open_streams(spec: OpenStreamsSpec, body: Callable[[int], Mapping[str, Any]],
+async def run_open_streams(spec: OpenStreamsSpec, body: Callable[[int], Mapping[str, object]],
                            headers: Callable[[int], Mapping[str, str]], processes: Processes,
                            polls: Mapping[str, Callable[[], int | None]]) -> dict[str, Any]:
     """Ramp through the levels; return every level's figures, what broke, and the close-down."""

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import grpc
@@ -62,7 +62,7 @@ async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequ
                                     max_bytes=8 << 30)
         js = nc.jetstream()
         started = time.monotonic()
-        pending: list[asyncio.Future[object]] = []
+        pending: list[Awaitable[object]] = []
         for n in range(first, first + conversations):
             tenant, session_id, now = f"t{n % tenants}", new_id(), time.time()
             status = statuses[n // tenants % len(statuses)]  # every tenant gets every status

@@ -21,7 +21,7 @@ class SseEvent:
 
 async def read_sse(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
     """Yield each event as it arrives; `event` defaults to "message", as the SSE spec says."""
-    event, data = "", []
+    event, data = "", list[str]()
     async for raw in response.content:
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:

@@ -320,7 +320,7 @@ def idle_phase(params: WsBenchParams, url: str, server_pid: int, mode: str, secr
             stop_process(client)
     time.sleep(1.0)
     after_close = memory_mib(server_pid)
-    total = sum(o["opened"] for o in opened)
+    total: int = sum(o["opened"] for o in opened)
     errors: Counter[str] = Counter()
     for o in opened:
         errors.update(o["errors"])
@@ -1036,9 +1036,11 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
             sweep: dict[str, Any] = {}
             for rate in sorted(r for r in params.sweep if r != params.rate):
                 log.info("latency sweep: %g messages/s", rate)
-                sweep[f"{rate:g}"] = guarded(lambda rate=rate: asyncio.run(latency_run(  # type: ignore[misc]
-                    replace(params, rate=rate), "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret,
-                    pids)), f"latency sweep {rate:g}/s")
+                def at_rate(rate: float = rate) -> dict[str, Any]:
+                    return asyncio.run(latency_run(replace(params, rate=rate), "kefu", f"{stack.base_url}/v1/ws",
+                                                   f"{edge_b_url}/v1/ws", secret, pids))
+
+                sweep[f"{rate:g}"] = guarded(at_rate, f"latency sweep {rate:g}/s")
             log.info("latency: %g messages/s for %g s", params.rate, params.duration_s)
             report["latency"] = {"kefu": guarded(lambda: asyncio.run(latency_run(
                 params, "kefu", f"{stack.base_url}/v1/ws", f"{edge_b_url}/v1/ws", secret, pids)), "latency (kefu)")}

@@ -14,7 +14,6 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -65,10 +64,11 @@ def fake_vector(text: str, dimensions: int = DIMENSIONS) -> list[float]:
         slot = int.from_bytes(digest[:4], "little") % dimensions
         vector[slot] += weight if digest[4] & 1 else -weight
     norm = float(np.linalg.norm(vector))
-    return (vector / norm if norm else vector).astype(np.float32).tolist()
+    values: list[float] = (vector / norm if norm else vector).astype(np.float32).tolist()
+    return values
 
 
-def parse_embeddings_request(body: Any) -> tuple[str, list[str], str, int]:
+def parse_embeddings_request(body: object) -> tuple[str, list[str], str, int]:
     """(model, inputs, encoding_format, dimensions) of a valid body; EmbeddingsRequestError as the real API
     answers."""
     if not isinstance(body, dict):
@@ -95,7 +95,7 @@ def parse_embeddings_request(body: Any) -> tuple[str, list[str], str, int]:
 
 
 def embeddings_response(model: str, inputs: Sequence[str], encoding: str, tokens: int,
-                        dimensions: int = DIMENSIONS) -> dict[str, Any]:
+                        dimensions: int = DIMENSIONS) -> dict[str, object]:
     """The body: {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}."""
     data = []
     for index, text in enumerate(inputs):

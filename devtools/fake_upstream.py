@@ -148,7 +148,7 @@ class ChatRequest:
     """The parts of a valid Chat Completions body the fake uses."""
 
     model: str
-    messages: Sequence[Mapping[str, Any]]
+    messages: Sequence[Mapping[str, object]]
     stream: bool
     include_usage: bool
     max_tokens: int | None
@@ -158,8 +158,10 @@ class ChatRequest:
 CONFIG = web.AppKey("config", FakeUpstreamConfig)
 STATS = web.AppKey("stats", FakeUpstreamStats)
 CLOSING = web.AppKey("closing", asyncio.Event)
-RECEIVED = web.AppKey("received", deque[dict[str, Any]])
-RECEIVED_EMBEDDINGS = web.AppKey("received_embeddings", deque[dict[str, Any]])
+ReceivedBody = dict[str, Any]
+"""A request body as the fake received it: JSON of any shape that tests look into (hence Any)."""
+RECEIVED = web.AppKey("received", deque[ReceivedBody])
+RECEIVED_EMBEDDINGS = web.AppKey("received_embeddings", deque[ReceivedBody])
 
 
 @functools.cache
@@ -181,7 +183,7 @@ def split_text(text: str, parts: int) -> list[str]:
     return pieces
 
 
-def content_text(content: Any) -> str:
+def content_text(content: object) -> str:
     """The text of a message `content`: a string, or a list of parts whose text parts count."""
     if isinstance(content, str):
         return content
@@ -190,7 +192,7 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+def count_prompt_tokens(messages: Sequence[Mapping[str, object]]) -> int:
     """OpenAI's documented estimate: 3 tokens per message, its role and content, 3 to prime the reply."""
     enc = encoding()
     total = 3
@@ -200,8 +202,8 @@ def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
             + len(enc.encode(str(message.get("role", ""))))
             + len(enc.encode(content_text(message.get("content"))))
         )
-        if isinstance(message.get("name"), str):
-            total += 1 + len(enc.encode(message["name"]))
+        if isinstance(name := message.get("name"), str):
+            total += 1 + len(enc.encode(name))
     return total
 
 
@@ -215,7 +217,7 @@ def cut_to_tokens(text: str, max_tokens: int | None) -> tuple[str, int, str]:
     return cut, max_tokens, "length"
 
 
-def reply_for(config: FakeUpstreamConfig, messages: Sequence[Mapping[str, Any]]) -> str:
+def reply_for(config: FakeUpstreamConfig, messages: Sequence[Mapping[str, object]]) -> str:
     if config.reply is not None:
         return config.reply
     last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -233,7 +235,7 @@ _FAKE_STOP = frozenset({"什么", "怎么", "可以", "多久", "如何", "是�
                         "what", "how", "can", "does", "for", "you", "your", "with", "about"})
 
 
-def passages_in(messages: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+def passages_in(messages: Sequence[Mapping[str, object]]) -> dict[int, str]:
     """The numbered passages of the prompt: each from its "[n]" line to the next one (or the message's end)."""
     found: dict[int, list[str]] = {}
     for message in messages:
@@ -262,7 +264,7 @@ def terms(text: str) -> set[str]:
     return found - _FAKE_STOP
 
 
-def grounded_reply(messages: Sequence[Mapping[str, Any]], question: str, decline_marker: str) -> str:
+def grounded_reply(messages: Sequence[Mapping[str, object]], question: str, decline_marker: str) -> str:
     """The best sentence of the passage sharing most of the question's words (two at least), cited;
     else the marker."""
     wanted = terms(question)
@@ -295,7 +297,7 @@ def _check_auth(request: web.Request, expected_api_key: str | None) -> None:
         raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-def _check_int(body: Mapping[str, Any], name: str) -> int | None:
+def _check_int(body: Mapping[str, object], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
@@ -313,7 +315,7 @@ def _check_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
+def _check_messages(messages: object) -> list[Mapping[str, object]]:
     if messages is None:
         raise _ApiError(
             400,
@@ -368,7 +370,7 @@ def _check_messages(messages: Any) -> list[Mapping[str, Any]]:
     return messages
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
+def parse_chat_request(body: object) -> ChatRequest:
     """Validate a Chat Completions body the way the real API does (the parts the fake uses)."""
     if not isinstance(body, dict):
         raise _ApiError(
@@ -423,7 +425,7 @@ def _usage_counts(config: FakeUpstreamConfig, chat: ChatRequest, completion_toke
     )
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int | dict[str, int]]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -438,7 +440,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     }
 
 
-def _dumps(obj: Any) -> bytes:
+def _dumps(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -464,11 +466,11 @@ class _ChunkWriter:
             if self._config.write_size:
                 await asyncio.sleep(0)  # let each piece leave as its own write
 
-    async def event(self, payload: Mapping[str, Any] | str) -> None:
+    async def event(self, payload: Mapping[str, object] | str) -> None:
         data = payload.encode() if isinstance(payload, str) else _dumps(payload)
         await self.raw(b"data: " + data + b"\n\n")
 
-    async def chunk(self, delta: Mapping[str, Any], finish_reason: str | None) -> None:
+    async def chunk(self, delta: Mapping[str, object], finish_reason: str | None) -> None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         payload: dict[str, Any] = {**self._base, "choices": [choice]}
         if self._include_usage:
@@ -653,15 +655,15 @@ class FakeUpstream:
         return self._app[STATS]
 
     @property
-    def received(self) -> list[dict[str, Any]]:
+    def received(self) -> list[ReceivedBody]:
         """The bodies of the last 100 valid chat requests, oldest first."""
-        received: deque[dict[str, Any]] = self._app[RECEIVED]
+        received: deque[ReceivedBody] = self._app[RECEIVED]
         return list(received)
 
     @property
-    def received_embeddings(self) -> list[dict[str, Any]]:
+    def received_embeddings(self) -> list[ReceivedBody]:
         """The bodies of the last 1,000 valid embeddings requests, oldest first."""
-        received: deque[dict[str, Any]] = self._app[RECEIVED_EMBEDDINGS]
+        received: deque[ReceivedBody] = self._app[RECEIVED_EMBEDDINGS]
         return list(received)
 
     @property

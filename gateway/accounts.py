@@ -20,6 +20,7 @@ import sys
 
 import nats
 import nats.errors
+from nats.aio.client import Client as NatsClient
 
 from gateway.directory.agents import AGENT_ROLES, MAX_NAME_CHARS, AgentAccount, AgentAccounts, check_password
 from gateway.directory.buckets import TENANT_PATTERN, Buckets
@@ -92,7 +93,7 @@ async def run(args: argparse.Namespace, url: str) -> list[str]:
     except (OSError, TimeoutError, nats.errors.Error) as error:
         raise CliError(f"cannot reach NATS at {endpoint.redacted()}: {error or type(error).__name__}") from None
     try:
-        async def connection() -> nats.NATS:
+        async def connection() -> NatsClient:
             return nc
 
         accounts = AgentAccounts(Buckets(connection))

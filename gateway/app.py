@@ -49,7 +49,8 @@ async def close_readiness(app: web.Application) -> None:
 
 async def close_open_streams(app: web.Application) -> None:
     # On shutdown, end every SSE stream still open so the server can stop.
-    for response in set(app[keys.OPEN_STREAMS]):
+    open_streams = app[keys.OPEN_STREAMS]
+    for response in set(open_streams):
         try:
             await response.write_eof()
         except ConnectionError:

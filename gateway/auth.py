@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -59,6 +58,8 @@ class Principal:
 
 
 MAX_NAME_CHARS = 80
+VerifyKey = str | rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+"""An HS256 secret, or the public key of an RS256 / ES256 issuer."""
 
 
 class JwksFile:
@@ -71,7 +72,7 @@ class JwksFile:
         self._clock = clock
         self._mtime = -1.0
         self._checked = -1e9
-        self._keys: dict[str, tuple[Any, str]] = {}
+        self._keys: dict[str, tuple[VerifyKey, str]] = {}
         self._load()
 
     def _load(self) -> None:
@@ -79,7 +80,7 @@ class JwksFile:
             mtime = self._path.stat().st_mtime
             if mtime == self._mtime:
                 return
-            keys: dict[str, tuple[Any, str]] = {}
+            keys: dict[str, tuple[VerifyKey, str]] = {}
             for jwk in jwt.PyJWKSet.from_json(self._path.read_text()).keys:
                 algorithm = jwk.algorithm_name if jwk.algorithm_name in ASYMMETRIC else _algorithm_of(jwk.key)
                 if jwk.key_id and algorithm in ASYMMETRIC:
@@ -91,7 +92,7 @@ class JwksFile:
         self._keys, self._mtime = keys, mtime
         log.info("JWKS: %d keys from %s", len(keys), self._path)
 
-    def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    def key_for(self, header: Mapping[str, object]) -> tuple[VerifyKey, list[str]]:
         now = self._clock()
         if now - self._checked >= self.CHECK_INTERVAL_S:
             self._checked = now
@@ -105,7 +106,7 @@ class JwksFile:
 ASYMMETRIC = frozenset({"RS256", "ES256"})
 
 
-def _algorithm_of(key: Any) -> str:
+def _algorithm_of(key: object) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         return "RS256"
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
@@ -122,15 +123,16 @@ class JwtVerifier:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self._jwks: JwksFile | None = None
-        self._key: Any = settings.jwt_secret
+        self._key: VerifyKey = settings.jwt_secret
         self._algorithms = ["HS256"]
         if settings.jwt_jwks_file is not None:
             self._jwks = JwksFile(settings.jwt_jwks_file)
         elif settings.jwt_public_key_file is not None:
-            self._key = serialization.load_pem_public_key(settings.jwt_public_key_file.read_bytes())
-            algorithm = _algorithm_of(self._key)
-            if not algorithm:
+            public = serialization.load_pem_public_key(settings.jwt_public_key_file.read_bytes())
+            algorithm = _algorithm_of(public)
+            if not algorithm or not isinstance(public, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
                 raise SettingsError("KEFU_JWT_PUBLIC_KEY_FILE must hold an RSA or P-256 EC public key")
+            self._key = public
             self._algorithms = [algorithm]
         self._issuer = settings.jwt_issuer or None
         self._audience = settings.jwt_audience or None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,7 +28,7 @@ SERVICE_CONFIG = json.dumps({"methodConfig": [{
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
 
-CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+CHANNEL_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
     # `dns:///host:port` targets resolve to every address; round robin spreads calls over

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -40,7 +40,7 @@ class UnsupportedParameters(ParameterError):
         self.names = tuple(names)
 
 
-def error_body(error: ApiError, request_id: str) -> dict[str, Any]:
+def error_body(error: ApiError, request_id: str) -> dict[str, object]:
     """OpenAI's error shape, which the SDKs parse into their exception types."""
     param = error.param if isinstance(error, ParameterError) else None
     return {"error": {"message": error.message, "type": _ERROR_TYPES.get(error.status, "api_error"),
@@ -116,9 +116,9 @@ def completion_id(message_id: str) -> str:
 
 
 def chunk(message_id: str, model: str, created: int, delta: dict[str, str], finish_reason: str | None,
-          citations: list[dict[str, str]] | None = None) -> dict[str, Any]:
+          citations: list[dict[str, str]] | None = None) -> dict[str, object]:
     """One streamed chunk; the last one (with `finish_reason`) also carries kefu's top-level `citations`."""
-    body: dict[str, Any] = {"id": completion_id(message_id), "object": "chat.completion.chunk", "created": created,
+    body: dict[str, object] = {"id": completion_id(message_id), "object": "chat.completion.chunk", "created": created,
                             "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                          "finish_reason": finish_reason}]}
     if citations is not None:
@@ -127,7 +127,7 @@ def chunk(message_id: str, model: str, created: int, delta: dict[str, str], fini
 
 
 def usage_chunk(message_id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
-                ) -> dict[str, Any]:
+                ) -> dict[str, object]:
     return {"id": completion_id(message_id), "object": "chat.completion.chunk", "created": created,
             "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -138,7 +138,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion(message_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int, citations: list[dict[str, str]] | None = None) -> dict[str, Any]:
+               completion_tokens: int, citations: list[dict[str, str]] | None = None) -> dict[str, object]:
     """The non-stream object, with kefu's top-level `citations` (the tenant's documents it cites)."""
     return {"id": completion_id(message_id), "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text,

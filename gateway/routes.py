@@ -68,5 +68,6 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/v1/knowledge/search", knowledge.search, STAFF),
     )
     for method, path, handler, roles in protected:
-        route = app.router.add_route(method, path, handler)
-        app[keys.ROUTE_ROLES][route.resource.canonical] = roles  # type: ignore[union-attr]
+        resource = app.router.add_route(method, path, handler).resource
+        assert resource is not None  # add_route always makes one; aiohttp types it optional for other routes
+        app[keys.ROUTE_ROLES][resource.canonical] = roles

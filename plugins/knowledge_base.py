@@ -208,7 +208,7 @@ class Faq:
     """The reply, per language, when nothing matches: a hand-over to a human agent."""
 
     @classmethod
-    def from_json(cls, data: Any) -> "Faq":
+    def from_json(cls, data: object) -> "Faq":
         """Validate the FAQ document; ValueError names the entry and what is wrong."""
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not data["entries"]:
             raise ValueError('expected an object with a non-empty "entries" list')
@@ -241,13 +241,13 @@ class Faq:
         return [self.entries[related].questions[language][0] for related in entry.related]
 
 
-def _per_language(value: Any, where: str) -> dict[str, str]:
+def _per_language(value: object, where: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(value.get(lang), str) and value[lang] for lang in LANGUAGES):
         raise ValueError(f"{where}: expected a non-empty text for each of {list(LANGUAGES)}")
     return {lang: value[lang] for lang in LANGUAGES}
 
 
-def _entry(raw: Any, index: int) -> FaqEntry:
+def _entry(raw: object, index: int) -> FaqEntry:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise ValueError(f"entry #{index}: expected an object with a non-empty string id")
     where = f"entry {raw['id']!r}"
@@ -310,11 +310,13 @@ class KnowledgeBaseSettings:
     """... and only when the runner-up entry scores at least this much lower (the match is unambiguous)."""
 
     @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> "KnowledgeBaseSettings":
+    def from_mapping(cls, settings: Mapping[str, object]) -> "KnowledgeBaseSettings":
         unknown = sorted(set(settings) - _KNOWN_SETTINGS)
         if unknown:
             log.warning("knowledge_base: ignoring unknown settings %s", unknown)
-        chosen = cls(**{k: v for k, v in settings.items() if k in _KNOWN_SETTINGS})
+        # Untyped on the way in: check() then names the first value of a wrong type or range.
+        given: dict[str, Any] = {k: v for k, v in settings.items() if k in _KNOWN_SETTINGS}
+        chosen = cls(**given)
         chosen.check()
         return chosen
 
@@ -356,7 +358,7 @@ class KnowledgeBaseProvider:
     name = "knowledge_base"
     capabilities = frozenset({"stream", "max_tokens", "offline"})
 
-    def __init__(self, settings: Mapping[str, Any], context: PluginContext) -> None:
+    def __init__(self, settings: Mapping[str, object], context: PluginContext) -> None:
         self._settings = KnowledgeBaseSettings.from_mapping(settings)
         self._faq_path = Path(context.plugins_dir) / self._settings.faq_file
         self._faq: Faq | None = None

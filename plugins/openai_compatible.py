@@ -88,7 +88,7 @@ class OpenAISettings:
     """Cap of the backoff, and the longest `Retry-After` waited out; a longer one fails at once."""
 
     @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> "OpenAISettings":
+    def from_mapping(cls, settings: Mapping[str, object]) -> "OpenAISettings":
         """Check types (ValueError naming the key); values are checked by `problems()` in self_test.
 
         `timeout_s`, the one timeout of earlier versions, still sets `first_token_timeout_s` and
@@ -142,19 +142,19 @@ class OpenAISettings:
         return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-def _optional_str(settings: Mapping[str, Any], key: str) -> str | None:
+def _optional_str(settings: Mapping[str, object], key: str) -> str | None:
     value = settings.get(key)
     if value is not None and not isinstance(value, str):
         raise ValueError(f"openai_compatible: setting {key!r} must be a string, got {type(value).__name__}")
     return value
 
 
-def _number(settings: Mapping[str, Any], key: str, default: float) -> float:
+def _number(settings: Mapping[str, object], key: str, default: float) -> float:
     value = _optional_number(settings, key)
     return default if value is None else value
 
 
-def _optional_number(settings: Mapping[str, Any], key: str) -> float | None:
+def _optional_number(settings: Mapping[str, object], key: str) -> float | None:
     value = settings.get(key)
     if value is None:
         return None
@@ -163,14 +163,14 @@ def _optional_number(settings: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _count(settings: Mapping[str, Any], key: str, default: int) -> int:
+def _count(settings: Mapping[str, object], key: str, default: int) -> int:
     value = settings.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"openai_compatible: setting {key!r} must be an integer >= 0")
     return value
 
 
-def _headers(settings: Mapping[str, Any]) -> Mapping[str, str]:
+def _headers(settings: Mapping[str, object]) -> Mapping[str, str]:
     value = settings.get("extra_headers") or {}
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ValueError("openai_compatible: setting 'extra_headers' must map header names to string values")
@@ -264,7 +264,7 @@ class _StreamState:
 
     model: str
     finish_reason: str | None = None
-    usage: Mapping[str, Any] | None = None
+    usage: Mapping[str, object] | None = None
     done: bool = False
     texts: list[str] = field(default_factory=list)
 
@@ -287,7 +287,7 @@ class _StreamState:
             self.texts.append(text)
         return text
 
-    def _apply_choice(self, choice: Any) -> str:
+    def _apply_choice(self, choice: object) -> str:
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             return ""  # we ask for n=1; anything else is not ours to show
         if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
@@ -307,7 +307,7 @@ def _loads_object(data: str) -> dict[str, Any]:
     return value
 
 
-def _error_text(body: Any) -> str:
+def _error_text(body: object) -> str:
     """The message of an error body: OpenAI `{"error": {"message"}}`, vLLM `{"message"}`, `{"detail"}`."""
     if not isinstance(body, dict):
         return ""
@@ -351,7 +351,7 @@ class _ReadWatchdog:
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
         self._by = 0.0
-        self._reader: asyncio.Task[Any] | None = None
+        self._reader: asyncio.Task[object] | None = None
         self._cancelling = 0
         self._expired = False
 
@@ -407,7 +407,7 @@ class OpenAICompatibleProvider:
     name = "openai_compatible"
     capabilities = frozenset({"stream", "temperature", "max_tokens"})
 
-    def __init__(self, settings: Mapping[str, Any], context: PluginContext) -> None:
+    def __init__(self, settings: Mapping[str, object], context: PluginContext) -> None:
         self._settings = OpenAISettings.from_mapping(settings)
         self._session: aiohttp.ClientSession | None = None
         self._encoding: tiktoken.Encoding | None = None
@@ -486,7 +486,7 @@ class OpenAICompatibleProvider:
         return delay if delay < remaining_s else None
 
     async def _attempt(
-        self, body: Mapping[str, Any], state: _StreamState, deadline: float
+        self, body: Mapping[str, object], state: _StreamState, deadline: float
     ) -> AsyncGenerator[str, None]:
         """One upstream request: the content texts as they arrive; ProviderError on any failure."""
         assert self._session is not None  # checked by stream()
@@ -612,7 +612,7 @@ class OpenAICompatibleProvider:
             detail = _error_text(body) or "it answered with one JSON object"
             raise ProviderError(f"upstream {self._settings.origin} did not stream: {self._redact(detail)[:300]}")
 
-    async def _read_error_body(self, response: aiohttp.ClientResponse) -> Any:
+    async def _read_error_body(self, response: aiohttp.ClientResponse) -> object:
         raw = b""
         while len(raw) < MAX_ERROR_BODY_BYTES and (part := await response.content.read(MAX_ERROR_BODY_BYTES)):
             raw += part

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -76,21 +77,18 @@ class AgentAccount:
     role: str
     """"agent" or "admin"."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentAccount | None:
-        try:
-            account = cls(username=data["username"], display_name=data.get("display_name") or data["username"],
-                          password_hash=data["password_hash"], disabled=data.get("disabled") is not False,
-                          role=data.get("role", "agent"))
-        except KeyError:
+    def from_json(cls, data: Mapping[str, object]) -> AgentAccount | None:
+        username, password_hash, role = data.get("username"), data.get("password_hash"), data.get("role", "agent")
+        display_name = data.get("display_name") or username
+        if not (isinstance(username, str) and isinstance(password_hash, str) and isinstance(display_name, str)
+                and isinstance(role, str) and role in AGENT_ROLES):
             return None
-        if not isinstance(account.password_hash, str) or account.role not in AGENT_ROLES \
-                or not isinstance(account.username, str) or not isinstance(account.display_name, str):
-            return None
-        return account
+        return cls(username=username, display_name=display_name, password_hash=password_hash,
+                   disabled=data.get("disabled") is not False, role=role)
 
 
 class AgentAccounts:

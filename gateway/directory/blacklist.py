@@ -13,9 +13,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
@@ -33,6 +32,7 @@ from gateway.directory.buckets import (
     encode,
     nats_errors,
     scan,
+    stored_time,
 )
 from services.common.nats_client import ensure_key_value
 
@@ -55,7 +55,7 @@ class BlacklistEntry:
     created_at: float
     created_by: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         for name in ("visitor_id", "address"):
             if not data[name]:
@@ -63,14 +63,21 @@ class BlacklistEntry:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BlacklistEntry | None:
+    def from_json(cls, data: Mapping[str, object]) -> BlacklistEntry | None:
+        entry_id, tenant, reason = data.get("id"), data.get("tenant"), data.get("reason", "")
+        visitor_id, address = data.get("visitor_id", ""), data.get("address", "")
+        created_by = data.get("created_by", "")
+        created_at = stored_time(data.get("created_at", 0))
+        if not (isinstance(entry_id, str) and isinstance(tenant, str) and isinstance(reason, str)
+                and isinstance(visitor_id, str) and isinstance(address, str) and isinstance(created_by, str)
+                and created_at is not None):
+            return None
+        entry = cls(id=entry_id, tenant=tenant, visitor_id=visitor_id, address=address, reason=reason,
+                    created_at=created_at, created_by=created_by)
         try:
-            entry = cls(id=data["id"], tenant=data["tenant"], visitor_id=data.get("visitor_id", ""),
-                        address=data.get("address", ""), reason=data.get("reason", ""),
-                        created_at=float(data.get("created_at", 0)), created_by=data.get("created_by", ""))
             if entry.address:
                 parse_network(entry.address)
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except ValueError:
             return None
         if bool(entry.visitor_id) == bool(entry.address):
             return None

@@ -7,8 +7,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -136,11 +135,11 @@ async def cancel_and_wait(task: asyncio.Task[None]) -> None:
         log.warning("%s ended with %r", task.get_name(), task.exception())
 
 
-def encode(data: dict[str, Any]) -> bytes:
+def encode(data: Mapping[str, object]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def decode(raw: bytes | None, where: str) -> dict[str, Any] | None:
+def decode(raw: bytes | None, where: str) -> dict[str, object] | None:
     """A stored JSON object, or None (logged) for anything else: one bad record must not break a list."""
     try:
         data = json.loads(raw or b"")
@@ -150,3 +149,13 @@ def decode(raw: bytes | None, where: str) -> dict[str, Any] | None:
         log.warning("ignoring a malformed record at %s", where)
         return None
     return data
+
+
+def stored_time(value: object) -> float | None:
+    """A stored timestamp as float() reads it (a number or its text); None for anything else."""
+    if not isinstance(value, int | float | str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None

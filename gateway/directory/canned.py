@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from gateway.directory.buckets import (
     CANNED,
@@ -16,6 +17,7 @@ from gateway.directory.buckets import (
     encode,
     nats_errors,
     scan,
+    stored_time,
 )
 from gateway.errors import ApiError
 
@@ -43,22 +45,22 @@ class CannedReply:
     created_at: float
     created_by: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         data = asdict(self)
         if not self.shortcut:
             del data["shortcut"]
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CannedReply | None:
-        try:
-            reply = cls(id=data["id"], title=data["title"], text=data["text"], shortcut=data.get("shortcut", ""),
-                        created_at=float(data.get("created_at", 0)), created_by=data.get("created_by", ""))
-        except (KeyError, TypeError, ValueError):
+    def from_json(cls, data: Mapping[str, object]) -> CannedReply | None:
+        reply_id, title, text = data.get("id"), data.get("title"), data.get("text")
+        shortcut, created_by = data.get("shortcut", ""), data.get("created_by", "")
+        created_at = stored_time(data.get("created_at", 0))
+        if not (isinstance(reply_id, str) and isinstance(title, str) and isinstance(text, str)
+                and isinstance(shortcut, str) and isinstance(created_by, str) and created_at is not None):
             return None
-        if not all(isinstance(v, str) for v in (reply.id, reply.title, reply.text, reply.shortcut, reply.created_by)):
-            return None
-        return reply
+        return cls(id=reply_id, title=title, text=text, shortcut=shortcut, created_at=created_at,
+                   created_by=created_by)
 
     def matches(self, query: str) -> bool:
         """Case-insensitive substring of the title, text or shortcut; "" matches everything."""
@@ -92,7 +94,7 @@ class CannedReplies:
         """False when the tenant has no reply with this id."""
         return await delete_if_present(await self._buckets.open(CANNED), f"{tenant}.{reply_id}")
 
-    async def _all(self, tenant: str) -> list[CannedReply]:
+    async def _all(self, tenant: str) -> builtins.list[CannedReply]:  # `list`: a method here
         kv = await self._buckets.open(CANNED)
         replies = []
         for entry in await scan(kv, f"{tenant}.*", self._buckets.timeout_s):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 from nats.js.errors import KeyNotFoundError
 
@@ -48,10 +47,9 @@ class TenantSettings:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TenantSettings:
+    def from_json(cls, data: Mapping[str, object]) -> TenantSettings:
         """Lenient: a missing or malformed field keeps its default."""
-        values = {f.name: data[f.name] for f in fields(cls)
-                  if isinstance(data.get(f.name), str) and data[f.name].strip()}
+        values = {f.name: value for f in fields(cls) if isinstance(value := data.get(f.name), str) and value.strip()}
         if values.get("grounding") not in GROUNDING_MODES:
             values.pop("grounding", None)
         return cls(**values)

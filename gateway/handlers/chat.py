@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import pydantic
@@ -67,13 +67,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await events.aclose()
 
 
-async def _collect(started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.Response:
+async def _collect(started: TurnStarted, events: AsyncIterator[TurnEvent]) -> web.Response:
     reply, done = await collect_answer(events)
     return json_response({"session_id": started.session_id, "reply": reply, **done_payload(done)})
 
 
 async def _stream(request: web.Request, started: TurnStarted,
-                  events: AsyncGenerator[TurnEvent, None]) -> web.StreamResponse:
+                  events: AsyncIterator[TurnEvent]) -> web.StreamResponse:
     metrics = request.app[keys.METRICS]
     start = time.perf_counter()
     first = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TypedDict
 
 import grpc
 from aiohttp import web
@@ -39,7 +39,14 @@ def principal_of(request: web.Request) -> session_pb2.Principal:
     return session_principal(request[keys.REQUEST_PRINCIPAL])
 
 
-def call_options(request: web.Request) -> dict[str, Any]:
+class CallOptions(TypedDict):
+    """The keyword arguments of every session call from a handler."""
+
+    timeout: float
+    metadata: tuple[tuple[str, str], ...]
+
+
+def call_options(request: web.Request) -> CallOptions:
     return {"timeout": request.app[keys.SETTINGS].rpc_timeout_s,
             "metadata": request_metadata(request[keys.REQUEST_ID])}
 
@@ -72,9 +79,9 @@ def said_messages(messages: Iterable[session_pb2.Message]) -> list[session_pb2.M
     return [m for m in visible_events(messages, staff=False) if m.kind in ("", "message")]
 
 
-def summary_json(summary: session_pb2.ConversationSummary) -> dict[str, Any]:
+def summary_json(summary: session_pb2.ConversationSummary) -> dict[str, object]:
     state = summary.state
-    item: dict[str, Any] = {"conversation_id": summary.session_id, "visitor_id": summary.owner,
+    item: dict[str, object] = {"conversation_id": summary.session_id, "visitor_id": summary.owner,
                             "status": state.status, "version": state.version}
     if state.assignee:
         item["assignee"] = state.assignee

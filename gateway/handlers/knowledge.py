@@ -67,8 +67,8 @@ class SearchBody(pydantic.BaseModel):
     k: int = pydantic.Field(default=5, ge=1, le=50)
 
 
-def document_json(document: knowledge_pb2.Document) -> dict[str, Any]:
-    body: dict[str, Any] = {
+def document_json(document: knowledge_pb2.Document) -> dict[str, object]:
+    body: dict[str, object] = {
         "document_id": document.document_id, "title": document.title, "url": document.url,
         "filename": document.filename, "format": document.format, "status": document.status,
         "version": document.version, "serving_version": document.serving_version, "chunks": document.chunks,

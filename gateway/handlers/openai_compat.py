@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -120,7 +120,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await events.aclose()
 
 
-async def _collect(model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None]) -> web.Response:
+async def _collect(model: str, started: TurnStarted, events: AsyncIterator[TurnEvent]) -> web.Response:
     text, done = await collect_answer(events)
     headers = {"X-Session-Id": started.session_id} if started.session_id else None
     return json_response(completion(done.message_id, model, text, openai_finish_reason(done.finish_reason),
@@ -128,7 +128,7 @@ async def _collect(model: str, started: TurnStarted, events: AsyncGenerator[Turn
                                     [c.to_json() for c in done.citations]), headers=headers)
 
 
-async def _stream(request: web.Request, model: str, started: TurnStarted, events: AsyncGenerator[TurnEvent, None],
+async def _stream(request: web.Request, model: str, started: TurnStarted, events: AsyncIterator[TurnEvent],
                   include_usage: bool) -> web.StreamResponse:
     metrics = request.app[keys.METRICS]
     created = int(time.time())

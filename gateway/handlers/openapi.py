@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -16,9 +15,9 @@ LIMIT_MARKER = "x-kefu-limit"
 """Schemas whose `maxLength` is a setting carry this key naming the GatewaySettings field."""
 
 
-def load_document(limits: dict[str, int] | None = None) -> dict[str, Any]:
+def load_document(limits: dict[str, int] | None = None) -> dict[str, object]:
     """The document as kept in the repository, with every `x-kefu-limit` maxLength set from `limits`."""
-    document: dict[str, Any] = json.loads(DOCUMENT_PATH.read_text(encoding="utf-8"))
+    document: dict[str, object] = json.loads(DOCUMENT_PATH.read_text(encoding="utf-8"))
     if limits:
         _apply_limits(document, limits)
     return document

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import uvloop
 
@@ -26,7 +26,8 @@ S = TypeVar("S", bound=HasLogLevel)
 T = TypeVar("T")
 
 
-def run_process(name: str, load_settings: Callable[[], S], serve: Callable[[S], Coroutine[Any, Any, None]]) -> None:
+def run_process(name: str, load_settings: Callable[[], S],
+                serve: Callable[[S], Coroutine[object, object, None]]) -> None:
     try:
         settings = load_settings()
         loop_settings = EventLoopSettings.load()
@@ -40,7 +41,7 @@ def run_process(name: str, load_settings: Callable[[], S], serve: Callable[[S], 
         sys.exit(f"{name}: {error}")
 
 
-def run_on_loop(main: Coroutine[Any, Any, T], settings: EventLoopSettings) -> T:
+def run_on_loop(main: Coroutine[object, object, T], settings: EventLoopSettings) -> T:
     """Run `main` to its end on a new uvloop (or asyncio's own loop with KEFU_UVLOOP=0)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if settings.uvloop else None) as runner:
         return runner.run(_announced(main))
@@ -51,7 +52,7 @@ def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"
 
 
-async def _announced(main: Coroutine[Any, Any, T]) -> T:
+async def _announced(main: Coroutine[object, object, T]) -> T:
     # One line at start, so a deployment (and tests/e2e/test_event_loop.py) can see which loop runs.
     log.info("event loop: %s", loop_kind(asyncio.get_running_loop()))
     return await main

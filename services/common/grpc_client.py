@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TypeAlias, TypeVar
 
 import grpc
 
 from services.common.grpc_server import AUTHORIZATION_METADATA_KEY
 from services.common.settings import internal_tokens
 
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 Metadata = tuple[tuple[str, str], ...]
+Serializer: TypeAlias = Callable[[RequestT], bytes]
+Deserializer: TypeAlias = Callable[[bytes], ResponseT]
 
 
 def internal_metadata(token: str) -> Metadata:
@@ -21,18 +25,59 @@ def internal_metadata(token: str) -> Metadata:
     return ((AUTHORIZATION_METADATA_KEY, f"Bearer {tokens[0]}"),) if tokens else ()
 
 
-class _WithMetadata:
-    """A multicallable (what a stub calls) that adds fixed metadata to the call's own."""
+CallMetadata: TypeAlias = "grpc.aio.Metadata | Sequence[tuple[str, str | bytes]]"
+"""What a call may carry as its own metadata (grpc.aio's MetadataType)."""
 
-    __slots__ = ("_inner", "_metadata")
 
-    def __init__(self, inner: Any, metadata: Metadata) -> None:
-        self._inner = inner
-        self._metadata = metadata
+def _merged(fixed: Metadata, metadata: CallMetadata | None) -> CallMetadata:
+    return fixed if not metadata else (*tuple(metadata), *fixed)
 
-    def __call__(self, *args: Any, metadata: Sequence[tuple[str, str]] | None = None, **kwargs: Any) -> Any:
-        merged = self._metadata if not metadata else (*tuple(metadata), *self._metadata)
-        return self._inner(*args, metadata=merged, **kwargs)
+
+# One wrapper per kind of multicallable (what a stub calls), each adding fixed metadata to the call's own.
+class _UnaryUnary(grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT]):
+    def __init__(self, inner: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT], metadata: Metadata) -> None:
+        self._inner, self._metadata = inner, metadata
+
+    def __call__(self, request: RequestT, *, timeout: float | None = None, metadata: CallMetadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> grpc.aio.UnaryUnaryCall[RequestT, ResponseT]:
+        return self._inner(request, timeout=timeout, metadata=_merged(self._metadata, metadata),
+                           credentials=credentials, wait_for_ready=wait_for_ready, compression=compression)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamMultiCallable[RequestT, ResponseT]):
+    def __init__(self, inner: grpc.aio.UnaryStreamMultiCallable[RequestT, ResponseT], metadata: Metadata) -> None:
+        self._inner, self._metadata = inner, metadata
+
+    def __call__(self, request: RequestT, *, timeout: float | None = None, metadata: CallMetadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> grpc.aio.UnaryStreamCall[RequestT, ResponseT]:
+        return self._inner(request, timeout=timeout, metadata=_merged(self._metadata, metadata),
+                           credentials=credentials, wait_for_ready=wait_for_ready, compression=compression)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryMultiCallable[RequestT, ResponseT]):
+    def __init__(self, inner: grpc.aio.StreamUnaryMultiCallable[RequestT, ResponseT], metadata: Metadata) -> None:
+        self._inner, self._metadata = inner, metadata
+
+    def __call__(self, request_iterator: AsyncIterator[RequestT] | Iterator[RequestT] | None = None,
+                 timeout: float | None = None, metadata: CallMetadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> grpc.aio.StreamUnaryCall[RequestT, ResponseT]:
+        return self._inner(request_iterator, timeout=timeout, metadata=_merged(self._metadata, metadata),
+                           credentials=credentials, wait_for_ready=wait_for_ready, compression=compression)
+
+
+class _StreamStream(grpc.aio.StreamStreamMultiCallable[RequestT, ResponseT]):
+    def __init__(self, inner: grpc.aio.StreamStreamMultiCallable[RequestT, ResponseT], metadata: Metadata) -> None:
+        self._inner, self._metadata = inner, metadata
+
+    def __call__(self, request_iterator: AsyncIterator[RequestT] | Iterator[RequestT] | None = None,
+                 timeout: float | None = None, metadata: CallMetadata | None = None,
+                 credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
+                 compression: grpc.Compression | None = None) -> grpc.aio.StreamStreamCall[RequestT, ResponseT]:
+        return self._inner(request_iterator, timeout=timeout, metadata=_merged(self._metadata, metadata),
+                           credentials=credentials, wait_for_ready=wait_for_ready, compression=compression)
 
 
 class InternalChannel(grpc.aio.Channel):
@@ -63,20 +108,41 @@ class InternalChannel(grpc.aio.Channel):
     async def channel_ready(self) -> None:
         await self._channel.channel_ready()
 
-    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithMetadata(self._channel.unary_unary(*args, **kwargs), self._metadata)
+    # Generated stubs pass `_registered_method` (grpcio >= 1.63); types-grpcio's Channel does not declare it.
+    def unary_unary(self, method: str, request_serializer: Serializer[RequestT] | None = None,
+                    response_deserializer: Deserializer[ResponseT] | None = None,
+                    _registered_method: bool | None = False,
+                    ) -> grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT]:
+        inner = self._channel.unary_unary(method, request_serializer, response_deserializer,
+                                          _registered_method=_registered_method)  # type: ignore[call-arg]
+        return _UnaryUnary(inner, self._metadata)
 
-    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithMetadata(self._channel.unary_stream(*args, **kwargs), self._metadata)
+    def unary_stream(self, method: str, request_serializer: Serializer[RequestT] | None = None,
+                     response_deserializer: Deserializer[ResponseT] | None = None,
+                     _registered_method: bool | None = False,
+                     ) -> grpc.aio.UnaryStreamMultiCallable[RequestT, ResponseT]:
+        inner = self._channel.unary_stream(method, request_serializer, response_deserializer,
+                                           _registered_method=_registered_method)  # type: ignore[call-arg]
+        return _UnaryStream(inner, self._metadata)
 
-    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithMetadata(self._channel.stream_unary(*args, **kwargs), self._metadata)
+    def stream_unary(self, method: str, request_serializer: Serializer[RequestT] | None = None,
+                     response_deserializer: Deserializer[ResponseT] | None = None,
+                     _registered_method: bool | None = False,
+                     ) -> grpc.aio.StreamUnaryMultiCallable[RequestT, ResponseT]:
+        inner = self._channel.stream_unary(method, request_serializer, response_deserializer,
+                                           _registered_method=_registered_method)  # type: ignore[call-arg]
+        return _StreamUnary(inner, self._metadata)
 
-    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _WithMetadata(self._channel.stream_stream(*args, **kwargs), self._metadata)
+    def stream_stream(self, method: str, request_serializer: Serializer[RequestT] | None = None,
+                      response_deserializer: Deserializer[ResponseT] | None = None,
+                      _registered_method: bool | None = False,
+                      ) -> grpc.aio.StreamStreamMultiCallable[RequestT, ResponseT]:
+        inner = self._channel.stream_stream(method, request_serializer, response_deserializer,
+                                            _registered_method=_registered_method)  # type: ignore[call-arg]
+        return _StreamStream(inner, self._metadata)
 
 
-def internal_channel(target: str, token: str, options: Sequence[tuple[str, Any]] = ()) -> InternalChannel:
+def internal_channel(target: str, token: str, options: Sequence[tuple[str, int | str]] = ()) -> InternalChannel:
     """An insecure (plaintext) channel to a kefu service that authenticates each call with `token`.
 
     In-cluster traffic is plaintext: NetworkPolicies keep strangers off the ports, the token keeps

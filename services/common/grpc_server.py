@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +34,7 @@ from services.common.settings import internal_tokens
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RECEIVE_BYTES = 8 * 1024 * 1024
-SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     # Without this a second server can bind the same port and silently take calls.
     ("grpc.so_reuseport", 0),
     # Long streams: allow client keepalive pings every 20 s without a call in flight.
@@ -55,6 +55,18 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 """Calls answered without the internal credential: Kubernetes `grpc:` probes carry none."""
 DENIED_LOG_INTERVAL_S = 10.0
 
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+if TYPE_CHECKING:  # generic only in types-grpcio: at run time these classes take no type arguments
+    # A handler or context serves whichever method the call names: its protobuf types are unknown here.
+    _AnyHandler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    _AnyContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    # types-grpcio types RpcMethodHandler's behaviours as the sync server's (plain functions over Iterators);
+    # under grpc.aio they are coroutine functions and async generator functions.
+    _Answering: TypeAlias = Callable[[Any, _AnyContext], Awaitable[object]]
+    _Streaming: TypeAlias = Callable[[Any, _AnyContext], AsyncIterator[object]]
+
 
 class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every call but health must carry `authorization: Bearer <KEFU_INTERNAL_TOKEN>`; else UNAUTHENTICATED.
@@ -72,9 +84,11 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
         self._denied_since_log = 0
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[RequestT, ResponseT] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         if details.method.startswith(OPEN_METHOD_PREFIXES) or self._authorized(details):
             return await continuation(details)
         self._log_denied(details.method)
@@ -104,20 +118,20 @@ _DENIED = "missing or wrong internal credential (authorization: Bearer <KEFU_INT
 DENY_FIRST_MESSAGE_WAIT_S = 1.0
 
 
-def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+def _denying(handler: grpc.RpcMethodHandler[RequestT, ResponseT] | None) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED without running anything."""
 
-    async def deny(context: grpc.aio.ServicerContext) -> None:
+    async def deny(context: _AnyContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(request: object, context: _AnyContext) -> None:
         await deny(context)
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(request: object, context: _AnyContext) -> AsyncIterator[None]:
         await deny(context)
         yield None  # never reached: abort raises
 
-    async def after_first(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async def after_first(requests: AsyncIterator[object], context: _AnyContext) -> None:
         # A caller that writes before it reads would see its write race the early status, and grpc.aio's
         # client then reports INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066): let the first
         # message arrive (briefly) before refusing.
@@ -125,11 +139,11 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
             await asyncio.wait_for(anext(aiter(requests)), DENY_FIRST_MESSAGE_WAIT_S)
         await deny(context)
 
-    async def unary_after_first(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    async def unary_after_first(requests: AsyncIterator[object], context: _AnyContext) -> None:
         await after_first(requests, context)
 
-    async def streaming_after_first(requests: AsyncIterator[Any],
-                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming_after_first(requests: AsyncIterator[object],
+                                    context: _AnyContext) -> AsyncIterator[None]:
         await after_first(requests, context)
         yield None  # never reached: abort raises
 
@@ -154,14 +168,16 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             ["service", "method", "code"], registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[_AnyHandler, _AnyHandler]] = {}
         """By full method name: the handler the server gave and its wrapper (bounded: only served
         methods get a handler)."""
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[RequestT, ResponseT] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         handler = await continuation(details)
         if handler is None:
             return handler  # an unknown method: gRPC answers UNIMPLEMENTED, and no label takes a caller's string
@@ -175,7 +191,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: _AnyContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_METADATA_KEY:
             return str(value)
@@ -191,11 +207,11 @@ class _CallTimer:
         self._histogram = histogram
         self.service = service
         self.method = method
-        self._by_code: dict[grpc.StatusCode, Any] = {}
+        self._by_code: dict[grpc.StatusCode, Histogram] = {}
         """The histogram's child per status code, bound on first use (at most the 17 codes)."""
 
     @contextmanager
-    def timed(self, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def timed(self, context: _AnyContext) -> Iterator[None]:
         # Each RPC runs in its own task, so setting the context variable scopes it to the call.
         request_id_var.set(_request_id(context))
         log.debug("rpc %s/%s", self.service, self.method)
@@ -214,7 +230,8 @@ class _CallTimer:
             child.observe(time.perf_counter() - start)
 
 
-def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+def call_status(context: grpc.aio.ServicerContext[RequestT, ResponseT],
+                error: BaseException | None) -> grpc.StatusCode:
     """The status a call ended with, as its client sees it."""
     code: grpc.StatusCode | None = context.code()  # set by abort() and set_code()
     if code is not None:
@@ -229,35 +246,34 @@ def call_status(context: grpc.aio.ServicerContext, error: BaseException | None) 
     return grpc.StatusCode.UNKNOWN  # what grpc.aio answers for an exception the handler let escape
 
 
-def _wrap(handler: grpc.RpcMethodHandler, timer: _CallTimer) -> grpc.RpcMethodHandler:
+def _wrap(handler: _AnyHandler, timer: _CallTimer) -> _AnyHandler:
     codec = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_answering(handler.unary_unary, timer), *codec)
+        return grpc.unary_unary_rpc_method_handler(_answering(cast("_Answering", handler.unary_unary), timer), *codec)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, timer), *codec)
+        return grpc.unary_stream_rpc_method_handler(_streaming(cast("_Streaming", handler.unary_stream), timer), *codec)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_answering(handler.stream_unary, timer), *codec)
+        return grpc.stream_unary_rpc_method_handler(_answering(cast("_Answering", handler.stream_unary), timer), *codec)
     if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, timer), *codec)
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(cast("_Streaming", handler.stream_stream), timer), *codec)
     return handler
 
 
-def _answering(inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+def _answering(inner: _Answering, timer: _CallTimer) -> _Answering:
     """A handler with one response (its request: one message or a stream), timed."""
 
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handle(request: object, context: _AnyContext) -> object:
         with timer.timed(context):
             return await inner(request, context)
 
     return handle
 
 
-def _streaming(inner: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
-               timer: _CallTimer) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+def _streaming(inner: _Streaming, timer: _CallTimer) -> _Streaming:
     """A handler with a response stream, timed until its last message."""
 
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handle(request: object, context: _AnyContext) -> AsyncIterator[object]:
         with timer.timed(context):
             async for item in inner(request, context):
                 yield item
@@ -339,7 +355,7 @@ def status_for(error: Exception) -> grpc.StatusCode:
 
 
 @asynccontextmanager
-async def grpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def grpc_errors(context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> AsyncIterator[None]:
     """Turn domain and NATS errors into a gRPC status; anything else is INTERNAL, logged once."""
     try:
         yield

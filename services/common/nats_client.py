@@ -72,7 +72,9 @@ async def check_credentials(endpoint: NatsEndpoint, timeout_s: float = 2.0) -> N
 
     probe = NatsClient()
     try:
-        await probe.connect(list(endpoint.servers), connect_timeout=timeout_s, allow_reconnect=False,
+        # nats-py annotates connect_timeout as int, but only hands it to asyncio.wait_for: a float is right.
+        await probe.connect(list(endpoint.servers), connect_timeout=timeout_s,  # type: ignore[arg-type]
+                            allow_reconnect=False,
                             max_reconnect_attempts=0, error_cb=on_error, user=endpoint.user or None,
                             password=endpoint.password or None, name="kefu-credentials-check")
     except (OSError, TimeoutError, nats.errors.Error) as error:

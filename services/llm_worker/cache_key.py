@@ -9,7 +9,6 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import opencc
 
@@ -61,7 +60,7 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def target_version(plugins_fingerprint: str, provider: str, settings: Mapping[str, Any]) -> str:
+def target_version(plugins_fingerprint: str, provider: str, settings: Mapping[str, object]) -> str:
     """The serving version: another model, other settings, or any change to the plugins folder
     (code, routes, FAQ data) gives new keys, so a swap never serves the old version's answers."""
     visible = {k: v for k, v in settings.items() if "key" not in k.lower() and "secret" not in k.lower()}

@@ -7,10 +7,10 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from services.llm_worker.citations import CitedFinish, citations_of
-from services.llm_worker.knowledge.grounding import CitationScanner, grounded_messages
+from services.llm_worker.knowledge.grounding import CitationScanner, GroundingMode, grounded_messages
 from services.llm_worker.knowledge.models import Retrieval
 from services.llm_worker.knowledge.smalltalk import small_talk
 from services.llm_worker.plugin_api import (
@@ -27,13 +27,12 @@ from services.llm_worker.plugin_api import (
 
 log = logging.getLogger(__name__)
 
-GROUNDING_MODES = ("strict", "open")
 PASSAGES_K = 8
 """Passages retrieved per turn (numbered [1]..[k] in an LLM's prompt): with the 400-token chunks, 8 bring
 the gold answer span into the prompt for 0.99 of the CMRC 2018 trial questions, 5 for 0.985 (make bench-kb)."""
 SMALL_TALK_MODEL = "small-talk"
 """`Done.model` of a greeting, thanks or goodbye answered by the worker itself."""
-HANDOFF = "handoff"
+HANDOFF: Final = "handoff"
 
 PlanKind = Literal["small_talk", "handoff", "grounded", "ungrounded"]
 
@@ -62,7 +61,7 @@ class KnowledgeSource(Protocol):
 class Grounding:
     """The tenant's settings that shape a grounded answer (from the edge, per request)."""
 
-    mode: str = "strict"
+    mode: GroundingMode = "strict"
     """"strict": facts only from the documents, else a handoff; "open": the model may answer from
     general knowledge and says so."""
     assistant_name: str = ""
@@ -70,7 +69,7 @@ class Grounding:
     @classmethod
     def of(cls, mode: str, assistant_name: str) -> Grounding:
         """Lenient: an unknown or empty mode is "strict" (the safe one)."""
-        return cls(mode if mode in GROUNDING_MODES else "strict", assistant_name.strip()[:64])
+        return cls("open" if mode == "open" else "strict", assistant_name.strip()[:64])
 
 
 @dataclass(frozen=True, slots=True)

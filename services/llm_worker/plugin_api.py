@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from services.llm_worker.knowledge.models import Chunk, Hit
 
@@ -89,7 +89,7 @@ class PluginContext:
 
     plugins_dir: Path
     """The folder the plugin was loaded from; data files sit beside the modules (flat: ConfigMaps hold no folders)."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, object] = field(default_factory=dict)
 
 
 class ProviderError(Exception):
@@ -127,13 +127,14 @@ class Provider(Protocol):
         """Release what `setup()` acquired. Called when the generation is dropped."""
 
 
+@runtime_checkable
 class ProviderFactory(Protocol):
     """The module's `plugin` object: builds a provider from a route's settings."""
 
     name: str
     """The provider name routes refer to, e.g. "knowledge_base"."""
 
-    def __call__(self, settings: Mapping[str, Any], context: PluginContext) -> Provider: ...
+    def __call__(self, settings: Mapping[str, object], context: PluginContext) -> Provider: ...
 
 
 @runtime_checkable

@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from services.llm_worker.plugin_api import PluginContext, Provider, ProviderFactory
 from services.llm_worker.routes import RouteSpec, TargetSpec, parse_routes, pick_target
@@ -108,7 +107,7 @@ def _import_fresh(path: Path, attempt: int) -> ModuleType:
 
 
 def _factory_of(module: ModuleType, path: Path) -> ProviderFactory:
-    factory = getattr(module, "plugin", None)
+    factory: object = getattr(module, "plugin", None)
     if factory is None:
         raise PluginLoadError(f"plugin {path.name}: exports no `plugin` object")
     name = getattr(factory, "name", None)
@@ -116,6 +115,7 @@ def _factory_of(module: ModuleType, path: Path) -> ProviderFactory:
         raise PluginLoadError(f"plugin {path.name}: `plugin.name` must be a non-empty string")
     if not callable(factory):
         raise PluginLoadError(f"plugin {path.name}: `plugin` must be callable as plugin(settings, context)")
+    assert isinstance(factory, ProviderFactory)  # what the checks above established: a `name` and a `__call__`
     return factory
 
 
@@ -123,7 +123,7 @@ def _check_provider(provider: object, where: str) -> Provider:
     for member in PROVIDER_METHODS:
         if not callable(getattr(provider, member, None)):
             raise PluginLoadError(f"{where}: provider has no method {member}()")
-    if not inspect.isasyncgenfunction(provider.stream):
+    if not inspect.isasyncgenfunction(getattr(provider, "stream", None)):
         raise PluginLoadError(f"{where}: provider.stream must be an async generator function")
     if not isinstance(getattr(provider, "capabilities", None), frozenset):
         raise PluginLoadError(f"{where}: provider.capabilities must be a frozenset")
@@ -132,7 +132,7 @@ def _check_provider(provider: object, where: str) -> Provider:
 
 
 async def load_generation(snapshot: FolderSnapshot, folder: Path, attempt: int, routes_file: str,
-                          route_overrides: Mapping[str, RouteSpec], extra: Mapping[str, Any] | None = None,
+                          route_overrides: Mapping[str, RouteSpec], extra: Mapping[str, object] | None = None,
                           ) -> Generation:
     """Write `snapshot` to `folder`, import every plugin, build, set up and self-test every target.
 
@@ -165,11 +165,11 @@ async def load_generation(snapshot: FolderSnapshot, folder: Path, attempt: int, 
             generation.routes[spec.name] = route
             for index, target_spec in enumerate(spec.targets, start=1):
                 where = f"route {spec.name} target {index} ({target_spec.provider})"
-                factory = factories.get(target_spec.provider)
-                if factory is None:
+                target_factory = factories.get(target_spec.provider)
+                if target_factory is None:
                     raise PluginLoadError(f"{where}: no plugin provides it (have {sorted(factories)})")
                 try:
-                    provider = _check_provider(factory(target_spec.settings, context), where)
+                    provider = _check_provider(target_factory(target_spec.settings, context), where)
                     route.targets.append(Target(target_spec, provider))
                     await provider.setup()
                     await provider.self_test()

@@ -24,10 +24,11 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 MAX_WEIGHT = 1_000_000
+T = TypeVar("T")
 
 
 class RoutesError(ValueError):
@@ -37,7 +38,7 @@ class RoutesError(ValueError):
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
     provider: str
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, object] = field(default_factory=dict)
     weight: int = 1
 
 
@@ -47,12 +48,12 @@ class RouteSpec:
     targets: tuple[TargetSpec, ...]
 
     @classmethod
-    def single(cls, name: str, provider: str, settings: Mapping[str, Any]) -> RouteSpec:
+    def single(cls, name: str, provider: str, settings: Mapping[str, object]) -> RouteSpec:
         return cls(name, (TargetSpec(provider, settings, 1),))
 
 
-def pick_target(targets: Sequence[Any], weights: Sequence[int], route: str, session_id: str,
-                fallback_key: str) -> Any:
+def pick_target(targets: Sequence[T], weights: Sequence[int], route: str, session_id: str,
+                fallback_key: str) -> T:
     """The target a conversation goes to: a hash of route and session over the weights.
 
     Deterministic, so one conversation stays on one version while the weights stay the
@@ -70,8 +71,9 @@ def pick_target(targets: Sequence[Any], weights: Sequence[int], route: str, sess
     return targets[-1]
 
 
-def _target(route: str, raw: Any, where: str) -> TargetSpec:
-    if not isinstance(raw, dict) or not isinstance(raw.get("provider"), str) or not raw["provider"]:
+def _target(route: str, raw: object, where: str) -> TargetSpec:
+    provider = raw.get("provider") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or not isinstance(provider, str) or not provider:
         raise RoutesError(f"route {route!r}{where}: needs provider = \"<plugin name>\"")
     settings = raw.get("settings", {})
     if not isinstance(settings, dict):
@@ -79,7 +81,7 @@ def _target(route: str, raw: Any, where: str) -> TargetSpec:
     weight = raw.get("weight", 1)
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
         raise RoutesError(f"route {route!r}{where}: weight must be an integer 0..{MAX_WEIGHT}")
-    return TargetSpec(raw["provider"], settings, weight)
+    return TargetSpec(provider, settings, weight)
 
 
 def parse_routes(text: str) -> dict[str, RouteSpec]:

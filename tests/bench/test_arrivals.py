@@ -61,7 +61,7 @@ def test_poisson_arrivals_are_seeded_with_the_mean_gap_of_the_rate() -> None:
 ])
 def test_arrival_offsets_refuse_bad_bounds(kwargs: dict[str, float | str]) -> None:
     with pytest.raises(ValueError):
-        arrival_offsets(**kwargs)  # type: ignore[arg-type]
+        arrival_offsets(**kwargs)  # type: ignore[arg-type]  # bad values on purpose
 
 
 async def test_starts_follow_the_schedule_while_earlier_requests_are_still_open() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -16,7 +15,7 @@ from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 pytestmark = pytest.mark.timeout(10)
 
 
-def openai_body(user: int, seq: int) -> Mapping[str, Any]:
+def openai_body(user: int, seq: int) -> Mapping[str, object]:
     return {"model": "m", "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"user {user} request {seq}"}]}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import requests
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import FilePayload, Locator, Page, expect
 
 from devtools.devstack.stack import Stack
 from devtools.mint_token import mint
@@ -165,7 +165,7 @@ def test_knowledge_broken_pdf_shows_failed_with_its_error_and_delete_removes_a_d
     expect(row.get_by_test_id("kb-document-error")).to_have_text(stored["error"])  # the one-line reason
 
     # A type kefu cannot read is refused at once, with the API's reason; no document is made of it.
-    photo = {"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n not parsed"}
+    photo: FilePayload = {"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n not parsed"}
     refused = requests.post(f"{kb_web_stack.base_url}/v1/knowledge/documents", timeout=30,
                             headers={"Authorization": f"Bearer {admin_token()}"},
                             files={"file": (photo["name"], photo["buffer"], photo["mimeType"])})

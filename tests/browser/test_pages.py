@@ -12,10 +12,12 @@ from aiohttp.test_utils import TestClient
 
 from devtools.devstack.stack import free_port
 from gateway.app import create_app
-from gateway.pages import PAGES, WEB_DIR, content_security_policy
+from gateway.pages import PAGES, WEB_DIR, Page, content_security_policy
 from gateway.settings import GatewaySettings
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+EdgeClient = TestClient[web.Request, web.Application]
+
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 WIDGET_BUDGET_BYTES = 30 * 1024
 
 
@@ -26,7 +28,7 @@ def settings() -> GatewaySettings:
 
 
 @pytest.fixture
-async def client(aiohttp_client: ClientFactory) -> TestClient:
+async def client(aiohttp_client: ClientFactory) -> EdgeClient:
     return await aiohttp_client(create_app(settings()))
 
 
@@ -35,11 +37,11 @@ def directives(policy: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.path)
-async def test_pages_are_served_with_security_headers(client: TestClient, page: object) -> None:
-    response = await client.get(page.path)  # type: ignore[attr-defined]
+async def test_pages_are_served_with_security_headers(client: EdgeClient, page: Page) -> None:
+    response = await client.get(page.path)
     assert response.status == 200
-    assert response.content_type == page.content_type  # type: ignore[attr-defined]
-    assert await response.read() == (WEB_DIR / page.file).read_bytes()  # type: ignore[attr-defined]
+    assert response.content_type == page.content_type
+    assert await response.read() == (WEB_DIR / page.file).read_bytes()
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "no-referrer"
     assert "X-Request-Id" in response.headers and "Cache-Control" in response.headers
@@ -50,7 +52,7 @@ async def test_pages_are_served_with_security_headers(client: TestClient, page: 
     assert not any("unsafe" in value for values in policy.values() for value in values)
 
 
-async def test_pages_console_is_never_framed_the_shop_may_be(client: TestClient) -> None:
+async def test_pages_console_is_never_framed_the_shop_may_be(client: EdgeClient) -> None:
     console = await client.get("/console/")
     assert console.headers["X-Frame-Options"] == "DENY"
     assert directives(console.headers["Content-Security-Policy"])["frame-ancestors"] == ["'none'"]
@@ -59,7 +61,7 @@ async def test_pages_console_is_never_framed_the_shop_may_be(client: TestClient)
     assert "frame-ancestors" not in directives(shop.headers["Content-Security-Policy"])
 
 
-async def test_pages_widget_is_loadable_cross_site_and_cacheable(client: TestClient) -> None:
+async def test_pages_widget_is_loadable_cross_site_and_cacheable(client: EdgeClient) -> None:
     response = await client.get("/widget.js", headers={"Origin": "https://shop.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
@@ -68,7 +70,7 @@ async def test_pages_widget_is_loadable_cross_site_and_cacheable(client: TestCli
     assert again.status == 304 and await again.read() == b""
 
 
-async def test_pages_console_path_without_slash_redirects(client: TestClient) -> None:
+async def test_pages_console_path_without_slash_redirects(client: EdgeClient) -> None:
     response = await client.get("/console", allow_redirects=False)
     assert response.status == 308 and response.headers["Location"] == "/console/"
 

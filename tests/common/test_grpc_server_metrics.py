@@ -81,7 +81,7 @@ async def test_grpc_metric_records_the_status_code_a_call_ended_with(moderation:
     assert moderation.calls(HEALTH, "Check", "NOT_FOUND") == 1
 
 
-async def _slow_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+async def _slow_stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
     yield b"first"
     await asyncio.sleep(60)  # what a worker's Generate does while the upstream is slow
     yield b"never"
@@ -92,7 +92,7 @@ async def slow_server() -> AsyncIterator[tuple[grpc.aio.Channel, CollectorRegist
     """kefu's server bootstrap (create_grpc_server) serving a stream that stalls after its first message."""
     registry = CollectorRegistry()
     server = create_grpc_server(registry, "")
-    handler = grpc.unary_stream_rpc_method_handler(_slow_stream)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_stream_rpc_method_handler(_slow_stream)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SLOW, {"Wait": handler}),))
     port = bind(server, "127.0.0.1", 0)
     await server.start()
@@ -121,7 +121,8 @@ async def test_grpc_metric_counts_a_stream_cut_short(slow_server: tuple[grpc.aio
                                                      timeout_s: float, code: str) -> None:
     # The client reads the first message, then either cancels at once or lets its deadline pass.
     channel, registry = slow_server
-    call = channel.unary_stream(f"/{SLOW}/Wait")(b"", timeout=timeout_s)
+    wait: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{SLOW}/Wait")
+    call = wait(b"", timeout=timeout_s)
     try:
         assert await call.read() == b"first"
         if code == "DEADLINE_EXCEEDED":

@@ -14,21 +14,23 @@ from services.common.logs import REQUEST_ID_METADATA_KEY, request_id_var
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 WATCHED = 3
+HealthContext = grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
 
 
 def _seen(request: health_pb2.HealthCheckRequest) -> int:
     """SERVING when the handler runs under the request id the caller put in `service`."""
-    return SERVING if request_id_var.get() == request.service else NOT_SERVING
+    status: int = SERVING if request_id_var.get() == request.service else NOT_SERVING  # grpc_health is untyped
+    return status
 
 
 async def check(request: health_pb2.HealthCheckRequest,
-                context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+                context: HealthContext) -> health_pb2.HealthCheckResponse:
     await asyncio.sleep(0.01)  # calls overlap: a shared context would show here
     return health_pb2.HealthCheckResponse(status=_seen(request))
 
 
 async def watch(request: health_pb2.HealthCheckRequest,
-                context: grpc.aio.ServicerContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+                context: HealthContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
     for _ in range(WATCHED):
         await asyncio.sleep(0.005)
         yield health_pb2.HealthCheckResponse(status=_seen(request))
@@ -58,7 +60,8 @@ async def test_request_context_each_call_gets_its_own_request_id_and_is_timed() 
             async def one_check(rid: str) -> int:
                 reply = await unary(health_pb2.HealthCheckRequest(service=rid),
                                     metadata=((REQUEST_ID_METADATA_KEY, rid),))
-                return reply.status
+                status: int = reply.status
+                return status
 
             async def one_watch(rid: str) -> list[int]:
                 call = stream(health_pb2.HealthCheckRequest(service=rid), metadata=((REQUEST_ID_METADATA_KEY, rid),))

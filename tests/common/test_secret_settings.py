@@ -62,7 +62,7 @@ def test_a_rotation_list_checks_each_token() -> None:
 async def test_during_a_rotation_the_service_accepts_both_tokens_and_callers_send_the_first() -> None:
     server = create_grpc_server(CollectorRegistry(), f"{OLD},{NEW}")  # step 1: accept both, send old
 
-    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return request
 
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -74,7 +74,8 @@ async def test_during_a_rotation_the_service_accepts_both_tokens_and_callers_sen
         for caller in (OLD, NEW, f"{NEW},{OLD}", "x" * 32):
             async with internal_channel(f"127.0.0.1:{port}", caller) as channel:
                 try:
-                    await channel.unary_unary("/kefu.test.Echo/Echo")(b"hi", timeout=5)
+                    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/kefu.test.Echo/Echo")
+                    await call(b"hi", timeout=5)
                     outcomes[caller[:1]] = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as error:
                     outcomes[caller[:1]] = error.code()

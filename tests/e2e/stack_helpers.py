@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from devtools.devstack.stack import Stack, StackConfig, StackPorts, free_port
@@ -75,10 +76,10 @@ def auth(tenant: str = "shop1", sub: str = "visitor-1", role: str = "visitor") -
     return {"Authorization": f"Bearer {token(tenant, sub, role)}"}
 
 
-def wait_until(predicate: object, timeout_s: float = 10.0, what: str = "condition") -> None:
+def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} not reached within {timeout_s} s")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import secrets
 import time
+from typing import Any
 
 import aiohttp
 import nats
@@ -18,7 +19,7 @@ from services.common.grpc_client import internal_channel
 from tests.e2e.stack_helpers import auth
 
 
-async def turn(stack: Stack, tenant: str, message: str, session_id: str = "") -> tuple[str, dict, str]:
+async def turn(stack: Stack, tenant: str, message: str, session_id: str = "") -> tuple[str, dict[str, Any], str]:
     body: dict[str, object] = {"message": message}
     if session_id:
         body["session_id"] = session_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from bench.sse_reader import read_sse
@@ -9,7 +11,8 @@ from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth
 
 
-async def chat_events(stack: Stack, body: dict[str, object], headers: dict[str, str]) -> list[tuple[str, dict]]:
+async def chat_events(stack: Stack, body: dict[str, object],
+                      headers: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{stack.base_url}/v1/chat", json=body, headers=headers) as response:
             assert response.status == 200, await response.text()

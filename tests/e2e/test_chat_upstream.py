@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
@@ -13,14 +14,14 @@ from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from tests.e2e.stack_helpers import auth
 
 
-async def collect(stack: Stack, message: str, sub: str = "visitor-1") -> list[tuple[str, dict]]:
+async def collect(stack: Stack, message: str, sub: str = "visitor-1") -> list[tuple[str, dict[str, Any]]]:
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{stack.base_url}/v1/chat", json={"message": message}, headers=auth(sub=sub)) as r:
             assert r.status == 200, await r.text()
             return [(e.event, e.json()) async for e in read_sse(r)]
 
 
-def deltas(events: list[tuple[str, dict]]) -> str:
+def deltas(events: list[tuple[str, dict[str, Any]]]) -> str:
     return "".join(data["delta"] for name, data in events if name == "message")
 
 

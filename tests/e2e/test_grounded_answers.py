@@ -90,6 +90,11 @@ async def search(http: aiohttp.ClientSession, stack: Stack, tenant: str, query: 
         return list((await response.json())["results"])
 
 
+def finds(document_id: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """A search result that includes a passage of `document_id`."""
+    return lambda found: any(r["document_id"] == document_id for r in found)
+
+
 async def until_search(http: aiohttp.ClientSession, stack: Stack, tenant: str, query: str,
                        done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 60.0) -> None:
     """Poll the tenant's search (served by the same library the turns read) until `done` holds."""
@@ -116,8 +121,7 @@ async def seed(http: aiohttp.ClientSession, stack: Stack, tenant: str) -> None:
     await upload(http, stack, tenant, "shipping", "shipping.md", SHIPPING, "配送说明")
     await upload(http, stack, tenant, "faq", "faq.json", json.dumps(FAQ, ensure_ascii=False), "常见问题")
     for query, document_id in (("退货", "returns"), ("发货", "shipping"), ("货到付款", "faq")):
-        await until_search(http, stack, tenant, query, lambda found, d=document_id: any(  # type: ignore[misc]
-            r["document_id"] == d for r in found))
+        await until_search(http, stack, tenant, query, finds(document_id))
 
 
 async def test_an_faq_question_is_answered_with_its_citation(grounded_stack: Stack) -> None:

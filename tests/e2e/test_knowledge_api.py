@@ -68,7 +68,7 @@ async def call(stack: Stack, method: str, path: str, headers: dict[str, str], **
 async def upload(stack: Stack, body: dict[str, str], headers: dict[str, str] = ADMIN) -> dict[str, Any]:
     status, reply = await call(stack, "POST", "/v1/knowledge/documents", headers, json=body)
     assert status == 202, reply
-    assert reply["status"] == "queued" and reply["version"] >= 1
+    assert isinstance(reply, dict) and reply["status"] == "queued" and reply["version"] >= 1
     return reply
 
 
@@ -79,6 +79,7 @@ async def settled(stack: Stack, document_id: str, version: int, headers: dict[st
     while True:
         status, document = await call(stack, "GET", f"/v1/knowledge/documents/{document_id}", headers)
         assert status == 200, document
+        assert isinstance(document, dict)
         if document["version"] == version and document["status"] in ("ready", "failed"):
             return document
         if time.monotonic() > deadline:
@@ -89,7 +90,8 @@ async def settled(stack: Stack, document_id: str, version: int, headers: dict[st
 async def search(stack: Stack, query: str, headers: dict[str, str] = AGENT, k: int = 5) -> list[dict[str, Any]]:
     status, reply = await call(stack, "POST", "/v1/knowledge/search", headers, json={"query": query, "k": k})
     assert status == 200, (status, reply)
-    return reply["results"]
+    results: list[dict[str, Any]] = reply["results"]
+    return results
 
 
 async def test_knowledge_every_format_is_ingested_and_found(stack: Stack) -> None:

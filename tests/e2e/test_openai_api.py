@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
 import openai
 import pytest
@@ -15,8 +17,8 @@ REPLY = "您好！This is kefu."
 
 # The full OpenAI surface (own system prompt, any route, max_tokens) is an `api` token's; a visitor's is
 # narrower (tests/security/test_sec_visitor_llm_proxy.py).
-def sync_client(stack: Stack, **claims: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token(**{"role": "api", **claims}), max_retries=0)
+def sync_client(stack: Stack, *, role: str = "api") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=token(role=role), max_retries=0)
 
 
 def async_client(stack: Stack) -> openai.AsyncOpenAI:
@@ -24,10 +26,10 @@ def async_client(stack: Stack) -> openai.AsyncOpenAI:
 
 
 @pytest.fixture
-async def upstream(upstream_port: int) -> FakeUpstream:
+async def upstream(upstream_port: int) -> AsyncIterator[FakeUpstream]:
     async with FakeUpstream(FakeUpstreamConfig(reply=REPLY, chunk_count=5, usage=(20, 7)),
                             port=upstream_port) as fake:
-        yield fake  # type: ignore[misc]
+        yield fake
 
 
 async def test_openai_sdk_async_stream_with_usage(upstream_stack: Stack, upstream: FakeUpstream) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import hypothesis
@@ -22,6 +22,9 @@ from schemathesis.specs.openapi.checks import unsupported_method
 
 from devtools.devstack.stack import Stack
 from tests.e2e.stack_helpers import auth, edge_metrics_url, wait_until
+
+if TYPE_CHECKING:  # schemathesis declares its OpenAPI case type for type checkers only
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 DOCUMENT: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[2] / "gateway" / "openapi.json").read_text(encoding="utf-8"))
@@ -103,7 +106,7 @@ def check_completion_stream(events: list[SseEvent], complete: bool) -> None:
     assert chunks and chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
-def event_streams_conform(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> None:
+def event_streams_conform(ctx: object, response: schemathesis.Response, case: OpenApiCase) -> None:
     """The documented order of events and the schema of each event's JSON payload (contentSchema)."""
     content_type = (response.headers.get("content-type") or [""])[0]
     if response.status_code != 200 or not content_type.startswith("text/event-stream"):
@@ -132,7 +135,7 @@ def answer_route(kb_stack: Stack) -> str:
     return "knowledge-base" if "knowledge-base" in names else "default"
 
 
-def steer_completion_to_an_answer(case: schemathesis.Case, route: str) -> None:
+def steer_completion_to_an_answer(case: OpenApiCase, route: str) -> None:
     """Make a schema-valid completions body one the edge answers, so fuzzing reaches the streams.
 
     The document cannot say which `model` routes exist or that the last message must be a non-blank
@@ -154,7 +157,7 @@ def steer_completion_to_an_answer(case: schemathesis.Case, route: str) -> None:
             body[name] = int(body[name])
 
 
-def read_whole_stream(case: schemathesis.Case) -> bool:
+def read_whole_stream(case: OpenApiCase) -> bool:
     """Every completions stream and a third of the /v1/chat ones are read to their end, so the whole event
     order is checked; the other chat streams are dropped after a few events, which fuzzes client hang-ups and
     keeps the run short (the default route types its answer out in 20 ms steps)."""
@@ -166,7 +169,7 @@ def read_whole_stream(case: schemathesis.Case) -> bool:
 
 @schema.parametrize()
 @FUZZ_SETTINGS
-def test_edge_conforms_to_openapi_document(case: schemathesis.Case, kb_stack: Stack, answer_route: str) -> None:
+def test_edge_conforms_to_openapi_document(case: OpenApiCase, kb_stack: Stack, answer_route: str) -> None:
     if case.operation.label == "POST /v1/chat/completions":
         steer_completion_to_an_answer(case, answer_route)
     # Read per call by schemathesis' transport (its default stops every stream after 20 events).
@@ -181,7 +184,9 @@ def test_edge_fuzzed_streams_are_all_closed(kb_stack: Stack) -> None:
     """After the fuzzing above (streams read whole or dropped early), the edge holds no stream open."""
     def open_streams() -> float:
         metrics = requests.get(edge_metrics_url(kb_stack), timeout=10).text
-        return float(re.search(r"^kefu_active_streams (\S+)$", metrics, re.MULTILINE)[1])  # type: ignore[index]
+        found = re.search(r"^kefu_active_streams (\S+)$", metrics, re.MULTILINE)
+        assert found is not None, metrics
+        return float(found[1])
 
     wait_until(lambda: open_streams() == 0, timeout_s=10, what="kefu_active_streams back to 0")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +137,7 @@ def principal(who: tuple[str, str, str]) -> session_pb2.Principal:
 
 async def rpc_outcomes(stub: session_pb2_grpc.SessionServiceStub, session_id: str,
                        who: tuple[str, str, str]) -> dict[str, tuple[grpc.StatusCode, str]]:
-    calls = {
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
         "Append": lambda: stub.Append(session_pb2.AppendRequest(
             principal=principal(who), session_id=session_id, role="user", content="let me in"), timeout=5),
         "Append as agent": lambda: stub.Append(session_pb2.AppendRequest(

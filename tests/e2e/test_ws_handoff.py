@@ -102,8 +102,17 @@ async def connect(http: aiohttp.ClientSession, stack: Stack, *, sub: str, role: 
     return peer, welcome
 
 
-def is_type(kind: str, **fields: Any) -> Callable[[Frame], bool]:
+def is_type(kind: str, **fields: object) -> Callable[[Frame], bool]:
     return lambda f: f["type"] == kind and all(f.get(k) == v for k, v in fields.items())
+
+
+def answers(cid: str) -> Callable[[Frame], bool]:
+    """The ack or nack of the frame sent with `cid`."""
+    return lambda f: f["type"] in ("ack", "nack") and f.get("cid") == cid
+
+
+def has_cid(cid: object) -> Callable[[Frame], bool]:
+    return lambda f: f.get("cid") == cid
 
 
 async def start_conversation(peer: Peer, text: str = "你们卖什么茶？") -> str:
@@ -194,12 +203,11 @@ async def test_claim_race_of_ten_agents_has_one_winner(live_stack: Stack) -> Non
                                  edge="edge-b" if n % 2 else None))[0] for n in range(10)]
         await asyncio.gather(*(a.send(type="claim", conversation_id=conversation_id, cid=f"k{n}")
                                for n, a in enumerate(agents)))
-        answers = await asyncio.gather(*(a.next(lambda f, cid=f"k{n}": f["type"] in ("ack", "nack")
-                                                and f.get("cid") == cid) for n, a in enumerate(agents)))
-        winners = [n for n, frame in enumerate(answers) if frame["type"] == "ack"]
-        assert len(winners) == 1, answers
-        assert {f["code"] for f in answers if f["type"] == "nack"} == {"claim_conflict"}
-        assert all(f["request_type"] == "claim" for f in answers if f["type"] == "nack")
+        replies = await asyncio.gather(*(a.next(answers(f"k{n}")) for n, a in enumerate(agents)))
+        winners = [n for n, frame in enumerate(replies) if frame["type"] == "ack"]
+        assert len(winners) == 1, replies
+        assert {f["code"] for f in replies if f["type"] == "nack"} == {"claim_conflict"}
+        assert all(f["request_type"] == "claim" for f in replies if f["type"] == "nack")
         human = await visitor.next(is_type("state", status="human"))
         assert human["assignee"] == f"racer-{winners[0]}"
         for peer in [visitor, *agents]:
@@ -214,7 +222,7 @@ async def test_agents_cannot_touch_another_tenants_conversation(live_stack: Stac
         for frame in ({"type": "claim", "cid": "x1"}, {"type": "note", "cid": "x2", "text": "hi"},
                       {"type": "send", "cid": "x3", "text": "hi"}, {"type": "close", "cid": "x4"}):
             await intruder.send(conversation_id=conversation_id, **frame)
-            nack = await intruder.next(lambda f, cid=frame["cid"]: f.get("cid") == cid)
+            nack = await intruder.next(has_cid(frame["cid"]))
             assert (nack["type"], nack["code"]) == ("nack", "forbidden"), nack
         await intruder.ws.close()
         # Resuming it closes the socket with 4003, like a visitor resuming someone else's.

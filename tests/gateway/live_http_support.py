@@ -16,7 +16,9 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+EdgeClient = TestClient[web.Request, web.Application]
+"""What pytest-aiohttp's `aiohttp_client` gives for an edge app."""
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 
 
 def edge_settings(nats_url: str, **overrides: object) -> GatewaySettings:
@@ -26,7 +28,7 @@ def edge_settings(nats_url: str, **overrides: object) -> GatewaySettings:
         "moderation_addr": dead, "worker_addr": dead, "rpc_timeout_s": 2.0,
         "widget_tenants": frozenset({"shop1", "shop2"})}
     values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
+    return GatewaySettings(**values)  # type: ignore[arg-type]  # overrides of any field
 
 
 def bearer(role: str = "agent", tenant: str = "shop1", sub: str = "agent-1") -> dict[str, str]:
@@ -37,7 +39,8 @@ async def expect_error(response: ClientResponse, status: int, code: str) -> dict
     body = await response.json()
     assert (response.status, body["error"]["code"]) == (status, code), body
     assert body["error"]["request_id"] == response.headers["X-Request-Id"]
-    return body["error"]  # type: ignore[no-any-return]
+    error: dict[str, object] = body["error"]
+    return error
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = "") -> None:
@@ -48,7 +51,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float =
         await asyncio.sleep(0.02)
 
 
-async def start_edge(aiohttp_client: ClientFactory, settings: GatewaySettings) -> TestClient:
+async def start_edge(aiohttp_client: ClientFactory, settings: GatewaySettings) -> EdgeClient:
     """An edge whose NATS connection is up and whose blacklist copy is loaded (no start-up race left)."""
     client = await aiohttp_client(create_app(settings))
     blacklist = client.app[keys.BLACKLIST]

@@ -67,7 +67,8 @@ def literal_codes() -> dict[str, set[int | None]]:
                 name = call_name(node)
                 if name in CODE_ARGUMENT:
                     status = argument(node, 2, "status") if name == "ApiError" else None
-                    http = status.value if isinstance(status, ast.Constant) else statuses.get(name)
+                    http = status.value if isinstance(status, ast.Constant) and isinstance(status.value, int) \
+                        else statuses.get(name)
                     for code in constant_strings(argument(node, CODE_ARGUMENT[name], "code")):
                         found[code].add(http)
                 elif name == "__init__" and isinstance(node.func, ast.Attribute) and node.args:
@@ -104,7 +105,7 @@ def class_statuses(trees: list[ast.Module]) -> dict[str, int]:
                 for item in node.body:
                     if (isinstance(item, ast.Assign) and len(item.targets) == 1
                             and isinstance(item.targets[0], ast.Name) and item.targets[0].id == "status"
-                            and isinstance(item.value, ast.Constant)):
+                            and isinstance(item.value, ast.Constant) and isinstance(item.value.value, int)):
                         statuses[node.name] = item.value.value
     changed = True
     while changed:  # a subclass without its own status has its base's

@@ -6,14 +6,22 @@ from unittest import mock
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, make_mocked_request
+from aiohttp.test_utils import make_mocked_request
 
 from devtools.devstack.nats_server import NatsServer
 from gateway import keys
 from gateway.addresses import ClientAddresses, parse_trusted_proxies
 from gateway.settings import GatewaySettings
 from services.common.settings import SettingsError
-from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, eventually, expect_error, start_edge
+from tests.gateway.live_http_support import (
+    ClientFactory,
+    EdgeClient,
+    bearer,
+    edge_settings,
+    eventually,
+    expect_error,
+    start_edge,
+)
 
 DEV = {"KEFU_INTERNAL_AUTH": "off"}
 """Settings read as a dev machine would (no internal token); every other variable as the test names it."""
@@ -64,7 +72,7 @@ async def test_widget_token_limits_and_blocks_each_forwarded_visitor(nats_server
                                                                      aiohttp_client: ClientFactory) -> None:
     """Behind a proxy (the test client on 127.0.0.1), visitors no longer share one bucket, and blocking
     one visitor's address does not block the proxy's other visitors."""
-    client: TestClient = await start_edge(aiohttp_client, edge_settings(
+    client: EdgeClient = await start_edge(aiohttp_client, edge_settings(
         nats_server.url, widget_token_rps=0.01, widget_token_burst=1,
         trusted_proxies=parse_trusted_proxies("127.0.0.1, ::1")))
 

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
@@ -16,7 +15,15 @@ from gateway.auth import Principal
 from gateway.directory.account_status import AccountStatus
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
-from tests.gateway.live_http_support import SECRET, ClientFactory, edge_settings, eventually, expect_error, start_edge
+from tests.gateway.live_http_support import (
+    SECRET,
+    ClientFactory,
+    EdgeClient,
+    edge_settings,
+    eventually,
+    expect_error,
+    start_edge,
+)
 
 
 def agent(tenant: str, subject: str) -> Principal:
@@ -52,7 +59,7 @@ async def test_account_status_sees_a_disable_after_its_cache_and_passes_stranger
 
 async def test_disabled_account_is_locked_out_over_http_and_websocket(
         nats_server: NatsServer, aiohttp_client: ClientFactory, accounts: AgentAccounts) -> None:
-    client: TestClient = await start_edge(aiohttp_client, edge_settings(
+    client: EdgeClient = await start_edge(aiohttp_client, edge_settings(
         nats_server.url, account_check_s=0.2, rpc_timeout_s=0.5))
     token = mint(SECRET, tenant="shop1", subject="mei", role="agent")
     headers = {"Authorization": f"Bearer {token}"}

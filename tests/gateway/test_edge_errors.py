@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import jwt
 import pytest
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
 from prometheus_client import generate_latest
 
 from devtools.devstack.stack import free_port
@@ -16,9 +15,10 @@ from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests.gateway.live_http_support import EdgeClient
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 
 
 def settings(**overrides: object) -> GatewaySettings:
@@ -26,7 +26,7 @@ def settings(**overrides: object) -> GatewaySettings:
     values: dict[str, object] = {"jwt_secret": SECRET, "max_body_bytes": 4096, "session_addr": dead,
                                  "moderation_addr": dead, "worker_addr": dead, "rpc_timeout_s": 1.0}
     values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
+    return GatewaySettings(**values)  # type: ignore[arg-type]  # overrides of any field
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -39,7 +39,7 @@ def good_token(**claims: object) -> str:
 
 
 @pytest.fixture
-async def client(aiohttp_client: ClientFactory) -> TestClient:
+async def client(aiohttp_client: ClientFactory) -> EdgeClient:
     return await aiohttp_client(create_app(settings()))
 
 
@@ -56,30 +56,30 @@ async def assert_error(response: ClientResponse, status: int, code: str) -> None
     pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "visitor", "exp": int(time.time()) - 3600},
                             SECRET, algorithm="HS256"), id="expired"),
     pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "visitor", "exp": int(time.time()) + 60},
-                            None, algorithm="none"), id="alg-none"),
+                            "", algorithm="none"), id="alg-none"),
     pytest.param(jwt.encode({"sub": "a", "role": "visitor", "exp": int(time.time()) + 60},
                             SECRET, algorithm="HS256"), id="missing-tenant"),
     pytest.param(jwt.encode({"sub": "a", "tenant": "t", "role": "root", "exp": int(time.time()) + 60},
                             SECRET, algorithm="HS256"), id="unknown-role"),
     pytest.param("not-a-jwt", id="garbage"),
 ])
-async def test_edge_rejects_bad_tokens_with_401_json(client: TestClient, token: str) -> None:
+async def test_edge_rejects_bad_tokens_with_401_json(client: EdgeClient, token: str) -> None:
     response = await client.post("/v1/chat", json={"message": "hi"}, headers=bearer(token))
     await assert_error(response, 401, "unauthorized")
 
 
-async def test_edge_missing_authorization_is_401(client: TestClient) -> None:
+async def test_edge_missing_authorization_is_401(client: EdgeClient) -> None:
     await assert_error(await client.post("/v1/chat", json={"message": "hi"}), 401, "unauthorized")
 
 
-async def test_edge_body_over_limit_is_413(client: TestClient) -> None:
+async def test_edge_body_over_limit_is_413(client: EdgeClient) -> None:
     response = await client.post("/v1/chat", data=b'{"message": "' + b"x" * 5000 + b'"}',
                                  headers={**bearer(good_token()), "Content-Type": "application/json"})
     await assert_error(response, 413, "body_too_large")
 
 
-async def test_edge_body_over_limit_without_length_is_413(client: TestClient) -> None:
-    async def chunks():  # chunked upload: no Content-Length to refuse early
+async def test_edge_body_over_limit_without_length_is_413(client: EdgeClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # chunked upload: no Content-Length to refuse early
         for _ in range(10):
             yield b"x" * 1000
 
@@ -89,7 +89,7 @@ async def test_edge_body_over_limit_without_length_is_413(client: TestClient) ->
 
 
 @pytest.mark.parametrize("body", [b"not json", b"\xff\xfe{}", b'{"message": "unterminated', b"[" * 3000])
-async def test_edge_body_not_json_is_400(client: TestClient, body: bytes) -> None:
+async def test_edge_body_not_json_is_400(client: EdgeClient, body: bytes) -> None:
     response = await client.post("/v1/chat", data=body,
                                  headers={**bearer(good_token()), "Content-Type": "application/json"})
     await assert_error(response, 400, "invalid_json")
@@ -102,13 +102,13 @@ async def test_edge_integer_of_thousands_of_digits_is_400(aiohttp_client: Client
     await assert_error(response, 400, "invalid_json")
 
 
-async def test_edge_lone_surrogate_is_422_not_500(client: TestClient) -> None:
+async def test_edge_lone_surrogate_is_422_not_500(client: EdgeClient) -> None:
     response = await client.post("/v1/chat", data=b'{"message": "\\udc00 hi"}',
                                  headers={**bearer(good_token()), "Content-Type": "application/json"})
     await assert_error(response, 422, "invalid_request")
 
 
-async def test_edge_wrong_method_is_405_with_allow(client: TestClient) -> None:
+async def test_edge_wrong_method_is_405_with_allow(client: EdgeClient) -> None:
     response = await client.patch("/healthz")
     await assert_error(response, 405, "method_not_allowed")
     assert "GET" in response.headers["Allow"].split(",")
@@ -117,22 +117,22 @@ async def test_edge_wrong_method_is_405_with_allow(client: TestClient) -> None:
 @pytest.mark.parametrize("body", [{}, {"message": 42}, {"message": "hi", "stream": "yes"},
                                   {"message": "hi", "surprise": 1}, {"message": "hi", "session_id": "x" * 129},
                                   {"message": "   "}, [1, 2]])
-async def test_edge_schema_violations_are_422(client: TestClient, body: object) -> None:
+async def test_edge_schema_violations_are_422(client: EdgeClient, body: object) -> None:
     response = await client.post("/v1/chat", json=body, headers=bearer(good_token()))
     await assert_error(response, 422, "invalid_request")
 
 
-async def test_edge_wrong_media_type_is_415(client: TestClient) -> None:
+async def test_edge_wrong_media_type_is_415(client: EdgeClient) -> None:
     response = await client.post("/v1/chat", data="message=hi",
                                  headers={**bearer(good_token()), "Content-Type": "text/plain"})
     await assert_error(response, 415, "unsupported_media_type")
 
 
-async def test_edge_unknown_route_is_json_404(client: TestClient) -> None:
+async def test_edge_unknown_route_is_json_404(client: EdgeClient) -> None:
     await assert_error(await client.get("/v1/nope", headers=bearer(good_token())), 404, "not_found")
 
 
-async def test_edge_moderation_unreachable_fails_closed_with_503(client: TestClient) -> None:
+async def test_edge_moderation_unreachable_fails_closed_with_503(client: EdgeClient) -> None:
     response = await client.post("/v1/chat", json={"message": "hi"}, headers=bearer(good_token()))
     await assert_error(response, 503, "moderation_unavailable")
 
@@ -149,7 +149,7 @@ async def test_edge_rate_limit_is_429_with_headers(aiohttp_client: ClientFactory
     assert int(response.headers["RateLimit-Reset"]) >= 1
 
 
-async def test_edge_health_and_metrics_are_public(client: TestClient) -> None:
+async def test_edge_health_and_metrics_are_public(client: EdgeClient) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 503 and (await ready.json())["backends"]["session"] is False

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
 from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.routes import STAFF
+from tests.gateway.live_http_support import EdgeClient
 from tests.gateway.test_edge_errors import SECRET, ClientFactory, settings
 
 
@@ -23,8 +23,9 @@ async def staff_probe(request: web.Request) -> web.Response:
 
 async def test_policy_route_roles_are_enforced(aiohttp_client: ClientFactory) -> None:
     app = create_app(settings())
-    route = app.router.add_get("/v1/staff-probe", staff_probe)
-    app[keys.ROUTE_ROLES][route.resource.canonical] = STAFF  # type: ignore[union-attr]
+    resource = app.router.add_get("/v1/staff-probe", staff_probe).resource
+    assert resource is not None
+    app[keys.ROUTE_ROLES][resource.canonical] = STAFF
     client = await aiohttp_client(app)
     denied = await client.get("/v1/staff-probe", headers=bearer("visitor"))
     assert denied.status == 403 and (await denied.json())["error"]["code"] == "forbidden"
@@ -58,7 +59,7 @@ def test_policy_buckets_are_bounded_for_millions_of_principals() -> None:
 
 
 async def test_policy_cors_preflight_and_headers(aiohttp_client: ClientFactory) -> None:
-    client: TestClient = await aiohttp_client(create_app(settings(cors_origins=("https://shop.example",))))
+    client: EdgeClient = await aiohttp_client(create_app(settings(cors_origins=("https://shop.example",))))
     preflight = await client.options("/v1/chat", headers={
         "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})

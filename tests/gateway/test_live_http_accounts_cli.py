@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from devtools.devstack.nats_server import NatsServer
 from devtools.devstack.stack import free_port
-from tests.gateway.live_http_support import ClientFactory, edge_settings, start_edge
+from tests.gateway.live_http_support import ClientFactory, EdgeClient, edge_settings, start_edge
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,17 +24,17 @@ def accounts_cli(nats_url: str, *args: str, stdin: str = "") -> subprocess.Compl
 
 
 @pytest.fixture
-async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> TestClient:
+async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url))
 
 
-async def login_status(client: TestClient, username: str, password: str, tenant: str = "shop1") -> int:
+async def login_status(client: EdgeClient, username: str, password: str, tenant: str = "shop1") -> int:
     response = await client.post("/v1/console/login", json={"tenant": tenant, "username": username,
                                                             "password": password})
     return response.status
 
 
-async def test_accounts_cli_add_list_disable_enable_reset(nats_server: NatsServer, client: TestClient) -> None:
+async def test_accounts_cli_add_list_disable_enable_reset(nats_server: NatsServer, client: EdgeClient) -> None:
     url = nats_server.url
     added = accounts_cli(url, "add", "--tenant", "shop1", "--username", "alice", "--name", "Alice 王",
                          "--password-stdin", stdin="first password\n")

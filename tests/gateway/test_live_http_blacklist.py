@@ -5,17 +5,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
 from gateway.directory.blacklist import Blacklist, BlacklistStore
 from gateway.directory.buckets import Buckets
-from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, eventually, expect_error, start_edge
+from tests.gateway.live_http_support import (
+    ClientFactory,
+    EdgeClient,
+    bearer,
+    edge_settings,
+    eventually,
+    expect_error,
+    start_edge,
+)
 
 
 @pytest.fixture
-async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> TestClient:
+async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url))
 
 
@@ -37,13 +44,14 @@ async def watched(nats_client: NatsClient) -> AsyncIterator[Blacklist]:
         await blacklist.aclose()
 
 
-async def entries(client: TestClient, tenant: str = "shop1") -> list[dict[str, object]]:
+async def entries(client: EdgeClient, tenant: str = "shop1") -> list[dict[str, object]]:
     response = await client.get("/v1/blacklist", headers=bearer(tenant=tenant))
     assert response.status == 200
-    return (await response.json())["entries"]  # type: ignore[no-any-return]
+    listed: list[dict[str, object]] = (await response.json())["entries"]
+    return listed
 
 
-async def test_blacklist_add_list_delete(client: TestClient) -> None:
+async def test_blacklist_add_list_delete(client: EdgeClient) -> None:
     visitor = await client.post("/v1/blacklist", json={"visitor_id": "v_troll", "reason": "abuse"}, headers=bearer())
     assert visitor.status == 201
     added = await visitor.json()
@@ -62,7 +70,7 @@ async def test_blacklist_add_list_delete(client: TestClient) -> None:
     await expect_error(await client.delete("/v1/blacklist/not-an-id", headers=bearer()), 404, "not_found")
 
 
-async def test_blacklist_is_per_tenant(client: TestClient) -> None:
+async def test_blacklist_is_per_tenant(client: EdgeClient) -> None:
     added = await (await client.post("/v1/blacklist", json={"visitor_id": "v_x"}, headers=bearer())).json()
     assert await entries(client, "shop2") == []
     await expect_error(await client.delete(f"/v1/blacklist/{added['id']}", headers=bearer(tenant="shop2")),
@@ -70,7 +78,7 @@ async def test_blacklist_is_per_tenant(client: TestClient) -> None:
     assert [e["id"] for e in await entries(client)] == [added["id"]]
 
 
-async def test_blacklist_is_for_staff_only(client: TestClient) -> None:
+async def test_blacklist_is_for_staff_only(client: EdgeClient) -> None:
     visitor = bearer(role="visitor", sub="v_me")
     await expect_error(await client.get("/v1/blacklist", headers=visitor), 403, "forbidden")
     await expect_error(await client.post("/v1/blacklist", json={"visitor_id": "v_other"}, headers=visitor),
@@ -91,7 +99,7 @@ async def test_blacklist_is_for_staff_only(client: TestClient) -> None:
     (b'{"visitor_id": "v_a", "reason": "' + b"r" * 201 + b'"}', 422, "invalid_request"),
     (b'{"visitor_id": "v_a", "reason": "' + b"r" * 5000 + b'"}', 413, "body_too_large"),
 ])
-async def test_blacklist_refuses_bad_bodies(client: TestClient, body: bytes, status: int, code: str) -> None:
+async def test_blacklist_refuses_bad_bodies(client: EdgeClient, body: bytes, status: int, code: str) -> None:
     response = await client.post("/v1/blacklist", data=body, headers={**bearer(), "Content-Type": "application/json"})
     await expect_error(response, status, code)
     assert await entries(client) == []

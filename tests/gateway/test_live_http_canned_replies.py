@@ -3,34 +3,34 @@
 from __future__ import annotations
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from devtools.devstack.nats_server import NatsServer
 from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.directory import canned
-from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
+from tests.gateway.live_http_support import ClientFactory, EdgeClient, bearer, edge_settings, expect_error, start_edge
 
 
 @pytest.fixture
-async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> TestClient:
+async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url))
 
 
-async def create(client: TestClient, tenant: str = "shop1", **body: str) -> dict[str, object]:
+async def create(client: EdgeClient, tenant: str = "shop1", **body: str) -> dict[str, object]:
     response = await client.post("/v1/canned-replies", json=body, headers=bearer(tenant=tenant))
     assert response.status == 201, await response.text()
-    return await response.json()  # type: ignore[no-any-return]
+    created: dict[str, object] = await response.json()
+    return created
 
 
-async def titles(client: TestClient, tenant: str = "shop1", q: str | None = None) -> list[str]:
+async def titles(client: EdgeClient, tenant: str = "shop1", q: str | None = None) -> list[str]:
     response = await client.get("/v1/canned-replies", params={"q": q} if q is not None else None,
                                 headers=bearer(tenant=tenant))
     assert response.status == 200
     return [reply["title"] for reply in (await response.json())["canned_replies"]]
 
 
-async def test_canned_replies_create_search_delete(client: TestClient) -> None:
+async def test_canned_replies_create_search_delete(client: EdgeClient) -> None:
     shipping = await create(client, title="Shipping time", text="Orders ship within 48 hours.", shortcut="ship")
     assert len(str(shipping["id"])) == 16 and shipping["created_by"] == "agent-1" and shipping["shortcut"] == "ship"
     refund = await create(client, title="退款", text="Refunds take 3-5 working days / 退款需要3-5个工作日。")
@@ -48,7 +48,7 @@ async def test_canned_replies_create_search_delete(client: TestClient) -> None:
     await expect_error(await client.delete("/v1/canned-replies/..%2A", headers=bearer()), 404, "not_found")
 
 
-async def test_canned_replies_are_per_tenant(client: TestClient) -> None:
+async def test_canned_replies_are_per_tenant(client: EdgeClient) -> None:
     mine = await create(client, title="Greeting", text="Hello from shop1", shortcut="hi")
     assert await titles(client, tenant="shop2") == []
     # Another tenant may use the same shortcut, and cannot delete shop1's reply by its id.
@@ -59,7 +59,7 @@ async def test_canned_replies_are_per_tenant(client: TestClient) -> None:
     assert [(r["id"], r["text"]) for r in listed["canned_replies"]] == [(mine["id"], "Hello from shop1")]
 
 
-async def test_canned_replies_are_for_staff_only(client: TestClient) -> None:
+async def test_canned_replies_are_for_staff_only(client: EdgeClient) -> None:
     visitor = bearer(role="visitor", sub="v_someone")
     await expect_error(await client.get("/v1/canned-replies", headers=visitor), 403, "forbidden")
     await expect_error(await client.post("/v1/canned-replies", json={"title": "t", "text": "x"}, headers=visitor),
@@ -80,19 +80,19 @@ async def test_canned_replies_are_for_staff_only(client: TestClient) -> None:
     (b'{"title": "t", "text": "' + b"x" * 2001 + b'"}', 422, "invalid_request"),
     (b'{"title": "t", "text": "' + b"x" * 5000 + b'"}', 413, "body_too_large"),
 ])
-async def test_canned_replies_refuse_bad_bodies(client: TestClient, body: bytes, status: int, code: str) -> None:
+async def test_canned_replies_refuse_bad_bodies(client: EdgeClient, body: bytes, status: int, code: str) -> None:
     response = await client.post("/v1/canned-replies", data=body,
                                  headers={**bearer(), "Content-Type": "application/json"})
     await expect_error(response, status, code)
     assert await titles(client) == []
 
 
-async def test_canned_replies_query_is_bounded(client: TestClient) -> None:
+async def test_canned_replies_query_is_bounded(client: EdgeClient) -> None:
     await expect_error(await client.get("/v1/canned-replies", params={"q": "x" * 101}, headers=bearer()),
                        422, "invalid_request")
 
 
-async def test_canned_replies_shortcut_taken_and_tenant_bound(client: TestClient,
+async def test_canned_replies_shortcut_taken_and_tenant_bound(client: EdgeClient,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     await create(client, title="one", text="1", shortcut="Same")
     taken = await client.post("/v1/canned-replies", json={"title": "two", "text": "2", "shortcut": "same"},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jwt
 import pytest
-from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
@@ -12,11 +11,11 @@ from gateway import keys
 from gateway.auth import JwtVerifier
 from gateway.directory.agents import AgentAccounts
 from gateway.directory.buckets import Buckets
-from tests.gateway.live_http_support import SECRET, ClientFactory, edge_settings, expect_error, start_edge
+from tests.gateway.live_http_support import SECRET, ClientFactory, EdgeClient, edge_settings, expect_error, start_edge
 
 
 @pytest.fixture
-async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> TestClient:
+async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url, console_token_ttl_s=3600))
 
 
@@ -32,7 +31,7 @@ async def accounts(nats_client: NatsClient) -> AgentAccounts:
     return store
 
 
-async def login(client: TestClient, tenant: str, username: str, password: str) -> tuple[int, dict[str, object]]:
+async def login(client: EdgeClient, tenant: str, username: str, password: str) -> tuple[int, dict[str, object]]:
     response = await client.post("/v1/console/login", json={"tenant": tenant, "username": username,
                                                             "password": password})
     body = await response.json()
@@ -41,7 +40,7 @@ async def login(client: TestClient, tenant: str, username: str, password: str) -
     return response.status, body
 
 
-async def test_console_login_gives_an_agent_token(client: TestClient, accounts: AgentAccounts) -> None:
+async def test_console_login_gives_an_agent_token(client: EdgeClient, accounts: AgentAccounts) -> None:
     status, body = await login(client, "shop1", "alice", "correct horse battery")  # usernames ignore case
     assert status == 200 and body["expires_in"] == 3600
     assert body["agent"] == {"id": "alice", "name": "Alice Wang", "role": "agent"}
@@ -58,7 +57,7 @@ async def test_console_login_gives_an_agent_token(client: TestClient, accounts: 
     assert put.status == 200
 
 
-async def test_console_login_failures_all_look_alike(client: TestClient, accounts: AgentAccounts) -> None:
+async def test_console_login_failures_all_look_alike(client: EdgeClient, accounts: AgentAccounts) -> None:
     await accounts.add("shop1", "carol", "carol's password")
     await accounts.set_disabled("shop1", "carol", True)
     failures = [await login(client, *attempt) for attempt in (
@@ -85,7 +84,7 @@ async def test_console_login_failures_all_look_alike(client: TestClient, account
     (b'{"tenant": "shop1", "username": "alice", "password": "' + b"x" * 1025 + b'"}', 422, "invalid_request"),
     (b'{"tenant": "shop1", "username": "alice", "password": "' + b"x" * 5000 + b'"}', 413, "body_too_large"),
 ])
-async def test_console_login_refuses_bad_bodies(client: TestClient, body: bytes, status: int, code: str) -> None:
+async def test_console_login_refuses_bad_bodies(client: EdgeClient, body: bytes, status: int, code: str) -> None:
     response = await client.post("/v1/console/login", data=body, headers={"Content-Type": "application/json"})
     await expect_error(response, status, code)
 

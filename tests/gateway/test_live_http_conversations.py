@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
@@ -16,7 +15,7 @@ from services.session.server import SessionServicer, create_server
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import CL100K, TokenCounters
-from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
+from tests.gateway.live_http_support import ClientFactory, EdgeClient, bearer, edge_settings, expect_error, start_edge
 
 INTERNAL_TOKEN = "internal-test-token-0123456789abcdef"
 """The services' bearer credential in these tests (services.common.grpc_client)."""
@@ -52,7 +51,7 @@ async def stub(session: tuple[session_pb2_grpc.SessionServiceStub, int]) -> sess
 
 @pytest.fixture
 async def client(nats_server: NatsServer, session: tuple[session_pb2_grpc.SessionServiceStub, int],
-                 aiohttp_client: ClientFactory) -> TestClient:
+                 aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url, session_addr=f"127.0.0.1:{session[1]}",
                                                    internal_token=INTERNAL_TOKEN))
 
@@ -61,16 +60,18 @@ async def say(stub: session_pb2_grpc.SessionServiceStub, visitor: session_pb2.Pr
               session_id: str = "") -> str:
     reply = await stub.Append(session_pb2.AppendRequest(principal=visitor, session_id=session_id, role="user",
                                                         content=text))
-    return reply.session_id
+    stored: str = reply.session_id  # the generated stub is untyped
+    return stored
 
 
-async def listed(client: TestClient, headers: dict[str, str], **params: str) -> list[dict[str, object]]:
+async def listed(client: EdgeClient, headers: dict[str, str], **params: str) -> list[dict[str, object]]:
     response = await client.get("/v1/conversations", params=params, headers=headers)
     assert response.status == 200, await response.text()
-    return (await response.json())["conversations"]  # type: ignore[no-any-return]
+    conversations: list[dict[str, object]] = (await response.json())["conversations"]
+    return conversations
 
 
-async def test_conversations_list_by_status_and_assignee(client: TestClient,
+async def test_conversations_list_by_status_and_assignee(client: EdgeClient,
                                                          stub: session_pb2_grpc.SessionServiceStub) -> None:
     chatting = await say(stub, who("v_alice"), "Where is my order?")
     waiting = await say(stub, who("v_bob"), "I want a human, please")
@@ -98,7 +99,7 @@ async def test_conversations_list_by_status_and_assignee(client: TestClient,
     assert [c["visitor_id"] for c in await listed(client, bearer(tenant="shop2"))] == ["v_carol"]
 
 
-async def test_conversations_list_refusals(client: TestClient) -> None:
+async def test_conversations_list_refusals(client: EdgeClient) -> None:
     await expect_error(await client.get("/v1/conversations", headers=bearer(role="visitor", sub="v_alice")),
                        403, "forbidden")
     await expect_error(await client.get("/v1/conversations"), 401, "unauthorized")
@@ -108,7 +109,7 @@ async def test_conversations_list_refusals(client: TestClient) -> None:
                            422, "invalid_request")
 
 
-async def test_conversation_events_pages_with_notes_for_staff_only(client: TestClient,
+async def test_conversation_events_pages_with_notes_for_staff_only(client: EdgeClient,
                                                                    stub: session_pb2_grpc.SessionServiceStub) -> None:
     conversation = await say(stub, who("v_alice"), "Hello?")
     await stub.Append(session_pb2.AppendRequest(principal=who("v_alice"), session_id=conversation, role="assistant",
@@ -150,7 +151,7 @@ async def test_conversation_events_pages_with_notes_for_staff_only(client: TestC
     assert tail["events"] == [] and tail["next_after_seq"] == seqs[-1] and tail["has_more"] is False
 
 
-async def test_conversation_events_are_not_found_for_anyone_else(client: TestClient,
+async def test_conversation_events_are_not_found_for_anyone_else(client: EdgeClient,
                                                                  stub: session_pb2_grpc.SessionServiceStub) -> None:
     conversation = await say(stub, who("v_alice"), "private")
     url = f"/v1/conversations/{conversation}/events"
@@ -167,7 +168,7 @@ async def test_conversation_events_are_not_found_for_anyone_else(client: TestCli
         await expect_error(await client.get(url, params=params, headers=bearer()), 422, "invalid_request")
 
 
-async def test_session_messages_list_only_what_was_said(client: TestClient,
+async def test_session_messages_list_only_what_was_said(client: EdgeClient,
                                                         stub: session_pb2_grpc.SessionServiceStub) -> None:
     conversation = await say(stub, who("v_alice"), "Hello?")
     await stub.Transition(session_pb2.TransitionRequest(principal=who("v_alice"), session_id=conversation,

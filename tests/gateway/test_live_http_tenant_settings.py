@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
@@ -13,14 +12,14 @@ from devtools.devstack.stack import free_port
 from gateway.app import create_app
 from gateway.directory.buckets import Buckets
 from gateway.directory.tenants import DEFAULT_OFFLINE, DEFAULT_WELCOME, TenantSettings, TenantSettingsStore
-from tests.gateway.live_http_support import ClientFactory, bearer, edge_settings, expect_error, start_edge
+from tests.gateway.live_http_support import ClientFactory, EdgeClient, bearer, edge_settings, expect_error, start_edge
 
 DEFAULTS = {"welcome": DEFAULT_WELCOME, "offline": DEFAULT_OFFLINE, "leave_message": DEFAULT_OFFLINE,
             "system_prompt": "", "assistant_name": "", "route": "", "grounding": "strict"}
 
 
 @pytest.fixture
-async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> TestClient:
+async def client(nats_server: NatsServer, aiohttp_client: ClientFactory) -> EdgeClient:
     return await start_edge(aiohttp_client, edge_settings(nats_server.url))
 
 
@@ -31,13 +30,14 @@ def buckets_over(nc: NatsClient) -> Buckets:
     return Buckets(connection)
 
 
-async def read(client: TestClient, tenant: str = "shop1", role: str = "agent") -> dict[str, str]:
+async def read(client: EdgeClient, tenant: str = "shop1", role: str = "agent") -> dict[str, str]:
     response = await client.get("/v1/tenant/settings", headers=bearer(role=role, tenant=tenant))
     assert response.status == 200
-    return await response.json()  # type: ignore[no-any-return]
+    settings: dict[str, str] = await response.json()
+    return settings
 
 
-async def test_tenant_settings_default_then_admin_sets_them(client: TestClient, nats_client: NatsClient) -> None:
+async def test_tenant_settings_default_then_admin_sets_them(client: EdgeClient, nats_client: NatsClient) -> None:
     assert await read(client) == DEFAULTS
     texts = {"welcome": "欢迎光临茶叶小店！", "offline": "We are closed.", "leave_message": "Leave a note, we reply."}
     chosen = {**DEFAULTS, **texts}
@@ -52,7 +52,7 @@ async def test_tenant_settings_default_then_admin_sets_them(client: TestClient, 
     assert await response.json() == {**DEFAULTS, "welcome": "Hello"}
 
 
-async def test_tenant_settings_roles(client: TestClient) -> None:
+async def test_tenant_settings_roles(client: EdgeClient) -> None:
     await expect_error(await client.put("/v1/tenant/settings", json={"welcome": "hi"}, headers=bearer()),
                        403, "forbidden")
     visitor = bearer(role="visitor", sub="v_a")
@@ -63,7 +63,7 @@ async def test_tenant_settings_roles(client: TestClient) -> None:
     assert await read(client, role="admin") == DEFAULTS
 
 
-async def test_tenant_settings_are_per_tenant(client: TestClient) -> None:
+async def test_tenant_settings_are_per_tenant(client: EdgeClient) -> None:
     response = await client.put("/v1/tenant/settings", json={"offline": "shop2 is closed"},
                                 headers=bearer(role="admin", tenant="shop2"))
     assert response.status == 200
@@ -84,7 +84,7 @@ async def test_tenant_settings_are_per_tenant(client: TestClient) -> None:
     (b'{"assistant_name": "' + b"x" * 65 + b'"}', 422, "invalid_request"),
     (b'{"route": 5}', 422, "invalid_request"),
 ])
-async def test_tenant_settings_refuse_bad_bodies(client: TestClient, body: bytes, status: int, code: str) -> None:
+async def test_tenant_settings_refuse_bad_bodies(client: EdgeClient, body: bytes, status: int, code: str) -> None:
     response = await client.put("/v1/tenant/settings", data=body,
                                 headers={**bearer(role="admin"), "Content-Type": "application/json"})
     await expect_error(response, status, code)
@@ -122,7 +122,7 @@ async def test_tenant_settings_without_nats(aiohttp_client: ClientFactory) -> No
     assert await TenantSettingsStore(Buckets(unreachable)).get("shop1") == TenantSettings()
 
 
-async def test_tenant_assistant_settings_are_stored_trimmed(client: TestClient) -> None:
+async def test_tenant_assistant_settings_are_stored_trimmed(client: EdgeClient) -> None:
     chosen = {"system_prompt": " You are Mei, the tea shop's assistant. ", "assistant_name": "Mei",
               "grounding": "open"}
     response = await client.put("/v1/tenant/settings", json=chosen, headers=bearer(role="admin"))
@@ -132,7 +132,7 @@ async def test_tenant_assistant_settings_are_stored_trimmed(client: TestClient) 
 
 
 async def test_tenant_route_is_checked_against_the_worker_and_nothing_is_stored_when_it_is_down(
-        client: TestClient) -> None:
+        client: EdgeClient) -> None:
     # This edge's worker address is dead: a route cannot be checked, so the PUT fails and stores nothing.
     response = await client.put("/v1/tenant/settings", json={"route": "premium"}, headers=bearer(role="admin"))
     await expect_error(response, 503, "upstream_unavailable")

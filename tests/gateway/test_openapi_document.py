@@ -10,7 +10,6 @@ from typing import Any
 import pydantic
 import pytest
 from aiohttp import hdrs, web
-from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from devtools.devstack.stack import free_port
@@ -27,8 +26,9 @@ from gateway.handlers.widget_token import WidgetTokenBody
 from gateway.middlewares import PUBLIC_API_PATHS, PUBLIC_PATHS
 from gateway.openai_format import CompletionRequest
 from gateway.settings import GatewaySettings
+from tests.gateway.live_http_support import EdgeClient
 
-ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
+ClientFactory = Callable[[web.Application], Awaitable[EdgeClient]]
 DOCUMENT: dict[str, Any] = json.loads(openapi.DOCUMENT_PATH.read_text(encoding="utf-8"))
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -40,7 +40,7 @@ def settings(**overrides: object) -> GatewaySettings:
     values: dict[str, object] = {"jwt_secret": "test-secret-that-is-long-enough-for-hs256", "session_addr": dead,
                                  "moderation_addr": dead, "worker_addr": dead}
     values.update(overrides)
-    return GatewaySettings(**values)  # type: ignore[arg-type]
+    return GatewaySettings(**values)  # type: ignore[arg-type]  # overrides of any field
 
 
 def documented_operations() -> set[tuple[str, str]]:

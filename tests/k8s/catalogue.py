@@ -18,7 +18,11 @@ _ROW = re.compile(r"^\|\s*`(?P<name>[a-z_:][a-z0-9_:]*)`\s*\|\s*(?P<type>[a-z]+)
                   r"(?P<labels>[^|]*)\|(?P<meaning>.*)\|\s*$")
 
 
-def parse_catalogue(text: str) -> dict[str, dict[str, CatalogueEntry]]:
+Catalogue = dict[str, dict[str, CatalogueEntry]]
+"""{section: {metric name: entry}}."""
+
+
+def parse_catalogue(text: str) -> Catalogue:
     """docs/metrics.md as {section: {metric name: entry}}; sections are the `## ` headings."""
     sections: dict[str, dict[str, CatalogueEntry]] = {}
     current: dict[str, CatalogueEntry] | None = None

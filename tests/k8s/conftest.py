@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.catalogue import CatalogueEntry, parse_catalogue
+from tests.k8s.catalogue import Catalogue, parse_catalogue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -50,5 +50,5 @@ def rendered(validate_module: ModuleType) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="session")
-def catalogue() -> dict[str, dict[str, CatalogueEntry]]:
+def catalogue() -> Catalogue:
     return parse_catalogue(METRICS_DOC.read_text(encoding="utf-8"))

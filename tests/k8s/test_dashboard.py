@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.k8s.catalogue import Catalogue
+
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "kefu-dashboard.json"
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 # PromQL functions and keywords that look like metric names to a plain regex never start with kefu_.
@@ -17,7 +19,8 @@ METRIC = re.compile(r"\b(kefu_[a-z0-9_]+)\b")
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    document: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return document
 
 
 def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
@@ -48,7 +51,7 @@ def test_dashboard_expressions_are_balanced(dashboard: dict[str, Any]) -> None:
         assert not stack, (title, expr)
 
 
-def test_every_dashboard_metric_is_in_the_catalogue(dashboard: dict[str, Any], catalogue: Any) -> None:
+def test_every_dashboard_metric_is_in_the_catalogue(dashboard: dict[str, Any], catalogue: Catalogue) -> None:
     documented = {name: entry for section in catalogue.values() for name, entry in section.items()}
     for title, expr in expressions(dashboard):
         for name in METRIC.findall(expr):
@@ -91,7 +94,8 @@ TARGET_LABELS = {"namespace", "app", "pod", "instance", "job"}
 """Labels Prometheus adds to every series it scrapes (the scrape configuration in docs/metrics.md)."""
 
 
-def test_every_dashboard_label_matcher_names_a_catalogued_label(dashboard: dict[str, Any], catalogue: Any) -> None:
+def test_every_dashboard_label_matcher_names_a_catalogued_label(dashboard: dict[str, Any],
+                                                                catalogue: Catalogue) -> None:
     # A matcher on a label the metric lacks selects nothing, silently (`method!~"Check"` once hid a service).
     labels: dict[str, set[str]] = {}
     for section in catalogue.values():

@@ -42,7 +42,8 @@ def workloads(rendered: dict[str, list[Obj]]) -> Iterator[tuple[str, Obj]]:
 def container(deployment: Obj) -> Obj:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, f"{deployment['metadata']['name']}: one container per pod expected"
-    return containers[0]
+    only: Obj = containers[0]
+    return only
 
 
 def env_of(deployment: Obj) -> dict[str, Obj]:

@@ -74,7 +74,7 @@ def test_vectors_round_trip_and_count_in_nbytes() -> None:
     index = KnowledgeIndex.build(CHUNKS, vectors=VECTORS, embeddings_model="text-embedding-3-small")
     loaded = KnowledgeIndex.from_bytes(index.to_bytes())
     assert loaded.embeddings_model == "text-embedding-3-small"
-    assert loaded.vectors is not None and np.array_equal(loaded.vectors, index.vectors)
+    assert loaded.vectors is not None and index.vectors is not None and np.array_equal(loaded.vectors, index.vectors)
     assert index.nbytes - KnowledgeIndex.build(CHUNKS).nbytes == VECTORS.nbytes
     plain = KnowledgeIndex.from_bytes(KnowledgeIndex.build(CHUNKS).to_bytes())
     assert plain.vectors is None and plain.embeddings_model == ""

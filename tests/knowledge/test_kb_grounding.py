@@ -40,7 +40,7 @@ def test_open_mode_allows_general_knowledge_said_plainly() -> None:
     open_ = grounded_messages("", [TEXT], CONVERSATION, mode="open")[0].content
     assert strict != open_ and "general knowledge" in open_ and "Do not use any other knowledge" in strict
     with pytest.raises(ValueError):
-        grounded_messages("", [TEXT], CONVERSATION, mode="loose")  # type: ignore[arg-type]
+        grounded_messages("", [TEXT], CONVERSATION, mode="loose")  # type: ignore[arg-type]  # a wrong mode on purpose
 
 
 def test_no_passages_says_so() -> None:

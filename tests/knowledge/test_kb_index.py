@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
-from services.llm_worker.knowledge.models import Chunk
+from services.llm_worker.knowledge.models import Chunk, ChunkKind
 
 
-def chunk(n: int, text: str, *, kind: str = "text", answer: str = "", title: str = "Shop") -> Chunk:
+def chunk(n: int, text: str, *, kind: ChunkKind = "text", answer: str = "", title: str = "Shop") -> Chunk:
     return Chunk(chunk_id=f"d-1-{n}", document_id="d", version=1, title=title, url="https://shop/help",
-                 heading="", text=text, kind=kind, answer=answer)  # type: ignore[arg-type]
+                 heading="", text=text, kind=kind, answer=answer)
 
 
 CHUNKS = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -108,13 +109,13 @@ async def test_cache_shared_tier_and_epochs_span_replicas(nats_client: NatsClien
 
 
 @pytest.fixture
-async def host(tmp_path: Path) -> PluginHost:
+async def host(tmp_path: Path) -> AsyncIterator[PluginHost]:
     folder = tmp_path / "plugins"
     write_version(folder, "v1")
     replace_file(folder / "versioned.py", SUGGESTING_PLUGIN)
     plugin_host = PluginHost(folder, "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
     await plugin_host.start()
-    yield plugin_host  # type: ignore[misc]
+    yield plugin_host
     await plugin_host.aclose()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -90,32 +91,39 @@ def write_echo(folder: Path, model: str = "model-a", delay_s: float = 0.0) -> No
 
 
 @pytest.fixture
-async def host(tmp_path: Path) -> PluginHost:
+async def host(tmp_path: Path) -> AsyncIterator[PluginHost]:
     write_echo(tmp_path / "plugins")
     plugin_host = PluginHost(tmp_path / "plugins", "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
     await plugin_host.start()
-    yield plugin_host  # type: ignore[misc]
+    yield plugin_host
     await plugin_host.aclose()
+
+
+def _recorded(host: PluginHost, name: str) -> list[str]:
+    """What the echo plugin's provider recorded (the `asked` or `cancelled` list it keeps)."""
+    recorded = getattr(host.current.routes["default"].targets[0].provider, name, None)
+    assert isinstance(recorded, list)
+    return recorded
 
 
 def asked(host: PluginHost) -> list[str]:
-    return host.current.routes["default"].targets[0].provider.asked  # type: ignore[attr-defined]
+    return _recorded(host, "asked")
 
 
 def cancelled(host: PluginHost) -> list[str]:
-    return host.current.routes["default"].targets[0].provider.cancelled  # type: ignore[attr-defined]
+    return _recorded(host, "cancelled")
 
 
 @pytest.fixture
-async def slow_host(tmp_path: Path) -> PluginHost:
+async def slow_host(tmp_path: Path) -> AsyncIterator[PluginHost]:
     write_echo(tmp_path / "plugins", delay_s=0.1)
     plugin_host = PluginHost(tmp_path / "plugins", "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
     await plugin_host.start()
-    yield plugin_host  # type: ignore[misc]
+    yield plugin_host
     await plugin_host.aclose()
 
 
-async def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition never held"

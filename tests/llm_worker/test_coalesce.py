@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -91,9 +91,10 @@ async def test_windowed_keeps_the_exact_text_of_any_chunking() -> None:
 
 
 async def test_windowed_raises_the_source_error_after_what_came_before() -> None:
-    got = []
+    got: list[str] = []
     with pytest.raises(RuntimeError, match="went away"):
         async for event in windowed(source(["a", "b"], pause_s=0.005, fail=True), LONG_WINDOW_S):
+            assert isinstance(event, str)
             got.append(event)
     assert "".join(got) == "ab"  # "b" was held by the window and still leaves before the error
 
@@ -117,5 +118,6 @@ async def test_windowed_closing_early_cancels_the_source() -> None:
     following.cancel()
     with pytest.raises(asyncio.CancelledError):
         await following
+    assert isinstance(stream, AsyncGenerator)  # windowed is an async generator function: it can be closed
     await stream.aclose()
     assert cancelled.is_set()

@@ -22,6 +22,7 @@ from services.llm_worker.grounded import (
 )
 from services.llm_worker.kb.library import TenantKnowledge
 from services.llm_worker.knowledge.chunking import chunk_document
+from services.llm_worker.knowledge.grounding import GroundingMode
 from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.knowledge.parsing import parse_document
 from services.llm_worker.plugin_api import (
@@ -84,7 +85,7 @@ def turn(*users: str) -> list[ChatMessage]:
 
 @pytest.mark.parametrize(("mode", "expected"), [("open", "open"), ("strict", "strict"), ("", "strict"),
                                                 ("loose", "strict")])
-def test_grounding_of_is_strict_unless_open(mode: str, expected: str) -> None:
+def test_grounding_of_is_strict_unless_open(mode: str, expected: GroundingMode) -> None:
     assert Grounding.of(mode, "  Mei ") == Grounding(expected, "Mei")
 
 

@@ -40,7 +40,7 @@ PARAPHRASE = "When do I get my money back?"  # no word in common with REFUNDS
 
 def config(upstream: FakeUpstream, **changes: object) -> EmbeddingsConfig:
     return EmbeddingsConfig(**{"base_url": upstream.base_url, "model": "fake-embed", "api_key": "sk-test",
-                               "batch": 2, "attempts": 2, **changes})  # type: ignore[arg-type]
+                               "batch": 2, "attempts": 2, **changes})  # type: ignore[arg-type]  # any field
 
 
 def source(document_id: str, data: bytes, version: int = 1) -> SourceDocument:
@@ -79,6 +79,7 @@ async def test_the_fake_speaks_openais_embeddings_format() -> None:
 def test_parse_vectors_refuses_what_is_not_one_vector_per_input() -> None:
     good = {"data": [{"index": 1, "embedding": [0.0, 2.0]}, {"index": 0, "embedding": [3.0, 4.0]}]}
     assert np.allclose(parse_vectors(good, 2), [[0.6, 0.8], [0.0, 1.0]])
+    bad: object
     for bad in ({"data": []}, {"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]},
                 {"data": [{"index": 0, "embedding": [1.0]}, {"index": 1, "embedding": [1.0, 2.0]}]},
                 {"data": [{"index": 0, "embedding": "AAAA"}, {"index": 1, "embedding": [1.0]}]},
@@ -115,8 +116,9 @@ async def test_a_build_stores_vectors_and_reuses_those_of_kept_chunks() -> None:
     assert second.index is not None
     index = KnowledgeIndex.from_bytes(second.index)
     assert index.embeddings_model == "fake-embed" and index.vectors is not None and index.vectors.shape[0] == 3
-    refunds_row = list(index.chunks).index(next(cid for cid, c in index.chunks.items() if c.document_id == "refunds"))
-    assert np.allclose(index.vectors[refunds_row], fake_vector(index.chunks.row(refunds_row).indexed_text), atol=1e-6)
+    refunds_id = next(cid for cid, c in index.chunks.items() if c.document_id == "refunds")
+    refunds_row = list(index.chunks).index(refunds_id)
+    assert np.allclose(index.vectors[refunds_row], fake_vector(index.chunks[refunds_id].indexed_text), atol=1e-6)
 
 
 async def test_a_build_whose_embeddings_fail_fails_whole() -> None:
@@ -174,7 +176,8 @@ async def test_a_failed_question_embedding_falls_back_to_bm25_counted_and_retrie
             assert len(failures) == 2  # not cached: each turn asks again
         finally:
             assert snapshot.embedder is not None
-            await snapshot.embedder.aclose()  # type: ignore[attr-defined]
+            assert isinstance(snapshot.embedder, QueryEmbedder)
+            await snapshot.embedder.aclose()
 
 
 async def test_a_question_embedding_is_cached() -> None:

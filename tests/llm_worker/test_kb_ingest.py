@@ -299,8 +299,11 @@ async def test_kb_library_follows_updates_after_nats_restarts(nats_server: NatsS
                                                              tmp_path: Path) -> None:
     libraries: list[KnowledgeLibrary] = []
     # As the worker wires it (kb.runtime): the client's reconnect tells the library.
-    runtime_nc = await connect_nats(nats_server.url, "test-library",
-                                    reconnected=lambda: [library.reconnected() for library in libraries] and None)
+    def reconnected() -> None:
+        for library in libraries:
+            library.reconnected()
+
+    runtime_nc = await connect_nats(nats_server.url, "test-library", reconnected=reconnected)
     writer_nc = await connect_nats(nats_server.url, "test-writer")
     reader = await open_kb(runtime_nc, builder)
     libraries.append(reader.library)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import sys
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,12 @@ async def answer(generation: Generation, session_id: str = "s1") -> str:
 
 
 @pytest.fixture
-async def host(tmp_path: Path) -> PluginHost:
+async def host(tmp_path: Path) -> AsyncIterator[PluginHost]:
     folder = tmp_path / "plugins"
     write_version(folder, "v1")
     plugin_host = PluginHost(folder, "routes.toml", {}, work_dir=tmp_path / "work", settle_s=0.01)
     await plugin_host.start()
-    yield plugin_host  # type: ignore[misc]
+    yield plugin_host
     await plugin_host.aclose()
 
 
@@ -87,9 +88,10 @@ async def test_host_in_flight_stream_finishes_on_its_generation(host: PluginHost
         await host.reload()
         rest = [event async for event in stream]
         assert not old.closed  # still leased
-    texts = [first.text] + [e.text for e in rest if isinstance(e, Delta)]  # type: ignore[union-attr]
+    assert isinstance(first, Delta)
+    texts = [first.text] + [e.text for e in rest if isinstance(e, Delta)]
     assert texts == ["v1/model-a "] * 5
-    assert old.closed and target.provider.closed  # type: ignore[attr-defined]
+    assert old.closed and getattr(target.provider, "closed", False)
     assert await answer(host.current) == "v2/model-a " * 3
 
 

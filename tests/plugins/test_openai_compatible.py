@@ -8,9 +8,9 @@ import email.utils
 import random
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -475,7 +475,7 @@ async def test_openai_compatible_cancel_before_first_token_reaches_the_upstream(
 async def test_openai_compatible_consumer_closing_the_stream_reaches_the_upstream() -> None:
     async with serving(FakeUpstreamConfig(chunk_count=6, hang_after_chunks=3)) as (upstream, provider):
         # The host closes the stream with contextlib.aclosing when its consumer stops early.
-        generator = cast(AsyncGenerator[StreamEvent, None], provider.stream(QUESTION, GenerationParams()))
+        generator = provider.stream(QUESTION, GenerationParams())
         async with contextlib.aclosing(generator) as stream:
             async for _ in stream:
                 break

@@ -7,6 +7,7 @@ import re
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import nats
@@ -63,7 +64,9 @@ async def login(http: aiohttp.ClientSession, stack: Stack, address: str, usernam
 
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert found is not None, status
+    return int(found[1])
 
 
 def metric(stack: Stack, sample: str) -> float:
@@ -195,7 +198,7 @@ class RecordingHasher(PasswordHasher):
                          salt_len=parameters.salt_len, type=parameters.type)
         self.verified: list[tuple[int, int, int]] = []
 
-    def verify(self, hash: str | bytes, password: str | bytes) -> bool:  # noqa: A002 (argon2-cffi's name)
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:  # noqa: A002 (argon2-cffi's name)
         parameters = extract_parameters(hash if isinstance(hash, str) else hash.decode())
         self.verified.append((parameters.memory_cost, parameters.time_cost, parameters.parallelism))
         return super().verify(hash, password)

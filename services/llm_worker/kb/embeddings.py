@@ -186,7 +186,8 @@ class QueryEmbedder:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            found = (await embed(self._session, self.config, [text], timeout_s=self.config.query_timeout_s))[0]
+            found: np.ndarray = (await embed(self._session, self.config, [text],
+                                             timeout_s=self.config.query_timeout_s))[0]
         except EmbeddingsUnavailable as error:
             self._failed(error)
             return None

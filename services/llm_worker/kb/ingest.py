@@ -152,8 +152,10 @@ class Ingestor:
         error = f"ingestion failed {MAX_ATTEMPTS} times ({reason})"
         for record, _ in await self._store.records(tenant):
             if record.status in PENDING:
-                await self._store.update_record(tenant, record.document_id, lambda r, v=record.version: replace(
-                    r, status="failed", error=error, updated_at=time.time()) if r.version == v else None)
+                def failed(r: DocumentRecord, v: int = record.version) -> DocumentRecord | None:
+                    return replace(r, status="failed", error=error, updated_at=time.time()) if r.version == v else None
+
+                await self._store.update_record(tenant, record.document_id, failed)
                 self._metrics.documents.labels("failed").inc()
 
     async def reconcile(self, tenant: str, *, rebuild: bool = False) -> IndexState | None:
@@ -258,8 +260,10 @@ class Ingestor:
         for document_id, outcome in result.outcomes.items():
             blob = blobs.get(document_id, "")
             before = plan.records.get(document_id)
-            after = await self._store.update_record(
-                tenant, document_id, lambda record, o=outcome, b=blob: outcome_record(record, o, b, now))
+            def settled(record: DocumentRecord, o: Outcome = outcome, b: str = blob) -> DocumentRecord | None:
+                return outcome_record(record, o, b, now)
+
+            after = await self._store.update_record(tenant, document_id, settled)
             if after is None:
                 continue
             self._metrics.documents.labels(after.status).inc()

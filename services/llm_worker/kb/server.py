@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import grpc
 from nats.errors import Error as NatsError
@@ -18,6 +19,9 @@ from services.llm_worker.knowledge.models import Chunk
 from services.llm_worker.knowledge.parsing import UnsupportedFormat
 
 log = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 SERVICE_NAME = knowledge_pb2.DESCRIPTOR.services_by_name["KnowledgeService"].full_name
 
@@ -40,7 +44,7 @@ def status_of(error: KefuError) -> grpc.StatusCode:
 
 
 @contextlib.asynccontextmanager
-async def knowledge_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def knowledge_errors(context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> AsyncIterator[None]:
     try:
         yield
     except KefuError as error:
@@ -67,8 +71,10 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
     def __init__(self, base: KnowledgeBase) -> None:
         self._base = base
 
-    async def PutDocument(self, request: knowledge_pb2.PutDocumentRequest,
-                          context: grpc.aio.ServicerContext) -> knowledge_pb2.PutDocumentResponse:
+    async def PutDocument(
+        self, request: knowledge_pb2.PutDocumentRequest,
+        context: grpc.aio.ServicerContext[knowledge_pb2.PutDocumentRequest, knowledge_pb2.PutDocumentResponse],
+    ) -> knowledge_pb2.PutDocumentResponse:
         async with knowledge_errors(context):
             record = await self._base.put(
                 request.tenant, document_id=request.document_id, title=request.title, url=request.url,
@@ -76,27 +82,35 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         return knowledge_pb2.PutDocumentResponse(document_id=record.document_id, version=record.version,
                                                  status=record.status)
 
-    async def ListDocuments(self, request: knowledge_pb2.ListDocumentsRequest,
-                            context: grpc.aio.ServicerContext) -> knowledge_pb2.ListDocumentsResponse:
+    async def ListDocuments(
+        self, request: knowledge_pb2.ListDocumentsRequest,
+        context: grpc.aio.ServicerContext[knowledge_pb2.ListDocumentsRequest, knowledge_pb2.ListDocumentsResponse],
+    ) -> knowledge_pb2.ListDocumentsResponse:
         async with knowledge_errors(context):
             page = await self._base.list(request.tenant, limit=request.limit, cursor=request.cursor)
         return knowledge_pb2.ListDocumentsResponse(documents=[to_proto(r) for r in page.documents],
                                                    next_cursor=page.next_cursor)
 
-    async def GetDocument(self, request: knowledge_pb2.GetDocumentRequest,
-                          context: grpc.aio.ServicerContext) -> knowledge_pb2.Document:
+    async def GetDocument(
+        self, request: knowledge_pb2.GetDocumentRequest,
+        context: grpc.aio.ServicerContext[knowledge_pb2.GetDocumentRequest, knowledge_pb2.Document],
+    ) -> knowledge_pb2.Document:
         async with knowledge_errors(context):
             record = await self._base.get(request.tenant, request.document_id)
         return to_proto(record)
 
-    async def DeleteDocument(self, request: knowledge_pb2.DeleteDocumentRequest,
-                             context: grpc.aio.ServicerContext) -> knowledge_pb2.DeleteDocumentResponse:
+    async def DeleteDocument(
+        self, request: knowledge_pb2.DeleteDocumentRequest,
+        context: grpc.aio.ServicerContext[knowledge_pb2.DeleteDocumentRequest, knowledge_pb2.DeleteDocumentResponse],
+    ) -> knowledge_pb2.DeleteDocumentResponse:
         async with knowledge_errors(context):
             await self._base.delete(request.tenant, request.document_id)
         return knowledge_pb2.DeleteDocumentResponse()
 
-    async def Search(self, request: knowledge_pb2.SearchRequest,
-                     context: grpc.aio.ServicerContext) -> knowledge_pb2.SearchResponse:
+    async def Search(
+        self, request: knowledge_pb2.SearchRequest,
+        context: grpc.aio.ServicerContext[knowledge_pb2.SearchRequest, knowledge_pb2.SearchResponse],
+    ) -> knowledge_pb2.SearchResponse:
         async with knowledge_errors(context):
             hits = await self._base.search(request.tenant, request.query, request.k)
         return knowledge_pb2.SearchResponse(results=[knowledge_pb2.SearchResult(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 import logging
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ class KnowledgeBase:
         await self._queue.enqueue(tenant)  # the rebuild drops its chunks for good
         return record
 
-    async def search(self, tenant: str, query: str, k: int = 0) -> list[Hit]:
+    async def search(self, tenant: str, query: str, k: int = 0) -> builtins.list[Hit]:  # `list`: a method here
         check_id(tenant, "tenant")
         k = k or 5
         if not 1 <= k <= MAX_K:

@@ -14,6 +14,7 @@ Every change of a key is a compare-and-set on its revision: worker replicas may 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import io
 import json
@@ -107,11 +108,12 @@ class DocumentRecord:
     chunks: int = 0
     """Chunks of the serving version."""
 
-    def to_json(self) -> bytes:
+    # builtins.bytes: the field `bytes` above shadows the type inside this class.
+    def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> DocumentRecord:
+    def from_json(cls, raw: builtins.bytes) -> DocumentRecord:
         return cls(**json.loads(raw))
 
 
@@ -245,7 +247,7 @@ class KnowledgeStore:
                                   inactive_threshold=5.0, mem_storage=True))
         found: list[tuple[DocumentRecord, int]] = []
         try:
-            remaining = (await consumer.consumer_info()).num_pending
+            remaining = (await consumer.consumer_info()).num_pending or 0  # None only from a server too old to count
             async with asyncio.timeout(timeout_s):
                 while remaining > 0:
                     for msg in await consumer.fetch(min(remaining, RECORDS_BATCH), timeout=timeout_s):

@@ -84,7 +84,8 @@ class Analyzer:
 
     def normalize(self, text: str) -> str:
         """NFKC, traditional folded to simplified, case folded."""
-        return self._t2s().convert(unicodedata.normalize("NFKC", text)).casefold()
+        folded: str = self._t2s().convert(unicodedata.normalize("NFKC", text)).casefold()  # opencc is untyped
+        return folded
 
     def terms(self, text: str) -> list[str]:
         """The retrieval terms of `text` in order, repeats kept (BM25 counts them)."""

@@ -98,14 +98,14 @@ class KnowledgeIndex:
               embeddings_model: str = "") -> KnowledgeIndex:
         """The index of `chunks`; `vectors` (optional): their embeddings by `embeddings_model`, row per chunk."""
         analyzer = analyzer or default_analyzer()
-        dense = {"vectors": normalised(vectors) if vectors is not None else None,
-                 "embeddings_model": embeddings_model}
+        dense_vectors = normalised(vectors) if vectors is not None else None
         corpus = [analyzer.terms(chunk.indexed_text) for chunk in chunks]
         vocabulary = sorted({term for terms in corpus for term in terms})
         if not vocabulary:
             empty_i = np.zeros(0, dtype=np.int32)
             return cls(chunks, np.zeros(0, dtype=np.float32), empty_i, np.zeros(len(vocabulary) + 1, np.int64),
-                       vocabulary, np.asarray([len(t) for t in corpus], dtype=np.float32), analyzer, **dense)
+                       vocabulary, np.asarray([len(t) for t in corpus], dtype=np.float32), analyzer,
+                       vectors=dense_vectors, embeddings_model=embeddings_model)
         numbers = {term: number for number, term in enumerate(vocabulary)}
         bm25 = bm25s.BM25(k1=K1, b=B, method="lucene", backend="numpy")
         # Ids, not strings: bm25s then keeps our vocabulary order and adds no empty-token column.
@@ -116,7 +116,8 @@ class KnowledgeIndex:
         if len(indptr) != len(vocabulary) + 1:
             raise RuntimeError(f"bm25s returned {len(indptr) - 1} columns for {len(vocabulary)} terms")
         lengths = np.asarray([len(terms) for terms in corpus], dtype=np.float32)
-        return cls(chunks, *_sorted_columns(data, indices, indptr), vocabulary, lengths, analyzer, **dense)
+        return cls(chunks, *_sorted_columns(data, indices, indptr), vocabulary, lengths, analyzer,
+                   vectors=dense_vectors, embeddings_model=embeddings_model)
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -341,7 +342,8 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
     if array.ndim != 2 or not np.isfinite(array).all():
         raise ValueError("vectors must be a 2-D array of finite numbers")
     norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
+    unit: np.ndarray = np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
+    return unit
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:

@@ -8,13 +8,14 @@ import json
 import re
 import unicodedata
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import docx
 import pypdf
-from bs4 import BeautifulSoup, Comment, Doctype, NavigableString, Tag
-from bs4.element import CData, Declaration, ProcessingInstruction
+from bs4 import BeautifulSoup, Comment, Doctype, Tag
+from bs4.element import CData, Declaration, NavigableString, ProcessingInstruction
+from docx.opc.exceptions import PackageNotFoundError
 from docx.table import Table
 from docx.text.paragraph import Paragraph
 from markdown_it import MarkdownIt
@@ -344,7 +345,7 @@ def _parse_docx(data: bytes) -> ParsedDocument:
         raise DocumentParseError("DOCX is not a zip file")
     try:
         document = docx.Document(io.BytesIO(data))
-    except (KeyError, ValueError, zipfile.BadZipFile, docx.opc.exceptions.PackageNotFoundError) as error:
+    except (KeyError, ValueError, zipfile.BadZipFile, PackageNotFoundError) as error:
         raise DocumentParseError(f"DOCX is not a Word document: {error}") from None
     sections = _Sections()
     for block in document.iter_inner_content():
@@ -365,12 +366,12 @@ def _parse_docx(data: bytes) -> ParsedDocument:
     return ParsedDocument(format=DocumentFormat.DOCX, sections=sections.done(), title=title or sections.first_heading)
 
 
-def _text_field(entry: dict[str, Any], key: str) -> str:
+def _text_field(entry: Mapping[str, object], key: str) -> str:
     value = entry.get(key)
     return " ".join(value.split()) if isinstance(value, str) else ""
 
 
-def _faq_item(entry: Any, number: int) -> FaqItem:
+def _faq_item(entry: object, number: int) -> FaqItem:
     if not isinstance(entry, dict):
         raise DocumentParseError(f"FAQ JSON: entry {number} is not an object")
     question, answer = _text_field(entry, "question"), (entry.get("answer") or "")
@@ -385,7 +386,7 @@ def _faq_item(entry: Any, number: int) -> FaqItem:
                    alternates=tuple(a.strip() for a in alternates if a.strip()), handoff=entry.get("handoff") is True)
 
 
-def _shop_faq_items(entry: Any, number: int) -> list[FaqItem]:
+def _shop_faq_items(entry: object, number: int) -> list[FaqItem]:
     """One item per language of an entry of plugins/shop_faq.json: {"questions": {lang: [..]}, "answer": {lang}}."""
     if not isinstance(entry, dict) or not isinstance(entry.get("questions"), dict):
         raise DocumentParseError(f"FAQ JSON: entry {number} has no questions")
