@@ -239,6 +239,15 @@ class Feeds:
             feed.deliver_live(frame, origin)
         self._tasks.spawn(self.channels.publish(conversation_subject(tenant, conversation_id), {"frame": relay(frame)}))
 
+    async def follow_and_find(self, socket: Connection, conversation_id: str, after_seq: int | None,
+                              message_id: str, wait_s: float) -> int | None:
+        """`join` unless the socket follows the conversation already (or is closing: it would hold the feed
+        open), then `find` the message in it."""
+        if not socket.follows(conversation_id) and not socket.closing:
+            await self.join(socket, conversation_id, after_seq)
+        assert socket.principal is not None
+        return await self.find(socket.principal, conversation_id, message_id, wait_s)
+
     async def find(self, principal: Principal, conversation_id: str, message_id: str, wait_s: float) -> int | None:
         """Seq of a stored message of the conversation, or None: from the feed (waiting up to
         `wait_s` for it to arrive), else from one read when the feed does not hold everything."""

@@ -22,7 +22,18 @@ from gateway.chat_turn import (
 )
 from gateway.errors import ApiError, FeedUnavailable, NotYours, Refused
 from gateway.live.context import SocketContext
-from gateway.live.frames import AiDelta, ErrorFrame, Handoff, Read, ReadEvent, Send, Typing, TypingEvent, message_id_for
+from gateway.live.frames import (
+    Ack,
+    AiDelta,
+    ErrorFrame,
+    Handoff,
+    Read,
+    ReadEvent,
+    Send,
+    Typing,
+    TypingEvent,
+    message_id_for,
+)
 from gateway.live.owed import AnswerLease
 
 log = logging.getLogger(__name__)
@@ -37,15 +48,16 @@ async def send(context: SocketContext, frame: Send) -> None:
     message_id = message_id_for(principal.tenant, principal.subject, frame.cid)
     connection.remember_cid(message_id, frame.cid)
     conversation_id = frame.conversation_id or connection.current
-    if conversation_id is None and len(connection.conversations) >= context.settings.visitor_max_conversations:
-        raise Refused("limit", f"this socket follows {len(connection.conversations)} conversations already")
+    followed = len(connection.conversations)
+    if (conversation_id is None or not connection.follows(conversation_id)) \
+            and followed >= context.settings.visitor_max_conversations:
+        raise Refused("limit", f"this socket follows {followed} conversations already")
     if conversation_id is not None:
-        await context.ensure_joined(conversation_id)
-        seq = await context.feeds.find(principal, conversation_id, message_id, 0)
+        seq = await context.feeds.follow_and_find(connection, conversation_id, None, message_id, 0)
         if seq is not None:
             # Stored before (a retry): the same seq again, and no second answer, unless the first
             # one was cut off (its edge died while it streamed).
-            context.ack(frame.cid, seq, duplicate=True)
+            connection.send(Ack(frame.cid, seq, True))
             context.answer_if_owed(conversation_id)
             return
     # The turn runs in the hub: the answer is generated and stored even if this socket
@@ -108,11 +120,10 @@ async def _run_turn(context: SocketContext, conversation_id: str | None, frame: 
             return
         assert isinstance(started, TurnStarted)
         conversation_id = started.session_id
-        if not connection.follows(conversation_id) and not connection.closing:
-            await feeds.join(connection, conversation_id, 0)  # new: replays this first message
         connection.point_at(conversation_id)
-        seq = await feeds.find(principal, conversation_id, message_id, context.settings.rpc_timeout_s)
-        context.ack(frame.cid, seq)
+        # A new conversation is followed from its start (this first message is replayed to the socket).
+        seq = await feeds.follow_and_find(connection, conversation_id, 0, message_id, context.settings.rpc_timeout_s)
+        connection.send(Ack(frame.cid, seq or 0))
         version = started.state.version if started.state is not None else 0
         if wants_human and started.state is not None and started.state.status == "ai":
             await _hand_off_quietly(context, conversation_id, "keyword", version)
