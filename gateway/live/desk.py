@@ -61,7 +61,7 @@ class Desk:
     @property
     def busy(self) -> bool:
         """Worth polling: agents are here, or visitors here wait in the queue."""
-        return bool(self.agents) or any(f.status == "waiting_human" and f.sockets
+        return bool(self.agents) or any(f.status == "waiting_human" and f.connections
                                         for f in self._desks.hub.feeds.feeds_of(self.tenant))
 
     def start(self) -> None:
@@ -124,9 +124,9 @@ class Desk:
             if position is None:
                 continue
             frame = QueuePosition(feed.conversation_id, position)
-            for socket in feed.sockets:
-                if not socket.is_staff:
-                    socket.send(frame)
+            for connection in feed.connections:
+                if not connection.is_staff:
+                    connection.send(frame)
 
 
 class Desks:
@@ -159,35 +159,35 @@ class Desks:
         if self._desks.get(desk.tenant) is desk:
             del self._desks[desk.tenant]
 
-    def add_agent(self, socket: Connection) -> Desk:
-        assert socket.principal is not None
-        desk = self.desk(socket.principal.tenant)
-        desk.agents.add(socket)
-        self.hub.spawn(self.write_presence(desk.tenant, {socket}, desk.away))
+    def add_agent(self, connection: Connection) -> Desk:
+        assert connection.principal is not None
+        desk = self.desk(connection.principal.tenant)
+        desk.agents.add(connection)
+        self.hub.spawn(self.write_presence(desk.tenant, {connection}, desk.away))
         if desk.queue:
-            socket.send(QueueUpdate(desk.queue))
+            connection.send(QueueUpdate(desk.queue))
         desk.poke()
         return desk
 
-    def remove_agent(self, socket: Connection) -> None:
-        assert socket.principal is not None
-        desk = self._desks.get(socket.principal.tenant)
+    def remove_agent(self, connection: Connection) -> None:
+        assert connection.principal is not None
+        desk = self._desks.get(connection.principal.tenant)
         if desk is None:
             return
-        desk.agents.discard(socket)
-        subject = socket.principal.subject
+        desk.agents.discard(connection)
+        subject = connection.principal.subject
         if not any(a.principal is not None and a.principal.subject == subject for a in desk.agents):
             desk.away.discard(subject)
-            self.hub.spawn(self._remove_presence(socket.principal.tenant, subject))
+            self.hub.spawn(self._remove_presence(connection.principal.tenant, subject))
 
-    def set_presence(self, socket: Connection, status: str) -> None:
-        assert socket.principal is not None
-        desk = self.desk(socket.principal.tenant)
+    def set_presence(self, connection: Connection, status: str) -> None:
+        assert connection.principal is not None
+        desk = self.desk(connection.principal.tenant)
         if status == "away":
-            desk.away.add(socket.principal.subject)
+            desk.away.add(connection.principal.subject)
         else:
-            desk.away.discard(socket.principal.subject)
-        self.hub.spawn(self.write_presence(desk.tenant, {socket}, desk.away))
+            desk.away.discard(connection.principal.subject)
+        self.hub.spawn(self.write_presence(desk.tenant, {connection}, desk.away))
 
     def announce(self, tenant: str, payload: dict[str, object] | None = None) -> None:
         """Tell every edge (this one included) that the tenant's queue or assignments changed."""
@@ -224,13 +224,13 @@ class Desks:
             await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher.stop unannotated
         return online
 
-    async def write_presence(self, tenant: str, sockets: set[Connection], away: set[str]) -> None:
+    async def write_presence(self, tenant: str, connections: set[Connection], away: set[str]) -> None:
         kv = await self._presence_bucket()
         if kv is None:
             return
         written: set[str] = set()
-        for socket in list(sockets):
-            principal = socket.principal
+        for connection in list(connections):
+            principal = connection.principal
             if principal is None or principal.subject in written:
                 continue
             written.add(principal.subject)

@@ -71,7 +71,7 @@ class Feed:
         self.conversation_id = conversation_id
         self.owner: str | None = None
         """The visitor who owns it, once a visitor's access was checked."""
-        self.sockets: set[Connection] = set()
+        self.connections: set[Connection] = set()
         self.joining = 0
         """Joins in progress: they hold the feed open like a socket."""
         self.buffer: deque[StoredEvent] = deque()
@@ -120,17 +120,17 @@ class Feed:
             self.floor = self.buffer.popleft().seq
             # dicts keep insertion order: the oldest id goes with the oldest event
             del self._seq_by_id[next(iter(self._seq_by_id))]
-        for socket in list(self.sockets):
-            socket.deliver(event)
+        for connection in list(self.connections):
+            connection.deliver(event)
         if isinstance(event, StateEvent):
             self._on_state(self, event)
         self._wake(message.id, message.seq)
 
     def deliver_live(self, frame: LiveFrame, origin: Connection | None = None) -> None:
         """A frame that is not stored (`ai_delta`, `typing`, `read`) to this process's sockets."""
-        for socket in self.sockets:
-            if socket is not origin:
-                socket.send(frame)
+        for connection in self.connections:
+            if connection is not origin:
+                connection.send(frame)
 
     async def wait_for(self, message_id: str, timeout_s: float) -> int | None:
         seq = self._seq_by_id.get(message_id)
@@ -178,11 +178,11 @@ class Feeds:
     def feeds_of(self, tenant: str) -> list[Feed]:
         return [feed for (feed_tenant, _), feed in self._feeds.items() if feed_tenant == tenant]
 
-    async def join(self, socket: Connection, conversation_id: str, after_seq: int | None) -> int:
+    async def join(self, connection: Connection, conversation_id: str, after_seq: int | None) -> int:
         """Subscribe `socket`: first its missed stored events (seq > after_seq) in order, then live
         ones; `after_seq` None subscribes from now on. Returns how many events were replayed.
         NotYours when the conversation is not the socket's to see."""
-        principal = socket.principal
+        principal = connection.principal
         assert principal is not None
         key = (principal.tenant, conversation_id)
         feed = self._feeds.get(key)
@@ -212,24 +212,24 @@ class Feeds:
             else:
                 backlog = [event for event in feed.buffer if event.seq > after_seq]
             # No await from here on: nothing published can fall between the backlog and the live part.
-            socket.follow(conversation_id, after_seq, backlog)
-            feed.sockets.add(socket)
+            connection.follow(conversation_id, after_seq, backlog)
+            feed.connections.add(connection)
             return len(backlog)
         finally:
             feed.joining -= 1
             self._close_if_unused(feed)
 
-    def leave(self, socket: Connection, conversation_id: str) -> None:
-        assert socket.principal is not None
-        socket.unfollow(conversation_id)
-        feed = self._feeds.get((socket.principal.tenant, conversation_id))
+    def leave(self, connection: Connection, conversation_id: str) -> None:
+        assert connection.principal is not None
+        connection.unfollow(conversation_id)
+        feed = self._feeds.get((connection.principal.tenant, conversation_id))
         if feed is not None:
-            feed.sockets.discard(socket)
+            feed.connections.discard(connection)
             self._close_if_unused(feed)
 
-    def leave_all(self, socket: Connection) -> None:
-        for conversation_id in socket.conversations:
-            self.leave(socket, conversation_id)
+    def leave_all(self, connection: Connection) -> None:
+        for conversation_id in connection.conversations:
+            self.leave(connection, conversation_id)
 
     def send_live(self, tenant: str, conversation_id: str, frame: LiveFrame,
                   origin: Connection | None = None) -> None:
@@ -239,14 +239,14 @@ class Feeds:
             feed.deliver_live(frame, origin)
         self._tasks.spawn(self.channels.publish(conversation_subject(tenant, conversation_id), {"frame": relay(frame)}))
 
-    async def follow_and_find(self, socket: Connection, conversation_id: str, after_seq: int | None,
+    async def follow_and_find(self, connection: Connection, conversation_id: str, after_seq: int | None,
                               message_id: str, wait_s: float) -> int | None:
         """`join` unless the socket follows the conversation already (or is closing: it would hold the feed
         open), then `find` the message in it."""
-        if not socket.follows(conversation_id) and not socket.closing:
-            await self.join(socket, conversation_id, after_seq)
-        assert socket.principal is not None
-        return await self.find(socket.principal, conversation_id, message_id, wait_s)
+        if not connection.follows(conversation_id) and not connection.closing:
+            await self.join(connection, conversation_id, after_seq)
+        assert connection.principal is not None
+        return await self.find(connection.principal, conversation_id, message_id, wait_s)
 
     async def find(self, principal: Principal, conversation_id: str, message_id: str, wait_s: float) -> int | None:
         """Seq of a stored message of the conversation, or None: from the feed (waiting up to
@@ -283,14 +283,14 @@ class Feeds:
         self._feeds.clear()
 
     def _close_deleted(self, feed: Feed) -> None:
-        for socket in list(feed.sockets):
-            socket.unfollow(feed.conversation_id)
-            if socket.is_staff:
-                socket.send(Resync(feed.conversation_id, "the conversation was deleted"))
+        for connection in list(feed.connections):
+            connection.unfollow(feed.conversation_id)
+            if connection.is_staff:
+                connection.send(Resync(feed.conversation_id, "the conversation was deleted"))
             else:
-                socket.send(ErrorFrame("not_found", "this conversation was deleted"))
-                socket.close(CLOSE_FORBIDDEN, "conversation deleted")
-        feed.sockets.clear()
+                connection.send(ErrorFrame("not_found", "this conversation was deleted"))
+                connection.close(CLOSE_FORBIDDEN, "conversation deleted")
+        feed.connections.clear()
         self._drop(feed)
 
     def _count_restart(self, reason: str) -> None:
@@ -318,7 +318,7 @@ class Feeds:
             listener(feed, event)
 
     def _close_if_unused(self, feed: Feed) -> None:
-        if feed.sockets or feed.joining:
+        if feed.connections or feed.joining:
             return
         self._drop(feed)
 

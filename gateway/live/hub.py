@@ -49,8 +49,8 @@ class LiveHub:
         self.feeds.deleted(tenant, conversation_id)
 
     def close_all(self, code: int, reason: str) -> None:
-        for socket in list(self._connections):
-            socket.close(code, reason)
+        for connection in list(self._connections):
+            connection.close(code, reason)
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

@@ -123,9 +123,9 @@ class LiveService:
         except grpc.aio.AioRpcError as error:
             log.warning("system notice not stored: %s", error.code())
 
-    def holds(self, socket: Connection, feed: Feed | None) -> bool:
+    def holds(self, connection: Connection, feed: Feed | None) -> bool:
         """May this staff socket speak in the conversation: it holds it (or is an admin)."""
-        principal = socket.principal
+        principal = connection.principal
         assert principal is not None
         if principal.role == "admin":
             return True
@@ -166,21 +166,21 @@ class LiveService:
         while True:
             await asyncio.sleep(every_s)
             try:
-                for socket in [s for s in self.hub.connections if s.is_staff and not s.closing]:
-                    principal = socket.principal
+                for connection in [s for s in self.hub.connections if s.is_staff and not s.closing]:
+                    principal = connection.principal
                     if principal is not None and await self.account_disabled(principal):
-                        socket.send(ErrorFrame("unauthorized", "this account is disabled"))
-                        socket.close(CLOSE_AUTH_FAILED, "account disabled")
+                        connection.send(ErrorFrame("unauthorized", "this account is disabled"))
+                        connection.close(CLOSE_AUTH_FAILED, "account disabled")
             except Exception:  # the next round tries again; the check must never stop for good
                 log.exception("checking agents' accounts failed")
 
     def close_blocked(self, tenant: str) -> None:
         """A blacklist change: close the tenant's visitor sockets it now refuses."""
-        for socket in list(self.hub.connections):
-            principal = socket.principal
-            if principal is not None and principal.tenant == tenant and self.blocked(principal, socket.address):
-                socket.send(ErrorFrame("blocked", "this visitor is blocked"))
-                socket.close(CLOSE_FORBIDDEN, "blocked")
+        for connection in list(self.hub.connections):
+            principal = connection.principal
+            if principal is not None and principal.tenant == tenant and self.blocked(principal, connection.address):
+                connection.send(ErrorFrame("blocked", "this visitor is blocked"))
+                connection.close(CLOSE_FORBIDDEN, "blocked")
 
     def _drop_assignment(self, tenant: str, conversation_id: str, agent: str) -> None:
         # An agent follows the conversations it holds: after a release, transfer or close its
@@ -188,21 +188,21 @@ class LiveService:
         feed = self.hub.feeds.feed(tenant, conversation_id)
         if feed is None:
             return
-        for socket in list(feed.sockets):
-            principal = socket.principal
+        for connection in list(feed.connections):
+            principal = connection.principal
             if principal is not None and principal.role == "agent" and principal.subject == agent:
-                self.hub.feeds.leave(socket, conversation_id)
+                self.hub.feeds.leave(connection, conversation_id)
 
     def _follow_assignment(self, tenant: str, conversation_id: str, agent: str) -> None:
-        for socket in list(self.hub.connections):
-            principal = socket.principal
+        for connection in list(self.hub.connections):
+            principal = connection.principal
             if (principal is not None and principal.tenant == tenant and principal.subject == agent
-                    and principal.role in ("agent", "admin") and conversation_id not in socket.conversations
-                    and not socket.closing):
-                self.hub.spawn(self._join_quietly(socket, conversation_id))
+                    and principal.role in ("agent", "admin") and not connection.follows(conversation_id)
+                    and not connection.closing):
+                self.hub.spawn(self._join_quietly(connection, conversation_id))
 
-    async def _join_quietly(self, socket: Connection, conversation_id: str) -> None:
+    async def _join_quietly(self, connection: Connection, conversation_id: str) -> None:
         try:
-            await self.hub.feeds.join(socket, conversation_id, 0)
+            await self.hub.feeds.join(connection, conversation_id, 0)
         except Exception as error:  # the agent can still open it by hand
             log.warning("agent socket not subscribed to an assigned conversation: %s", type(error).__name__)
