@@ -130,7 +130,6 @@ class Presence(_Frame, tag="presence", frozen=True):
 
 
 ClientFrame = Hello | Send | Ping | Typing | Read | Handoff | Claim | Release | Transfer | Close | Note | Presence
-VisitorFrame = Send | Ping | Typing | Read | Handoff
 AgentFrame = Claim | Release | Transfer | Close | Note | Presence
 """Frames only agents and admins may send."""
 
