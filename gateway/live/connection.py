@@ -17,7 +17,17 @@ import msgspec
 from aiohttp import web
 
 from gateway.auth import Principal
-from gateway.live.frames import CLOSE_TOO_SLOW, MsgEvent, NoteEvent, ServerFrame, StoredEvent, encode, kind_of
+from gateway.errors import SocketRefused
+from gateway.live.frames import (
+    CLOSE_TOO_SLOW,
+    ErrorFrame,
+    MsgEvent,
+    NoteEvent,
+    ServerFrame,
+    StoredEvent,
+    encode,
+    kind_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +191,11 @@ class Connection:
             yield
         finally:
             self._receiving = False
+
+    def refuse(self, refused: SocketRefused) -> None:
+        """Say why in an `error` frame, then close with the refusal's close code."""
+        self.send(ErrorFrame(refused.code, refused.message))
+        self.close(refused.close_code, refused.message[:100])
 
     def close(self, code: int, reason: str = "") -> None:
         """Send what is queued, then the close frame."""

@@ -11,7 +11,7 @@ from gateway.auth import Principal
 from gateway.errors import LIMIT_CODES, ApiError, NotYours, Refused, SocketRefused
 from gateway.live.connection import Connection
 from gateway.live.feeds import Feeds
-from gateway.live.frames import CLOSE_FORBIDDEN, Ack, ErrorFrame, Nack, Sender
+from gateway.live.frames import CLOSE_FORBIDDEN, Ack, Nack, Sender
 from gateway.live.owed import answer_owed, owed_message
 from gateway.live.service import LiveService
 from gateway.settings import GatewaySettings
@@ -37,18 +37,13 @@ class SocketContext:
 
     def fail(self, request_type: str, error: ApiError, *, cid: str | None = None,
              conversation_id: str | None = None) -> None:
-        """A request refused: one `nack`; or, for a visitor asking for someone else's conversation (or a
-        refusal that ends the socket), an `error` frame and the close."""
-        if isinstance(error, NotYours) and not self.connection.is_staff:
-            error = SocketRefused(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
-        if isinstance(error, SocketRefused):
-            self.connection.send(ErrorFrame(error.code, error.message))
-            self.connection.close(error.close_code, error.message[:100])
-            return
-        message = "no such conversation in your tenant" if isinstance(error, NotYours) else error.message
-        code = "limit" if error.code in LIMIT_CODES else error.code  # the message says which limit
-        self.connection.send(Nack(request_type, code, message, UNSET if cid is None else cid,
-                                  UNSET if conversation_id is None else conversation_id))
+        """A request refused: one `nack`, or the socket's close (see `refusal`)."""
+        answer = refusal(request_type, error, staff=self.connection.is_staff, cid=cid,
+                         conversation_id=conversation_id)
+        if isinstance(answer, SocketRefused):
+            self.connection.refuse(answer)
+        else:
+            self.connection.send(answer)
 
     async def ensure_joined(self, conversation_id: str) -> None:
         if not self.connection.follows(conversation_id):
@@ -79,3 +74,17 @@ class SocketContext:
             live = self.live
             live.hub.spawn(answer_owed(live.hub, live.clients, live.settings, self.principal, conversation_id,
                                        self.request_id, live.tenant_settings))
+
+
+def refusal(request_type: str, error: ApiError, *, staff: bool, cid: str | None = None,
+            conversation_id: str | None = None) -> Nack | SocketRefused:
+    """What a refused request becomes: a `nack` naming it; or the socket's close, for a refusal that ends it
+    and for a visitor asking for someone else's conversation (agents are told there is no such one)."""
+    if isinstance(error, NotYours) and not staff:
+        return SocketRefused(CLOSE_FORBIDDEN, "forbidden", "not your conversation")
+    if isinstance(error, SocketRefused):
+        return error
+    message = "no such conversation in your tenant" if isinstance(error, NotYours) else error.message
+    code = "limit" if error.code in LIMIT_CODES else error.code  # the message says which limit
+    return Nack(request_type, code, message, UNSET if cid is None else cid,
+                UNSET if conversation_id is None else conversation_id)

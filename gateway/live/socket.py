@@ -71,8 +71,7 @@ class LiveSocket:
                     assert self._context is not None
                     await _dispatch(self._context, frame)
         except SocketRefused as refused:
-            self._connection.send(ErrorFrame(refused.code, refused.message))
-            self._connection.close(refused.close_code, refused.message[:100])
+            self._connection.refuse(refused)
 
     def _header_principal(self) -> Principal | None:
         if self._authorization is None:
