@@ -125,3 +125,46 @@ def api_error_from_grpc(error: grpc.aio.AioRpcError, backend: str) -> ApiError:
     if status == 500:
         message = "internal error"  # never leak a backend's internals
     return ApiError(name, message, status, headers=headers)
+
+
+# -- live chat (gateway/live): the same codes, told as an `error` frame, a `nack` or a close ----------
+
+# Frame errors, refusals and socket closes have no HTTP status of their own (docs/api.md: "—").
+
+class FrameError(ApiError):
+    """A bad client frame (invalid_json, unknown_type, invalid_frame): an `error` frame and one strike."""
+
+
+class Refused(ApiError):
+    """A request the edge will not do: the socket gets one `nack` with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+
+
+class NotYours(ApiError):
+    """The conversation does not exist or is not the principal's (a visitor's socket closes 4003, an
+    agent gets `nack` forbidden)."""
+
+    status = 403
+
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__("forbidden", "not your conversation")
+        self.conversation_id = conversation_id
+
+
+class FeedUnavailable(ApiError):
+    """The session service could not be asked for a conversation's log (close 1011 at hello, else `nack`)."""
+
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("unavailable", detail)
+
+
+class SocketRefused(ApiError):
+    """A refusal that ends the socket: an `error` frame with the code, then the close code."""
+
+    def __init__(self, close_code: int, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.close_code = close_code

@@ -1,4 +1,4 @@
-"""GET /v1/ws: live chat over a WebSocket (docs/api.md "WebSocket protocol"); the dialogue is in gateway.live.socket."""
+"""GET /v1/ws: live chat over a WebSocket (docs/api.md "WebSocket protocol"); the read loop is gateway.live.socket."""
 
 from __future__ import annotations
 
@@ -74,17 +74,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     live = app[keys.LIVE]
     metrics = live.metrics
-    socket = Connection(ws, settings.ws_send_queue, request.transport, address=app[keys.CLIENT_ADDRESSES].of(request),
-                        on_frame_out=lambda kind: metrics.ws_messages.labels("out", kind).inc())
-    live.hub.connections.add(socket)
+    connection = Connection(ws, settings.ws_send_queue, request.transport,
+                            address=app[keys.CLIENT_ADDRESSES].of(request),
+                            on_frame_out=lambda kind: metrics.ws_messages.labels("out", kind).inc())
+    live.hub.open(connection)
     try:
-        await LiveSocket(live, socket, request.headers.get("Authorization"), request[keys.REQUEST_ID]).run()
+        await LiveSocket(live, connection, request.headers.get("Authorization"), request[keys.REQUEST_ID]).run()
     finally:
-        live.hub.leave_all(socket)
-        live.hub.connections.discard(socket)
-        if socket.principal is not None:
-            metrics.ws_connections.labels(socket.principal.role).dec()
-            if socket.is_staff:
-                live.desks.remove_agent(socket)
-        await socket.finish(CLOSE_TIMEOUT_S)
+        live.hub.closed(connection)
+        principal = connection.principal
+        if principal is not None:  # greeted: counted (a visitor's socket too) and maybe at the desk
+            metrics.ws_connections.labels(principal.role).dec()
+            if connection.is_staff:
+                live.desks.remove_agent(connection)
+            else:
+                live.release_socket(principal)
+        await connection.finish(CLOSE_TIMEOUT_S)
     return ws

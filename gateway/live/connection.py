@@ -1,76 +1,130 @@
-"""One WebSocket's writer: a bounded queue of frames, sent in order by a task that runs only while
-there is something to send (an idle socket holds no task and no queue object)."""
+"""One WebSocket's state, owned here: who it is, what it follows, what it has seen, and its writer.
+
+The writer is a bounded queue of typed frames, encoded and sent in order by a task that runs only
+while there is something to send (an idle socket holds no task and no queue object).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
+import msgspec
 from aiohttp import web
 
 from gateway.auth import Principal
+from gateway.errors import SocketRefused
+from gateway.live.frames import (
+    CLOSE_TOO_SLOW,
+    ErrorFrame,
+    MsgEvent,
+    NoteEvent,
+    ServerFrame,
+    StoredEvent,
+    encode,
+    kind_of,
+)
 
 log = logging.getLogger(__name__)
 
 FORCED_CLOSE_TIMEOUT_S = 1.0
 OWN_CIDS = 256
 """cids a socket remembers to echo in its own `msg` events."""
+READER_STOP_POLLS = 100
+READER_STOP_POLL_S = 0.01
 
 
 class Connection:
-    """Frames go out only through `send`, never awaited by the caller: a socket that stops
+    """Frames go out only through `send` and `deliver`, never awaited by the caller: a socket that stops
     reading fills its own queue and is closed with 1013; nobody else waits for it."""
 
-    __slots__ = ("ws", "address", "principal", "conversations", "seen", "current", "own_cids", "close_code",
+    __slots__ = ("ws", "address", "_principal", "_following", "_seen", "_current", "_own_cids", "_close_code",
                  "_transport", "_queue_size", "_queue", "_held", "_writer", "_closing_reason", "_on_frame_out",
-                 "_tokens", "_tokens_at", "reader", "receiving")
+                 "_tokens", "_tokens_at", "_reader", "_receiving")
 
     def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.BaseTransport | None,
                  address: str | None = None, on_frame_out: Callable[[str], None] | None = None) -> None:
         self.ws = ws
         self.address = address
-        self.principal: Principal | None = None
-        self.conversations: set[str] = set()
-        """Conversations this socket is subscribed to (joined in the hub)."""
-        self.seen: dict[str, int] = {}
+        self._principal: Principal | None = None
+        self._following: set[str] = set()
+        self._seen: dict[str, int] = {}
         """Highest stored seq sent per conversation: a stored event is never sent twice."""
-        self.current: str | None = None
-        """Conversation a `send` without `conversation_id` goes to."""
-        self.own_cids: dict[str, str] = {}
+        self._current: str | None = None
+        self._own_cids: dict[str, str] = {}
         """message id -> the client's cid, for messages sent on this socket (echoed in `msg`)."""
-        self.close_code: int | None = None
+        self._close_code: int | None = None
         self._transport = transport
         self._queue_size = queue_size
-        self._queue: deque[dict[str, Any]] = deque()
-        self._held: list[dict[str, Any]] | None = None
+        self._queue: deque[ServerFrame] = deque()
+        self._held: list[ServerFrame] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing_reason = ""
         self._on_frame_out = on_frame_out
         self._tokens = -1.0
         self._tokens_at = 0.0
-        self.reader: asyncio.Task[object] | None = None
-        """The task reading the socket's frames, and whether it is waiting in receive() right now:
+        self._reader: asyncio.Task[object] | None = None
+        """The task reading the socket's frames, and whether it waits in receive() right now:
         a close from another task stops that read first (see close)."""
-        self.receiving = False
+        self._receiving = False
+
+    # -- who, and what it follows -----------------------------------------------------------------
 
     @property
-    def closing(self) -> bool:
-        return self.close_code is not None
+    def principal(self) -> Principal | None:
+        """Who said hello on it (None before)."""
+        return self._principal
+
+    def greet(self, principal: Principal) -> None:
+        self._principal = principal
 
     @property
     def is_staff(self) -> bool:
-        return self.principal is not None and self.principal.role in ("agent", "admin")
+        return self._principal is not None and self._principal.role in ("agent", "admin")
+
+    @property
+    def closing(self) -> bool:
+        return self._close_code is not None
+
+    @property
+    def close_code(self) -> int | None:
+        return self._close_code
+
+    @property
+    def conversations(self) -> frozenset[str]:
+        """The conversations it follows."""
+        return frozenset(self._following)
+
+    def follows(self, conversation_id: str) -> bool:
+        return conversation_id in self._following
+
+    @property
+    def current(self) -> str | None:
+        """The conversation a visitor's `send` without `conversation_id` goes to."""
+        return self._current
+
+    def point_at(self, conversation_id: str) -> None:
+        self._current = conversation_id
+
+    def follow(self, conversation_id: str, after_seq: int, backlog: Sequence[StoredEvent]) -> None:
+        """Follow a conversation from `after_seq` on: its missed events (`backlog`) first, then live ones.
+        A backlog may exceed the queue bound: it is bounded by the kept history, and the client asked."""
+        self._seen[conversation_id] = max(self._seen.get(conversation_id, 0), after_seq)
+        for event in backlog:
+            self.deliver(event, replay=True)
+        self._following.add(conversation_id)
+
+    def unfollow(self, conversation_id: str) -> None:
+        self._following.discard(conversation_id)
 
     def remember_cid(self, message_id: str, cid: str) -> None:
-        self.own_cids[message_id] = cid
-        if len(self.own_cids) > OWN_CIDS:
-            del self.own_cids[next(iter(self.own_cids))]
+        self._own_cids[message_id] = cid
+        if len(self._own_cids) > OWN_CIDS:
+            del self._own_cids[next(iter(self._own_cids))]
 
     def take_frame_token(self, rate: float, burst: int) -> bool:
         """Token bucket of incoming frames; False when the client sends faster than allowed."""
@@ -85,17 +139,19 @@ class Connection:
         self._tokens -= 1
         return True
 
-    def send_stored(self, frame: dict[str, Any], *, replay: bool = False) -> None:
-        """A stored event: sent unless this socket already got it (replay and live may overlap).
-        A replay (the backlog of a resume) may exceed the queue bound: it is bounded by the kept
-        history, and the client asked for it."""
-        conversation_id = frame["conversation_id"]
-        if frame["seq"] <= self.seen.get(conversation_id, 0):
-            return
-        self.seen[conversation_id] = frame["seq"]
-        self.send(frame, bounded=not replay)
+    # -- frames out -------------------------------------------------------------------------------
 
-    def send(self, frame: dict[str, Any], *, bounded: bool = True) -> None:
+    def deliver(self, event: StoredEvent, *, replay: bool = False) -> None:
+        """A stored event: sent unless this socket already got it (replay and live may overlap);
+        private notes never reach a visitor."""
+        if isinstance(event, NoteEvent) and not self.is_staff:
+            return
+        if event.seq <= self._seen.get(event.conversation_id, 0):
+            return
+        self._seen[event.conversation_id] = event.seq
+        self.send(event, bounded=not replay)
+
+    def send(self, frame: ServerFrame, *, bounded: bool = True) -> None:
         if self.closing:
             return
         if self._held is not None:
@@ -103,7 +159,7 @@ class Connection:
             return
         if bounded and len(self._queue) >= self._queue_size:
             log.info("closing a socket too slow to read (%d frames queued)", self._queue_size)
-            self._force_close(1013, "too slow to read")
+            self._force_close(CLOSE_TOO_SLOW, "too slow to read")
             return
         self._queue.append(frame)
         if self._writer is None:
@@ -113,7 +169,7 @@ class Connection:
         """Keep frames back until `release` (the `welcome` must go first)."""
         self._held = []
 
-    def release(self, first: dict[str, Any] | None = None) -> None:
+    def release(self, first: ServerFrame | None = None) -> None:
         """Send `first`, then what was held (a hello's replay: not bounded by the queue)."""
         held, self._held = self._held or [], None
         if first is not None:
@@ -124,22 +180,39 @@ class Connection:
     def drop_held(self) -> None:
         self._held = None
 
+    # -- reading and closing ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around one receive(): a close from another task cancels it first."""
+        self._reader = asyncio.current_task()
+        self._receiving = True
+        try:
+            yield
+        finally:
+            self._receiving = False
+
+    def refuse(self, refused: SocketRefused) -> None:
+        """Say why in an `error` frame, then close with the refusal's close code."""
+        self.send(ErrorFrame(refused.code, refused.message))
+        self.close(refused.close_code, refused.message[:100])
+
     def close(self, code: int, reason: str = "") -> None:
         """Send what is queued, then the close frame."""
         if self.closing:
             return
-        self.close_code = code
+        self._close_code = code
         self._closing_reason = reason
-        if self.receiving and self.reader is not None and self.reader is not asyncio.current_task():
+        if self._receiving and self._reader is not None and self._reader is not asyncio.current_task():
             # aiohttp's close() from another task while a receive() waits drops the connection
             # right after the close frame, without the closing handshake (the client sees 1006).
             # Stop the read first; the writer closes once it has stopped.
-            self.reader.cancel()
+            self._reader.cancel()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued())
 
     def _force_close(self, code: int, reason: str) -> None:
-        self.close_code = code
+        self._close_code = code
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
@@ -160,20 +233,19 @@ class Connection:
         try:
             while self._queue:
                 frame = self._queue.popleft()
-                message_id = frame.get("message_id")
-                if message_id in self.own_cids and frame.get("type") in ("msg", "note"):
-                    frame = {**frame, "cid": self.own_cids[message_id]}
-                await self.ws.send_str(json.dumps(frame, ensure_ascii=False))
+                if isinstance(frame, MsgEvent | NoteEvent) and frame.message_id in self._own_cids:
+                    frame = msgspec.structs.replace(frame, cid=self._own_cids[frame.message_id])
+                await self.ws.send_str(encode(frame))
                 if self._on_frame_out is not None:
-                    self._on_frame_out(frame["type"])
-            if self.close_code is not None:
-                for _ in range(100):  # the reader stops within a loop iteration or two
-                    if not self.receiving:
+                    self._on_frame_out(kind_of(frame))
+            if self._close_code is not None:
+                for _ in range(READER_STOP_POLLS):  # the reader stops within a loop iteration or two
+                    if not self._receiving:
                         break
-                    await asyncio.sleep(0.01)
-                await self.ws.close(code=self.close_code, message=self._closing_reason.encode())
+                    await asyncio.sleep(READER_STOP_POLL_S)
+                await self.ws.close(code=self._close_code, message=self._closing_reason.encode())
         except ConnectionError:
-            self.close_code = self.close_code or 1006
+            self._close_code = self._close_code or 1006
         finally:
             if self._writer is asyncio.current_task():  # not replaced by a forced close
                 self._writer = None

@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 import nats.errors
@@ -28,7 +27,9 @@ from gateway.bus import BusUnavailable, EdgeBus
 from gateway.clients import BackendClients
 from gateway.live.channels import LiveChannels, desk_subject, unsubscribe
 from gateway.live.connection import Connection
-from gateway.live.hub import Feed, LiveHub, edge_principal
+from gateway.live.feeds import Feed, edge_principal
+from gateway.live.frames import QueueEntry, QueuePosition, QueueUpdate, StateEvent
+from gateway.live.hub import LiveHub
 from kefu.session.v1 import session_pb2
 from services.common.nats_client import ensure_key_value
 
@@ -49,7 +50,7 @@ class Desk:
     def __init__(self, tenant: str, desks: Desks) -> None:
         self.tenant = tenant
         self.agents: set[Connection] = set()
-        self.queue: list[dict[str, Any]] = []
+        self.queue: tuple[QueueEntry, ...] = ()
         self.away: set[str] = set()
         """Agents (sub) of this edge who said `presence {status: "away"}`."""
         self._desks = desks
@@ -60,8 +61,8 @@ class Desk:
     @property
     def busy(self) -> bool:
         """Worth polling: agents are here, or visitors here wait in the queue."""
-        return bool(self.agents) or any(f.status == "waiting_human" and f.sockets
-                                        for f in self._desks.hub.feeds_of(self.tenant))
+        return bool(self.agents) or any(f.status == "waiting_human" and f.connections
+                                        for f in self._desks.hub.feeds.feeds_of(self.tenant))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -98,7 +99,7 @@ class Desk:
                 async with asyncio.timeout(self._desks.poll_s):
                     await self._poke.wait()
 
-    def _from_other_edge(self, payload: dict[str, Any]) -> None:
+    def _from_other_edge(self, payload: dict[str, object]) -> None:
         self._desks.apply(self.tenant, payload)
         self.poke()
 
@@ -110,23 +111,22 @@ class Desk:
         except grpc.aio.AioRpcError as error:
             log.warning("queue of a tenant not refreshed: %s", error.code())
             return
-        queue = [{"conversation_id": c.session_id, "waiting_since": c.state.since,
-                  "preview": c.preview[:PREVIEW_CHARS]} for c in reply.conversations]
+        queue = tuple(QueueEntry(c.session_id, c.state.since, c.preview[:PREVIEW_CHARS]) for c in reply.conversations)
         if queue == self.queue:
             return
         self.queue = queue
-        update = {"type": "queue_update", "conversations": queue}
+        update = QueueUpdate(queue)
         for agent in self.agents:
             agent.send(update)
-        positions = {entry["conversation_id"]: index + 1 for index, entry in enumerate(queue)}
-        for feed in self._desks.hub.feeds_of(self.tenant):
+        positions = {entry.conversation_id: index + 1 for index, entry in enumerate(queue)}
+        for feed in self._desks.hub.feeds.feeds_of(self.tenant):
             position = positions.get(feed.conversation_id)
             if position is None:
                 continue
-            frame = {"type": "queue", "conversation_id": feed.conversation_id, "position": position}
-            for socket in feed.sockets:
-                if not socket.is_staff:
-                    socket.send(frame)
+            frame = QueuePosition(feed.conversation_id, position)
+            for connection in feed.connections:
+                if not connection.is_staff:
+                    connection.send(frame)
 
 
 class Desks:
@@ -146,7 +146,7 @@ class Desks:
         """(tenant, conversation_id, agent): join that agent's sockets here to the conversation."""
         self.on_unassigned: Callable[[str, str, str], None] | None = None
         """(tenant, conversation_id, agent): that agent's sockets here leave the conversation."""
-        hub.state_listeners.append(self._state_changed)
+        hub.feeds.state_listeners.append(self._state_changed)
 
     def desk(self, tenant: str) -> Desk:
         desk = self._desks.get(tenant)
@@ -159,37 +159,37 @@ class Desks:
         if self._desks.get(desk.tenant) is desk:
             del self._desks[desk.tenant]
 
-    def add_agent(self, socket: Connection) -> Desk:
-        assert socket.principal is not None
-        desk = self.desk(socket.principal.tenant)
-        desk.agents.add(socket)
-        self.hub.spawn(self.write_presence(desk.tenant, {socket}, desk.away))
+    def add_agent(self, connection: Connection) -> Desk:
+        assert connection.principal is not None
+        desk = self.desk(connection.principal.tenant)
+        desk.agents.add(connection)
+        self.hub.spawn(self.write_presence(desk.tenant, {connection}, desk.away))
         if desk.queue:
-            socket.send({"type": "queue_update", "conversations": desk.queue})
+            connection.send(QueueUpdate(desk.queue))
         desk.poke()
         return desk
 
-    def remove_agent(self, socket: Connection) -> None:
-        assert socket.principal is not None
-        desk = self._desks.get(socket.principal.tenant)
+    def remove_agent(self, connection: Connection) -> None:
+        assert connection.principal is not None
+        desk = self._desks.get(connection.principal.tenant)
         if desk is None:
             return
-        desk.agents.discard(socket)
-        subject = socket.principal.subject
+        desk.agents.discard(connection)
+        subject = connection.principal.subject
         if not any(a.principal is not None and a.principal.subject == subject for a in desk.agents):
             desk.away.discard(subject)
-            self.hub.spawn(self._remove_presence(socket.principal.tenant, subject))
+            self.hub.spawn(self._remove_presence(connection.principal.tenant, subject))
 
-    def set_presence(self, socket: Connection, status: str) -> None:
-        assert socket.principal is not None
-        desk = self.desk(socket.principal.tenant)
+    def set_presence(self, connection: Connection, status: str) -> None:
+        assert connection.principal is not None
+        desk = self.desk(connection.principal.tenant)
         if status == "away":
-            desk.away.add(socket.principal.subject)
+            desk.away.add(connection.principal.subject)
         else:
-            desk.away.discard(socket.principal.subject)
-        self.hub.spawn(self.write_presence(desk.tenant, {socket}, desk.away))
+            desk.away.discard(connection.principal.subject)
+        self.hub.spawn(self.write_presence(desk.tenant, {connection}, desk.away))
 
-    def announce(self, tenant: str, payload: dict[str, Any] | None = None) -> None:
+    def announce(self, tenant: str, payload: dict[str, object] | None = None) -> None:
         """Tell every edge (this one included) that the tenant's queue or assignments changed."""
         desk = self._desks.get(tenant)
         if desk is not None:
@@ -198,7 +198,7 @@ class Desks:
             self.apply(tenant, payload)
         self.hub.spawn(self.channels.publish(desk_subject(tenant), payload or {"kind": "poke"}))
 
-    def apply(self, tenant: str, payload: dict[str, Any]) -> None:
+    def apply(self, tenant: str, payload: dict[str, object]) -> None:
         """An (un)assignment announced by any edge: this edge's sockets of that agent follow it."""
         conversation_id, agent = payload.get("conversation_id"), payload.get("agent")
         if not isinstance(conversation_id, str) or not isinstance(agent, str):
@@ -221,16 +221,16 @@ class Desks:
                 if entry.value and json.loads(entry.value).get("status") == "online":
                     online += 1
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher.stop unannotated
         return online
 
-    async def write_presence(self, tenant: str, sockets: set[Connection], away: set[str]) -> None:
+    async def write_presence(self, tenant: str, connections: set[Connection], away: set[str]) -> None:
         kv = await self._presence_bucket()
         if kv is None:
             return
         written: set[str] = set()
-        for socket in list(sockets):
-            principal = socket.principal
+        for connection in list(connections):
+            principal = connection.principal
             if principal is None or principal.subject in written:
                 continue
             written.add(principal.subject)
@@ -256,11 +256,11 @@ class Desks:
                 return None
         return self._presence
 
-    def _state_changed(self, feed: Feed, frame: dict[str, Any]) -> None:
+    def _state_changed(self, feed: Feed, event: StateEvent) -> None:
         desk = self._desks.get(feed.tenant)
         if desk is not None:
             desk.poke()
-        elif frame["status"] == "waiting_human":
+        elif event.status == "waiting_human":
             self.desk(feed.tenant).poke()  # visitors here wait: keep their position current
 
     async def aclose(self) -> None:

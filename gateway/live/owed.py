@@ -24,7 +24,9 @@ from gateway.chat_turn import ChatTurn, ContextMessage, StreamFailed, TurnDelta,
 from gateway.clients import BackendClients, session_principal
 from gateway.directory.tenants import TenantSettingsStore
 from gateway.errors import ApiError
-from gateway.live.hub import Feed, LiveHub
+from gateway.live.feeds import Feed
+from gateway.live.frames import AiDelta, MsgEvent
+from gateway.live.hub import LiveHub
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
 
@@ -39,9 +41,9 @@ def owed_message(feed: Feed | None) -> str | None:
     if feed is None or feed.status != "ai" or not feed.buffer:
         return None
     newest = feed.buffer[-1]
-    if newest["type"] != "msg" or newest["sender"]["type"] != "visitor":
+    if not isinstance(newest, MsgEvent) or newest.sender.type != "visitor":
         return None
-    return str(newest["message_id"])
+    return newest.message_id
 
 
 class AnswerLease:
@@ -90,7 +92,7 @@ async def answer_owed(hub: LiveHub, clients: BackendClients, settings: GatewaySe
     """Answer the conversation's newest visitor message if the AI owes it and no live edge answers it."""
     holder = secrets.token_hex(8)
     for _ in range(CLAIM_ATTEMPTS):
-        message_id = owed_message(hub.feed(principal.tenant, conversation_id))
+        message_id = owed_message(hub.feeds.feed(principal.tenant, conversation_id))
         if message_id is None:
             return
         lease = AnswerLease(clients, settings, principal, conversation_id, message_id, holder)
@@ -142,9 +144,8 @@ async def _answer(hub: LiveHub, clients: BackendClients, settings: GatewaySettin
                 return  # another edge took over: it answers
             if isinstance(event, TurnDelta):
                 parts.append(event.text)
-                hub.send_live(principal.tenant, conversation_id, {
-                    "type": "ai_delta", "conversation_id": conversation_id, "message_id": answer_id,
-                    "delta": event.text})
+                hub.feeds.send_live(principal.tenant, conversation_id,
+                                    AiDelta(conversation_id, answer_id, event.text))
             elif isinstance(event, TurnDone):
                 done = event
             else:

@@ -6,18 +6,22 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
 from gateway.auth import JwtVerifier, Principal
 from gateway.clients import BackendClients, session_principal
+from gateway.directory.account_status import AccountStatus
+from gateway.directory.blacklist import Blacklist
+from gateway.directory.tenants import TenantSettingsStore
+from gateway.errors import Refused
 from gateway.live.connection import Connection
 from gateway.live.desk import Desks
-from gateway.live.frames import CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN
+from gateway.live.feeds import Feed
+from gateway.live.frames import CLOSE_AUTH_FAILED, CLOSE_FORBIDDEN, ErrorFrame
 from gateway.live.handoff import HandoffRules
 from gateway.live.holds import VisitorHolds
-from gateway.live.hub import Feed, LiveHub
+from gateway.live.hub import LiveHub
 from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
@@ -39,15 +43,6 @@ TRANSITION_CODES = {
 }
 
 
-class Refused(Exception):
-    """A request the server will not do: the socket gets one `nack` with this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class LiveService:
     clients: BackendClients
@@ -58,11 +53,11 @@ class LiveService:
     state: EdgeState
     verifier: JwtVerifier
     handoff_rules: HandoffRules
-    tenant_settings: Any = None
+    tenant_settings: TenantSettingsStore | None = None
     """gateway.directory's tenant settings store when present (welcome and offline texts)."""
-    blacklist: Any = None
+    blacklist: Blacklist | None = None
     """gateway.directory's Blacklist when present: refuses and closes blocked visitors."""
-    accounts: Any = None
+    accounts: AccountStatus | None = None
     """gateway.directory's AccountStatus when present: a disabled agent account's tokens stop working."""
     visitor_sockets: dict[tuple[str, str], int] = field(default_factory=dict)
     """Open sockets per visitor (tenant, sub) on this process, against KEFU_VISITOR_MAX_SOCKETS."""
@@ -128,14 +123,13 @@ class LiveService:
         except grpc.aio.AioRpcError as error:
             log.warning("system notice not stored: %s", error.code())
 
-    def holds(self, socket: Connection, feed: Feed | None) -> bool:
+    def holds(self, connection: Connection, feed: Feed | None) -> bool:
         """May this staff socket speak in the conversation: it holds it (or is an admin)."""
-        principal = socket.principal
+        principal = connection.principal
         assert principal is not None
         if principal.role == "admin":
             return True
-        return feed is not None and feed.status == "human" and feed.state is not None \
-            and feed.state.get("assignee") == principal.subject
+        return feed is not None and feed.status == "human" and feed.holder == principal.subject
 
     def take_socket(self, principal: Principal) -> bool:
         """Count a visitor's new socket; False (and not counted) when it already has the most allowed.
@@ -172,43 +166,43 @@ class LiveService:
         while True:
             await asyncio.sleep(every_s)
             try:
-                for socket in [s for s in self.hub.connections if s.is_staff and not s.closing]:
-                    principal = socket.principal
+                for connection in [s for s in self.hub.connections if s.is_staff and not s.closing]:
+                    principal = connection.principal
                     if principal is not None and await self.account_disabled(principal):
-                        socket.send({"type": "error", "code": "unauthorized", "message": "this account is disabled"})
-                        socket.close(CLOSE_AUTH_FAILED, "account disabled")
+                        connection.send(ErrorFrame("unauthorized", "this account is disabled"))
+                        connection.close(CLOSE_AUTH_FAILED, "account disabled")
             except Exception:  # the next round tries again; the check must never stop for good
                 log.exception("checking agents' accounts failed")
 
     def close_blocked(self, tenant: str) -> None:
         """A blacklist change: close the tenant's visitor sockets it now refuses."""
-        for socket in list(self.hub.connections):
-            principal = socket.principal
-            if principal is not None and principal.tenant == tenant and self.blocked(principal, socket.address):
-                socket.send({"type": "error", "code": "blocked", "message": "this visitor is blocked"})
-                socket.close(CLOSE_FORBIDDEN, "blocked")
+        for connection in list(self.hub.connections):
+            principal = connection.principal
+            if principal is not None and principal.tenant == tenant and self.blocked(principal, connection.address):
+                connection.send(ErrorFrame("blocked", "this visitor is blocked"))
+                connection.close(CLOSE_FORBIDDEN, "blocked")
 
     def _drop_assignment(self, tenant: str, conversation_id: str, agent: str) -> None:
         # An agent follows the conversations it holds: after a release, transfer or close its
         # sockets leave (admins keep watching what they opened).
-        feed = self.hub.feed(tenant, conversation_id)
+        feed = self.hub.feeds.feed(tenant, conversation_id)
         if feed is None:
             return
-        for socket in list(feed.sockets):
-            principal = socket.principal
+        for connection in list(feed.connections):
+            principal = connection.principal
             if principal is not None and principal.role == "agent" and principal.subject == agent:
-                self.hub.leave(socket, conversation_id)
+                self.hub.feeds.leave(connection, conversation_id)
 
     def _follow_assignment(self, tenant: str, conversation_id: str, agent: str) -> None:
-        for socket in list(self.hub.connections):
-            principal = socket.principal
+        for connection in list(self.hub.connections):
+            principal = connection.principal
             if (principal is not None and principal.tenant == tenant and principal.subject == agent
-                    and principal.role in ("agent", "admin") and conversation_id not in socket.conversations
-                    and not socket.closing):
-                self.hub.spawn(self._join_quietly(socket, conversation_id))
+                    and principal.role in ("agent", "admin") and not connection.follows(conversation_id)
+                    and not connection.closing):
+                self.hub.spawn(self._join_quietly(connection, conversation_id))
 
-    async def _join_quietly(self, socket: Connection, conversation_id: str) -> None:
+    async def _join_quietly(self, connection: Connection, conversation_id: str) -> None:
         try:
-            await self.hub.join(socket, conversation_id, 0)
+            await self.hub.feeds.join(connection, conversation_id, 0)
         except Exception as error:  # the agent can still open it by hand
             log.warning("agent socket not subscribed to an assigned conversation: %s", type(error).__name__)

@@ -29,7 +29,7 @@ CODE_DIRS = ("gateway", "services", "plugins", "devtools")  # devtools: `make ru
 
 # Calls that name an error code, and the position of the code among their arguments.
 CODE_ARGUMENT = {"ApiError": 0, "ParameterError": 0, "Refused": 0, "FrameError": 0, "StreamFailed": 0,
-                 "error_frame": 0, "nack_frame": 1, "_refuse": 1}
+                 "ErrorFrame": 0, "Nack": 1, "SocketRefused": 1}
 
 
 def python_files(*folders: str) -> list[Path]:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft7Validator, Draft202012Validator
 
+from gateway.errors import FrameError
 from gateway.live import desk, frames
 from gateway.settings import GatewaySettings
 from services.session.conversation import REASONS
@@ -161,7 +162,7 @@ def test_asyncapi_limits_are_the_codes() -> None:
 C = "c" * 32
 """A conversation id."""
 
-# (frame, accepted): each is given to gateway.live.frames.parse_frame and to the client message schemas.
+# (frame, accepted): each is given to gateway.live.frames.decode and to the client message schemas.
 CLIENT_SAMPLES: list[tuple[object, bool]] = [
     # hello
     ({"type": "hello"}, True),
@@ -259,8 +260,8 @@ CLIENT_SAMPLES: list[tuple[object, bool]] = [
 
 def decoder_accepts(frame: object) -> bool:
     try:
-        frames.parse_frame(json.dumps(frame), max_text_chars=MAX_TEXT)
-    except frames.FrameError:
+        frames.decode(json.dumps(frame), max_text_chars=MAX_TEXT)
+    except FrameError:
         return False
     return True
 
@@ -284,6 +285,6 @@ def test_asyncapi_decoder_refuses_what_no_json_schema_can_see() -> None:
     description = DOCUMENT["info"]["description"]
     assert "names each conversation once" in description and "`1.0` is refused" in description
     for raw in ("{not json", "", "[1,"):
-        with pytest.raises(frames.FrameError) as refused:
-            frames.parse_frame(raw, max_text_chars=MAX_TEXT)
+        with pytest.raises(FrameError) as refused:
+            frames.decode(raw, max_text_chars=MAX_TEXT)
         assert refused.value.code == "invalid_json"

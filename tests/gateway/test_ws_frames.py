@@ -1,4 +1,5 @@
-"""Live-chat frames (pure), the per-socket writer, and the socket lifecycle of an edge without backends."""
+"""Live-chat frames (the decoder and the stored events, pure), the per-socket writer, and the socket lifecycle of
+an edge without backends."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from pytest_aiohttp import AiohttpClient
 from devtools.mint_token import mint
 from gateway import keys
 from gateway.app import create_app
+from gateway.errors import FrameError
 from gateway.live.connection import Connection
 from gateway.live.frames import (
     Claim,
     Close,
-    FrameError,
     Handoff,
     Hello,
+    Nack,
     Note,
     Ping,
+    Pong,
     Presence,
     Read,
     Release,
@@ -29,10 +32,10 @@ from gateway.live.frames import (
     Send,
     Transfer,
     Typing,
+    decode,
+    encode,
     event_frame,
     message_id_for,
-    nack_frame,
-    parse_frame,
 )
 from gateway.settings import GatewaySettings
 from kefu.session.v1 import session_pb2
@@ -40,24 +43,24 @@ from kefu.session.v1 import session_pb2
 SECRET = "ws-frames-test-secret-0123456789abcdef"
 
 
-def parse(frame: Any, max_text_chars: int = 100) -> Any:
-    return parse_frame(frame if isinstance(frame, str) else json.dumps(frame), max_text_chars=max_text_chars)
+def parse(frame: object, max_text_chars: int = 100) -> object:
+    return decode(frame if isinstance(frame, str | bytes) else json.dumps(frame), max_text_chars=max_text_chars)
 
 
 def test_parse_frame_reads_hello_send_and_ping() -> None:
-    assert parse({"type": "hello"}) == Hello(None, ())
+    assert parse({"type": "hello"}) == Hello(None, None)
     assert parse({"type": "hello", "token": "t", "resume": [{"conversation_id": "c", "after_seq": 7}]}) == \
         Hello("t", (ResumePoint("c", 7),))
-    assert parse({"type": "send", "cid": "a" * 64, "text": "你好"}) == Send("a" * 64, None, "你好")
-    assert parse({"type": "send", "cid": "1", "conversation_id": "c", "text": "x" * 100}) == Send("1", "c", "x" * 100)
+    assert parse({"type": "send", "cid": "a" * 64, "text": "你好"}) == Send("a" * 64, "你好", None)
+    assert parse({"type": "send", "cid": "1", "conversation_id": "c", "text": "x" * 100}) == Send("1", "x" * 100, "c")
     assert parse({"type": "ping"}) == Ping()
-
+    assert parse(b'{"type": "send", "cid": "1", "text": "\\ud83d\\ude00"}') == Send("1", "\U0001f600")
 
 
 def test_parse_frame_reads_every_other_client_frame() -> None:
     assert parse({"type": "typing", "conversation_id": "c", "on": False}) == Typing("c", False)
     assert parse({"type": "read", "conversation_id": "c", "up_to_seq": 12}) == Read("c", 12)
-    assert parse({"type": "handoff", "conversation_id": "c"}) == Handoff("c", "", None)
+    assert parse({"type": "handoff", "conversation_id": "c"}) == Handoff("c", None, None)
     assert parse({"type": "handoff", "conversation_id": "c", "reason": "r", "cid": "h"}) == Handoff("c", "r", "h")
     assert parse({"type": "claim", "conversation_id": "c", "cid": "k"}) == Claim("c", "k")
     assert parse({"type": "release", "conversation_id": "c", "to": "queue"}) == Release("c", "queue", None)
@@ -89,6 +92,9 @@ def test_parse_frame_reads_every_other_client_frame() -> None:
     ({"type": "hello", "resume": [{"conversation_id": "c"}, {"conversation_id": "c"}]}, "invalid_frame"),
     ({"type": "hello", "resume": [{"conversation_id": str(i)} for i in range(33)]}, "invalid_frame"),
     ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+    ('{"type": "ping", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid_json"),
+    ('{"type": "send", "cid": "1", "text": "\\ud800"}', "invalid_frame"),  # a lone surrogate
+    (b"{\"type\": \"ping\"", "invalid_json"),
     ({"type": "typing", "on": True}, "invalid_frame"),
     ({"type": "typing", "conversation_id": "c", "on": "yes"}, "invalid_frame"),
     ({"type": "read", "conversation_id": "c"}, "invalid_frame"),
@@ -100,7 +106,7 @@ def test_parse_frame_reads_every_other_client_frame() -> None:
     ({"type": "presence", "status": "asleep"}, "invalid_frame"),
     ({"type": "handoff", "conversation_id": "c", "reason": "x" * 201}, "invalid_frame"),
 ])
-def test_parse_frame_names_what_is_wrong(frame: Any, code: str) -> None:
+def test_parse_frame_names_what_is_wrong(frame: object, code: str) -> None:
     with pytest.raises(FrameError) as error:
         parse(frame)
     assert error.value.code == code and error.value.message
@@ -114,7 +120,7 @@ def test_message_id_for_is_stable_per_visitor_and_cid() -> None:
 
 
 def test_msg_frame_names_the_sender() -> None:
-    def frame(role: str) -> dict[str, Any]:
+    def frame(role: str) -> dict[str, Any]:  # the JSON the history endpoints list
         message = session_pb2.Message(id="m" * 32, role=role, content="hi", created_at=1.5, seq=9)
         return event_frame("conv", message, "alice")
 
@@ -151,10 +157,10 @@ def test_event_frame_builds_state_and_note_events() -> None:
 
 
 def test_nack_frame_carries_the_refused_request() -> None:
-    assert nack_frame("send", "content_blocked", "no", cid="c", conversation_id="x") == {
+    assert json.loads(encode(Nack("send", "content_blocked", "no", "c", "x"))) == {
         "type": "nack", "request_type": "send", "cid": "c", "conversation_id": "x",
         "code": "content_blocked", "message": "no"}
-    assert nack_frame("typing", "not_supported", "later") == {
+    assert json.loads(encode(Nack("typing", "not_supported", "later"))) == {
         "type": "nack", "request_type": "typing", "code": "not_supported", "message": "later"}
 
 
@@ -178,15 +184,15 @@ class StuckSocket:
 async def test_connection_closes_a_socket_that_stops_reading_with_1013() -> None:
     ws = StuckSocket()
     socket = Connection(ws, queue_size=8, transport=None)  # type: ignore[arg-type]
-    for n in range(8 + 1):  # one in the writer's hands, eight queued
-        socket.send({"type": "pong", "n": n})
+    for _ in range(8 + 1):  # one in the writer's hands, eight queued
+        socket.send(Pong())
         await asyncio.sleep(0)
     assert socket.close_code is None
-    socket.send({"type": "pong", "n": 9})
+    socket.send(Pong())
     assert socket.close_code == 1013
     await socket.finish(1.0)
-    assert ws.closed_with == 1013 and len(ws.sent) == 1
-    socket.send({"type": "pong"})  # ignored once closing
+    assert ws.closed_with == 1013 and ws.sent == ['{"type":"pong"}']
+    socket.send(Pong())  # ignored once closing
     assert len(ws.sent) == 1
 
 
