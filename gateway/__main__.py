@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway import keys
 from gateway.app import create_app
+from gateway.connection_guard import ConnectionGuard, GuardedSite
 from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
 from services.common.grpc_server import wait_for_stop_signal
@@ -69,13 +70,19 @@ async def serve(process: EdgeProcessSettings) -> None:
     settings = process.edge
     raise_open_file_limit()
     app = create_app(settings)
+    guard = ConnectionGuard.of(settings, app[keys.METRICS].registry) if settings.conn_guard else None
+    if guard is not None:
+        app[keys.CONNECTION_GUARD] = guard
     metrics_server = start_edge_metrics(app[keys.METRICS].registry, settings)
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
     # it the gRPC streams and the upstream request (by default aiohttp only notices on the next write).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
+        # The guard closes abusive connections at accept, before aiohttp parses a byte (issue 17).
+        site = (web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
+                if guard is None else
+                GuardedSite(runner, settings.host, settings.http_port, guard, reuse_port=process.reuse_port))
         await site.start()
         log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
                  f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")

@@ -10,6 +10,7 @@ from gateway.addresses import ClientAddresses
 from gateway.auth import JwtVerifier, Principal
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
+from gateway.connection_guard import ConnectionGuard
 from gateway.directory import Directory
 from gateway.directory.account_status import AccountStatus
 from gateway.directory.blacklist import Blacklist
@@ -54,6 +55,8 @@ READINESS = web.AppKey("readiness", Readiness)
 """The backends' health for /readyz, asked at most once a second."""
 LOGIN_LIMITS = web.AppKey("login_limits", LoginLimits)
 """Console logins: argon2 verification slots and threads, failed-login buckets per address and user name."""
+CONNECTION_GUARD = web.AppKey("connection_guard", ConnectionGuard)
+"""Per-address admission at accept and penalty windows (set by gateway.__main__; absent in aiohttp_client tests)."""
 
 # Per request (set by the middlewares).
 REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)

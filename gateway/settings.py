@@ -131,6 +131,17 @@ class GatewaySettings:
     above the services' 9101-9103); 0 picks any free port."""
     metrics_on_http_port: bool = False
     """KEFU_METRICS_ON_HTTP_PORT: also serve /metrics on the public HTTP port (older scrape setups)."""
+    conn_guard: bool = True
+    """KEFU_CONN_GUARD: close connections at accept from an address over KEFU_CONN_RPS / KEFU_CONN_BURST new
+    connections, or in a penalty window after KEFU_CONN_MAX_REFUSALS 429s in a row on one connection (the
+    window starts at KEFU_CONN_PENALTY_S and doubles up to KEFU_CONN_MAX_PENALTY_S); never a trusted proxy."""
+    conn_rps: float = 50.0
+    conn_burst: int = 500
+    conn_max_refusals: int = 20
+    conn_penalty_s: float = 1.0
+    conn_max_penalty_s: float = 60.0
+    conn_max_addresses: int = 50_000
+    """KEFU_CONN_MAX_ADDRESSES: addresses the connection guard remembers (least recently seen forgotten first)."""
 
     def __post_init__(self) -> None:
         check_secret("KEFU_JWT_SECRET", self.jwt_secret)
@@ -143,6 +154,9 @@ class GatewaySettings:
                 raise SettingsError(f"{name}: no such file {path}")
         if not 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
             raise SettingsError(f"KEFU_MAX_BODY_BYTES must be 1024..67108864, got {self.max_body_bytes}")
+        if self.conn_max_penalty_s < self.conn_penalty_s:
+            raise SettingsError(f"KEFU_CONN_MAX_PENALTY_S ({self.conn_max_penalty_s:g}) must be at least "
+                                f"KEFU_CONN_PENALTY_S ({self.conn_penalty_s:g})")
         for tenant in self.widget_tenants:
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tenant):
                 raise SettingsError(f"KEFU_WIDGET_TENANTS: {tenant!r} is not a tenant name (1-64 letters, digits, "
@@ -230,6 +244,16 @@ class GatewaySettings:
                                            minimum=60, maximum=3650 * 86400),
             metrics_port=env_int(env, "KEFU_EDGE_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535),
             metrics_on_http_port=env_bool(env, "KEFU_METRICS_ON_HTTP_PORT", cls.metrics_on_http_port),
+            conn_guard=env_bool(env, "KEFU_CONN_GUARD", cls.conn_guard),
+            conn_rps=env_float(env, "KEFU_CONN_RPS", cls.conn_rps, minimum=0.01),
+            conn_burst=env_int(env, "KEFU_CONN_BURST", cls.conn_burst, minimum=1, maximum=1_000_000),
+            conn_max_refusals=env_int(env, "KEFU_CONN_MAX_REFUSALS", cls.conn_max_refusals, minimum=1,
+                                      maximum=1_000_000),
+            conn_penalty_s=env_float(env, "KEFU_CONN_PENALTY_S", cls.conn_penalty_s, minimum=0.01, maximum=3600),
+            conn_max_penalty_s=env_float(env, "KEFU_CONN_MAX_PENALTY_S", cls.conn_max_penalty_s, minimum=0.01,
+                                         maximum=86400),
+            conn_max_addresses=env_int(env, "KEFU_CONN_MAX_ADDRESSES", cls.conn_max_addresses, minimum=1,
+                                       maximum=10_000_000),
         )
 
 
