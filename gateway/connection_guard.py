@@ -59,10 +59,10 @@ class GuardMetrics:
     """The guard's counters, bound to their labels once (a refusal must stay cheap)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        cut = Counter("kefu_connections_cut", "Connections closed at accept, before any HTTP parsing, by why: "
-                      "rate (the address opened too many), penalty (the address is in a penalty window).",
-                      ["reason"], registry=registry)
-        self.cut: dict[Cut, Counter] = {"rate": cut.labels("rate"), "penalty": cut.labels("penalty")}
+        self.cuts = Counter("kefu_connections_cut", "Connections closed at accept, before any HTTP parsing, by "
+                            "why: rate (the address opened too many), penalty (the address is in a penalty window).",
+                            ["reason"], registry=registry)
+        self.cut: dict[Cut, Counter] = {"rate": self.cuts.labels("rate"), "penalty": self.cuts.labels("penalty")}
         self.penalties = Counter("kefu_connection_penalties", "Penalty windows given to an address after one of "
                                  "its connections had too many refusals in a row.", registry=registry)
         self.tracked = Gauge("kefu_connection_guard_addresses", "Addresses the connection guard remembers.",

@@ -7,6 +7,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from gateway.connection_guard import GuardMetrics
 from gateway.metrics import EdgeMetrics
 from services.common.grpc_server import RequestContextInterceptor
 from services.llm_worker.kb.metrics import KnowledgeMetrics
@@ -33,7 +34,7 @@ PROCESSES = {
     "moderation": (ModerationMetrics, True),
     "llm-worker": (WorkerMetrics, True),
 }
-EXTRAS: dict[str, tuple[type, ...]] = {"llm-worker": (KnowledgeMetrics,)}
+EXTRAS: dict[str, tuple[type, ...]] = {"llm-worker": (KnowledgeMetrics,), "edge": (GuardMetrics,)}
 """Metrics classes a process registers on its main class's registry."""
 
 
