@@ -23,10 +23,13 @@ from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
+from gateway.token_cache import VerifiedTokens
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 CLIENTS = web.AppKey("clients", BackendClients)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
+VERIFIED_TOKENS = web.AppKey("verified_tokens", VerifiedTokens)
+"""Bearer tokens verified in the last seconds (gateway/token_cache.py): what the HTTP routes check tokens with."""
 METRICS = web.AppKey("metrics", EdgeMetrics)
 BUS = web.AppKey("bus", EdgeBus)
 """The edge's NATS connection: live-chat fan-out and the KV buckets the edge reads and writes."""

@@ -90,7 +90,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                        headers={"Retry-After": "1", "Connection": "close"})
     if request.path in PUBLIC_API_PATHS:
         return await handler(request)
-    principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
+    principal = request.app[keys.VERIFIED_TOKENS].verify(bearer_token(request.headers.get("Authorization")))
     accounts = request.app.get(keys.ACCOUNT_STATUS)
     if accounts is not None and await accounts.disabled(principal):
         raise Unauthorized("this account is disabled")
