@@ -35,6 +35,10 @@ def raise_open_file_limit() -> None:
 
 
 MAX_WORKERS = 64
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues before the edge accepts them (aiohttp's default 128; Linux caps it at
+net.core.somaxconn): under a connection flood a full queue drops everyone's SYNs, and a dropped SYN costs a
+new visitor a 1 s retransmit, so the queue must outlast the moments the guard is busy cutting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +84,11 @@ async def serve(process: EdgeProcessSettings) -> None:
     try:
         await runner.setup()
         # The guard closes abusive connections at accept, before aiohttp parses a byte (issue 17).
-        site = (web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
+        site = (web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port,
+                            backlog=LISTEN_BACKLOG)
                 if guard is None else
-                GuardedSite(runner, settings.host, settings.http_port, guard, reuse_port=process.reuse_port))
+                GuardedSite(runner, settings.host, settings.http_port, guard, reuse_port=process.reuse_port,
+                            backlog=LISTEN_BACKLOG))
         await site.start()
         log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
                  f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")

@@ -215,8 +215,8 @@ class GuardedSite(web.TCPSite):
     __slots__ = ("_guard",)
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 reuse_port: bool = False) -> None:
-        super().__init__(runner, host, port, reuse_port=reuse_port)
+                 reuse_port: bool = False, backlog: int = 128) -> None:
+        super().__init__(runner, host, port, reuse_port=reuse_port, backlog=backlog)
         self._guard = guard
 
     async def start(self) -> None:
