@@ -441,7 +441,7 @@ def render(report: dict[str, Any]) -> str:
              f"{report.get('load_average_start', '–')} at the start.", "",
              "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | rounds' p99 ms | median of the "
              "rounds' p99 / idle | load average | CPU (cores) of edge, session, moderation, worker "
-             "| edge RSS max MiB | readyz | attacker attempts/s | cut at accept (rate, penalty) | 429 or nack "
+             "| edge RSS max MiB | readyz | attack answers/s | cut at accept (rate, penalty) | 429 or nack "
              "| attack answers |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     processes = ("gateway", "session", "moderation", "llm_worker")
