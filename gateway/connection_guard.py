@@ -140,6 +140,8 @@ class ConnectionGuard:
 
     def penalise(self, peer: _Peer, now: float) -> None:
         limits = self.limits
+        if now < peer.penalty_until:
+            return  # another of its connections already earned this window: one offence, one doubling
         if now - peer.penalty_until > limits.max_penalty_s:
             peer.strikes = 0  # clean for a while: start again at the first window
         peer.strikes = min(peer.strikes + 1, 32)

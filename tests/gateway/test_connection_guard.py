@@ -82,6 +82,16 @@ def test_guard_penalties_double_up_to_the_maximum_and_start_again_after_a_clean_
     assert g.penalty_left("10.0.0.9") == pytest.approx(1.0)
 
 
+def test_guard_many_connections_ending_in_the_same_window_are_one_offence() -> None:
+    clock = Clock()
+    g = guard(clock)
+    connections = [Connection() for _ in range(10)]
+    for _ in range(3):
+        closed = [g.refused(conn, "127.0.0.2") for conn in connections]
+    assert closed == [True] * 10  # every one of them is closed...
+    assert g.penalty_left("127.0.0.2") == pytest.approx(1.0)  # ...but the window is the first one
+
+
 def test_guard_never_cuts_or_penalises_a_trusted_proxy() -> None:
     clock = Clock()
     g = guard(clock, trusted="10.1.0.0/16")
