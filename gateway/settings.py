@@ -117,6 +117,8 @@ class GatewaySettings:
     login_max_concurrent: int = 2
     """KEFU_LOGIN_MAX_CONCURRENT: argon2 password verifications at once in this process (19 MiB each); more
     logins wait up to a second, then get 429."""
+    login_max_per_s: float = 10.0
+    """KEFU_LOGIN_MAX_PER_S: argon2 verifications a second in this process (burst as many); more get 429 at once."""
     login_address_failures: int = 20
     """KEFU_LOGIN_ADDRESS_FAILURES: failed console logins per client address per KEFU_LOGIN_FAILURE_WINDOW_S."""
     login_user_failures: int = 10
@@ -234,6 +236,7 @@ class GatewaySettings:
                                           maximum=64 * 1024 * 1024),
             login_max_concurrent=env_int(env, "KEFU_LOGIN_MAX_CONCURRENT", cls.login_max_concurrent, minimum=1,
                                          maximum=64),
+            login_max_per_s=env_float(env, "KEFU_LOGIN_MAX_PER_S", cls.login_max_per_s, minimum=0.01, maximum=10_000),
             login_address_failures=env_int(env, "KEFU_LOGIN_ADDRESS_FAILURES", cls.login_address_failures,
                                            minimum=1, maximum=100_000),
             login_user_failures=env_int(env, "KEFU_LOGIN_USER_FAILURES", cls.login_user_failures, minimum=1,
