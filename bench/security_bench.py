@@ -1,16 +1,20 @@
 """`python -m bench.security_bench`: other visitors' /v1/chat latency while the edge is attacked (issue 17).
 
-One kefu stack against the fake upstream (cache off, so every turn reaches it), behind a trusted proxy
-(127.0.0.1) so an attacker can come from many addresses. Throughout every phase, `--visitors` ordinary
+One kefu stack against the fake upstream (cache off, so every turn reaches it). The ordinary visitors come
+through a trusted proxy (127.0.0.1, as behind an ingress); the attacker connects from loopback addresses of
+its own (Linux answers all of 127/8), so the edge's connection guard sees it as a stranger would be seen
+without a proxy in front. Throughout every phase, `--visitors` ordinary
 visitors each send one /v1/chat turn every `--interval-s` (as people do; a visitor's own message rate
 is limited) in their own conversation, and the bench times each whole answer. Phases of `--duration-s`:
 
 - `idle`: nothing else.
-- `login flood, one address`: waves of 100 parallel wrong console logins from one address, repeated.
-- `login flood, 100 addresses`: the same with every login from an address and for a user name of its
-  own, so only the argon2 verification slots stand between the flood and the CPU (a botnet).
+- `login flood, one address`: waves of 100 parallel wrong console logins from one address (127.0.0.50),
+  repeated, on keep-alive connections (reconnecting when cut).
+- `login flood, 100 addresses`: waves of 100 parallel logins, every one from a fresh address (127.100.0.1,
+  ...) on a connection of its own and for a user name of its own, so only the argon2 verification slots
+  stand between the flood and the CPU (a botnet).
 - `visitor flood`: one visitor token sending /v1/chat turns from 8 connections and WebSocket `send`
-  frames from 3 sockets (reconnecting when closed) as fast as the edge lets it.
+  frames from 3 sockets (reconnecting when closed) as fast as the edge lets it, from 127.0.0.50.
 
 The phases run `--rounds` times, interleaved. For each phase: the visitors' p50/p99 over all rounds
 and its ratio to idle, each round's p99 and the median of the rounds' ratios to the same round's idle
@@ -18,7 +22,9 @@ and its ratio to idle, each round's p99 and the median of the rounds' ratios to 
 during the phase, each kefu process's CPU, and the edge's RSS (VmRSS sampled every 50 ms). The
 attacker runs in a process of its own, but on the same cores as kefu. A real console login after the
 floods must still work. The attacker runs at nice 10 (`--attacker-nice`): a real attacker's CPU is not
-the edge's machine's. Results: bench/results/security-<UTC>.json and the markdown table on stdout.
+the edge's machine's. Per phase also the attacker's attempts a second, and how the edge refused them:
+closed at accept by the connection guard (`kefu_connections_cut_total` by reason) or answered 429.
+Results: bench/results/security-<UTC>.json and the markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from bench.__main__ import (
     BenchParams,
     _write,
     cpu_seconds,
+    edge_metrics_url,
     start_stack,
     start_upstream,
     stop_process,
@@ -68,6 +75,8 @@ AGENT, AGENT_PASSWORD = "bench-agent", "the bench agent's password"
 """The one-address login flood guesses this agent's password (its user-name bucket runs dry)."""
 OTHER_AGENT = "bench-agent-2"
 K8S_EDGE_MEMORY_LIMIT_MIB = 256  # k8s/base/edge.yaml
+ATTACKER_ADDRESS = "127.0.0.50"
+"""Where the one-address attacks come from; not a trusted proxy."""
 SECRET_ENV = "BENCH_SECURITY_JWT_SECRET"
 """How the attacker process gets the stack's JWT secret (not on its command line)."""
 
@@ -97,16 +106,20 @@ class Phase:
     rss_mib: list[float] = field(default_factory=list)
     round_p99_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    cpu_s: Counter[str] = field(default_factory=Counter)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     """CPU seconds each kefu process spent during this phase's rounds."""
     load_average: list[float] = field(default_factory=list)
     """The machine's 1-minute load average at the end of each round (2 cores here: above 2 is contention)."""
+    edge_counters: dict[str, float] = field(default_factory=dict)
+    """What the edge's own counters (connection guard, 429s) rose by during this phase's rounds."""
 
     def summary(self, idle: Phase) -> dict[str, Any]:
         p50 = percentile(self.latencies_s, 50) if self.latencies_s else None
         p99 = percentile(self.latencies_s, 99) if self.latencies_s else None
         idle_p99 = percentile(idle.latencies_s, 99) if idle.latencies_s else None
         ratios = [mine / theirs for mine, theirs in zip(self.round_p99_s, idle.round_p99_s, strict=False) if theirs]
+        attempts = sum(self.attack.values())
+        refused_429 = sum(n for kind, n in self.attack.items() if " 429" in kind or kind.endswith("nack"))
         return {"phase": self.name, "turns": len(self.latencies_s), "visitor_errors": dict(self.visitor_errors),
                 "p50_ms": p50 and p50 * 1e3, "p99_ms": p99 and p99 * 1e3,
                 "p99_vs_idle": p99 / idle_p99 if p99 and idle_p99 else None,
@@ -115,7 +128,13 @@ class Phase:
                 "load_average": self.load_average,
                 "cpu_share": {name: round(seconds / self.seconds, 2) for name, seconds in self.cpu_s.items()}
                 if self.seconds else {},
-                "attack": dict(sorted(self.attack.items())), "readyz": {str(k): v for k, v in self.readyz.items()},
+                "attack": dict(sorted(self.attack.items())),
+                "attacker_attempts_per_s": round(attempts / self.seconds, 1) if self.seconds else None,
+                "refused_at_accept": {reason: int(self.edge_counters.get(f"cut {reason}", 0))
+                                      for reason in ("rate", "penalty")},
+                "penalty_windows": int(self.edge_counters.get("penalties", 0)),
+                "refused_429": refused_429, "edge_counters": dict(sorted(self.edge_counters.items())),
+                "readyz": {str(k): v for k, v in self.readyz.items()},
                 "rss_mib_max": max(self.rss_mib, default=None), "rss_mib_min": min(self.rss_mib, default=None)}
 
 
@@ -170,32 +189,49 @@ class Visitor:
 # ---------------------------------------------------------------- the attacks
 
 
-async def login(http: aiohttp.ClientSession, base_url: str, address: str, username: str, password: str) -> int:
+def from_address(address: str, *, limit: int = 0, force_close: bool = False) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any 127.0.0.0/8 address is this machine's)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(address, 0), limit=limit, force_close=force_close),
+        timeout=aiohttp.ClientTimeout(total=60))
+
+
+async def login(http: aiohttp.ClientSession, base_url: str, username: str, password: str,
+                headers: dict[str, str] | None = None) -> str:
+    """The answer's status, or "cut" when the edge closed the connection without one."""
     try:
-        async with http.post(f"{base_url}/v1/console/login", headers={"X-Forwarded-For": address},
+        async with http.post(f"{base_url}/v1/console/login", headers=headers,
                              json={"tenant": TENANT, "username": username, "password": password}) as response:
             await response.read()
-            return response.status
-    except (aiohttp.ClientError, TimeoutError):
-        return 0
+            return str(response.status)
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        return "cut"
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return type(error).__name__
 
 
-async def login_flood(http: aiohttp.ClientSession, base_url: str, distributed: bool, wave_size: int,
-                      counts: Counter[str], until: float) -> None:
-    for wave in itertools.count():
-        if time.monotonic() >= until:
-            return
-        if distributed:  # an address and a user name of its own for every login
-            logins = [login(http, base_url, f"10.{100 + wave // 250 % 100}.{wave % 250}.{i + 1}",
-                            f"nobody-{wave}-{i}", "wrong password") for i in range(wave_size)]
-        else:
-            logins = [login(http, base_url, "10.250.0.1", AGENT, f"guess {wave}-{i}") for i in range(wave_size)]
-        for status in await asyncio.gather(*logins):
-            counts[f"login {status}"] += 1
+async def login_from(address: str, base_url: str, username: str, password: str) -> str:
+    async with from_address(address, force_close=True) as http:
+        return await login(http, base_url, username, password)
+
+
+async def login_flood(base_url: str, distributed: bool, wave_size: int, counts: Counter[str], until: float) -> None:
+    async with from_address(ATTACKER_ADDRESS) as http:
+        for wave in itertools.count():
+            if time.monotonic() >= until:
+                return
+            if distributed:  # an address and a user name of its own for every login
+                logins = [login_from(f"127.{100 + wave // 250 % 100}.{wave % 250}.{i + 1}", base_url,
+                                     f"nobody-{wave}-{i}", "wrong password") for i in range(wave_size)]
+            else:
+                logins = [login(http, base_url, AGENT, f"guess {wave}-{i}") for i in range(wave_size)]
+            for status in await asyncio.gather(*logins):
+                counts[f"login {status}"] += 1
 
 
 async def visitor_flood(http: aiohttp.ClientSession, base_url: str, secret: str, counts: Counter[str],
                         until: float) -> None:
+    """`http` connects from the attacker's address."""
     token = mint(secret, tenant=TENANT, subject="v_bench_attacker", role="visitor", ttl_s=3600)
     headers = {"Authorization": f"Bearer {token}"}
 
@@ -219,6 +255,8 @@ async def visitor_flood(http: aiohttp.ClientSession, base_url: str, secret: str,
                         elif event.event in ("done", "error"):  # an answer, or refused inside the stream
                             outcome = "done" if event.event == "done" else event.json().get("code", "error")
                             counts[f"chat 200 {outcome}"] += 1
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                counts["chat cut"] += 1
             except (aiohttp.ClientError, TimeoutError) as error:
                 counts[f"chat {type(error).__name__}"] += 1
 
@@ -247,7 +285,10 @@ async def visitor_flood(http: aiohttp.ClientSession, base_url: str, secret: str,
                         with contextlib.suppress(asyncio.CancelledError):
                             await reader
                     counts[f"ws close {ws.close_code}"] += 1
-            except (aiohttp.ClientError, ConnectionError, TimeoutError) as error:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError):
+                counts["ws cut"] += 1
+                await asyncio.sleep(0.05)
+            except (aiohttp.ClientError, TimeoutError) as error:
                 counts[f"ws {type(error).__name__}"] += 1
                 await asyncio.sleep(0.05)
 
@@ -257,6 +298,30 @@ async def visitor_flood(http: aiohttp.ClientSession, base_url: str, secret: str,
 # ---------------------------------------------------------------- one phase
 
 
+EDGE_COUNTERS = {"kefu_connections_cut_total": "cut", "kefu_connection_penalties_total": "penalties",
+                 "kefu_rate_limited_total": "429", "kefu_console_logins_total": "login"}
+"""The edge's counters of how it refused the attack, and the short names the report gives them."""
+
+
+async def edge_counters(http: aiohttp.ClientSession, stack: Stack) -> dict[str, float]:
+    """{"cut rate": n, "penalties": n, "429 principal": n, "login busy": n, ...} from the edge's /metrics."""
+    counters: dict[str, float] = {}
+    try:
+        async with http.get(edge_metrics_url(stack)) as response:
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return counters
+    for line in text.splitlines():
+        name, _, rest = line.partition("{") if "{" in line else line.partition(" ")
+        short = EDGE_COUNTERS.get(name.strip())
+        if short is None:
+            continue
+        label = rest.split('"')[1] if '"' in rest else ""
+        key = f"{short} {label}".strip()
+        counters[key] = counters.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counters
+
+
 ATTACKS = ("login-one-address", "login-many-addresses", "visitor")
 
 
@@ -264,12 +329,11 @@ async def attack(mode: str, base_url: str, secret: str, params: SecurityParams) 
     """One attack for `params.duration_s`, in its own process (see run_phase); the answers it got, by kind."""
     counts: Counter[str] = Counter()
     until = time.monotonic() + params.duration_s
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
-        if mode == "visitor":
+    if mode == "visitor":
+        async with from_address(ATTACKER_ADDRESS) as http:
             await visitor_flood(http, base_url, secret, counts, until)
-        else:
-            await login_flood(http, base_url, mode == "login-many-addresses", params.login_wave, counts, until)
+    else:
+        await login_flood(base_url, mode == "login-many-addresses", params.login_wave, counts, until)
     return counts
 
 
@@ -305,13 +369,19 @@ async def run_phase(phase: Phase, stack: Stack, visitors: Sequence[Visitor], par
 
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
+        counters_before = await edge_counters(http, stack)
         await asyncio.gather(watch(http), *(visitor.run(http, phase, until) for visitor in visitors))
     if attacker is not None:
         output, _ = await attacker.communicate()
         phase.attack.update(json.loads(output.decode().strip().splitlines()[-1]))
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        counters_after = await edge_counters(http, stack)
+    for key, value in counters_after.items():
+        if value > counters_before.get(key, 0.0):
+            phase.edge_counters[key] = phase.edge_counters.get(key, 0.0) + value - counters_before.get(key, 0.0)
     phase.seconds += time.monotonic() - started
     for name, pid in pids.items():
-        phase.cpu_s[name] += (cpu_seconds(pid) or 0.0) - cpu_before[name]
+        phase.cpu_s[name] = phase.cpu_s.get(name, 0.0) + (cpu_seconds(pid) or 0.0) - cpu_before[name]
     this_round = phase.latencies_s[turns_before:]
     if this_round:
         phase.round_p99_s.append(percentile(this_round, 99))
@@ -348,7 +418,8 @@ async def measure(stack: Stack, secret: str, params: SecurityParams, attacker_ni
             await run_phase(phases[name], stack, visitors, params, secret, mode, attacker_nice)
             await asyncio.sleep(1.0)  # the visitors' message buckets refill between phases
     async with aiohttp.ClientSession() as http:
-        after_login = {username: await login(http, stack.base_url, "10.251.0.1", username, AGENT_PASSWORD)
+        after_login = {username: await login(http, stack.base_url, username, AGENT_PASSWORD,
+                                             headers={"X-Forwarded-For": "10.251.0.1"})
                        for username in (OTHER_AGENT, AGENT)}
     return {"edge_rss_mib_before": before, "real_login_after": after_login,
             "phases": [phase.summary(phases["idle"]) for phase in phases.values()]}
@@ -366,11 +437,13 @@ def render(report: dict[str, Any]) -> str:
              f"(k8s limit {K8S_EDGE_MEMORY_LIMIT_MIB} MiB). Real console logins afterwards, from a fresh "
              f"address: another agent HTTP {report['real_login_after'][OTHER_AGENT]}, the agent the flood "
              f"guessed at HTTP {report['real_login_after'][AGENT]} (429 until its failure bucket has a token "
-             f"again, one a minute by default). Attacker at nice {report['attacker_nice']}.", "",
+             f"again, one a minute by default). Attacker at nice {report['attacker_nice']}. Load average "
+             f"{report.get('load_average_start', '–')} at the start.", "",
              "| phase | turns | visitor errors | p50 ms | p99 ms | p99 / idle | rounds' p99 ms | median of the "
              "rounds' p99 / idle | load average | CPU (cores) of edge, session, moderation, worker "
-             "| edge RSS max MiB | readyz | attack answers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| edge RSS max MiB | readyz | attack answers/s | cut at accept (rate, penalty) | 429 or nack "
+             "| attack answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     processes = ("gateway", "session", "moderation", "llm_worker")
     for p in report["phases"]:
         lines.append(f"| {p['phase']} | {p['turns']} | {json.dumps(p['visitor_errors']) if p['visitor_errors'] else 0} "
@@ -378,7 +451,9 @@ def render(report: dict[str, Any]) -> str:
                      f"| {', '.join(f'{v:.0f}' for v in p['round_p99_ms'])} "
                      f"| {cell(p['round_p99_vs_idle_median'], '.2f')} | {', '.join(map(str, p['load_average']))} "
                      f"| {', '.join(str(p['cpu_share'].get(name, '–')) for name in processes)} "
-                     f"| {cell(p['rss_mib_max'])} | {json.dumps(p['readyz'])} | {json.dumps(p['attack'])} |")
+                     f"| {cell(p['rss_mib_max'])} | {json.dumps(p['readyz'])} | {cell(p['attacker_attempts_per_s'])} "
+                     f"| {p['refused_at_accept']['rate']}, {p['refused_at_accept']['penalty']} "
+                     f"({p['penalty_windows']} windows) | {p['refused_429']} | {json.dumps(p['attack'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    load_start = os.getloadavg()
     secret = secrets.token_hex(32)
     with bench_work_dir("kefu-security-bench-") as work:
         upstream, upstream_url = start_upstream(BenchParams(ttft_ms=20, chunks=8, interval_ms=5),
@@ -427,13 +503,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             stack = start_stack(work.path, upstream_url, secret, {
                 "KEFU_CACHE_ENABLED": "false", "KEFU_TRUSTED_PROXIES": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING",
                 # The defaults a deployment runs with (bench/__main__ lifts them to measure the turn).
-                "KEFU_VISITOR_MSG_RPS": "1", "KEFU_VISITOR_MSG_BURST": "10", **extra_env})
+                "KEFU_VISITOR_MSG_RPS": "1", "KEFU_VISITOR_MSG_BURST": "10", "KEFU_CONN_GUARD": "true", **extra_env})
             report = asyncio.run(measure(stack, secret, params, args.attacker_nice))
         finally:
             if stack is not None:
                 stack.stop()
             stop_process(upstream)
     report = {"started": started, "params": asdict(params), "env": extra_env, "attacker_nice": args.attacker_nice,
+              "load_average_start": [round(v, 2) for v in load_start],
               **report}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     _write(RESULTS_DIR / f"security-{started}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from gateway import keys
 from gateway.app import create_app
+from gateway.connection_guard import ConnectionGuard, GuardedSite
 from gateway.settings import GatewaySettings
 from services.common.entrypoint import run_process
 from services.common.grpc_server import wait_for_stop_signal
@@ -34,6 +35,10 @@ def raise_open_file_limit() -> None:
 
 
 MAX_WORKERS = 64
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues before the edge accepts them (aiohttp's default 128; Linux caps it at
+net.core.somaxconn): under a connection flood a full queue drops everyone's SYNs, and a dropped SYN costs a
+new visitor a 1 s retransmit, so the queue must outlast the moments the guard is busy cutting."""
 
 
 class EdgeWorkersSettings(KefuSettings):
@@ -71,13 +76,21 @@ async def serve(process: EdgeProcessSettings) -> None:
     settings = process.edge
     raise_open_file_limit()
     app = create_app(settings)
+    guard = ConnectionGuard.of(settings, app[keys.METRICS].registry) if settings.conn_guard else None
+    if guard is not None:
+        app[keys.CONNECTION_GUARD] = guard
     metrics_server = start_edge_metrics(app[keys.METRICS].registry, settings)
     # handler_cancellation: a client that hangs up cancels its handler at once, and with
     # it the gRPC streams and the upstream request (by default aiohttp only notices on the next write).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port)
+        # The guard closes abusive connections at accept, before aiohttp parses a byte (issue 17).
+        site = (web.TCPSite(runner, settings.host, settings.http_port, reuse_port=process.reuse_port,
+                            backlog=LISTEN_BACKLOG)
+                if guard is None else
+                GuardedSite(runner, settings.host, settings.http_port, guard, reuse_port=process.reuse_port,
+                            backlog=LISTEN_BACKLOG))
         await site.start()
         log.info("edge on http://%s:%d (pid %d, %s)", settings.host, settings.http_port, os.getpid(),
                  f"port shared by {process.workers} workers" if process.reuse_port else "exclusive port")

@@ -22,6 +22,7 @@ from gateway.readiness import Readiness
 from gateway.routes import setup_routes
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
+from gateway.token_cache import VerifiedTokens
 
 
 async def backend_clients(app: web.Application) -> AsyncIterator[None]:
@@ -62,6 +63,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
                           client_max_size=settings.max_body_bytes)
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = JwtVerifier(settings)
+    app[keys.VERIFIED_TOKENS] = VerifiedTokens(app[keys.VERIFIER])
     app[keys.CLIENT_ADDRESSES] = ClientAddresses(settings.trusted_proxies)
     app[keys.METRICS] = EdgeMetrics()
     app[keys.RATE_LIMITS] = EdgeRateLimits(

@@ -10,6 +10,7 @@ from gateway.addresses import ClientAddresses
 from gateway.auth import JwtVerifier, Principal
 from gateway.bus import EdgeBus
 from gateway.clients import BackendClients
+from gateway.connection_guard import ConnectionGuard
 from gateway.directory import Directory
 from gateway.directory.account_status import AccountStatus
 from gateway.directory.blacklist import Blacklist
@@ -22,10 +23,13 @@ from gateway.ratelimit import EdgeRateLimits, TokenBucketLimiter
 from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from gateway.state import EdgeState
+from gateway.token_cache import VerifiedTokens
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
 CLIENTS = web.AppKey("clients", BackendClients)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
+VERIFIED_TOKENS = web.AppKey("verified_tokens", VerifiedTokens)
+"""Bearer tokens verified in the last seconds (gateway/token_cache.py): what the HTTP routes check tokens with."""
 METRICS = web.AppKey("metrics", EdgeMetrics)
 BUS = web.AppKey("bus", EdgeBus)
 """The edge's NATS connection: live-chat fan-out and the KV buckets the edge reads and writes."""
@@ -54,6 +58,8 @@ READINESS = web.AppKey("readiness", Readiness)
 """The backends' health for /readyz, asked at most once a second."""
 LOGIN_LIMITS = web.AppKey("login_limits", LoginLimits)
 """Console logins: argon2 verification slots and threads, failed-login buckets per address and user name."""
+CONNECTION_GUARD = web.AppKey("connection_guard", ConnectionGuard)
+"""Per-address admission at accept and penalty windows (set by gateway.__main__; absent in aiohttp_client tests)."""
 
 # Per request (set by the middlewares).
 REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -23,6 +24,9 @@ WAITERS_PER_SLOT = 4
 ARGON2_NICE = 10
 """How much lower than the event loop the argon2 threads run (Linux niceness is per thread)."""
 BUSY = "too many logins at once; try again in a moment"
+MAX_VERIFICATIONS_PER_S = 10.0
+"""KEFU_LOGIN_MAX_PER_S's default: argon2 verifications a second per process (~40 ms of a core each here)."""
+_ALL = "all"
 
 log = logging.getLogger(__name__)
 MAX_TRACKED_KEYS = 20_000
@@ -61,13 +65,18 @@ class LoginLimits:
     also bounds glibc's per-thread arenas, which keep freed hash memory around."""
 
     def __init__(self, max_concurrent: int, address_failures: int, user_failures: int, window_s: float, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_per_s: float = MAX_VERIFICATIONS_PER_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="argon2",
                                            initializer=_lower_priority)
         self._slots = asyncio.Semaphore(max_concurrent)
         self._max_waiters = max_concurrent * WAITERS_PER_SLOT
         self._busy = Decision(False, max_concurrent, 0, 1, 1)
         self._waiters = 0
+        # Slots bound the memory; this bounds the CPU. A flood from a botnet (an address and a user name of
+        # its own per login) passes every per-address and per-user bucket, and two slots kept busy cost
+        # over a core (issue 17: the other visitors' p99 went 2.2x); at this rate it costs at most
+        # max_per_s x one verification, and the rest get 429 `busy` before any hashing.
+        self._verifications = TokenBucketLimiter(max_per_s, max(1, math.ceil(max_per_s)), max_keys=1, clock=clock)
         # A bucket of N failures refilling over the window: N wrong guesses at once, then one per window/N.
         self._addresses = TokenBucketLimiter(address_failures / window_s, address_failures,
                                              max_keys=MAX_TRACKED_KEYS, clock=clock)
@@ -77,7 +86,7 @@ class LoginLimits:
     @classmethod
     def of(cls, settings: GatewaySettings) -> LoginLimits:
         return cls(settings.login_max_concurrent, settings.login_address_failures, settings.login_user_failures,
-                   settings.login_failure_window_s)
+                   settings.login_failure_window_s, max_per_s=settings.login_max_per_s)
 
     def check(self, address: str, tenant: str, username: str) -> None:
         """429 at once when the address's or the user name's failure bucket is empty; remembers nothing, so
@@ -108,8 +117,9 @@ class LoginLimits:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """A verification slot, waited for at most SLOT_WAIT_S; 429 when none frees up or too many wait."""
-        if self._slots.locked() and self._waiters >= self._max_waiters:
+        """A verification slot, waited for at most SLOT_WAIT_S; 429 when none frees up, too many wait, or the
+        process already verified its KEFU_LOGIN_MAX_PER_S this second."""
+        if (self._slots.locked() and self._waiters >= self._max_waiters) or not self._verifications.peek(_ALL).allowed:
             raise LoginThrottled(BUSY, self._busy, "busy")
         self._waiters += 1
         try:
@@ -120,6 +130,8 @@ class LoginLimits:
         finally:
             self._waiters -= 1
         try:
+            if not self._verifications.take(_ALL).allowed:  # spent by those who got a slot meanwhile
+                raise LoginThrottled(BUSY, self._busy, "busy")
             yield
         finally:
             self._slots.release()

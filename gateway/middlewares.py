@@ -66,6 +66,14 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         response = error_response(ApiError("internal", "internal error"), request_id, request.path)
     if not response.prepared:  # streams set the header themselves before their first byte
         response.headers["X-Request-Id"] = request_id
+    guard = request.app.get(keys.CONNECTION_GUARD)
+    if guard is not None and request.transport is not None:
+        if response.status != 429:
+            guard.served(request.transport)
+        elif guard.refused(request.transport, request.remote or ""):
+            # Refused too often in a row: close this keep-alive connection; the address's next ones are
+            # closed at accept until its penalty window ends (gateway/connection_guard.py).
+            response.force_close()
     request.app[keys.METRICS].request_seconds.labels(route, str(response.status)).observe(
         time.perf_counter() - start)
     return response
@@ -82,7 +90,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                        headers={"Retry-After": "1", "Connection": "close"})
     if request.path in PUBLIC_API_PATHS:
         return await handler(request)
-    principal = request.app[keys.VERIFIER].verify(bearer_token(request.headers.get("Authorization")))
+    principal = request.app[keys.VERIFIED_TOKENS].verify(bearer_token(request.headers.get("Authorization")))
     accounts = request.app.get(keys.ACCOUNT_STATUS)
     if accounts is not None and await accounts.disabled(principal):
         raise Unauthorized("this account is disabled")

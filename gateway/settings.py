@@ -107,6 +107,8 @@ class GatewaySettings(KefuSettings):
     login_max_concurrent: int = Field(2, ge=1, le=64)
     """KEFU_LOGIN_MAX_CONCURRENT: argon2 password verifications at once in this process (19 MiB each); more
     logins wait up to a second, then get 429."""
+    login_max_per_s: float = Field(10.0, ge=0.01, le=10_000)
+    """KEFU_LOGIN_MAX_PER_S: argon2 verifications a second in this process (burst as many); more get 429 at once."""
     login_address_failures: int = Field(20, ge=1, le=100_000)
     """KEFU_LOGIN_ADDRESS_FAILURES: failed console logins per client address per KEFU_LOGIN_FAILURE_WINDOW_S."""
     login_user_failures: int = Field(10, ge=1, le=100_000)
@@ -121,6 +123,17 @@ class GatewaySettings(KefuSettings):
     above the services' 9101-9103); 0 picks any free port."""
     metrics_on_http_port: bool = False
     """KEFU_METRICS_ON_HTTP_PORT: also serve /metrics on the public HTTP port (older scrape setups)."""
+    conn_guard: bool = True
+    """KEFU_CONN_GUARD: close connections at accept from an address over KEFU_CONN_RPS / KEFU_CONN_BURST new
+    connections, or in a penalty window after KEFU_CONN_MAX_REFUSALS 429s in a row on one connection (the
+    window starts at KEFU_CONN_PENALTY_S and doubles up to KEFU_CONN_MAX_PENALTY_S); never a trusted proxy."""
+    conn_rps: float = Field(50.0, ge=0.01)
+    conn_burst: int = Field(500, ge=1, le=1_000_000)
+    conn_max_refusals: int = Field(20, ge=1, le=1_000_000)
+    conn_penalty_s: float = Field(1.0, ge=0.01, le=3600)
+    conn_max_penalty_s: float = Field(60.0, ge=0.01, le=86400)
+    conn_max_addresses: int = Field(50_000, ge=1, le=10_000_000)
+    """KEFU_CONN_MAX_ADDRESSES: addresses the connection guard remembers (least recently seen forgotten first)."""
 
     # The parsed forms: a variable's text becomes its value; a value given to the constructor is kept.
     @field_validator("route_rate_limits", mode="before")
@@ -172,6 +185,9 @@ class GatewaySettings(KefuSettings):
                            ("KEFU_JWT_JWKS_FILE", self.jwt_jwks_file)):
             if path is not None and not path.is_file():
                 raise SettingsError(f"{name}: no such file {path}")
+        if self.conn_max_penalty_s < self.conn_penalty_s:
+            raise SettingsError(f"KEFU_CONN_MAX_PENALTY_S ({self.conn_max_penalty_s:g}) must be at least "
+                                f"KEFU_CONN_PENALTY_S ({self.conn_penalty_s:g})")
         return self
 
     @classmethod

@@ -41,7 +41,9 @@ def faq_plugins_env(data_dir: Path) -> dict[str, str]:
     return {"KEFU_PLUGINS_DIR": str(folder)}
 
 UNLIMITED_VISITORS = {"KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
-                      "KEFU_VISITOR_MAX_SOCKETS": "1000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000"}
+                      "KEFU_VISITOR_MAX_SOCKETS": "1000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000",
+                      # Every test connects from 127.0.0.1: the connection guard stays in the path, never cuts.
+                      "KEFU_CONN_RPS": "100000", "KEFU_CONN_BURST": "1000000"}
 """Functional tests send as one visitor faster than a person does; tests/security sets the real limits."""
 
 

@@ -107,3 +107,22 @@ async def test_readiness_a_cancelled_asker_does_not_cancel_the_round() -> None:
     gate.set()
     assert await second == {"session": False}
     await readiness.aclose()
+
+
+async def test_login_limits_verifications_a_second_are_capped_then_refused_at_once() -> None:
+    clock = Clock()
+    limits = LoginLimits(4, 100, 100, 600, max_per_s=2, clock=clock)
+    for _ in range(2):
+        async with limits.slot():
+            pass
+    with pytest.raises(LoginThrottled) as refused:  # a free slot, but this second's verifications are spent
+        async with limits.slot():
+            pass
+    assert refused.value.outcome == "busy" and refused.value.headers["Retry-After"] == "1"
+    clock.now += 0.5  # one refilled
+    async with limits.slot():
+        pass
+    with pytest.raises(LoginThrottled):
+        async with limits.slot():
+            pass
+    limits.close()

@@ -8,6 +8,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from gateway.connection_guard import GuardMetrics
 from gateway.metrics import EdgeMetrics
 from services.common.grpc_server import RequestContextInterceptor
 from services.llm_worker.kb.metrics import KnowledgeMetrics
@@ -43,7 +44,7 @@ PROCESSES: dict[str, tuple[Callable[..., ProcessMetrics], bool]] = {
     "moderation": (ModerationMetrics, True),
     "llm-worker": (WorkerMetrics, True),
 }
-EXTRAS: dict[str, tuple[Callable[[CollectorRegistry], object], ...]] = {"llm-worker": (KnowledgeMetrics,)}
+EXTRAS: dict[str, tuple[Callable[[CollectorRegistry], object], ...]] = {"llm-worker": (KnowledgeMetrics,), "edge": (GuardMetrics,)}
 """Metrics classes a process registers on its main class's registry."""
 
 

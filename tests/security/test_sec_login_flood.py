@@ -31,7 +31,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Behind a trusted proxy (127.0.0.1), so each request can come from an address of its own.
     stack = start_stack(tmp_path_factory.mktemp("login-flood"), {
         "KEFU_TRUSTED_PROXIES": "127.0.0.1", "KEFU_LOGIN_ADDRESS_FAILURES": str(ADDRESS_FAILURES),
-        "KEFU_LOGIN_USER_FAILURES": str(USER_FAILURES)})
+        "KEFU_LOGIN_USER_FAILURES": str(USER_FAILURES),
+        # The slots and the failure buckets on their own (test_sec_login_rate_cap.py has the rate cap).
+        "KEFU_LOGIN_MAX_PER_S": "1000"})
     try:
         yield stack
     finally:
