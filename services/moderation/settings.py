@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from services.common.settings import SettingsError, env_bool, env_float, env_int, env_str, internal_token
+from services.common.settings import (
+    SettingsError,
+    env_bool,
+    env_float,
+    env_int,
+    env_str,
+    internal_token,
+    nats_url,
+)
 
 BUNDLED_LEXICON = Path(__file__).parent / "lexicon"
 
@@ -27,6 +35,11 @@ class ModerationSettings:
     lexicon_debounce_ms: int = 1600
     """Longest a batch groups changes before a reload is tried anyway (watchfiles' `debounce`)."""
     max_text_chars: int = 64_000
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
+    """Where the lexicon is published for the llm workers' output filters; may carry the process's NATS
+    user and password: never printed. Input checks (Check) never wait for NATS."""
+    nats_replicas: int = 1
+    """JetStream replicas of the lexicon bucket (3 on a 3-node NATS cluster)."""
     internal_token: str = field(default="", repr=False)
     """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     grace_s: float = 10.0
@@ -51,6 +64,8 @@ class ModerationSettings:
             lexicon_debounce_ms=env_int(env, "KEFU_LEXICON_DEBOUNCE_MS", cls.lexicon_debounce_ms, minimum=10,
                                         maximum=600_000),
             max_text_chars=env_int(env, "KEFU_MAX_MODERATION_CHARS", cls.max_text_chars, minimum=1),
+            nats_url=nats_url(env),
+            nats_replicas=env_int(env, "KEFU_NATS_REPLICAS", cls.nats_replicas, minimum=1, maximum=5),
             internal_token=internal_token(env),
             grace_s=env_float(env, "KEFU_SHUTDOWN_GRACE_S", cls.grace_s, minimum=0),
             log_level=env_str(env, "KEFU_LOG_LEVEL", cls.log_level),

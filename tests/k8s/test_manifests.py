@@ -456,8 +456,8 @@ def test_dev_worker_seeds_the_demo_tenant_from_its_configmap(rendered: dict[str,
         assert "KEFU_KB_SEED_DIR" not in env_of(deployments(rendered, variant)["llm-worker"]), variant
 # ----------------------------------------------------------------- internal credentials and NetworkPolicies
 
-NATS_USERS = {"edge": "edge", "session": "session", "llm-worker": "llm_worker"}
-"""Deployment -> its NATS user; moderation uses no NATS and has none."""
+NATS_USERS = {"edge": "edge", "session": "session", "llm-worker": "llm_worker", "moderation": "moderation"}
+"""Deployment -> its NATS user (moderation publishes the lexicon to KV, issue 20)."""
 
 
 def secret_ref(entry: Obj | None) -> tuple[str, str]:
@@ -550,7 +550,8 @@ def test_prod_network_policies_let_only_the_edge_reach_the_services(rendered: di
 def test_prod_network_policies_let_only_kefu_reach_nats(rendered: dict[str, list[Obj]]) -> None:
     for variant in ("prod", "prod+components"):
         nats = objects(rendered, variant, "StatefulSet")["nats"]
-        assert allowed_sources(rendered, variant, nats, 4222) == [pods_named("edge", "session", "llm-worker")]
+        assert allowed_sources(rendered, variant, nats, 4222) == [
+            pods_named("edge", "session", "moderation", "llm-worker")]
         assert allowed_sources(rendered, variant, nats, 6222) == [pods_named("nats")]
         assert allowed_sources(rendered, variant, nats, 8222) == [MONITORING]
     assert not objects(rendered, "dev", "NetworkPolicy")  # dev clusters often enforce none; prod must
