@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from services.common.errors import NotFound
@@ -109,7 +109,7 @@ class Answerer:
         if cache is not None:
             metrics.cache_local_bytes.set_function(lambda: cache.local.bytes)
 
-    async def answer(self, request: AnswerRequest) -> AsyncIterator[AnswerEvent]:
+    async def answer(self, request: AnswerRequest) -> AsyncGenerator[AnswerEvent, None]:
         # Every delta comes from the generation leased here, even if a reload swaps meanwhile.
         async with self._host.lease() as generation:
             route = generation.route(request.route)
