@@ -60,8 +60,10 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         for hit in hits:
             self._metrics.hits.labels(hit.category, hit.action.name.lower()).inc()
 
-    async def Check(self, request: moderation_pb2.CheckRequest,
-                    context: grpc.aio.ServicerContext) -> moderation_pb2.CheckResponse:
+    async def Check(
+        self, request: moderation_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckRequest, moderation_pb2.CheckResponse],
+    ) -> moderation_pb2.CheckResponse:
         if len(request.text) > self._settings.max_text_chars:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"text is longer than {self._settings.max_text_chars} characters")
@@ -74,8 +76,10 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         return moderation_pb2.CheckResponse(verdict=VERDICTS[result.verdict], masked_text=result.masked_text,
                                             hits=hits_to_proto(result.hits))
 
-    async def CheckStream(self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
+    async def CheckStream(
+        self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckStreamRequest, moderation_pb2.CheckStreamResponse],
+    ) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
         # One matcher for the whole stream, so a reload mid-stream cannot change the rules half-way.
         stream = StreamFilter(self._lexicon.matcher)
         verdict = Action.ALLOW
