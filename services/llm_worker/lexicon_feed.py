@@ -72,6 +72,10 @@ class LexiconFeed:
             except (nats.errors.Error, TimeoutError, OSError) as error:
                 log.warning("lexicon watch failed (restarting it): %s", error or type(error).__name__)
                 await asyncio.sleep(RETRY_S)
+            except Exception:
+                # Never let the feed die quietly: the worker would keep its lexicon forever.
+                log.exception("lexicon watch failed unexpectedly (restarting it)")
+                await asyncio.sleep(RETRY_S)
 
     async def _watch(self, kv: KeyValue, ready: Ready) -> None:
         """Apply every value of the key until the watch seems lost; then return (the caller watches anew)."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.kv import KeyValue
 
+from devtools.devstack.nats_server import start_nats_server
+from devtools.devstack.stack import free_port
 from services.common.lexicon.model import Action, Category, Lexicon
-from services.common.lexicon.wire import LEXICON_KEY, bucket_config, encode
+from services.common.lexicon.wire import LEXICON_BUCKET, LEXICON_KEY, bucket_config, encode
 from services.llm_worker import lexicon_feed
 from services.llm_worker.lexicon_feed import LexiconFeed
 from services.llm_worker.metrics import WorkerMetrics
@@ -111,3 +115,33 @@ async def test_lexicon_feed_fails_closed_when_the_lexicon_is_deleted(
     await kv.put(LEXICON_KEY, encode(NEW))
     await until(lambda: running.feed.matcher is not None)
     assert running.ready.said == [True, False, True]
+
+
+async def test_lexicon_feed_follows_a_change_made_after_nats_restarted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The watch's consumer lives in the server's memory: a restarted server delivers it nothing more,
+    # so the feed notices the stored revision moved and watches anew.
+    monkeypatch.setattr(lexicon_feed, "RETRY_S", 0.05)
+    monkeypatch.setattr(lexicon_feed, "CHECK_S", 0.2)
+    port = free_port()
+    server = start_nats_server(tmp_path / "nats", port=port)
+    nc = await nats.connect(server.url, reconnect_time_wait=0.1, max_reconnect_attempts=-1, connect_timeout=1)
+    feed = LexiconFeed(WorkerMetrics())
+    task = asyncio.create_task(feed.follow(nc, Readiness()))
+    try:
+        await (await bucket(nc)).put(LEXICON_KEY, encode(OLD))
+        await until(lambda: feed.matcher is not None)
+        server.stop()
+        server = start_nats_server(tmp_path / "nats", port=port)
+        writer = await nats.connect(server.url, max_reconnect_attempts=3, connect_timeout=1)
+        try:
+            revision = await (await writer.jetstream().key_value(LEXICON_BUCKET)).put(LEXICON_KEY, encode(NEW))
+        finally:
+            await writer.close()
+        await until(lambda: feed.revision == revision)
+        assert feed.matcher is not None and feed.matcher.check("蓝莓松饼").verdict is Action.BLOCK
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+        await nc.close()
+        server.stop()
