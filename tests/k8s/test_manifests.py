@@ -436,7 +436,7 @@ def test_prod_nats_is_a_three_node_jetstream_cluster(rendered: dict[str, list[Ob
 
 
 def test_prod_replicates_jetstream_state_on_the_three_nats_nodes(rendered: dict[str, list[Obj]]) -> None:
-    for name in ("session", "llm-worker"):
+    for name in ("session", "moderation", "llm-worker"):
         assert env_of(deployments(rendered, "prod")[name])["KEFU_NATS_REPLICAS"]["value"] == "3"
         assert "KEFU_NATS_REPLICAS" not in env_of(deployments(rendered, "dev")[name])
 
