@@ -42,10 +42,10 @@ from bench.loadgen import percentile
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.common.grpc_client import internal_channel
+from services.common.lexicon.matcher import Matcher
+from services.common.lexicon.normalize import normalize
+from services.common.lexicon.stream_filter import StreamFilter
 from services.moderation.lexicon import Action, load_lexicon
-from services.moderation.matcher import Matcher
-from services.moderation.normalize import normalize
-from services.moderation.stream_filter import StreamFilter
 
 log = logging.getLogger("bench.moderation")
 

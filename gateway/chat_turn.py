@@ -327,42 +327,33 @@ class ChatTurn:
             generate.temperature = request.temperature
         answer = self._clients.llm.Generate(generate, timeout=self._settings.stream_timeout_s,
                                             metadata=self._metadata)
-        check = self._clients.moderation.CheckStream(timeout=self._settings.stream_timeout_s,
-                                                     metadata=self._metadata)
-        backend = "llm"
+        # Output moderation runs inside the worker (issue 20): every delta that arrives has passed the
+        # lexicon's filter, and a blocked word ends the answer with a Done marked `blocked`.
         try:
             done: llm_pb2.Done | None = None
             async for response in answer:
                 if response.HasField("done"):
                     done = response.done
                     break
-                backend = "moderation"
-                safe = await self._check_delta(check, response.delta, final=False)
-                backend = "llm"
-                if safe:
-                    yield safe
+                if response.delta:
+                    yield response.delta
             if done is None:
                 raise StreamFailed("upstream_unavailable", "the answer stream ended early")
-            backend = "moderation"
-            tail = await self._check_delta(check, "", final=True)
-            if tail:
-                yield tail
+            if done.blocked:
+                raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
             yield done
         except grpc.aio.AioRpcError as error:
-            raise _stream_failure(error, backend) from None
+            raise _stream_failure(error, _answer_backend(error)) from None
         finally:
             # Leaving the loop does not cancel a gRPC stream by itself (grpc.aio keeps it streaming).
             answer.cancel()
-            check.cancel()
 
-    async def _check_delta(self, check: grpc.aio.StreamStreamCall, delta: str, *, final: bool) -> str:
-        await check.write(moderation_pb2.CheckStreamRequest(tenant=self._tenant, delta=delta, final=final))
-        verdict = await check.read()
-        if verdict is grpc.aio.EOF:
-            raise StreamFailed("moderation_unavailable", "output moderation ended early")
-        if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
-            raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
-        return str(verdict.safe_delta)
+
+def _answer_backend(error: grpc.aio.AioRpcError) -> str:
+    """"moderation" when the worker refused for want of a lexicon (its output filter fails closed)."""
+    trailers = error.trailing_metadata() or ()
+    refused = any(key == "kefu-error" and value == "moderation_unavailable" for key, value in trailers)
+    return "moderation" if refused else "llm"
 
 
 async def checked_input(clients: BackendClients, settings: GatewaySettings, tenant: str, text: str,

@@ -80,15 +80,15 @@ ROLES: Mapping[str, Role] = {
         streams={kv("kefu_cache"): Access.WRITE, kv("kefu_cache_epochs"): Access.WRITE,
                  kv("kefu_kb_documents"): Access.WRITE, kv("kefu_kb_tenants"): Access.WRITE,
                  obj("kefu_kb_files"): Access.WRITE, obj("kefu_kb_indexes"): Access.WRITE,
-                 KB_JOBS_STREAM: Access.WRITE},
+                 KB_JOBS_STREAM: Access.WRITE, kv("kefu_lexicon"): Access.READ},
         subscribe=("kefu.cache.invalidate",)),
+    # Publishes the lexicon in use for the workers' output filters (issue 20); input checks need no NATS.
+    "moderation": Role(streams={kv("kefu_lexicon"): Access.WRITE}),
     # Operators and tools (the accounts CLI, cache invalidation, tests): everything.
     "admin": Role(streams={}, publish=(">",), subscribe=(">",)),
 }
-"""moderation has no user: it does not use NATS."""
-
-PROCESS_ROLES: Mapping[str, str] = {"session": "session", "llm_worker": "llm_worker"}
-"""Devstack process name -> NATS user; every edge process is `edge`, moderation connects to nothing."""
+PROCESS_ROLES: Mapping[str, str] = {"session": "session", "llm_worker": "llm_worker", "moderation": "moderation"}
+"""Devstack process name -> NATS user; every edge process is `edge`."""
 
 
 def _stream_api(stream: str, access: Access) -> list[str]:

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from services.common.errors import NotFound
@@ -109,7 +109,7 @@ class Answerer:
         if cache is not None:
             metrics.cache_local_bytes.set_function(lambda: cache.local.bytes)
 
-    async def answer(self, request: AnswerRequest) -> AsyncIterator[AnswerEvent]:
+    async def answer(self, request: AnswerRequest) -> AsyncGenerator[AnswerEvent, None]:
         # Every delta comes from the generation leased here, even if a reload swaps meanwhile.
         async with self._host.lease() as generation:
             route = generation.route(request.route)
@@ -243,7 +243,7 @@ class Answerer:
             if flight is None:
                 flight = self._flights.launch(key, generation, target, request.messages, request.params,
                                               route=request.route, live=True)
-            source: AsyncIterator[str | Finish] = flight.follow()
+            source: AsyncGenerator[str | Finish, None] = flight.follow()
         else:
             source = self._direct(target, request)
         try:
@@ -272,7 +272,7 @@ class Answerer:
             self._metrics.request_seconds.labels(request.route, provider, outcome).observe(time.perf_counter() - start)
             self._metrics.requests.labels(request.route, provider, target.model, outcome).inc()
 
-    async def _direct(self, target: Target, request: AnswerRequest) -> AsyncIterator[str | Finish]:
+    async def _direct(self, target: Target, request: AnswerRequest) -> AsyncGenerator[str | Finish, None]:
         """An uncacheable turn's own generation: deltas as text, then the Finish."""
         self._metrics.active_streams.inc()
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from services.llm_worker.cache import AnswerCache, CachedAnswer
@@ -60,7 +60,7 @@ class Flight:
     def done(self) -> bool:
         return self.finish is not None or self.error is not None
 
-    async def follow(self) -> AsyncIterator[str | Finish]:
+    async def follow(self) -> AsyncGenerator[str | Finish, None]:
         """Every delta from the first (those already there joined), then the Finish; raises the
         generation's ProviderError."""
         self.readers += 1

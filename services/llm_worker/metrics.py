@@ -56,3 +56,9 @@ class WorkerMetrics:
         self.plugin_reloads = Counter(
             "kefu_plugin_reloads", "Attempted plugin generation swaps, by result (ok or refused).",
             ["result"], registry=self.registry)
+        self.lexicon_revision = Gauge(
+            "kefu_worker_lexicon_revision", "NATS KV revision of the lexicon the output filter uses for new turns; "
+            "0: none, and answers fail (fail closed).", registry=self.registry)
+        self.output_filtered = Counter(
+            "kefu_worker_output_filtered", "Answers through the output filter, by verdict: allow, mask, review "
+            "or block (stopped: nothing of the word left the worker).", ["verdict"], registry=self.registry)

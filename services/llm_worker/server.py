@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -21,17 +21,20 @@ from services.common.grpc_server import (
     stop_gracefully,
     wait_for_stop_signal,
 )
+from services.common.lexicon.model import Action
 from services.common.logs import request_id_var
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
-from services.llm_worker.answering import Answerer, AnswerRequest
+from services.llm_worker.answering import AnswerDone, Answerer, AnswerRequest
 from services.llm_worker.cache import INVALIDATE_SUBJECT, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.coalesce import windowed
 from services.llm_worker.grounded import Grounding
 from services.llm_worker.kb.runtime import start_knowledge
 from services.llm_worker.kb.server import SERVICE_NAME as KNOWLEDGE_SERVICE_NAME
 from services.llm_worker.kb.server import KnowledgeServicer
+from services.llm_worker.lexicon_feed import LexiconFeed, Ready
 from services.llm_worker.metrics import WorkerMetrics
+from services.llm_worker.output_filter import Blocked, Verdict, screened
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams, ProviderError
 from services.llm_worker.plugin_host import PluginHost, PluginLoadError
 from services.llm_worker.pregen import Pregenerator
@@ -42,6 +45,9 @@ from services.llm_worker.watcher import watch_plugins
 log = logging.getLogger(__name__)
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LlmService"].full_name
 MAX_CONTEXT_MESSAGES = 1000
+ERROR_TRAILER = "kefu-error"
+CONTENT_FILTER = "content_filter"
+"""Done.finish_reason of an answer the output filter stopped (OpenAI's name for it)."""
 
 
 def route_overrides(settings: WorkerSettings) -> dict[str, RouteSpec]:
@@ -70,18 +76,29 @@ def status_of(error: ProviderError) -> grpc.StatusCode:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, host: PluginHost, answerer: Answerer, cache: AnswerCache | None,
-                 stream_window_s: float = 0.0) -> None:
+    def __init__(self, host: PluginHost, answerer: Answerer, cache: AnswerCache | None, lexicon: LexiconFeed,
+                 metrics: WorkerMetrics, stream_window_s: float = 0.0) -> None:
         self._host = host
         self._window_s = stream_window_s
         self._answerer = answerer
         self._cache = cache
+        self._lexicon = lexicon
+        # Bound once: labels() costs a lock and a dict lookup.
+        self._filtered = {action: metrics.output_filtered.labels(action.name.lower()) for action in Action}
 
-    async def Generate(self, request: llm_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: llm_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[llm_pb2.GenerateRequest, llm_pb2.GenerateResponse],
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
         if not request.messages or len(request.messages) > MAX_CONTEXT_MESSAGES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"messages must hold 1..{MAX_CONTEXT_MESSAGES} entries")
+        # The lexicon of this whole answer: one published meanwhile applies from the next turn on.
+        matcher = self._lexicon.matcher
+        if matcher is None:
+            # Fail closed: no answer text leaves the worker unchecked.
+            context.set_trailing_metadata(((ERROR_TRAILER, "moderation_unavailable"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "output moderation has no lexicon yet")
         answer = AnswerRequest(
             route=request.route or "default",
             messages=[ChatMessage(m.role, m.content) for m in request.messages],
@@ -91,10 +108,18 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             grounding=Grounding.of(request.grounding, request.assistant_name),
             shareable=request.shareable)
         try:
-            async for event in windowed(self._answerer.answer(answer), self._window_s):
+            # Filter first, then window: a tail the filter holds back never delays the first token.
+            async for event in windowed(screened(self._answerer.answer(answer), matcher), self._window_s):
                 if isinstance(event, str):
                     yield llm_pb2.GenerateResponse(delta=event)
-                else:
+                elif isinstance(event, Verdict):
+                    self._filtered[event.action].inc()
+                elif isinstance(event, Blocked):
+                    self._filtered[Action.BLOCK].inc()
+                    yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
+                        finish_reason=CONTENT_FILTER, blocked=True, route=answer.route))
+                    return
+                elif isinstance(event, AnswerDone):
                     yield llm_pb2.GenerateResponse(done=llm_pb2.Done(
                         finish_reason=event.finish_reason, model=event.model, cached=event.cached,
                         provider=event.provider, generation=event.generation, route=event.route,
@@ -107,8 +132,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             log.warning("route %s: %s", answer.route, error)
             await context.abort(status_of(error), str(error))
 
-    async def ListModels(self, request: llm_pb2.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> llm_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: llm_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[llm_pb2.ListModelsRequest, llm_pb2.ListModelsResponse],
+    ) -> llm_pb2.ListModelsResponse:
         generation = self._host.current
         return llm_pb2.ListModelsResponse(generation=generation.number, models=[
             llm_pb2.Model(name=route.name, targets=[
@@ -116,8 +143,10 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 for t in route.targets])
             for route in generation.routes.values()])
 
-    async def InvalidateCache(self, request: llm_pb2.InvalidateCacheRequest,
-                              context: grpc.aio.ServicerContext) -> llm_pb2.InvalidateCacheResponse:
+    async def InvalidateCache(
+        self, request: llm_pb2.InvalidateCacheRequest,
+        context: grpc.aio.ServicerContext[llm_pb2.InvalidateCacheRequest, llm_pb2.InvalidateCacheResponse],
+    ) -> llm_pb2.InvalidateCacheResponse:
         scope = "tenant" if request.tenant else "route" if request.route else "all"
         if self._cache is not None:
             await self._cache.invalidate(request.tenant, "" if request.tenant else request.route)
@@ -142,9 +171,9 @@ async def create_server(settings: WorkerSettings, servicer: LlmServicer, metrics
     return server, health_servicer, port
 
 
-async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[AnswerCache | None, NatsClient | None]:
+async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics, nc: NatsClient) -> AnswerCache | None:
     if not settings.cache_enabled:
-        return None, None
+        return None
 
     def dropped(answer: CachedAnswer, served: bool) -> None:
         if answer.pregenerated and not served:
@@ -152,8 +181,7 @@ async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[
 
     local = LocalTier(settings.cache_local_max_bytes, settings.cache_ttl_s, on_drop=dropped)
     if not settings.cache_shared:
-        return AnswerCache(local), None
-    nc = await connect_nats(settings.nats_url, "kefu-llm-worker")
+        return AnswerCache(local)
     cache = await AnswerCache.with_nats(local, nc, settings.cache_ttl_s, settings.nats_replicas)
 
     async def on_invalidate(message: Msg) -> None:
@@ -165,7 +193,18 @@ async def open_cache(settings: WorkerSettings, metrics: WorkerMetrics) -> tuple[
             log.warning("bad message on %s: %s", INVALIDATE_SUBJECT, error)
 
     await nc.subscribe(INVALIDATE_SUBJECT, queue="kefu-llm-worker", cb=on_invalidate)
-    return cache, nc
+    return cache
+
+
+def readiness(health_servicer: health.aio.HealthServicer) -> Ready:
+    """Readiness follows the lexicon: a worker without one cannot answer (fail closed)."""
+
+    async def ready(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    return ready
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -177,7 +216,11 @@ async def serve(settings: WorkerSettings) -> None:
         await host.aclose()
         raise SystemExit(f"llm_worker: cannot start, plugins in {settings.plugins_dir} are broken: {error}") from None
     metrics.plugin_generation.set(host.current.number)
-    cache, nc = await open_cache(settings, metrics)
+    # Always: the output filter's lexicon comes from NATS KV, the shared cache too.
+    nc = await connect_nats(settings.nats_url, "kefu-llm-worker")
+    lexicon = LexiconFeed(metrics)
+    feed: asyncio.Task[None] | None = None
+    cache = await open_cache(settings, metrics, nc)
     knowledge = await start_knowledge(settings, metrics.registry)
     pregen = None
     if cache is not None and settings.pregen_enabled:
@@ -190,9 +233,13 @@ async def serve(settings: WorkerSettings) -> None:
     stop_watching = asyncio.Event()
     watcher = asyncio.create_task(watch_plugins(host, metrics, stop_watching), name="plugin-watcher")
     try:
-        servicer = LlmServicer(host, answerer, cache, stream_window_s=settings.stream_window_ms / 1000)
+        servicer = LlmServicer(host, answerer, cache, lexicon, metrics,
+                               stream_window_s=settings.stream_window_ms / 1000)
         server, health_servicer, port = await create_server(settings, servicer, metrics,
                                                             KnowledgeServicer(knowledge.base))
+        ready = readiness(health_servicer)
+        await ready(False)  # until the first lexicon is in
+        feed = asyncio.create_task(lexicon.follow(nc, ready), name="lexicon-feed")
         await server.start()
         log.info("llm worker on %s:%d, routes %s", settings.host, port, sorted(host.current.routes))
         await wait_for_stop_signal()
@@ -200,13 +247,15 @@ async def serve(settings: WorkerSettings) -> None:
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
         stop_watching.set()
+        if feed is not None:
+            feed.cancel()
+            await asyncio.wait([feed])
         await asyncio.wait([watcher], timeout=5)
         if pregen is not None:
             await pregen.aclose()
         if cache is not None:
             await cache.aclose()
         await knowledge.aclose()
-        if nc is not None:
-            await close_nats(nc)
+        await close_nats(nc)
         await host.aclose()
         metrics_server.close()

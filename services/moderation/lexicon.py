@@ -1,49 +1,24 @@
-"""The lexicon as data: one UTF-8 file per category plus a whitelist, read from a folder."""
+"""Reading the lexicon from a folder: one UTF-8 file per category plus a whitelist."""
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 
-from services.moderation.normalize import normalize_word
+from services.common.lexicon.model import Action, Category, Lexicon
+from services.common.lexicon.normalize import normalize_word
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Action", "Category", "Lexicon", "LexiconError", "load_lexicon", "parse_category"]
 
 WHITELIST_FILE = "whitelist.txt"
 _ACTION_LINE = re.compile(r"^#\s*action\s*:(.*)$", re.IGNORECASE)
 
 
-class Action(IntEnum):
-    """Ordered by strength: the verdict of a text is its strongest hit's action."""
-
-    ALLOW = 0
-    MASK = 1
-    REVIEW = 2
-    BLOCK = 3
-
-
 class LexiconError(ValueError):
     """A lexicon folder or file is unusable; the message names the file and line."""
-
-
-@dataclass(frozen=True, slots=True)
-class Category:
-    name: str
-    action: Action
-    words: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Lexicon:
-    categories: tuple[Category, ...]
-    whitelist: tuple[str, ...]
-
-    @property
-    def word_count(self) -> int:
-        return sum(len(c.words) for c in self.categories)
 
 
 def parse_category(name: str, text: str) -> Category:

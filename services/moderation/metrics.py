@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 RELOAD_RESULTS = ("ok", "refused")
+PUBLISH_RESULTS = ("ok", "failed")
 
 
 @dataclass
@@ -37,3 +38,10 @@ class ModerationMetrics:
             ["result"], registry=self.registry)
         for result in RELOAD_RESULTS:
             self.lexicon_reloads.labels(result)
+        self.lexicon_publishes = Counter(
+            "kefu_moderation_lexicon_publishes",
+            "Lexicon values written to NATS KV for the llm workers' output filters (ok), or attempts that "
+            "failed and are retried (failed); an unchanged lexicon is not written again.",
+            ["result"], registry=self.registry)
+        for result in PUBLISH_RESULTS:
+            self.lexicon_publishes.labels(result)

@@ -12,8 +12,8 @@ from typing import Self
 
 from watchfiles import awatch
 
+from services.common.lexicon.matcher import Matcher
 from services.moderation.lexicon import Lexicon, LexiconError, load_lexicon
-from services.moderation.matcher import Matcher
 from services.moderation.metrics import ModerationMetrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class LexiconReloader:
         self._matcher = matcher
         self._metrics = metrics
         self._lock = asyncio.Lock()
+        self.swapped = asyncio.Event()
+        """Set on every swap: the publisher (services.moderation.publish) clears it and sends the new lexicon."""
         metrics.lexicon_words.set(matcher.word_count)
         metrics.lexicon_generation.set(self.generation)
 
@@ -97,6 +99,7 @@ class LexiconReloader:
             # One reference assignment: a check sees either the old matcher or the new one.
             self._matcher = matcher
             self.generation += 1
+            self.swapped.set()
             self._metrics.lexicon_generation.set(self.generation)
             self._metrics.lexicon_words.set(matcher.word_count)
             self._metrics.lexicon_reloads.labels(ReloadResult.OK.value).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -18,13 +19,16 @@ from services.common.grpc_server import (
     stop_gracefully,
     wait_for_stop_signal,
 )
+from services.common.lexicon.matcher import Hit
+from services.common.lexicon.model import Action
+from services.common.lexicon.stream_filter import StreamFilter
 from services.common.metrics import start_metrics_server
-from services.moderation.lexicon import Action, LexiconError
-from services.moderation.matcher import Hit
+from services.common.nats_client import NatsEndpoint, check_credentials
+from services.moderation.lexicon import LexiconError
 from services.moderation.metrics import ModerationMetrics
+from services.moderation.publish import publish_forever
 from services.moderation.reload import LexiconReloader
 from services.moderation.settings import ModerationSettings
-from services.moderation.stream_filter import StreamFilter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name
@@ -56,8 +60,10 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         for hit in hits:
             self._metrics.hits.labels(hit.category, hit.action.name.lower()).inc()
 
-    async def Check(self, request: moderation_pb2.CheckRequest,
-                    context: grpc.aio.ServicerContext) -> moderation_pb2.CheckResponse:
+    async def Check(
+        self, request: moderation_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckRequest, moderation_pb2.CheckResponse],
+    ) -> moderation_pb2.CheckResponse:
         if len(request.text) > self._settings.max_text_chars:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"text is longer than {self._settings.max_text_chars} characters")
@@ -70,8 +76,10 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         return moderation_pb2.CheckResponse(verdict=VERDICTS[result.verdict], masked_text=result.masked_text,
                                             hits=hits_to_proto(result.hits))
 
-    async def CheckStream(self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
+    async def CheckStream(
+        self, requests: AsyncIterator[moderation_pb2.CheckStreamRequest],
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckStreamRequest, moderation_pb2.CheckStreamResponse],
+    ) -> AsyncIterator[moderation_pb2.CheckStreamResponse]:
         # One matcher for the whole stream, so a reload mid-stream cannot change the rules half-way.
         stream = StreamFilter(self._lexicon.matcher)
         verdict = Action.ALLOW
@@ -113,8 +121,14 @@ async def serve(settings: ModerationSettings) -> None:
     except LexiconError as error:
         raise SystemExit(f"moderation: KEFU_LEXICON_DIR: {error}") from None
     metrics_server = start_metrics_server(metrics.registry, settings.metrics_port, settings.host)
+    # A wrong NATS password stops the process at start (one line); an unreachable NATS does not: input
+    # checks go on, and the publisher keeps trying.
+    await check_credentials(NatsEndpoint.parse(settings.nats_url))
     stop_watching = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
+    publisher = asyncio.create_task(
+        publish_forever(settings.nats_url, settings.nats_replicas, lexicon, metrics, stop_watching),
+        name="lexicon-publisher")
     try:
         server, health_servicer, port = await create_server(
             settings, ModerationServicer(settings, lexicon, metrics), metrics)
@@ -130,4 +144,16 @@ async def serve(settings: ModerationSettings) -> None:
         stop_watching.set()
         if watcher is not None:
             await watcher
+        await _stopped(publisher)
         metrics_server.close()
+
+
+async def _stopped(publisher: asyncio.Task[None]) -> None:
+    """The publisher ends by itself once stopped; one still connecting to an unreachable NATS is cancelled."""
+    done, _ = await asyncio.wait([publisher], timeout=5)
+    if not done:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
+    elif not publisher.cancelled() and (error := publisher.exception()) is not None:
+        log.error("the lexicon publisher failed: %s", error)

@@ -24,6 +24,11 @@ class ModerationSettings(KefuSettings):
     lexicon_debounce_ms: int = Field(1600, ge=10, le=600_000)
     """Longest a batch groups changes before a reload is tried anyway (watchfiles' `debounce`)."""
     max_text_chars: int = Field(64_000, ge=1, validation_alias="KEFU_MAX_MODERATION_CHARS")
+    nats_url: str = Field("nats://127.0.0.1:4222", repr=False)
+    """Where the lexicon is published for the llm workers' output filters; may carry the process's NATS
+    user and password: never printed. Input checks (Check) never wait for NATS."""
+    nats_replicas: int = Field(1, ge=1, le=5)
+    """JetStream replicas of the lexicon bucket (3 on a 3-node NATS cluster)."""
     internal_token: str = Field("", repr=False)
     """KEFU_INTERNAL_TOKEN: callers must send it (services.common.grpc_client); "" serves anyone."""
     grace_s: float = Field(10.0, ge=0, validation_alias="KEFU_SHUTDOWN_GRACE_S")

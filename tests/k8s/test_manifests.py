@@ -437,7 +437,7 @@ def test_prod_nats_is_a_three_node_jetstream_cluster(rendered: dict[str, list[Ob
 
 
 def test_prod_replicates_jetstream_state_on_the_three_nats_nodes(rendered: dict[str, list[Obj]]) -> None:
-    for name in ("session", "llm-worker"):
+    for name in ("session", "moderation", "llm-worker"):
         assert env_of(deployments(rendered, "prod")[name])["KEFU_NATS_REPLICAS"]["value"] == "3"
         assert "KEFU_NATS_REPLICAS" not in env_of(deployments(rendered, "dev")[name])
 
@@ -457,8 +457,8 @@ def test_dev_worker_seeds_the_demo_tenant_from_its_configmap(rendered: dict[str,
         assert "KEFU_KB_SEED_DIR" not in env_of(deployments(rendered, variant)["llm-worker"]), variant
 # ----------------------------------------------------------------- internal credentials and NetworkPolicies
 
-NATS_USERS = {"edge": "edge", "session": "session", "llm-worker": "llm_worker"}
-"""Deployment -> its NATS user; moderation uses no NATS and has none."""
+NATS_USERS = {"edge": "edge", "session": "session", "llm-worker": "llm_worker", "moderation": "moderation"}
+"""Deployment -> its NATS user (moderation publishes the lexicon to KV, issue 20)."""
 
 
 def secret_ref(entry: Obj | None) -> tuple[str, str]:
@@ -551,7 +551,8 @@ def test_prod_network_policies_let_only_the_edge_reach_the_services(rendered: di
 def test_prod_network_policies_let_only_kefu_reach_nats(rendered: dict[str, list[Obj]]) -> None:
     for variant in ("prod", "prod+components"):
         nats = objects(rendered, variant, "StatefulSet")["nats"]
-        assert allowed_sources(rendered, variant, nats, 4222) == [pods_named("edge", "session", "llm-worker")]
+        assert allowed_sources(rendered, variant, nats, 4222) == [
+            pods_named("edge", "session", "moderation", "llm-worker")]
         assert allowed_sources(rendered, variant, nats, 6222) == [pods_named("nats")]
         assert allowed_sources(rendered, variant, nats, 8222) == [MONITORING]
     assert not objects(rendered, "dev", "NetworkPolicy")  # dev clusters often enforce none; prod must

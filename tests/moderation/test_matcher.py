@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.moderation.lexicon import Action, Category, Lexicon
-from services.moderation.matcher import Matcher
+from services.common.lexicon.matcher import Matcher
+from services.common.lexicon.model import Action, Category, Lexicon
 
 LEXICON = Lexicon(
     categories=(

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.moderation import normalize as normalize_module
-from services.moderation.normalize import fold_char, normalize, normalize_word
+from services.common.lexicon import normalize as normalize_module
+from services.common.lexicon.normalize import fold_char, normalize, normalize_word
 
 
 def test_normalize_folds_full_width_case_and_traditional() -> None:

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.moderation import stream_filter
-from services.moderation.lexicon import Action, Category, Lexicon
-from services.moderation.matcher import Hit, Matcher
-from services.moderation.normalize import Normalized, normalize
-from services.moderation.stream_filter import StreamFilter
+from services.common.lexicon import stream_filter
+from services.common.lexicon.matcher import Hit, Matcher
+from services.common.lexicon.model import Action, Category, Lexicon
+from services.common.lexicon.normalize import Normalized, normalize
+from services.common.lexicon.stream_filter import StreamFilter
 
 MATCHER = Matcher(Lexicon(
     categories=(Category("abuse", Action.MASK, ("傻逼", "fuck", "shit", "ab", "bcd", "strasse", "利息")),

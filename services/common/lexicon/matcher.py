@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import ahocorasick_rs
 
-from services.moderation.lexicon import Action, Lexicon
-from services.moderation.normalize import Normalized, normalize, normalize_word
+from services.common.lexicon.model import Action, Lexicon
+from services.common.lexicon.normalize import Normalized, normalize, normalize_word
 
 MASK_CHAR = "*"
 

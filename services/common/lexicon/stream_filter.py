@@ -5,9 +5,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 
-from services.moderation.lexicon import Action
-from services.moderation.matcher import Hit, Matcher, apply_masks
-from services.moderation.normalize import Normalized, normalize
+from services.common.lexicon.matcher import Hit, Matcher, apply_masks
+from services.common.lexicon.model import Action
+from services.common.lexicon.normalize import Normalized, normalize
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""The sensitive-word lexicon of moderation and the llm worker: model, matching, stream filter, wire form."""
