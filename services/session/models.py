@@ -186,6 +186,17 @@ class MetaDelta:
             self.owed = message.id if message.role == "user" and message.kind == "message" else ""
             self.owed_seq = message.seq
 
+    def merge(self, other: MetaDelta) -> None:
+        """Add another batch's counters (the newest preview and owed message win, by seq)."""
+        self.messages += other.messages
+        self.user_messages += other.user_messages
+        self.tokens += other.tokens
+        self.updated_at = max(self.updated_at, other.updated_at)
+        if other.preview_seq > self.preview_seq:
+            self.preview, self.preview_seq = other.preview, other.preview_seq
+        if other.owed_seq > self.owed_seq:
+            self.owed, self.owed_seq = other.owed, other.owed_seq
+
 
 @dataclass(frozen=True, slots=True)
 class AnswerOwed:

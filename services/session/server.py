@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health
@@ -35,7 +35,7 @@ from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
-from services.session.store import SessionStore, TransitionResult
+from services.session.store import AppendResult, SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
 from services.session.tokens import TokenCounters
 from services.session.visibility import for_model
@@ -48,7 +48,8 @@ INTEGRATOR_PREFIX = "api:"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
-def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
+def principal_of(request: session_pb2.AppendRequest | session_pb2.BeginTurnRequest
+                 | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
                  | session_pb2.TransitionRequest
                  | session_pb2.ListConversationsRequest | session_pb2.ClaimAnswerRequest) -> Principal:
@@ -76,6 +77,12 @@ def to_proto(message: StoredMessage) -> session_pb2.Message:
     if message.state is not None:
         proto.state.CopyFrom(state_to_proto(message.state))
     return proto
+
+
+def append_response(result: AppendResult) -> session_pb2.AppendResponse:
+    return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
+                                      created=result.created, duplicate=result.duplicate,
+                                      state=state_to_proto(result.state))
 
 
 def citation_of(proto: session_pb2.Citation) -> Citation:
@@ -120,25 +127,49 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def Append(self, request: session_pb2.AppendRequest,
                      context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
         async with session_errors(context):
-            principal = principal_of(request)
-            try:
-                if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
-                    await self._rates.take(principal.tenant, principal.subject)
-                with self._metrics.operation_seconds.labels("append").time():
-                    result = await self._store.append(principal, request.session_id, request.role,
-                                                      request.content, request.message_id, kind=request.kind,
-                                                      sender_name=request.sender_name, if_version=request.if_version,
-                                                      citations=[citation_of(c) for c in request.citations])
-            except (RateLimited, QuotaExceeded, StorageFull) as refused:
-                self._metrics.messages_refused.labels(refused.code).inc()
-                raise
+            with self._metrics.operation_seconds.labels("append").time():
+                result = await self._append(principal_of(request), request.role, lambda principal: self._store.append(
+                    principal, request.session_id, request.role, request.content, request.message_id,
+                    kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
+                    citations=[citation_of(c) for c in request.citations]))
+        return append_response(result)
+
+    async def BeginTurn(self, request: session_pb2.BeginTurnRequest,
+                        context: grpc.aio.ServicerContext) -> session_pb2.BeginTurnResponse:
+        """Append's store of the visitor's message, then BuildContext's context from the history the
+        append read beside its state check (none for a new conversation)."""
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("begin_turn").time():
+                result = await self._append(principal_of(request), "user", lambda principal: self._store.append(
+                    principal, request.session_id, "user", request.content, request.message_id,
+                    with_history=not request.store_only))
+                response = session_pb2.BeginTurnResponse(stored=append_response(result))
+                if request.store_only or result.history is None or result.state.status != "ai":
+                    return response
+                counter = await self._counters.for_model(request.model)
+                budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
+                built = build_context(for_model(result.history), request.system_prompt, budget, counter)
+        self._metrics.context_tokens.labels(counter.name).observe(built.total_tokens)
+        response.context.CopyFrom(session_pb2.BuildContextResponse(
+            messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
+            truncated=built.truncated, user_message_count=result.user_message_count))
+        return response
+
+    async def _append(self, principal: Principal, role: str,
+                      store: Callable[[Principal], Awaitable[AppendResult]]) -> AppendResult:
+        """A visitor's message takes a token of its rate first; refusals are counted."""
+        try:
+            if self._rates is not None and is_anonymous_visitor(principal) and role == "user":
+                await self._rates.take(principal.tenant, principal.subject)
+            result = await store(principal)
+        except (RateLimited, QuotaExceeded, StorageFull) as refused:
+            self._metrics.messages_refused.labels(refused.code).inc()
+            raise
         if result.created:
             self._metrics.sessions_created.inc()
         if not result.duplicate:
             self._metrics.messages_appended.labels(result.message.role).inc()
-        return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
-                                          created=result.created, duplicate=result.duplicate,
-                                          state=state_to_proto(result.state))
+        return result
 
     async def ClaimAnswer(self, request: session_pb2.ClaimAnswerRequest,
                           context: grpc.aio.ServicerContext) -> session_pb2.ClaimAnswerResponse:
@@ -259,6 +290,7 @@ async def serve(settings: SessionSettings) -> None:
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
+        await store.close()  # the counters still pending
     finally:
         for task in background:
             task.cancel()

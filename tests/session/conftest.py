@@ -40,3 +40,4 @@ async def live(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncIt
             yield Live(session_pb2_grpc.SessionServiceStub(channel), store, metrics, nats_client)
     finally:
         await server.stop(None)
+        await store.close()

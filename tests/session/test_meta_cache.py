@@ -32,6 +32,8 @@ async def replicas(nats_server: NatsServer, counter: TokenCounter) -> AsyncItera
     stores = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600)
               for nc in connections]
     yield stores[0], stores[1]
+    for store in stores:
+        await store.close()
     for nc in connections:
         await nc.close()
 
