@@ -48,9 +48,9 @@ from nats.js.api import (
 )
 from nats.js.errors import (
     KeyNotFoundError,
-    NotFoundError,
     KeyValueLimitMarkerTTLNotSupportedError,
     KeyWrongLastSequenceError,
+    NotFoundError,
     ServiceUnavailableError,
 )
 from nats.js.kv import KeyValue
@@ -63,7 +63,6 @@ from services.session.errors import Conflict, QuotaExceeded, StorageFull, WrongS
 from services.session.index import ConversationIndex
 from services.session.limits import TenantUsage
 from services.session.meta_cache import MetaCache
-from services.session.pending import FLUSH_S, Pending, PendingCounters
 from services.session.models import (
     MAX_CITATIONS,
     MESSAGE_ID_PATTERN,
@@ -77,6 +76,7 @@ from services.session.models import (
     StoredMessage,
     new_id,
 )
+from services.session.pending import FLUSH_S, Pending, PendingCounters
 from services.session.reads import direct_get
 from services.session.schedule import TimerSchedule
 from services.session.tokens import TokenCounter
