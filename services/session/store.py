@@ -121,7 +121,8 @@ class AppendResult:
     """Visitor messages in the conversation, this one included (as far as this process knows)."""
     history: tuple[StoredMessage, ...] | None = None
     """Asked for (`with_history`): the conversation's kept events after the append, this message the
-    newest; a new conversation's is this message alone, read from nowhere. None for a duplicate."""
+    newest; a new conversation's is this message alone, read from nowhere. None for a duplicate, and
+    (unless read anyway) when the state after the append is not "ai": nobody asks the model then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,8 @@ class SessionStore:
         """Arms each conversation's timers on create and status change (None: no timers, as in store tests)."""
         self._cache = MetaCache()
         self._pending = PendingCounters(self._flush, meta_flush_s)
+        self._writing: dict[str, tuple[MetaDelta, int]] = {}
+        """Per key: the counters a flush is writing and the revision it writes over (reads in between add them)."""
         self.expiry_markers = True
         """False on a server older than 2.11: expiries happen but cannot be counted."""
         version = nc.connected_server_version
@@ -308,7 +311,8 @@ class SessionStore:
             # Whether the AI answers (or its answer stands) depends on the state as of now, after the
             # message is in the log: a change not seen here stores its event after this message, where
             # the edge's watch of the log sees it. So read it, rather than trust this process's view.
-            if with_history:
+            if with_history and meta.state.status == "ai":
+                # The AI is likely to answer: read its context beside the state.
                 entry, history = await asyncio.gather(self._read_entry(key),
                                                       self._read_history(log_subject(principal.tenant, session_id)))
             else:
@@ -318,7 +322,7 @@ class SessionStore:
                 # the message must not outlive its session.
                 await self._delete_messages([stored.seq])
                 raise NotFound("no such session")
-            meta = entry[0]
+            meta, revision = entry
             state = meta.state
             if if_version and state.version != if_version:
                 # A change landed between the check and the publish: take the message back.
@@ -330,13 +334,13 @@ class SessionStore:
                     reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
                                                  None)
                     state = reopened.state
-        elif with_history:
+        if with_history and history is None and state.status == "ai":
             history = await self._read_history(log_subject(principal.tenant, session_id))
         # Counters, preview, lease and the TTL refresh follow within a second, in one write for every
         # message of that second (pending.py); the queue's preview of a waiting conversation with them.
         self._pending.add(key, stored)
         return AppendResult(session_id, stored, created, state=state, reopened=reopened,
-                            user_message_count=self._view(key, meta).user_message_count,
+                            user_message_count=self._view(key, meta, revision).user_message_count,
                             history=tuple(history) if history is not None else None)
 
     async def _create(self, tenant: str, session_id: str, meta: SessionMeta, first: StoredMessage,
@@ -582,7 +586,7 @@ class SessionStore:
     async def read_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
         """The session's metadata without an access check (internal callers); None if gone."""
         entry = await self.read_entry(tenant, session_id)
-        return self._view(meta_key(tenant, session_id), entry[0]) if entry is not None else None
+        return self._view(meta_key(tenant, session_id), *entry) if entry is not None else None
 
     async def read_entry(self, tenant: str, session_id: str) -> tuple[SessionMeta, int] | None:
         """The metadata and its KV revision without an access check (internal callers); None if gone."""
@@ -694,8 +698,8 @@ class SessionStore:
                 await asyncio.sleep(5.0)
 
     async def _authorize(self, principal: Principal, session_id: str) -> SessionMeta:
-        meta = (await self._authorize_entry(principal, session_id))[0]
-        return self._view(meta_key(principal.tenant, session_id), meta)
+        meta, revision = await self._authorize_entry(principal, session_id)
+        return self._view(meta_key(principal.tenant, session_id), meta, revision)
 
     async def _authorize_entry(self, principal: Principal, session_id: str, *,
                                cached: bool = False) -> tuple[SessionMeta, int]:
@@ -744,10 +748,16 @@ class SessionStore:
     async def close(self) -> None:
         await self.flush()
 
-    def _view(self, key: str, meta: SessionMeta) -> SessionMeta:
-        """The metadata with what this process has not written yet."""
-        delta = self._pending.peek(key)
-        return meta.with_delta(delta, self._answer_lease_s) if delta is not None else meta
+    def _view(self, key: str, meta: SessionMeta, revision: int = 0) -> SessionMeta:
+        """The metadata at `revision` with what this process has not written into it yet."""
+        delta = MetaDelta()
+        writing = self._writing.get(key)
+        if writing is not None and writing[1] == revision:
+            delta.merge(writing[0])  # a flush on its way, not yet in the revision read
+        pending = self._pending.peek(key)
+        if pending is not None:
+            delta.merge(pending)
+        return meta.with_delta(delta, self._answer_lease_s) if delta.messages else meta
 
     async def _write_meta(self, key: str, delta: MetaDelta,
                           seen: tuple[SessionMeta, int] | None) -> SessionMeta | None:
@@ -758,6 +768,7 @@ class SessionStore:
                     return None  # deleted or expired meanwhile
             meta, revision = seen
             updated = meta.with_delta(delta, self._answer_lease_s)
+            writing = self._writing[key] = (delta, revision)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
                 self._cache.put(key, updated, new_revision)
@@ -767,6 +778,9 @@ class SessionStore:
                 if attempt:
                     # Another replica keeps writing: back off with jitter so writers spread out.
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
+            finally:
+                if self._writing.get(key) is writing:
+                    del self._writing[key]
         raise Unavailable(f"session {key}: gave up updating counters after {CAS_ATTEMPTS} conflicts")
 
     async def _read_history(self, subject: str) -> list[StoredMessage]:
