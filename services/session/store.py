@@ -68,6 +68,7 @@ from services.session.models import (
     MESSAGE_ID_PATTERN,
     ROLES,
     SESSION_ID_PATTERN,
+    AnswerOwed,
     Citation,
     ConversationState,
     MetaDelta,
@@ -443,6 +444,8 @@ class SessionStore:
             meta, revision = seen
             if pending is not None:
                 meta = meta.with_delta(pending.delta, self._answer_lease_s)
+            if meta.state.status == "ai":
+                meta = await self._owed_from_log(principal.tenant, session_id, meta)
             owed, now = meta.owed, time.time()
             if owed is None or meta.state.status != "ai" or (message_id and owed.message_id != message_id):
                 return AnswerClaim(False, "", 0.0, meta.state), False
@@ -575,13 +578,27 @@ class SessionStore:
         """When the conversation's newest event was stored: its metadata's time, or newer when counters
         are still on their way (here or on another replica: the log's newest message says)."""
         newest = self._view(meta_key(tenant, session_id), meta).updated_at
+        event = await self._newest_event(tenant, session_id)
+        return max(newest, event.created_at) if event is not None else newest
+
+    async def _newest_event(self, tenant: str, session_id: str) -> StoredMessage | None:
         try:
             raw = await self._js.get_last_msg(LOG_STREAM, log_subject(tenant, session_id))
         except NotFoundError:
-            return newest
-        if raw.data:
-            newest = max(newest, StoredMessage.from_json(raw.data, raw.seq or 0).created_at)
-        return newest
+            return None
+        return StoredMessage.from_json(raw.data, raw.seq or 0) if raw.data else None
+
+    async def _owed_from_log(self, tenant: str, session_id: str, meta: SessionMeta) -> SessionMeta:
+        """The metadata with what the AI owes as the log says it: counters (the owed message, or the
+        answer that paid it) may still be on their way from another replica, or lost with a crashed one."""
+        if not self._answer_lease_s:
+            return meta
+        newest = await self._newest_event(tenant, session_id)
+        if newest is None or newest.kind == "note" or newest.seq <= (meta.owed.seq if meta.owed is not None else 0):
+            return meta
+        if newest.role == "user" and newest.kind == "message":
+            return replace(meta, owed=AnswerOwed(newest.id, newest.seq, "", newest.created_at + self._answer_lease_s))
+        return replace(meta, owed=None)  # something was said after it: paid
 
     async def read_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
         """The session's metadata without an access check (internal callers); None if gone."""
