@@ -1,7 +1,7 @@
 """Sessions in NATS JetStream: metadata in a KV bucket, messages in a stream per session subject.
 
-- KV `kefu_sessions`, key `<tenant>.<session_id>`: owner and counters, updated by
-  compare-and-set; the bucket's max age is the idle TTL, and every append rewrites the
+- KV `kefu_sessions`, key `<tenant>.<session_id>`: owner, state and counters, written by
+  compare-and-set; the bucket's max age is the idle TTL, and the counters' writes refresh the
   key, so a session expires when nobody wrote to it for that long. The bucket asks the
   server (2.11+) for a `Nats-Marker-Reason: MaxAge` marker when a key ages out, which is
   how expiries are counted (`watch_expired`).
@@ -9,12 +9,15 @@
   JetStream assigns the sequence, so concurrent appends are never lost nor reordered;
   `max_msgs_per_subject` bounds the history (oldest dropped first); `Nats-Msg-Id`
   makes a retried append with the same message id a no-op.
-- Counters: concurrent appends to one session in this process join one batch that a
-  single CAS writes (group commit), so 1,000 racing appends cost a handful of KV writes
-  instead of a conflict storm; CAS conflicts with other replicas back off with jitter.
-- An append checks access against this process's recent view of the metadata (meta_cache.py)
-  and writes its counters by CAS against that view's revision: one KV request, not two. A
-  view gone stale (another replica wrote) fails the CAS and is read again.
+- Counters are written behind (pending.py, issue 20 item 5): an ordinary message costs one
+  JetStream write, its publish; its counters, preview, answer lease and the TTL refresh reach
+  the key in one CAS at most once a second per conversation. This process's reads add what is
+  pending; a state change or a claim takes it into its own write. A new conversation's metadata
+  is created with its first message counted.
+- An append checks access against this process's recent view of the metadata (meta_cache.py).
+  A visitor's message and a conditional append (an AI answer) read the state again after the
+  publish: whether the AI answers, or its answer stands, depends on the state as of the
+  message's place in the log (a change this read misses stores its event after the message).
 - Conversation state (status, version, assignee) lives in the same metadata record and
   changes by CAS too: a counter batch and a status change that race both re-read and
   re-apply, so neither overwrites the other. Each change then stores a `state` event in
