@@ -262,27 +262,26 @@ class ChatTurn:
         if history is not None and not request.session_id:
             return _Prepared("", [*history, ContextMessage("user", text)], None, 0)
         try:
-            appended = await self._clients.session.Append(session_pb2.AppendRequest(
-                principal=self._principal, session_id=request.session_id, role="user", content=text,
-                message_id=request.message_id),
-                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
-            if appended.duplicate:
-                raise DuplicateMessage(appended.session_id, appended.message.seq)
-            state = appended.state if appended.HasField("state") else None
-            seq = appended.message.seq
-            if history is not None:
-                return _Prepared(appended.session_id, [*history, ContextMessage("user", text)], state, seq)
-            if not request.answer or (state is not None and state.status not in ("", "ai")):
-                return _Prepared(appended.session_id, [], state, seq)  # nobody asks the model: no context needed
-            built = await self._clients.session.BuildContext(session_pb2.BuildContextRequest(
-                principal=self._principal, session_id=appended.session_id,
-                system_prompt=self._system_prompt(), max_tokens=self._settings.context_max_tokens,
-                model=self._settings.model if not request.route or request.route == "default" else ""),
+            # One round trip: the message stored and, when the AI is to answer, the context built.
+            begun = await self._clients.session.BeginTurn(session_pb2.BeginTurnRequest(
+                principal=self._principal, session_id=request.session_id, content=text,
+                message_id=request.message_id, system_prompt=self._system_prompt(),
+                max_tokens=self._settings.context_max_tokens,
+                model=self._settings.model if not request.route or request.route == "default" else "",
+                store_only=history is not None or not request.answer),
                 timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None
-        return _Prepared(appended.session_id, [ContextMessage(m.role, m.content) for m in built.messages], state,
-                         seq)
+        appended = begun.stored
+        if appended.duplicate:
+            raise DuplicateMessage(appended.session_id, appended.message.seq)
+        state = appended.state if appended.HasField("state") else None
+        seq = appended.message.seq
+        if history is not None:
+            return _Prepared(appended.session_id, [*history, ContextMessage("user", text)], state, seq)
+        # No context when nobody asks the model (the visitor asked for a human, or one has it).
+        context = [ContextMessage(m.role, m.content) for m in begun.context.messages]
+        return _Prepared(appended.session_id, context, state, seq)
 
     async def _check_inputs(self, request: TurnRequest) -> tuple[str, tuple[ContextMessage, ...] | None]:
         """The new message and every user turn of a client's history through moderation (issue 17: not

@@ -1,11 +1,11 @@
 """The metadata this process last read or wrote, so that an append need not read it again.
 
-Appends check access against the session's metadata and then write its counters by CAS
-against the revision they read. Reading it from here instead of NATS saves one KV request per
-append. A stale entry (another replica wrote since) costs nothing but a retry: the CAS fails,
-the store reads the key again. Owner and tenant never change, so access checks stay right;
-entries are trusted for a short time only, so a session another replica deleted is noticed
-soon even without a write.
+Appends check access against the session's metadata; reading it from here instead of NATS saves
+one KV request per append. A stale entry (another replica wrote since) costs nothing but a retry:
+a counter write's CAS fails and the store reads the key again, and the appends whose effect depends
+on the state (a visitor's message, an AI answer) read it again after publishing anyway. Owner and
+tenant never change, so access checks stay right; entries are trusted for a short time only, so a
+session another replica deleted is noticed soon even without a write.
 """
 
 from __future__ import annotations

@@ -173,6 +173,8 @@ class MetaDelta:
     """Id of the newest visitor message of the batch, or "" when something answered after it."""
     owed_seq: int = 0
     """Seq of the newest message that decides `owed` (0: none in the batch)."""
+    owed_at: float = 0.0
+    """When that message was stored: the lease of an owed answer runs from then, however late it is written."""
 
     def add(self, message: StoredMessage) -> None:
         self.messages += 1
@@ -184,7 +186,18 @@ class MetaDelta:
         if message.kind != "note" and message.seq > self.owed_seq:
             # A visitor's message is owed an answer; anything said after it (AI, agent, system) pays it.
             self.owed = message.id if message.role == "user" and message.kind == "message" else ""
-            self.owed_seq = message.seq
+            self.owed_seq, self.owed_at = message.seq, message.created_at
+
+    def merge(self, other: MetaDelta) -> None:
+        """Add another batch's counters (the newest preview and owed message win, by seq)."""
+        self.messages += other.messages
+        self.user_messages += other.user_messages
+        self.tokens += other.tokens
+        self.updated_at = max(self.updated_at, other.updated_at)
+        if other.preview_seq > self.preview_seq:
+            self.preview, self.preview_seq = other.preview, other.preview_seq
+        if other.owed_seq > self.owed_seq:
+            self.owed, self.owed_seq, self.owed_at = other.owed, other.owed_seq, other.owed_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +239,7 @@ class SessionMeta:
         newer_preview = delta.preview_seq > self.preview_seq
         owed = self.owed
         if answer_lease_s and delta.owed_seq > (owed.seq if owed is not None else 0):
-            owed = (AnswerOwed(delta.owed, delta.owed_seq, "", time.time() + answer_lease_s)
+            owed = (AnswerOwed(delta.owed, delta.owed_seq, "", (delta.owed_at or time.time()) + answer_lease_s)
                     if delta.owed and self.state.status == "ai" else None)
         return replace(
             self, updated_at=max(self.updated_at, delta.updated_at),

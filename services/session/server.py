@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health
@@ -35,12 +36,14 @@ from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
-from services.session.store import SessionStore, TransitionResult
+from services.session.store import AppendResult, SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
 from services.session.tokens import TokenCounters
 from services.session.visibility import for_model
 
 log = logging.getLogger(__name__)
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 ERROR_HEADER = "kefu-error"
 """Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
 RETRY_AFTER_HEADER = "retry-after"
@@ -48,7 +51,8 @@ INTEGRATOR_PREFIX = "api:"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
-def principal_of(request: session_pb2.AppendRequest | session_pb2.BuildContextRequest
+def principal_of(request: session_pb2.AppendRequest | session_pb2.BeginTurnRequest
+                 | session_pb2.BuildContextRequest
                  | session_pb2.ListMessagesRequest | session_pb2.DeleteSessionRequest
                  | session_pb2.TransitionRequest
                  | session_pb2.ListConversationsRequest | session_pb2.ClaimAnswerRequest) -> Principal:
@@ -78,6 +82,12 @@ def to_proto(message: StoredMessage) -> session_pb2.Message:
     return proto
 
 
+def append_response(result: AppendResult) -> session_pb2.AppendResponse:
+    return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
+                                      created=result.created, duplicate=result.duplicate,
+                                      state=state_to_proto(result.state))
+
+
 def citation_of(proto: session_pb2.Citation) -> Citation:
     return Citation(document_id=proto.document_id, title=proto.title, url=proto.url, chunk_id=proto.chunk_id,
                     quote=proto.quote)
@@ -90,7 +100,7 @@ def summary_to_proto(summary: ConversationSummary) -> session_pb2.ConversationSu
 
 
 @contextlib.asynccontextmanager
-async def session_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def session_errors(context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> AsyncIterator[None]:
     """grpc_errors plus the refusals of conversation changes, which the common tree has no class for."""
     async with grpc_errors(context):
         try:
@@ -117,31 +127,61 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self._counters = counters
         self._metrics = metrics
 
-    async def Append(self, request: session_pb2.AppendRequest,
-                     context: grpc.aio.ServicerContext) -> session_pb2.AppendResponse:
+    async def Append(
+            self, request: session_pb2.AppendRequest,
+            context: grpc.aio.ServicerContext[session_pb2.AppendRequest, session_pb2.AppendResponse],
+    ) -> session_pb2.AppendResponse:
         async with session_errors(context):
-            principal = principal_of(request)
-            try:
-                if self._rates is not None and is_anonymous_visitor(principal) and request.role == "user":
-                    await self._rates.take(principal.tenant, principal.subject)
-                with self._metrics.operation_seconds.labels("append").time():
-                    result = await self._store.append(principal, request.session_id, request.role,
-                                                      request.content, request.message_id, kind=request.kind,
-                                                      sender_name=request.sender_name, if_version=request.if_version,
-                                                      citations=[citation_of(c) for c in request.citations])
-            except (RateLimited, QuotaExceeded, StorageFull) as refused:
-                self._metrics.messages_refused.labels(refused.code).inc()
-                raise
+            with self._metrics.operation_seconds.labels("append").time():
+                result = await self._append(principal_of(request), request.role, lambda principal: self._store.append(
+                    principal, request.session_id, request.role, request.content, request.message_id,
+                    kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
+                    citations=[citation_of(c) for c in request.citations]))
+        return append_response(result)
+
+    async def BeginTurn(
+            self, request: session_pb2.BeginTurnRequest,
+            context: grpc.aio.ServicerContext[session_pb2.BeginTurnRequest, session_pb2.BeginTurnResponse],
+    ) -> session_pb2.BeginTurnResponse:
+        """Append's store of the visitor's message, then BuildContext's context from the history the
+        append read beside its state check (none for a new conversation)."""
+        async with session_errors(context):
+            with self._metrics.operation_seconds.labels("begin_turn").time():
+                result = await self._append(principal_of(request), "user", lambda principal: self._store.append(
+                    principal, request.session_id, "user", request.content, request.message_id,
+                    with_history=not request.store_only))
+                response = session_pb2.BeginTurnResponse(stored=append_response(result))
+                if request.store_only or result.history is None or result.state.status != "ai":
+                    return response
+                counter = await self._counters.for_model(request.model)
+                budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
+                built = build_context(for_model(result.history), request.system_prompt, budget, counter)
+        self._metrics.context_tokens.labels(counter.name).observe(built.total_tokens)
+        response.context.CopyFrom(session_pb2.BuildContextResponse(
+            messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
+            truncated=built.truncated, user_message_count=result.user_message_count))
+        return response
+
+    async def _append(self, principal: Principal, role: str,
+                      store: Callable[[Principal], Awaitable[AppendResult]]) -> AppendResult:
+        """A visitor's message takes a token of its rate first; refusals are counted."""
+        try:
+            if self._rates is not None and is_anonymous_visitor(principal) and role == "user":
+                await self._rates.take(principal.tenant, principal.subject)
+            result = await store(principal)
+        except (RateLimited, QuotaExceeded, StorageFull) as refused:
+            self._metrics.messages_refused.labels(refused.code).inc()
+            raise
         if result.created:
             self._metrics.sessions_created.inc()
         if not result.duplicate:
             self._metrics.messages_appended.labels(result.message.role).inc()
-        return session_pb2.AppendResponse(session_id=result.session_id, message=to_proto(result.message),
-                                          created=result.created, duplicate=result.duplicate,
-                                          state=state_to_proto(result.state))
+        return result
 
-    async def ClaimAnswer(self, request: session_pb2.ClaimAnswerRequest,
-                          context: grpc.aio.ServicerContext) -> session_pb2.ClaimAnswerResponse:
+    async def ClaimAnswer(
+            self, request: session_pb2.ClaimAnswerRequest,
+            context: grpc.aio.ServicerContext[session_pb2.ClaimAnswerRequest, session_pb2.ClaimAnswerResponse],
+    ) -> session_pb2.ClaimAnswerResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("claim_answer").time():
                 claim = await self._store.claim_answer(principal_of(request), request.session_id, request.message_id,
@@ -151,8 +191,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.ClaimAnswerResponse(granted=claim.granted, message_id=claim.message_id,
                                                held_for_s=claim.held_for_s, state=state_to_proto(claim.state))
 
-    async def Transition(self, request: session_pb2.TransitionRequest,
-                         context: grpc.aio.ServicerContext) -> session_pb2.TransitionResponse:
+    async def Transition(
+            self, request: session_pb2.TransitionRequest,
+            context: grpc.aio.ServicerContext[session_pb2.TransitionRequest, session_pb2.TransitionResponse],
+    ) -> session_pb2.TransitionResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("transition").time():
                 change = Change(request.action, request.expected_version, request.assignee,
@@ -172,16 +214,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if result.state.status == "human" and result.previous.status == "waiting_human":
             self._metrics.queue_wait_seconds.observe(max(0.0, time.time() - result.previous.since))
 
-    async def ListConversations(self, request: session_pb2.ListConversationsRequest,
-                                context: grpc.aio.ServicerContext) -> session_pb2.ListConversationsResponse:
+    async def ListConversations(
+            self, request: session_pb2.ListConversationsRequest,
+            context: grpc.aio.ServicerContext[session_pb2.ListConversationsRequest,
+                                              session_pb2.ListConversationsResponse],
+    ) -> session_pb2.ListConversationsResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("list_conversations").time():
                 summaries = await list_conversations(self._store, principal_of(request), request.status,
                                                      request.assignee, request.limit)
         return session_pb2.ListConversationsResponse(conversations=[summary_to_proto(s) for s in summaries])
 
-    async def BuildContext(self, request: session_pb2.BuildContextRequest,
-                           context: grpc.aio.ServicerContext) -> session_pb2.BuildContextResponse:
+    async def BuildContext(
+            self, request: session_pb2.BuildContextRequest,
+            context: grpc.aio.ServicerContext[session_pb2.BuildContextRequest, session_pb2.BuildContextResponse],
+    ) -> session_pb2.BuildContextResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("build_context").time():
                 meta, history = await self._store.messages(principal_of(request), request.session_id)
@@ -193,16 +240,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
             truncated=built.truncated, user_message_count=meta.user_message_count)
 
-    async def ListMessages(self, request: session_pb2.ListMessagesRequest,
-                           context: grpc.aio.ServicerContext) -> session_pb2.ListMessagesResponse:
+    async def ListMessages(
+            self, request: session_pb2.ListMessagesRequest,
+            context: grpc.aio.ServicerContext[session_pb2.ListMessagesRequest, session_pb2.ListMessagesResponse],
+    ) -> session_pb2.ListMessagesResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("list").time():
                 _, history = await self._store.messages(principal_of(request), request.session_id)
         return session_pb2.ListMessagesResponse(session_id=request.session_id,
                                                 messages=[to_proto(m) for m in history])
 
-    async def DeleteSession(self, request: session_pb2.DeleteSessionRequest,
-                            context: grpc.aio.ServicerContext) -> session_pb2.DeleteSessionResponse:
+    async def DeleteSession(
+            self, request: session_pb2.DeleteSessionRequest,
+            context: grpc.aio.ServicerContext[session_pb2.DeleteSessionRequest, session_pb2.DeleteSessionResponse],
+    ) -> session_pb2.DeleteSessionResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("delete").time():
                 deleted = await self._store.delete(principal_of(request), request.session_id)
@@ -213,7 +264,7 @@ async def create_server(settings: SessionSettings, servicer: SessionServicer,
                         metrics: SessionMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
     server = create_grpc_server(metrics.registry, settings.internal_token)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.grpc_port)
     return server, health_servicer, port
@@ -259,6 +310,7 @@ async def serve(settings: SessionSettings) -> None:
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()
         await stop_gracefully(server, health_servicer, settings.grace_s)
+        await store.close()  # the counters still pending
     finally:
         for task in background:
             task.cancel()

@@ -1,7 +1,7 @@
 """Sessions in NATS JetStream: metadata in a KV bucket, messages in a stream per session subject.
 
-- KV `kefu_sessions`, key `<tenant>.<session_id>`: owner and counters, updated by
-  compare-and-set; the bucket's max age is the idle TTL, and every append rewrites the
+- KV `kefu_sessions`, key `<tenant>.<session_id>`: owner, state and counters, written by
+  compare-and-set; the bucket's max age is the idle TTL, and the counters' writes refresh the
   key, so a session expires when nobody wrote to it for that long. The bucket asks the
   server (2.11+) for a `Nats-Marker-Reason: MaxAge` marker when a key ages out, which is
   how expiries are counted (`watch_expired`).
@@ -9,12 +9,15 @@
   JetStream assigns the sequence, so concurrent appends are never lost nor reordered;
   `max_msgs_per_subject` bounds the history (oldest dropped first); `Nats-Msg-Id`
   makes a retried append with the same message id a no-op.
-- Counters: concurrent appends to one session in this process join one batch that a
-  single CAS writes (group commit), so 1,000 racing appends cost a handful of KV writes
-  instead of a conflict storm; CAS conflicts with other replicas back off with jitter.
-- An append checks access against this process's recent view of the metadata (meta_cache.py)
-  and writes its counters by CAS against that view's revision: one KV request, not two. A
-  view gone stale (another replica wrote) fails the CAS and is read again.
+- Counters are written behind (pending.py, issue 20 item 5): an ordinary message costs one
+  JetStream write, its publish; its counters, preview, answer lease and the TTL refresh reach
+  the key in one CAS at most once a second per conversation. This process's reads add what is
+  pending; a state change or a claim takes it into its own write. A new conversation's metadata
+  is created with its first message counted.
+- An append checks access against this process's recent view of the metadata (meta_cache.py).
+  A visitor's message and a conditional append (an AI answer) read the state again after the
+  publish: whether the AI answers, or its answer stands, depends on the state as of the
+  message's place in the log (a change this read misses stores its event after the message).
 - Conversation state (status, version, assignee) lives in the same metadata record and
   changes by CAS too: a counter batch and a status change that race both re-read and
   re-apply, so neither overwrites the other. Each change then stores a `state` event in
@@ -50,12 +53,13 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyValueLimitMarkerTTLNotSupportedError,
     KeyWrongLastSequenceError,
+    NotFoundError,
     ServiceUnavailableError,
 )
 from nats.js.kv import KeyValue
 
 from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
-from services.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.common.errors import InvalidArgument, KefuError, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
 from services.session.errors import Conflict, QuotaExceeded, StorageFull, WrongStatus
@@ -67,6 +71,7 @@ from services.session.models import (
     MESSAGE_ID_PATTERN,
     ROLES,
     SESSION_ID_PATTERN,
+    AnswerOwed,
     Citation,
     ConversationState,
     MetaDelta,
@@ -75,6 +80,7 @@ from services.session.models import (
     StoredMessage,
     new_id,
 )
+from services.session.pending import FLUSH_S, Pending, PendingCounters
 from services.session.reads import direct_get
 from services.session.schedule import TimerSchedule
 from services.session.tokens import TokenCounter
@@ -115,6 +121,12 @@ class AppendResult:
     """The conversation's state after the append."""
     reopened: TransitionResult | None = None
     """The reopen a visitor's message to a closed conversation caused."""
+    user_message_count: int = 0
+    """Visitor messages in the conversation, this one included (as far as this process knows)."""
+    history: tuple[StoredMessage, ...] | None = None
+    """Asked for (`with_history`): the conversation's kept events after the append, this message the
+    newest; a new conversation's is this message alone, read from nowhere. None for a duplicate, and
+    (unless read anyway) when the state after the append is not "ai": nobody asks the model then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,30 +154,13 @@ class TransitionResult:
         return self.event is None
 
 
-@dataclass(slots=True)
-class _Batch:
-    delta: MetaDelta = field(default_factory=MetaDelta)
-    written: bool = False
-    result: SessionMeta | None = None
-    """The metadata the batch's write stored (read after every message of the batch was published)."""
-
-
-@dataclass(slots=True)
-class _MetaSlot:
-    """Appends of one session waiting for their counters; whoever holds `lock` writes a batch."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    open_batch: _Batch | None = None
-    waiting: int = 0
-
-
 class SessionStore:
     """Every operation is scoped to the principal: another owner's session is NotFound."""
 
     def __init__(self, nc: NatsClient, meta: KeyValue, index: ConversationIndex, counter: TokenCounter, *,
                  max_history: int, max_message_chars: int, max_visitor_conversations: int = 0,
                  usage: TenantUsage | None = None, answer_lease_s: float = 0.0,
-                 schedule: TimerSchedule | None = None) -> None:
+                 schedule: TimerSchedule | None = None, meta_flush_s: float = FLUSH_S) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._meta = meta
@@ -181,8 +176,10 @@ class SessionStore:
         """How long the edge that stored a visitor message has to answer it before another may (0: untracked)."""
         self.schedule = schedule
         """Arms each conversation's timers on create and status change (None: no timers, as in store tests)."""
-        self._slots: dict[str, _MetaSlot] = {}
         self._cache = MetaCache()
+        self._pending = PendingCounters(self._flush, meta_flush_s)
+        self._writing: dict[str, tuple[MetaDelta, int]] = {}
+        """Per key: the counters a flush is writing and the revision it writes over (reads in between add them)."""
         self.expiry_markers = True
         """False on a server older than 2.11: expiries happen but cannot be counted."""
         version = nc.connected_server_version
@@ -222,16 +219,20 @@ class SessionStore:
         index = await ConversationIndex.open(nc, ttl_s=ttl_s, replicas=replicas)
         store = cls(nc, meta, index, counter, max_history=max_history, max_message_chars=max_message_chars,
                     max_visitor_conversations=max_visitor_conversations, usage=usage,
-                    answer_lease_s=answer_lease_s, schedule=schedule)
+                    answer_lease_s=answer_lease_s, schedule=schedule,
+                    # Written well within the TTL, which the writes refresh (tests run TTLs of a second).
+                    meta_flush_s=min(FLUSH_S, ttl_s / 4))
         store.expiry_markers = markers
         return store
 
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
                      message_id: str = "", *, kind: str = "", sender_name: str = "",
-                     if_version: int = 0, citations: Sequence[Citation] = ()) -> AppendResult:
+                     if_version: int = 0, citations: Sequence[Citation] = (),
+                     with_history: bool = False) -> AppendResult:
         """Store one message. `if_version` non-zero: only while the state version is still that one
         (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
-        caught by the check after it, which deletes the message again)."""
+        caught by the check after it, which deletes the message again). `with_history`: also
+        return the kept events (a turn's context, read beside the state check)."""
         kind = kind or "message"
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {sorted(ROLES)}")
@@ -265,15 +266,16 @@ class SessionStore:
         if self.usage is not None:
             await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content)
                                    + (CONVERSATION_BYTES if created else 0))
+        key = meta_key(principal.tenant, session_id)
         if created:
             if self.usage is not None:
                 self.usage.add(principal.tenant, CONVERSATION_BYTES)
             session_id = new_id()
+            key = meta_key(principal.tenant, session_id)
             now = time.time()
             meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))
+            revision = 0  # created below, with the first message counted
             await self.index.add_new(principal.tenant, session_id, meta)
-            revision = await self._meta.create(meta_key(principal.tenant, session_id), meta.to_json())
-            self._cache.put(meta_key(principal.tenant, session_id), meta, revision)
         else:
             meta, revision = await self._authorize_entry(principal, session_id, cached=True)
             if meta.owner != principal.subject and role != "agent":
@@ -282,8 +284,9 @@ class SessionStore:
                 raise NotFound("no such session")
         if if_version and meta.state.version != if_version:
             raise Conflict("version_conflict", meta.state.version)
+        visitor_message = role == "user" and kind == "message"
         reopened: TransitionResult | None = None
-        if role == "user" and kind == "message" and meta.state.status == "closed":
+        if visitor_message and meta.state.status == "closed":
             try:
                 reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
                                              (meta, revision))
@@ -304,36 +307,69 @@ class SessionStore:
             first = await self._first_copy(principal, session_id, created, ack.seq)
             return replace(first, state=meta.state, reopened=reopened)
         stored = replace(message, seq=ack.seq)
-        written = await self._add_to_meta(meta_key(principal.tenant, session_id), stored, (meta, revision))
-        if written is None:
-            written = await self.read_meta(principal.tenant, session_id)
-        if written is None:
-            # Deleted or expired meanwhile (by another replica, or while this one's entry was cached):
-            # the message must not outlive its session.
-            with contextlib.suppress(NatsError):
-                await self._js.delete_msg(LOG_STREAM, stored.seq)
-            raise NotFound("no such session")
         if created:
-            # Armed with the first message counted, so the idle timer starts from it.
-            await self._arm(principal.tenant, session_id, written)
-        state = written.state
-        if if_version and state.version != if_version:
-            # A change landed between the check and the publish: take the message back.
-            with contextlib.suppress(NatsError):
-                await self._js.delete_msg(LOG_STREAM, stored.seq)
-            raise Conflict("version_conflict", state.version)
-        if role == "user" and kind == "message" and state.status == "closed" and reopened is None:
-            # Another replica closed it after this one's view of it: reopen it now, as before the append.
-            with contextlib.suppress(WrongStatus):
-                reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"), None)
-                state = reopened.state
-        if role == "user" and kind == "message" and state.status == "waiting_human":
-            # The queue shows the newest visitor message of each waiting conversation. A held one
-            # is not refreshed per message (its agent sees every message live), which saves two
-            # KV operations on every message of a held conversation.
-            await self.index.project(principal.tenant, session_id, written,
-                                     self._rereader(principal.tenant, session_id), moved=False)
-        return AppendResult(session_id, stored, created, state=state, reopened=reopened)
+            return await self._create(principal.tenant, session_id, meta, stored, with_history)
+        history: Sequence[StoredMessage] | None = None
+        state = meta.state
+        if visitor_message or if_version:
+            # Whether the AI answers (or its answer stands) depends on the state as of now, after the
+            # message is in the log: a change not seen here stores its event after this message, where
+            # the edge's watch of the log sees it. So read it, rather than trust this process's view.
+            if with_history and meta.state.status == "ai":
+                # The AI is likely to answer: read its context beside the state.
+                entry, history = await asyncio.gather(self._read_entry(key),
+                                                      self._read_history(log_subject(principal.tenant, session_id)))
+            else:
+                entry = await self._read_entry(key)
+            if entry is None:
+                # Deleted or expired meanwhile (by another replica, or while this one's view was cached):
+                # the message must not outlive its session.
+                await self._delete_messages([stored.seq])
+                raise NotFound("no such session")
+            meta, revision = entry
+            state = meta.state
+            if if_version and state.version != if_version:
+                # A change landed between the check and the publish: take the message back.
+                await self._delete_messages([stored.seq])
+                raise Conflict("version_conflict", state.version)
+            if visitor_message and state.status == "closed" and reopened is None:
+                # Another replica closed it after this one's view of it: reopen it now, as before the append.
+                with contextlib.suppress(WrongStatus):
+                    reopened = await self._apply(principal.tenant, session_id, None, Change("reopen_by_visitor"),
+                                                 None)
+                    state = reopened.state
+        if with_history and history is None and state.status == "ai":
+            history = await self._read_history(log_subject(principal.tenant, session_id))
+        # Counters, preview, lease and the TTL refresh follow within a second, in one write for every
+        # message of that second (pending.py); the queue's preview of a waiting conversation with them.
+        self._pending.add(key, stored)
+        return AppendResult(session_id, stored, created, state=state, reopened=reopened,
+                            user_message_count=self._view(key, meta, revision).user_message_count,
+                            history=tuple(history) if history is not None else None)
+
+    async def _create(self, tenant: str, session_id: str, meta: SessionMeta, first: StoredMessage,
+                      with_history: bool) -> AppendResult:
+        """Create the metadata of a new conversation with its first message counted: one write."""
+        delta = MetaDelta()
+        delta.add(first)
+        meta = meta.with_delta(delta, self._answer_lease_s)
+        key = meta_key(tenant, session_id)
+        try:
+            revision = await self._meta.create(key, meta.to_json())
+        except BaseException:
+            # Nobody knows the session yet: leave no message of it behind.
+            await self._delete_messages([first.seq])
+            raise
+        self._cache.put(key, meta, revision)
+        # Armed with the first message counted, so the idle timer starts from it.
+        await self._arm(tenant, session_id, meta)
+        return AppendResult(session_id, first, True, state=meta.state, user_message_count=meta.user_message_count,
+                            history=(first,) if with_history else None)
+
+    async def _delete_messages(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._js.delete_msg(LOG_STREAM, seq)
 
     async def append_system(self, tenant: str, session_id: str, content: str) -> StoredMessage | None:
         """A message of the service itself (role system), without an access check; None if the session is gone."""
@@ -344,7 +380,7 @@ class SessionStore:
                                 tokens=self._counter.count(content), encoding=self._counter.name)
         ack = await self._publish(tenant, session_id, message)
         stored = replace(message, seq=ack.seq)
-        await self._add_to_meta(meta_key(tenant, session_id), stored, entry)
+        self._pending.add(meta_key(tenant, session_id), stored)
         return stored
 
     async def _publish(self, tenant: str, session_id: str, message: StoredMessage) -> PubAck:
@@ -389,17 +425,35 @@ class SessionStore:
             raise InvalidArgument("holder must be at most 64 characters")
         seen: tuple[SessionMeta, int] | None = await self._authorize_entry(principal, session_id)
         key = meta_key(principal.tenant, session_id)
+        # The counters this process has not written yet (the visitor message owed, maybe) go into the write.
+        pending = self._pending.take(key)
+        written = False
+        try:
+            claim, written = await self._claim_with(key, principal, session_id, message_id, holder, lease_s, seen,
+                                                    pending)
+            return claim
+        finally:
+            if not written:
+                self._pending.restore(key, pending)
+
+    async def _claim_with(self, key: str, principal: Principal, session_id: str, message_id: str, holder: str,
+                          lease_s: float, seen: tuple[SessionMeta, int] | None,
+                          pending: Pending | None) -> tuple[AnswerClaim, bool]:
         for attempt in range(CAS_ATTEMPTS):
             if seen is None:
                 seen = await self.read_entry(principal.tenant, session_id)
                 if seen is None:
                     raise NotFound("no such session")
             meta, revision = seen
+            if pending is not None:
+                meta = meta.with_delta(pending.delta, self._answer_lease_s)
+            if meta.state.status == "ai":
+                meta = await self._owed_from_log(principal.tenant, session_id, meta)
             owed, now = meta.owed, time.time()
             if owed is None or meta.state.status != "ai" or (message_id and owed.message_id != message_id):
-                return AnswerClaim(False, "", 0.0, meta.state)
+                return AnswerClaim(False, "", 0.0, meta.state), False
             if owed.holder != holder and owed.until > now:
-                return AnswerClaim(False, owed.message_id, owed.until - now, meta.state)
+                return AnswerClaim(False, owed.message_id, owed.until - now, meta.state), False
             updated = replace(meta, owed=replace(owed, holder=holder, until=now + lease_s))
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
@@ -409,7 +463,7 @@ class SessionStore:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
                 continue
             self._cache.put(key, updated, new_revision)
-            return AnswerClaim(True, owed.message_id, 0.0, meta.state)
+            return AnswerClaim(True, owed.message_id, 0.0, meta.state), True
         raise Unavailable(f"conversation {session_id}: too many concurrent changes")
 
     async def transition(self, principal: Principal, session_id: str, change: Change) -> TransitionResult:
@@ -437,6 +491,20 @@ class SessionStore:
         counter batches and changes meet in the CAS and never overwrite each other.
         """
         key = meta_key(tenant, session_id)
+        # The counters this process has not written yet go into the same write.
+        pending = self._pending.take(key)
+        try:
+            result = await self._apply_with(tenant, session_id, actor, change, seen, pending)
+        except BaseException:
+            self._pending.restore(key, pending)
+            raise
+        if result.unchanged:
+            self._pending.restore(key, pending)
+        return result
+
+    async def _apply_with(self, tenant: str, session_id: str, actor: Principal | None, change: Change,
+                          seen: tuple[SessionMeta, int] | None, pending: Pending | None) -> TransitionResult:
+        key = meta_key(tenant, session_id)
         for attempt in range(CAS_ATTEMPTS):
             if seen is None:
                 seen = await self.read_entry(tenant, session_id)
@@ -454,6 +522,8 @@ class SessionStore:
                                   encoding=self._counter.name, kind="state", state=state)
             delta = MetaDelta()
             delta.add(event)
+            if pending is not None:
+                delta.merge(pending.delta)
             # A change of state settles what the AI owed: an agent has it, or it goes back to the AI later.
             updated = replace(meta.with_delta(delta), state=state, owed=None)
             try:
@@ -500,16 +570,43 @@ class SessionStore:
         # MaxAge marker appears later to be mistaken for an expiry.
         key = meta_key(tenant, session_id)
         self._cache.drop(key)
+        self._pending.take(key)  # its messages go with it
         await self._js.purge_stream(META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{key}")
         await self._js.purge_stream(LOG_STREAM, subject=log_subject(tenant, session_id))
         await self.index.remove(tenant, session_id, owner)
         if self.schedule is not None:
             await self.schedule.cancel(tenant, session_id)
 
+    async def last_event_at(self, tenant: str, session_id: str, meta: SessionMeta) -> float:
+        """When the conversation's newest event was stored: its metadata's time, or newer when counters
+        are still on their way (here or on another replica: the log's newest message says)."""
+        newest = self._view(meta_key(tenant, session_id), meta).updated_at
+        event = await self._newest_event(tenant, session_id)
+        return max(newest, event.created_at) if event is not None else newest
+
+    async def _newest_event(self, tenant: str, session_id: str) -> StoredMessage | None:
+        try:
+            raw = await self._js.get_last_msg(LOG_STREAM, log_subject(tenant, session_id))
+        except NotFoundError:
+            return None
+        return StoredMessage.from_json(raw.data, raw.seq or 0) if raw.data else None
+
+    async def _owed_from_log(self, tenant: str, session_id: str, meta: SessionMeta) -> SessionMeta:
+        """The metadata with what the AI owes as the log says it: counters (the owed message, or the
+        answer that paid it) may still be on their way from another replica, or lost with a crashed one."""
+        if not self._answer_lease_s:
+            return meta
+        newest = await self._newest_event(tenant, session_id)
+        if newest is None or newest.kind == "note" or newest.seq <= (meta.owed.seq if meta.owed is not None else 0):
+            return meta
+        if newest.role == "user" and newest.kind == "message":
+            return replace(meta, owed=AnswerOwed(newest.id, newest.seq, "", newest.created_at + self._answer_lease_s))
+        return replace(meta, owed=None)  # something was said after it: paid
+
     async def read_meta(self, tenant: str, session_id: str) -> SessionMeta | None:
         """The session's metadata without an access check (internal callers); None if gone."""
         entry = await self.read_entry(tenant, session_id)
-        return entry[0] if entry is not None else None
+        return self._view(meta_key(tenant, session_id), *entry) if entry is not None else None
 
     async def read_entry(self, tenant: str, session_id: str) -> tuple[SessionMeta, int] | None:
         """The metadata and its KV revision without an access check (internal callers); None if gone."""
@@ -549,7 +646,8 @@ class SessionStore:
                     META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(principal.tenant, session_id)}")
                 await self.index.remove(principal.tenant, session_id, principal.subject)
             prefix = log_subject(principal.tenant, "")
-            original = raw.subject.removeprefix(prefix) if raw.subject.startswith(prefix) else ""
+            subject = raw.subject or ""
+            original = subject.removeprefix(prefix) if subject.startswith(prefix) else ""
             try:
                 await self._authorize(principal, original)
             except NotFound:
@@ -566,10 +664,7 @@ class SessionStore:
     async def _history(self, tenant: str, session_id: str, meta: SessionMeta) -> list[StoredMessage]:
         if meta.message_count == 0:
             return []
-        subject = log_subject(tenant, session_id)
-        if self.batch_reads:
-            return await self._read_subject_batch(subject)
-        return await self._read_subject(subject)
+        return await self._read_history(log_subject(tenant, session_id))
 
     async def delete(self, principal: Principal, session_id: str) -> int:
         meta = await self._authorize(principal, session_id)
@@ -623,7 +718,8 @@ class SessionStore:
                 await asyncio.sleep(5.0)
 
     async def _authorize(self, principal: Principal, session_id: str) -> SessionMeta:
-        return (await self._authorize_entry(principal, session_id))[0]
+        meta, revision = await self._authorize_entry(principal, session_id)
+        return self._view(meta_key(principal.tenant, session_id), meta, revision)
 
     async def _authorize_entry(self, principal: Principal, session_id: str, *,
                                cached: bool = False) -> tuple[SessionMeta, int]:
@@ -644,36 +740,44 @@ class SessionStore:
             raise NotFound("no such session")
         return entry
 
-    async def _add_to_meta(self, key: str, message: StoredMessage,
-                           seen: tuple[SessionMeta, int]) -> SessionMeta | None:
-        """Add the message to the session's counters; return once a write includes it, with what
-        that write stored (None if the session vanished or the write gave up).
-
-        `seen` is the metadata and revision this append read when it checked access: the
-        first CAS tries it, which saves a read whenever nobody wrote in between.
-        """
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = _MetaSlot()
-        if slot.open_batch is None:
-            slot.open_batch = _Batch()
-        batch = slot.open_batch
-        batch.delta.add(message)
-        slot.waiting += 1
+    async def _flush(self, key: str) -> None:
+        """Write what is pending for `key` (pending.py calls it once a window)."""
+        pending = self._pending.take(key)
+        if pending is None:
+            return
         try:
-            async with slot.lock:
-                if batch.written:
-                    return batch.result  # an earlier holder of the lock wrote our batch
-                if slot.open_batch is batch:
-                    slot.open_batch = None  # appends from now on gather in the next batch
-                # If this write fails, the next waiter of the same batch tries it again.
-                batch.result = await self._write_meta(key, batch.delta, seen)
-                batch.written = True
-                return batch.result
-        finally:
-            slot.waiting -= 1
-            if slot.waiting == 0:
-                del self._slots[key]
+            written = await self._write_meta(key, pending.delta, self._cache.get(key))
+        except (KefuError, NatsError, TimeoutError) as error:
+            log.warning("session %s: counters not written yet: %s", key, str(error) or type(error).__name__)
+            self._pending.restore(key, pending)
+            return
+        if written is None:
+            # Deleted or expired meanwhile: its late messages must not outlive it.
+            await self._delete_messages(pending.seqs)
+            return
+        if written.state.status == "waiting_human" and pending.delta.preview_seq:
+            # The queue shows the newest visitor message of each waiting conversation (a held one's
+            # agent sees every message live, so its entry is not refreshed per message).
+            tenant, session_id = key.split(".", 1)
+            await self.index.project(tenant, session_id, written, self._rereader(tenant, session_id), moved=False)
+
+    async def flush(self) -> None:
+        """Write every pending counter now (shutdown, or a test about to look at the metadata in KV)."""
+        await self._pending.flush_all()
+
+    async def close(self) -> None:
+        await self.flush()
+
+    def _view(self, key: str, meta: SessionMeta, revision: int = 0) -> SessionMeta:
+        """The metadata at `revision` with what this process has not written into it yet."""
+        delta = MetaDelta()
+        writing = self._writing.get(key)
+        if writing is not None and writing[1] == revision:
+            delta.merge(writing[0])  # a flush on its way, not yet in the revision read
+        pending = self._pending.peek(key)
+        if pending is not None:
+            delta.merge(pending)
+        return meta.with_delta(delta, self._answer_lease_s) if delta.messages else meta
 
     async def _write_meta(self, key: str, delta: MetaDelta,
                           seen: tuple[SessionMeta, int] | None) -> SessionMeta | None:
@@ -684,6 +788,7 @@ class SessionStore:
                     return None  # deleted or expired meanwhile
             meta, revision = seen
             updated = meta.with_delta(delta, self._answer_lease_s)
+            writing = self._writing[key] = (delta, revision)
             try:
                 new_revision = await self._meta.update(key, updated.to_json(), last=revision)
                 self._cache.put(key, updated, new_revision)
@@ -693,8 +798,15 @@ class SessionStore:
                 if attempt:
                     # Another replica keeps writing: back off with jitter so writers spread out.
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** attempt)))
-        log.warning("session %s: gave up updating counters after %d conflicts", key, CAS_ATTEMPTS)
-        return None
+            finally:
+                if self._writing.get(key) is writing:
+                    del self._writing[key]
+        raise Unavailable(f"session {key}: gave up updating counters after {CAS_ATTEMPTS} conflicts")
+
+    async def _read_history(self, subject: str) -> list[StoredMessage]:
+        if self.batch_reads:
+            return await self._read_subject_batch(subject)
+        return await self._read_subject(subject)
 
     async def _read_subject_batch(self, subject: str) -> list[StoredMessage]:
         """One request and one round trip for the whole history (paged if the server caps a

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -203,6 +203,8 @@ class ConversationTimers:
         meta = entry[0]
         if meta.state.status == "closed":
             return "skipped"
+        # Counters reach the metadata within a second (pending.py): the log has the newest event at once.
+        meta = replace(meta, updated_at=await self._store.last_event_at(timer.tenant, timer.session_id, meta))
         if meta.updated_at > timer.updated_at:
             # Active since it was armed: due again an idle limit after its newest event. The index
             # entry is written again too, so it neither ages out nor lags by more than that limit.

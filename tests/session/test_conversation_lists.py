@@ -47,6 +47,7 @@ async def test_lists_queue_is_oldest_first_with_the_newest_visitor_message(live:
     await live.open_conversation(ALICE, "not queued")
     await live.stub.Append(session_pb2.AppendRequest(principal=ALICE, session_id=queue[1], role="user",
                                                      content="anyone? " + "x" * 200))
+    await live.store.flush()  # a waiting conversation's preview follows its counters, within a second
     waiting = await listed(live, AGENT, "waiting_human")
     assert [c.session_id for c in waiting] == queue
     assert [c.owner for c in waiting] == ["carol", "alice", "bob"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats
@@ -32,6 +33,8 @@ async def replicas(nats_server: NatsServer, counter: TokenCounter) -> AsyncItera
     stores = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600)
               for nc in connections]
     yield stores[0], stores[1]
+    for store in stores:
+        await store.close()
     for nc in connections:
         await nc.close()
 
@@ -72,7 +75,7 @@ async def test_visitor_message_reopens_what_another_replica_closed(
     assert again.state.status == "ai"
     assert again.reopened is not None and again.reopened.event is not None
     _, messages = await second.messages(AGENT, created.session_id)
-    statuses = [m.state.status for m in messages if m.kind == "state"]
+    statuses = [m.state.status for m in messages if m.kind == "state" and m.state is not None]
     assert statuses == ["closed", "ai"]
 
 
@@ -86,3 +89,31 @@ async def test_conditional_append_sees_a_claim_made_on_another_replica(
         await first.append(ALICE, created.session_id, "assistant", "a late answer", if_version=version)
     _, messages = await second.messages(AGENT, created.session_id)
     assert [m.content for m in messages if m.role == "assistant"] == []
+
+
+async def test_claim_on_another_replica_follows_the_log_while_counters_are_on_their_way(
+        nats_server: NatsServer, counter: TokenCounter) -> None:
+    connections = [await nats.connect(nats_server.url) for _ in range(2)]
+    first, second = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600,
+                                             answer_lease_s=1.0) for nc in connections]
+    try:
+        created = await first.append(ALICE, "", "user", "hello")
+        session_id = created.session_id
+        await first.append(ALICE, session_id, "assistant", "Hi!", if_version=created.state.version)
+        asked = await first.append(ALICE, session_id, "user", "are you there?")  # its counters wait on `first`
+        held = await second.claim_answer(ALICE, session_id, "", "edge-b", 30.0)
+        assert not held.granted and held.message_id == asked.message.id and held.held_for_s > 0
+        await asyncio.sleep(held.held_for_s + 0.05)  # the storing edge's lease runs out
+        taken = await second.claim_answer(ALICE, session_id, "", "edge-b", 30.0)
+        assert taken.granted and taken.message_id == asked.message.id
+        await first.append(ALICE, session_id, "assistant", "Yes.", if_version=created.state.version)
+        paid = await second.claim_answer(ALICE, session_id, "", "edge-c", 30.0)
+        assert not paid.granted and paid.message_id == ""  # answered, though `first` has not written it yet
+        await first.flush()
+        meta = await second.read_meta(ALICE.tenant, session_id)
+        assert meta is not None and meta.owed is None and meta.message_count == 4
+    finally:
+        for store in (first, second):
+            await store.close()
+        for nc in connections:
+            await nc.close()

@@ -31,8 +31,10 @@ def counter() -> TokenCounter:
 
 
 @pytest.fixture
-async def store(nats_client: NatsClient, counter: TokenCounter) -> SessionStore:
-    return await SessionStore.open(nats_client, counter, max_history=20, max_message_chars=1000, ttl_s=3600)
+async def store(nats_client: NatsClient, counter: TokenCounter) -> AsyncIterator[SessionStore]:
+    store = await SessionStore.open(nats_client, counter, max_history=20, max_message_chars=1000, ttl_s=3600)
+    yield store
+    await store.close()
 
 
 async def test_store_append_creates_session_and_lists_in_order(store: SessionStore) -> None:
@@ -137,8 +139,10 @@ async def test_store_session_ids_are_128_random_bits(store: SessionStore) -> Non
 
 
 @pytest.fixture
-async def big_store(nats_client: NatsClient, counter: TokenCounter) -> SessionStore:
-    return await SessionStore.open(nats_client, counter, max_history=2000, max_message_chars=1000, ttl_s=3600)
+async def big_store(nats_client: NatsClient, counter: TokenCounter) -> AsyncIterator[SessionStore]:
+    store = await SessionStore.open(nats_client, counter, max_history=2000, max_message_chars=1000, ttl_s=3600)
+    yield store
+    await store.close()
 
 
 @pytest.mark.timeout(60)
@@ -171,8 +175,11 @@ async def test_store_two_replicas_racing_keep_counters_exact(big_store: SessionS
         session_id = (await big_store.append(ALICE, "", "user", "start")).session_id
         await asyncio.gather(*(store.append(ALICE, session_id, "assistant", f"{n}-{i}")
                                for i in range(150) for n, store in (("a", big_store), ("b", replica))))
+        # Each replica writes its counters within a second; flushed at once here, the two writes race.
+        await asyncio.gather(big_store.flush(), replica.flush())
         meta, messages = await replica.messages(ALICE, session_id)
     finally:
+        await replica.close()
         await nc.close()
     assert len(messages) == 301 and meta.message_count == 301 and meta.user_message_count == 1
 
