@@ -173,7 +173,7 @@ class ChatTurn:
         self._tenant_settings = tenant_settings
         self._assistant = TenantSettings()
 
-    async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def run(self, request: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
         text, history = await self._check_inputs(request)
         if self._tenant_settings is not None:
             self._assistant = await self._tenant_settings.get(self._tenant)  # cached; defaults when unreadable
@@ -370,7 +370,7 @@ async def checked_input(clients: BackendClients, settings: GatewaySettings, tena
 
 
 async def _until_changed(answer: AsyncGenerator[str | llm_pb2.Done, None],
-                         watch: StateWatch) -> AsyncIterator[str | llm_pb2.Done]:
+                         watch: StateWatch) -> AsyncGenerator[str | llm_pb2.Done, None]:
     """The answer's items until the conversation changes state; then _StateChanged, at once, even while
     the next delta is still awaited (the pending read is cancelled, which ends the gRPC streams)."""
     changed = asyncio.ensure_future(watch.changed.wait())

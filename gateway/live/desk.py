@@ -221,7 +221,7 @@ class Desks:
                 if entry.value and json.loads(entry.value).get("status") == "online":
                     online += 1
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves KeyWatcher.stop unannotated
+            await watcher.stop()
         return online
 
     async def write_presence(self, tenant: str, connections: set[Connection], away: set[str]) -> None:

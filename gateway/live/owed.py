@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncGenerator
-from typing import cast
 
 import grpc
 
 from gateway.auth import Principal
-from gateway.chat_turn import ChatTurn, ContextMessage, StreamFailed, TurnDelta, TurnDone, TurnEvent, TurnRequest
+from gateway.chat_turn import ChatTurn, ContextMessage, StreamFailed, TurnDelta, TurnDone, TurnRequest
 from gateway.clients import BackendClients, session_principal
 from gateway.directory.tenants import TenantSettingsStore
 from gateway.errors import ApiError
@@ -132,9 +130,9 @@ async def _answer(hub: LiveHub, clients: BackendClients, settings: GatewaySettin
     # The stored conversation is the whole context: passed as the history of a turn that stores nothing
     # itself (the visitor's message is stored already); the tenant's system prompt goes before it.
     turn = ChatTurn(clients, settings, principal, request_id, tenant_settings)
-    events = cast(AsyncGenerator[TurnEvent, None], turn.run(TurnRequest(
+    events = turn.run(TurnRequest(
         message=last.content, history=tuple(ContextMessage(m.role, m.content) for m in earlier),
-        sticky_key=conversation_id)))
+        sticky_key=conversation_id))
     parts: list[str] = []
     answer_id = ""
     done: TurnDone | None = None

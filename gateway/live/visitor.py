@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator
-from typing import cast
 
 from gateway.chat_turn import (
     SUPERSEDED,
@@ -16,7 +14,6 @@ from gateway.chat_turn import (
     StreamFailed,
     TurnDelta,
     TurnDone,
-    TurnEvent,
     TurnRequest,
     TurnStarted,
 )
@@ -100,8 +97,8 @@ async def _run_turn(context: SocketContext, conversation_id: str | None, frame: 
     turn = ChatTurn(live.clients, live.settings, principal, context.request_id, live.tenant_settings)
     lease: AnswerLease | None = None
     # run() is an async generator (typed as an iterator): close it to end its gRPC streams.
-    events = cast(AsyncGenerator[TurnEvent, None], turn.run(TurnRequest(
-        message=frame.text, session_id=conversation_id or "", message_id=message_id, answer=not wants_human)))
+    events = turn.run(TurnRequest(
+        message=frame.text, session_id=conversation_id or "", message_id=message_id, answer=not wants_human))
     try:
         try:
             started = await anext(events)

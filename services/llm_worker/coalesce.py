@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 Event = TypeVar("Event")
 
 
-async def windowed(source: AsyncIterator[str | Event], window_s: float) -> AsyncIterator[str | Event]:
+async def windowed(source: AsyncIterator[str | Event], window_s: float) -> AsyncGenerator[str | Event, None]:
     """The events of `source` in order, consecutive texts joined: the first text as soon as it comes,
     then at most one text per `window_s` (what arrives meanwhile waits for the window's end), and
     whatever is left at once when a non-text event comes or the source ends. A failure of `source`

@@ -83,7 +83,7 @@ class LexiconFeed:
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=CHECK_S)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=CHECK_S)
                 except nats.errors.TimeoutError:
                     if await self._stored_revision(kv) != self._revision:
                         return
@@ -98,7 +98,7 @@ class LexiconFeed:
                     await self._apply(entry.value, entry.revision, ready)
         finally:
             with contextlib.suppress(nats.errors.Error, TimeoutError, OSError):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()
 
     async def _stored_revision(self, kv: KeyValue) -> int:
         try:

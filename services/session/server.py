@@ -264,7 +264,7 @@ async def create_server(settings: SessionSettings, servicer: SessionServicer,
                         metrics: SessionMetrics) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Build the server with health and reflection and bind it; do not start."""
     server = create_grpc_server(metrics.registry, settings.internal_token)
-    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
     health_servicer = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, settings.host, settings.grpc_port)
     return server, health_servicer, port

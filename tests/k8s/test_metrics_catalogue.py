@@ -44,7 +44,8 @@ PROCESSES: dict[str, tuple[Callable[..., ProcessMetrics], bool]] = {
     "moderation": (ModerationMetrics, True),
     "llm-worker": (WorkerMetrics, True),
 }
-EXTRAS: dict[str, tuple[Callable[[CollectorRegistry], object], ...]] = {"llm-worker": (KnowledgeMetrics,), "edge": (GuardMetrics,)}
+EXTRAS: dict[str, tuple[Callable[[CollectorRegistry], object], ...]] = {
+    "llm-worker": (KnowledgeMetrics,), "edge": (GuardMetrics,)}
 """Metrics classes a process registers on its main class's registry."""
 
 

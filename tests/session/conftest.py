@@ -37,7 +37,7 @@ async def live(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncIt
     await server.start()
     try:
         async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
-            yield Live(session_pb2_grpc.SessionServiceStub(channel), store, metrics, nats_client)  # type: ignore[no-untyped-call]
+            yield Live(session_pb2_grpc.SessionServiceStub(channel), store, metrics, nats_client)
     finally:
         await server.stop(None)
         await store.close()

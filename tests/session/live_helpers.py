@@ -28,13 +28,15 @@ class Live:
     nc: NatsClient
 
     async def open_conversation(self, visitor: session_pb2.Principal, text: str = "hello") -> str:
-        response = await self.stub.Append(session_pb2.AppendRequest(principal=visitor, role="user", content=text))
+        response: session_pb2.AppendResponse = await self.stub.Append(
+            session_pb2.AppendRequest(principal=visitor, role="user", content=text))
         return response.session_id
 
     async def transition(self, who: session_pb2.Principal, session_id: str, action: str,
                          **fields: Any) -> session_pb2.TransitionResponse:
-        return await self.stub.Transition(session_pb2.TransitionRequest(
+        response: session_pb2.TransitionResponse = await self.stub.Transition(session_pb2.TransitionRequest(
             principal=who, session_id=session_id, action=action, **fields))
+        return response
 
     async def messages(self, who: session_pb2.Principal, session_id: str) -> list[session_pb2.Message]:
         response = await self.stub.ListMessages(session_pb2.ListMessagesRequest(principal=who, session_id=session_id))

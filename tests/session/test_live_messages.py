@@ -18,13 +18,15 @@ StatusCode = grpc.StatusCode
 
 
 async def note(live: Live, session_id: str, text: str) -> session_pb2.AppendResponse:
-    return await live.stub.Append(session_pb2.AppendRequest(
+    response: session_pb2.AppendResponse = await live.stub.Append(session_pb2.AppendRequest(
         principal=AGENT, session_id=session_id, role="agent", kind="note", content=text, sender_name="Agent One"))
+    return response
 
 
 async def ai_reply(live: Live, session_id: str, text: str, version: int) -> session_pb2.AppendResponse:
-    return await live.stub.Append(session_pb2.AppendRequest(
+    response: session_pb2.AppendResponse = await live.stub.Append(session_pb2.AppendRequest(
         principal=ALICE, session_id=session_id, role="assistant", content=text, if_version=version))
+    return response
 
 
 async def test_live_note_is_stored_with_its_sender_and_never_reaches_the_visitor(live: Live) -> None:
