@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import resource
-import time
 from dataclasses import dataclass
 from typing import Self
 
@@ -123,11 +121,8 @@ def start_edge_metrics(registry: CollectorRegistry, settings: GatewaySettings) -
 async def drain(app: web.Application, grace_s: float) -> None:
     """Refuse new work at once (readyz 503), let open streams finish for up to `grace_s`."""
     state = app[keys.STATE]
-    state.draining = True
-    deadline = time.monotonic() + grace_s
-    while state.open_streams and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if state.open_streams:
+    state.start_draining()
+    if not await state.streams_finished(grace_s):
         log.warning("closing %d streams still open after %.0f s", state.open_streams, grace_s)
 
 

@@ -39,11 +39,11 @@ ROUTE_ROLES = web.AppKey("route_roles", dict[str, frozenset[str]])
 STATE = web.AppKey("state", EdgeState)
 OPEN_STREAMS = web.AppKey("open_streams", weakref.WeakSet[web.StreamResponse])
 LIVE_HUB = web.AppKey("live_hub", LiveHub)
-"""Open WebSockets of this process and the conversation feeds they share (set by handlers.ws.live_hub)."""
+"""Open WebSockets of this process and the conversation feeds they share (set by lifecycle.live_chat)."""
 LIVE = web.AppKey("live", LiveService)
-"""Everything the live-chat sockets share: hub, desks, clients, settings (set by handlers.ws.live_hub)."""
+"""Everything the live-chat sockets share: hub, desks, clients, settings (set by lifecycle.live_chat)."""
 DIRECTORY = web.AppKey("directory", Directory)
-"""KV stores of canned replies, blacklist entries and agent accounts (set by directory.wiring.directory)."""
+"""KV stores of canned replies, blacklist entries and agent accounts (set by lifecycle.directory)."""
 BLACKLIST = web.AppKey("blacklist", Blacklist)
 """The watched in-memory blacklist: `blocks(tenant, visitor_id, address)`, `on_change(callback)`."""
 ACCOUNT_STATUS = web.AppKey("account_status", AccountStatus)

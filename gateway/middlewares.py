@@ -85,7 +85,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     room in its buckets."""
     if not request.path.startswith("/v1/") or request.path == WS_PATH:
         return await handler(request)
-    if request.app[keys.STATE].draining:
+    if request.app[keys.STATE].is_draining:
         raise ApiError("draining", "this edge is shutting down; retry on another", 503,
                        headers={"Retry-After": "1", "Connection": "close"})
     if request.path in PUBLIC_API_PATHS:

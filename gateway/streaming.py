@@ -24,13 +24,12 @@ async def event_stream(request: web.Request, extra_headers: Mapping[str, str] | 
     state = request.app[keys.STATE]
     metrics = request.app[keys.METRICS]
     request.app[keys.OPEN_STREAMS].add(response)
-    state.open_streams += 1
     metrics.active_streams.inc()
     try:
-        yield response
-        await response.write_eof()
+        with state.streaming():
+            yield response
+            await response.write_eof()
     except ConnectionResetError:
         log.info("client went away during a stream")
     finally:
-        state.open_streams -= 1
         metrics.active_streams.dec()

@@ -14,7 +14,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[keys.STATE].draining:
+    if request.app[keys.STATE].is_draining:
         return json_response({"status": "draining"}, status=503)
     backends = await request.app[keys.READINESS].backends()
     ready = all(backends.values())

@@ -2,67 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 from aiohttp import web
 
 from gateway import keys
 from gateway.errors import ApiError
 from gateway.live.connection import Connection
-from gateway.live.desk import Desks
-from gateway.live.frames import CLOSE_DRAINING, MAX_FRAME_BYTES
-from gateway.live.handoff import HandoffRules
-from gateway.live.hub import LiveHub
-from gateway.live.service import LiveService
+from gateway.live.frames import MAX_FRAME_BYTES
 from gateway.live.socket import LiveSocket
 
 CLOSE_TIMEOUT_S = 5.0
-DRAIN_POLL_S = 0.2
-
-
-async def live_hub(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the hub and the desks; a draining edge closes its sockets with 1012 so
-    clients resume elsewhere."""
-    settings = app[keys.SETTINGS]
-    hub = app[keys.LIVE_HUB] = LiveHub(app[keys.CLIENTS], settings, app[keys.BUS], app[keys.METRICS])
-    desks = Desks(hub, app[keys.CLIENTS], app[keys.BUS], poll_s=settings.desk_poll_s,
-                  rpc_timeout_s=settings.rpc_timeout_s)
-    live = app[keys.LIVE] = LiveService(
-        clients=app[keys.CLIENTS], settings=settings, hub=hub, desks=desks, metrics=app[keys.METRICS],
-        state=app[keys.STATE], verifier=app[keys.VERIFIER], handoff_rules=HandoffRules(settings.handoff_keywords),
-        tenant_settings=app.get(keys.TENANT_SETTINGS), blacklist=app.get(keys.BLACKLIST),
-        accounts=app.get(keys.ACCOUNT_STATUS))
-    if live.blacklist is not None:
-        live.blacklist.on_change(live.close_blocked)
-    state = app[keys.STATE]
-
-    async def close_when_draining() -> None:
-        # The drain flag is set by the process's signal handler, which knows nothing of sockets.
-        while not state.draining:
-            await asyncio.sleep(DRAIN_POLL_S)
-        hub.close_all(CLOSE_DRAINING, "server draining")
-
-    watchers = [asyncio.create_task(close_when_draining()),
-                asyncio.create_task(live.watch_disabled_accounts(settings.account_check_s))]
-    yield
-    for watcher in watchers:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    await desks.aclose()
-    await hub.aclose()
-
-
-async def close_sockets(app: web.Application) -> None:
-    """on_shutdown: aiohttp would otherwise wait for every open socket's handler."""
-    app[keys.LIVE_HUB].close_all(CLOSE_DRAINING, "server shutting down")
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     app = request.app
-    if app[keys.STATE].draining:
+    if app[keys.STATE].is_draining:
         raise ApiError("draining", "this edge is shutting down; retry on another", 503, headers={"Retry-After": "1"})
     settings = app[keys.SETTINGS]
     ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, compress=False, heartbeat=settings.ws_heartbeat_s,

@@ -84,11 +84,8 @@ async def handoff(context: SocketContext, frame: Handoff) -> None:
 
 async def _turn(context: SocketContext, conversation_id: str | None, frame: Send, message_id: str) -> None:
     state = context.live.state
-    state.open_streams += 1  # a draining edge lets the answer finish and be stored
-    try:
+    with state.streaming():  # a draining edge lets the answer finish and be stored
         await _run_turn(context, conversation_id, frame, message_id)
-    finally:
-        state.open_streams -= 1
 
 
 async def _run_turn(context: SocketContext, conversation_id: str | None, frame: Send, message_id: str) -> None:

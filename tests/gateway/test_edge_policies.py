@@ -77,7 +77,7 @@ async def test_policy_cors_preflight_and_headers(aiohttp_client: ClientFactory) 
 async def test_policy_draining_edge_refuses_new_work(aiohttp_client: ClientFactory) -> None:
     app = create_app(settings())
     client = await aiohttp_client(app)
-    app[keys.STATE].draining = True
+    app[keys.STATE].start_draining()
     assert (await client.get("/readyz")).status == 503
     refused = await client.post("/v1/chat", json={"message": "hi"}, headers=bearer())
     assert refused.status == 503 and (await refused.json())["error"]["code"] == "draining"

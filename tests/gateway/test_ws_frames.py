@@ -209,7 +209,7 @@ async def test_draining_edge_closes_sockets_1012_and_refuses_new_ones(aiohttp_cl
     ws = await client.ws_connect("/v1/ws", headers=header)
     await ws.send_json({"type": "hello"})
     assert (await ws.receive_json(timeout=15))["type"] == "welcome"
-    app[keys.STATE].draining = True
+    app[keys.STATE].start_draining()
     message = await ws.receive(timeout=5)
     assert message.type is WSMsgType.CLOSE and ws.close_code == 1012
     response = await client.get("/v1/ws", headers=header)
