@@ -289,7 +289,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         for n, (count, start) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
             clients.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first + start), "--count",
-                 str(count), "--parallel", "200", "--local-address", f"127.0.0.{2 + n}",
+                 str(count), "--parallel", "100", "--local-address", f"127.0.0.{2 + n}",
                  "--tenant", TENANT, "--subject-prefix", "visitor-"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True))
         for client in clients:
@@ -303,7 +303,10 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         rss = rss_of(stack)
         consumers = asyncio.run(_log_consumers(stack.nats_url))
         if latency is not None:
-            lat = asyncio.run(latency_run(latency, "kefu", url, url, secret, pids_of(stack)))
+            try:
+                lat = asyncio.run(latency_run(latency, "kefu", url, url, secret, pids_of(stack)))
+            except (aiohttp.ClientError, OSError, TimeoutError) as failure:  # keep the figures taken so far
+                lat = {"error": f"{type(failure).__name__}: {failure}"}
         tell(clients, "check")
         still = sum(read_json_line(client, 120, "check")["open"] for client in clients)
         tell(clients, "close")
@@ -328,7 +331,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         "log_consumers": consumers}
     if lat is not None:
         figures["latency"] = {key: lat[key] for key in ("offered_rate", "messages", "received", "lost", "duplicates",
-                                                       "latency_ms", "cpu_percent", "problems")}
+                                                       "latency_ms", "cpu_percent", "problems", "error") if key in lat}
     return figures
 
 
@@ -342,7 +345,9 @@ def socket_lines(live: Mapping[str, Any]) -> list[str]:
              "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items()),
              f"edge RSS per socket: {live['edge_kib_per_socket']} KiB; consumers on KEFU_MESSAGES: "
              f"{live['log_consumers']}"]
-    if lat := live.get("latency"):
+    if (lat := live.get("latency")) and "error" in lat:
+        lines.append(f"visitor-to-agent latency run failed: {lat['error']}")
+    elif lat:
         ms = lat["latency_ms"] or {}
         lines.append(f"visitor-to-agent at {lat['offered_rate']:g} msg/s among them: p50 {ms.get('p50', 0):.1f} ms, "
                      f"p99 {ms.get('p99', 0):.1f} ms, max {ms.get('max', 0):.1f} ms; {lat['received']} of "
