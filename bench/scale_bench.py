@@ -467,7 +467,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "--sockets-per-address must be >= 1, --sockets >= 0")
     if args.sockets_only and not args.sockets or args.edges < 1:
         parser.error("--sockets-only needs --sockets; --edges must be >= 1")
-    raise_open_files()  # the stack's processes inherit it: the edge holds a descriptor per socket
+    _soft, hard = raise_open_files()  # the stack's processes inherit it: the edge holds a descriptor per socket
+    if args.sockets_only and max(args.sockets / args.edges * 1.15, args.sockets_per_address) > hard - 500:
+        # The kernel spreads sockets over the edges unevenly (SO_REUSEPORT hashing): leave room.
+        parser.error(f"RLIMIT_NOFILE is {hard} here: use more --edges and a lower --sockets-per-address")
     started = datetime.now(UTC)
     with bench_work_dir("kefu-scale-", args.keep_logs) as work:
         figures = run(args, work.path)
