@@ -5,7 +5,7 @@ it, as the tenant's staff would: every event, notes included. Which socket may s
 event (no notes for visitors, no void AI replies) the feed decides, as the session does for
 its own readers. Reading the log here rather than through a session gRPC stream saves a gRPC
 stream message per event and edge: the session's CPU went to relaying events it had just
-stored.
+stored. All followers of an edge share one consumer (gateway/live/log_tail.py).
 """
 
 from __future__ import annotations
