@@ -238,7 +238,7 @@ def raise_open_files(wanted: int = OPEN_FILES) -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def start_socket_stack(work_dir: Path, upstream_url: str, secret: str, edges: int) -> Stack:
+def start_socket_stack(work_dir: Path, upstream_url: str, secret: str, edges: int, heartbeat_s: float) -> Stack:
     """The stack with `edges` edge processes sharing the public port (SO_REUSEPORT spreads the sockets)."""
     plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
     env = {"KEFU_PLUGINS_DIR": str(plugins), "KEFU_OPENAI_BASE_URL": upstream_url, "KEFU_MODEL": MODEL,
@@ -247,7 +247,7 @@ def start_socket_stack(work_dir: Path, upstream_url: str, secret: str, edges: in
            "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
            "KEFU_VISITOR_MAX_CONVERSATIONS": "1000", "KEFU_SHUTDOWN_GRACE_S": "2",
            "KEFU_HANDOFF_WAIT_S": str(LIMITS.wait_s), "KEFU_IDLE_CLOSE_S": str(LIMITS.idle_s),
-           "KEFU_CACHE_ENABLED": "false", "KEFU_LOG_LEVEL": "WARNING",
+           "KEFU_CACHE_ENABLED": "false", "KEFU_LOG_LEVEL": "WARNING", "KEFU_WS_HEARTBEAT_S": f"{heartbeat_s:g}",
            "KEFU_EDGE_METRICS_PORT": str(free_port())}
     stack = Stack(StackConfig(data_dir=work_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
                               log_dir=work_dir / "logs", gateway_workers=edges))
@@ -401,12 +401,12 @@ def run_sockets_only(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]
     secret = os.urandom(32).hex()
     upstream, upstream_url = start_upstream(BenchParams(), work_dir / "upstream.log")
     try:
-        stack = start_socket_stack(work_dir, upstream_url, secret, args.edges)
+        stack = start_socket_stack(work_dir, upstream_url, secret, args.edges, args.ws_heartbeat_s)
         try:
             time.sleep(5.0)
             idle = idle_cpu(stack, min(args.idle_s, 20.0))
             return {"sockets": socket_run(stack, secret, args.sockets, args.idle_s, 0, args.sockets_per_address),
-                    "idle_before_sockets": idle}
+                    "idle_before_sockets": idle, "ws_heartbeat_s": args.ws_heartbeat_s}
         finally:
             stack.stop()
     finally:
@@ -458,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="only the socket run (no million-conversation store): --sockets on --edges edges")
     parser.add_argument("--edges", type=int, default=1,
                         help="edge processes sharing the port in the --sockets-only run (KEFU_GATEWAY_WORKERS)")
+    parser.add_argument("--ws-heartbeat-s", type=float, default=30.0,
+                        help="KEFU_WS_HEARTBEAT_S in the --sockets-only run: the edge pings every socket this often")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
@@ -476,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures = run(args, work.path)
     report = {"started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "load_average": [round(value, 2) for value in os.getloadavg()], **figures}
-    markdown = ("\n".join([f"# make bench-scale --sockets-only, {report['started']}", "", *socket_lines(
+    markdown = ("\n".join([f"# make bench-scale --sockets-only, {report['started']} (KEFU_WS_HEARTBEAT_S {args.ws_heartbeat_s:g})", "", *socket_lines(
         figures["sockets"])]) + "\n") if args.sockets_only else render(report)
     print(markdown)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
