@@ -478,8 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures = run(args, work.path)
     report = {"started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "load_average": [round(value, 2) for value in os.getloadavg()], **figures}
-    markdown = ("\n".join([f"# make bench-scale --sockets-only, {report['started']} (KEFU_WS_HEARTBEAT_S {args.ws_heartbeat_s:g})", "", *socket_lines(
-        figures["sockets"])]) + "\n") if args.sockets_only else render(report)
+    title = f"# make bench-scale --sockets-only, {report['started']} (KEFU_WS_HEARTBEAT_S {args.ws_heartbeat_s:g})"
+    markdown = ("\n".join([title, "", *socket_lines(figures["sockets"])]) + "\n") if args.sockets_only \
+        else render(report)
     print(markdown)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results_dir.mkdir(parents=True, exist_ok=True)
