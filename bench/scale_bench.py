@@ -20,6 +20,8 @@ import itertools
 import json
 import math
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -32,16 +34,16 @@ from typing import Any
 import aiohttp
 import nats
 
-from bench.__main__ import RESULTS_DIR, BenchParams, _write, cpu_seconds, memory_mib, start_stack, start_upstream
+from bench.__main__ import MODEL, RESULTS_DIR, BenchParams, _write, cpu_seconds, memory_mib, start_stack, start_upstream
 from bench.__main__ import stop_process as stop_upstream
 from bench.loadgen import LoadResult, LoadSpec, Target, percentile, run_load
 from bench.open_streams import raise_open_files_limit
 from bench.processes import bench_work_dir
 from bench.session_idle import seed
-from bench.ws_bench import read_json_line, tell
+from bench.ws_bench import WsBenchParams, latency_run, read_json_line, tell
 from bench.ws_idle_clients import SECRET_ENV
 from devtools.devstack.nats_server import start_nats_server
-from devtools.devstack.stack import REPO_ROOT, SERVICES, Stack
+from devtools.devstack.stack import REPO_ROOT, SERVICES, Stack, StackConfig, StackPorts, free_port
 from devtools.mint_token import mint
 from services.session.schedule import TimerLimits
 
@@ -56,6 +58,10 @@ LIST_QUERIES = ("waiting_human", "human", "ai", "closed", "")
 """The agent queue first; "" is the list without a status filter."""
 SOCKETS_PER_ADDRESS = 25_000
 """One source address runs out of ephemeral ports near 28k connections to one server port."""
+OPEN_FILES = 1 << 20
+"""RLIMIT_NOFILE wanted for the bench and the stack it starts (the hard limit too, where allowed: root)."""
+LATENCY = WsBenchParams(rate=100.0, visitors=100, agents=4, duration_s=20.0, warmup_s=3.0)
+"""Visitor-to-agent latency while the sockets are held: 100 messages/s among them (issue 19)."""
 
 
 # ---------------------------------------------------------------- seeding
@@ -222,11 +228,53 @@ def restart_all(stack: Stack, timeout_s: float = 120.0) -> dict[str, float]:
 # ---------------------------------------------------------------- live sockets
 
 
+def raise_open_files(wanted: int = OPEN_FILES) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE to `wanted`, the hard limit too when allowed (children inherit it); (soft, hard)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+    except (ValueError, OSError):
+        raise_open_files_limit()  # not root: as far as the hard limit goes
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def start_socket_stack(work_dir: Path, upstream_url: str, secret: str, edges: int, heartbeat_s: float) -> Stack:
+    """The stack with `edges` edge processes sharing the public port (SO_REUSEPORT spreads the sockets)."""
+    plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"KEFU_PLUGINS_DIR": str(plugins), "KEFU_OPENAI_BASE_URL": upstream_url, "KEFU_MODEL": MODEL,
+           "KEFU_RATE_LIMIT_RPS": "100000", "KEFU_RATE_LIMIT_BURST": "100000",
+           "KEFU_TENANT_RATE_LIMIT_RPS": "100000", "KEFU_WS_FRAME_RPS": "100000", "KEFU_WS_FRAME_BURST": "100000",
+           "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000",
+           "KEFU_VISITOR_MAX_CONVERSATIONS": "1000", "KEFU_SHUTDOWN_GRACE_S": "2",
+           "KEFU_HANDOFF_WAIT_S": str(LIMITS.wait_s), "KEFU_IDLE_CLOSE_S": str(LIMITS.idle_s),
+           "KEFU_CACHE_ENABLED": "false", "KEFU_LOG_LEVEL": "WARNING", "KEFU_WS_HEARTBEAT_S": f"{heartbeat_s:g}",
+           "KEFU_EDGE_METRICS_PORT": str(free_port())}
+    stack = Stack(StackConfig(data_dir=work_dir, jwt_secret=secret, ports=StackPorts.free(), env=env,
+                              log_dir=work_dir / "logs", gateway_workers=edges))
+    stack.start()
+    return stack
+
+
+async def _log_consumers(url: str) -> int:
+    """Consumers on the conversation log right now: one per edge process, not one per conversation."""
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    try:
+        return (await nc.jetstream().stream_info("KEFU_MESSAGES")).state.consumer_count
+    finally:
+        await nc.close()
+
+
+def edge_pids(stack: Stack) -> dict[str, int]:
+    return {name: pid for name, pid in pids_of(stack).items() if name in stack.config.edge_names}
+
+
 def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: int,
-               per_address: int = SOCKETS_PER_ADDRESS) -> dict[str, Any]:
+               per_address: int = SOCKETS_PER_ADDRESS, latency: WsBenchParams | None = LATENCY) -> dict[str, Any]:
     """`sockets` visitors, each with an open conversation seeded for it in t0 (visitor-`first`, ...), connect
     a WebSocket each (hello without resume continues the open conversation) from client processes on
-    127.0.0.2, 127.0.0.3, ...; then the idle CPU and the RSS of every process while they are held."""
+    127.0.0.2, 127.0.0.3, ...; then, while they are held: the idle CPU and the RSS of every process, the
+    edges' RSS per socket, the consumers on the conversation log, and the visitor-to-agent latency at
+    `latency.rate` messages/s (bench/ws_bench.py's latency run, visitors and agents among the held sockets)."""
     asyncio.run(seed(stack.nats_url, sockets, True, statuses=("ai",), tenants=1, limits=LIMITS,
                      open_streams=False, first=first))
     addresses = math.ceil(sockets / per_address)
@@ -234,27 +282,36 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
     url = stack.base_url.replace("http", "ws", 1) + "/v1/ws"
     env = {**os.environ, SECRET_ENV: secret}
     clients: list[subprocess.Popen[bytes]] = []
+    time.sleep(2.0)
+    edges_before = {name: memory_mib(pid).get("rss_mib", 0.0) for name, pid in edge_pids(stack).items()}
+    lat: dict[str, Any] | None = None
     try:
         for n, (count, start) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
             clients.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first + start), "--count",
-                 str(count), "--parallel", "200", "--local-address", f"127.0.0.{2 + n}",
+                 str(count), "--parallel", "100", "--local-address", f"127.0.0.{2 + n}",
                  "--tenant", TENANT, "--subject-prefix", "visitor-"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True))
         for client in clients:
-            read_json_line(client, 120, "socket client start-up")
+            read_json_line(client, 300, "socket client start-up")
         started = time.monotonic()
         tell(clients, "go")
-        opened = [read_json_line(client, 1800, "opening sockets") for client in clients]
+        opened = [read_json_line(client, 3600, "opening sockets") for client in clients]
         open_s = time.monotonic() - started
         time.sleep(5.0)
         idle = idle_cpu(stack, idle_s)
         rss = rss_of(stack)
+        consumers = asyncio.run(_log_consumers(stack.nats_url))
+        if latency is not None:
+            try:
+                lat = asyncio.run(latency_run(latency, "kefu", url, url, secret, pids_of(stack)))
+            except (aiohttp.ClientError, OSError, TimeoutError) as failure:  # keep the figures taken so far
+                lat = {"error": f"{type(failure).__name__}: {failure}"}
         tell(clients, "check")
-        still = sum(read_json_line(client, 60, "check")["open"] for client in clients)
+        still = sum(read_json_line(client, 120, "check")["open"] for client in clients)
         tell(clients, "close")
         for client in clients:
-            read_json_line(client, 120, "closing sockets")
+            read_json_line(client, 600, "closing sockets")
     finally:
         for client in clients:
             stop_upstream(client)
@@ -262,10 +319,40 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
     for record in opened:
         for error, count in record["errors"].items():
             errors[error] = errors.get(error, 0) + count
-    return {"sockets": sockets, "source_addresses": addresses, "opened": sum(r["opened"] for r in opened),
-            "failed": sum(r["failed"] for r in opened), "errors": errors,
-            "in_conversation": sum(r["in_conversation"] for r in opened), "open_s": round(open_s, 1),
-            "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss}
+    held = sum(r["opened"] for r in opened)
+    edge_growth_mib = sum(rss.get(name, 0.0) - before for name, before in edges_before.items())
+    figures: dict[str, Any] = {
+        "sockets": sockets, "edges": len(edges_before), "source_addresses": addresses, "opened": held,
+        "failed": sum(r["failed"] for r in opened), "errors": errors,
+        "in_conversation": sum(r["in_conversation"] for r in opened), "open_s": round(open_s, 1),
+        "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss,
+        "edge_rss_before_mib": edges_before,
+        "edge_kib_per_socket": round(edge_growth_mib * 1024 / held, 1) if held else None,
+        "log_consumers": consumers}
+    if lat is not None:
+        figures["latency"] = {key: lat[key] for key in ("offered_rate", "messages", "received", "lost", "duplicates",
+                                                       "latency_ms", "cpu_percent", "problems", "error") if key in lat}
+    return figures
+
+
+def socket_lines(live: Mapping[str, Any]) -> list[str]:
+    lines = [f"Sockets: {live['opened']:,} of {live['sockets']:,} opened ({live['failed']} failed) on "
+             f"{live['edges']} edge process(es) from {live['source_addresses']} source addresses in "
+             f"{live['open_s']} s, {live['in_conversation']:,} in an open conversation; "
+             f"{live['still_open_after_idle']:,} still open at the end",
+             "idle CPU % of a core: " + ", ".join(f"{name} {value}" for name, value
+                                                  in live["idle_cpu_percent_of_a_core"].items()),
+             "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items()),
+             f"edge RSS per socket: {live['edge_kib_per_socket']} KiB; consumers on KEFU_MESSAGES: "
+             f"{live['log_consumers']}"]
+    if (lat := live.get("latency")) and "error" in lat:
+        lines.append(f"visitor-to-agent latency run failed: {lat['error']}")
+    elif lat:
+        ms = lat["latency_ms"] or {}
+        lines.append(f"visitor-to-agent at {lat['offered_rate']:g} msg/s among them: p50 {ms.get('p50', 0):.1f} ms, "
+                     f"p99 {ms.get('p99', 0):.1f} ms, max {ms.get('max', 0):.1f} ms; {lat['received']} of "
+                     f"{lat['messages']} received, {lat['duplicates']} duplicates, problems {lat['problems']}")
+    return lines
 
 
 # ---------------------------------------------------------------- report
@@ -306,16 +393,29 @@ def render(report: Mapping[str, Any]) -> str:
     failed = empty["turns"]["failed"] + full["turns"]["failed"]
     lines.append(f"Failed turns: {failed}")
     if live := report.get("sockets"):
-        lines += ["", f"Sockets: {live['opened']:,} of {live['sockets']:,} opened ({live['failed']} failed) from "
-                  f"{live['source_addresses']} source addresses in {live['open_s']} s, {live['in_conversation']:,} "
-                  f"in an open conversation; {live['still_open_after_idle']:,} still open after the idle window",
-                  "idle CPU % of a core: " + ", ".join(f"{name} {value}" for name, value
-                                                       in live["idle_cpu_percent_of_a_core"].items()),
-                  "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items())]
+        lines += ["", *socket_lines(live)]
     return "\n".join(lines) + "\n"
 
 
+def run_sockets_only(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    secret = os.urandom(32).hex()
+    upstream, upstream_url = start_upstream(BenchParams(), work_dir / "upstream.log")
+    try:
+        stack = start_socket_stack(work_dir, upstream_url, secret, args.edges, args.ws_heartbeat_s)
+        try:
+            time.sleep(5.0)
+            idle = idle_cpu(stack, min(args.idle_s, 20.0))
+            return {"sockets": socket_run(stack, secret, args.sockets, args.idle_s, 0, args.sockets_per_address),
+                    "idle_before_sockets": idle, "ws_heartbeat_s": args.ws_heartbeat_s}
+        finally:
+            stack.stop()
+    finally:
+        stop_upstream(upstream)
+
+
 def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    if args.sockets_only:
+        return run_sockets_only(args, work_dir)
     secret = os.urandom(32).hex()
     upstream, upstream_url = start_upstream(BenchParams(), work_dir / "upstream.log")
     try:
@@ -354,6 +454,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="then hold this many visitor sockets, each with an open conversation (0: none)")
     parser.add_argument("--sockets-per-address", type=int, default=SOCKETS_PER_ADDRESS,
                         help="sockets per source address (127.0.0.2, .3, ...), one client process each")
+    parser.add_argument("--sockets-only", action="store_true",
+                        help="only the socket run (no million-conversation store): --sockets on --edges edges")
+    parser.add_argument("--edges", type=int, default=1,
+                        help="edge processes sharing the port in the --sockets-only run (KEFU_GATEWAY_WORKERS)")
+    parser.add_argument("--ws-heartbeat-s", type=float, default=30.0,
+                        help="KEFU_WS_HEARTBEAT_S in the --sockets-only run: the edge pings every socket this often")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
@@ -361,13 +467,20 @@ def main(argv: Sequence[str] | None = None) -> None:
            args.sockets_per_address) < 1 or args.sockets < 0:
         parser.error("--conversations, --seed-procs, --turns, --concurrency, --list-requests and "
                      "--sockets-per-address must be >= 1, --sockets >= 0")
-    raise_open_files_limit()  # the stack's processes inherit it: the edge holds a descriptor per socket
+    if args.sockets_only and not args.sockets or args.edges < 1:
+        parser.error("--sockets-only needs --sockets; --edges must be >= 1")
+    _soft, hard = raise_open_files()  # the stack's processes inherit it: the edge holds a descriptor per socket
+    if args.sockets_only and max(args.sockets / args.edges * 1.15, args.sockets_per_address) > hard - 500:
+        # The kernel spreads sockets over the edges unevenly (SO_REUSEPORT hashing): leave room.
+        parser.error(f"RLIMIT_NOFILE is {hard} here: use more --edges and a lower --sockets-per-address")
     started = datetime.now(UTC)
     with bench_work_dir("kefu-scale-", args.keep_logs) as work:
         figures = run(args, work.path)
     report = {"started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "load_average": [round(value, 2) for value in os.getloadavg()], **figures}
-    markdown = render(report)
+    title = f"# make bench-scale --sockets-only, {report['started']} (KEFU_WS_HEARTBEAT_S {args.ws_heartbeat_s:g})"
+    markdown = ("\n".join([title, "", *socket_lines(figures["sockets"])]) + "\n") if args.sockets_only \
+        else render(report)
     print(markdown)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ class EdgeMetrics:
             "kefu_ws_messages_total", "Live-chat frames, by direction (in|out) and frame type.",
             ["direction", "type"], registry=self.registry)
         self.log_consumers = Gauge(
-            "kefu_live_log_consumers", "Conversation logs this edge follows (one JetStream consumer each).",
+            "kefu_live_log_consumers", "Conversation logs this edge follows (through its one JetStream consumer).",
             registry=self.registry)
         self.log_consumer_restarts = Counter(
             "kefu_live_log_consumer_restarts_total", "Conversation-log consumers created again, by why: gap, "

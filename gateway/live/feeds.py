@@ -35,7 +35,7 @@ from gateway.live.frames import (
     relayed,
     stored_event,
 )
-from gateway.live.log import HEARTBEAT_S, LogFollower
+from gateway.live.log import LogFollower, LogTail
 from gateway.live.tasks import BackgroundTasks
 from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
@@ -47,7 +47,6 @@ EDGE_SUBJECT = "kefu-edge"
 """The edge's own principal (an admin of the tenant) for the feeds: every event, notes included."""
 BUFFER_EVENTS = 512
 """Newest stored events a feed keeps, so a socket joining later replays them from memory."""
-MISSED_HEARTBEATS = 3
 """A follower silent for this many heartbeat intervals has lost its consumer."""
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 5.0
@@ -167,10 +166,11 @@ class Feeds:
         self._tasks = tasks
         self._metrics = metrics
         self._feeds: dict[tuple[str, str], Feed] = {}
-        self._watchdog: asyncio.Task[None] | None = None
+        self._log_tail = LogTail(on_restart=self._count_restart)
+        """The edge's one consumer of the conversation log, shared by every feed's follower (issue 19)."""
         self.state_listeners: list[StateListener] = []
         """Called after every stored `state` event a feed delivers (the desk reacts to it)."""
-        channels.bus.reconnect_listeners.append(self._restart_followers)
+        channels.bus.reconnect_listeners.append(self._log_tail.reconnected)
 
     def feed(self, tenant: str, conversation_id: str) -> Feed | None:
         return self._feeds.get((tenant, conversation_id))
@@ -189,8 +189,6 @@ class Feeds:
         if feed is None:
             feed = self._feeds[key] = Feed(principal.tenant, conversation_id, self._state_changed)
             feed.task = asyncio.create_task(self._follow(feed))
-            if self._watchdog is None:
-                self._watchdog = asyncio.create_task(self._watch_followers())
         feed.joining += 1
         try:
             await asyncio.shield(feed.ready)
@@ -272,14 +270,13 @@ class Feeds:
     async def aclose(self) -> None:
         feeds = list(self._feeds.values())
         tasks = [f.task for f in feeds if f.task is not None]
-        if self._watchdog is not None:
-            tasks.append(self._watchdog)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(unsubscribe(f.subscription) for f in feeds), return_exceptions=True)
         await asyncio.gather(*(f.follower.stop() for f in feeds if f.follower is not None),
                              return_exceptions=True)
+        await self._log_tail.aclose()
         self._feeds.clear()
 
     def _close_deleted(self, feed: Feed) -> None:
@@ -296,22 +293,6 @@ class Feeds:
     def _count_restart(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.log_consumer_restarts.labels(reason).inc()
-
-    def _restart_followers(self) -> None:
-        """NATS came back: a restarted server has lost the consumers it kept in memory."""
-        for feed in self._feeds.values():
-            if feed.follower is not None:
-                feed.follower.restart("reconnect")
-
-    async def _watch_followers(self) -> None:
-        """Recreate a follower whose consumer stopped sending heartbeats (deleted on the server)."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            for feed in list(self._feeds.values()):
-                follower = feed.follower
-                if follower is not None and follower.silent_s > MISSED_HEARTBEATS * follower.heartbeat_s:
-                    log.warning("conversation log: consumer silent for %.0f s; recreating it", follower.silent_s)
-                    follower.restart("silent")
 
     def _state_changed(self, feed: Feed, event: StateEvent) -> None:
         for listener in self.state_listeners:
@@ -373,7 +354,7 @@ class Feeds:
             try:
                 nc = await self.channels.bus.connection(timeout_s=self._settings.rpc_timeout_s)
                 follower = LogFollower(nc, feed.tenant, feed.conversation_id, feed.last_seq, feed.publish,
-                                       on_restart=self._count_restart)
+                                       tail=self._log_tail)
                 await follower.start()
                 feed.follower = follower
                 if self._metrics is not None:

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import free_port
-from gateway.live.log import LogFollower, decode_event
+from gateway.live.log import LogFollower, LogTail, decode_event
 from kefu.session.v1 import session_pb2
 from services.common.conversation_log import LOG_STREAM
 from services.common.nats_client import close_nats, connect_nats
@@ -98,24 +98,21 @@ async def test_follower_gets_each_event_after_its_seq_once_and_in_order(
         await follower.stop()
 
 
-async def test_follower_whose_consumer_vanished_falls_silent_and_catches_up_on_restart(
+async def test_follower_whose_consumer_vanished_catches_up_when_the_tail_recreates_it(
         nats_client: NatsClient, counter: TokenCounter) -> None:
     store = await _store(nats_client, counter)
     created = await store.append(VISITOR, "", "user", "first")
     got: list[session_pb2.Message] = []
     reasons: list[str] = []
-    follower = LogFollower(nats_client, VISITOR.tenant, created.session_id, 0, got.append, heartbeat_s=0.2,
-                           on_restart=reasons.append)
+    tail = LogTail(heartbeat_s=0.2, on_restart=reasons.append)
+    follower = LogFollower(nats_client, VISITOR.tenant, created.session_id, 0, got.append, tail=tail)
     await follower.start()
     try:
         await _until(lambda: len(got) == 1)
-        await nats_client.jetstream().delete_consumer(LOG_STREAM, follower._consumer)
+        await nats_client.jetstream().delete_consumer(LOG_STREAM, tail._consumer)
         for i in range(3):
             await store.append(VISITOR, created.session_id, "user", f"missed {i}")
-        # No heartbeats any more: what the hub's watchdog looks for.
-        await _until(lambda: follower.silent_s > 3 * follower.heartbeat_s)
-        assert [m.content for m in got] == ["first"]
-        follower.restart("silent")
+        # No heartbeats any more: the tail's one watchdog notices and recreates the consumer.
         await _until(lambda: len(got) == 4)
         await store.append(VISITOR, created.session_id, "user", "after")
         await _until(lambda: len(got) == 5)
@@ -123,6 +120,7 @@ async def test_follower_whose_consumer_vanished_falls_silent_and_catches_up_on_r
         assert follower.restarts == 1 and reasons == ["silent"]
     finally:
         await follower.stop()
+        await tail.aclose()
 
 
 @pytest.mark.timeout(60)
@@ -131,16 +129,15 @@ async def test_follower_survives_a_nats_server_restart(tmp_path: Path, counter: 
     recreates it from the last seq, and the events stored meanwhile arrive once."""
     store_dir = tmp_path / "nats"
     server = start_nats_server(store_dir, port=free_port())
-    listeners: list[Callable[[], None]] = []
-    edge = await connect_nats(server.url, "test-edge", reconnected=lambda: [listener() for listener in listeners])
+    reasons: list[str] = []
+    tail = LogTail(on_restart=reasons.append)
+    edge = await connect_nats(server.url, "test-edge", reconnected=tail.reconnected)
     writer = await connect_nats(server.url, "test-session")
     try:
         store = await _store(writer, counter)
         created = await store.append(VISITOR, "", "user", "before")
         got: list[session_pb2.Message] = []
-        reasons: list[str] = []
-        follower = LogFollower(edge, VISITOR.tenant, created.session_id, 0, got.append, on_restart=reasons.append)
-        listeners.append(lambda: follower.restart("reconnect"))
+        follower = LogFollower(edge, VISITOR.tenant, created.session_id, 0, got.append, tail=tail)
         await follower.start()
         await _until(lambda: len(got) == 1)
         server.stop()
@@ -162,6 +159,111 @@ async def test_follower_survives_a_nats_server_restart(tmp_path: Path, counter: 
         assert reasons and reasons[0] == "reconnect"
         await follower.stop()
     finally:
+        await tail.aclose()
         await close_nats(edge, timeout_s=1)
         await close_nats(writer, timeout_s=1)
         server.stop()
+
+
+# -- one consumer per edge ---------------------------------------------------------------------------
+
+
+def _contents(into: list[str]) -> Callable[[session_pb2.Message], None]:
+    return lambda message: into.append(message.content)
+
+
+def _seqs(into: list[int]) -> Callable[[session_pb2.Message], None]:
+    return lambda message: into.append(message.seq)
+
+
+async def _consumers(nc: NatsClient) -> int:
+    return (await nc.jetstream().stream_info(LOG_STREAM)).state.consumer_count
+
+
+async def test_fifty_followed_conversations_cost_one_consumer_and_each_gets_only_its_own(
+        nats_client: NatsClient, counter: TokenCounter) -> None:
+    store = await _store(nats_client, counter)
+    conversations = [(await store.append(VISITOR, "", "user", f"open {n}")).session_id for n in range(50)]
+    tail = LogTail()
+    got: dict[str, list[str]] = {cid: [] for cid in conversations}
+    followers = [LogFollower(nats_client, VISITOR.tenant, cid, 0, _contents(got[cid]),
+                             tail=tail) for cid in conversations]
+    try:
+        await asyncio.gather(*(follower.start() for follower in followers))
+        assert await _consumers(nats_client) == 1
+        for n, cid in enumerate(conversations):
+            await store.append(VISITOR, cid, "user", f"then {n}")
+        await _until(lambda: all(len(contents) == 2 for contents in got.values()))
+        assert got == {cid: [f"open {n}", f"then {n}"] for n, cid in enumerate(conversations)}
+        assert await _consumers(nats_client) == 1 and tail.followed == 50
+        for follower in followers:
+            await follower.stop()
+        assert tail.followed == 0
+    finally:
+        await tail.aclose()
+    assert await _consumers(nats_client) == 0
+
+
+async def test_followers_joining_while_the_log_is_written_get_each_event_once_in_order(
+        nats_client: NatsClient, counter: TokenCounter) -> None:
+    """The hand-over from each joiner's catch-up read to the shared tail leaves no gap and no duplicate."""
+    store = await _store(nats_client, counter)
+    conversations = [(await store.append(VISITOR, "", "user", "0")).session_id for _ in range(4)]
+    written: dict[str, list[int]] = {cid: [] for cid in conversations}
+    stop_writing = asyncio.Event()
+
+    async def write() -> None:
+        n = 0
+        while not stop_writing.is_set():
+            cid = conversations[n % len(conversations)]
+            written[cid].append((await store.append(VISITOR, cid, "user", f"{n}")).message.seq)
+            n += 1
+
+    tail = LogTail()
+    joined: list[tuple[str, int, list[int], LogFollower]] = []
+    writer = asyncio.create_task(write())
+    try:
+        for round_ in range(24):
+            await asyncio.sleep(0.01)
+            cid = conversations[round_ % len(conversations)]
+            seqs = written[cid]
+            after = seqs[len(seqs) // 2] if seqs else 0  # from the middle of what is stored so far
+            got: list[int] = []
+            follower = LogFollower(nats_client, VISITOR.tenant, cid, after, _seqs(got),
+                                   tail=tail)
+            await follower.start()
+            joined.append((cid, after, got, follower))
+        stop_writing.set()
+        await writer
+        await _until(lambda: all(got[-1:] == written[cid][-1:] for cid, _, got, _ in joined))
+        assert await _consumers(nats_client) == 1
+        for cid, after, got, _ in joined:
+            assert got == [seq for seq in written[cid] if seq > after]
+        assert sum(len(got) for _, _, got, _ in joined) > 100  # the writer kept writing while they joined
+    finally:
+        stop_writing.set()
+        await asyncio.gather(writer, return_exceptions=True)
+        await tail.aclose()
+
+
+async def test_a_lost_tail_is_recreated_once_for_every_follower(
+        nats_client: NatsClient, counter: TokenCounter) -> None:
+    store = await _store(nats_client, counter)
+    conversations = [(await store.append(VISITOR, "", "user", "before")).session_id for _ in range(20)]
+    reasons: list[str] = []
+    tail = LogTail(heartbeat_s=0.2, on_restart=reasons.append)
+    got: dict[str, list[str]] = {cid: [] for cid in conversations}
+    followers = [LogFollower(nats_client, VISITOR.tenant, cid, 0, _contents(got[cid]),
+                             tail=tail) for cid in conversations]
+    try:
+        for follower in followers:
+            await follower.start()
+        await nats_client.jetstream().delete_consumer(LOG_STREAM, tail._consumer)
+        for cid in conversations:
+            await store.append(VISITOR, cid, "user", "while lost")
+        await _until(lambda: all(len(contents) == 2 for contents in got.values()))
+        assert all(contents == ["before", "while lost"] for contents in got.values())
+        assert reasons == ["silent"] and tail.restarts == 1
+        assert await _consumers(nats_client) == 1
+    finally:
+        await tail.aclose()
