@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import jwt
 
 from gateway.auth import ROLES
-from services.common.settings import SettingsError, check_secret
+from services.common.settings import KefuSettings, SettingsError, check_secret
 
 
 def mint(secret: str, *, tenant: str, subject: str, role: str, ttl_s: int = 3600,
@@ -33,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--role", default="visitor", choices=sorted(ROLES))
     parser.add_argument("--ttl", type=int, default=24 * 3600, help="seconds until it expires")
     args = parser.parse_args(argv)
-    secret = os.environ.get("KEFU_JWT_SECRET", "")
+    env = KefuSettings.environment()  # the process environment over ./.env, as every kefu process reads it
+    secret = env.get("KEFU_JWT_SECRET", "")
     if not secret:
         sys.exit("mint_token: set KEFU_JWT_SECRET (make run prints one)")
     try:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as error:
         sys.exit(f"mint_token: {error}")
     print(mint(secret, tenant=args.tenant, subject=args.sub, role=args.role, ttl_s=args.ttl,
-               issuer=os.environ.get("KEFU_JWT_ISSUER", ""), audience=os.environ.get("KEFU_JWT_AUDIENCE", "")))
+               issuer=env.get("KEFU_JWT_ISSUER", ""), audience=env.get("KEFU_JWT_AUDIENCE", "")))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import os
 import sys
 
 import nats
@@ -26,7 +25,7 @@ from gateway.directory.agents import AGENT_ROLES, MAX_NAME_CHARS, AgentAccount, 
 from gateway.directory.buckets import TENANT_PATTERN, Buckets
 from gateway.errors import ApiError
 from services.common.nats_client import NatsEndpoint
-from services.common.settings import nats_url
+from services.common.settings import KefuSettings, nats_url
 
 
 class CliError(Exception):
@@ -117,7 +116,7 @@ async def run(args: argparse.Namespace, url: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        lines = asyncio.run(run(args, nats_url(os.environ)))
+        lines = asyncio.run(run(args, nats_url(KefuSettings.environment())))  # environment over ./.env
     except CliError as error:
         sys.exit(f"accounts: {error}")
     except KeyboardInterrupt:

@@ -79,6 +79,17 @@ def test_kefu_token_mints_a_jwt_from_outside_the_repository(kefu: Path, tmp_path
     assert refused.returncode == 1 and "KEFU_JWT_SECRET" in refused.stderr
 
 
+def test_kefu_token_reads_the_secret_from_a_dot_env_file_and_the_environment_wins(kefu: Path, tmp_path: Path) -> None:
+    other = "another-cli-secret-0123456789abcdef01"
+    (tmp_path / ".env").write_text(f"KEFU_JWT_SECRET={SECRET}\nKEFU_JWT_ISSUER=shop\n", encoding="utf-8")
+    minted = run_kefu(kefu, "token", "--tenant", "acme", cwd=tmp_path)
+    assert minted.returncode == 0, minted.stderr
+    assert jwt.decode(minted.stdout.strip(), SECRET, algorithms=["HS256"], issuer="shop")["tenant"] == "acme"
+    overridden = run_kefu(kefu, "token", cwd=tmp_path, env={"KEFU_JWT_SECRET": other})
+    assert overridden.returncode == 0, overridden.stderr
+    jwt.decode(overridden.stdout.strip(), other, algorithms=["HS256"], options={"verify_iss": False})
+
+
 def test_kefu_installed_as_the_image_installs_it_runs_from_the_sources_directory(tmp_path: Path) -> None:
     # k8s/Dockerfile runs `pip install .` with only the files it copied before (its first COPY lines), then
     # serves from /app, a copy of the sources: the same install here, run from the sources, and refused elsewhere.
