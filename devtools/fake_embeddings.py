@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from services.common.errors import KefuError
+
 DIMENSIONS = 256
 CONCEPT_WEIGHT = 4.0
 CONCEPTS: Mapping[str, tuple[str, ...]] = {
@@ -32,7 +34,7 @@ _CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
 _LATIN_WORD = re.compile(r"[a-z0-9]+")
 
 
-class EmbeddingsRequestError(ValueError):
+class EmbeddingsRequestError(KefuError, ValueError):
     """A body the real API refuses with 400; `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None) -> None:

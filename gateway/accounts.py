@@ -24,11 +24,12 @@ from nats.aio.client import Client as NatsClient
 from gateway.directory.agents import AGENT_ROLES, MAX_NAME_CHARS, AgentAccount, AgentAccounts, check_password
 from gateway.directory.buckets import TENANT_PATTERN, Buckets
 from gateway.errors import ApiError
+from services.common.errors import KefuError
 from services.common.nats_client import NatsEndpoint
 from services.common.settings import KefuSettings, nats_url
 
 
-class CliError(Exception):
+class CliError(KefuError):
     """Printed as one line; exit status 1."""
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from services.common.errors import KefuError
 from services.common.nats_client import close_nats, connect_nats
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0
 
 
-class BusUnavailable(Exception):
+class BusUnavailable(KefuError):
     """NATS is not reachable (yet): the caller answers 503 / closes the socket with 1011."""
 
 

@@ -26,6 +26,7 @@ from gateway.state_watch import StateWatch
 from kefu.llm.v1 import llm_pb2
 from kefu.moderation.v1 import moderation_pb2
 from kefu.session.v1 import session_pb2
+from services.common.errors import KefuError
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ class _StateChanged(Exception):
     """The conversation changed state while the answer streamed: stop relaying it."""
 
 
-class DuplicateMessage(Exception):
+class DuplicateMessage(KefuError):
     """The visitor's message id was stored before (a resend): nothing new to answer."""
 
     def __init__(self, session_id: str, seq: int) -> None:
@@ -138,7 +139,7 @@ class DuplicateMessage(Exception):
         self.seq = seq
 
 
-class StreamFailed(Exception):
+class StreamFailed(KefuError):
     """The stream started and then failed; `code` goes into the SSE `error` event."""
 
     def __init__(self, code: str, message: str, status: int = 502, headers: dict[str, str] | None = None) -> None:

@@ -121,7 +121,7 @@ def main() -> None:
         stack.start()
     except ProcessFailed as failed:
         # What the process said before it died, here on the terminal rather than only in its log.
-        sys.exit(f"devstack: {failed.name} exited with code {failed.code} during start-up; the end of its log:\n"
+        sys.exit(f"devstack: {failed.name} exited with code {failed.exit_code} during start-up; the end of its log:\n"
                  f"{indented(failed.log_tail)}\n(full log: {log_dir / (failed.name + '.log')})")
     except (RuntimeError, TimeoutError, OSError) as error:
         sys.exit(f"devstack: {error} (see {log_dir})")

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devtools.devstack.nats_auth import PROCESS_ROLES, NatsUsers
 from devtools.devstack.nats_server import NatsServer, start_nats_server
+from services.common.errors import KefuError
 from services.common.nats_client import NatsEndpoint
 from services.common.settings import with_credentials
 
@@ -98,14 +99,14 @@ class StackConfig:
         return (EDGE, *(f"{EDGE}-{n}" for n in range(2, self.gateway_workers + 1)))
 
 
-class ProcessFailed(RuntimeError):
+class ProcessFailed(KefuError, RuntimeError):
     """A process of the stack exited while it started; carries the end of what it wrote."""
 
     def __init__(self, name: str, code: int, log_tail: str) -> None:
         wrote = f"; it wrote:\n{log_tail}" if log_tail else ""
         super().__init__(f"{name} exited with code {code} during start-up{wrote}")
         self.name = name
-        self.code = code
+        self.exit_code = code
         self.log_tail = log_tail
 
 

@@ -364,4 +364,6 @@ async def grpc_errors(context: grpc.aio.ServicerContext[RequestT, ResponseT]) ->
         message = error.message if isinstance(error, KefuError) else f"backend unavailable: {type(error).__name__}"
         if code is grpc.StatusCode.UNAVAILABLE:
             log.warning("%s: %s", type(error).__name__, error)
+        elif code is grpc.StatusCode.INTERNAL:  # a KefuError with no status of its own is a bug: say where
+            log.error("%s: %s", type(error).__name__, error, exc_info=error)
         await context.abort(code, message)

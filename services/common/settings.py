@@ -19,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from services.common.errors import KefuError
+
 MIN_SECRET_BYTES = 32
 """Shared secrets (the JWT HMAC key, the internal token) shorter than this are refused at start."""
 
@@ -26,7 +28,7 @@ ENV_FILE = Path(".env")
 """Read from the working directory when present; the process environment wins over it."""
 
 
-class SettingsError(ValueError):
+class SettingsError(KefuError, ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from services.common.errors import KefuError
 from services.llm_worker.knowledge.models import Chunk, Hit
 
 __all__ = ["Chunk", "Hit"]  # the passages' types, re-exported: plugins import only this module
@@ -92,7 +93,7 @@ class PluginContext:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-class ProviderError(Exception):
+class ProviderError(KefuError):
     """A provider failed for a reason the caller should see; `retryable` when trying again may help."""
 
     def __init__(self, message: str, *, retryable: bool = False, status: int | None = None) -> None:

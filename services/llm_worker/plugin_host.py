@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from services.common.errors import KefuError
 from services.llm_worker.plugin_api import PluginContext, Provider, ProviderFactory
 from services.llm_worker.routes import RouteSpec, TargetSpec, parse_routes, pick_target
 from services.llm_worker.snapshot import FolderSnapshot, take_snapshot
@@ -24,11 +25,11 @@ log = logging.getLogger(__name__)
 PROVIDER_METHODS = ("setup", "stream", "self_test", "aclose")
 
 
-class GenerationClosed(Exception):
+class GenerationClosed(KefuError):
     """Work was asked of a plugin generation that has been dropped."""
 
 
-class PluginLoadError(Exception):
+class PluginLoadError(KefuError):
     """A generation cannot go live; the message names the plugin or route and what is wrong."""
 
 

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from services.common.errors import KefuError
+
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
 MAX_WEIGHT = 1_000_000
 T = TypeVar("T")
 
 
-class RoutesError(ValueError):
+class RoutesError(KefuError, ValueError):
     """The routes file is malformed; the message names the route and the field."""
 
 

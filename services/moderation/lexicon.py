@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+from services.common.errors import KefuError
 from services.common.lexicon.model import Action, Category, Lexicon
 from services.common.lexicon.normalize import normalize_word
 
@@ -17,7 +18,7 @@ WHITELIST_FILE = "whitelist.txt"
 _ACTION_LINE = re.compile(r"^#\s*action\s*:(.*)$", re.IGNORECASE)
 
 
-class LexiconError(ValueError):
+class LexiconError(KefuError, ValueError):
     """A lexicon folder or file is unusable; the message names the file and line."""
 
 

@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from services.common.errors import Unavailable
+from services.common.errors import KefuError, Unavailable
 from services.session.models import new_id
 
 READ_TIMEOUT_S = 5.0
@@ -20,7 +20,7 @@ MULTI_LAST_LIMIT = 1024
 """Most subjects one `multi_last` direct get answers for; beyond it the server says 413."""
 
 
-class TooManyResults(Exception):
+class TooManyResults(KefuError):
     """A multi-subject direct get matched more subjects than the server answers in one go."""
 
 

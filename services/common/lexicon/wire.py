@@ -7,6 +7,7 @@ import zlib
 
 from nats.js.api import KeyValueConfig, StorageType
 
+from services.common.errors import KefuError
 from services.common.lexicon.model import Action, Category, Lexicon
 
 LEXICON_BUCKET = "kefu_lexicon"
@@ -19,7 +20,7 @@ MAX_DECODED_BYTES = 64 * 1024 * 1024
 """What a value may inflate to: a corrupt or hostile value cannot take the worker's memory."""
 
 
-class LexiconWireError(ValueError):
+class LexiconWireError(KefuError, ValueError):
     """A KV value that is not a complete, valid lexicon; the message says what is wrong."""
 
 

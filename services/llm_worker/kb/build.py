@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.errors import KefuError
 from services.llm_worker.kb.embeddings import EmbeddingsConfig, embed_blocking
 from services.llm_worker.knowledge.chunking import chunk_document
 from services.llm_worker.knowledge.index import IndexFormatError, KnowledgeIndex
@@ -53,7 +54,7 @@ class BuildResult:
     chunks: int
 
 
-class UnreadableIndex(Exception):
+class UnreadableIndex(KefuError):
     """The previous index is not one this version reads (an older format, damaged): rebuild from the files."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
+from services.common.errors import KefuError
 from services.llm_worker.knowledge.analysis import ZH_STOP_WORDS, Analyzer, default_analyzer
 from services.llm_worker.knowledge.models import Chunk, Hit
 
@@ -38,7 +39,7 @@ K1 = 1.5
 B = 0.75
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(KefuError, ValueError):
     """Bytes that are not an index this version wrote (damaged, truncated or from another format)."""
 
 
