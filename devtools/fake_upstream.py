@@ -540,14 +540,19 @@ async def _complete(request: web.Request, chat: ChatRequest) -> web.Response:
     return web.json_response(body, dumps=lambda obj: _dumps(obj).decode())
 
 
+async def _authorized_body(request: web.Request) -> Any:  # JSON of any shape, recorded as received
+    """The request's JSON body (None when it is not JSON), after the API key check (_ApiError 401)."""
+    _check_auth(request, request.app[CONFIG].expected_api_key)
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 async def _answer_chat(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     try:
-        _check_auth(request, config.expected_api_key)
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            body = None
+        body = await _authorized_body(request)
         chat = parse_chat_request(body)
         request.app[RECEIVED].append(body)
         if config.fail_status is not None:
@@ -582,11 +587,7 @@ async def embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings: deterministic vectors (devtools/fake_embeddings.py) in OpenAI's wire format."""
     config = request.app[CONFIG]
     try:
-        _check_auth(request, config.expected_api_key)
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            body = None
+        body = await _authorized_body(request)
         try:
             model, inputs, encoding_format, dimensions = parse_embeddings_request(body)
         except EmbeddingsRequestError as error:

@@ -1,86 +1,17 @@
-"""Batched JetStream reads that create no server state (ADR-31 direct gets), with a consumer fallback."""
+"""The newest message per subject, by batched direct get (services.common.direct_get) or a short-lived consumer."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-from typing import Any
-
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from services.common.errors import KefuError, Unavailable
+from services.common.direct_get import TooManyResults, direct_get
 from services.session.models import new_id
 
-READ_TIMEOUT_S = 5.0
 MULTI_LAST_LIMIT = 1024
 """Most subjects one `multi_last` direct get answers for; beyond it the server says 413."""
-
-
-class TooManyResults(KefuError):
-    """A multi-subject direct get matched more subjects than the server answers in one go."""
-
-
-async def direct_get(nc: NatsClient, stream: str, request: dict[str, Any]) -> list[Msg]:
-    """One batched direct get (server 2.11+; nats-py has no API for it), paged if the server caps a batch.
-
-    The server answers with the messages, then a `204 EOB` status carrying how many are
-    still pending; `404` when nothing (more) matches. Replies are collected by a callback,
-    not one `next_msg` each: that costs a task and a future per message, which made reading
-    a 500-message history take several times longer.
-    """
-    messages: list[Msg] = []
-    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    request = dict(request)
-    inbox = nc.new_inbox()
-    subject = f"$JS.API.DIRECT.GET.{stream}"
-
-    def finish(error: Exception | None = None) -> None:
-        if not finished.done():
-            if error is None:
-                finished.set_result(None)
-            else:
-                finished.set_exception(error)
-
-    async def on_reply(reply: Msg) -> None:
-        if finished.done():
-            return
-        headers = reply.headers or {}
-        status = headers.get("Status")
-        if status is None:
-            messages.append(reply)
-        elif status == "404":
-            finish()
-        elif status == "204":
-            if int(headers.get("Nats-Num-Pending", "0")) == 0:
-                finish()
-            else:
-                request["seq"] = int(headers["Nats-Last-Sequence"]) + 1
-                await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
-        elif status == "413":
-            finish(TooManyResults(headers.get("Description", "")))
-        else:
-            finish(Unavailable(f"direct get on {stream}: {status} {headers.get('Description', '')}"))
-
-    subscription = await nc.subscribe(inbox, cb=on_reply)
-    try:
-        await nc.publish(subject, json.dumps(request).encode(), reply=inbox)
-        while True:
-            # Give up only when the answer stalls, not when a long history takes a while.
-            received = len(messages)
-            try:
-                await asyncio.wait_for(asyncio.shield(finished), READ_TIMEOUT_S)
-                return messages
-            except TimeoutError:
-                if len(messages) == received:
-                    raise NatsTimeoutError from None
-    finally:
-        await subscription.unsubscribe()
-        if not finished.done():
-            finished.cancel()
 
 
 async def last_per_subject(nc: NatsClient, stream: str, filter_subject: str, *,

@@ -59,6 +59,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
+from services.common.direct_get import direct_get
 from services.common.errors import InvalidArgument, KefuError, NotFound, PermissionDenied, Unavailable
 from services.common.nats_client import ensure_key_value, ensure_stream
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
@@ -81,7 +82,6 @@ from services.session.models import (
     new_id,
 )
 from services.session.pending import FLUSH_S, Pending, PendingCounters
-from services.session.reads import direct_get
 from services.session.schedule import TimerSchedule
 from services.session.tokens import TokenCounter
 from services.session.visibility import visible
