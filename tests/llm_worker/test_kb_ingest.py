@@ -411,11 +411,18 @@ async def test_kb_two_replicas_share_the_job_queue(kb: Kb, nats_client: NatsClie
                 for replica in (kb, other):
                     hits = await replica.library.search(tenant, f"word{tenant}{n}", 1)
                     assert hits and hits[0].chunk.document_id == f"doc{n}"
-        for _ in range(100):  # a work queue: every job acked (after its records were settled), none left
-            if (await nats_client.jetstream().stream_info(JOBS_STREAM)).state.messages == 0:
+        # A work queue: every job acked (after its records were settled), none left. A job delivered to a
+        # replica while its records were being settled by the other is reconciled again (idle) before its ack,
+        # which on a loaded machine can take seconds.
+        js = nats_client.jetstream()
+        for _ in range(400):
+            if (await js.stream_info(JOBS_STREAM)).state.messages == 0:
                 break
             await asyncio.sleep(0.05)
-        assert (await nats_client.jetstream().stream_info(JOBS_STREAM)).state.messages == 0
+        consumer = await js.consumer_info(JOBS_STREAM, JOBS_CONSUMER)
+        assert (await js.stream_info(JOBS_STREAM)).state.messages == 0, (
+            f"unacked {consumer.num_ack_pending}, undelivered {consumer.num_pending}, "
+            f"redelivered {consumer.num_redelivered}, waiting pulls {consumer.num_waiting}")
     finally:
         for run in runs:
             run.cancel()
