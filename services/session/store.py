@@ -697,7 +697,7 @@ class SessionStore:
                     while True:
                         try:
                             batch = await subscription.fetch(EXPIRY_BATCH, timeout=fetch_timeout_s)
-                        except NatsTimeoutError:
+                        except TimeoutError:  # nats-py's own, or asyncio's when the deadline ran out
                             continue
                         for message in batch:
                             if message.headers and message.headers.get("Nats-Marker-Reason") == "MaxAge":

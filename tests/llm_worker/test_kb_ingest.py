@@ -15,7 +15,7 @@ from devtools.devstack.nats_server import NatsServer, start_nats_server
 from services.common.errors import NotFound, Unavailable
 from services.common.nats_client import connect_nats
 from services.llm_worker.kb.build import IndexBuilder, SourceDocument
-from services.llm_worker.kb.ingest import JOBS_STREAM, Ingestor, JobQueue
+from services.llm_worker.kb.ingest import JOBS_CONSUMER, JOBS_STREAM, Ingestor, JobQueue
 from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.seed import seed, wait_settled

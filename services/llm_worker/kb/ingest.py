@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from services.common.nats_client import ensure_stream
@@ -103,7 +102,9 @@ class Ingestor:
                     while True:
                         try:
                             batch = await subscription.fetch(BATCH, timeout=fetch_timeout_s)
-                        except NatsTimeoutError:
+                        except TimeoutError:
+                            # nats-py's own, or asyncio's when a loaded loop spent the deadline before the
+                            # lingering pull: either way keep this subscription, whose inbox may still get a job.
                             continue
                         await self._handle(batch)
                 finally:
