@@ -185,6 +185,7 @@ class KnowledgeLibrary:
         self._loading: dict[str, asyncio.Task[_Loaded]] = {}
         """Index object name -> its load in flight (one fetch however many turns wait for it)."""
         self._watch_task: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
         self._resubscribe = asyncio.Event()
 
     # ------------------------------------------------------------------ public
@@ -228,8 +229,8 @@ class KnowledgeLibrary:
 
     async def start(self, nc: NatsClient) -> None:
         """Follow the tenants' index states from now on (updates only: nothing is replayed at start)."""
-        subscription = await self._subscribe(nc)
-        self._watch_task = asyncio.create_task(self._watch(nc, subscription), name="kb-library-watch")
+        self._subscription = await self._subscribe(nc)
+        self._watch_task = asyncio.create_task(self._watch(nc), name="kb-library-watch")
 
     def reconnected(self) -> None:
         """After a NATS reconnect updates may have been missed: forget the states (read again on use)."""
@@ -241,6 +242,11 @@ class KnowledgeLibrary:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        if self._subscription is not None:
+            # The ordered consumer's heartbeat and flow-control tasks end with it, not with the watch task.
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self._subscription.unsubscribe()
+            self._subscription = None
 
     # ------------------------------------------------------------------ states
 
@@ -274,16 +280,18 @@ class KnowledgeLibrary:
         return await js.subscribe(WATCH_SUBJECT, cb=on_update, ordered_consumer=True,
                                   config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW))
 
-    async def _watch(self, nc: NatsClient, subscription: Subscription) -> None:
+    async def _watch(self, nc: NatsClient) -> None:
         while True:
             await self._resubscribe.wait()
             self._resubscribe.clear()
             self._states.clear()  # any of them may be stale now
-            with contextlib.suppress(NatsError, TimeoutError):
-                await subscription.unsubscribe()
+            if self._subscription is not None:
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await self._subscription.unsubscribe()
+                self._subscription = None
             while True:
                 try:
-                    subscription = await self._subscribe(nc)
+                    self._subscription = await self._subscribe(nc)
                     self._states.clear()  # and again: updates may have come between the clear and the subscribe
                     break
                 except (NatsError, TimeoutError) as error:
