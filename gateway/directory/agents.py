@@ -18,7 +18,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from gateway.directory.buckets import AGENTS, Buckets, decode, encode, nats_errors, scan
+from gateway.directory.buckets import AGENTS, Buckets, decode, encode, nats_errors
 from gateway.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,8 @@ class AgentAccounts:
         return found[0] if found is not None else None
 
     async def list(self, tenant: str) -> list[AgentAccount]:
-        kv = await self._buckets.open(AGENTS)
         accounts = []
-        for entry in await scan(kv, f"{tenant}.>", self._buckets.timeout_s):
+        for entry in await self._buckets.scan(AGENTS, f"{tenant}.>"):
             data = decode(entry.value, f"{AGENTS}/{entry.key}")
             account = AgentAccount.from_json(data) if data is not None else None
             if account is not None:

@@ -31,7 +31,6 @@ from gateway.directory.buckets import (
     delete_if_present,
     encode,
     nats_errors,
-    scan,
     stored_time,
 )
 from services.common.nats_client import ensure_key_value
@@ -91,9 +90,8 @@ class BlacklistStore:
         self._buckets = buckets
 
     async def list(self, tenant: str) -> list[BlacklistEntry]:
-        kv = await self._buckets.open(BLACKLIST)
         entries = []
-        for item in await scan(kv, f"{tenant}.*", self._buckets.timeout_s):
+        for item in await self._buckets.scan(BLACKLIST, f"{tenant}.*"):
             data = decode(item.value, f"{BLACKLIST}/{item.key}")
             entry = BlacklistEntry.from_json(data) if data is not None else None
             if entry is not None and entry.tenant == tenant:

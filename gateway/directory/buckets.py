@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 
 from gateway.bus import BusUnavailable
 from gateway.errors import ApiError
+from services.common.kv_values import KvValue, live_values
 from services.common.nats_client import ensure_key_value
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ class Buckets:
                 self._open[bucket] = await ensure_key_value(js, bucket_config(bucket, self._replicas))
             return self._open[bucket]
 
+    async def scan(self, bucket: str, pattern: str) -> list[KvValue]:
+        """The live values under `pattern` (e.g. "shop1.*"), deleted keys left out (see live_values)."""
+        await self.open(bucket)  # created on first use
+        async with nats_errors():
+            nc = await self._connection()
+            return await live_values(nc.jetstream(timeout=self.timeout_s), bucket, pattern, timeout_s=self.timeout_s)
+
 
 @contextlib.asynccontextmanager
 async def nats_errors() -> AsyncIterator[None]:
@@ -101,24 +109,6 @@ async def delete_if_present(kv: KeyValue, key: str) -> bool:
             return False
         await kv.delete(key)
     return True
-
-
-async def scan(kv: KeyValue, pattern: str, timeout_s: float) -> list[KeyValue.Entry]:
-    """The live entries under `pattern` (e.g. "shop1.>"), deleted keys left out."""
-    async with nats_errors():
-        watcher = await kv.watch(pattern, ignore_deletes=True)
-        try:
-            entries = []
-            # asyncio.timeout, not watcher.updates(): its wait_for can swallow a cancel on 3.11.
-            async with asyncio.timeout(timeout_s):
-                async for entry in watcher:
-                    if entry is None:  # the end of the current values
-                        break
-                    if entry.operation not in DEL_OPERATIONS:
-                        entries.append(entry)
-            return entries
-        finally:
-            await watcher.stop()
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:

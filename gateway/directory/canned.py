@@ -16,7 +16,6 @@ from gateway.directory.buckets import (
     delete_if_present,
     encode,
     nats_errors,
-    scan,
     stored_time,
 )
 from gateway.errors import ApiError
@@ -95,9 +94,8 @@ class CannedReplies:
         return await delete_if_present(await self._buckets.open(CANNED), f"{tenant}.{reply_id}")
 
     async def _all(self, tenant: str) -> builtins.list[CannedReply]:  # `list`: a method here
-        kv = await self._buckets.open(CANNED)
         replies = []
-        for entry in await scan(kv, f"{tenant}.*", self._buckets.timeout_s):
+        for entry in await self._buckets.scan(CANNED, f"{tenant}.*"):
             data = decode(entry.value, f"{CANNED}/{entry.key}")
             reply = CannedReply.from_json(data) if data is not None else None
             if reply is not None:

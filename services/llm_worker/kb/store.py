@@ -13,7 +13,6 @@ Every change of a key is a compare-and-set on its revision: worker replicas may 
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import hashlib
 import io
@@ -28,7 +27,7 @@ from typing import Literal
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
@@ -40,6 +39,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from services.common.errors import InvalidArgument, KefuError, NotFound
+from services.common.kv_values import live_values
 from services.common.nats_client import ensure_key_value
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ MAX_URL_CHARS = 2000
 MAX_FILENAME_CHARS = 255
 CAS_ATTEMPTS = 50
 DEL_OPERATIONS = frozenset({"DEL", "PURGE"})
-RECORDS_BATCH = 256
 
 Status = Literal["queued", "indexing", "ready", "failed"]
 
@@ -237,31 +236,16 @@ class KnowledgeStore:
     async def records(self, tenant: str, timeout_s: float = 10.0) -> list[tuple[DocumentRecord, int]]:
         """Every live record of the tenant with its revision, ordered by document id.
 
-        Read with a one-shot pull consumer whose pending count is exact before anything is delivered: a KV
-        watch's "no more values" marker can come before values already on their way (nats-py decides it from
-        a consumer info taken after delivery began), and an empty list read that way would make ingestion
-        drop every document of the tenant from its index."""
-        consumer = await self._js.pull_subscribe(
-            f"$KV.{DOCUMENTS_BUCKET}.{tenant}.*", stream=f"KV_{DOCUMENTS_BUCKET}",
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-                                  inactive_threshold=5.0, mem_storage=True))
+        Never from a KV watch (see live_values): an empty list read that way would make ingestion drop every
+        document of the tenant from its index."""
         found: list[tuple[DocumentRecord, int]] = []
-        try:
-            remaining = (await consumer.consumer_info()).num_pending or 0  # None only from a server too old to count
-            async with asyncio.timeout(timeout_s):
-                while remaining > 0:
-                    for msg in await consumer.fetch(min(remaining, RECORDS_BATCH), timeout=timeout_s):
-                        remaining = msg.metadata.num_pending
-                        headers = msg.headers or {}
-                        if (not msg.data or headers.get("KV-Operation") in DEL_OPERATIONS
-                                or "Nats-Marker-Reason" in headers):
-                            continue
-                        try:
-                            found.append((DocumentRecord.from_json(msg.data), msg.metadata.sequence.stream))
-                        except (ValueError, TypeError):
-                            log.warning("ignoring a malformed knowledge record at %s", msg.subject)
-        finally:
-            await consumer.unsubscribe()
+        for value in await live_values(self._js, DOCUMENTS_BUCKET, f"{tenant}.*", timeout_s=timeout_s):
+            if not value.value:
+                continue
+            try:
+                found.append((DocumentRecord.from_json(value.value), value.revision))
+            except (ValueError, TypeError):
+                log.warning("ignoring a malformed knowledge record at %s", value.key)
         found.sort(key=lambda pair: pair[0].document_id)
         return found
 
