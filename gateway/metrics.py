@@ -31,6 +31,9 @@ class EdgeMetrics:
         self.ws_messages = Counter(
             "kefu_ws_messages_total", "Live-chat frames, by direction (in|out) and frame type.",
             ["direction", "type"], registry=self.registry)
+        self.ws_silent_dropped = Counter(
+            "kefu_ws_silent_dropped_total", "Live-chat WebSockets dropped for not answering a ping (a client gone "
+            "without closing).", registry=self.registry)
         self.log_consumers = Gauge(
             "kefu_live_log_consumers", "Conversation logs this edge follows (through its one JetStream consumer).",
             registry=self.registry)

@@ -66,7 +66,7 @@ class GatewaySettings(KefuSettings):
     """On SIGTERM, how long streams in flight may run before the edge closes them."""
     log_level: str = "INFO"
     ws_heartbeat_s: float = Field(30.0, ge=1)
-    """KEFU_WS_HEARTBEAT_S: the edge pings each WebSocket this often; a peer that misses the pong is closed."""
+    """KEFU_WS_HEARTBEAT_S: the edge pings a WebSocket silent this long, and drops it after half as long again."""
     ws_send_queue: int = Field(256, ge=8, le=65536)
     """KEFU_WS_SEND_QUEUE: frames queued for one socket; a client that lets it fill is closed (1013)."""
     widget_tenants: frozenset[str] = frozenset()

@@ -18,8 +18,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if app[keys.STATE].is_draining:
         raise ApiError("draining", "this edge is shutting down; retry on another", 503, headers={"Retry-After": "1"})
     settings = app[keys.SETTINGS]
-    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, compress=False, heartbeat=settings.ws_heartbeat_s,
-                               autoping=True, timeout=CLOSE_TIMEOUT_S)
+    # No aiohttp heartbeat and no autoping: the hub's one keepalive pings the sockets that went silent
+    # (gateway/live/keepalive.py), and the read loop answers pings and notes pongs.
+    ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, compress=False, autoping=False, timeout=CLOSE_TIMEOUT_S)
     if not ws.can_prepare(request).ok:
         raise ApiError("websocket_required", "this route speaks WebSocket only", 426, headers={"Upgrade": "websocket"})
     # The middleware sets it on plain responses only; the 101 is sent here, before it could.

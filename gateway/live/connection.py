@@ -32,6 +32,10 @@ from gateway.live.frames import (
 log = logging.getLogger(__name__)
 
 FORCED_CLOSE_TIMEOUT_S = 1.0
+PING_FRAME = b"\x89\x00"
+"""A WebSocket ping from the server: FIN and opcode 9, no mask, no payload."""
+CLOSE_SILENT = 1006
+"""Recorded (never sent: the transport is just closed) for a socket that did not answer a ping."""
 OWN_CIDS = 256
 """cids a socket remembers to echo in its own `msg` events."""
 READER_STOP_POLLS = 100
@@ -44,9 +48,9 @@ class Connection:
 
     __slots__ = ("ws", "address", "_principal", "_following", "_seen", "_current", "_own_cids", "_close_code",
                  "_transport", "_queue_size", "_queue", "_held", "_writer", "_closing_reason", "_on_frame_out",
-                 "_tokens", "_tokens_at", "_reader", "_receiving")
+                 "_tokens", "_tokens_at", "_reader", "_receiving", "heard_at", "pinged_at")
 
-    def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.BaseTransport | None,
+    def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.Transport | None,
                  address: str | None = None, on_frame_out: Callable[[str], None] | None = None) -> None:
         self.ws = ws
         self.address = address
@@ -60,7 +64,8 @@ class Connection:
         self._close_code: int | None = None
         self._transport = transport
         self._queue_size = queue_size
-        self._queue: deque[ServerFrame] = deque()
+        self._queue: deque[ServerFrame] | None = None
+        """Created with the first frame to send, dropped once sent: an idle socket holds none."""
         self._held: list[ServerFrame] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing_reason = ""
@@ -71,6 +76,9 @@ class Connection:
         """The task reading the socket's frames, and whether it waits in receive() right now:
         a close from another task stops that read first (see close)."""
         self._receiving = False
+        self.heard_at = time.monotonic()
+        """When the client last sent a frame of any kind (gateway/live/keepalive.py)."""
+        self.pinged_at = 0.0
 
     # -- who, and what it follows -----------------------------------------------------------------
 
@@ -157,7 +165,9 @@ class Connection:
         if self._held is not None:
             self._held.append(frame)
             return
-        if bounded and len(self._queue) >= self._queue_size:
+        if self._queue is None:
+            self._queue = deque()
+        elif bounded and len(self._queue) >= self._queue_size:
             log.info("closing a socket too slow to read (%d frames queued)", self._queue_size)
             self._force_close(CLOSE_TOO_SLOW, "too slow to read")
             return
@@ -179,6 +189,24 @@ class Connection:
 
     def drop_held(self) -> None:
         self._held = None
+
+    # -- keepalive -------------------------------------------------------------------------------
+
+    def heard(self) -> None:
+        self.heard_at = time.monotonic()
+
+    def ping(self, now: float) -> None:
+        """A WebSocket ping, written whole beside whatever the writer sends (frames are written whole)."""
+        self.pinged_at = now
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(PING_FRAME)
+
+    def drop_silent(self) -> None:
+        """No answer to a ping: the peer is gone, so no closing handshake; the read loop ends."""
+        self._close_code = CLOSE_SILENT
+        self._queue = None
+        if self._transport is not None:
+            self._transport.close()
 
     # -- reading and closing ----------------------------------------------------------------------
 
@@ -213,7 +241,7 @@ class Connection:
 
     def _force_close(self, code: int, reason: str) -> None:
         self._close_code = code
-        self._queue.clear()
+        self._queue = None
         if self._writer is not None:
             self._writer.cancel()
         self._writer = asyncio.create_task(self._close_now(code, reason))
@@ -233,6 +261,8 @@ class Connection:
         try:
             while self._queue:
                 frame = self._queue.popleft()
+                if not self._queue:
+                    self._queue = None  # sent everything: an idle socket keeps no deque
                 if isinstance(frame, MsgEvent | NoteEvent) and frame.message_id in self._own_cids:
                     frame = msgspec.structs.replace(frame, cid=self._own_cids[frame.message_id])
                 await self.ws.send_str(encode(frame))

@@ -11,6 +11,7 @@ from gateway.clients import BackendClients
 from gateway.live.channels import LiveChannels
 from gateway.live.connection import Connection
 from gateway.live.feeds import Feeds
+from gateway.live.keepalive import Keepalive
 from gateway.live.tasks import BackgroundTasks
 from gateway.metrics import EdgeMetrics
 from gateway.settings import GatewaySettings
@@ -27,6 +28,8 @@ class LiveHub:
         self._connections: set[Connection] = set()
         self._tasks = BackgroundTasks()
         self.feeds = Feeds(clients, settings, self.channels, self._tasks, metrics)
+        self._keepalive = Keepalive(lambda: self._connections, settings.ws_heartbeat_s,
+                                    on_drop=metrics.ws_silent_dropped.inc if metrics is not None else None)
 
     @property
     def connections(self) -> frozenset[Connection]:
@@ -34,6 +37,7 @@ class LiveHub:
 
     def open(self, connection: Connection) -> None:
         self._connections.add(connection)
+        self._keepalive.ensure_running()
 
     def closed(self, connection: Connection) -> None:
         """The socket ended: it leaves every conversation it followed."""
@@ -53,5 +57,6 @@ class LiveHub:
             connection.close(code, reason)
 
     async def aclose(self) -> None:
+        await self._keepalive.aclose()
         await self._tasks.aclose()
         await self.feeds.aclose()

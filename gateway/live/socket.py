@@ -84,26 +84,33 @@ class LiveSocket:
     async def _receive(self) -> WSMessage | None:
         """The next frame within the allowed rate; None once the socket ends."""
         connection = self._connection
-        try:
-            with connection.reading():
-                message = await connection.ws.receive(timeout=None if self._context else HELLO_TIMEOUT_S)
-        except TimeoutError:
-            raise SocketRefused(CLOSE_AUTH_FAILED, "unauthorized", "no hello frame") from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if connection.closing and task is not None:  # our own close stopped the read
-                task.uncancel()
-                return None
-            raise
-        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            return None  # aiohttp already answered a close, or closed an oversized frame with 1009
-        settings = self._live.settings
-        if not connection.take_frame_token(settings.ws_frame_rps, settings.ws_frame_burst):
-            principal = connection.principal
-            if principal is not None and principal.role == "visitor":
-                self._live.socket_holds.hold(principal, FLOOD_HOLD_S)
-            raise SocketRefused(CLOSE_RATE_LIMITED, "rate_limited", "too many frames")
-        return message
+        deadline = None if self._context else asyncio.get_running_loop().time() + HELLO_TIMEOUT_S
+        while True:
+            try:
+                with connection.reading():
+                    async with asyncio.timeout_at(deadline):
+                        message = await connection.ws.receive()
+            except TimeoutError:
+                raise SocketRefused(CLOSE_AUTH_FAILED, "unauthorized", "no hello frame") from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if connection.closing and task is not None:  # our own close stopped the read
+                    task.uncancel()
+                    return None
+                raise
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return None  # aiohttp already answered a close, or closed an oversized frame with 1009
+            connection.heard()
+            settings = self._live.settings
+            if not connection.take_frame_token(settings.ws_frame_rps, settings.ws_frame_burst):
+                principal = connection.principal
+                if principal is not None and principal.role == "visitor":
+                    self._live.socket_holds.hold(principal, FLOOD_HOLD_S)
+                raise SocketRefused(CLOSE_RATE_LIMITED, "rate_limited", "too many frames")
+            if message.type is WSMsgType.PING:
+                await connection.ws.pong(message.data)
+            elif message.type is not WSMsgType.PONG:  # a pong only says the client is there (heard above)
+                return message
 
     def _decoded(self, message: WSMessage, header_principal: Principal | None) -> ClientFrame | None:
         """The client frame, or None after a bad one (an `error` frame, and the third closes the socket)."""
