@@ -65,6 +65,9 @@ class Feed:
     >= `floor` gets its missed events from memory, older ones come from one ListMessages read.
     """
 
+    __slots__ = ("tenant", "conversation_id", "owner", "connections", "joining", "buffer", "floor", "last_seq",
+                 "state", "ready", "task", "subscription", "follower", "_on_state", "_waiters", "_seq_by_id")
+
     def __init__(self, tenant: str, conversation_id: str, on_state: StateListener) -> None:
         self.tenant = tenant
         self.conversation_id = conversation_id
