@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 from services.common.nats_client import ensure_key_value
 from services.session.models import ConversationState, SessionMeta
 from services.session.reads import count_subjects, last_per_subject
+from services.session.together import together
 
 INDEX_BUCKET = "kefu_conversations"
 INDEX_STREAM = f"KV_{INDEX_BUCKET}"
@@ -85,10 +86,11 @@ class ConversationIndex:
 
     async def add_new(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
         """Index a session about to be created. Written before its metadata exists, so no
-        change of it can race this write; a dangling entry (the create failed) is skipped by readers."""
-        await self._kv.put(status_key(tenant, meta.state.status, session_id),
-                           ConversationSummary.of(session_id, meta).to_json())
-        await self._kv.put(visitor_key(tenant, meta.owner, session_id), b"1")
+        change of it can race this write; a dangling entry (the create failed and its clean-up
+        too) is skipped by readers. Both entries at once: they are independent keys."""
+        await together(self._kv.put(status_key(tenant, meta.state.status, session_id),
+                                    ConversationSummary.of(session_id, meta).to_json()),
+                       self._kv.put(visitor_key(tenant, meta.owner, session_id), b"1"))
 
     async def project(self, tenant: str, session_id: str, meta: SessionMeta, reread: MetaReader, *,
                       moved: bool = True) -> None:
