@@ -71,6 +71,8 @@ SERVICE_ENV = {
     # Production's checks all run (visitor rate, open conversations, tenant quota), set never to refuse.
     "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000",
 }
+RETURNING = 100
+"""Visitors the returning-visitor measurement speaks as, in turn: each opens conversation after conversation."""
 OPERATION_METRIC = "kefu_session_operation_duration_seconds"
 
 
@@ -249,15 +251,20 @@ async def measured_turns(operation: Callable[[], Awaitable[object]], watched: Wa
 
 async def measure_begin_turn(stub: session_pb2_grpc.SessionServiceStub, watched: Watched,
                              args: argparse.Namespace) -> dict[str, Any]:
-    """A new conversation of a new visitor (the widget's first message), then next turns of those conversations."""
+    """A new conversation of a new visitor (the widget's first message), one of a returning visitor (one of
+    RETURNING, as `python -m bench` speaks), then next turns of the conversations begun."""
     visitors = itertools.count()
     begun: list[Session] = []
 
-    async def new() -> None:
-        principal = Principal(TENANT, f"turn-visitor-{next(visitors)}", "visitor")
+    async def new(returning: bool = False) -> None:
+        n = next(visitors)
+        principal = Principal(TENANT, f"returning-{n % RETURNING}" if returning else f"turn-visitor-{n}", "visitor")
         reply = await stub.BeginTurn(session_pb2.BeginTurnRequest(
             principal=to_proto(principal), content=TURNS[0][1], system_prompt=SYSTEM_PROMPT), timeout=10)
         begun.append(Session(principal, reply.stored.session_id))
+
+    async def new_returning() -> None:
+        await new(returning=True)
 
     turns = itertools.count()
 
@@ -271,6 +278,7 @@ async def measure_begin_turn(stub: session_pb2_grpc.SessionServiceStub, watched:
         await new()
         await existing()
     return {"begin_turn[new]": await measured_turns(new, watched, args.seconds),
+            "begin_turn[new, returning]": await measured_turns(new_returning, watched, args.seconds),
             "begin_turn[existing]": await measured_turns(existing, watched, args.seconds)}
 
 
@@ -369,7 +377,7 @@ def report(results: dict[str, Any]) -> str:
             server = (f", server mean {figures['server_mean_ms']} ms, CPU per call session "
                       f"{figures['session_cpu_ms']} ms nats-server {figures['nats_cpu_ms']} ms"
                       if "server_mean_ms" in figures else "")
-            lines.append(f"{path:5} {name:26} {rate}p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
+            lines.append(f"{path:5} {name:28} {rate}p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
                          f"n={figures['count']}{conc}{server}")
     for label, key in (("session process idle", "session_process_idle_kib"),
                        ("session process after load", "session_process_kib"),

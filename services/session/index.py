@@ -23,6 +23,7 @@ from typing import Self
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 
 from services.common.nats_client import ensure_key_value
@@ -34,6 +35,8 @@ INDEX_BUCKET = "kefu_conversations"
 INDEX_STREAM = f"KV_{INDEX_BUCKET}"
 INDEX_SUBJECT_PREFIX = f"$KV.{INDEX_BUCKET}"
 VISITOR_TOKEN = "visitor"
+API_TIMEOUT_S = 5.0
+"""As nats-py's JetStream API calls."""
 PROJECTION_ROUNDS = 5
 """A projection chasing a conversation that keeps changing stops after this many rounds (its next change goes on)."""
 
@@ -132,10 +135,30 @@ class ConversationIndex:
         return summaries
 
     async def sessions_of_visitor(self, tenant: str, owner: str) -> list[str]:
-        found = await last_per_subject(self._nc, INDEX_STREAM,
-                                       f"{INDEX_SUBJECT_PREFIX}.{visitor_key(tenant, owner, '*')}",
-                                       batch_reads=self._batch_reads)
-        return [subject.rsplit(".", 1)[1] for subject, _ in found]
+        """The visitor's sessions, from the names of their entries' subjects: one reply, however many there are.
+
+        Every new conversation of a widget visitor asks (the open-conversation limit): reading the
+        entries themselves cost a message each, about 40 µs of this process's CPU per conversation the
+        visitor ever opened. An entry is there or purged (never a delete marker), so its subject says it.
+        """
+        filter_subject = f"{INDEX_SUBJECT_PREFIX}.{visitor_key(tenant, owner, '*')}"
+        subjects = await self._subjects(filter_subject)
+        if subjects is None:  # more than the server names in one reply: read them
+            found = await last_per_subject(self._nc, INDEX_STREAM, filter_subject, batch_reads=self._batch_reads)
+            subjects = [subject for subject, _ in found]
+        return [subject.rsplit(".", 1)[1] for subject in subjects]
+
+    async def _subjects(self, filter_subject: str) -> list[str] | None:
+        """Subjects of the index holding a message and matching `filter_subject`; None when the server pages them."""
+        reply = await self._nc.request(f"$JS.API.STREAM.INFO.{INDEX_STREAM}",
+                                       json.dumps({"subjects_filter": filter_subject}).encode(), timeout=API_TIMEOUT_S)
+        info = json.loads(reply.data)
+        if "error" in info:
+            APIError.from_error(info["error"])  # raises the matching nats.js error
+        subjects = info.get("state", {}).get("subjects") or {}
+        if int(info.get("total", len(subjects))) > len(subjects):
+            return None
+        return list(subjects)
 
     async def count(self, status: str) -> int:
         """Conversations in `status` over every tenant, counted by the server without reading them."""
