@@ -14,6 +14,10 @@
   the key in one CAS at most once a second per conversation. This process's reads add what is
   pending; a state change or a claim takes it into its own write. A new conversation's metadata
   is created with its first message counted.
+- A new conversation costs four round trips, not one per step (issue 20): its refusals at once
+  (visitor rate, open conversations, tenant quota), then its first message beside its index
+  entries, then its metadata, then its timer. A step that fails, or a call cancelled midway,
+  takes back what the others stored (`_discard`), so nobody finds half a conversation.
 - An append checks access against this process's recent view of the metadata (meta_cache.py).
   A visitor's message and a conditional append (an AI answer) read the state again after the
   publish: whether the AI answers, or its answer stands, depends on the state as of the
@@ -924,6 +928,3 @@ def meta_key(tenant: str, session_id: str) -> str:
 def _failure(task: asyncio.Task[T]) -> BaseException | None:
     """The error a finished step raised (None: it succeeded or was cancelled with its caller)."""
     return None if task.cancelled() else task.exception()
-
-
-
