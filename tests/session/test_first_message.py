@@ -130,6 +130,31 @@ async def test_first_message_cancelled_midway_is_all_or_nothing(store: SessionSt
     assert await traces(nats_client) == (ONE_CONVERSATION if finished else NOTHING)
 
 
+async def test_first_message_rate_of_a_new_visitor_is_taken_without_a_read(nats_client: NatsClient) -> None:
+    """A visitor this replica never saw is most likely new: its first token is written at once (its key
+    missing is a full bucket); a replica whose guess is wrong (the key is there) reads and counts right."""
+    reads: list[str] = []
+
+    async def seen(message: Msg) -> None:
+        # A read is a message get or a direct get of the bucket's stream (its writes are plain publishes).
+        if ".GET." in message.subject and "KV_kefu_visitor_rates" in message.subject:
+            reads.append(message.subject)
+
+    first, second = [await VisitorRates.open(nats_client, rate=0.001, burst=2) for _ in range(2)]
+    watch = await nats_client.subscribe("$JS.API.>", cb=seen)
+    try:
+        await first.take("shop1", "new-visitor")
+        await nats_client.flush()
+        assert reads == []
+        await second.take("shop1", "new-visitor")  # guessed new, but the key is there: read, then the last token
+        await nats_client.flush()
+        assert len(reads) == 1
+        with pytest.raises(RateLimited):
+            await first.take("shop1", "new-visitor")
+    finally:
+        await watch.unsubscribe()
+
+
 async def test_first_message_together_raises_the_first_failure_itself_and_ends_the_rest() -> None:
     ended: list[str] = []
 
