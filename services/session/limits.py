@@ -164,7 +164,19 @@ class TenantUsage:
         return self._total(usage) + self._pending.get(tenant, 0)
 
     async def check(self, tenant: str, size: int) -> None:
-        if await self.used(tenant) + size > self.limit_bytes:
+        self._refuse_over(await self.used(tenant) + size)
+
+    def check_known(self, tenant: str, size: int) -> bool:
+        """check() from this process's view while it is fresh, without a round trip: True when that
+        decided it (QuotaExceeded when over); False when only check() can tell."""
+        usage = self._known.get(tenant)
+        if usage is None or time.monotonic() - usage.read_at > REFRESH_S:
+            return False
+        self._refuse_over(self._total(usage) + self._pending.get(tenant, 0) + size)
+        return True
+
+    def _refuse_over(self, total: int) -> None:
+        if total > self.limit_bytes:
             raise QuotaExceeded(f"this tenant's stored messages reached its quota of {self.limit_bytes} bytes")
 
     def add(self, tenant: str, size: int) -> None:

@@ -270,21 +270,25 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
-        # The refusals are independent reads (and the rate's CAS): one round trip for all of them, an
-        # existing conversation's access check beside, and every one before anything is stored (issue 20).
+        # The checks are independent reads (and the rate's CAS), all before anything is stored (issue 20):
+        # what this process can answer from its own view first, then the rest at once, in one round trip.
+        entry = None if created else self._cached_entry(principal, session_id)
+        size = self._stored_size(principal.tenant, content) + (CONVERSATION_BYTES if created else 0)
+        usage_known = self.usage is None or self.usage.check_known(principal.tenant, size)
         checks: list[Coroutine[object, object, None]] = []
         if admit is not None:
             checks.append(admit())
         if created and principal.role == "visitor" and not principal.subject.startswith("api:"):
             # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
             checks.append(self._check_open_conversations(principal))
-        if self.usage is not None:
-            checks.append(self.usage.check(principal.tenant, self._stored_size(principal.tenant, content)
-                                           + (CONVERSATION_BYTES if created else 0)))
+        if not usage_known and self.usage is not None:
+            checks.append(self.usage.check(principal.tenant, size))
         key = meta_key(principal.tenant, session_id)
+        if entry is None and not created:
+            entry = await together(self._authorize_entry(principal, session_id), *checks)  # its read beside them
+        elif checks:
+            await together(checks[0], *checks[1:])
         if created:
-            if checks:
-                await together(checks[0], *checks[1:])
             if self.usage is not None:
                 self.usage.add(principal.tenant, CONVERSATION_BYTES)
             session_id = new_id()
@@ -293,7 +297,8 @@ class SessionStore:
             meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))
             revision = 0  # created below, with the first message counted
         else:
-            meta, revision = await together(self._authorize_entry(principal, session_id, cached=True), *checks)
+            assert entry is not None
+            meta, revision = entry
             if meta.owner != principal.subject and role != "agent":
                 # Staff may read a visitor's conversation and answer in it as an agent, but
                 # never speak as the visitor or the AI: that is the owner's (and the edge's).
@@ -784,22 +789,23 @@ class SessionStore:
         meta, revision = await self._authorize_entry(principal, session_id)
         return self._view(meta_key(principal.tenant, session_id), meta, revision)
 
-    async def _authorize_entry(self, principal: Principal, session_id: str, *,
-                               cached: bool = False) -> tuple[SessionMeta, int]:
-        """The session's metadata and its KV revision, if `principal` may see it; else NotFound.
-
-        `cached`: this process's recent view will do (appends, whose CAS catches a stale one)."""
+    async def _authorize_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int]:
+        """The session's metadata and its KV revision, if `principal` may see it; else NotFound."""
         if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise NotFound("no such session")
-        key = meta_key(principal.tenant, session_id)
-        entry = self._cache.get(key) if cached else None
-        if entry is None:
-            # An expiry marker stands where the key was until the marker itself expires: gone too.
-            entry = await self._read_entry(key)
-        if entry is None:
+        # An expiry marker stands where the key was until the marker itself expires: gone too.
+        entry = await self._read_entry(meta_key(principal.tenant, session_id))
+        if entry is None or not _may_see(principal, entry[0]):
             raise NotFound("no such session")
-        meta = entry[0]
-        if meta.tenant != principal.tenant or (meta.owner != principal.subject and not principal.is_staff):
+        return entry
+
+    def _cached_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int] | None:
+        """As _authorize_entry from this process's recent view, without a round trip (appends, whose CAS
+        catches a stale one); None when it has none."""
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise NotFound("no such session")
+        entry = self._cache.get(meta_key(principal.tenant, session_id))
+        if entry is not None and not _may_see(principal, entry[0]):
             raise NotFound("no such session")
         return entry
 
@@ -923,6 +929,10 @@ async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: flo
 
 def meta_key(tenant: str, session_id: str) -> str:
     return f"{tenant}.{session_id}"
+
+
+def _may_see(principal: Principal, meta: SessionMeta) -> bool:
+    return meta.tenant == principal.tenant and (meta.owner == principal.subject or principal.is_staff)
 
 
 def _failure(task: asyncio.Task[T]) -> BaseException | None:
