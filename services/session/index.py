@@ -120,9 +120,9 @@ class ConversationIndex:
             meta = current
 
     async def remove(self, tenant: str, session_id: str, owner: str) -> None:
-        await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}")
         visitor = visitor_key(tenant, owner, session_id)
-        await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}")
+        await together(self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}"),
+                       self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}"))
 
     async def in_status(self, tenant: str, status: str) -> list[ConversationSummary]:
         """Entries of one status of one tenant (agents' lists)."""
