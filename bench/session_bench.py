@@ -10,8 +10,14 @@ measures:
 - BuildContext p50/p99 one call at a time (latency without queueing) on random sessions,
   through the store (read + context build) and through gRPC, for an empty model (the
   default cl100k, stored counts reused) and for `gpt-4o` (o200k, every message recounted);
+- BeginTurn one call at a time through gRPC (issue 20): a new conversation of a new visitor and
+  the next turn of an existing one, each with its client-side p50, the server-side mean from the
+  service's `kefu_session_operation_duration_seconds{operation="begin_turn"}`, and the CPU time
+  per call of the session process and of nats-server (from /proc);
 - the resident memory (VmRSS, and the peak VmHWM) of the session process and of nats-server,
   and the size of the JetStream store on disk.
+
+`--begin-turn-only` skips the store, append and BuildContext measurements (the fill stays).
 
 A fill slower than `--max-fill-s` stops early; the figures are then at the size reached.
 """
@@ -23,9 +29,12 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import random
+import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +46,7 @@ from nats.aio.client import Client as NatsClient
 from bench.loadgen import percentile
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
 from devtools.devstack.nats_server import NatsServer, start_nats_server
+from devtools.devstack.stack import free_port
 from kefu.session.v1 import session_pb2, session_pb2_grpc
 from services.common.conversation_log import log_subject
 from services.common.grpc_client import internal_channel
@@ -57,6 +67,13 @@ TURNS = [
     ("user", "好的，那退款多久到账？🙂"),
     ("assistant", "退款审核通过后1-3个工作日原路退回，信用卡可能需要更久。"),
 ]
+SERVICE_ENV = {
+    # Production's checks all run (visitor rate, open conversations, tenant quota), set never to refuse.
+    "KEFU_VISITOR_MSG_RPS": "1000", "KEFU_VISITOR_MSG_BURST": "100000", "KEFU_VISITOR_MAX_CONVERSATIONS": "1000",
+}
+RETURNING = 100
+"""Visitors the returning-visitor measurement speaks as, in turn: each opens conversation after conversation."""
+OPERATION_METRIC = "kefu_session_operation_duration_seconds"
 
 
 @dataclass
@@ -193,11 +210,87 @@ async def measure_store(store: SessionStore, counters: TokenCounters, sessions: 
     return results
 
 
-async def measure_grpc(port: int, sessions: list[Session], args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def operation_totals(metrics_url: str, operation: str) -> tuple[float, int]:
+    """(sum of seconds, count) of one operation in the service's histogram."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    found = {name: float(value) for name, value in re.findall(
+        rf'^{OPERATION_METRIC}_(sum|count){{operation="{operation}"}} (\S+)$', text, re.MULTILINE)}
+    return found.get("sum", 0.0), int(found.get("count", 0))
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What a measurement reads beside its latencies: the service's histogram and two processes' CPU."""
+
+    metrics_url: str
+    session_pid: int
+    nats_pid: int
+
+
+async def measured_turns(operation: Callable[[], Awaitable[object]], watched: Watched,
+                         seconds: float) -> dict[str, float]:
+    """BeginTurn one call at a time: client p50/p99, the server's mean, CPU ms per call of each process."""
+    server_before = operation_totals(watched.metrics_url, "begin_turn")
+    cpu_before = cpu_seconds(watched.session_pid), cpu_seconds(watched.nats_pid)
+    stats = await closed_loop(operation, 1, seconds)
+    cpu_after = cpu_seconds(watched.session_pid), cpu_seconds(watched.nats_pid)
+    server_after = operation_totals(watched.metrics_url, "begin_turn")
+    calls = max(1, server_after[1] - server_before[1])
+    return {**stats.summary(),
+            "server_mean_ms": round((server_after[0] - server_before[0]) / calls * 1000, 3),
+            "session_cpu_ms": round((cpu_after[0] - cpu_before[0]) / stats.count * 1000, 3),
+            "nats_cpu_ms": round((cpu_after[1] - cpu_before[1]) / stats.count * 1000, 3)}
+
+
+async def measure_begin_turn(stub: session_pb2_grpc.SessionServiceStub, watched: Watched,
+                             args: argparse.Namespace) -> dict[str, Any]:
+    """A new conversation of a new visitor (the widget's first message), one of a returning visitor (one of
+    RETURNING, as `python -m bench` speaks), then next turns of the conversations begun."""
+    visitors = itertools.count()
+    begun: list[Session] = []
+
+    async def new(returning: bool = False) -> None:
+        n = next(visitors)
+        principal = Principal(TENANT, f"returning-{n % RETURNING}" if returning else f"turn-visitor-{n}", "visitor")
+        reply = await stub.BeginTurn(session_pb2.BeginTurnRequest(
+            principal=to_proto(principal), content=TURNS[0][1], system_prompt=SYSTEM_PROMPT), timeout=10)
+        begun.append(Session(principal, reply.stored.session_id))
+
+    async def new_returning() -> None:
+        await new(returning=True)
+
+    turns = itertools.count()
+
+    async def existing() -> None:
+        s = begun[next(turns) % len(begun)]
+        await stub.BeginTurn(session_pb2.BeginTurnRequest(
+            principal=to_proto(s.principal), session_id=s.session_id, content=TURNS[2][1],
+            system_prompt=SYSTEM_PROMPT), timeout=10)
+
+    for _ in range(20):  # warm-up: first calls of each path, not samples
+        await new()
+        await existing()
+    return {"begin_turn[new]": await measured_turns(new, watched, args.seconds),
+            "begin_turn[new, returning]": await measured_turns(new_returning, watched, args.seconds),
+            "begin_turn[existing]": await measured_turns(existing, watched, args.seconds)}
+
+
+async def measure_grpc(port: int, sessions: list[Session], args: argparse.Namespace,
+                       watched: Watched) -> dict[str, Any]:
     pick = random.Random(2).choice
     results: dict[str, Any] = {}
     async with internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
+        results.update(await measure_begin_turn(stub, watched, args))
+        if args.begin_turn_only:
+            return results
 
         async def append() -> None:
             s = pick(sessions)
@@ -247,13 +340,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         }
         log.info("filled %d sessions in %.0f s", len(sessions), fill_s)
         results["nats_after_fill_kib"] = memory_kib(server.process.pid)
-        log.info("measuring through the store")
-        results["store"] = await measure_store(store, counters, sessions, args)
+        if not args.begin_turn_only:
+            log.info("measuring through the store")
+            results["store"] = await measure_store(store, counters, sessions, args)
         if not args.no_grpc:
-            service, port = start_service("session", {"KEFU_NATS_URL": server.url}, workdir / "session.log")
+            metrics_port = free_port()
+            service, port = start_service("session", {"KEFU_NATS_URL": server.url, **SERVICE_ENV,
+                                                      "KEFU_SESSION_METRICS_PORT": str(metrics_port)},
+                                          workdir / "session.log")
             results["session_process_idle_kib"] = memory_kib(service.pid)
             log.info("measuring through gRPC")
-            results["grpc"] = await measure_grpc(port, sessions, args)
+            watched = Watched(f"http://127.0.0.1:{metrics_port}/metrics", service.pid, server.process.pid)
+            results["grpc"] = await measure_grpc(port, sessions, args, watched)
             results["session_process_kib"] = memory_kib(service.pid)
         results["nats_kib"] = memory_kib(server.process.pid)
         results["jetstream_store_bytes"] = dir_size_bytes(workdir / "nats" / "jetstream")
@@ -276,8 +374,11 @@ def report(results: dict[str, Any]) -> str:
         for name, figures in results[path].items():
             rate = f"{figures['per_s']:,} /s, " if name == "append" else ""
             conc = f" (concurrency {results['concurrency']})" if name == "append" else " (one at a time)"
-            lines.append(f"{path:5} {name:26} {rate}p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
-                         f"n={figures['count']}{conc}")
+            server = (f", server mean {figures['server_mean_ms']} ms, CPU per call session "
+                      f"{figures['session_cpu_ms']} ms nats-server {figures['nats_cpu_ms']} ms"
+                      if "server_mean_ms" in figures else "")
+            lines.append(f"{path:5} {name:28} {rate}p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
+                         f"n={figures['count']}{conc}{server}")
     for label, key in (("session process idle", "session_process_idle_kib"),
                        ("session process after load", "session_process_kib"),
                        ("nats-server after fill", "nats_after_fill_kib"), ("nats-server at the end", "nats_kib")):
@@ -301,6 +402,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=50, help="concurrent appenders while measuring")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC service measurements")
+    parser.add_argument("--begin-turn-only", action="store_true",
+                        help="through gRPC, measure BeginTurn only (no store, append or BuildContext figures)")
     parser.add_argument("--quick", action="store_true", help="2,000 sessions, 3 s per measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)

@@ -52,7 +52,12 @@ class _Bucket:
     tokens: float
     at: float
     revision: int
-    """KV revision of the key as this process last saw it; 0: no key (a full bucket)."""
+    """KV revision of the key as this process last saw it; 0: no key (a full bucket); ASSUMED: not read."""
+
+
+ASSUMED = -1
+"""A visitor this process does not know: most likely a new one, whose missing key is a full bucket. The
+first take writes without reading (one round trip instead of two) and reads only if a key was there."""
 
 
 class VisitorRates:
@@ -76,8 +81,12 @@ class VisitorRates:
     async def take(self, tenant: str, visitor: str) -> None:
         """One message's token; RateLimited (with the seconds until the next one) when there is none."""
         key = f"{tenant}.{hashlib.sha256(visitor.encode()).hexdigest()[:32]}"
+        assume = key not in self._seen
         for _ in range(CAS_ATTEMPTS):
-            seen = self._seen.pop(key, None) or await self._read(key)
+            seen = self._seen.pop(key, None)
+            if seen is None:
+                seen = _Bucket(float(self._burst), time.time(), ASSUMED) if assume else await self._read(key)
+                assume = False
             now = time.time()
             tokens = min(float(self._burst), seen.tokens + max(0.0, now - seen.at) * self._rate)
             if tokens < 1:
@@ -86,10 +95,16 @@ class VisitorRates:
                 raise RateLimited(max(1, math.ceil((1 - tokens) / self._rate)))
             value = json.dumps({"tokens": tokens - 1, "at": now}).encode()
             try:
-                revision = (await self._kv.update(key, value, last=seen.revision) if seen.revision
-                            else await self._kv.create(key, value))
+                if seen.revision == ASSUMED:
+                    # Expects no message at all under the key (create() would also read to tell a
+                    # live key from a deleted one): a key there, live or not, is read next round.
+                    revision = await self._kv.update(key, value, last=0)
+                elif seen.revision:
+                    revision = await self._kv.update(key, value, last=seen.revision)
+                else:
+                    revision = await self._kv.create(key, value)
             except KeyWrongLastSequenceError:
-                continue  # another replica took one meanwhile: read again
+                continue  # another replica took one meanwhile, or the key was there: read again
             self._remember(key, _Bucket(tokens - 1, now, revision))
             return
         raise RateLimited(1)  # a visitor racing itself on many replicas this hard is flooding
@@ -149,7 +164,19 @@ class TenantUsage:
         return self._total(usage) + self._pending.get(tenant, 0)
 
     async def check(self, tenant: str, size: int) -> None:
-        if await self.used(tenant) + size > self.limit_bytes:
+        self._refuse_over(await self.used(tenant) + size)
+
+    def check_known(self, tenant: str, size: int) -> bool:
+        """check() from this process's view while it is fresh, without a round trip: True when that
+        decided it (QuotaExceeded when over); False when only check() can tell."""
+        usage = self._known.get(tenant)
+        if usage is None or time.monotonic() - usage.read_at > REFRESH_S:
+            return False
+        self._refuse_over(self._total(usage) + self._pending.get(tenant, 0) + size)
+        return True
+
+    def _refuse_over(self, total: int) -> None:
+        if total > self.limit_bytes:
             raise QuotaExceeded(f"this tenant's stored messages reached its quota of {self.limit_bytes} bytes")
 
     def add(self, tenant: str, size: int) -> None:

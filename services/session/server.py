@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,7 @@ from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
-from services.session.store import AppendResult, SessionStore, TransitionResult
+from services.session.store import Admit, AppendResult, SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
 from services.session.tokens import TokenCounters
 from services.session.visibility import for_model
@@ -133,10 +134,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.AppendResponse:
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("append").time():
-                result = await self._append(principal_of(request), request.role, lambda principal: self._store.append(
-                    principal, request.session_id, request.role, request.content, request.message_id,
-                    kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
-                    citations=[citation_of(c) for c in request.citations]))
+                result = await self._append(principal_of(request), request.role, lambda principal, admit: (
+                    self._store.append(
+                        principal, request.session_id, request.role, request.content, request.message_id,
+                        kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
+                        citations=[citation_of(c) for c in request.citations], admit=admit)))
         return append_response(result)
 
     async def BeginTurn(
@@ -147,9 +149,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         append read beside its state check (none for a new conversation)."""
         async with session_errors(context):
             with self._metrics.operation_seconds.labels("begin_turn").time():
-                result = await self._append(principal_of(request), "user", lambda principal: self._store.append(
-                    principal, request.session_id, "user", request.content, request.message_id,
-                    with_history=not request.store_only))
+                result = await self._append(principal_of(request), "user", lambda principal, admit: (
+                    self._store.append(principal, request.session_id, "user", request.content, request.message_id,
+                                       with_history=not request.store_only, admit=admit)))
                 response = session_pb2.BeginTurnResponse(stored=append_response(result))
                 if request.store_only or result.history is None or result.state.status != "ai":
                     return response
@@ -163,12 +165,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return response
 
     async def _append(self, principal: Principal, role: str,
-                      store: Callable[[Principal], Awaitable[AppendResult]]) -> AppendResult:
-        """A visitor's message takes a token of its rate first; refusals are counted."""
+                      store: Callable[[Principal, Admit | None], Awaitable[AppendResult]]) -> AppendResult:
+        """A visitor's message takes a token of its rate (the store takes it beside its own checks,
+        before it stores anything); refusals are counted."""
+        admit: Admit | None = None
+        if self._rates is not None and is_anonymous_visitor(principal) and role == "user":
+            admit = functools.partial(self._rates.take, principal.tenant, principal.subject)
         try:
-            if self._rates is not None and is_anonymous_visitor(principal) and role == "user":
-                await self._rates.take(principal.tenant, principal.subject)
-            result = await store(principal)
+            result = await store(principal, admit)
         except (RateLimited, QuotaExceeded, StorageFull) as refused:
             self._metrics.messages_refused.labels(refused.code).inc()
             raise

@@ -14,6 +14,10 @@
   the key in one CAS at most once a second per conversation. This process's reads add what is
   pending; a state change or a claim takes it into its own write. A new conversation's metadata
   is created with its first message counted.
+- A new conversation costs four round trips, not one per step (issue 20): its refusals at once
+  (visitor rate, open conversations, tenant quota), then its first message beside its index
+  entries, then its metadata, then its timer. A step that fails, or a call cancelled midway,
+  takes back what the others stored (`_discard`), so nobody finds half a conversation.
 - An append checks access against this process's recent view of the metadata (meta_cache.py).
   A visitor's message and a conditional append (an AI answer) read the state again after the
   publish: whether the AI answers, or its answer stands, depends on the state as of the
@@ -33,8 +37,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
@@ -83,10 +88,14 @@ from services.session.models import (
 )
 from services.session.pending import FLUSH_S, Pending, PendingCounters
 from services.session.schedule import TimerSchedule
+from services.session.together import together
 from services.session.tokens import TokenCounter
 from services.session.visibility import visible
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Admit = Callable[[], Coroutine[object, object, None]]
+"""A caller's own check before an append stores anything (the visitor's rate): raises to refuse."""
 
 META_BUCKET = "kefu_sessions"
 META_STREAM = f"KV_{META_BUCKET}"
@@ -228,11 +237,12 @@ class SessionStore:
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
                      message_id: str = "", *, kind: str = "", sender_name: str = "",
                      if_version: int = 0, citations: Sequence[Citation] = (),
-                     with_history: bool = False) -> AppendResult:
+                     with_history: bool = False, admit: Admit | None = None) -> AppendResult:
         """Store one message. `if_version` non-zero: only while the state version is still that one
         (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
         caught by the check after it, which deletes the message again). `with_history`: also
-        return the kept events (a turn's context, read beside the state check)."""
+        return the kept events (a turn's context, read beside the state check). `admit`: the
+        caller's own refusal (the visitor's rate), checked beside the store's before anything is stored."""
         kind = kind or "message"
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {sorted(ROLES)}")
@@ -260,13 +270,24 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
+        # The checks are independent reads (and the rate's CAS), all before anything is stored (issue 20):
+        # what this process can answer from its own view first, then the rest at once, in one round trip.
+        entry = None if created else self._cached_entry(principal, session_id)
+        size = self._stored_size(principal.tenant, content) + (CONVERSATION_BYTES if created else 0)
+        usage_known = self.usage is None or self.usage.check_known(principal.tenant, size)
+        checks: list[Coroutine[object, object, None]] = []
+        if admit is not None:
+            checks.append(admit())
         if created and principal.role == "visitor" and not principal.subject.startswith("api:"):
             # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
-            await self._check_open_conversations(principal)
-        if self.usage is not None:
-            await self.usage.check(principal.tenant, self._stored_size(principal.tenant, content)
-                                   + (CONVERSATION_BYTES if created else 0))
+            checks.append(self._check_open_conversations(principal))
+        if not usage_known and self.usage is not None:
+            checks.append(self.usage.check(principal.tenant, size))
         key = meta_key(principal.tenant, session_id)
+        if entry is None and not created:
+            entry = await together(self._authorize_entry(principal, session_id), *checks)  # its read beside them
+        elif checks:
+            await together(checks[0], *checks[1:])
         if created:
             if self.usage is not None:
                 self.usage.add(principal.tenant, CONVERSATION_BYTES)
@@ -275,9 +296,9 @@ class SessionStore:
             now = time.time()
             meta = SessionMeta(principal.tenant, principal.subject, now, now, state=ConversationState(since=now))
             revision = 0  # created below, with the first message counted
-            await self.index.add_new(principal.tenant, session_id, meta)
         else:
-            meta, revision = await self._authorize_entry(principal, session_id, cached=True)
+            assert entry is not None
+            meta, revision = entry
             if meta.owner != principal.subject and role != "agent":
                 # Staff may read a visitor's conversation and answer in it as an agent, but
                 # never speak as the visitor or the AI: that is the owner's (and the edge's).
@@ -302,13 +323,13 @@ class SessionStore:
                                 encoding=self._counter.name, kind=kind,
                                 sender_id=principal.subject if role in ("user", "agent") else "",
                                 sender_name=sender_name, version=if_version, citations=tuple(citations))
+        if created:
+            return await self._begin(principal, session_id, meta, message, with_history)
         ack = await self._publish(principal.tenant, session_id, message)
         if ack.duplicate:
             first = await self._first_copy(principal, session_id, created, ack.seq)
             return replace(first, state=meta.state, reopened=reopened)
         stored = replace(message, seq=ack.seq)
-        if created:
-            return await self._create(principal.tenant, session_id, meta, stored, with_history)
         history: Sequence[StoredMessage] | None = None
         state = meta.state
         if visitor_message or if_version:
@@ -347,6 +368,33 @@ class SessionStore:
                             user_message_count=self._view(key, meta, revision).user_message_count,
                             history=tuple(history) if history is not None else None)
 
+    async def _begin(self, principal: Principal, session_id: str, meta: SessionMeta, message: StoredMessage,
+                     with_history: bool) -> AppendResult:
+        """A new conversation: its index entries and its first message at once, then its metadata.
+
+        The index entries only have to exist before the metadata (index.add_new), and the message
+        before it too (the metadata counts it): so two steps, not three. A failed or cancelled step
+        takes back what the other stored: nobody knows the session yet.
+        """
+        tenant = principal.tenant
+        publishing = asyncio.create_task(self._publish(tenant, session_id, message))
+        indexing = asyncio.create_task(self.index.add_new(tenant, session_id, meta))
+        try:
+            # Both end before this goes on, even when cancelled (gather cancels them and waits for them),
+            # and a failure of one does not cut the other short: what it stored is known, and taken back.
+            await asyncio.gather(publishing, indexing, return_exceptions=True)
+            error = _failure(publishing) or _failure(indexing)  # a refusal (StorageFull) first
+            if error is not None:
+                raise error
+        except BaseException:
+            await self._discard(tenant, session_id, meta.owner, created=False)
+            raise
+        ack = publishing.result()
+        if ack.duplicate:
+            first = await self._first_copy(principal, session_id, True, ack.seq)
+            return replace(first, state=meta.state)
+        return await self._create(tenant, session_id, meta, replace(message, seq=ack.seq), with_history)
+
     async def _create(self, tenant: str, session_id: str, meta: SessionMeta, first: StoredMessage,
                       with_history: bool) -> AppendResult:
         """Create the metadata of a new conversation with its first message counted: one write."""
@@ -357,14 +405,34 @@ class SessionStore:
         try:
             revision = await self._meta.create(key, meta.to_json())
         except BaseException:
-            # Nobody knows the session yet: leave no message of it behind.
-            await self._delete_messages([first.seq])
+            # Nobody knows the session yet: leave nothing of it behind (a create that timed out may have landed).
+            await self._discard(tenant, session_id, meta.owner, created=True)
             raise
         self._cache.put(key, meta, revision)
         # Armed with the first message counted, so the idle timer starts from it.
         await self._arm(tenant, session_id, meta)
         return AppendResult(session_id, first, True, state=meta.state, user_message_count=meta.user_message_count,
                             history=(first,) if with_history else None)
+
+    async def _discard(self, tenant: str, session_id: str, owner: str, *, created: bool) -> None:
+        """Take back a first message nobody was told about (it failed, or its call was cancelled).
+
+        By subject, not by sequence: a new session's subjects hold nothing but its own, and a publish
+        cancelled before its ack may have landed all the same. At once and best effort: what is left
+        dangles (readers skip an index entry without metadata; the log's max age takes the rest).
+        `created`: its metadata was written, or may have been.
+        """
+        steps = [self._js.purge_stream(LOG_STREAM, subject=log_subject(tenant, session_id)),
+                 self.index.remove(tenant, session_id, owner)]
+        if created:
+            self._cache.drop(meta_key(tenant, session_id))
+            steps.append(self._js.purge_stream(
+                META_STREAM, subject=f"{META_SUBJECT_PREFIX}.{meta_key(tenant, session_id)}"))
+        for outcome in await asyncio.gather(*steps, return_exceptions=True):
+            if isinstance(outcome, (NatsError, TimeoutError)):
+                log.warning("session %s: not all taken back: %s", session_id, str(outcome) or type(outcome).__name__)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def _delete_messages(self, seqs: Sequence[int]) -> None:
         for seq in seqs:
@@ -721,22 +789,23 @@ class SessionStore:
         meta, revision = await self._authorize_entry(principal, session_id)
         return self._view(meta_key(principal.tenant, session_id), meta, revision)
 
-    async def _authorize_entry(self, principal: Principal, session_id: str, *,
-                               cached: bool = False) -> tuple[SessionMeta, int]:
-        """The session's metadata and its KV revision, if `principal` may see it; else NotFound.
-
-        `cached`: this process's recent view will do (appends, whose CAS catches a stale one)."""
+    async def _authorize_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int]:
+        """The session's metadata and its KV revision, if `principal` may see it; else NotFound."""
         if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise NotFound("no such session")
-        key = meta_key(principal.tenant, session_id)
-        entry = self._cache.get(key) if cached else None
-        if entry is None:
-            # An expiry marker stands where the key was until the marker itself expires: gone too.
-            entry = await self._read_entry(key)
-        if entry is None:
+        # An expiry marker stands where the key was until the marker itself expires: gone too.
+        entry = await self._read_entry(meta_key(principal.tenant, session_id))
+        if entry is None or not _may_see(principal, entry[0]):
             raise NotFound("no such session")
-        meta = entry[0]
-        if meta.tenant != principal.tenant or (meta.owner != principal.subject and not principal.is_staff):
+        return entry
+
+    def _cached_entry(self, principal: Principal, session_id: str) -> tuple[SessionMeta, int] | None:
+        """As _authorize_entry from this process's recent view, without a round trip (appends, whose CAS
+        catches a stale one); None when it has none."""
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise NotFound("no such session")
+        entry = self._cache.get(meta_key(principal.tenant, session_id))
+        if entry is not None and not _may_see(principal, entry[0]):
             raise NotFound("no such session")
         return entry
 
@@ -861,3 +930,11 @@ async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: flo
 def meta_key(tenant: str, session_id: str) -> str:
     return f"{tenant}.{session_id}"
 
+
+def _may_see(principal: Principal, meta: SessionMeta) -> bool:
+    return meta.tenant == principal.tenant and (meta.owner == principal.subject or principal.is_staff)
+
+
+def _failure(task: asyncio.Task[T]) -> BaseException | None:
+    """The error a finished step raised (None: it succeeded or was cancelled with its caller)."""
+    return None if task.cancelled() else task.exception()
