@@ -300,11 +300,16 @@ def create_grpc_server(registry: CollectorRegistry, internal_token: str, *,
     return grpc.aio.server(interceptors=interceptors, options=options)
 
 
+LIVENESS_SERVICE = "liveness"
+"""The health service name that stays SERVING while the process runs (Kubernetes' liveness and startup
+probes): "" and the services' own names follow readiness (a worker without a lexicon is alive, not ready)."""
+
+
 async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 (every service SERVING) and reflection."""
+    """Register grpc.health.v1 (every service SERVING, and LIVENESS_SERVICE) and reflection."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *service_names):
+    for name in ("", LIVENESS_SERVICE, *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return health_servicer

@@ -22,6 +22,7 @@ from devtools.devstack.stack import Stack, free_port
 from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_client import internal_channel
+from services.common.grpc_server import LIVENESS_SERVICE
 from services.common.lexicon.wire import LEXICON_BUCKET, LEXICON_KEY
 from services.moderation.settings import BUNDLED_LEXICON
 from tests.e2e.stack_helpers import auth, start_stack
@@ -186,9 +187,9 @@ async def test_a_cached_answer_does_not_pass_a_new_word(stack: Stack, upstream_p
     assert WORD[0] not in text_of(third)
 
 
-def worker_health(stack: Stack) -> int:
+def worker_health(stack: Stack, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{stack.config.ports.worker}") as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return int(reply.status)
 
 
@@ -203,6 +204,8 @@ async def test_a_worker_without_a_lexicon_fails_closed_and_is_not_ready(
     finally:
         await nc.close()
     assert await asyncio.to_thread(worker_health, stack) == health_pb2.HealthCheckResponse.NOT_SERVING
+    # Not ready, but alive: Kubernetes' liveness probe must not restart a worker that waits for its lexicon.
+    assert await asyncio.to_thread(worker_health, stack, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
     async with FakeUpstream(FakeUpstreamConfig(reply="这段话没有人检查过"), port=upstream_port) as upstream:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{stack.base_url}/v1/chat", json={"message": "你好", "stream": False},

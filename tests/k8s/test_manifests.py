@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from services.common.grpc_server import LIVENESS_SERVICE
+
 Obj = dict[str, Any]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +139,11 @@ def test_grpc_services_have_grpc_probes_on_their_grpc_port(rendered: dict[str, l
             for probe in ("readinessProbe", "livenessProbe"):
                 assert "grpc" in c.get(probe, {}), (variant, name, probe)
                 assert c[probe]["grpc"]["port"] == port, (variant, name, probe)
-                assert c[probe]["grpc"].get("service", "") == "", (variant, name, probe)
+            # Ready follows "" (the worker's lexicon); alive is only "the process answers" (LIVENESS_SERVICE).
+            assert c["readinessProbe"]["grpc"].get("service", "") == "", (variant, name)
+            assert c["livenessProbe"]["grpc"].get("service") == LIVENESS_SERVICE, (variant, name)
+            if "startupProbe" in c:
+                assert c["startupProbe"]["grpc"].get("service") == LIVENESS_SERVICE, (variant, name)
 
 
 def test_slow_starting_services_have_startup_probes(rendered: dict[str, list[Obj]]) -> None:
