@@ -186,7 +186,7 @@ class VisitorRates:
             try:
                 if base.revision == ASSUMED:
                     # Expects no message at all under the key (create() would also read to tell a live key
-                    # from a deleted one): a key there, live or not, is read and merged next round.
+                    # from a deleted one): a key there, live or not, is read and merged on the next try.
                     revision = await self._kv.update(key, value, last=0)
                 elif base.revision:
                     revision = await self._kv.update(key, value, last=base.revision)
