@@ -307,6 +307,7 @@ async def serve(settings: SessionSettings) -> None:
         background.append(asyncio.create_task(store.watch_expired(metrics.sessions_expired.inc)))
         background.append(asyncio.create_task(timers.run()))
         background.append(asyncio.create_task(usage.run()))
+        background.append(asyncio.create_task(rates.run()))
         background.append(asyncio.create_task(_arm_stored(nc, schedule)))
         server, health_servicer, port = await create_server(
             settings, SessionServicer(settings, store, counters, metrics, rates), metrics)

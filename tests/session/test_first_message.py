@@ -131,8 +131,9 @@ async def test_first_message_cancelled_midway_is_all_or_nothing(store: SessionSt
 
 
 async def test_first_message_rate_of_a_new_visitor_is_taken_without_a_read(nats_client: NatsClient) -> None:
-    """A visitor this replica never saw is most likely new: its first token is written at once (its key
-    missing is a full bucket); a replica whose guess is wrong (the key is there) reads and counts right."""
+    """A visitor this replica never saw is most likely new: its first token is taken and written without a
+    read (its key missing is a full bucket); a replica whose guess is wrong (the key is there) reads and
+    merges when it writes, and counts right from then on."""
     reads: list[str] = []
 
     async def seen(message: Msg) -> None:
@@ -144,13 +145,17 @@ async def test_first_message_rate_of_a_new_visitor_is_taken_without_a_read(nats_
     watch = await nats_client.subscribe("$JS.API.>", cb=seen)
     try:
         await first.take("shop1", "new-visitor")
+        await first.flush()
         await nats_client.flush()
         assert reads == []
-        await second.take("shop1", "new-visitor")  # guessed new, but the key is there: read, then the last token
+        await second.take("shop1", "new-visitor")  # guessed new: no read in the message's path
+        await nats_client.flush()
+        assert reads == []
+        await second.flush()  # the key was there: read, merged, the last token gone
         await nats_client.flush()
         assert len(reads) == 1
         with pytest.raises(RateLimited):
-            await first.take("shop1", "new-visitor")
+            await second.take("shop1", "new-visitor")
     finally:
         await watch.unsubscribe()
 
