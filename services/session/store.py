@@ -242,7 +242,7 @@ class SessionStore:
         (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
         caught by the check after it, which deletes the message again). `with_history`: also
         return the kept events (a turn's context, read beside the state check). `admit`: the
-        caller's own refusal (the visitor's rate), checked beside the store's before anything is stored."""
+        caller's own refusal (the visitor's rate), taken first, before anything is stored."""
         kind = kind or "message"
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {sorted(ROLES)}")
@@ -270,14 +270,15 @@ class SessionStore:
         created = not session_id
         if created and if_version > 1:
             raise Conflict("version_conflict", 1)  # a new conversation starts at version 1
-        # The checks are independent reads (and the rate's CAS), all before anything is stored (issue 20):
-        # what this process can answer from its own view first, then the rest at once, in one round trip.
+        # The checks are independent reads, all before anything is stored (issue 20): what this process can
+        # answer from its own view first (the visitor's rate is taken from it: limits.py), then the rest at
+        # once, in one round trip.
+        if admit is not None:
+            await admit()
         entry = None if created else self._cached_entry(principal, session_id)
         size = self._stored_size(principal.tenant, content) + (CONVERSATION_BYTES if created else 0)
         usage_known = self.usage is None or self.usage.check_known(principal.tenant, size)
         checks: list[Coroutine[object, object, None]] = []
-        if admit is not None:
-            checks.append(admit())
         if created and principal.role == "visitor" and not principal.subject.startswith("api:"):
             # Widget visitors only: `api` integrators (subjects `api:<sub>`) open one per end user.
             checks.append(self._check_open_conversations(principal))
