@@ -30,6 +30,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
@@ -127,13 +128,7 @@ class VisitorRates:
 
     async def run(self) -> None:
         """Write the tokens taken here every FLUSH_S; runs until cancelled (then writes once more)."""
-        try:
-            while True:
-                await asyncio.sleep(FLUSH_S)
-                await self.flush()
-        finally:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await asyncio.shield(self.flush())
+        await flush_every(self.flush)
 
     async def flush(self) -> None:
         """Merge the tokens taken here into each visitor's key, one write per key. Tokens not written (a
@@ -270,13 +265,7 @@ class TenantUsage:
 
     async def run(self) -> None:
         """Flush the bytes stored here every FLUSH_S; runs until cancelled (then flushes once more)."""
-        try:
-            while True:
-                await asyncio.sleep(FLUSH_S)
-                await self.flush()
-        finally:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await asyncio.shield(self.flush())
+        await flush_every(self.flush)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -315,3 +304,14 @@ class TenantUsage:
             return _Usage({}, 0, time.monotonic())
         return _Usage({int(w): int(s) for w, s in json.loads(entry.value).items()}, entry.revision,
                       time.monotonic())
+
+
+async def flush_every(flush: Callable[[], Awaitable[None]]) -> None:
+    """Call `flush` every FLUSH_S until cancelled, then once more: what was taken or stored here is not lost."""
+    try:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            await flush()
+    finally:
+        with contextlib.suppress(NatsError, TimeoutError):
+            await asyncio.shield(flush())
