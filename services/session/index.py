@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Self
 
@@ -26,9 +26,10 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 
+from services.common.direct_get import direct_get
 from services.common.nats_client import ensure_key_value
 from services.session.models import ConversationState, SessionMeta
-from services.session.reads import count_subjects, last_per_subject
+from services.session.reads import count_subjects, is_value, last_per_subject
 from services.session.together import together
 
 INDEX_BUCKET = "kefu_conversations"
@@ -37,6 +38,11 @@ INDEX_SUBJECT_PREFIX = f"$KV.{INDEX_BUCKET}"
 VISITOR_TOKEN = "visitor"
 API_TIMEOUT_S = 5.0
 """As nats-py's JetStream API calls."""
+FIRST_WINDOW_PER_ENTRY = 16
+"""The first window of a newest-first page: this many stream messages per entry asked for (the other
+statuses, tenants and the visitors' entries share the stream); then four times more each round."""
+WINDOW_BATCH = 1024
+"""Entries one direct-get reply carries before the next is asked for."""
 PROJECTION_ROUNDS = 5
 """A projection chasing a conversation that keeps changing stops after this many rounds (its next change goes on)."""
 
@@ -65,6 +71,12 @@ class ConversationSummary:
         raw = json.loads(data)
         return cls(tenant, session_id, str(raw["owner"]), ConversationState.from_dict(raw["state"]),
                    float(raw["created_at"]), float(raw["updated_at"]), str(raw.get("preview", "")))
+
+
+def summary_of(headers: Mapping[str, str], data: bytes) -> ConversationSummary:
+    """An entry of a status, from a direct get's reply (its subject in the `Nats-Subject` header)."""
+    tenant, _, session_id = headers["Nats-Subject"].removeprefix(INDEX_SUBJECT_PREFIX + ".").split(".")
+    return ConversationSummary.from_json(tenant, session_id, data)
 
 
 MetaReader = Callable[[], Awaitable[SessionMeta | None]]
@@ -128,11 +140,33 @@ class ConversationIndex:
         """Entries of one status of one tenant (agents' lists)."""
         found = await last_per_subject(self._nc, INDEX_STREAM, f"{INDEX_SUBJECT_PREFIX}.{tenant}.{status}.*",
                                        batch_reads=self._batch_reads)
-        summaries = []
-        for subject, data in found:
-            tenant_token, _, session_id = subject.removeprefix(INDEX_SUBJECT_PREFIX + ".").split(".")
-            summaries.append(ConversationSummary.from_json(tenant_token, session_id, data))
-        return summaries
+        return [summary_of({"Nats-Subject": subject}, data) for subject, data in found]
+
+    async def newest_in_status(self, tenant: str, status: str, limit: int,
+                               accept: Callable[[ConversationSummary], bool] | None = None,
+                               ) -> list[ConversationSummary]:
+        """At least the `limit` newest entries of one status that `accept` (all of them when there are fewer).
+
+        An entry is rewritten whenever its summary changes and the bucket keeps one message a key, so the
+        newest entries are the last ones in the stream: they are read back from its end in windows growing
+        fourfold, each one batched direct get of the matching entries from the window's start on. A page
+        costs what it shows (and the entries written since its window began), not what the tenant stored.
+        """
+        if not self._batch_reads:
+            return [s for s in await self.in_status(tenant, status) if accept is None or accept(s)]
+        filter_subject = f"{INDEX_SUBJECT_PREFIX}.{tenant}.{status}.*"
+        state = (await self._js.stream_info(INDEX_STREAM)).state
+        window = max(1, limit) * FIRST_WINDOW_PER_ENTRY
+        while True:
+            start = max(state.first_seq, state.last_seq - window + 1)
+            found = await direct_get(self._nc, INDEX_STREAM,
+                                     {"seq": start, "next_by_subj": filter_subject, "batch": WINDOW_BATCH})
+            summaries = [summary_of(message.headers or {}, message.data) for message in found
+                         if is_value(message.headers, message.data)]
+            accepted = [s for s in summaries if accept is None or accept(s)]
+            if len(accepted) >= limit or start <= state.first_seq:
+                return accepted
+            window *= 4
 
     async def sessions_of_visitor(self, tenant: str, owner: str) -> list[str]:
         """The visitor's sessions, from the names of their entries' subjects: one reply, however many there are.

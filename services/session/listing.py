@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from services.common.errors import InvalidArgument
 from services.session.index import ConversationSummary
@@ -30,11 +30,21 @@ async def list_conversations(store: SessionStore, principal: Principal, status: 
     statuses = (status,) if status else OPEN_STATUSES
     if not principal.is_staff:
         return order(await _own(store, principal, statuses), status)[:limit]
-    found = await asyncio.gather(*(store.index.in_status(principal.tenant, s) for s in statuses))
-    summaries = newest_entries(s for entries in found for s in entries)
-    if assignee:
-        summaries = [s for s in summaries if s.state.assignee == assignee]
+    def held(summary: ConversationSummary) -> bool:
+        return not assignee or summary.state.assignee == assignee
+
+    found = await asyncio.gather(*(_page(store, principal.tenant, s, limit, held) for s in statuses))
+    summaries = [s for s in newest_entries(s for entries in found for s in entries) if held(s)]
     return order(summaries, status)[:limit]
+
+
+async def _page(store: SessionStore, tenant: str, status: str, limit: int,
+                held: Callable[[ConversationSummary], bool]) -> list[ConversationSummary]:
+    """The entries of one status a page may show: the queue is served oldest first by when each entry
+    joined it, so all of it; every other list is newest first, so only its newest (index.newest_in_status)."""
+    if status == "waiting_human":
+        return await store.index.in_status(tenant, status)
+    return await store.index.newest_in_status(tenant, status, limit, held)
 
 
 async def _own(store: SessionStore, principal: Principal, statuses: tuple[str, ...]) -> list[ConversationSummary]:

@@ -24,7 +24,7 @@ async def last_per_subject(nc: NatsClient, stream: str, filter_subject: str, *,
     if batch_reads:
         try:
             found = await direct_get(nc, stream, {"multi_last": [filter_subject], "batch": MULTI_LAST_LIMIT})
-            return [((m.headers or {})["Nats-Subject"], m.data) for m in found if _is_value(m.headers, m.data)]
+            return [((m.headers or {})["Nats-Subject"], m.data) for m in found if is_value(m.headers, m.data)]
         except TooManyResults:
             pass
     return await _consume_last_per_subject(nc, stream, filter_subject)
@@ -59,7 +59,7 @@ async def _consume_last_per_subject(nc: NatsClient, stream: str, filter_subject:
                     batch = await subscription.fetch(MULTI_LAST_LIMIT, timeout=2.0)
                 except NatsTimeoutError:
                     break
-                found += [(m.subject, m.data) for m in batch if _is_value(m.headers, m.data)]
+                found += [(m.subject, m.data) for m in batch if is_value(m.headers, m.data)]
                 if not batch or batch[-1].metadata.num_pending == 0:
                     break
         finally:
@@ -76,6 +76,6 @@ async def _delete_consumer(nc: NatsClient, stream: str, name: str) -> None:
         pass  # the inactivity threshold took it already
 
 
-def _is_value(headers: dict[str, str] | None, data: bytes) -> bool:
+def is_value(headers: dict[str, str] | None, data: bytes) -> bool:
     """A KV value, not a delete or purge marker."""
     return bool(data) and not (headers and ("KV-Operation" in headers or "Nats-Marker-Reason" in headers))
