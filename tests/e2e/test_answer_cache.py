@@ -10,12 +10,12 @@ from typing import Any
 
 import aiohttp
 import nats
-import nats.js.errors
 
 from bench.sse_reader import read_sse
 from devtools.devstack.stack import Stack
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_client import internal_channel
+from services.common.kv_values import live_values
 from tests.e2e.stack_helpers import auth
 
 
@@ -85,14 +85,10 @@ async def test_cache_serves_a_paraphrase_its_faq_entrys_answer_and_warms_the_ten
     # and a paraphrase of an entry nobody asked about yet is then answered from the cache.
     nc = await nats.connect(kb_stack.nats_url, max_reconnect_attempts=3, connect_timeout=1)
     try:
-        kv = await nc.jetstream().key_value("kefu_cache")
         deadline = time.monotonic() + 60  # warming yields to live traffic: slow on a loaded machine
 
         async def tenant_keys() -> list[str]:
-            try:
-                return [k for k in await kv.keys() if k.startswith(f"{tenant}.")]
-            except nats.js.errors.NoKeysError:  # nothing written to the shared tier yet
-                return []
+            return [v.key for v in await live_values(nc.jetstream(), "kefu_cache", f"{tenant}.>", timeout_s=5.0)]
 
         while len(await tenant_keys()) < 26:
             assert time.monotonic() < deadline, "the tenant's common questions were never pre-generated"
