@@ -219,7 +219,7 @@ async def test_an_index_without_vectors_serves_bm25_and_is_rebuilt_with_them(nat
             run = asyncio.create_task(Ingestor(store, embedding, metrics, published=library.published).run(
                 nats_client, fetch_timeout_s=0.3))
             try:
-                for _ in range(400):
+                for _ in range(1200):  # a fresh build process (spawn) on a loaded machine: up to a minute
                     after = await library.snapshot("shop")
                     if after.dense:
                         break

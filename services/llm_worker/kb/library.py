@@ -46,6 +46,8 @@ from services.llm_worker.knowledge.retrieval import retrieve
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 5.0
+
 MAX_TENANT_STATES = 100_000
 """Tenant states remembered (a few hundred bytes each); the indexes themselves are bounded by bytes."""
 WATCH_SUBJECT = f"$KV.{TENANTS_BUCKET}.*.index"
@@ -237,11 +239,14 @@ class KnowledgeLibrary:
         self._resubscribe.set()
 
     async def aclose(self) -> None:
-        tasks = [task for task in (self._watch_task, *self._loading.values()) if task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        tasks = {task for task in (self._watch_task, *self._loading.values()) if task is not None}
+        # Cancelled again until they end: nats-py awaits with asyncio.wait_for, which on Python 3.11 can
+        # swallow a cancel that arrives with the reply (https://github.com/python/cpython/issues/86296).
+        deadline = asyncio.get_running_loop().time() + CLOSE_TIMEOUT_S
+        while tasks and asyncio.get_running_loop().time() < deadline:
+            for task in tasks:
+                task.cancel()
+            _, tasks = await asyncio.wait(tasks, timeout=0.1)
         if self._subscription is not None:
             # The ordered consumer's heartbeat and flow-control tasks end with it, not with the watch task.
             with contextlib.suppress(NatsError, TimeoutError):
