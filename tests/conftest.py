@@ -10,6 +10,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer, start_nats_server
+from tests import loop_shutdown
+
+loop_shutdown.install()
 
 
 @pytest.fixture
