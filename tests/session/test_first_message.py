@@ -20,6 +20,7 @@ from services.session.models import Principal
 from services.session.store import META_STREAM, AppendResult, SessionStore
 from services.session.together import together
 from services.session.tokens import TokenCounter
+from tests.session.full_log import store_with_a_full_log
 
 ALICE = Principal("shop1", "alice", "visitor")
 NOTHING = (0, 0, 0)
@@ -73,12 +74,7 @@ async def test_first_message_refusals_store_nothing_and_the_first_check_wins(nat
 
 async def test_first_message_refused_by_a_full_log_leaves_no_index_entry(nats_client: NatsClient,
                                                                         counter: TokenCounter) -> None:
-    store = await SessionStore.open(nats_client, counter, max_history=20, max_message_chars=5000, ttl_s=3600,
-                                    max_bytes=8192)
-    session_id = (await store.append(ALICE, "", "user", "first")).session_id
-    with pytest.raises(StorageFull):
-        for _ in range(10):
-            await store.append(ALICE, session_id, "user", "x" * 1500)
+    store, _ = await store_with_a_full_log(nats_client, counter, ALICE)
     before = await traces(nats_client)
     # The index entries are written beside the refused publish: they are taken back.
     with pytest.raises(StorageFull):

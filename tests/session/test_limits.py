@@ -15,12 +15,13 @@ from devtools.devstack.nats_server import NatsServer
 from services.common.errors import InvalidArgument
 from services.common.settings import SettingsError
 from services.session.conversation import Change
-from services.session.errors import QuotaExceeded, RateLimited, StorageFull
+from services.session.errors import QuotaExceeded, RateLimited
 from services.session.limits import RATES_BUCKET, TenantUsage, VisitorRates
 from services.session.models import Principal
 from services.session.settings import SessionSettings
 from services.session.store import SessionStore
 from services.session.tokens import TokenCounter
+from tests.session.full_log import store_with_a_full_log
 
 ALICE = Principal("shop1", "alice", "visitor")
 BOB = Principal("shop1", "bob", "visitor")
@@ -130,12 +131,7 @@ async def test_limits_a_tenant_over_its_quota_stores_nothing_more(nats_client: N
 
 async def test_limits_a_full_log_refuses_instead_of_dropping_old_messages(nats_client: NatsClient,
                                                                         counter: TokenCounter) -> None:
-    store = await SessionStore.open(nats_client, counter, max_history=20, max_message_chars=5000, ttl_s=3600,
-                                    max_bytes=8192)
-    session_id = (await store.append(ALICE, "", "user", "first")).session_id
-    with pytest.raises(StorageFull):
-        for _ in range(10):
-            await store.append(ALICE, session_id, "user", "x" * 1500)
+    store, session_id = await store_with_a_full_log(nats_client, counter, ALICE)
     _, messages = await store.messages(ALICE, session_id)
     assert messages[0].content == "first"  # kept: DiscardPolicy.NEW
 
