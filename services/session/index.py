@@ -5,6 +5,9 @@ KV bucket `kefu_conversations` (a projection of the sessions' metadata, which st
   listing a tenant's queue reads `<tenant>.waiting_human.>` and nothing else.
 - `<tenant>.visitor.<sha256(owner)[:32]>.<session_id>`: one per session of a visitor, for
   the visitor's own list (the summaries then come from the metadata itself).
+- `<tenant>.joined.waiting_human.<session_id>`: a QueueMarker, written once when the conversation
+  joins the queue and purged when it leaves; nothing a preview changes is in it, so the stream
+  holds these in join order and the queue is read from its start (queue_page.py).
 
 Old entries are purged, not deleted, so no tombstones pile up in listings. Two projections
 of one conversation may interleave; each re-reads the metadata after writing and projects
@@ -36,6 +39,8 @@ INDEX_BUCKET = "kefu_conversations"
 INDEX_STREAM = f"KV_{INDEX_BUCKET}"
 INDEX_SUBJECT_PREFIX = f"$KV.{INDEX_BUCKET}"
 VISITOR_TOKEN = "visitor"
+JOINED_TOKEN = "joined"
+QUEUE_STATUS = "waiting_human"
 API_TIMEOUT_S = 5.0
 """As nats-py's JetStream API calls."""
 FIRST_WINDOW_PER_ENTRY = 16
@@ -79,6 +84,35 @@ def summary_of(headers: Mapping[str, str], data: bytes) -> ConversationSummary:
     return ConversationSummary.from_json(tenant, session_id, data)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueMarker:
+    """When a conversation joined the queue (`state.since`) and the state version that put it there."""
+
+    since: float
+    version: int
+
+    @classmethod
+    def of(cls, state: ConversationState) -> Self:
+        return cls(state.since, state.version)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"since": self.since, "version": self.version}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Self:
+        raw = json.loads(data)
+        return cls(float(raw["since"]), int(raw["version"]))
+
+
+def index_entries(tenant: str, session_id: str, meta: SessionMeta) -> list[tuple[str, bytes]]:
+    """The keys and values indexing a new conversation (add_new; a bulk seed writes the same)."""
+    entries = [(status_key(tenant, meta.state.status, session_id), ConversationSummary.of(session_id, meta).to_json()),
+               (visitor_key(tenant, meta.owner, session_id), b"1")]
+    if meta.state.status == QUEUE_STATUS:
+        entries.append((joined_key(tenant, session_id), QueueMarker.of(meta.state).to_json()))
+    return entries
+
+
 MetaReader = Callable[[], Awaitable[SessionMeta | None]]
 """Reads a conversation's metadata again (None: it is gone)."""
 
@@ -89,6 +123,15 @@ class ConversationIndex:
         self._js = nc.jetstream()
         self._kv = kv
         self._batch_reads = batch_reads
+
+    @property
+    def nc(self) -> NatsClient:
+        return self._nc
+
+    @property
+    def batch_reads(self) -> bool:
+        """The server answers batched direct gets (2.11+)."""
+        return self._batch_reads
 
     @classmethod
     async def open(cls, nc: NatsClient, *, ttl_s: float, replicas: int = 1) -> ConversationIndex:
@@ -102,39 +145,55 @@ class ConversationIndex:
     async def add_new(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
         """Index a session about to be created. Written before its metadata exists, so no
         change of it can race this write; a dangling entry (the create failed and its clean-up
-        too) is skipped by readers. Both entries at once: they are independent keys."""
-        await together(self._kv.put(status_key(tenant, meta.state.status, session_id),
-                                    ConversationSummary.of(session_id, meta).to_json()),
-                       self._kv.put(visitor_key(tenant, meta.owner, session_id), b"1"))
+        too) is skipped by readers. All entries at once: they are independent keys."""
+        first, *others = (self._kv.put(key, value) for key, value in index_entries(tenant, session_id, meta))
+        await together(first, *others)
 
     async def project(self, tenant: str, session_id: str, meta: SessionMeta, reread: MetaReader, *,
                       moved: bool = True) -> None:
         """Write the entry of `meta` (the metadata just written) until it matches the metadata read back.
 
-        `moved` False: the status did not change (a new preview), so the other statuses'
-        entries need no purge unless the state turns out to have moved meanwhile.
+        `moved` False: the state did not change (a new preview), so the other statuses' entries
+        need no purge and the queue marker stays where it is (a preview must not move a conversation
+        in the queue) unless the state turns out to have changed meanwhile.
         """
         for _ in range(PROJECTION_ROUNDS):
-            await self._kv.put(status_key(tenant, meta.state.status, session_id),
-                               ConversationSummary.of(session_id, meta).to_json())
             if moved:
-                # Keep only the newest entry of this conversation across statuses: ours, unless
-                # a concurrent projection wrote after us (then its re-read fixes what it wrote).
-                await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}",
-                                            keep=1)
+                await together(self._move(tenant, session_id, meta), self._mark(tenant, session_id, meta.state))
+            else:
+                await self._kv.put(status_key(tenant, meta.state.status, session_id),
+                                   ConversationSummary.of(session_id, meta).to_json())
             current = await reread()
             if current is None:
                 await self.remove(tenant, session_id, meta.owner)
                 return
             if current.state == meta.state and current.preview == meta.preview:
                 return
-            moved = moved or current.state.status != meta.state.status
+            moved = moved or current.state != meta.state
             meta = current
+
+    async def _move(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
+        await self._kv.put(status_key(tenant, meta.state.status, session_id),
+                           ConversationSummary.of(session_id, meta).to_json())
+        # Keep only the newest entry of this conversation across statuses: ours, unless
+        # a concurrent projection wrote after us (then its re-read fixes what it wrote).
+        await self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}", keep=1)
+
+    async def _mark(self, tenant: str, session_id: str, state: ConversationState) -> None:
+        """Queue marker of a state just written: a new one at the stream's end when it (re)joined the queue,
+        none when it left. A stale projection's marker is fixed by its re-read, as the status entries are."""
+        if state.status == QUEUE_STATUS:
+            await self._kv.put(joined_key(tenant, session_id), QueueMarker.of(state).to_json())
+        else:
+            await self._js.purge_stream(INDEX_STREAM,
+                                        subject=f"{INDEX_SUBJECT_PREFIX}.{joined_key(tenant, session_id)}")
 
     async def remove(self, tenant: str, session_id: str, owner: str) -> None:
         visitor = visitor_key(tenant, owner, session_id)
         await together(self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}"),
-                       self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}"))
+                       self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{visitor}"),
+                       self._js.purge_stream(INDEX_STREAM,
+                                             subject=f"{INDEX_SUBJECT_PREFIX}.{joined_key(tenant, session_id)}"))
 
     async def in_status(self, tenant: str, status: str) -> list[ConversationSummary]:
         """Entries of one status of one tenant (agents' lists)."""
@@ -201,6 +260,11 @@ class ConversationIndex:
 
 def status_key(tenant: str, status: str, session_id: str) -> str:
     return f"{tenant}.{status}.{session_id}"
+
+
+def joined_key(tenant: str, session_id: str) -> str:
+    # Four tokens, as a visitor's: the `<tenant>.*.<session_id>` purges and filters of status entries miss it.
+    return f"{tenant}.{JOINED_TOKEN}.{QUEUE_STATUS}.{session_id}"
 
 
 def visitor_key(tenant: str, owner: str, session_id: str) -> str:
