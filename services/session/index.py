@@ -18,8 +18,10 @@ conversation's next change or idle timer writes it again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Self
@@ -32,8 +34,10 @@ from nats.js.kv import KeyValue
 from services.common.direct_get import direct_get
 from services.common.nats_client import ensure_key_value
 from services.session.models import ConversationState, SessionMeta
-from services.session.reads import count_subjects, is_value, last_per_subject
+from services.session.reads import MULTI_LAST_LIMIT, count_subjects, is_value, last_per_subject
 from services.session.together import together
+
+log = logging.getLogger(__name__)
 
 INDEX_BUCKET = "kefu_conversations"
 INDEX_STREAM = f"KV_{INDEX_BUCKET}"
@@ -78,9 +82,14 @@ class ConversationSummary:
                    float(raw["created_at"]), float(raw["updated_at"]), str(raw.get("preview", "")))
 
 
+def _tenant_and_id(subject: str) -> tuple[str, str]:
+    tenant, _, session_id = subject.removeprefix(INDEX_SUBJECT_PREFIX + ".").split(".")
+    return tenant, session_id
+
+
 def summary_of(headers: Mapping[str, str], data: bytes) -> ConversationSummary:
     """An entry of a status, from a direct get's reply (its subject in the `Nats-Subject` header)."""
-    tenant, _, session_id = headers["Nats-Subject"].removeprefix(INDEX_SUBJECT_PREFIX + ".").split(".")
+    tenant, session_id = _tenant_and_id(headers["Nats-Subject"])
     return ConversationSummary.from_json(tenant, session_id, data)
 
 
@@ -140,7 +149,11 @@ class ConversationIndex:
         kv = await ensure_key_value(nc.jetstream(), KeyValueConfig(
             bucket=INDEX_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas, direct=True))
         version = nc.connected_server_version
-        return cls(nc, kv, batch_reads=(version.major, version.minor) >= (2, 11))
+        index = cls(nc, kv, batch_reads=(version.major, version.minor) >= (2, 11))
+        marked = await index.mark_waiting()
+        if marked:
+            log.info("queue markers written for %d waiting conversations", marked)
+        return index
 
     async def add_new(self, tenant: str, session_id: str, meta: SessionMeta) -> None:
         """Index a session about to be created. Written before its metadata exists, so no
@@ -188,6 +201,39 @@ class ConversationIndex:
             await self._js.purge_stream(INDEX_STREAM,
                                         subject=f"{INDEX_SUBJECT_PREFIX}.{joined_key(tenant, session_id)}")
 
+    async def mark_waiting(self) -> int:
+        """Give every waiting conversation without a queue marker one, in join order; how many got one.
+
+        At start: conversations stored before markers existed, or whose projection stopped between
+        the entry and its marker. Reads the waiting entries and markers of every tenant, so it costs
+        what waits, never what is stored. Each marker is created only where none is (a projection
+        meanwhile wrote a newer one); pipelined on one connection, so they land in the order sent.
+        A server before 2.11 serves the queue from every waiting entry (queue_page.py): nothing to do.
+        """
+        if not self._batch_reads:
+            return 0
+        waiting, markers = await asyncio.gather(
+            self._subject_names(f"{INDEX_SUBJECT_PREFIX}.*.{QUEUE_STATUS}.*"),
+            self._subject_names(f"{INDEX_SUBJECT_PREFIX}.{joined_key('*', '*')}"))
+        marked = {subject.removeprefix(INDEX_SUBJECT_PREFIX + ".") for subject in markers}
+        names = [subject for subject in waiting if joined_key(*_tenant_and_id(subject)) not in marked]
+        chunks = [names[n:n + MULTI_LAST_LIMIT] for n in range(0, len(names), MULTI_LAST_LIMIT)]
+        replies = await asyncio.gather(*(direct_get(self._nc, INDEX_STREAM, {"multi_last": chunk,
+                                                                             "batch": len(chunk)})
+                                         for chunk in chunks))
+        unmarked = [summary_of(m.headers or {}, m.data) for reply in replies for m in reply
+                    if is_value(m.headers, m.data)]
+        unmarked.sort(key=lambda s: (s.state.since, s.session_id))
+        acks = [await self._js.publish_async(f"{INDEX_SUBJECT_PREFIX}.{joined_key(s.tenant, s.session_id)}",
+                                             QueueMarker.of(s.state).to_json(),
+                                             headers={"Nats-Expected-Last-Subject-Sequence": "0"})
+                for s in unmarked]
+        outcomes = await asyncio.gather(*acks, return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, APIError)]
+        if failed:  # best effort: such a conversation shows in the queue again on its next change
+            log.warning("%d queue markers not written: %s", len(failed), str(failed[0]) or type(failed[0]).__name__)
+        return sum(not isinstance(outcome, BaseException) for outcome in outcomes)
+
     async def remove(self, tenant: str, session_id: str, owner: str) -> None:
         visitor = visitor_key(tenant, owner, session_id)
         await together(self._js.purge_stream(INDEX_STREAM, subject=f"{INDEX_SUBJECT_PREFIX}.{tenant}.*.{session_id}"),
@@ -234,12 +280,16 @@ class ConversationIndex:
         entries themselves cost a message each, about 40 µs of this process's CPU per conversation the
         visitor ever opened. An entry is there or purged (never a delete marker), so its subject says it.
         """
-        filter_subject = f"{INDEX_SUBJECT_PREFIX}.{visitor_key(tenant, owner, '*')}"
+        subjects = await self._subject_names(f"{INDEX_SUBJECT_PREFIX}.{visitor_key(tenant, owner, '*')}")
+        return [subject.rsplit(".", 1)[1] for subject in subjects]
+
+    async def _subject_names(self, filter_subject: str) -> list[str]:
+        """Subjects of the index holding a message and matching `filter_subject`, named by the server if it can."""
         subjects = await self._subjects(filter_subject)
         if subjects is None:  # more than the server names in one reply: read them
             found = await last_per_subject(self._nc, INDEX_STREAM, filter_subject, batch_reads=self._batch_reads)
             subjects = [subject for subject, _ in found]
-        return [subject.rsplit(".", 1)[1] for subject in subjects]
+        return subjects
 
     async def _subjects(self, filter_subject: str) -> list[str] | None:
         """Subjects of the index holding a message and matching `filter_subject`; None when the server pages them."""

@@ -26,9 +26,10 @@ from services.session.reads import is_value
 
 FIRST_WINDOW_SLACK = 8
 """Markers read beyond the page in the first window (a dangling one is skipped); then four times more each round."""
-JOIN_SKEW_S = 2.0
+JOIN_SKEW_S = 1.0
 """How much later than its `since` a marker may land behind others (the projection follows the metadata
-write): after the page is full, markers go on being read until they joined this much after its last entry."""
+write by milliseconds): after the page is full, markers go on being read until they joined this much after
+its last entry. One landing later still shows that much further down the queue."""
 STATUS_GETS = 256
 """Conversations whose status entries one batched direct get asks for (each may briefly stand in two)."""
 STALL_S = 5.0
@@ -61,9 +62,15 @@ async def oldest_waiting(index: ConversationIndex, tenant: str, limit: int,
             if accept is None or accept(summary):
                 found[summary.session_id] = summary
         cutoff = _cutoff(found, limit)
-        if next_seq is None or (cutoff is not None and markers and markers[-1][1].since > cutoff[0] + JOIN_SKEW_S):
+        if cutoff is None:
+            window *= 4
+        elif not markers or markers[-1][1].since > cutoff[0] + JOIN_SKEW_S:
             return list(found.values())
-        seq, window = next_seq, window * 4
+        else:  # full: only the markers that landed late are still wanted, a page's worth at a time at most
+            window = max(1, limit)
+        if next_seq is None:
+            return list(found.values())
+        seq = next_seq
 
 
 def _cutoff(found: dict[str, ConversationSummary], limit: int) -> SortKey | None:

@@ -145,7 +145,7 @@ async def test_a_delete_purges_the_marker(live: Live) -> None:
 async def test_readers_skip_dangling_and_stale_markers_and_see_a_late_one(nats_client: NatsClient) -> None:
     index = await ConversationIndex.open(nats_client, ttl_s=3600)
     kv = await nats_client.jetstream().key_value("kefu_conversations")
-    metas = [waiting("shop1", 100.0 + n / 10) for n in range(30)]
+    metas = [waiting("shop1", 100.0 + n / 50) for n in range(30)]
     ids = await write(index, metas)
     # Mid-move: the first one's human entry is written, its waiting entry and marker not yet purged.
     moved = ConversationSummary.of(ids[0], claimed(metas[0], 200.0))
@@ -191,3 +191,23 @@ async def test_a_page_read_racing_moves_shows_only_waiting_entries_once(nats_cli
     assert first(settled, 10) == ids[1:40:2][:10]
     assert not any([await has_marker(nats_client, "shop1", session_id) for session_id, _ in leaving])
     assert all([await has_marker(nats_client, "shop1", session_id) for session_id in ids[1:40:2]])
+
+
+async def test_a_start_gives_unmarked_waiting_conversations_their_markers_in_join_order(
+        nats_client: NatsClient) -> None:
+    index = await ConversationIndex.open(nats_client, ttl_s=3600)
+    kv = await nats_client.jetstream().key_value("kefu_conversations")
+    # Stored before queue markers existed: status entries only, written in another order than they joined.
+    unmarked = {uuid.uuid4().hex: waiting("shop1", 100.0 + n) for n in (3, 1, 4, 0, 2)}
+    for session_id, meta in unmarked.items():
+        entry = ConversationSummary.of(session_id, meta)
+        await kv.put(status_key("shop1", "waiting_human", session_id), entry.to_json())
+    marked = await write(index, [waiting("shop1", 99.0)])
+    ai = await write(index, [replace(waiting("shop1", 98.0), state=ConversationState("ai", 1, since=98.0))])
+
+    assert await index.mark_waiting() == 5
+    assert await index.mark_waiting() == 0  # a later start writes nothing
+    assert not await has_marker(nats_client, "shop1", ai[0])
+    in_join_order = [marked[0], *sorted(unmarked, key=lambda s: unmarked[s].state.since)]
+    assert first(await oldest_waiting(index, "shop1", 3), 3) == in_join_order[:3]
+    assert first(await oldest_waiting(index, "shop1", 100), 100) == in_join_order
