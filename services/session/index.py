@@ -2,7 +2,7 @@
 
 KV bucket `kefu_conversations` (a projection of the sessions' metadata, which stays the truth):
 - `<tenant>.<status>.<session_id>`: a ConversationSummary; moved on every status change, so
-  listing a tenant's queue reads `<tenant>.waiting_human.>` and nothing else.
+  a list of one status reads `<tenant>.<status>.*` and nothing else.
 - `<tenant>.visitor.<sha256(owner)[:32]>.<session_id>`: one per session of a visitor, for
   the visitor's own list (the summaries then come from the metadata itself).
 - `<tenant>.joined.waiting_human.<session_id>`: a QueueMarker, written once when the conversation
@@ -13,7 +13,8 @@ Old entries are purged, not deleted, so no tombstones pile up in listings. Two p
 of one conversation may interleave; each re-reads the metadata after writing and projects
 again when the version moved, so the last one to finish writes the newest state. A process
 that dies between the metadata write and the projection leaves the index behind until the
-conversation's next change or idle timer writes it again.
+conversation's next change or idle timer writes it again (a missing queue marker: the next start,
+mark_waiting).
 """
 
 from __future__ import annotations
