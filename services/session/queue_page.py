@@ -29,10 +29,11 @@ FIRST_WINDOW_SLACK = 8
 JOIN_SKEW_S = 1.0
 """How much later than its `since` a marker may land behind others (the projection follows the metadata
 write by milliseconds): after the page is full, markers go on being read until they joined this much after
-its last entry. One landing later still shows that much further down the queue."""
+its last entry. One landing later than that may show below some that joined after it."""
 STATUS_GETS = 256
 """Conversations whose status entries one batched direct get asks for (each may briefly stand in two)."""
 STALL_S = 5.0
+"""Give up when no reply came for this long (as services.common.direct_get)."""
 
 Accept = Callable[[ConversationSummary], bool]
 SortKey = tuple[float, str]
