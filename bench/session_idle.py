@@ -30,7 +30,7 @@ from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, free_port
 from services.common.conversation_log import log_subject
 from services.session.backfill import MARK_SUBJECT
-from services.session.index import ConversationSummary, status_key, visitor_key
+from services.session.index import index_entries
 from services.session.models import ConversationState, SessionMeta, StoredMessage, new_id
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.store import META_SUBJECT_PREFIX, SessionStore, meta_key
@@ -74,9 +74,9 @@ async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequ
             pending += [
                 await js.publish_async(log_subject(tenant, session_id), message.to_json(),
                                        headers={"Nats-Msg-Id": message.id}),
-                await js.publish_async(f"{INDEX_PREFIX}.{status_key(tenant, status, session_id)}",
-                                       ConversationSummary.of(session_id, meta).to_json()),
-                await js.publish_async(f"{INDEX_PREFIX}.{visitor_key(tenant, meta.owner, session_id)}", b"1"),
+                # Status and visitor entries, and a waiting conversation's queue marker, as the index writes them.
+                *[await js.publish_async(f"{INDEX_PREFIX}.{key}", value)
+                  for key, value in index_entries(tenant, session_id, meta)],
                 await js.publish_async(f"{META_SUBJECT_PREFIX}.{meta_key(tenant, session_id)}", meta.to_json()),
             ]
             pending.append(asyncio.ensure_future(schedule.changed(tenant, session_id, meta)))

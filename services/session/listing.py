@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from services.common.errors import InvalidArgument
-from services.session.index import ConversationSummary
+from services.session.index import QUEUE_STATUS, ConversationSummary
 from services.session.models import OPEN_STATUSES, SESSION_ID_PATTERN, STATUSES, Principal
+from services.session.queue_page import oldest_waiting
 from services.session.store import SessionStore
 
 DEFAULT_LIMIT = 100
@@ -33,17 +34,19 @@ async def list_conversations(store: SessionStore, principal: Principal, status: 
     def held(summary: ConversationSummary) -> bool:
         return not assignee or summary.state.assignee == assignee
 
-    found = await asyncio.gather(*(_page(store, principal.tenant, s, limit, held) for s in statuses))
+    found = await asyncio.gather(*(_page(store, principal.tenant, s, limit, held, queue=status == QUEUE_STATUS)
+                                   for s in statuses))
     summaries = [s for s in newest_entries(s for entries in found for s in entries) if held(s)]
     return order(summaries, status)[:limit]
 
 
 async def _page(store: SessionStore, tenant: str, status: str, limit: int,
-                held: Callable[[ConversationSummary], bool]) -> list[ConversationSummary]:
-    """The entries of one status a page may show: the queue is served oldest first by when each entry
-    joined it, so all of it; every other list is newest first, so only its newest (index.newest_in_status)."""
-    if status == "waiting_human":
-        return await store.index.in_status(tenant, status)
+                held: Callable[[ConversationSummary], bool], *, queue: bool) -> list[ConversationSummary]:
+    """The entries of one status a page may show: the queue (`queue`) is served oldest first by when each
+    entry joined it, so its first (queue_page.py); every other list, the open ones together too, is newest
+    first, so only its newest (index.newest_in_status)."""
+    if queue:
+        return await oldest_waiting(store.index, tenant, limit, held)
     return await store.index.newest_in_status(tenant, status, limit, held)
 
 
@@ -68,6 +71,6 @@ def newest_entries(summaries: Iterable[ConversationSummary]) -> list[Conversatio
 
 def order(summaries: list[ConversationSummary], status: str) -> list[ConversationSummary]:
     """The queue ("waiting_human") oldest first by `since`, as it is served; any other list newest first."""
-    if status == "waiting_human":
+    if status == QUEUE_STATUS:
         return sorted(summaries, key=lambda s: (s.state.since, s.session_id))
     return sorted(summaries, key=lambda s: (s.updated_at, s.session_id), reverse=True)

@@ -131,8 +131,12 @@ async def test_lists_index_converges_after_racing_changes(live: Live) -> None:
                                for _ in range(8)), return_exceptions=True)
     meta = await live.store.read_meta("shop1", session_id)
     assert meta is not None
-    entries = {k for k in await index_keys(live) if k.endswith(session_id) and ".visitor." not in k}
+    keys = {k for k in await index_keys(live) if k.endswith(session_id) and ".visitor." not in k}
+    entries = {k for k in keys if ".joined." not in k}
     assert entries == {f"shop1.{meta.state.status}.{session_id}"}
+    # The queue marker stands exactly while the conversation waits.
+    assert (keys - entries) == ({f"shop1.joined.waiting_human.{session_id}"}
+                                if meta.state.status == "waiting_human" else set())
     status = meta.state.status
     summaries = [c for c in await listed(live, AGENT, status) if c.session_id == session_id]
     assert [c.state.version for c in summaries] == [meta.state.version]
