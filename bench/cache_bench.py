@@ -35,17 +35,6 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.__main__ import (
-    MODEL,
-    RESULTS_DIR,
-    BenchParams,
-    _write,
-    cpu_snapshot,
-    fetch_json,
-    start_stack,
-    start_upstream,
-    stop_process,
-)
 from bench.cache_report import Turn, cell, median_rounds, ms_stats, pct, render_markdown, turn_figures
 from bench.cache_workload import (
     PRIOR_INDEX_OFFSET,
@@ -59,8 +48,12 @@ from bench.cache_workload import (
     predicted_cacheable,
     workload_stats,
 )
+from bench.chat_params import MODEL, BenchParams
+from bench.chat_stack import fetch_json, start_stack, start_upstream
 from bench.loadgen import LoadSpec, Target, _error_code, run_load
-from bench.processes import bench_work_dir
+from bench.proc_stats import cpu_snapshot
+from bench.processes import bench_work_dir, stop_process
+from bench.results_io import RESULTS_DIR, write_atomic
 from bench.sse_reader import read_sse
 from devtools.devstack.stack import REPO_ROOT, Stack
 from devtools.mint_token import mint
@@ -520,7 +513,7 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
     markdown = render_markdown(report)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"cache-{report['timestamp']}.json"
-    _write(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     had_errors = bool(direct["failed"]) or any(r["figures"]["failed"] for r in runs)
     return markdown, json_path, had_errors
 

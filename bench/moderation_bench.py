@@ -39,7 +39,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import percentile
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
+from bench.proc_stats import memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, start_service, stop_process
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.common.grpc_client import internal_channel
 from services.common.lexicon.matcher import Matcher

@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.processes import INTERNAL_TOKEN, memory_kib
+from bench.proc_stats import memory_kib
+from bench.processes import INTERNAL_TOKEN
 from devtools.devstack.stack import REPO_ROOT, free_port
 from kefu.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.common.grpc_client import internal_channel

@@ -34,14 +34,19 @@ from typing import Any
 import aiohttp
 import nats
 
-from bench.__main__ import MODEL, RESULTS_DIR, BenchParams, _write, cpu_seconds, memory_mib, start_stack, start_upstream
-from bench.__main__ import stop_process as stop_upstream
+from bench.chat_params import MODEL, BenchParams
+from bench.chat_stack import start_stack, start_upstream
 from bench.loadgen import LoadResult, LoadSpec, Target, percentile, run_load
 from bench.open_streams import raise_open_files_limit
+from bench.proc_stats import cpu_seconds, memory_mib
 from bench.processes import bench_work_dir
+from bench.processes import stop_process as stop_upstream
+from bench.results_io import RESULTS_DIR, write_atomic
 from bench.session_idle import seed
-from bench.ws_bench import WsBenchParams, latency_run, read_json_line, tell
 from bench.ws_idle_clients import SECRET_ENV
+from bench.ws_idle_phase import read_json_line, tell
+from bench.ws_latency_phase import latency_run
+from bench.ws_params import WsBenchParams
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, SERVICES, Stack, StackConfig, StackPorts, free_port
 from devtools.mint_token import mint
@@ -485,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    _write(args.results_dir / f"scale-{stamp}.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_atomic(args.results_dir / f"scale-{stamp}.json", json.dumps(report, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -50,18 +50,12 @@ import aiohttp
 import nats
 from nats.aio.client import Client as NatsClient
 
-from bench.__main__ import (
-    RESULTS_DIR,
-    BenchParams,
-    _write,
-    cpu_seconds,
-    edge_metrics_url,
-    start_stack,
-    start_upstream,
-    stop_process,
-)
+from bench.chat_params import BenchParams
+from bench.chat_stack import edge_metrics_url, start_stack, start_upstream
 from bench.loadgen import percentile
-from bench.processes import bench_work_dir, memory_kib
+from bench.proc_stats import cpu_seconds, memory_kib
+from bench.processes import bench_work_dir, stop_process
+from bench.results_io import RESULTS_DIR, write_atomic
 from bench.sse_reader import read_sse
 from devtools.devstack.stack import REPO_ROOT, Stack
 from devtools.mint_token import mint
@@ -513,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "load_average_start": [round(v, 2) for v in load_start],
               **report}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    _write(RESULTS_DIR / f"security-{started}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(RESULTS_DIR / f"security-{started}.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(render(report), end="")
 
 

@@ -44,7 +44,8 @@ import nats
 from nats.aio.client import Client as NatsClient
 
 from bench.loadgen import percentile
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
+from bench.proc_stats import memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, start_service, stop_process
 from devtools.devstack.nats_server import NatsServer, start_nats_server
 from devtools.devstack.stack import free_port
 from kefu.session.v1 import session_pb2, session_pb2_grpc

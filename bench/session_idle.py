@@ -25,7 +25,8 @@ import grpc
 import nats
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, stop_process
+from bench.proc_stats import memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, stop_process
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, free_port
 from services.common.conversation_log import log_subject

@@ -1,0 +1,54 @@
+"""CPU time and memory of processes and of the machine, read from /proc (Linux; empty elsewhere)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+Processes = dict[str, int]
+"""The pids whose CPU time and memory a report shows, by name."""
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads; None when it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident set now (`rss_mib`) and its peak (`peak_mib`); empty when it cannot be read."""
+    try:
+        kib = memory_kib(pid)
+    except (OSError, ValueError, IndexError):
+        return {}
+    wanted = {"VmRSS": "rss_mib", "VmHWM": "peak_mib"}
+    return {wanted[key]: round(value / 1024, 1) for key, value in kib.items()}
+
+
+def cpu_snapshot(processes: Processes) -> dict[str, float]:
+    readings = {name: cpu_seconds(pid) for name, pid in processes.items()}
+    return {name: value for name, value in readings.items() if value is not None}
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time all cores of the machine spent busy (not idle, not waiting on I/O) since boot."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
