@@ -8,6 +8,7 @@ from bench.chat_params import REPLY
 
 MODES = ("json", "stream")
 """`json`: `stream: false`, one JSON completion; `stream`: SSE chunks, timed to the first content delta."""
+PATHS = ("direct", "kefu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,3 @@ class EdgeParams:
 
 
 QUICK = EdgeParams(rounds=1, levels=(1000,))
-
-
-PATHS = ("direct", "kefu")

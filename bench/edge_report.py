@@ -13,8 +13,6 @@ from bench.loadgen import median_of
 from bench.results_io import cell
 
 RATE_PROCESSES = ("client", "upstream", "gateway", "moderation", "llm_worker", "session", "nats")
-
-
 KEFU_PROCESSES = ("gateway", "moderation", "llm_worker", "session", "nats")
 
 

@@ -185,6 +185,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return percentiles(values, (q,))[0]
 
 
+def rank_percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile, `share` in 0..1 (the knowledge benches' figures: no interpolation)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
 def median_of(values: Sequence[float | None]) -> float | None:
     """The median of the values there are (None ignored); None when there are none."""
     present = [v for v in values if v is not None]

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devtools.devstack.stack import Stack
 
 Processes = dict[str, int]
 """The pids whose CPU time and memory a report shows, by name."""
@@ -52,3 +58,31 @@ def machine_busy_seconds() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids(stack: Stack, nats_name: str = "nats") -> Processes:
+    """The pid of each of a stack's processes, nats-server's (when the stack started one) last."""
+    pids = {name: process.pid for name, process in stack.processes.items()}
+    if stack.nats is not None:
+        pids[nats_name] = stack.nats.process.pid
+    return pids
+
+
+def cpu_of(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds of each process so far; 0 where it cannot be read."""
+    return {name: cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+
+
+def idle_cpu_percent(pids: Mapping[str, int], seconds: float) -> dict[str, float]:
+    """Percent of one core each process used over the next `seconds` while nothing is asked of it, and the total."""
+    before = cpu_of(pids)
+    time.sleep(seconds)
+    after = cpu_of(pids)
+    used = {name: round(100 * (after[name] - before[name]) / seconds, 2) for name in pids}
+    return {**used, "total": round(sum(used.values()), 2)}
+
+
+def rss_of(pids: Mapping[str, int]) -> dict[str, float]:
+    """VmRSS of each process in MiB, and the total."""
+    rss = {name: memory_mib(pid).get("rss_mib", 0.0) for name, pid in pids.items()}
+    return {**rss, "total": round(sum(rss.values()), 1)}

@@ -11,14 +11,15 @@ PROBLEM = re.compile(r"Traceback|ERROR|CRITICAL|WARNING|Too many open files|EMFI
                      re.IGNORECASE)
 
 
-def log_problems(log_dir: Path, limit: int = 12) -> dict[str, list[str]]:
-    """The distinct warning/error lines of each process log (numbers blanked to group them), most frequent first."""
+def log_problems(log_dir: Path, limit: int = 12, pattern: re.Pattern[str] = PROBLEM) -> dict[str, list[str]]:
+    """The distinct lines matching `pattern` (warnings and errors) of each process log (numbers blanked to
+    group them), most frequent first."""
     found: dict[str, list[str]] = {}
     for path in sorted(log_dir.glob("*.log")):
         counts: Counter[str] = Counter()
         examples: dict[str, str] = {}
         for line in path.read_text(errors="replace").splitlines():
-            if not PROBLEM.search(line):
+            if not pattern.search(line):
                 continue
             key = re.sub(r"\d+", "N", _message_of(line))[:200]
             counts[key] += 1

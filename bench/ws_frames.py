@@ -15,11 +15,7 @@ from devtools.mint_token import mint
 
 QUESTION = "下单后多久发货？"
 """A question the knowledge base answers, so the AI stores an answer and no handoff starts."""
-
-
 FRAME_TIMEOUT_S = 30.0
-
-
 STORED = frozenset({"msg", "state", "note"})
 
 

@@ -36,8 +36,6 @@ log = logging.getLogger("bench.ws")
 
 QUIET_S = 10.0
 """The latency run stops waiting for queued messages after this long without one arriving."""
-
-
 IDLE_WINDOW_S = 3.0
 """Before sending, the latency run measures the CPU of the idle set-up for this long."""
 
