@@ -28,7 +28,7 @@ from bench.chat_report import (
     write_results,
 )
 from bench.chat_stack import fetch_json, start_stack, start_upstream
-from bench.proc_stats import Processes, memory_mib
+from bench.proc_stats import Processes, memory_mib, stack_pids
 from bench.processes import bench_work_dir, stop_process
 from bench.results_io import RESULTS_DIR
 from devtools.devstack.stack import Stack
@@ -99,10 +99,7 @@ def run(params: BenchParams, work_dir: Path, results_dir: Path,
     try:
         log.info("fake upstream at %s; starting kefu (logs in %s)", upstream_url, work_dir / "logs")
         stack = start_stack(work_dir, upstream_url, secret, kefu_env)
-        processes: Processes = {"client": os.getpid(), "upstream": upstream_process.pid,
-                                **{name: p.pid for name, p in stack.processes.items()}}
-        if stack.nats is not None:
-            processes["nats"] = stack.nats.process.pid
+        processes: Processes = {"client": os.getpid(), "upstream": upstream_process.pid, **stack_pids(stack)}
         paths = targets(upstream_url, stack.base_url, secret)
         measured, idle = asyncio.run(run_rounds(params, paths, processes))
         memory = {name: memory_mib(pid) for name, pid in processes.items()

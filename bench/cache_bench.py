@@ -49,7 +49,7 @@ from bench.cache_workload import (
 from bench.chat_params import MODEL, BenchParams
 from bench.chat_stack import fetch_json, start_stack, start_upstream
 from bench.loadgen import LoadSpec, Target, run_load
-from bench.proc_stats import cpu_snapshot
+from bench.proc_stats import cpu_snapshot, stack_pids
 from bench.processes import bench_work_dir, stop_process
 from bench.results_io import RESULTS_DIR, write_atomic
 from bench.stack_logs import log_problems
@@ -246,9 +246,7 @@ def run_mode(params: CacheBenchParams, mode: Mode, work_dir: Path, upstream_url:
                              "cached": sum(1 for t in prior_turns if t.ok and t.cached),
                              "duration_s": round(time.monotonic() - t0, 1)}
             log.info("%s: prior traffic %s", mode.name, prior_summary)
-        pids = {name: process.pid for name, process in stack.processes.items()}
-        if stack.nats is not None:
-            pids["nats"] = stack.nats.process.pid
+        pids = stack_pids(stack)
         before, upstream_before, cpu_before = scrape(metrics_url), fetch_json(stats_url), cpu_snapshot(pids)
         turns, duration, streams = asyncio.run(run_stream(
             stack.base_url, visitors, cacheable, TENANTS[:mode.tenants], principals, params.concurrency,

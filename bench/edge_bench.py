@@ -40,6 +40,7 @@ from bench.edge_load import Principals, completion_body, run_rates, targets
 from bench.edge_params import QUICK, EdgeParams
 from bench.edge_report import combine, had_errors, render_markdown
 from bench.open_streams import OpenStreamsSpec, open_files_limit, raise_open_files_limit, run_open_streams
+from bench.proc_stats import stack_pids
 from bench.processes import bench_work_dir, stop_process
 from bench.results_io import RESULTS_DIR, machine, write_atomic
 from bench.stack_logs import log_problems
@@ -102,11 +103,7 @@ def start_slow_stack(work_dir: Path, upstream_url: str, secret: str) -> Stack:
 
 
 def _processes(stack: Stack, upstream_pid: int) -> dict[str, int]:
-    processes = {"client": os.getpid(), "upstream": upstream_pid,
-                 **{name: p.pid for name, p in stack.processes.items()}}
-    if stack.nats is not None:
-        processes["nats"] = stack.nats.process.pid
-    return processes
+    return {"client": os.getpid(), "upstream": upstream_pid, **stack_pids(stack)}
 
 
 def _limits(processes: Mapping[str, int]) -> dict[str, int | None]:

@@ -41,7 +41,15 @@ def start_service(name: str, env: Mapping[str, str], log_path: Path,
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO_ROOT, env=child_env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
+    wait_serving(process, port, name, log_path, timeout_s)
+    return process, port
+
+
+def wait_serving(process: subprocess.Popen[bytes], port: int, name: str, log_path: Path,
+                 timeout_s: float | None = None) -> None:
+    """Poll the gRPC health service on `port` until it reports SERVING; the process must not exit meanwhile,
+    and with `timeout_s` it is killed when that passes first."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -50,10 +58,10 @@ def start_service(name: str, env: Mapping[str, str], log_path: Path,
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, port
+                    return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 process.kill()
                 raise TimeoutError(f"{name} did not report SERVING")
             time.sleep(0.05)

@@ -21,12 +21,10 @@ import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
-import grpc
 import nats
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.proc_stats import memory_kib
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, stop_process
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, stop_process, wait_serving
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, free_port
 from services.common.conversation_log import log_subject
@@ -104,18 +102,8 @@ def start_session(source: Path, url: str, log_path: Path) -> tuple[subprocess.Po
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "services.session"], cwd=source, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"session exited with {process.returncode}; see {log_path}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, time.monotonic() - started
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+    wait_serving(process, port, "session", log_path)
+    return process, time.monotonic() - started
 
 
 def main(argv: Sequence[str] | None = None) -> None:

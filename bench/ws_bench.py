@@ -52,7 +52,7 @@ import grpc
 
 from bench import grpc_floor
 from bench.open_streams import raise_open_files_limit
-from bench.proc_stats import memory_mib
+from bench.proc_stats import memory_mib, stack_pids
 from bench.processes import bench_work_dir, read_line, stop_process
 from bench.results_io import RESULTS_DIR, machine, write_atomic
 from bench.stack_logs import log_problems
@@ -201,9 +201,7 @@ def run(params: WsBenchParams, work_dir: Path, command: str) -> dict[str, Any]:
             log.info("resume: %s missed events", params.resume_events)
             report["resume"] = guarded(lambda: asyncio.run(resume_phase(params, stack, secret)), "resume")
         if "latency" in params.phases:
-            pids = {name: p.pid for name, p in stack.processes.items()}
-            if stack.nats is not None:
-                pids["nats"] = stack.nats.process.pid
+            pids = stack_pids(stack)
             # The lower rates first: a rate kefu cannot carry leaves a backlog that would weigh on the next run.
             sweep: dict[str, Any] = {}
             for rate in sorted(r for r in params.sweep if r != params.rate):
