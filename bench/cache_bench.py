@@ -80,9 +80,9 @@ MODES = {
 
 def start_mode_stack(work_dir: Path, upstream_url: str, secret: str, mode: Mode,
                      worker_env: Mapping[str, str]) -> Stack:
-    """bench/__main__'s stack with the mode's cache switches, and plugins whose routes name the sample FAQ:
-    the knowledge base then knows the tea shop's common questions for every tenant (the bundled routes
-    answer each tenant from its own documents, and these tenants have none)."""
+    """The main bench's stack (bench/chat_stack.py) with the mode's cache switches, and plugins whose routes
+    name the sample FAQ: the knowledge base then knows the tea shop's common questions for every tenant (the
+    bundled routes answer each tenant from its own documents, and these tenants have none)."""
     # Its own folder: start_stack copies the bundled plugins to work_dir/plugins (unused here).
     plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "faq-plugins",
                               ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench import results_io
 from bench.cache_workload import P95_GOAL_MS
 from bench.loadgen import percentiles
 
@@ -123,7 +124,8 @@ def median_rounds(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cell(value: float | None, fmt: str = ".0f") -> str:
-    return "–" if value is None else format(value, fmt)
+    """This report's cells: whole milliseconds unless told."""
+    return results_io.cell(value, fmt)
 
 
 def pct(value: float | None) -> str:

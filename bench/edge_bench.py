@@ -96,8 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[EdgeParams, argparse.Namespa
 
 
 def start_slow_stack(work_dir: Path, upstream_url: str, secret: str) -> Stack:
-    """The main bench's stack (bench/chat_stack.py), with stream deadlines long enough for a slow ramp (the worker's
-    whole-stream deadline defaults to 120 s)."""
+    """The main bench's stack (bench/chat_stack.py), with stream deadlines long enough for a slow ramp (the
+    worker's whole-stream deadline defaults to 120 s)."""
     return start_stack(work_dir, upstream_url, secret,
                        {"KEFU_UPSTREAM_TIMEOUT_S": "3600", "KEFU_STREAM_TIMEOUT_S": "3600"})
 

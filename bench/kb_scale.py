@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 from bench.cmrc import PROMPT_PASSAGES, Article, load_articles
 from bench.loadgen import rank_percentile
+from bench.proc_stats import memory_kib
 from services.llm_worker.knowledge.analysis import Analyzer, split_sentences
 from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.knowledge.models import Chunk
@@ -22,11 +24,8 @@ from services.llm_worker.knowledge.retrieval import retrieve
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """This process's VmRSS in bytes."""
+    return memory_kib(os.getpid()).get("VmRSS", 0) * 1024
 
 
 def synthetic_chunks(articles: Sequence[Article], count: int, seed: int, prefix: str = "syn") -> list[Chunk]:

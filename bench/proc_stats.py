@@ -25,6 +25,14 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def live_cpu_seconds(pid: int) -> float:
+    """cpu_seconds of a process that must still be running: an error when it has gone."""
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise ProcessLookupError(f"no CPU time for pid {pid}: the process has gone")
+    return seconds
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
     values: dict[str, int] = {}

@@ -77,7 +77,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
     a WebSocket each (hello without resume continues the open conversation) from client processes on
     127.0.0.2, 127.0.0.3, ...; then, while they are held: the idle CPU and the RSS of every process, the
     edges' RSS per socket, the consumers on the conversation log, and the visitor-to-agent latency at
-    `latency.rate` messages/s (bench/ws_bench.py's latency run, visitors and agents among the held sockets)."""
+    `latency.rate` messages/s (bench/ws_latency_phase.py's run, visitors and agents among the held sockets)."""
     asyncio.run(seed(stack.nats_url, sockets, True, statuses=("ai",), tenants=1, limits=LIMITS,
                      open_streams=False, first=first))
     addresses = math.ceil(sockets / per_address)

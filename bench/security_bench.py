@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             stack = start_stack(work.path, upstream_url, secret, {
                 "KEFU_CACHE_ENABLED": "false", "KEFU_TRUSTED_PROXIES": "127.0.0.1", "KEFU_LOG_LEVEL": "WARNING",
-                # The defaults a deployment runs with (bench/__main__ lifts them to measure the turn).
+                # The defaults a deployment runs with (bench/chat_stack.py lifts them to measure the turn).
                 "KEFU_VISITOR_MSG_RPS": "1", "KEFU_VISITOR_MSG_BURST": "10", "KEFU_CONN_GUARD": "true", **extra_env})
             report = asyncio.run(measure(stack, secret, params, args.attacker_nice))
         finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nats
 
-from bench.proc_stats import memory_kib
+from bench.proc_stats import live_cpu_seconds, memory_kib
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, stop_process, wait_serving
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, free_port
@@ -39,11 +39,6 @@ INDEX_PREFIX = "$KV.kefu_conversations"
 TENANTS = 10
 WAIT_S, IDLE_S = 120.0, 600.0
 LIMITS = TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0)
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequence[str] = ("ai",),
@@ -123,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 time.sleep(5.0)  # past start-up: measure the steady idle state
                 pids = {"session": session.pid, "nats-server": nats_server.process.pid}
-                before = {name: cpu_s(pid) for name, pid in pids.items()}
+                before = {name: live_cpu_seconds(pid) for name, pid in pids.items()}
                 time.sleep(args.seconds)
-                used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+                used = {name: live_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
                 rss = {name: memory_kib(pid)["VmRSS"] // 1024 for name, pid in pids.items()}
             finally:
                 stop_process(session)
