@@ -41,6 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.loadgen import percentile
 from bench.proc_stats import live_cpu_seconds, memory_kib
 from bench.processes import INTERNAL_TOKEN, bench_work_dir, start_service, stop_process
+from devtools.devstack.nats_server import start_nats_server
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.common.grpc_client import internal_channel
 from services.common.lexicon.matcher import Matcher
@@ -360,13 +361,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["in_process"] = measure_in_process(folder, corpus, short, answers, args.seconds)
     if not args.no_grpc:
         log.info("measuring over gRPC")
-        process, port = start_service("moderation", {"KEFU_LEXICON_DIR": str(folder)}, workdir / "moderation.log")
+        # The service publishes its lexicon to NATS (for the workers' output filters) before it serves.
+        server = start_nats_server(workdir / "nats")
         try:
-            results["service_idle_kib"] = memory_kib(process.pid)
-            results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))
-            results["service_kib"] = memory_kib(process.pid)
+            process, port = start_service("moderation", {"KEFU_LEXICON_DIR": str(folder), "KEFU_NATS_URL": server.url},
+                                          workdir / "moderation.log")
+            try:
+                results["service_idle_kib"] = memory_kib(process.pid)
+                results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))
+                results["service_kib"] = memory_kib(process.pid)
+            finally:
+                stop_process(process)
         finally:
-            stop_process(process)
+            server.stop()
     results["load_average_end"] = os.getloadavg()
     return results
 
