@@ -16,6 +16,7 @@ from gateway.settings import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger("bench")
 
+
 # ---------------------------------------------------------------- targets
 
 

@@ -177,7 +177,7 @@ def restart_all(stack: Stack, timeout_s: float = 120.0) -> dict[str, float]:
     return {name: round(seconds, 2) for name, seconds in ready.items()}
 
 
-# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- main
 
 
 def run_sockets_only(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
