@@ -25,32 +25,19 @@ import shutil
 import sys
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.__main__ import (
-    MODEL,
-    RESULTS_DIR,
-    BenchParams,
-    _write,
-    cpu_snapshot,
-    fetch_json,
-    start_stack,
-    start_upstream,
-    stop_process,
-)
-from bench.cache_report import Turn, cell, median_rounds, ms_stats, pct, render_markdown, turn_figures
+from bench.cache_load import Principals, run_stream, warm_up
+from bench.cache_report import cache_figures, cell, median_rounds, ms_stats, pct, render_markdown, turn_figures
 from bench.cache_workload import (
     PRIOR_INDEX_OFFSET,
     TENANTS,
-    WARMUP_TENANT,
     Visitor,
     WorkloadBuilder,
     WorkloadSpec,
@@ -59,147 +46,17 @@ from bench.cache_workload import (
     predicted_cacheable,
     workload_stats,
 )
-from bench.loadgen import LoadSpec, Target, _error_code, run_load
-from bench.processes import bench_work_dir
-from bench.sse_reader import read_sse
+from bench.chat_params import MODEL, BenchParams
+from bench.chat_stack import fetch_json, start_stack, start_upstream
+from bench.loadgen import LoadSpec, Target, run_load
+from bench.proc_stats import cpu_snapshot, stack_pids
+from bench.processes import bench_work_dir, stop_process
+from bench.results_io import RESULTS_DIR, write_atomic
+from bench.stack_logs import log_problems
 from devtools.devstack.stack import REPO_ROOT, Stack
-from devtools.mint_token import mint
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
 
 log = logging.getLogger("bench.cache")
-
-
-
-# ---------------------------------------------------------------- driving the visitors
-
-
-
-class Principals:
-    """One JWT per (tenant, visitor), minted outside the timed part."""
-
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
-        self._tokens: dict[tuple[str, int], str] = {}
-
-    def token(self, tenant: str, visitor: int) -> str:
-        if (tenant, visitor) not in self._tokens:
-            self._tokens[tenant, visitor] = mint(self._secret, tenant=tenant, subject=f"cache-bench-{visitor}",
-                                                 role="visitor", ttl_s=6 * 3600)
-        return self._tokens[tenant, visitor]
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    ok: bool
-    ttft_s: float | None
-    total_s: float
-    cached: bool = False
-    session_id: str = ""
-    error: str | None = None
-
-
-async def ask(http: aiohttp.ClientSession, url: str, token: str, message: str, session_id: str) -> _Answer:
-    """POST /v1/chat (stream) and read it to the end: TTFT is the first non-empty delta."""
-    body: dict[str, Any] = {"message": message, "stream": True}
-    if session_id:
-        body["session_id"] = session_id
-    started = time.perf_counter()
-    ttft: float | None = None
-    try:
-        async with http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as response:
-            if response.status != 200:
-                return _Answer(False, None, time.perf_counter() - started, error=await _error_code(response))
-            async for event in read_sse(response):
-                if event.event == "session":
-                    session_id = str(event.json().get("session_id") or session_id)
-                elif event.event == "message":
-                    if ttft is None and event.json().get("delta"):
-                        ttft = time.perf_counter() - started
-                elif event.event == "done":
-                    total = time.perf_counter() - started
-                    await response.read()
-                    return _Answer(True, ttft, total, bool(event.json().get("cached")), session_id)
-                elif event.event == "error":
-                    return _Answer(False, ttft, time.perf_counter() - started, session_id=session_id,
-                                   error=str(event.json().get("code") or "error_event"))
-            return _Answer(False, ttft, time.perf_counter() - started, session_id=session_id,
-                           error="incomplete_stream")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        return _Answer(False, ttft, time.perf_counter() - started, session_id=session_id,
-                       error=type(error).__name__)
-
-
-async def run_visitor(http: aiohttp.ClientSession, url: str, principals: Principals, tenant: str,
-                      visitor: Visitor, cacheable: Sequence[bool], think_scale: float, origin: float) -> list[Turn]:
-    token = principals.token(tenant, visitor.index)
-    session_id = ""
-    turns: list[Turn] = []
-    for index, question in enumerate(visitor.questions):
-        if index:
-            await asyncio.sleep(visitor.think_s[index - 1] * think_scale)
-        started = time.perf_counter() - origin
-        answer = await ask(http, url, token, question.text, session_id)
-        turns.append(Turn(visitor.index, tenant, index, round(started, 3), question.kind, question.entry,
-                          question.variant, question.text, answer.ok, answer.ttft_s, answer.total_s, answer.cached,
-                          answer.error, cacheable[index]))
-        if not answer.ok or not answer.session_id:
-            break  # the rest of this visitor's session cannot continue; counted as not sent
-        session_id = answer.session_id
-    return turns
-
-
-async def run_stream(edge_url: str, visitors: Sequence[Visitor], cacheable: Sequence[Sequence[bool]],
-                     tenants: Sequence[str], principals: Principals, concurrency: int, timeout_s: float,
-                     metrics_url: str, think_scale: float = 1.0) -> tuple[list[Turn], float, list[float]]:
-    """`concurrency` visitors at a time, in visitor order; returns every turn, the wall time and the
-    worker's live upstream streams (`kefu_active_streams`) sampled every second meanwhile."""
-    url = f"{edge_url}/v1/chat"
-    pending = iter(zip(visitors, cacheable, strict=True))
-    connector = aiohttp.TCPConnector(limit=0)
-    turns: list[Turn] = []
-
-    async def slot() -> None:
-        for visitor, flags in pending:  # one event loop: sharing the iterator needs no lock
-            tenant = tenants[visitor.index % len(tenants)]
-            turns.extend(await run_visitor(http, url, principals, tenant, visitor, flags, think_scale, started))
-
-    async def sample_streams() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                async with http.get(metrics_url) as reply:
-                    text = await reply.text()
-            except (aiohttp.ClientError, TimeoutError):
-                continue
-            found = re.search(r"^kefu_active_streams (\S+)$", text, re.MULTILINE)
-            if found:
-                streams.append(float(found.group(1)))
-
-    streams: list[float] = []
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-        started = time.perf_counter()
-        sampler = asyncio.create_task(sample_streams())
-        try:
-            await asyncio.gather(*(slot() for _ in range(concurrency)))
-        finally:
-            sampler.cancel()
-        duration = time.perf_counter() - started
-    return sorted(turns, key=lambda t: (t.visitor, t.index)), duration, streams
-
-
-async def warm_up(edge_url: str, principals: Principals, count: int, timeout_s: float) -> None:
-    """Connections, tokenizers and code paths warm, in a tenant of its own; questions that match no
-    FAQ entry, so the knowledge base suggests nothing to pre-generate."""
-    if count < 1:
-        return
-    url = f"{edge_url}/v1/chat"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-        answers = await asyncio.gather(*(
-            ask(http, url, principals.token(WARMUP_TENANT, 100_000 + n), f"warm-up {n} zqxj {secrets.token_hex(4)}", "")
-            for n in range(count)))
-    failed = [a.error for a in answers if not a.ok]
-    if failed:
-        raise RuntimeError(f"warm-up requests failed: {failed}")
 
 
 # ---------------------------------------------------------------- stacks, metrics, upstream
@@ -223,9 +80,9 @@ MODES = {
 
 def start_mode_stack(work_dir: Path, upstream_url: str, secret: str, mode: Mode,
                      worker_env: Mapping[str, str]) -> Stack:
-    """bench/__main__'s stack with the mode's cache switches, and plugins whose routes name the sample FAQ:
-    the knowledge base then knows the tea shop's common questions for every tenant (the bundled routes
-    answer each tenant from its own documents, and these tenants have none)."""
+    """The main bench's stack (bench/chat_stack.py) with the mode's cache switches, and plugins whose routes
+    name the sample FAQ: the knowledge base then knows the tea shop's common questions for every tenant (the
+    bundled routes answer each tenant from its own documents, and these tenants have none)."""
     # Its own folder: start_stack copies the bundled plugins to work_dir/plugins (unused here).
     plugins = shutil.copytree(REPO_ROOT / "plugins", work_dir / "faq-plugins",
                               ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
@@ -251,49 +108,8 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
-def cache_figures(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
-    """Deltas of the worker's cache and pre-generation counters over the measured stream."""
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    local_hit = delta("kefu_cache_requests_total{result=hit,tier=local}")
-    local_miss = delta("kefu_cache_requests_total{result=miss,tier=local}")
-    shared_hit = delta("kefu_cache_requests_total{result=hit,tier=shared}")
-    shared_miss = delta("kefu_cache_requests_total{result=miss,tier=shared}")
-    lookups = local_hit + local_miss  # every lookup counts once at the local tier
-    return {
-        "lookups": lookups,
-        "hits_local": local_hit,
-        "hits_shared": shared_hit,
-        "misses_shared": shared_miss,
-        "hit_ratio": (local_hit + shared_hit) / lookups if lookups else None,
-        "hit_ratio_gauge": after.get("kefu_cache_hit_ratio{}"),
-        "local_bytes": after.get("kefu_cache_local_bytes{}"),
-        "pregenerations": {result: delta(f"kefu_pregenerations_total{{result={result}}}")
-                           for result in ("started", "served", "wasted", "skipped")},
-        "upstream_generations": sum(
-            delta(name) for name in after if name.startswith("kefu_llm_requests_total{")
-            and "provider=openai_compatible" in name),
-    }
-
-
 PROBLEM = re.compile(r"Traceback|\bERROR\b|CRITICAL|\bWARNING\b|Exception", re.IGNORECASE)
-
-
-def log_problems(log_dir: Path, limit: int = 8) -> dict[str, list[str]]:
-    """Distinct warning/error lines per process log (digits blanked to group them), most frequent first."""
-    found: dict[str, list[str]] = {}
-    for path in sorted(log_dir.glob("*.log")):
-        counts: Counter[str] = Counter()
-        examples: dict[str, str] = {}
-        for line in path.read_text(errors="replace").splitlines():
-            if PROBLEM.search(line):
-                key = re.sub(r"\d+", "N", line[40:240])
-                counts[key] += 1
-                examples.setdefault(key, line[:300])
-        if counts:
-            found[path.stem] = [f"{n}x {examples[k]}" for k, n in counts.most_common(limit)]
-    return found
+"""What counts as a problem in this bench's logs (its stacks log at info level)."""
 
 
 # ---------------------------------------------------------------- main
@@ -430,9 +246,7 @@ def run_mode(params: CacheBenchParams, mode: Mode, work_dir: Path, upstream_url:
                              "cached": sum(1 for t in prior_turns if t.ok and t.cached),
                              "duration_s": round(time.monotonic() - t0, 1)}
             log.info("%s: prior traffic %s", mode.name, prior_summary)
-        pids = {name: process.pid for name, process in stack.processes.items()}
-        if stack.nats is not None:
-            pids["nats"] = stack.nats.process.pid
+        pids = stack_pids(stack)
         before, upstream_before, cpu_before = scrape(metrics_url), fetch_json(stats_url), cpu_snapshot(pids)
         turns, duration, streams = asyncio.run(run_stream(
             stack.base_url, visitors, cacheable, TENANTS[:mode.tenants], principals, params.concurrency,
@@ -499,7 +313,7 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
                                    prior, prior_cacheable)
                     runs.append({**run, "round": round_})
                 finally:
-                    found = log_problems(mode_dir / "logs") if (mode_dir / "logs").exists() else {}
+                    found = log_problems(mode_dir / "logs", 8, PROBLEM) if (mode_dir / "logs").exists() else {}
                     if found:
                         problems[f"{name} round {round_}"] = found
     finally:
@@ -520,7 +334,7 @@ def run(params: CacheBenchParams, work_dir: Path, results_dir: Path) -> tuple[st
     markdown = render_markdown(report)
     results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / f"cache-{report['timestamp']}.json"
-    _write(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     had_errors = bool(direct["failed"]) or any(r["figures"]["failed"] for r in runs)
     return markdown, json_path, had_errors
 

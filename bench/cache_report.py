@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench import results_io
 from bench.cache_workload import P95_GOAL_MS
 from bench.loadgen import percentiles
 
@@ -123,7 +124,8 @@ def median_rounds(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def cell(value: float | None, fmt: str = ".0f") -> str:
-    return "–" if value is None else format(value, fmt)
+    """This report's cells: whole milliseconds unless told."""
+    return results_io.cell(value, fmt)
 
 
 def pct(value: float | None) -> str:
@@ -224,3 +226,29 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if problems:
         lines += ["", "Warnings and errors in the process logs:", *problems]
     return "\n".join(lines) + "\n"
+
+
+def cache_figures(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
+    """Deltas of the worker's cache and pre-generation counters over the measured stream."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    local_hit = delta("kefu_cache_requests_total{result=hit,tier=local}")
+    local_miss = delta("kefu_cache_requests_total{result=miss,tier=local}")
+    shared_hit = delta("kefu_cache_requests_total{result=hit,tier=shared}")
+    shared_miss = delta("kefu_cache_requests_total{result=miss,tier=shared}")
+    lookups = local_hit + local_miss  # every lookup counts once at the local tier
+    return {
+        "lookups": lookups,
+        "hits_local": local_hit,
+        "hits_shared": shared_hit,
+        "misses_shared": shared_miss,
+        "hit_ratio": (local_hit + shared_hit) / lookups if lookups else None,
+        "hit_ratio_gauge": after.get("kefu_cache_hit_ratio{}"),
+        "local_bytes": after.get("kefu_cache_local_bytes{}"),
+        "pregenerations": {result: delta(f"kefu_pregenerations_total{{result={result}}}")
+                           for result in ("started", "served", "wasted", "skipped")},
+        "upstream_generations": sum(
+            delta(name) for name in after if name.startswith("kefu_llm_requests_total{")
+            and "provider=openai_compatible" in name),
+    }

@@ -14,9 +14,7 @@ from typing import Any, Protocol
 
 import opencc
 
-from bench.__main__ import (
-    REPLY,
-)
+from bench.chat_params import REPLY
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
 from services.llm_worker.cache_key import cacheable_question, normalize_question
 from services.llm_worker.plugin_api import ChatMessage, PluginContext

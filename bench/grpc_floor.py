@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.__main__ import cpu_seconds
+from bench.proc_stats import cpu_seconds
 from bench.processes import INTERNAL_TOKEN, stop_process
 from gateway.clients import CHANNEL_OPTIONS
 from services.common.grpc_client import internal_channel

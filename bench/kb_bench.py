@@ -28,25 +28,24 @@ Results: a markdown table on stdout and bench/results/kb-<UTC>.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
-import multiprocessing
 import os
 import platform
-import random
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.cmrc import DATA, PROMPT_PASSAGES, Article, Question, load_articles
+from bench.kb_report import markdown
+from bench.kb_scale import scale_runs
+from bench.results_io import RESULTS_DIR, write_atomic
 from services.llm_worker.kb.embeddings import EmbeddingsConfig, embed_blocking
-from services.llm_worker.knowledge.analysis import Analyzer, split_sentences
 from services.llm_worker.knowledge.chunking import MAX_TOKENS, chunk_document
 from services.llm_worker.knowledge.extractive import extract_answer
 from services.llm_worker.knowledge.fusion import fuse
@@ -57,39 +56,8 @@ from services.llm_worker.knowledge.parsing import parse_document
 from services.llm_worker.knowledge.retrieval import MIN_CONFIDENCE, confidence, retrieve
 from services.llm_worker.plugin_api import ChatMessage
 
-DATA = Path(__file__).resolve().parent / "data" / "cmrc2018_trial.json"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROMPT_PASSAGES = 8
-"""Passages in the LLM prompt: with 400-token chunks, 8 bring the gold span to the prompt for 0.99 of the
-CMRC questions (5 reach 0.985)."""
 SYSTEM_PROMPT = "你是一个知识库问答助手。"
 SPLIT_SALTS = ("", "b", "c", "d")
-
-
-@dataclass(frozen=True, slots=True)
-class Question:
-    id: str
-    text: str
-    answers: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Article:
-    id: str
-    title: str
-    context: str
-    questions: tuple[Question, ...]
-
-
-def load_articles(path: Path = DATA) -> list[Article]:
-    articles = []
-    for raw in json.loads(path.read_text(encoding="utf-8"))["data"]:
-        for paragraph in raw["paragraphs"]:
-            articles.append(Article(
-                id=raw["id"], title=raw["title"], context=paragraph["context"],
-                questions=tuple(Question(q["id"], q["question"], tuple(a["text"] for a in q["answers"]))
-                                for q in paragraph["qas"])))
-    return articles
 
 
 def kept(article_id: str, salt: str) -> bool:
@@ -292,197 +260,6 @@ def held_out(articles: Sequence[Article], salts: Sequence[str] = SPLIT_SALTS) ->
     }
 
 
-# --- scale: each measurement in a fresh process ---------------------------------------------------------
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def synthetic_chunks(articles: Sequence[Article], count: int, seed: int, prefix: str = "syn") -> list[Chunk]:
-    """`count` chunks of 3-8 consecutive sentences of random CMRC articles (about 150-400 tokens each)."""
-    rng = random.Random(seed)
-    sentences = [(a.title, split_sentences(a.context)) for a in articles]
-    chunks = []
-    for number in range(count):
-        title, pool = rng.choice(sentences)
-        size = rng.randint(3, 8)
-        start = rng.randrange(max(1, len(pool) - size))
-        document = f"{prefix}{number // 4}"
-        chunks.append(Chunk(chunk_id=f"{document}-1-{number % 4}", document_id=document, version=1, title=title,
-                            url="", heading="", text="".join(pool[start:start + size])))
-    return chunks
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-def time_queries(pick: Callable[[int], KnowledgeIndex], questions: Sequence[str], rounds: int) -> dict[str, float]:
-    """Wall and CPU time of `retrieve` (k = PROMPT_PASSAGES) per query, in ms."""
-    for question in questions[:50]:  # warm caches
-        retrieve(pick(0), question, k=PROMPT_PASSAGES)
-    walls, cpus = [], []
-    number = 0
-    for _ in range(rounds):
-        for question in questions:
-            index = pick(number)
-            number += 1
-            wall, cpu = time.perf_counter(), time.process_time()
-            retrieve(index, question, k=PROMPT_PASSAGES)
-            cpus.append(time.process_time() - cpu)
-            walls.append(time.perf_counter() - wall)
-    return {"queries": len(walls), "p50_ms": round(percentile(walls, 0.5) * 1000, 3),
-            "p99_ms": round(percentile(walls, 0.99) * 1000, 3), "max_ms": round(max(walls) * 1000, 3),
-            "cpu_mean_ms": round(statistics.mean(cpus) * 1000, 3),
-            "cpu_p99_ms": round(percentile(cpus, 0.99) * 1000, 3)}
-
-
-def _warm_process(articles: Sequence[Article]) -> int:
-    """Load the segmenter's dictionary, OpenCC and numpy before measuring; the RSS baseline after that."""
-    KnowledgeIndex.build(synthetic_chunks(articles, 20, seed=0)).search("测试", 5)
-    gc.collect()
-    return rss_bytes()
-
-
-class _MemoAnalyzer(Analyzer):
-    """Analyzes each distinct text once: the scale runs index the same synthetic chunks several ways."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._memo: dict[str, list[str]] = {}
-
-    def terms(self, text: str) -> list[str]:
-        found = self._memo.get(text)
-        if found is None:
-            found = self._memo[text] = super().terms(text)
-        return found
-
-
-def build_scales(directory: str, runs: Sequence[tuple[int, int]]) -> dict[str, float]:
-    """Build and store every run's indexes (as ingestion does, in a process of its own) from one pool of
-    synthetic chunks: tenant t of a run gets chunks [t * n, (t + 1) * n). The largest run is built first,
-    so its build time is a real one (the others reuse its chunks' analysis)."""
-    articles = load_articles()
-    pool = synthetic_chunks(articles, max(tenants * chunks for tenants, chunks in runs), seed=1)
-    analyzer = _MemoAnalyzer()
-    build_s: dict[str, float] = {}
-    for tenants, chunks in sorted(runs, key=lambda run: -run[0] * run[1]):
-        started = time.perf_counter()
-        for tenant in range(tenants):
-            index = KnowledgeIndex.build(pool[tenant * chunks:(tenant + 1) * chunks], analyzer)
-            Path(directory, f"{tenants}x{chunks}-{tenant}.kb").write_bytes(index.to_bytes())
-        build_s[f"{tenants}x{chunks}"] = round(time.perf_counter() - started, 1)
-    return build_s
-
-
-def serve_tenants(directory: str, tenants: int, chunks: int, rounds: int) -> dict[str, Any]:
-    """Load every tenant's index from its bytes (as a worker does), then ask the CMRC questions of random
-    tenants: RSS and latency."""
-    articles = load_articles()
-    baseline = _warm_process(articles)
-    started = time.perf_counter()
-    files = [Path(directory, f"{tenants}x{chunks}-{t}.kb") for t in range(tenants)]
-    stored = sum(file.stat().st_size for file in files)
-    indexes = [KnowledgeIndex.from_bytes(file.read_bytes()) for file in files]
-    load_s = time.perf_counter() - started
-    gc.collect()
-    questions = [q.text for a in articles for q in a.questions]
-    rng = random.Random(7)
-    order = [rng.randrange(tenants) for _ in range(len(questions) * rounds + 50)]
-    latency = time_queries(lambda n: indexes[order[n]], questions, rounds)
-    rss = rss_bytes()
-    return {"tenants": tenants, "chunks_per_tenant": len(indexes[0]),
-            "load_ms_per_tenant": round(load_s / tenants * 1000, 2),
-            "rss_mib": round(rss / 2**20, 1), "indexes_rss_mib": round((rss - baseline) / 2**20, 1),
-            "rss_kib_per_tenant": round((rss - baseline) / tenants / 1024, 1),
-            "nbytes_kib_per_tenant": round(statistics.mean(i.nbytes for i in indexes) / 1024, 1),
-            "bytes_mib": round(stored / 2**20, 1), **latency}
-
-
-def scale_runs(runs: Sequence[tuple[int, int]], rounds: int) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    if not runs:
-        return results
-    with tempfile.TemporaryDirectory(prefix="kefu-kb-bench-") as directory:
-        build_s = in_fresh_process(build_scales, directory, runs)
-        print(f"built {build_s}", file=sys.stderr)
-        for tenants, chunks in runs:
-            served = in_fresh_process(serve_tenants, directory, tenants, chunks, rounds)
-            results.append(served | {"build_s": build_s[f"{tenants}x{chunks}"]})
-            print(f"scale {tenants} x {chunks}: {results[-1]}", file=sys.stderr)
-    return results
-
-
-def _child(connection: Any, function: str, arguments: tuple[Any, ...]) -> None:
-    connection.send(globals()[function](*arguments))
-    connection.close()
-
-
-def in_fresh_process(function: Callable[..., Any], *arguments: Any) -> Any:
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, function.__name__, arguments))
-    process.start()
-    sender.close()
-    result = receiver.recv()
-    process.join()
-    return result
-
-
-# --- report ---------------------------------------------------------------------------------------------
-
-
-def markdown(report: dict[str, Any]) -> str:
-    ingest, q, h = report["ingest"], report["quality"], report["held_out"]
-    lines = [
-        f"## make bench-kb ({report['timestamp']}, {report['machine']})",
-        "",
-        f"CMRC 2018 trial: {ingest['documents']} documents, {q['questions']} questions; chunks of "
-        f"{report['chunk_tokens']} tokens, {report['passages']} passages in the LLM prompt; "
-        + (f"hybrid retrieval with embeddings of {report['embeddings_model']} (the answer-or-hand-off runs "
-           "are BM25's decision alone)." if report.get("embeddings_model") else "BM25 alone."),
-        "",
-        "| figure | value | target |",
-        "|---|---:|---:|",
-        f"| ingest (parse + chunk + index) | {ingest['documents_per_s']} docs/s, {ingest['chunks_per_s']} chunks/s | |",
-        f"| cited-document recall@1 | {q['recall_at_1']} | >= 0.95 |",
-        f"| recall@5 / MRR@10 | {q['recall_at_5']} / {q['mrr_at_10']} | |",
-        f"| gold span in the offline answer (handoffs count as misses) | {q['span_in_answer']} | >= 0.80 |",
-        f"| gold span in the extract, whatever the decision | {q['span_in_extract']} | |",
-        f"| gold span in the LLM prompt | {q['span_in_prompt']} | >= 0.99 |",
-        f"| ... with adjacent chunks of a document joined | {q['span_in_prompt_joined']} | >= 0.99 |",
-        f"| answer-or-hand-off balanced accuracy, half held out (threshold {h['threshold']}) | "
-        f"{h['balanced_accuracy']} | >= 0.95 |",
-        f"| ... on the four splits | {', '.join(map(str, h['balanced_accuracy_all_splits']))} | |",
-        f"| ... counting an answer from the wrong document as wrong | {h['balanced_accuracy_strict']} | |",
-        f"| ... a raw BM25 top-score threshold tuned on the split (reference) | {h['raw_bm25_best']} | |",
-    ]
-    lines += ["", "Threshold tuning (best on one split, balanced accuracy there and on the three others):", "",
-              "| split | best threshold | on itself | on the others |", "|---|---:|---:|---:|"]
-    lines += [f"| {t['split']} | {t['best_threshold']} | {t['tuned_on_itself']} | {t['on_the_other_splits']} |"
-              for t in h["tuning"]]
-    lines += ["", "Scale: indexes built and stored by one process, loaded from their bytes by a fresh one that then "
-              f"asks the {report['quality']['questions']} questions x {report['rounds']} (`retrieve`, k = passages; "
-              "a random tenant per question); RSS of that process (and its growth from loading the indexes, "
-              "after the segmenter and numpy are loaded):", "",
-              "| tenants x chunks | p50 ms | p99 ms | CPU ms/query (p99) | RSS MiB (indexes) | load ms/tenant "
-              "| stored MiB | build s (*: analysis reused) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    largest = max(report["scale"], key=lambda t: t["tenants"] * t["chunks_per_tenant"], default=None)
-    for t in report["scale"]:
-        lines.append(f"| {t['tenants']:,} x {t['chunks_per_tenant']:,} | {t['p50_ms']} | {t['p99_ms']} | "
-                     f"{t['cpu_mean_ms']} ({t['cpu_p99_ms']}) | {t['rss_mib']} ({t['indexes_rss_mib']}) | "
-                     f"{t['load_ms_per_tenant']} | "
-                     f"{t['bytes_mib']} | {t['build_s']}{'' if t is largest else '*'} |")
-    return "\n".join(lines) + "\n"
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.kb_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,9 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"kb-{report['timestamp']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report | {"markdown": text}, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report | {"markdown": text}, ensure_ascii=False, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.loadgen import rank_percentile
 from devtools.devstack.stack import Stack, StackConfig, StackPorts
 from devtools.mint_token import mint
 
@@ -68,11 +69,6 @@ def worker_histogram(port: int, name: str) -> tuple[float, float]:
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
               if line.startswith(f"{name}_sum") or line.startswith(f"{name}_count")}
     return values.get(f"{name}_sum", 0.0), values.get(f"{name}_count", 0.0)
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 async def run(stack: Stack, concurrency: int, large_mb: float) -> dict[str, Any]:
@@ -126,7 +122,7 @@ async def run(stack: Stack, concurrency: int, large_mb: float) -> dict[str, Any]
         "large_store_s": round(large_stored - large_started, 3),
         "large_to_ready_s": round(large_ready - large_started, 3),
         "search_queries": len(latencies), "search_p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "search_p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "search_p99_ms": round(rank_percentile(latencies, 0.99) * 1000, 2),
     }
 
 

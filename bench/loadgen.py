@@ -185,6 +185,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return percentiles(values, (q,))[0]
 
 
+def rank_percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile, `share` in 0..1 (the knowledge benches' figures: no interpolation)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the values there are (None ignored); None when there are none."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def _interpolate(ordered: Sequence[float], q: float) -> float:
     if not 0 <= q <= 100:
         raise ValueError(f"percentile must be within 0..100, got {q}")

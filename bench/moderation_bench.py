@@ -39,7 +39,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.loadgen import percentile
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
+from bench.proc_stats import live_cpu_seconds, memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, start_service, stop_process
+from devtools.devstack.nats_server import start_nats_server
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from services.common.grpc_client import internal_channel
 from services.common.lexicon.matcher import Matcher
@@ -96,13 +98,6 @@ CATEGORIES = (("abuse", Action.MASK), ("contact_leak", Action.REVIEW), ("fraud",
 def _micros(values: Sequence[float], q: float) -> float:
     """A percentile in microseconds; NaN when the figure was not timed call by call."""
     return round(percentile(values, q) * 1e6, 1) if values else float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (from /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -290,7 +285,7 @@ async def grpc_concurrent(stub: moderation_pb2_grpc.ModerationServiceStub, texts
     timing = Timing()
     start = time.perf_counter()
     deadline = start + seconds
-    cpu_before = cpu_seconds(pid)
+    cpu_before = live_cpu_seconds(pid)
 
     async def worker(offset: int) -> None:
         index = offset
@@ -306,7 +301,7 @@ async def grpc_concurrent(stub: moderation_pb2_grpc.ModerationServiceStub, texts
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     timing.wall_s = time.perf_counter() - start
     summary = timing.summary()
-    service_cpu = cpu_seconds(pid) - cpu_before
+    service_cpu = live_cpu_seconds(pid) - cpu_before
     summary["service_cpu_us_per_check"] = round(service_cpu / summary["count"] * 1e6, 1)
     summary["service_mb_per_cpu_s"] = round(timing.utf8_bytes / service_cpu / 1e6, 1) if service_cpu else 0.0
     return summary
@@ -366,13 +361,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results["in_process"] = measure_in_process(folder, corpus, short, answers, args.seconds)
     if not args.no_grpc:
         log.info("measuring over gRPC")
-        process, port = start_service("moderation", {"KEFU_LEXICON_DIR": str(folder)}, workdir / "moderation.log")
+        # The service publishes its lexicon to NATS (for the workers' output filters) before it serves.
+        server = start_nats_server(workdir / "nats")
         try:
-            results["service_idle_kib"] = memory_kib(process.pid)
-            results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))
-            results["service_kib"] = memory_kib(process.pid)
+            process, port = start_service("moderation", {"KEFU_LEXICON_DIR": str(folder), "KEFU_NATS_URL": server.url},
+                                          workdir / "moderation.log")
+            try:
+                results["service_idle_kib"] = memory_kib(process.pid)
+                results["grpc"] = asyncio.run(measure_grpc(port, process.pid, corpus, short, answers, args))
+                results["service_kib"] = memory_kib(process.pid)
+            finally:
+                stop_process(process)
         finally:
-            stop_process(process)
+            server.stop()
     results["load_average_end"] = os.getloadavg()
     return results
 

@@ -30,13 +30,13 @@ from typing import Any
 
 import aiohttp
 
-from bench.__main__ import cpu_snapshot, fetch_json, memory_mib
+from bench.chat_stack import fetch_json
 from bench.loadgen import Summary
+from bench.proc_stats import Processes, cpu_snapshot, memory_mib
 from bench.sse_reader import read_sse
 
 log = logging.getLogger("bench.open_streams")
 
-Processes = dict[str, int]
 MEMORY_OF = ("gateway", "llm_worker", "moderation", "session", "nats", "upstream", "client")
 
 

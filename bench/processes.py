@@ -1,10 +1,11 @@
-"""Starting one kefu service as a real process for a benchmark, and reading its memory."""
+"""Child processes of a benchmark: one kefu service started for real, stopped, read from; its work folder."""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,15 @@ def start_service(name: str, env: Mapping[str, str], log_path: Path,
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=REPO_ROOT, env=child_env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
+    wait_serving(process, port, name, log_path, timeout_s)
+    return process, port
+
+
+def wait_serving(process: subprocess.Popen[bytes], port: int, name: str, log_path: Path,
+                 timeout_s: float | None = None) -> None:
+    """Poll the gRPC health service on `port` until it reports SERVING; the process must not exit meanwhile,
+    and with `timeout_s` it is killed when that passes first."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -49,34 +58,38 @@ def start_service(name: str, env: Mapping[str, str], log_path: Path,
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, port
+                    return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 process.kill()
                 raise TimeoutError(f"{name} did not report SERVING")
             time.sleep(0.05)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout_s`; closes its stdout pipe if it has one."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(15)
+            process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
+def read_line(process: subprocess.Popen[bytes], timeout_s: float, what: str) -> str:
+    """The next line a child prints on its stdout pipe; it must come within `timeout_s`."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    if not ready:
+        raise TimeoutError(f"{what}: no answer within {timeout_s:g} s")
+    line = process.stdout.readline().decode()
+    if not line:
+        raise RuntimeError(f"{what}: the process exited with code {process.wait()}")
+    return line
 
 
 @dataclass

@@ -29,7 +29,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import subprocess
@@ -44,7 +43,8 @@ import nats
 from nats.aio.client import Client as NatsClient
 
 from bench.loadgen import percentile
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, start_service, stop_process
+from bench.proc_stats import live_cpu_seconds, memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, start_service, stop_process
 from devtools.devstack.nats_server import NatsServer, start_nats_server
 from devtools.devstack.stack import free_port
 from kefu.session.v1 import session_pb2, session_pb2_grpc
@@ -210,12 +210,6 @@ async def measure_store(store: SessionStore, counters: TokenCounters, sessions: 
     return results
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def operation_totals(metrics_url: str, operation: str) -> tuple[float, int]:
     """(sum of seconds, count) of one operation in the service's histogram."""
     with urllib.request.urlopen(metrics_url, timeout=5) as reply:
@@ -238,9 +232,9 @@ async def measured_turns(operation: Callable[[], Awaitable[object]], watched: Wa
                          seconds: float) -> dict[str, float]:
     """BeginTurn one call at a time: client p50/p99, the server's mean, CPU ms per call of each process."""
     server_before = operation_totals(watched.metrics_url, "begin_turn")
-    cpu_before = cpu_seconds(watched.session_pid), cpu_seconds(watched.nats_pid)
+    cpu_before = live_cpu_seconds(watched.session_pid), live_cpu_seconds(watched.nats_pid)
     stats = await closed_loop(operation, 1, seconds)
-    cpu_after = cpu_seconds(watched.session_pid), cpu_seconds(watched.nats_pid)
+    cpu_after = live_cpu_seconds(watched.session_pid), live_cpu_seconds(watched.nats_pid)
     server_after = operation_totals(watched.metrics_url, "begin_turn")
     calls = max(1, server_after[1] - server_before[1])
     return {**stats.summary(),

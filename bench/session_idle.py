@@ -21,11 +21,10 @@ import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
-import grpc
 import nats
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.processes import INTERNAL_TOKEN, bench_work_dir, memory_kib, stop_process
+from bench.proc_stats import live_cpu_seconds, memory_kib
+from bench.processes import INTERNAL_TOKEN, bench_work_dir, stop_process, wait_serving
 from devtools.devstack.nats_server import start_nats_server
 from devtools.devstack.stack import REPO_ROOT, free_port
 from services.common.conversation_log import log_subject
@@ -40,11 +39,6 @@ INDEX_PREFIX = "$KV.kefu_conversations"
 TENANTS = 10
 WAIT_S, IDLE_S = 120.0, 600.0
 LIMITS = TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0)
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequence[str] = ("ai",),
@@ -103,18 +97,8 @@ def start_session(source: Path, url: str, log_path: Path) -> tuple[subprocess.Po
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "services.session"], cwd=source, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"session exited with {process.returncode}; see {log_path}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return process, time.monotonic() - started
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+    wait_serving(process, port, "session", log_path)
+    return process, time.monotonic() - started
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -134,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 time.sleep(5.0)  # past start-up: measure the steady idle state
                 pids = {"session": session.pid, "nats-server": nats_server.process.pid}
-                before = {name: cpu_s(pid) for name, pid in pids.items()}
+                before = {name: live_cpu_seconds(pid) for name, pid in pids.items()}
                 time.sleep(args.seconds)
-                used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+                used = {name: live_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
                 rss = {name: memory_kib(pid)["VmRSS"] // 1024 for name, pid in pids.items()}
             finally:
                 stop_process(session)

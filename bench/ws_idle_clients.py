@@ -1,4 +1,4 @@
-"""`python -m bench.ws_idle_clients`: one client process of bench/ws_bench.py's idle-socket phase.
+"""`python -m bench.ws_idle_clients`: a client process of the idle-socket phase (bench/ws_idle_phase.py).
 
 It opens `--count` WebSockets, each saying `hello` (with a visitor token of its own for kefu)
 and waiting for `welcome`, then holds them idle, answering the server's pings. It talks to its

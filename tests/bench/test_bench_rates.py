@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.__main__ import Measured, highest_rate_within, open_loop_rows
+from bench.chat_report import Measured, highest_rate_within, open_loop_rows
 from bench.loadgen import LoadResult, RequestResult, Summary
-from bench.ws_bench import highest_rate_within as ws_highest_rate_within
-from bench.ws_bench import rate_rows
+from bench.ws_report import highest_rate_within as ws_highest_rate_within
+from bench.ws_report import rate_rows
 
 
 def result(path: str, rate: float, ttft_p99_ms: float, failed: int = 0) -> LoadResult:
@@ -56,7 +56,7 @@ def test_ws_rates_include_the_main_rate_and_stop_at_the_first_failure() -> None:
 
 
 def test_open_loop_report_names_the_highest_rate_and_each_process_cpu() -> None:
-    from bench.__main__ import open_loop_lines
+    from bench.chat_report import open_loop_lines
 
     rows = open_loop_rows([Measured("direct", 0, result("direct", 10, 60), {"client": 1.0}),
                            Measured("kefu", 0, result("kefu", 10, 100), {"gateway": 6.5, "nats": 1.25})])

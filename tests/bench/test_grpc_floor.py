@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import grpc_floor
-from bench.ws_bench import shape_floor_lines
+from bench.ws_report import shape_floor_lines
 
 
 @pytest.mark.timeout(60)

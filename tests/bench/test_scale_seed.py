@@ -7,7 +7,8 @@ from collections import Counter
 
 import nats
 
-from bench.scale_bench import LIMITS, SEED_STATUSES, TENANTS, seed_store
+from bench.scale_bench import seed_store
+from bench.scale_params import LIMITS, SEED_STATUSES, TENANTS
 from bench.session_idle import seed
 from devtools.devstack.nats_server import NatsServer
 from services.session.index import ConversationIndex

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.kb_bench import (
-    Article,
-    OfflineKnowledge,
-    Question,
-    balanced_accuracy,
-    held_out,
-    joined_passages,
-    kept,
-    load_articles,
-    quality,
-    synthetic_chunks,
-)
+from bench.cmrc import Article, Question, load_articles
+from bench.kb_bench import OfflineKnowledge, balanced_accuracy, held_out, joined_passages, kept, quality
+from bench.kb_scale import synthetic_chunks
 from services.llm_worker.knowledge.models import Chunk, Hit
 
 ARTICLES = load_articles()
