@@ -95,9 +95,10 @@ class LiveSocket:
     def on_frame(self, message: WSMessage) -> None:
         connection = self._connection
         if message.type is WSMsgType.CLOSE:
+            # Answered once the frames before it are handled and what they caused is sent (1000, as aiohttp).
             if self._worker is None or connection.closing:
-                self._wire.answer_close()
-            else:  # answered once the frames before it are handled, as the read loop did
+                connection.close(1000)
+            else:
                 self._queue(message)
             return
         if connection.closing or self._ended:
@@ -153,7 +154,7 @@ class LiveSocket:
                 if isinstance(item, SocketRefused):
                     raise item
                 if item.type is WSMsgType.CLOSE:
-                    self._wire.answer_close()
+                    self._connection.close(1000)
                     return
                 frame = self._decoded(item)
                 if frame is None:
@@ -174,7 +175,7 @@ class LiveSocket:
             self._worker = None
             if self._ended:
                 self._leave()
-            elif self._connection.closing or self._wire.close_sent:
+            elif self._connection.closing:
                 self._inbox = None  # nothing more is handled; the close handshake ends the socket
             else:
                 self._wire.resume_reading()  # if the inbox had filled up (a no-op otherwise)

@@ -35,7 +35,7 @@ READ_LIMIT = 2 ** 16
 
 class FrameSink(Protocol):
     """Who gets a socket's frames: every data, ping, pong and the peer's close frame in order (a close is
-    answered with `answer_close` once what came before it is handled), then the end, once."""
+    answered with the Wire's `close` once what came before it is handled and sent), then the end, once."""
 
     def on_frame(self, message: WSMessage) -> None: ...
 
@@ -77,7 +77,8 @@ class Wire(BaseProtocol):
     """One WebSocket's transport after the upgrade: `send_str` and `close` like aiohttp's WebSocketResponse
     (the Connection's writer uses them), the peer's close handshake, and flow control both ways."""
 
-    __slots__ = ("_reader", "_sink", "_close_sent", "_peer_closed", "_close_code", "_timeout_s", "_ended")
+    __slots__ = ("_reader", "_sink", "_close_sent", "_peer_closing", "_peer_closed", "_close_code", "_timeout_s",
+                 "_ended")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_frame_bytes: int, close_timeout_s: float) -> None:
         super().__init__(loop)
@@ -87,6 +88,8 @@ class Wire(BaseProtocol):
         self._reader = WebSocketReader(queue, max_frame_bytes, compress=False, decode_text=True)
         self._sink: FrameSink | None = None
         self._close_sent = False
+        self._peer_closing = False
+        """The peer's close frame came first: ours answers it, and nothing more is waited for."""
         self._peer_closed: asyncio.Future[None] | None = None
         """Created only while our close waits for the peer's."""
         self._close_code: int | None = None
@@ -154,17 +157,16 @@ class Wire(BaseProtocol):
             self._resolve_peer_close()  # the answer to ours: the handshake is done
             self.abort()
             return
+        if self._peer_closing:
+            return
+        self._peer_closing = True
         if self._close_code is None:
             self._close_code = code
         if self._sink is not None:
-            self._sink.on_frame(WSMessage(WSMsgType.CLOSE, code, ""))
+            self._sink.on_frame(WSMessage(WSMsgType.CLOSE, code, ""))  # it answers with `close`
         else:
-            self.answer_close()
-
-    def answer_close(self) -> None:
-        """The peer closed first: answer (1000, as aiohttp did) and end."""
-        self._send_close(WSCloseCode.OK, b"")
-        self.abort()
+            self._send_close(WSCloseCode.OK, b"")
+            self.abort()
 
     def _resolve_peer_close(self) -> None:
         if self._peer_closed is not None and not self._peer_closed.done():
@@ -197,7 +199,7 @@ class Wire(BaseProtocol):
             self.abort()
             return False
         self._send_close(code, message)
-        if drain and self.transport is not None and not self._ended:
+        if drain and self.transport is not None and not self._ended and not self._peer_closing:
             self._peer_closed = self._loop.create_future()
             try:
                 async with asyncio.timeout(self._timeout_s):
