@@ -29,8 +29,6 @@ OP_PING = 0x9
 OP_PONG = 0xA
 CLOSE_NO_STATUS = 1005
 """The close code recorded for a peer's close frame without one (RFC 6455 7.1.5)."""
-READ_LIMIT = 2 ** 16
-"""aiohttp's queue limit: unused here (the sink never holds a frame), but its reader reads it."""
 
 
 class FrameSink(Protocol):
@@ -57,10 +55,17 @@ def close_payload(code: int, reason: bytes) -> bytes:
 
 
 class _Handoff(WebSocketDataQueue):
-    """aiohttp's parser pushes every message into a queue; this one hands each on at once and holds none."""
+    """aiohttp's parser pushes every message into a queue; this one hands each on at once and holds none.
+
+    Its base's __init__ is not called on purpose: it would build a deque and a waiter slot for frames this
+    queue never holds (~850 bytes a socket). The parser reads only the size and limit fields (both 0 here,
+    so it never stalls) besides these three methods; tests/gateway/test_ws_wire.py feeds it frame by frame
+    and byte by byte."""
 
     __slots__ = ("_wire",)
-    _wire: Wire
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
 
     def feed_data(self, data: WSMessage | WSMessageTextBytes, size: int) -> None:
         # decode_text=True: text arrives as str, so every message is a WSMessage
@@ -83,9 +88,7 @@ class Wire(BaseProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, max_frame_bytes: int, close_timeout_s: float) -> None:
         super().__init__(loop)
         self._upgraded = True  # BaseProtocol: pausing the reads touches no HTTP parser
-        queue = _Handoff(self, READ_LIMIT, loop=loop)
-        queue._wire = self
-        self._reader = WebSocketReader(queue, max_frame_bytes, compress=False, decode_text=True)
+        self._reader = WebSocketReader(_Handoff(self), max_frame_bytes, compress=False, decode_text=True)
         self._sink: FrameSink | None = None
         self._close_sent = False
         self._peer_closing = False
@@ -106,10 +109,6 @@ class Wire(BaseProtocol):
             self.data_received(early)
         if not transport.is_reading() and not self._reading_paused:
             transport.resume_reading()  # aiohttp may have paused it for its own buffers
-
-    @property
-    def close_sent(self) -> bool:
-        return self._close_sent
 
     @property
     def close_code(self) -> int | None:

@@ -10,7 +10,7 @@ import os
 import struct
 
 import pytest
-from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp import ClientWebSocketResponse, WSMessage, WSMsgType, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
@@ -18,7 +18,7 @@ from devtools.mint_token import mint
 from gateway.app import create_app
 from gateway.live import socket as live_socket
 from gateway.live.frames import MAX_FRAME_BYTES
-from gateway.live.wire import frame
+from gateway.live.wire import Wire, frame
 from gateway.settings import GatewaySettings
 
 SECRET = "wire-test-secret-0123456789abcdef0123"
@@ -192,3 +192,28 @@ def test_server_frames_use_the_shortest_length_encoding() -> None:
     assert frame(0x1, b"x" * 126)[:4] == bytes([0x81, 126, 0, 126])
     assert frame(0x1, b"x" * 65536)[:10] == bytes([0x81, 127]) + (65536).to_bytes(8, "big")
     assert frame(0xA, b"")[:2] == bytes([0x8A, 0])
+
+
+class Recorder:
+    """A FrameSink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[WSMsgType, object]] = []
+        self.ended = False
+
+    def on_frame(self, message: WSMessage) -> None:
+        self.frames.append((message.type, message.data))
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def test_the_wire_parses_frames_split_anywhere_in_order() -> None:
+    wire = Wire(asyncio.get_running_loop(), max_frame_bytes=1000, close_timeout_s=1.0)
+    sink = Recorder()
+    wire._sink = sink
+    texts = [json.dumps({"n": i, "pad": "界" * i}) for i in range(60)]
+    data = b"".join(client_frame(0x1, text.encode()) for text in texts) + client_frame(0x9, b"p")
+    for start in range(0, len(data), 7):  # seven bytes at a time: headers, masks and payloads cut anywhere
+        wire.data_received(data[start:start + 7])
+    assert sink.frames == [(WSMsgType.TEXT, text) for text in texts] + [(WSMsgType.PING, b"p")]
