@@ -12,6 +12,7 @@ import aiohttp
 import nats
 import nats.errors
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.stack import Stack
 from gateway.live.channels import conversation_subject
@@ -30,7 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         started.stop()
 
 
-async def _interest(nc: nats.NATS, subject: str) -> bool:
+async def _interest(nc: NatsClient, subject: str) -> bool:
     """Whether any client subscribes to `subject`: with none, the server answers a request with "no responders"
     at once; an edge that follows it takes the request and never replies."""
     try:
@@ -65,7 +66,7 @@ async def _conversation_of(ws: aiohttp.ClientWebSocketResponse) -> str:
     return str(frame["conversation_id"])
 
 
-async def _until(nc: nats.NATS, subject: str, wanted: bool) -> None:
+async def _until(nc: NatsClient, subject: str, wanted: bool) -> None:
     deadline = time.monotonic() + 15
     while await _interest(nc, subject) is not wanted:
         assert time.monotonic() < deadline, f"interest in {subject} never became {wanted}"
