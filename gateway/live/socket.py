@@ -101,8 +101,8 @@ class LiveSocket:
             else:
                 self._queue(message)
             return
-        if connection.closing or self._ended:
-            return
+        if connection.closing or self._ended or (self._inbox and isinstance(self._inbox[-1], SocketRefused)):
+            return  # nothing after a refusal is handled
         connection.heard()
         settings = self._live.settings
         if not connection.take_frame_token(settings.ws_frame_rps, settings.ws_frame_burst):
@@ -122,7 +122,8 @@ class LiveSocket:
             self._queue(message)
 
     def on_end(self) -> None:
-        """The transport is gone (closed by either side): once the frame in hand is done, leave everything."""
+        """The transport is gone (closed by either side): the frame in hand is cancelled (as aiohttp's
+        handler_cancellation did to the read loop), then the socket leaves everything."""
         if self._ended:
             return
         self._ended = True
@@ -130,7 +131,7 @@ class LiveSocket:
             self._hello_timer.cancel()
         self._connection.lost()
         if self._worker is not None:
-            self._worker.cancel()  # as aiohttp's handler_cancellation did to the read loop; it ends below
+            self._worker.cancel()  # it leaves in its finally
         else:
             self._leave()
 
