@@ -205,7 +205,7 @@ class Connection:
             self._transport.write(PING_FRAME)
 
     def drop_silent(self) -> None:
-        """No answer to a ping: the peer is gone, so no closing handshake; the read loop ends."""
+        """No answer to a ping: the peer is gone, so no closing handshake; the Wire ends with its transport."""
         self._close_code = CLOSE_SILENT
         self._queue = None
         if self._transport is not None:
