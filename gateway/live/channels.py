@@ -12,9 +12,10 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -68,13 +69,120 @@ class LiveChannels:
             log.warning("live subscription to %s failed: %s", subject, error)
             return None
 
+    async def route(self, subject: str, handler: Handler) -> Route | None:
+        """Like `subscribe`, for the many per-conversation subjects: the server still sends a conversation's
+        frames only to the edges that follow it, but here they are handed to `handler` right where the
+        connection reads them, with no task nor queue per subject (see Route); None without NATS."""
+        try:
+            nc = await self.bus.connection(timeout_s=2.0)
+            return await Route.add(nc, subject, lambda payload: self._from_other_edge(payload, handler))
+        except (BusUnavailable, nats.errors.Error) as error:
+            log.warning("live subscription to %s failed: %s", subject, error)
+            return None
 
-async def unsubscribe(subscription: Subscription | None) -> None:
+    def _from_other_edge(self, data: bytes, handler: Handler) -> None:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(payload, dict) and payload.get("origin") != self.edge_id:
+            handler(payload)
+
+
+class Route:
+    """One subject's interest on the NATS connection, delivered by a plain call instead of nats-py's
+    Subscription (an asyncio.Queue and a task each: at 10k followed conversations ~4 KiB apiece, issue 19).
+
+    nats-py (pinned in pyproject.toml) keeps its subscriptions in `Client._subs` by sid: it hands each
+    message to `sub._pending_queue.put_nowait` and replays every entry's `_subject` after a reconnect.
+    A Route is such an entry whose queue is itself, so the message is dispatched at once, in order, from
+    the connection's read loop. tests/gateway/test_live_routes.py holds nats-py to that (routing,
+    unsubscribe, reconnect replay) so that an upgrade changing it fails there first.
+    """
+
+    __slots__ = ("_conn", "_id", "_subject", "_queue", "_max_msgs", "_received", "_jsi", "_future",
+                 "_pending_size", "_pending_bytes_limit", "_pending_next_msgs_calls", "_wait_for_msgs_task",
+                 "_message_iterator", "_closed", "_deliver")
+
+    def __init__(self, nc: NatsClient, sid: int, subject: str, deliver: Callable[[bytes], None]) -> None:
+        self._conn = nc
+        self._id = sid
+        self._subject = subject
+        self._queue = ""
+        self._max_msgs = 0
+        self._received = 0
+        self._jsi = None
+        self._future = None
+        self._pending_size = 0
+        self._pending_bytes_limit = 0
+        """0: nats-py's slow-consumer check is off (nothing is ever pending here)."""
+        self._pending_next_msgs_calls = None
+        self._wait_for_msgs_task = None
+        self._message_iterator = None
+        self._closed = False
+        self._deliver = deliver
+
+    @classmethod
+    async def add(cls, nc: NatsClient, subject: str, deliver: Callable[[bytes], None]) -> Route:
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        nc._sid += 1
+        route = cls(nc, nc._sid, subject, deliver)
+        _subscriptions(nc)[route._id] = route
+        try:
+            await nc._send_subscribe(cast(Subscription, route))
+        except BaseException:
+            route._closed = True  # cancelled, or NATS went away: nothing is delivered to it
+            _subscriptions(nc).pop(route._id, None)
+            raise
+        return route
+
+    @property
+    def subject(self) -> str:
+        return self._subject
+
+    @property
+    def _pending_queue(self) -> Route:
+        return self
+
+    def put_nowait(self, message: Msg) -> None:
+        """nats-py's hand-over: the message is for this edge's followers now (their sends never block)."""
+        self._pending_size = 0
+        try:
+            self._deliver(message.data)
+        except Exception:  # the connection's read loop must go on for every other subject
+            log.exception("live frame on %s not delivered", self._subject)
+
+    async def remove(self) -> None:
+        """The server stops sending it; nothing is dispatched after this call."""
+        if self._closed:
+            return
+        self._closed = True
+        nc = self._conn
+        if _subscriptions(nc).get(self._id) is self:
+            del _subscriptions(nc)[self._id]
+        if not (nc.is_closed or nc.is_reconnecting or nc.is_draining):
+            await nc._send_unsubscribe(self._id)
+
+
+def _subscriptions(nc: NatsClient) -> dict[int, object]:
+    return cast("dict[int, object]", nc._subs)
+
+
+def count_routes(nc: NatsClient) -> int:
+    """Routes registered on the connection (tests: the last follower leaving removes its conversation's)."""
+    return sum(1 for entry in _subscriptions(nc).values() if isinstance(entry, Route))
+
+
+async def unsubscribe(subscription: Subscription | Route | None) -> None:
     if subscription is None:
         return
     try:
-        await subscription.unsubscribe()
-    except nats.errors.Error:
+        if isinstance(subscription, Route):
+            await subscription.remove()
+        else:
+            await subscription.unsubscribe()
+    except (nats.errors.Error, ConnectionError):
         pass
 
 

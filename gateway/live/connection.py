@@ -11,10 +11,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import msgspec
-from aiohttp import web
 
 from gateway.auth import Principal
 from gateway.errors import SocketRefused
@@ -31,6 +31,15 @@ from gateway.live.frames import (
 
 log = logging.getLogger(__name__)
 
+
+class FrameWriter(Protocol):
+    """The wire side of a socket (gateway/live/wire.py Wire; aiohttp's WebSocketResponse fits too)."""
+
+    async def send_str(self, data: str) -> None: ...
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool: ...
+
+
 FORCED_CLOSE_TIMEOUT_S = 1.0
 PING_FRAME = b"\x89\x00"
 """A WebSocket ping from the server: FIN and opcode 9, no mask, no payload."""
@@ -38,8 +47,6 @@ CLOSE_SILENT = 1006
 """Recorded (never sent: the transport is just closed) for a socket that did not answer a ping."""
 OWN_CIDS = 256
 """cids a socket remembers to echo in its own `msg` events."""
-READER_STOP_POLLS = 100
-READER_STOP_POLL_S = 0.01
 
 
 class Connection:
@@ -48,9 +55,9 @@ class Connection:
 
     __slots__ = ("ws", "address", "_principal", "_following", "_seen", "_current", "_own_cids", "_close_code",
                  "_transport", "_queue_size", "_queue", "_held", "_writer", "_closing_reason", "_on_frame_out",
-                 "_tokens", "_tokens_at", "_reader", "_receiving", "heard_at", "pinged_at")
+                 "_tokens", "_tokens_at", "heard_at", "pinged_at")
 
-    def __init__(self, ws: web.WebSocketResponse, queue_size: int, transport: asyncio.Transport | None,
+    def __init__(self, ws: FrameWriter, queue_size: int, transport: asyncio.Transport | None,
                  address: str | None = None, on_frame_out: Callable[[str], None] | None = None) -> None:
         self.ws = ws
         self.address = address
@@ -72,10 +79,6 @@ class Connection:
         self._on_frame_out = on_frame_out
         self._tokens = -1.0
         self._tokens_at = 0.0
-        self._reader: asyncio.Task[object] | None = None
-        """The task reading the socket's frames, and whether it waits in receive() right now:
-        a close from another task stops that read first (see close)."""
-        self._receiving = False
         self.heard_at = time.monotonic()
         """When the client last sent a frame of any kind (gateway/live/keepalive.py)."""
         self.pinged_at = 0.0
@@ -202,23 +205,13 @@ class Connection:
             self._transport.write(PING_FRAME)
 
     def drop_silent(self) -> None:
-        """No answer to a ping: the peer is gone, so no closing handshake; the read loop ends."""
+        """No answer to a ping: the peer is gone, so no closing handshake; the Wire ends with its transport."""
         self._close_code = CLOSE_SILENT
         self._queue = None
         if self._transport is not None:
             self._transport.close()
 
-    # -- reading and closing ----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """Around one receive(): a close from another task cancels it first."""
-        self._reader = asyncio.current_task()
-        self._receiving = True
-        try:
-            yield
-        finally:
-            self._receiving = False
+    # -- closing ----------------------------------------------------------------------------------
 
     def refuse(self, refused: SocketRefused) -> None:
         """Say why in an `error` frame, then close with the refusal's close code."""
@@ -231,11 +224,6 @@ class Connection:
             return
         self._close_code = code
         self._closing_reason = reason
-        if self._receiving and self._reader is not None and self._reader is not asyncio.current_task():
-            # aiohttp's close() from another task while a receive() waits drops the connection
-            # right after the close frame, without the closing handshake (the client sees 1006).
-            # Stop the read first; the writer closes once it has stopped.
-            self._reader.cancel()
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued())
 
@@ -269,10 +257,6 @@ class Connection:
                 if self._on_frame_out is not None:
                     self._on_frame_out(kind_of(frame))
             if self._close_code is not None:
-                for _ in range(READER_STOP_POLLS):  # the reader stops within a loop iteration or two
-                    if not self._receiving:
-                        break
-                    await asyncio.sleep(READER_STOP_POLL_S)
                 await self.ws.close(code=self._close_code, message=self._closing_reason.encode())
         except ConnectionError:
             self._close_code = self._close_code or 1006
@@ -281,6 +265,15 @@ class Connection:
                 self._writer = None
                 if self._queue and not self.closing:  # sent while this task was finishing
                     self._writer = asyncio.create_task(self._write_queued())
+
+    def lost(self) -> None:
+        """The transport is gone: nothing more is sent (a close in progress ends with it)."""
+        if self._close_code is None:
+            self._close_code = CLOSE_SILENT
+        self._queue = None
+        self._held = None
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
 
     async def finish(self, timeout_s: float) -> None:
         """Close (if nobody did) and wait for the writer to end."""

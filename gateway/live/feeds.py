@@ -16,13 +16,12 @@ from collections.abc import Callable
 
 import grpc
 import nats.errors
-from nats.aio.subscription import Subscription
 
 from gateway.auth import Principal
 from gateway.bus import BusUnavailable
 from gateway.clients import BackendClients, session_principal
 from gateway.errors import FeedUnavailable, NotYours
-from gateway.live.channels import LiveChannels, conversation_subject, unsubscribe
+from gateway.live.channels import LiveChannels, Route, conversation_subject, unsubscribe
 from gateway.live.connection import Connection
 from gateway.live.frames import (
     CLOSE_FORBIDDEN,
@@ -83,7 +82,7 @@ class Feed:
         """The newest `state` event seen (None: still the state it was created with)."""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
-        self.subscription: Subscription | None = None
+        self.subscription: Route | None = None
         """Live frames from the other edges."""
         self.follower: LogFollower | None = None
         """The conversation's log in JetStream, from where the first read ended."""
@@ -366,7 +365,11 @@ class Feeds:
                 log.warning("following a conversation log failed (%s); retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-        feed.subscription = await self.channels.subscribe(subject, from_other_edge)
+        route = await self.channels.route(subject, from_other_edge)
+        if self._feeds.get((feed.tenant, feed.conversation_id)) is feed:
+            feed.subscription = route
+        else:  # its last socket left meanwhile
+            await unsubscribe(route)
 
     async def _history(self, principal: Principal, conversation_id: str) -> list[session_pb2.Message]:
         return await self._read_log(session_principal(principal), conversation_id)
