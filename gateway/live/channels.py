@@ -153,6 +153,17 @@ class Route:
         except Exception:  # the connection's read loop must go on for every other subject
             log.exception("live frame on %s not delivered", self._subject)
 
+    async def _drain(self) -> None:
+        """nats-py's `Client.drain` (an edge's shutdown) drains every entry of `_subs`: nothing is pending
+        here, so only the server's interest goes (and the flush makes sure it has)."""
+        try:
+            if not self._closed:
+                await self._conn._send_unsubscribe(self._id)
+                await self._conn.flush()
+        finally:
+            self._closed = True
+            _subscriptions(self._conn).pop(self._id, None)
+
     async def remove(self) -> None:
         """The server stops sending it; nothing is dispatched after this call."""
         if self._closed:

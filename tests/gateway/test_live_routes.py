@@ -40,6 +40,8 @@ async def edges(nats_server: NatsServer) -> AsyncIterator[tuple[LiveChannels, Li
     for bus in buses:
         bus.start()
     try:
+        for bus in buses:  # a publish on a bus still connecting is skipped (best effort): connected first
+            await bus.connection(timeout_s=5)
         yield LiveChannels(buses[0]), LiveChannels(buses[1])
     finally:
         for bus in buses:
@@ -58,6 +60,7 @@ async def test_a_frame_reaches_only_the_edges_following_that_conversation_of_tha
     assert all(isinstance(route, Route) for route in routes)
     assert count_routes(follower.bus.nc) == 3
     assert not [task for task in asyncio.all_tasks() if "wait_for_msgs" in repr(task.get_coro())]
+    await follower.bus.nc.flush()  # the server has every SUB before anything is published
 
     await sender.publish(subject, {"frame": {"type": "typing", "n": 1}})
     await sender.publish(subject, {"frame": {"type": "typing", "n": 2}})
@@ -128,6 +131,26 @@ async def test_routes_come_back_after_nats_restarts(tmp_path: Path) -> None:
         await sender_bus.close()
         await follower_bus.close()
         server.stop()
+
+
+async def test_an_edge_closing_with_routes_left_drains_them(nats_server: NatsServer) -> None:
+    sender_bus, closing_bus = EdgeBus(nats_server.url, name="sender"), EdgeBus(nats_server.url, name="closing")
+    sender_bus.start()
+    closing_bus.start()
+    try:
+        await sender_bus.connection(timeout_s=5)
+        sender, closing = LiveChannels(sender_bus), LiveChannels(closing_bus)
+        inbox = Inbox()
+        subject = conversation_subject("t1", "c1")
+        assert await closing.route(subject, inbox) is not None
+        nc = closing_bus.nc
+        await closing_bus.close()  # nats-py's drain goes through every entry of the connection, routes too
+        assert nc.is_closed and count_routes(nc) == 0
+        await sender.publish(subject, {"frame": {"type": "typing"}})
+        await (await sender_bus.connection(timeout_s=5)).flush()
+        assert inbox.payloads == []
+    finally:
+        await sender_bus.close()
 
 
 def test_a_failing_handler_does_not_stop_the_others() -> None:
