@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health
 
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.common.call_streams import serve_calls
+from services.common.errors import InvalidArgument
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
@@ -24,6 +26,7 @@ from services.common.lexicon.model import Action
 from services.common.lexicon.stream_filter import StreamFilter
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import NatsEndpoint, check_credentials
+from services.moderation.check_many import check_many_spec
 from services.moderation.lexicon import LexiconError
 from services.moderation.metrics import ModerationMetrics
 from services.moderation.publish import publish_forever
@@ -55,6 +58,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self._unary_seconds = metrics.check_seconds.labels("unary")
         self._stream_seconds = metrics.check_seconds.labels("stream")
         self._checks = {action: metrics.checks.labels(action.name.lower()) for action in Action}
+        self._check_many = check_many_spec(self.check)
 
     def _count_hits(self, hits: Iterable[Hit]) -> None:
         for hit in hits:
@@ -64,9 +68,23 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self, request: moderation_pb2.CheckRequest,
         context: grpc.aio.ServicerContext[moderation_pb2.CheckRequest, moderation_pb2.CheckResponse],
     ) -> moderation_pb2.CheckResponse:
+        try:
+            return self.check(request)
+        except InvalidArgument as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    async def CheckMany(
+        self, requests: AsyncIterator[moderation_pb2.CheckBatch],
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckBatch, moderation_pb2.CheckResults],
+    ) -> AsyncIterator[moderation_pb2.CheckResults]:
+        """Check multiplexed (services.moderation.check_many): each item as the unary Check."""
+        async for batch in serve_calls(self._check_many, requests):
+            yield batch
+
+    def check(self, request: moderation_pb2.CheckRequest) -> moderation_pb2.CheckResponse:
+        """Check's work, for the unary RPC and the call stream alike; InvalidArgument for a text too long."""
         if len(request.text) > self._settings.max_text_chars:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"text is longer than {self._settings.max_text_chars} characters")
+            raise InvalidArgument(f"text is longer than {self._settings.max_text_chars} characters")
         start = time.perf_counter()
         # The matcher in use right now; a reload swaps it for the next call, never mid-check.
         result = self._lexicon.matcher.check(request.text)
