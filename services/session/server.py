@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.call_streams import serve_calls
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
@@ -23,7 +24,6 @@ from services.common.grpc_server import (
     stop_gracefully,
     wait_for_stop_signal,
 )
-from services.common.call_streams import serve_calls
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.session.backfill import arm_stored
