@@ -7,7 +7,9 @@ and trailers), so callers map errors exactly as before (gateway/errors.py).
 
 Failures: the stream is opened on first use and again on the first call after it broke. Calls the server
 may have seen when it broke fail with UNAVAILABLE (never retried: the caller's message id makes its own
-retry safe); calls still queued, never written, go out on the next stream. A caller that gives up
+retry safe); calls still queued, never written, go out on the next stream. A server that stops drains its
+streams: it finishes the calls it runs and refuses new ones unrun (`kefu-error: draining`); those are sent
+once more, on a new stream (another replica, or the restarted process through gRPC's retries). A caller that gives up
 (cancelled) sends a cancel item for its call; one whose deadline passed sends nothing (the server's copy of
 the deadline ends the call there)."""
 
@@ -18,12 +20,14 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import grpc
 
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.call_streams import DRAINING, ERROR_TRAILER
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,11 @@ def rpc_error(code: grpc.StatusCode, details: str, trailers: Iterable[tuple[str,
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def is_draining(status: StatusMessage) -> bool:
+    """Refused unrun by a server that stops (services.common.call_streams.DRAINING): safe to send again."""
+    return status.code == grpc.StatusCode.UNAVAILABLE.value[0] and status.trailers.get(ERROR_TRAILER) == DRAINING
+
+
 def status_error(status: StatusMessage) -> grpc.aio.AioRpcError:
     code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
     return rpc_error(code, status.message, sorted(status.trailers.items()))
@@ -61,20 +70,29 @@ def status_error(status: StatusMessage) -> grpc.aio.AioRpcError:
 
 BatchT_co = TypeVar("BatchT_co", covariant=True)
 OutT_contra = TypeVar("OutT_contra", contravariant=True)
-ResultT_co = TypeVar("ResultT_co", covariant=True)
 
 
-class _Codec(Protocol[ItemT, BatchT_co, OutT_contra, ResultT_co]):
+class _Codec(Protocol[ItemT, BatchT_co, OutT_contra, ResultT]):
     """The stream's messages: a cancel item, a batch of items, the results of a batch by id."""
 
     def cancel(self, call_id: int) -> ItemT: ...
     def batch(self, items: list[ItemT]) -> BatchT_co: ...
-    def results(self, out: OutT_contra) -> Iterable[tuple[int, ResultT_co]]: ...
+    def results(self, out: OutT_contra) -> Iterable[tuple[int, ResultT]]: ...
+    def draining(self, result: ResultT) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Open(Generic[BatchT, OutT]):
+    """One opened stream: its call, the calls written on it and not answered yet, its tasks."""
+
+    call: grpc.aio.StreamStreamCall[BatchT, OutT]
+    written: set[int] = field(default_factory=set)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class CallStream(Generic[ItemT, BatchT, OutT, ResultT]):
     """One backend's multiplexed stream: calls in by id, results out by id; opened lazily, reopened after a
-    failure. Everything runs on the event loop that made the first call."""
+    failure or when the server drains it (it stops). Everything runs on the event loop of the first call."""
 
     def __init__(self, backend: str, open_call: Callable[[], grpc.aio.StreamStreamCall[BatchT, OutT]],
                  codec: _Codec[ItemT, BatchT, OutT, ResultT]) -> None:
@@ -84,16 +102,21 @@ class CallStream(Generic[ItemT, BatchT, OutT, ResultT]):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[ResultT]] = {}
         """Calls awaiting their result, by id."""
+        self._items: dict[int, ItemT] = {}
+        """Each pending call's item, kept to send it again once should a draining server refuse it unrun."""
+        self._resent: set[int] = set()
         self._queued: dict[int, ItemT] = {}
         """Calls (and cancels) not yet written, in order; a cancel's key is its call's id, negated."""
         self._wake = asyncio.Event()
-        self._call: grpc.aio.StreamStreamCall[BatchT, OutT] | None = None
-        self._tasks: tuple[asyncio.Task[None], ...] = ()
+        self._current: _Open[BatchT, OutT] | None = None
+        """The stream new calls go on (None: the next call opens one)."""
+        self._streams: set[_Open[BatchT, OutT]] = set()
+        """Every stream still open: the current one, and drained ones finishing their calls."""
         self._closed = False
         self.writes = 0
         """Messages written over every stream so far (fewer than calls under load: they share them)."""
         self.opened = 0
-        """Streams opened so far (1 + the reopenings after a failure)."""
+        """Streams opened so far (1 + the reopenings after a failure or a drain)."""
 
     @property
     def pending(self) -> int:
@@ -107,95 +130,125 @@ class CallStream(Generic[ItemT, BatchT, OutT, ResultT]):
         call_id = next(self._ids)
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._queued[call_id] = make_item(call_id, max(1, int(timeout_s * 1000)))
+        item = make_item(call_id, max(1, int(timeout_s * 1000)))
+        self._items[call_id] = self._queued[call_id] = item
         self._ensure_open()
         self._wake.set()
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result()  # it came in just as the time ran out
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except asyncio.CancelledError:
-            if self._pending.get(call_id) is future and self._queued.pop(call_id, None) is None:
+            if self._queued.pop(call_id, None) is None and self._current is not None:
                 # Written already: the server drops it (it may have stored it, as a cancelled unary call may).
                 self._queued[-call_id] = self._codec.cancel(call_id)
                 self._wake.set()
             raise
         finally:
             self._queued.pop(call_id, None)
-            if self._pending.get(call_id) is future:
-                del self._pending[call_id]
+            self._items.pop(call_id, None)
+            self._resent.discard(call_id)
+            del self._pending[call_id]
 
     def _ensure_open(self) -> None:
-        if self._call is not None:
+        if self._current is not None:
             return
-        call = self._open_call()
-        self._call = call
+        stream: _Open[BatchT, OutT] = _Open(self._open_call())
+        self._current = stream
+        self._streams.add(stream)
         self.opened += 1
-        self._tasks = (asyncio.create_task(self._write(call), name=f"{self._backend}-calls-writer"),
-                       asyncio.create_task(self._read(call), name=f"{self._backend}-calls-reader"))
+        stream.tasks = [asyncio.create_task(self._write(stream), name=f"{self._backend}-calls-writer"),
+                        asyncio.create_task(self._read(stream), name=f"{self._backend}-calls-reader")]
 
-    async def _write(self, call: grpc.aio.StreamStreamCall[BatchT, OutT]) -> None:
+    async def _write(self, stream: _Open[BatchT, OutT]) -> None:
         """Every call queued since the last write goes in the next message (batching under load)."""
         with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queued:
-                    keys = list(itertools.islice(self._queued, MAX_BATCH))
-                    items = [self._queued.pop(key) for key in keys]
-                    await call.write(self._codec.batch(items))
-                    self.writes += 1
+            while self._current is stream:
+                if not self._queued:
+                    # Looked at before each wait: a drained stream's writer may clear the event too.
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                keys = list(itertools.islice(self._queued, MAX_BATCH))
+                items = [self._queued.pop(key) for key in keys]
+                stream.written.update(key for key in keys if key > 0)
+                await stream.call.write(self._codec.batch(items))
+                self.writes += 1
         # The stream broke while writing: the reader sees it and fails what the server may have seen.
 
-    async def _read(self, call: grpc.aio.StreamStreamCall[BatchT, OutT]) -> None:
+    async def _read(self, stream: _Open[BatchT, OutT]) -> None:
         error: grpc.aio.AioRpcError | None = None
         try:
-            async for out in call:
+            async for out in stream.call:
                 for call_id, result in self._codec.results(out):
+                    stream.written.discard(call_id)
                     future = self._pending.get(call_id)
-                    if future is not None and not future.done():
+                    if future is None or future.done():
+                        continue
+                    if self._codec.draining(result) and call_id not in self._resent:
+                        self._resend(stream, call_id)
+                    else:
                         future.set_result(result)
         except grpc.aio.AioRpcError as raised:
             error = raised
         except asyncio.CancelledError:
             if self._closed:
                 raise
-        self._broken(call, error)
+        self._ended(stream, error)
 
-    def _broken(self, call: grpc.aio.StreamStreamCall[BatchT, OutT], error: grpc.aio.AioRpcError | None) -> None:
-        """The stream ended: calls the server may have seen fail UNAVAILABLE; queued ones go on a new stream."""
-        if self._call is not call:
-            return
-        self._call = None
-        writer = self._tasks[0]
-        self._tasks = ()
-        writer.cancel()
-        call.cancel()
+    def _resend(self, stream: _Open[BatchT, OutT], call_id: int) -> None:
+        """The server stops and refused the call unrun: it goes again, once, on a new stream (to another
+        replica, or to the restarted process through gRPC's retries); the old stream finishes its calls."""
+        if self._current is stream:
+            self._current = None
+            self._wake.set()  # its writer sees it is no longer current and ends
+            log.info("%s call stream drained by the server; the next calls go on a new one", self._backend)
+        self._resent.add(call_id)
+        self._queued[call_id] = self._items[call_id]
+        self._ensure_open()
+        self._wake.set()
+
+    def _ended(self, stream: _Open[BatchT, OutT], error: grpc.aio.AioRpcError | None) -> None:
+        """The stream ended. Broken: the calls the server may have seen fail UNAVAILABLE. Ended by the server
+        (it drained): it answered every call it read, so one still unanswered was never run and goes again,
+        once. Calls still queued go on a new stream."""
+        self._streams.discard(stream)
+        stream.call.cancel()
+        stream.tasks[0].cancel()  # its writer
+        current = self._current is stream
+        if current:
+            self._current = None
+            for key in [key for key in self._queued if key < 0]:
+                del self._queued[key]  # a cancel for a stream that is gone
         detail = error.details() if error is not None else "stream ended"
-        log.warning("%s call stream broke (%s); the next call reopens it", self._backend, detail)
         failure = rpc_error(grpc.StatusCode.UNAVAILABLE, f"{self._backend} call stream broke: {detail}")
-        for call_id, future in self._pending.items():
-            if call_id not in self._queued and not future.done():
+        for call_id in stream.written:
+            future = self._pending.get(call_id)
+            if future is None or future.done():
+                continue
+            if error is None and call_id not in self._resent:
+                self._resent.add(call_id)
+                self._queued[call_id] = self._items[call_id]
+            else:
                 future.set_exception(failure)
-        for key in [key for key in self._queued if key < 0]:
-            del self._queued[key]  # a cancel for a stream that is gone
+        if current and error is not None:
+            log.warning("%s call stream broke (%s); the next call reopens it", self._backend, detail)
         if self._queued and not self._closed:
             self._ensure_open()
             self._wake.set()
 
     async def close(self) -> None:
-        """Cancel the stream; calls still waiting fail UNAVAILABLE."""
+        """Cancel the streams; calls still waiting fail UNAVAILABLE."""
         self._closed = True
-        call, tasks = self._call, self._tasks
-        self._call, self._tasks = None, ()
-        if call is not None:
-            call.cancel()
+        self._current = None
+        tasks = [task for stream in self._streams for task in stream.tasks]
+        for stream in self._streams:
+            stream.call.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._streams.clear()
         failure = rpc_error(grpc.StatusCode.UNAVAILABLE, f"{self._backend} stream closed")
         for future in self._pending.values():
             if not future.done():
@@ -212,6 +265,9 @@ class _SessionCodec:
     def results(self, out: session_pb2.SessionResultBatch) -> Iterable[tuple[int, session_pb2.SessionResult]]:
         return ((result.id, result) for result in out.results)
 
+    def draining(self, result: session_pb2.SessionResult) -> bool:
+        return result.HasField("status") and is_draining(result.status)
+
 
 class _ModerationCodec:
     def cancel(self, call_id: int) -> moderation_pb2.CheckItem:
@@ -222,6 +278,9 @@ class _ModerationCodec:
 
     def results(self, out: moderation_pb2.CheckResults) -> Iterable[tuple[int, moderation_pb2.CheckResult]]:
         return ((result.id, result) for result in out.results)
+
+    def draining(self, result: moderation_pb2.CheckResult) -> bool:
+        return result.HasField("status") and is_draining(result.status)
 
 
 SessionStream = CallStream[session_pb2.SessionCall, session_pb2.SessionCallBatch, session_pb2.SessionResultBatch,

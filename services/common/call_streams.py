@@ -18,6 +18,10 @@ RUNNING_PER_STREAM = 64
 """Calls of one stream that run at once; the rest wait for a slot (their deadlines still run)."""
 HELD_PER_STREAM = 1024
 """Calls one stream may hold (running or waiting); beyond it a call is refused UNAVAILABLE."""
+ERROR_TRAILER = "kefu-error"
+DRAINING = "draining"
+"""`kefu-error` of a call refused because the server is stopping: it never ran (the client may send it again,
+on another stream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +70,17 @@ class CallStreamSpec(Generic[BatchT, ItemT, ResultT, OutT]):
     batch: Callable[[list[ResultT]], OutT]
 
 
-async def serve_calls(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT],
-                      requests: AsyncIterator[BatchT]) -> AsyncIterator[OutT]:
+async def serve_calls(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], requests: AsyncIterator[BatchT],
+                      draining: asyncio.Event) -> AsyncIterator[OutT]:
     """The result batches of one stream: every result ready when the previous batch was written goes in
-    the next. Ends once the client half-closed and every call finished; cancelled, it cancels them."""
+    the next. Ends once the client half-closed and every call finished, or, once `draining` is set (the
+    server stops), when the calls it runs have finished: a long-lived stream would otherwise hold the
+    server for its whole grace period. Cancelled, it cancels its calls."""
     results: asyncio.Queue[ResultT | None] = asyncio.Queue()
     running: dict[int, asyncio.Task[None]] = {}
     slots = asyncio.Semaphore(RUNNING_PER_STREAM)
-    reader = asyncio.create_task(_read(spec, requests, results, running, slots))
+    reader = asyncio.create_task(_read(spec, requests, results, running, slots, draining))
+    drainer = asyncio.create_task(_drain(draining, results, running))
     try:
         while True:
             first = await results.get()
@@ -89,14 +96,23 @@ async def serve_calls(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT],
             yield spec.batch(out)
     finally:
         reader.cancel()
+        drainer.cancel()
         for task in list(running.values()):
             task.cancel()
-        await asyncio.gather(reader, *running.values(), return_exceptions=True)
+        await asyncio.gather(reader, drainer, *running.values(), return_exceptions=True)
+
+
+async def _drain(draining: asyncio.Event, results: asyncio.Queue[ResultT | None],
+                 running: dict[int, asyncio.Task[None]]) -> None:
+    await draining.wait()
+    while running:
+        await asyncio.gather(*running.values(), return_exceptions=True)
+    results.put_nowait(None)
 
 
 async def _read(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], requests: AsyncIterator[BatchT],
                 results: asyncio.Queue[ResultT | None], running: dict[int, asyncio.Task[None]],
-                slots: asyncio.Semaphore) -> None:
+                slots: asyncio.Semaphore, draining: asyncio.Event) -> None:
     try:
         async for batch in requests:
             for item in spec.items(batch):
@@ -104,6 +120,9 @@ async def _read(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], requests: As
                     task = running.pop(item.id, None)
                     if task is not None:
                         task.cancel()
+                elif draining.is_set():
+                    results.put_nowait(spec.failed(item.id, CallStatus(
+                        grpc.StatusCode.UNAVAILABLE, "the service is stopping", ((ERROR_TRAILER, DRAINING),))))
                 elif item.id in running:
                     results.put_nowait(spec.failed(item.id, CallStatus(
                         grpc.StatusCode.INVALID_ARGUMENT, f"call {item.id} is in flight already")))

@@ -59,6 +59,8 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self._stream_seconds = metrics.check_seconds.labels("stream")
         self._checks = {action: metrics.checks.labels(action.name.lower()) for action in Action}
         self._check_many = check_many_spec(self.check)
+        self._draining = asyncio.Event()
+        """Set when the server stops: each CheckMany stream ends once its checks in flight finished."""
 
     def _count_hits(self, hits: Iterable[Hit]) -> None:
         for hit in hits:
@@ -78,8 +80,12 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         context: grpc.aio.ServicerContext[moderation_pb2.CheckBatch, moderation_pb2.CheckResults],
     ) -> AsyncIterator[moderation_pb2.CheckResults]:
         """Check multiplexed (services.moderation.check_many): each item as the unary Check."""
-        async for batch in serve_calls(self._check_many, requests):
+        async for batch in serve_calls(self._check_many, requests, self._draining):
             yield batch
+
+    def drain(self) -> None:
+        """The server stops: CheckMany streams finish what they run and end (callers reopen elsewhere)."""
+        self._draining.set()
 
     def check(self, request: moderation_pb2.CheckRequest) -> moderation_pb2.CheckResponse:
         """Check's work, for the unary RPC and the call stream alike; InvalidArgument for a text too long."""
@@ -148,8 +154,8 @@ async def serve(settings: ModerationSettings) -> None:
         publish_forever(settings.nats_url, settings.nats_replicas, lexicon, metrics, stop_watching),
         name="lexicon-publisher")
     try:
-        server, health_servicer, port = await create_server(
-            settings, ModerationServicer(settings, lexicon, metrics), metrics)
+        servicer = ModerationServicer(settings, lexicon, metrics)
+        server, health_servicer, port = await create_server(settings, servicer, metrics)
         if settings.lexicon_watch:
             watcher = asyncio.create_task(lexicon.watch(
                 stop_watching, quiet_ms=settings.lexicon_quiet_ms, debounce_ms=settings.lexicon_debounce_ms))
@@ -157,6 +163,7 @@ async def serve(settings: ModerationSettings) -> None:
         log.info("moderation service on %s:%d, %d words from %s%s", settings.host, port,
                  lexicon.matcher.word_count, settings.lexicon_dir, " (watched)" if watcher else "")
         await wait_for_stop_signal()
+        servicer.drain()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
         stop_watching.set()

@@ -119,6 +119,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self._counters = counters
         self._metrics = metrics
         self._calls = call_stream_spec(self.begin_turn, self.append)
+        self._draining = asyncio.Event()
+        """Set when the server stops: each Calls stream ends once its calls in flight finished."""
 
     async def Append(
             self, request: session_pb2.AppendRequest,
@@ -139,8 +141,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             context: grpc.aio.ServicerContext[session_pb2.SessionCallBatch, session_pb2.SessionResultBatch],
     ) -> AsyncIterator[session_pb2.SessionResultBatch]:
         """BeginTurn and Append multiplexed (services.session.calls): each call as its unary RPC."""
-        async for batch in serve_calls(self._calls, requests):
+        async for batch in serve_calls(self._calls, requests, self._draining):
             yield batch
+
+    def drain(self) -> None:
+        """The server stops: Calls streams finish what they run and end (callers reopen elsewhere)."""
+        self._draining.set()
 
     async def append(self, request: session_pb2.AppendRequest) -> session_pb2.AppendResponse:
         """Append's work, for the unary RPC and the call stream alike; raises the refusals of statuses.py."""
@@ -316,11 +322,12 @@ async def serve(settings: SessionSettings) -> None:
         background.append(asyncio.create_task(usage.run()))
         background.append(asyncio.create_task(rates.run()))
         background.append(asyncio.create_task(_arm_stored(nc, schedule)))
-        server, health_servicer, port = await create_server(
-            settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
+        servicer = SessionServicer(settings, store, counters, metrics, rates)
+        server, health_servicer, port = await create_server(settings, servicer, metrics)
         await server.start()
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()
+        servicer.drain()
         await stop_gracefully(server, health_servicer, settings.grace_s)
         await store.close()  # the counters still pending
     finally:

@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
 from gateway.call_streams import LiveCalls
+from gateway.clients import CHANNEL_OPTIONS
 from gateway.errors import api_error_from_grpc
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from kefu.session.v1 import session_pb2, session_pb2_grpc
@@ -185,3 +186,48 @@ async def test_call_streams_a_closed_stream_fails_its_calls_unavailable(backends
     with pytest.raises(grpc.aio.AioRpcError) as closed:
         await calls.check(moderation_pb2.CheckRequest(tenant="shop1", text="hi"), 5.0)
     assert api_error_from_grpc(closed.value, "moderation").code == "moderation_unavailable"
+
+
+async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica(
+        nats_client: NatsClient, nats_server: NatsServer) -> None:
+    """Two session replicas behind one round-robin channel, as in a rolling restart: the one the stream is
+    on stops; its call in flight finishes there, and the next call, refused unrun, is sent again and lands
+    on the other replica over a new stream."""
+    counters = TokenCounters(CL100K)
+    settings = SessionSettings(grpc_port=0, internal_token=TOKEN)
+    store = await SessionStore.open(nats_client, counters.default_counter, max_history=200,
+                                    max_message_chars=1000, ttl_s=3600)
+    replicas: list[tuple[SessionServicer, SessionMetrics, grpc.aio.Server, int]] = []
+    for _ in range(2):
+        metrics = SessionMetrics()
+        servicer = SessionServicer(settings, store, counters, metrics)
+        server, _, port = await create_session_server(settings, servicer, metrics)
+        await server.start()
+        replicas.append((servicer, metrics, server, port))
+    channel = internal_channel(f"ipv4:127.0.0.1:{replicas[0][3]},127.0.0.1:{replicas[1][3]}", TOKEN,
+                               CHANNEL_OPTIONS)
+    calls = LiveCalls(session_pb2_grpc.SessionServiceStub(channel), moderation_pb2_grpc.ModerationServiceStub(channel))
+    try:
+        conversation = (await calls.begin_turn(begin("hello"), 5.0)).stored.session_id
+        served = [metrics.messages_appended.labels("user")._value.get() for _, metrics, _, _ in replicas]
+        first = served.index(1.0)  # the replica the stream went to
+        with nats_paused(nats_server):
+            in_flight = asyncio.create_task(calls.begin_turn(begin("in flight", conversation), 5.0))
+            await asyncio.sleep(0.1)
+            replicas[first][0].drain()  # then it stops, as services/session/server.py's serve() does
+            stopping = asyncio.create_task(replicas[first][2].stop(5))
+            resent = asyncio.create_task(calls.begin_turn(begin("resent", conversation), 5.0))
+            await asyncio.sleep(0.2)
+        assert (await in_flight).stored.message.content == "in flight"
+        assert (await resent).stored.message.content == "resent"
+        await stopping
+        other = replicas[1 - first][1].messages_appended.labels("user")._value.get()
+        assert other == 1.0 and calls.session.opened == 2
+        assert (await calls.begin_turn(begin("next", conversation), 5.0)).stored.message.content == "next"
+        assert calls.session.opened == 2 and calls.session.pending == 0
+    finally:
+        await calls.close()
+        await channel.close()
+        for _, _, server, _ in replicas:
+            await server.stop(None)
+        await store.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -29,6 +30,7 @@ BOB = principal("bob")
 CAROL = principal("carol")
 SHOP2_ALICE = principal("alice", tenant="shop2")
 SHOP2_AGENT = principal("agent-9", "agent", tenant="shop2")
+AGENT_1 = principal("agent-1", "agent")
 
 
 class RawCalls:
@@ -69,6 +71,11 @@ async def calls(live: Live) -> AsyncIterator[RawCalls]:
         yield raw
     finally:
         raw.call.cancel()  # leaving the stream does not end it (NOTES.md §5)
+
+
+async def open_for(server: Server, who: session_pb2.Principal) -> str:
+    opened = await server.stub.Append(session_pb2.AppendRequest(principal=who, role="user", content="first"))
+    return str(opened.session_id)
 
 
 def begin(call_id: int, who: session_pb2.Principal, text: str, session_id: str = "",
@@ -163,8 +170,15 @@ async def test_calls_another_tenants_conversation_is_refused_per_call_as_unary(l
     assert texts == ["hello", "the owner's"]
 
 
+@dataclass
+class Server:
+    calls: RawCalls
+    servicer: SessionServicer
+    stub: session_pb2_grpc.SessionServiceStub
+
+
 @pytest.fixture
-async def rated(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncIterator[RawCalls]:
+async def server(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncIterator[Server]:
     """A session service whose visitors may send a burst of 2, then one message per 2 s."""
     settings = SessionSettings(grpc_port=0, internal_token=INTERNAL_TOKEN)
     metrics = SessionMetrics()
@@ -172,20 +186,22 @@ async def rated(nats_client: NatsClient, live_counters: TokenCounters) -> AsyncI
                                     max_message_chars=1000, ttl_s=3600)
     rates = await VisitorRates.open(nats_client, rate=0.5, burst=2)
     servicer = SessionServicer(settings, store, live_counters, metrics, rates)
-    server, _, port = await create_server(settings, servicer, metrics)
-    await server.start()
+    grpc_server, _, port = await create_server(settings, servicer, metrics)
+    await grpc_server.start()
     channel = internal_channel(f"127.0.0.1:{port}", INTERNAL_TOKEN)
-    raw = RawCalls(session_pb2_grpc.SessionServiceStub(channel))
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    raw = RawCalls(stub)
     try:
-        yield raw
+        yield Server(raw, servicer, stub)
     finally:
         raw.call.cancel()
         await channel.close()
-        await server.stop(None)
+        await grpc_server.stop(None)
         await store.close()
 
 
-async def test_calls_a_rate_limited_call_carries_its_retry_after_while_others_pass(rated: RawCalls) -> None:
+async def test_calls_a_rate_limited_call_carries_its_retry_after_while_others_pass(server: Server) -> None:
+    rated = server.calls
     await rated.send(begin(1, ALICE, "one"), begin(2, ALICE, "two"), begin(3, ALICE, "three"), begin(4, BOB, "bob"))
     results = await rated.collect(1, 2, 3, 4)
     assert [results[i].WhichOneof("result") for i in (1, 2, 3, 4)].count("begin_turn") == 3
@@ -195,3 +211,23 @@ async def test_calls_a_rate_limited_call_carries_its_retry_after_while_others_pa
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert dict(status.trailers) == {"kefu-error": "rate_limited", "retry-after": "2"}
     assert results[4].begin_turn.stored.message.content == "bob"
+
+
+async def test_calls_a_stopping_server_finishes_its_calls_refuses_new_ones_unrun_and_ends_the_stream(
+        server: Server, nats_server: NatsServer) -> None:
+    calls = server.calls
+    conversation = (await server.stub.Append(session_pb2.AppendRequest(
+        principal=AGENT_1, role="agent", content="hello", session_id=await open_for(server, ALICE)))).session_id
+    with nats_paused(nats_server):
+        await calls.send(begin(1, ALICE, "in flight", conversation))
+        await asyncio.sleep(0.1)
+        server.servicer.drain()
+        await calls.send(begin(2, ALICE, "too late", conversation))
+        refused = (await calls.collect(2))[2]
+    assert refused.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert dict(refused.status.trailers) == {"kefu-error": "draining"}
+    assert (await calls.collect(1))[1].begin_turn.stored.message.content == "in flight"
+    assert await calls.call.read() is grpc.aio.EOF  # the stream ends once its calls finished
+    assert await calls.call.code() is grpc.StatusCode.OK
+    listed = await server.stub.ListMessages(session_pb2.ListMessagesRequest(principal=ALICE, session_id=conversation))
+    assert [m.content for m in listed.messages] == ["first", "hello", "in flight"]
