@@ -68,6 +68,9 @@ class CallStreamSpec(Generic[BatchT, ItemT, ResultT, OutT]):
     """The call's reply (as its unary RPC's), or CallFailed."""
     failed: Callable[[int, CallStatus], ResultT]
     batch: Callable[[list[ResultT]], OutT]
+    inline: bool = False
+    """`run` never awaits (a CPU-only check): each call runs in the reader as it arrives, without a task,
+    a timer or a slot of its own (nothing could outlast its deadline)."""
 
 
 async def serve_calls(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], requests: AsyncIterator[BatchT],
@@ -123,6 +126,9 @@ async def _read(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], requests: As
                 elif draining.is_set():
                     results.put_nowait(spec.failed(item.id, CallStatus(
                         grpc.StatusCode.UNAVAILABLE, "the service is stopping", ((ERROR_TRAILER, DRAINING),))))
+                elif spec.inline:
+                    outcome = await _inline_outcome(spec, item)
+                    results.put_nowait(outcome)
                 elif item.id in running:
                     results.put_nowait(spec.failed(item.id, CallStatus(
                         grpc.StatusCode.INVALID_ARGUMENT, f"call {item.id} is in flight already")))
@@ -166,6 +172,18 @@ async def _outcome(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], item: Ite
         if timeout.expired():
             return spec.failed(item.id, CallStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
         return spec.failed(item.id, _unexpected(item.id, error))
+    except Exception as error:
+        return spec.failed(item.id, _unexpected(item.id, error))
+
+
+async def _inline_outcome(spec: CallStreamSpec[BatchT, ItemT, ResultT, OutT], item: ItemT) -> ResultT:
+    if item.deadline_ms <= 0:
+        return spec.failed(item.id, CallStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    request_id_var.set(item.request_id)
+    try:
+        return await spec.run(item)
+    except CallFailed as failed:
+        return spec.failed(item.id, failed.status)
     except Exception as error:
         return spec.failed(item.id, _unexpected(item.id, error))
 

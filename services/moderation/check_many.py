@@ -27,7 +27,8 @@ def check_many_spec(check: Check) -> CheckManySpec:
             raise CallFailed(CallStatus(grpc.StatusCode.INVALID_ARGUMENT, error.message)) from None
 
     return CallStreamSpec(items=lambda batch: batch.items, is_cancel=lambda item: item.cancel, run=run,
-                          failed=failed_result, batch=lambda results: moderation_pb2.CheckResults(results=results))
+                          failed=failed_result, batch=lambda results: moderation_pb2.CheckResults(results=results),
+                          inline=True)  # a check is CPU only: no task per item
 
 
 def failed_result(item_id: int, status: CallStatus) -> moderation_pb2.CheckResult:
