@@ -162,13 +162,16 @@ def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
 class ChatTurn:
     def __init__(self, clients: BackendClients, settings: GatewaySettings, principal: Principal,
                  request_id: str, tenant_settings: TenantSettingsStore | None = None, *,
-                 bus: EdgeBus | None = None) -> None:
+                 bus: EdgeBus | None = None, live: bool = False) -> None:
         self._clients = clients
         self._settings = settings
         self._principal = session_principal(principal.session_caller())
         self._tenant = principal.tenant
         self._visitor = principal.is_visitor
         self._metadata = request_metadata(request_id)
+        self._request_id = request_id
+        self._live = live
+        """The live chat's turn: its input check and BeginTurn go over the call streams (gateway/call_streams.py)."""
         self._bus = bus
         """With NATS, an answer stops the moment an agent claims its conversation (else only at its end)."""
         self._tenant_settings = tenant_settings
@@ -262,15 +265,19 @@ class ChatTurn:
             history = (ContextMessage("system", self._system_prompt()), *history)
         if history is not None and not request.session_id:
             return _Prepared("", [*history, ContextMessage("user", text)], None, 0)
+        # One round trip: the message stored and, when the AI is to answer, the context built.
+        begin = session_pb2.BeginTurnRequest(
+            principal=self._principal, session_id=request.session_id, content=text,
+            message_id=request.message_id, system_prompt=self._system_prompt(),
+            max_tokens=self._settings.context_max_tokens,
+            model=self._settings.model if not request.route or request.route == "default" else "",
+            store_only=history is not None or not request.answer)
         try:
-            # One round trip: the message stored and, when the AI is to answer, the context built.
-            begun = await self._clients.session.BeginTurn(session_pb2.BeginTurnRequest(
-                principal=self._principal, session_id=request.session_id, content=text,
-                message_id=request.message_id, system_prompt=self._system_prompt(),
-                max_tokens=self._settings.context_max_tokens,
-                model=self._settings.model if not request.route or request.route == "default" else "",
-                store_only=history is not None or not request.answer),
-                timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            if self._live:
+                begun = await self._clients.live.begin_turn(begin, self._settings.rpc_timeout_s, self._request_id)
+            else:
+                begun = await self._clients.session.BeginTurn(
+                    begin, timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None
         appended = begun.stored
@@ -289,7 +296,8 @@ class ChatTurn:
         only the last); a BLOCK in any is ContentBlocked, a MASK goes on masked."""
         earlier = [m.content for m in request.history or () if m.role == "user"]
         checked = await asyncio.gather(*(
-            checked_input(self._clients, self._settings, self._tenant, text, self._metadata)
+            checked_input(self._clients, self._settings, self._tenant, text, self._metadata,
+                          live=self._request_id if self._live else None)
             for text in (request.message, *earlier)))
         if request.history is None:
             return checked[0], None
@@ -357,12 +365,16 @@ def _answer_backend(error: grpc.aio.AioRpcError) -> str:
 
 
 async def checked_input(clients: BackendClients, settings: GatewaySettings, tenant: str, text: str,
-                        metadata: tuple[tuple[str, str], ...] = ()) -> str:
+                        metadata: tuple[tuple[str, str], ...] = (), *, live: str | None = None) -> str:
     """The text as moderation lets it on (masked where it says so); ContentBlocked for a BLOCK, and the
-    edge's error for moderation being unreachable: nothing unfiltered goes on (fail closed)."""
+    edge's error for moderation being unreachable: nothing unfiltered goes on (fail closed).
+    `live`: the live chat's request id; the check goes over the moderation call stream."""
+    check = moderation_pb2.CheckRequest(tenant=tenant, text=text)
     try:
-        verdict = await clients.moderation.Check(moderation_pb2.CheckRequest(tenant=tenant, text=text),
-                                                 timeout=settings.rpc_timeout_s, metadata=metadata)
+        if live is not None:
+            verdict = await clients.live.check(check, settings.rpc_timeout_s, live)
+        else:
+            verdict = await clients.moderation.Check(check, timeout=settings.rpc_timeout_s, metadata=metadata)
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "moderation") from None
     if verdict.verdict == moderation_pb2.VERDICT_BLOCK:

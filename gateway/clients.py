@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import Principal
+from gateway.call_streams import LiveCalls
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
@@ -63,6 +64,11 @@ class BackendClients:
     moderation: moderation_pb2_grpc.ModerationServiceStub
     llm: llm_pb2_grpc.LlmServiceStub
     knowledge: knowledge_pb2_grpc.KnowledgeServiceStub
+    live: LiveCalls = field(init=False)
+    """The live chat's session and moderation calls, over one long-lived stream per service."""
+
+    def __post_init__(self) -> None:
+        self.live = LiveCalls(self.session, self.moderation)
 
     @classmethod
     def connect(cls, settings: GatewaySettings) -> BackendClients:
@@ -94,5 +100,6 @@ class BackendClients:
         return result
 
     async def close(self) -> None:
+        await self.live.close()
         for channel in self.channels().values():
             await channel.close()

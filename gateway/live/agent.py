@@ -43,7 +43,8 @@ async def send(context: SocketContext, frame: Send) -> None:
     if not context.live.holds(context.connection, context.feeds.feed(context.principal.tenant, conversation_id)):
         raise Refused("not_assigned", "claim the conversation before replying")
     try:
-        text = await checked_input(context.live.clients, context.settings, context.principal.tenant, frame.text)
+        text = await checked_input(context.live.clients, context.settings, context.principal.tenant, frame.text,
+                                   live=context.request_id)
     except ApiError as error:  # content_blocked, or moderation unreachable (fail closed)
         raise Refused(error.code, error.message) from None
     await _store(context, conversation_id, frame.cid, text, kind="message")
@@ -81,10 +82,11 @@ async def _store(context: SocketContext, conversation_id: str, cid: str, text: s
     message_id = message_id_for(principal.tenant, principal.subject, cid)
     context.connection.remember_cid(message_id, cid)
     try:
-        reply: session_pb2.AppendResponse = await context.live.clients.session.Append(session_pb2.AppendRequest(
+        # Over the session call stream (gateway/call_streams.py): the live path's hot call.
+        reply = await context.live.clients.live.append(session_pb2.AppendRequest(
             principal=session_principal(principal), session_id=conversation_id, role="agent", content=text,
             message_id=message_id, kind=kind, sender_name=principal.name or principal.subject),
-            timeout=context.settings.rpc_timeout_s)
+            context.settings.rpc_timeout_s, context.request_id)
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "session") from None
     await context.echoed(conversation_id, message_id)

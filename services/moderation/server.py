@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health
 
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from services.common.call_streams import serve_calls
+from services.common.errors import InvalidArgument
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
@@ -24,6 +26,7 @@ from services.common.lexicon.model import Action
 from services.common.lexicon.stream_filter import StreamFilter
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import NatsEndpoint, check_credentials
+from services.moderation.check_many import check_many_spec
 from services.moderation.lexicon import LexiconError
 from services.moderation.metrics import ModerationMetrics
 from services.moderation.publish import publish_forever
@@ -55,6 +58,9 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self._unary_seconds = metrics.check_seconds.labels("unary")
         self._stream_seconds = metrics.check_seconds.labels("stream")
         self._checks = {action: metrics.checks.labels(action.name.lower()) for action in Action}
+        self._check_many = check_many_spec(self.check)
+        self._draining = asyncio.Event()
+        """Set when the server stops: each CheckMany stream ends once its checks in flight finished."""
 
     def _count_hits(self, hits: Iterable[Hit]) -> None:
         for hit in hits:
@@ -64,9 +70,27 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self, request: moderation_pb2.CheckRequest,
         context: grpc.aio.ServicerContext[moderation_pb2.CheckRequest, moderation_pb2.CheckResponse],
     ) -> moderation_pb2.CheckResponse:
+        try:
+            return self.check(request)
+        except InvalidArgument as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    async def CheckMany(
+        self, requests: AsyncIterator[moderation_pb2.CheckBatch],
+        context: grpc.aio.ServicerContext[moderation_pb2.CheckBatch, moderation_pb2.CheckResults],
+    ) -> AsyncIterator[moderation_pb2.CheckResults]:
+        """Check multiplexed (services.moderation.check_many): each item as the unary Check."""
+        async for batch in serve_calls(self._check_many, requests, self._draining):
+            yield batch
+
+    def drain(self) -> None:
+        """The server stops: CheckMany streams finish what they run and end (callers reopen elsewhere)."""
+        self._draining.set()
+
+    def check(self, request: moderation_pb2.CheckRequest) -> moderation_pb2.CheckResponse:
+        """Check's work, for the unary RPC and the call stream alike; InvalidArgument for a text too long."""
         if len(request.text) > self._settings.max_text_chars:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"text is longer than {self._settings.max_text_chars} characters")
+            raise InvalidArgument(f"text is longer than {self._settings.max_text_chars} characters")
         start = time.perf_counter()
         # The matcher in use right now; a reload swaps it for the next call, never mid-check.
         result = self._lexicon.matcher.check(request.text)
@@ -130,8 +154,8 @@ async def serve(settings: ModerationSettings) -> None:
         publish_forever(settings.nats_url, settings.nats_replicas, lexicon, metrics, stop_watching),
         name="lexicon-publisher")
     try:
-        server, health_servicer, port = await create_server(
-            settings, ModerationServicer(settings, lexicon, metrics), metrics)
+        servicer = ModerationServicer(settings, lexicon, metrics)
+        server, health_servicer, port = await create_server(settings, servicer, metrics)
         if settings.lexicon_watch:
             watcher = asyncio.create_task(lexicon.watch(
                 stop_watching, quiet_ms=settings.lexicon_quiet_ms, debounce_ms=settings.lexicon_debounce_ms))
@@ -139,6 +163,7 @@ async def serve(settings: ModerationSettings) -> None:
         log.info("moderation service on %s:%d, %d words from %s%s", settings.host, port,
                  lexicon.matcher.word_count, settings.lexicon_dir, " (watched)" if watcher else "")
         await wait_for_stop_signal()
+        servicer.drain()
         await stop_gracefully(server, health_servicer, settings.grace_s)
     finally:
         stop_watching.set()

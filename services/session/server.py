@@ -16,20 +16,21 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 
 from kefu.session.v1 import session_pb2, session_pb2_grpc
+from services.common.call_streams import serve_calls
 from services.common.grpc_server import (
     add_health_and_reflection,
     bind,
     create_grpc_server,
-    grpc_errors,
     stop_gracefully,
     wait_for_stop_signal,
 )
 from services.common.metrics import start_metrics_server
 from services.common.nats_client import close_nats, connect_nats
 from services.session.backfill import arm_stored
+from services.session.calls import call_stream_spec
 from services.session.context import build_context
 from services.session.conversation import Change
-from services.session.errors import Conflict, QuotaExceeded, RateLimited, StorageFull, WrongStatus
+from services.session.errors import QuotaExceeded, RateLimited, StorageFull
 from services.session.index import ConversationSummary
 from services.session.limits import TenantUsage, VisitorRates
 from services.session.listing import list_conversations
@@ -37,6 +38,7 @@ from services.session.metrics import SessionMetrics
 from services.session.models import Citation, ConversationState, Principal, StoredMessage
 from services.session.schedule import TimerLimits, TimerSchedule
 from services.session.settings import SessionSettings
+from services.session.statuses import REFUSALS, status_of
 from services.session.store import Admit, AppendResult, SessionStore, TransitionResult
 from services.session.timers import ConversationTimers
 from services.session.tokens import TokenCounters
@@ -45,9 +47,6 @@ from services.session.visibility import for_model
 log = logging.getLogger(__name__)
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
-ERROR_HEADER = "kefu-error"
-"""Trailing metadata naming which limit a RESOURCE_EXHAUSTED is: rate_limited, quota_exceeded or storage_full."""
-RETRY_AFTER_HEADER = "retry-after"
 INTEGRATOR_PREFIX = "api:"
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
@@ -102,20 +101,12 @@ def summary_to_proto(summary: ConversationSummary) -> session_pb2.ConversationSu
 
 @contextlib.asynccontextmanager
 async def session_errors(context: grpc.aio.ServicerContext[RequestT, ResponseT]) -> AsyncIterator[None]:
-    """grpc_errors plus the refusals of conversation changes, which the common tree has no class for."""
-    async with grpc_errors(context):
-        try:
-            yield
-        except Conflict as error:
-            await context.abort(grpc.StatusCode.ABORTED, error.message)
-        except WrongStatus as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, error.message)
-        except RateLimited as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message, trailing_metadata=(
-                (ERROR_HEADER, error.code), (RETRY_AFTER_HEADER, str(error.retry_after_s))))
-        except (QuotaExceeded, StorageFull) as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message,
-                                trailing_metadata=((ERROR_HEADER, error.code),))
+    """A refusal (services.session.statuses) ends the call with its status; anything else is a bug."""
+    try:
+        yield
+    except REFUSALS as error:
+        status = status_of(error)
+        await context.abort(status.code, status.message, trailing_metadata=status.trailers)
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -127,37 +118,59 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         """Messages per visitor over every edge and replica (None: no limit, as in store-level tests)."""
         self._counters = counters
         self._metrics = metrics
+        self._calls = call_stream_spec(self.begin_turn, self.append)
+        self._draining = asyncio.Event()
+        """Set when the server stops: each Calls stream ends once its calls in flight finished."""
 
     async def Append(
             self, request: session_pb2.AppendRequest,
             context: grpc.aio.ServicerContext[session_pb2.AppendRequest, session_pb2.AppendResponse],
     ) -> session_pb2.AppendResponse:
         async with session_errors(context):
-            with self._metrics.operation_seconds.labels("append").time():
-                result = await self._append(principal_of(request), request.role, lambda principal, admit: (
-                    self._store.append(
-                        principal, request.session_id, request.role, request.content, request.message_id,
-                        kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
-                        citations=[citation_of(c) for c in request.citations], admit=admit)))
-        return append_response(result)
+            return await self.append(request)
 
     async def BeginTurn(
             self, request: session_pb2.BeginTurnRequest,
             context: grpc.aio.ServicerContext[session_pb2.BeginTurnRequest, session_pb2.BeginTurnResponse],
     ) -> session_pb2.BeginTurnResponse:
-        """Append's store of the visitor's message, then BuildContext's context from the history the
-        append read beside its state check (none for a new conversation)."""
         async with session_errors(context):
-            with self._metrics.operation_seconds.labels("begin_turn").time():
-                result = await self._append(principal_of(request), "user", lambda principal, admit: (
-                    self._store.append(principal, request.session_id, "user", request.content, request.message_id,
-                                       with_history=not request.store_only, admit=admit)))
-                response = session_pb2.BeginTurnResponse(stored=append_response(result))
-                if request.store_only or result.history is None or result.state.status != "ai":
-                    return response
-                counter = await self._counters.for_model(request.model)
-                budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
-                built = build_context(for_model(result.history), request.system_prompt, budget, counter)
+            return await self.begin_turn(request)
+
+    async def Calls(
+            self, requests: AsyncIterator[session_pb2.SessionCallBatch],
+            context: grpc.aio.ServicerContext[session_pb2.SessionCallBatch, session_pb2.SessionResultBatch],
+    ) -> AsyncIterator[session_pb2.SessionResultBatch]:
+        """BeginTurn and Append multiplexed (services.session.calls): each call as its unary RPC."""
+        async for batch in serve_calls(self._calls, requests, self._draining):
+            yield batch
+
+    def drain(self) -> None:
+        """The server stops: Calls streams finish what they run and end (callers reopen elsewhere)."""
+        self._draining.set()
+
+    async def append(self, request: session_pb2.AppendRequest) -> session_pb2.AppendResponse:
+        """Append's work, for the unary RPC and the call stream alike; raises the refusals of statuses.py."""
+        with self._metrics.operation_seconds.labels("append").time():
+            result = await self._append(principal_of(request), request.role, lambda principal, admit: (
+                self._store.append(
+                    principal, request.session_id, request.role, request.content, request.message_id,
+                    kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
+                    citations=[citation_of(c) for c in request.citations], admit=admit)))
+        return append_response(result)
+
+    async def begin_turn(self, request: session_pb2.BeginTurnRequest) -> session_pb2.BeginTurnResponse:
+        """Append's store of the visitor's message, then BuildContext's context from the history the
+        append read beside its state check (none for a new conversation). For both paths, as append()."""
+        with self._metrics.operation_seconds.labels("begin_turn").time():
+            result = await self._append(principal_of(request), "user", lambda principal, admit: (
+                self._store.append(principal, request.session_id, "user", request.content, request.message_id,
+                                   with_history=not request.store_only, admit=admit)))
+            response = session_pb2.BeginTurnResponse(stored=append_response(result))
+            if request.store_only or result.history is None or result.state.status != "ai":
+                return response
+            counter = await self._counters.for_model(request.model)
+            budget = request.max_tokens if request.max_tokens > 0 else self._settings.default_context_tokens
+            built = build_context(for_model(result.history), request.system_prompt, budget, counter)
         self._metrics.context_tokens.labels(counter.name).observe(built.total_tokens)
         response.context.CopyFrom(session_pb2.BuildContextResponse(
             messages=[to_proto(m) for m in built.messages], total_tokens=built.total_tokens,
@@ -309,11 +322,12 @@ async def serve(settings: SessionSettings) -> None:
         background.append(asyncio.create_task(usage.run()))
         background.append(asyncio.create_task(rates.run()))
         background.append(asyncio.create_task(_arm_stored(nc, schedule)))
-        server, health_servicer, port = await create_server(
-            settings, SessionServicer(settings, store, counters, metrics, rates), metrics)
+        servicer = SessionServicer(settings, store, counters, metrics, rates)
+        server, health_servicer, port = await create_server(settings, servicer, metrics)
         await server.start()
         log.info("session service on %s:%d", settings.host, port)
         await wait_for_stop_signal()
+        servicer.drain()
         await stop_gracefully(server, health_servicer, settings.grace_s)
         await store.close()  # the counters still pending
     finally:
