@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, encoding
+from devtools.fake_replies import encoding
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from devtools.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig, grounded_reply, passages_in
+from devtools.fake_replies import grounded_reply, passages_in
+from devtools.fake_upstream import DEFAULT_DECLINE_MARKER, FakeUpstream, FakeUpstreamConfig
 
 pytestmark = pytest.mark.timeout(20)
 

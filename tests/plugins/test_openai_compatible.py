@@ -17,7 +17,8 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, create_app, encoding
+from devtools.fake_replies import encoding
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, create_app
 from services.llm_worker.plugin_api import (
     ChatMessage,
     Delta,

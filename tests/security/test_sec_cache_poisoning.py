@@ -15,7 +15,8 @@ import pytest
 from bench.sse_reader import read_sse
 from devtools import fake_upstream
 from devtools.devstack.stack import Stack, free_port
-from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig, content_text
+from devtools.fake_replies import content_text
+from devtools.fake_upstream import FakeUpstream, FakeUpstreamConfig
 from gateway.settings import DEFAULT_SYSTEM_PROMPT
 from tests.e2e.stack_helpers import auth, start_stack
 
