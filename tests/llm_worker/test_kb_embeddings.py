@@ -30,7 +30,7 @@ from services.llm_worker.kb.store import KnowledgeStore, Limits
 from services.llm_worker.knowledge.index import KnowledgeIndex
 from services.llm_worker.plugin_api import ChatMessage
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the minute a test waits for a rebuild
 
 REFUNDS = b"# Refunds\n\nRefunds reach your card within seven business days.\n"
 SHIPPING = b"# Shipping\n\nOrders leave our warehouse within 48 hours.\n"
