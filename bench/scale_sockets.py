@@ -78,8 +78,9 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
     127.0.0.2, 127.0.0.3, ...; then, while they are held: the idle CPU and the RSS of every process, the
     edges' RSS per socket, the consumers on the conversation log, and the visitor-to-agent latency at
     `latency.rate` messages/s (bench/ws_latency_phase.py's run, visitors and agents among the held sockets)."""
+    # Answered conversations: a socket joining owes no AI answer, so opening measures sockets, not LLM turns.
     asyncio.run(seed(stack.nats_url, sockets, True, statuses=("ai",), tenants=1, limits=LIMITS,
-                     open_streams=False, first=first))
+                     open_streams=False, first=first, answered=True))
     addresses = math.ceil(sockets / per_address)
     counts = [sockets // addresses + (1 if n < sockets % addresses else 0) for n in range(addresses)]
     url = stack.base_url.replace("http", "ws", 1) + "/v1/ws"

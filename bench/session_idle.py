@@ -43,10 +43,11 @@ LIMITS = TimerLimits(WAIT_S, IDLE_S, 7 * 24 * 3600.0)
 
 async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequence[str] = ("ai",),
                tenants: int = TENANTS, limits: TimerLimits = LIMITS,
-               open_streams: bool = True, first: int = 0) -> float:
+               open_streams: bool = True, first: int = 0, answered: bool = False) -> float:
     """Create the buckets and streams as the service does (unless `open_streams` is off: a running service
     made them), then write conversations `first`..`first + conversations - 1` over `tenants` tenants, each
-    tenant's statuses cycling through `statuses`, with the timers each status arms; returns seconds."""
+    tenant's statuses cycling through `statuses`, with the timers each status arms; returns seconds.
+    `answered`: each visitor message has the AI's answer after it (a socket joining owes no answer)."""
     nc = await nats.connect(url)
     try:
         counter = TokenCounters(CL100K).default_counter
@@ -62,12 +63,15 @@ async def seed(url: str, conversations: int, mark_armed: bool, *, statuses: Sequ
             status = statuses[n // tenants % len(statuses)]  # every tenant gets every status
             message = StoredMessage(id=new_id(), role="user", content="您好，我的订单还没到，请帮我查一下。",
                                     created_at=now, tokens=16, encoding=counter.name)
-            meta = SessionMeta(tenant, f"visitor-{n}", now, now, message_count=1, user_message_count=1,
-                               token_count=16, state=ConversationState(status=status, since=now),
+            replies = [StoredMessage(id=new_id(), role="assistant", content="您好，请提供订单号，我马上为您查询。",
+                                     created_at=now, tokens=16, encoding=counter.name)] if answered else []
+            meta = SessionMeta(tenant, f"visitor-{n}", now, now, message_count=1 + len(replies),
+                               user_message_count=1, token_count=16 * (1 + len(replies)),
+                               state=ConversationState(status=status, since=now),
                                preview=message.content, preview_seq=1)
             pending += [
-                await js.publish_async(log_subject(tenant, session_id), message.to_json(),
-                                       headers={"Nats-Msg-Id": message.id}),
+                *[await js.publish_async(log_subject(tenant, session_id), stored.to_json(),
+                                         headers={"Nats-Msg-Id": stored.id}) for stored in (message, *replies)],
                 # Status and visitor entries, and a waiting conversation's queue marker, as the index writes them.
                 *[await js.publish_async(f"{INDEX_PREFIX}.{key}", value)
                   for key, value in index_entries(tenant, session_id, meta)],

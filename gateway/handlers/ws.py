@@ -36,7 +36,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     wire = Wire(asyncio.get_running_loop(), MAX_FRAME_BYTES, CLOSE_TIMEOUT_S)
     connection = Connection(wire, settings.ws_send_queue, request.transport,
                             address=app[keys.CLIENT_ADDRESSES].of(request),
-                            on_frame_out=lambda kind: metrics.ws_messages.labels("out", kind).inc())
+                            on_frame_out=metrics.count_ws_frame_out)
     socket = LiveSocket(live, connection, wire, request[keys.REQUEST_ID])
     authorization = request.headers.get("Authorization")
     try:

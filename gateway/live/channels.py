@@ -75,12 +75,13 @@ class LiveChannels:
         connection reads them, with no task nor queue per subject (see Route); None without NATS."""
         try:
             nc = await self.bus.connection(timeout_s=2.0)
-            return await Route.add(nc, subject, lambda payload: self._from_other_edge(payload, handler))
+            return await Route.add(nc, subject, self, handler)
         except (BusUnavailable, nats.errors.Error) as error:
             log.warning("live subscription to %s failed: %s", subject, error)
             return None
 
-    def _from_other_edge(self, data: bytes, handler: Handler) -> None:
+    def from_other_edge(self, data: bytes, handler: Handler) -> None:
+        """Hand `handler` a payload another edge published (this edge's own come back too: skipped)."""
         try:
             payload = json.loads(data)
         except ValueError:
@@ -102,9 +103,9 @@ class Route:
 
     __slots__ = ("_conn", "_id", "_subject", "_queue", "_max_msgs", "_received", "_jsi", "_future",
                  "_pending_size", "_pending_bytes_limit", "_pending_next_msgs_calls", "_wait_for_msgs_task",
-                 "_message_iterator", "_closed", "_deliver")
+                 "_message_iterator", "_closed", "_channels", "_handler")
 
-    def __init__(self, nc: NatsClient, sid: int, subject: str, deliver: Callable[[bytes], None]) -> None:
+    def __init__(self, nc: NatsClient, sid: int, subject: str, channels: LiveChannels, handler: Handler) -> None:
         self._conn = nc
         self._id = sid
         self._subject = subject
@@ -120,14 +121,16 @@ class Route:
         self._wait_for_msgs_task = None
         self._message_iterator = None
         self._closed = False
-        self._deliver = deliver
+        self._channels = channels
+        self._handler = handler
+        """Called with each payload of another edge (a conversation's feed: no closure per route)."""
 
     @classmethod
-    async def add(cls, nc: NatsClient, subject: str, deliver: Callable[[bytes], None]) -> Route:
+    async def add(cls, nc: NatsClient, subject: str, channels: LiveChannels, handler: Handler) -> Route:
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError
         nc._sid += 1
-        route = cls(nc, nc._sid, subject, deliver)
+        route = cls(nc, nc._sid, subject, channels, handler)
         _subscriptions(nc)[route._id] = route
         try:
             await nc._send_subscribe(cast(Subscription, route))
@@ -149,7 +152,7 @@ class Route:
         """nats-py's hand-over: the message is for this edge's followers now (their sends never block)."""
         self._pending_size = 0
         try:
-            self._deliver(message.data)
+            self._channels.from_other_edge(message.data, self._handler)
         except Exception:  # the connection's read loop must go on for every other subject
             log.exception("live frame on %s not delivered", self._subject)
 

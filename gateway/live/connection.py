@@ -62,12 +62,13 @@ class Connection:
         self.ws = ws
         self.address = address
         self._principal: Principal | None = None
-        self._following: set[str] = set()
+        self._following: list[str] = []
+        """A list, not a set: a visitor's socket follows one or a few, and an idle one keeps it."""
         self._seen: dict[str, int] = {}
         """Highest stored seq sent per conversation: a stored event is never sent twice."""
         self._current: str | None = None
-        self._own_cids: dict[str, str] = {}
-        """message id -> the client's cid, for messages sent on this socket (echoed in `msg`)."""
+        self._own_cids: dict[str, str] | None = None
+        """message id -> the client's cid, for messages sent on this socket (echoed in `msg`); None until one is."""
         self._close_code: int | None = None
         self._transport = transport
         self._queue_size = queue_size
@@ -127,12 +128,16 @@ class Connection:
         self._seen[conversation_id] = max(self._seen.get(conversation_id, 0), after_seq)
         for event in backlog:
             self.deliver(event, replay=True)
-        self._following.add(conversation_id)
+        if conversation_id not in self._following:
+            self._following.append(conversation_id)
 
     def unfollow(self, conversation_id: str) -> None:
-        self._following.discard(conversation_id)
+        if conversation_id in self._following:
+            self._following.remove(conversation_id)
 
     def remember_cid(self, message_id: str, cid: str) -> None:
+        if self._own_cids is None:
+            self._own_cids = {}
         self._own_cids[message_id] = cid
         if len(self._own_cids) > OWN_CIDS:
             del self._own_cids[next(iter(self._own_cids))]
@@ -251,7 +256,8 @@ class Connection:
                 frame = self._queue.popleft()
                 if not self._queue:
                     self._queue = None  # sent everything: an idle socket keeps no deque
-                if isinstance(frame, MsgEvent | NoteEvent) and frame.message_id in self._own_cids:
+                if (self._own_cids and isinstance(frame, MsgEvent | NoteEvent)
+                        and frame.message_id in self._own_cids):
                     frame = msgspec.structs.replace(frame, cid=self._own_cids[frame.message_id])
                 await self.ws.send_str(encode(frame))
                 if self._on_frame_out is not None:

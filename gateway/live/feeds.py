@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 
 import grpc
@@ -62,32 +61,39 @@ class Feed:
 
     `buffer` holds every event with seq > `floor`: a socket that joins with an `after_seq`
     >= `floor` gets its missed events from memory, older ones come from one ListMessages read.
+
+    An edge holds one per followed conversation, mostly idle (issue 19: 100k on a machine), so it
+    keeps plain lists, and no task, future or closure once it is following.
     """
 
     __slots__ = ("tenant", "conversation_id", "owner", "connections", "joining", "buffer", "floor", "last_seq",
-                 "state", "ready", "task", "subscription", "follower", "_on_state", "_waiters", "_seq_by_id")
+                 "state", "ready", "task", "subscription", "follower", "_feeds", "_waiters", "_seq_by_id")
 
-    def __init__(self, tenant: str, conversation_id: str, on_state: StateListener) -> None:
+    def __init__(self, tenant: str, conversation_id: str, feeds: Feeds) -> None:
         self.tenant = tenant
         self.conversation_id = conversation_id
         self.owner: str | None = None
         """The visitor who owns it, once a visitor's access was checked."""
-        self.connections: set[Connection] = set()
+        self.connections: list[Connection] = []
+        """The sockets following it (a list: a visitor's conversation has one or two)."""
         self.joining = 0
         """Joins in progress: they hold the feed open like a socket."""
-        self.buffer: deque[StoredEvent] = deque()
+        self.buffer: list[StoredEvent] = []
         self.floor = 0
         self.last_seq = 0
         self.state: StateEvent | None = None
         """The newest `state` event seen (None: still the state it was created with)."""
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+        """Done once the kept log is read; then None (joiners go straight on)."""
         self.task: asyncio.Task[None] | None = None
+        """Reads the kept log and starts following; None once it has."""
         self.subscription: Route | None = None
         """Live frames from the other edges."""
         self.follower: LogFollower | None = None
         """The conversation's log in JetStream, from where the first read ended."""
-        self._on_state = on_state
-        self._waiters: dict[str, list[asyncio.Future[int]]] = {}
+        self._feeds = feeds
+        self._waiters: dict[str, list[asyncio.Future[int]]] | None = None
+        """Created by the first `wait_for` that has to wait."""
         self._seq_by_id: dict[str, int] = {}
         """Stored id -> seq of the events in `buffer` (state events carry no message_id in their frame)."""
 
@@ -118,14 +124,22 @@ class Feed:
         self.buffer.append(event)
         self._seq_by_id[message.id] = message.seq
         if len(self.buffer) > BUFFER_EVENTS:
-            self.floor = self.buffer.popleft().seq
+            self.floor = self.buffer.pop(0).seq
             # dicts keep insertion order: the oldest id goes with the oldest event
             del self._seq_by_id[next(iter(self._seq_by_id))]
         for connection in list(self.connections):
             connection.deliver(event)
         if isinstance(event, StateEvent):
-            self._on_state(self, event)
+            self._feeds.state_changed(self, event)
         self._wake(message.id, message.seq)
+
+    def from_other_edge(self, payload: dict[str, object]) -> None:
+        """A payload another edge published on the conversation's subject: a live frame, or its deletion."""
+        frame = relayed(payload.get("frame")) if "frame" in payload else None
+        if frame is not None:
+            self.deliver_live(frame)
+        elif payload.get("deleted") is True:
+            self._feeds.close_deleted(self)
 
     def deliver_live(self, frame: LiveFrame, origin: Connection | None = None) -> None:
         """A frame that is not stored (`ai_delta`, `typing`, `read`) to this process's sockets."""
@@ -138,6 +152,8 @@ class Feed:
         if seq is not None or timeout_s <= 0:
             return seq
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = {}
         self._waiters.setdefault(message_id, []).append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
@@ -152,6 +168,8 @@ class Feed:
                     del self._waiters[message_id]
 
     def _wake(self, message_id: str, seq: int) -> None:
+        if not self._waiters:
+            return
         for waiter in self._waiters.pop(message_id, []):
             if not waiter.done():
                 waiter.set_result(seq)
@@ -189,11 +207,12 @@ class Feeds:
         key = (principal.tenant, conversation_id)
         feed = self._feeds.get(key)
         if feed is None:
-            feed = self._feeds[key] = Feed(principal.tenant, conversation_id, self._state_changed)
+            feed = self._feeds[key] = Feed(principal.tenant, conversation_id, self)
             feed.task = asyncio.create_task(self._follow(feed))
         feed.joining += 1
         try:
-            await asyncio.shield(feed.ready)
+            if feed.ready is not None:
+                await asyncio.shield(feed.ready)
             if principal.role == "visitor":
                 if feed.owner is None:
                     await self._history(principal, conversation_id)  # NotYours unless it is theirs
@@ -213,7 +232,8 @@ class Feeds:
                 backlog = [event for event in feed.buffer if event.seq > after_seq]
             # No await from here on: nothing published can fall between the backlog and the live part.
             connection.follow(conversation_id, after_seq, backlog)
-            feed.connections.add(connection)
+            if connection not in feed.connections:
+                feed.connections.append(connection)
             return len(backlog)
         finally:
             feed.joining -= 1
@@ -224,7 +244,8 @@ class Feeds:
         connection.unfollow(conversation_id)
         feed = self._feeds.get((connection.principal.tenant, conversation_id))
         if feed is not None:
-            feed.connections.discard(connection)
+            if connection in feed.connections:
+                feed.connections.remove(connection)
             self._close_if_unused(feed)
 
     def leave_all(self, connection: Connection) -> None:
@@ -266,7 +287,7 @@ class Feeds:
         leave it with a `resync` (a reload finds nothing), and the feed goes."""
         feed = self._feeds.get((tenant, conversation_id))
         if feed is not None:
-            self._close_deleted(feed)
+            self.close_deleted(feed)
         self._tasks.spawn(self.channels.publish(conversation_subject(tenant, conversation_id), {"deleted": True}))
 
     async def aclose(self) -> None:
@@ -281,7 +302,7 @@ class Feeds:
         await self._log_tail.aclose()
         self._feeds.clear()
 
-    def _close_deleted(self, feed: Feed) -> None:
+    def close_deleted(self, feed: Feed) -> None:
         for connection in list(feed.connections):
             connection.unfollow(feed.conversation_id)
             if connection.is_staff:
@@ -296,7 +317,7 @@ class Feeds:
         if self._metrics is not None:
             self._metrics.log_consumer_restarts.labels(reason).inc()
 
-    def _state_changed(self, feed: Feed, event: StateEvent) -> None:
+    def state_changed(self, feed: Feed, event: StateEvent) -> None:
         for listener in self.state_listeners:
             listener(feed, event)
 
@@ -319,7 +340,7 @@ class Feeds:
             if self._metrics is not None:
                 self._metrics.log_consumers.dec()
         # Nobody may be waiting on `ready` any more; do not let an unread exception be logged.
-        if feed.ready.done() and not feed.ready.cancelled():
+        if feed.ready is not None and feed.ready.done() and not feed.ready.cancelled():
             feed.ready.exception()
 
     async def _follow(self, feed: Feed) -> None:
@@ -327,14 +348,7 @@ class Feeds:
         follow the log from its end in JetStream, and the other edges' live frames."""
         principal = edge_principal(feed.tenant)
         subject = conversation_subject(feed.tenant, feed.conversation_id)
-
-        def from_other_edge(payload: dict[str, object]) -> None:
-            frame = relayed(payload.get("frame")) if "frame" in payload else None
-            if frame is not None:
-                feed.deliver_live(frame)
-            elif payload.get("deleted") is True:
-                self._close_deleted(feed)
-
+        assert feed.ready is not None
         try:
             # The kept log in one read (a consumer would deliver it one message at a time), then
             # the log from its end: a cold feed answers a resume from memory once it is ready.
@@ -351,6 +365,7 @@ class Feeds:
         # The buffer holds the whole kept log and the follower goes on from its end: joiners can
         # be served now (what the log brings later reaches them live).
         feed.ready.set_result(None)
+        feed.ready = None
         delay = RETRY_MIN_S
         while feed.follower is None:
             try:
@@ -365,9 +380,10 @@ class Feeds:
                 log.warning("following a conversation log failed (%s); retrying", str(error) or type(error).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-        route = await self.channels.route(subject, from_other_edge)
+        route = await self.channels.route(subject, feed.from_other_edge)
         if self._feeds.get((feed.tenant, feed.conversation_id)) is feed:
             feed.subscription = route
+            feed.task = None  # done: nothing of it need stay with an idle conversation
         else:  # its last socket left meanwhile
             await unsubscribe(route)
 

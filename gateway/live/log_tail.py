@@ -60,8 +60,9 @@ class LogTail:
         self._inactive_s = inactive_s
         self._on_restart = on_restart
         """Told why each restart happens (a metric): gap, reconnect, silent."""
-        self._followers: dict[str, list[Follower]] = {}
-        """Subject -> its followers here (usually one: the edge's feed of the conversation)."""
+        self._followers: dict[str, tuple[Follower, ...]] = {}
+        """Subject -> its followers here (usually one: the edge's feed of the conversation; a tuple, the
+        smallest holder, since every idle conversation keeps one)."""
         self._joining: dict[Follower, list[tuple[int, bytes]]] = {}
         """Followers still reading what they missed, with what the tail brought them meanwhile."""
         self._nc: NatsClient | None = None
@@ -100,7 +101,7 @@ class LogTail:
         await self._ensure_started(nc)
         # Registered before the read: whatever the read misses was published after it began, and
         # the tail brings that into the buffer; the follower drops the overlap by seq.
-        self._followers.setdefault(follower.subject, []).append(follower)
+        self._followers[follower.subject] = (*self._followers.get(follower.subject, ()), follower)
         self._joining[follower] = []
         try:
             missed = await read_after(nc, follower.subject, after_seq)
@@ -122,9 +123,10 @@ class LogTail:
         followers = self._followers.get(follower.subject)
         if followers is None:
             return
-        with contextlib.suppress(ValueError):
-            followers.remove(follower)
-        if not followers:
+        rest = tuple(other for other in followers if other is not follower)
+        if rest:
+            self._followers[follower.subject] = rest
+        else:
             del self._followers[follower.subject]
 
     def reconnected(self) -> None:
@@ -248,7 +250,7 @@ class LogTail:
         followers = self._followers.get(raw.subject)
         if not followers:
             return
-        for follower in list(followers):
+        for follower in followers:
             joining = self._joining.get(follower)
             if joining is not None:
                 joining.append((seq, raw.data))

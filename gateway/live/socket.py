@@ -39,6 +39,7 @@ from gateway.live.frames import (
 from gateway.live.hello import greet
 from gateway.live.service import LiveService
 from gateway.live.wire import Wire
+from services.common.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LiveSocket:
     """The FrameSink of one socket's Wire (gateway/live/wire.py), from the upgrade to its end."""
 
     __slots__ = ("_live", "_connection", "_wire", "_header_principal", "_request_id", "_bad_frames", "_context",
-                 "_inbox", "_worker", "_hello_timer", "_hello_seen", "_ended", "_log_context")
+                 "_inbox", "_worker", "_hello_timer", "_hello_seen", "_ended")
 
     def __init__(self, live: LiveService, connection: Connection, wire: Wire, request_id: str) -> None:
         self._live = live
@@ -73,8 +74,13 @@ class LiveSocket:
         self._hello_timer: asyncio.TimerHandle | None = None
         self._hello_seen = False
         self._ended = False
-        self._log_context = contextvars.copy_context()
-        """The upgrade request's context (its request id in every log line), for the work its frames cause."""
+
+    def _log_context(self) -> contextvars.Context:
+        """A context naming the upgrade's request id (in every log line of the work its frames cause), made
+        when work starts: an idle socket keeps none."""
+        context = contextvars.Context()
+        context.run(request_id_var.set, self._request_id)
+        return context
 
     def open(self, authorization: str | None) -> None:
         """The upgrade is done: check its Authorization header (if any), and start the hello deadline."""
@@ -88,7 +94,7 @@ class LiveSocket:
             self._connection.refuse(refused)
             return
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._hello_overdue,
-                                                                  context=self._log_context)
+                                                                  context=self._log_context())
 
     # -- from the wire ----------------------------------------------------------------------------
 
@@ -144,7 +150,7 @@ class LiveSocket:
         if len(self._inbox) >= INBOX_PAUSE:
             self._wire.pause_reading()
         if self._worker is None:
-            self._worker = asyncio.create_task(self._handle_queued(), context=self._log_context)
+            self._worker = asyncio.create_task(self._handle_queued(), context=self._log_context())
 
     async def _handle_queued(self) -> None:
         try:

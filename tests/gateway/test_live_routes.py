@@ -157,14 +157,17 @@ def test_a_failing_handler_does_not_stop_the_others() -> None:
     class Message:
         data = b'{"frame": {}, "origin": "elsewhere"}'
 
-    delivered: list[bytes] = []
+    delivered: list[dict[str, object]] = []
 
-    def explode(data: bytes) -> None:
-        delivered.append(data)
+    def explode(payload: dict[str, object]) -> None:
+        delivered.append(payload)
         raise RuntimeError("a bug in a handler")
 
+    channels = LiveChannels.__new__(LiveChannels)
+    channels.edge_id = "here"
     route = Route.__new__(Route)
     route._subject = "kefu.live.t1.c.c1"
-    route._deliver = explode
+    route._channels = channels
+    route._handler = explode
     route.put_nowait(Message())  # type: ignore[arg-type]  # logged, not raised into nats-py's read loop
-    assert delivered == [Message.data]
+    assert delivered == [{"frame": {}, "origin": "elsewhere"}]
