@@ -94,3 +94,22 @@ def rss_of(pids: Mapping[str, int]) -> dict[str, float]:
     """VmRSS of each process in MiB, and the total."""
     rss = {name: memory_mib(pid).get("rss_mib", 0.0) for name, pid in pids.items()}
     return {**rss, "total": round(sum(rss.values()), 1)}
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size in MiB: the process's own pages plus its share of pages mapped by others too
+    (shared libraries, another edge's), so that a sum over processes counts each page once; 0.0 unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def pss_of(pids: Mapping[str, int]) -> dict[str, float]:
+    """PSS of each process in MiB, and the total: the memory the processes take together."""
+    pss = {name: pss_mib(pid) for name, pid in pids.items()}
+    return {**pss, "total": round(sum(pss.values()), 1)}

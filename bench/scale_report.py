@@ -14,6 +14,8 @@ def socket_lines(live: Mapping[str, Any]) -> list[str]:
              "idle CPU % of a core: " + ", ".join(f"{name} {value}" for name, value
                                                   in live["idle_cpu_percent_of_a_core"].items()),
              "RSS MiB: " + ", ".join(f"{name} {value}" for name, value in live["rss_mib"].items()),
+             "PSS MiB (shared pages counted once): " + ", ".join(f"{name} {value}" for name, value
+                                                                  in live.get("pss_mib", {}).items()),
              f"edge RSS per socket: {live['edge_kib_per_socket']} KiB; consumers on KEFU_MESSAGES: "
              f"{live['log_consumers']}"]
     if (lat := live.get("latency")) and "error" in lat:

@@ -19,7 +19,7 @@ import nats
 
 from bench.chat_params import MODEL
 from bench.open_streams import raise_open_files_limit
-from bench.proc_stats import idle_cpu_percent, memory_mib, rss_of, stack_pids
+from bench.proc_stats import idle_cpu_percent, memory_mib, pss_of, rss_of, stack_pids
 from bench.processes import stop_process
 from bench.scale_params import LATENCY, LIMITS, NATS, OPEN_FILES, SOCKETS_PER_ADDRESS, TENANT
 from bench.session_idle import seed
@@ -28,6 +28,9 @@ from bench.ws_idle_phase import read_json_line, tell
 from bench.ws_latency_phase import latency_run
 from bench.ws_params import WsBenchParams
 from devtools.devstack.stack import REPO_ROOT, Stack, StackConfig, StackPorts, free_port
+
+OPENING_AT_ONCE = 200
+"""Hellos in flight over all client processes while the sockets open."""
 
 
 def raise_open_files(wanted: int = OPEN_FILES) -> tuple[int, int]:
@@ -86,6 +89,9 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
     url = stack.base_url.replace("http", "ws", 1) + "/v1/ws"
     env = {**os.environ, SECRET_ENV: secret}
     clients: list[subprocess.Popen[bytes]] = []
+    # About OPENING_AT_ONCE hellos in flight over all clients: more only queue at the session service, past
+    # their deadline (a 100,000-socket run with 2,000 at once lost half of its hellos to it).
+    parallel = max(5, OPENING_AT_ONCE // addresses)
     time.sleep(2.0)
     edges_before = {name: memory_mib(pid).get("rss_mib", 0.0) for name, pid in edge_pids(stack).items()}
     lat: dict[str, Any] | None = None
@@ -93,7 +99,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         for n, (count, start) in enumerate(zip(counts, itertools.accumulate([0, *counts[:-1]]), strict=True)):
             clients.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.ws_idle_clients", "--url", url, "--first", str(first + start), "--count",
-                 str(count), "--parallel", "100", "--local-address", f"127.0.0.{2 + n}",
+                 str(count), "--parallel", str(parallel), "--local-address", f"127.0.0.{2 + n}",
                  "--tenant", TENANT, "--subject-prefix", "visitor-"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True))
         for client in clients:
@@ -105,6 +111,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         time.sleep(5.0)
         idle = idle_cpu_percent(stack_pids(stack, NATS), idle_s)
         rss = rss_of(stack_pids(stack, NATS))
+        pss = pss_of(stack_pids(stack, NATS))
         consumers = asyncio.run(_log_consumers(stack.nats_url))
         if latency is not None:
             try:
@@ -129,7 +136,7 @@ def socket_run(stack: Stack, secret: str, sockets: int, idle_s: float, first: in
         "sockets": sockets, "edges": len(edges_before), "source_addresses": addresses, "opened": held,
         "failed": sum(r["failed"] for r in opened), "errors": errors,
         "in_conversation": sum(r["in_conversation"] for r in opened), "open_s": round(open_s, 1),
-        "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss,
+        "still_open_after_idle": still, "idle_cpu_percent_of_a_core": idle, "rss_mib": rss, "pss_mib": pss,
         "edge_rss_before_mib": edges_before,
         "edge_kib_per_socket": round(edge_growth_mib * 1024 / held, 1) if held else None,
         "log_consumers": consumers}
