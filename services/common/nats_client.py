@@ -134,10 +134,10 @@ async def close_nats(nc: NatsClient, timeout_s: float = 5.0) -> None:
 
 SHORT_DUPLICATE_WINDOW_S = 1.0
 """The duplicate window of kefu's buckets and of the streams it never deduplicates (every stream but
-KEFU_MESSAGES). No such write carries a `Nats-Msg-Id`, yet at every
-start nats-server reads back each message stored within a stream's window to rebuild its duplicate table;
-under nats-py's 2-minute default, a restart after a burst of writes (a bulk import, a busy hour) reads that
-whole burst first: 2.6 of 5.3 s of CPU at 300,000 conversations written just before (bench/README.md)."""
+KEFU_MESSAGES). No such write carries a `Nats-Msg-Id`, yet at every start nats-server reads back each
+message stored within a stream's window to rebuild its duplicate table; under nats-py's 2-minute default,
+a restart after a burst of writes (a bulk import, a busy hour) reads that whole burst first (at 300,000
+conversations written just before: 5.3 s of CPU against 2.5; bench/README.md, scale section)."""
 
 
 async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig, *, reconcile: bool = False) -> KeyValue:
