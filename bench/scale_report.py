@@ -60,6 +60,9 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append(f"| RSS MiB, {name} | {value} | {mine} | {_ratio(mine, value)} |")
     lines += ["", "Ready after a restart (s), each process alone: "
               + ", ".join(f"{name} {seconds}" for name, seconds in report["ready_after_restart_s"].items())]
+    if nats := report.get("nats_server_restart"):
+        lines.append(f"nats-server: stopped in {nats['stop_s']} s; its start took {nats['start_cpu_s']} s of CPU, "
+                     f"RSS {nats['start_rss_mib']} MiB when ready")
     failed = empty["turns"]["failed"] + full["turns"]["failed"]
     lines.append(f"Failed turns: {failed}")
     if live := report.get("sockets"):

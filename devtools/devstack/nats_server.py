@@ -33,7 +33,10 @@ class NatsServer:
     url: str
     store_dir: Path
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`: a clean stop writes each stream's index (index.db), which
+        the next start reads instead of every block; with a million conversations stored that takes seconds
+        (production grants the same 60 s: k8s nats.yaml)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -132,17 +132,42 @@ async def close_nats(nc: NatsClient, timeout_s: float = 5.0) -> None:
             await nc.close()
 
 
-async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
-    """Open a bucket, creating it on first use (two processes racing to create it is fine)."""
+SHORT_DUPLICATE_WINDOW_S = 1.0
+"""The duplicate window of kefu's buckets and of the streams it never deduplicates (every stream but
+KEFU_MESSAGES). No such write carries a `Nats-Msg-Id`, yet at every start nats-server reads back each
+message stored within a stream's window to rebuild its duplicate table; under nats-py's 2-minute default,
+a restart after a burst of writes (a bulk import, a busy hour) reads that whole burst first (at 300,000
+conversations written just before: 5.3 s of CPU against 2.5; bench/README.md, scale section)."""
+
+
+async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig, *, reconcile: bool = False) -> KeyValue:
+    """Open a bucket, creating it on first use (two processes racing to create it is fine).
+
+    A bucket this call creates gets the short duplicate window (SHORT_DUPLICATE_WINDOW_S); `reconcile`: an
+    existing one too. Only for the bucket's owner: changing it takes `$JS.API.STREAM.UPDATE` permission."""
     try:
-        return await js.key_value(config.bucket)
+        kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(config)
-    except BadRequestError:
-        # Another process created it between our two calls.
-        return await js.key_value(config.bucket)
+        try:
+            kv = await js.create_key_value(config)
+        except BadRequestError:
+            # Another process created it between our two calls.
+            return await js.key_value(config.bucket)
+        reconcile = True
+    if reconcile:
+        await narrow_duplicate_window(js, f"KV_{config.bucket}", SHORT_DUPLICATE_WINDOW_S)
+    return kv
+
+
+async def narrow_duplicate_window(js: JetStreamContext, stream: str, window_s: float) -> None:
+    """Bring a stream's duplicate window down to `window_s` (never above its max age: the server refuses it)."""
+    config = (await js.stream_info(stream)).config
+    target = min(window_s, config.max_age) if config.max_age else window_s
+    if config.duplicate_window is not None and config.duplicate_window <= target:
+        return
+    log.info("%s: duplicate window %s -> %s s", stream, config.duplicate_window, target)
+    config.duplicate_window = target
+    await js.update_stream(config)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -148,7 +148,8 @@ class ConversationIndex:
         """Entries age out with the sessions: each is written on every status change, and the idle
         timer writes an open conversation's again while it stays active (timers.py)."""
         kv = await ensure_key_value(nc.jetstream(), KeyValueConfig(
-            bucket=INDEX_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas, direct=True))
+            bucket=INDEX_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE, replicas=replicas, direct=True),
+            reconcile=True)
         version = nc.connected_server_version
         index = cls(nc, kv, batch_reads=(version.major, version.minor) >= (2, 11))
         marked = await index.mark_waiting()

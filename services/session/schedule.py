@@ -25,7 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from services.common.errors import Unavailable
-from services.common.nats_client import ensure_stream
+from services.common.nats_client import SHORT_DUPLICATE_WINDOW_S, ensure_stream
 from services.session.models import OPEN_STATUSES, SessionMeta
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,9 @@ class TimerSchedule:
                               f"connected to {version.major}.{version.minor}.{version.patch}")
         await ensure_stream(nc.jetstream(), StreamConfig(
             name=TIMERS_STREAM, subjects=[f"{TIMERS_PREFIX}.>"], retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE, num_replicas=replicas, max_msgs_per_subject=1, allow_msg_schedules=True))
+            storage=StorageType.FILE, num_replicas=replicas, max_msgs_per_subject=1, allow_msg_schedules=True,
+            # No timer carries a Nats-Msg-Id: a restart need not read back 2 minutes of them.
+            duplicate_window=SHORT_DUPLICATE_WINDOW_S))
         return cls(nc, limits)
 
     async def changed(self, tenant: str, session_id: str, meta: SessionMeta) -> None:

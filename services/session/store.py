@@ -209,12 +209,12 @@ class SessionStore:
                                 limit_marker_ttl=EXPIRY_MARKER_TTL_S, replicas=replicas)
         markers = True
         try:
-            meta = await ensure_key_value(js, config)
+            meta = await ensure_key_value(js, config, reconcile=True)
         except KeyValueLimitMarkerTTLNotSupportedError:
             log.warning("nats-server older than 2.11: expired sessions are not counted")
             markers = False
             config.limit_marker_ttl = None
-            meta = await ensure_key_value(js, config)
+            meta = await ensure_key_value(js, config, reconcile=True)
         await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None, replicas)
         await ensure_stream(js, StreamConfig(
             name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
