@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Collection
 
@@ -18,6 +19,10 @@ from gateway.live.connection import Connection
 CHECKS_PER_HEARTBEAT = 4
 """How often within a heartbeat the sockets are looked at: a silent socket is pinged between 1 and 1.25
 heartbeats after its last frame, and dropped 0.5-0.75 heartbeats after an unanswered ping."""
+CHUNK = 256
+"""Sockets looked at in one go: a round over 16,000 sockets is spread over its interval in chunks (at
+100,000 sockets on six edges, one pass over all of them held each edge's loop ~0.5 s every few seconds,
+and a visitor's message with it: p99 680 ms)."""
 
 
 class Keepalive:
@@ -41,13 +46,17 @@ class Keepalive:
             self._task = None
 
     async def _run(self) -> None:
+        interval_s = self._heartbeat_s / CHECKS_PER_HEARTBEAT
         while True:
-            await asyncio.sleep(self._heartbeat_s / CHECKS_PER_HEARTBEAT)
-            self.check(time.monotonic())
+            sockets = list(self._connections())
+            pause_s = interval_s / max(1, math.ceil(len(sockets) / CHUNK))
+            for start in range(0, max(len(sockets), 1), CHUNK):
+                await asyncio.sleep(pause_s)
+                self.check(time.monotonic(), sockets[start:start + CHUNK])
 
-    def check(self, now: float) -> None:
+    def check(self, now: float, connections: Collection[Connection]) -> None:
         heartbeat_s = self._heartbeat_s
-        for connection in list(self._connections()):
+        for connection in connections:
             if now - connection.heard_at < heartbeat_s or connection.closing:
                 continue
             if connection.pinged_at <= connection.heard_at:  # nothing asked since it was last heard
