@@ -19,19 +19,10 @@ from aiohttp import web
 
 from devtools.fake_embeddings import EmbeddingsRequestError, embeddings_response, parse_embeddings_request
 from devtools.fake_replies import content_text, count_prompt_tokens, cut_to_tokens, encoding, grounded_reply, split_text
+from devtools.fake_requests import ApiError, ChatRequest, check_auth, parse_chat_request
 
-MESSAGE_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
 DEFAULT_DECLINE_MARKER = "[[HANDOFF]]"
 """kefu's decline marker (services/llm_worker/knowledge/grounding.py DECLINE_MARKER)."""
-
-# OpenAI's `type` (and `code`) per HTTP status, as its API sends them.
-_ERROR_TYPES: Mapping[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("permission_error", None),
-    404: ("invalid_request_error", "model_not_found"),
-    429: ("requests", "rate_limit_exceeded"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,43 +104,6 @@ class FakeUpstreamStats:
         return asdict(self)
 
 
-class _ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def response(self) -> web.Response:
-        error_type, default_code = _ERROR_TYPES.get(self.status, ("server_error", None))
-        body = {
-            "error": {
-                "message": self.message,
-                "type": error_type,
-                "param": self.param,
-                "code": self.code if self.code is not None else default_code,
-            }
-        }
-        return web.json_response(body, status=self.status)
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    """The parts of a valid Chat Completions body the fake uses."""
-
-    model: str
-    messages: Sequence[Mapping[str, object]]
-    stream: bool
-    include_usage: bool
-    max_tokens: int | None
-    """max_completion_tokens, else max_tokens."""
-
-
 CONFIG = web.AppKey("config", FakeUpstreamConfig)
 STATS = web.AppKey("stats", FakeUpstreamStats)
 CLOSING = web.AppKey("closing", asyncio.Event)
@@ -167,144 +121,6 @@ def reply_for(config: FakeUpstreamConfig, messages: Sequence[Mapping[str, object
     if config.grounded:
         return grounded_reply(messages, question, config.decline_marker)
     return "Echo: " + question
-
-
-def _check_auth(request: web.Request, expected_api_key: str | None) -> None:
-    if expected_api_key is None:
-        return
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
-        raise _ApiError(
-            401,
-            "You didn't provide an API key. You need to provide your API key in an "
-            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-            code="missing_api_key",
-        )
-    if header.removeprefix("Bearer ") != expected_api_key:
-        # The real API echoes a masked key; the fake echoes none of it.
-        raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-
-def _check_int(body: Mapping[str, object], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _ApiError(
-            400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type"
-        )
-    if value < 1:
-        raise _ApiError(
-            400,
-            f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
-            param=name,
-            code="integer_below_min_value",
-        )
-    return value
-
-
-def _check_messages(messages: object) -> list[Mapping[str, object]]:
-    if messages is None:
-        raise _ApiError(
-            400,
-            "Missing required parameter: 'messages'.",
-            param="messages",
-            code="missing_required_parameter",
-        )
-    if not isinstance(messages, list):
-        raise _ApiError(
-            400,
-            "Invalid type for 'messages': expected an array of objects.",
-            param="messages",
-            code="invalid_type",
-        )
-    if not messages:
-        raise _ApiError(
-            400,
-            "Invalid 'messages': empty array. Expected an array with minimum length 1, "
-            "but got an empty array instead.",
-            param="messages",
-            code="empty_array",
-        )
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise _ApiError(
-                400, f"Invalid type for '{where}': expected an object.", param=where, code="invalid_type"
-            )
-        if message.get("role") not in MESSAGE_ROLES:
-            supported = ", ".join(f"'{r}'" for r in MESSAGE_ROLES)
-            raise _ApiError(
-                400,
-                f"Invalid value: '{message.get('role')}'. Supported values are: {supported}.",
-                param=f"{where}.role",
-                code="invalid_value",
-            )
-        content = message.get("content")
-        if content is None and message["role"] != "assistant":
-            raise _ApiError(
-                400,
-                f"Missing required parameter: '{where}.content'.",
-                param=f"{where}.content",
-                code="missing_required_parameter",
-            )
-        if content is not None and not isinstance(content, str | list):
-            raise _ApiError(
-                400,
-                f"Invalid type for '{where}.content': expected one of a string or array of objects.",
-                param=f"{where}.content",
-                code="invalid_type",
-            )
-    return messages
-
-
-def parse_chat_request(body: object) -> ChatRequest:
-    """Validate a Chat Completions body the way the real API does (the parts the fake uses)."""
-    if not isinstance(body, dict):
-        raise _ApiError(
-            400,
-            "We could not parse the JSON body of your request. (HINT: This likely means you "
-            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
-        )
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _ApiError(400, "you must provide a model parameter")
-    messages = _check_messages(body.get("messages"))
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise _ApiError(
-            400, "Invalid type for 'stream': expected a boolean.", param="stream", code="invalid_type"
-        )
-    options = body.get("stream_options")
-    if options is not None and not stream:
-        raise _ApiError(
-            400,
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-        )
-    if options is not None and not isinstance(options, dict):
-        raise _ApiError(
-            400,
-            "Invalid type for 'stream_options': expected an object.",
-            param="stream_options",
-            code="invalid_type",
-        )
-    temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, int | float) or not 0 <= temperature <= 2):
-        raise _ApiError(
-            400,
-            f"Invalid 'temperature': expected a number between 0 and 2, got {temperature!r}.",
-            param="temperature",
-            code="invalid_value",
-        )
-    max_tokens = _check_int(body, "max_completion_tokens") or _check_int(body, "max_tokens")
-    return ChatRequest(
-        model=model,
-        messages=messages,
-        stream=bool(stream),
-        include_usage=bool(options and options.get("include_usage")),
-        max_tokens=max_tokens,
-    )
 
 
 def _usage_counts(config: FakeUpstreamConfig, chat: ChatRequest, completion_tokens: int) -> tuple[int, int]:
@@ -429,8 +245,8 @@ async def _complete(request: web.Request, chat: ChatRequest) -> web.Response:
 
 
 async def _authorized_body(request: web.Request) -> Any:  # JSON of any shape, recorded as received
-    """The request's JSON body (None when it is not JSON), after the API key check (_ApiError 401)."""
-    _check_auth(request, request.app[CONFIG].expected_api_key)
+    """The request's JSON body (None when it is not JSON), after the API key check (ApiError 401)."""
+    check_auth(request, request.app[CONFIG].expected_api_key)
     try:
         return await request.json()
     except (ValueError, UnicodeDecodeError):
@@ -444,10 +260,10 @@ async def _answer_chat(request: web.Request) -> web.StreamResponse:
         chat = parse_chat_request(body)
         request.app[RECEIVED].append(body)
         if config.fail_status is not None:
-            raise _ApiError(
+            raise ApiError(
                 config.fail_status, f"The fake upstream was told to fail with {config.fail_status}."
             )
-    except _ApiError as error:
+    except ApiError as error:
         request.app[STATS].failed += 1
         return error.response()
     return await (_stream_completion(request, chat) if chat.stream else _complete(request, chat))
@@ -479,13 +295,13 @@ async def embeddings(request: web.Request) -> web.Response:
         try:
             model, inputs, encoding_format, dimensions = parse_embeddings_request(body)
         except EmbeddingsRequestError as error:
-            raise _ApiError(400, error.message, param=error.param, code="invalid_value" if error.param else None) \
+            raise ApiError(400, error.message, param=error.param, code="invalid_value" if error.param else None) \
                 from None
         request.app[RECEIVED_EMBEDDINGS].append(body)
         if config.embeddings_fail_status is not None:
-            raise _ApiError(config.embeddings_fail_status,
+            raise ApiError(config.embeddings_fail_status,
                             f"The fake upstream was told to fail embeddings with {config.embeddings_fail_status}.")
-    except _ApiError as error:
+    except ApiError as error:
         return error.response()
     await asyncio.sleep(config.embeddings_delay_s)
     tokens = sum(len(encoding().encode(text)) for text in inputs)
@@ -496,8 +312,8 @@ async def embeddings(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     try:
-        _check_auth(request, config.expected_api_key)
-    except _ApiError as error:
+        check_auth(request, config.expected_api_key)
+    except ApiError as error:
         return error.response()
     model = {
         "id": config.model or "fake-model",

@@ -55,12 +55,7 @@ class LiveChannels:
         """Call `handler` with every payload other edges publish on `subject`; None without NATS."""
 
         async def deliver(message: Msg) -> None:
-            try:
-                payload = json.loads(message.data)
-            except ValueError:
-                return
-            if isinstance(payload, dict) and payload.get("origin") != self.edge_id:
-                handler(payload)
+            self.from_other_edge(message.data, handler)
 
         try:
             nc = await self.bus.connection(timeout_s=2.0)

@@ -11,7 +11,7 @@ from gateway import keys
 from gateway.live.channels import Route
 from kefu.session.v1 import session_pb2_grpc
 from tests.gateway.live_http_support import EdgeClient, bearer, eventually
-from tests.gateway.test_live_http_conversations import client, say, session, stub, who  # noqa: F401 - fixtures
+from tests.gateway.session_edge import say, who
 
 VISITORS = 12
 
@@ -26,7 +26,7 @@ async def _resumed(edge: EdgeClient, subject: str, conversation_id: str) -> Clie
 
 
 async def test_following_idle_conversations_adds_no_task_future_or_closure(
-        client: EdgeClient, stub: session_pb2_grpc.SessionServiceStub) -> None:  # noqa: F811
+        client: EdgeClient, stub: session_pb2_grpc.SessionServiceStub) -> None:
     conversations = {f"idle-{n}": await say(stub, who(f"idle-{n}"), f"第 {n} 个问题") for n in range(VISITORS + 1)}
     subjects = list(conversations)
     feeds = client.app[keys.LIVE].hub.feeds
