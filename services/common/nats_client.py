@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
@@ -182,3 +183,18 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         except BadRequestError:
             pass
     await js.update_stream(config)
+
+
+async def fetch_batch(subscription: JetStreamContext.PullSubscription, batch: int, timeout_s: float) -> list[Msg]:
+    """The pull subscription's next messages (up to `batch`), or [] when none came within `timeout_s`.
+
+    nats-py's fetch can turn a cancellation that lands as its wait times out into a TimeoutError (seen on Python
+    3.11 under load): a loop fetching until cancelled would then never end. A task being cancelled gets its
+    CancelledError back instead of an empty batch."""
+    try:
+        return await subscription.fetch(batch, timeout=timeout_s)
+    except TimeoutError:  # nats-py's own subclass, or asyncio's when the deadline ran out
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        return []

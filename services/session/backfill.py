@@ -17,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
+from services.common.nats_client import fetch_batch
 from services.session.index import INDEX_STREAM, INDEX_SUBJECT_PREFIX, ConversationSummary
 from services.session.models import SessionMeta, new_id
 from services.session.schedule import TIMERS_PREFIX, TIMERS_STREAM, TimerSchedule, timers_for
@@ -45,9 +46,8 @@ async def arm_stored(nc: NatsClient, schedule: TimerSchedule) -> int:
         subscription = await js.pull_subscribe_bind(name=name, stream=INDEX_STREAM)
         try:
             while True:
-                try:
-                    batch = await subscription.fetch(BATCH, timeout=2.0)
-                except TimeoutError:  # nats-py's own subclass, or asyncio's
+                batch = await fetch_batch(subscription, BATCH, 2.0)
+                if not batch:
                     break
                 entries = [(m.subject, m.data) for m in batch if m.data and not m.headers]
                 armed += sum(await asyncio.gather(*(_arm(schedule, s, d) for s, d in entries)))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from services.common.direct_get import TooManyResults, direct_get
+from services.common.nats_client import fetch_batch
 from services.session.models import new_id
 
 MULTI_LAST_LIMIT = 1024
@@ -55,10 +55,7 @@ async def _consume_last_per_subject(nc: NatsClient, stream: str, filter_subject:
         subscription = await js.pull_subscribe_bind(name=name, stream=stream)
         try:
             while True:
-                try:
-                    batch = await subscription.fetch(MULTI_LAST_LIMIT, timeout=2.0)
-                except NatsTimeoutError:
-                    break
+                batch = await fetch_batch(subscription, MULTI_LAST_LIMIT, 2.0)
                 found += [(m.subject, m.data) for m in batch if is_value(m.headers, m.data)]
                 if not batch or batch[-1].metadata.num_pending == 0:
                     break

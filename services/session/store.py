@@ -43,7 +43,6 @@ from typing import TypeVar
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -66,7 +65,7 @@ from nats.js.kv import KeyValue
 from services.common.conversation_log import LOG_STREAM, LOG_SUBJECT_PREFIX, log_subject
 from services.common.direct_get import direct_get
 from services.common.errors import InvalidArgument, KefuError, NotFound, PermissionDenied, Unavailable
-from services.common.nats_client import ensure_key_value, ensure_stream
+from services.common.nats_client import ensure_key_value, ensure_stream, fetch_batch
 from services.session.conversation import MAX_NAME_CHARS, Change, decide, describe
 from services.session.errors import Conflict, QuotaExceeded, StorageFull, WrongStatus
 from services.session.index import ConversationIndex
@@ -764,9 +763,7 @@ class SessionStore:
                                           headers_only=True))
                 try:
                     while True:
-                        try:
-                            batch = await subscription.fetch(EXPIRY_BATCH, timeout=fetch_timeout_s)
-                        except TimeoutError:  # nats-py's own, or asyncio's when the deadline ran out
+                        if not (batch := await fetch_batch(subscription, EXPIRY_BATCH, fetch_timeout_s)):
                             continue
                         for message in batch:
                             if message.headers and message.headers.get("Nats-Marker-Reason") == "MaxAge":
@@ -896,10 +893,7 @@ class SessionStore:
         messages: list[StoredMessage] = []
         try:
             while True:
-                try:
-                    batch = await subscription.fetch(self._max_history, timeout=2.0)
-                except NatsTimeoutError:
-                    break
+                batch = await fetch_batch(subscription, self._max_history, 2.0)
                 for raw in batch:
                     messages.append(StoredMessage.from_json(raw.data, raw.metadata.sequence.stream))
                 if not batch or batch[-1].metadata.num_pending == 0:

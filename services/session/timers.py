@@ -27,7 +27,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.common.errors import KefuError
-from services.common.nats_client import ensure_key_value
+from services.common.nats_client import ensure_key_value, fetch_batch
 from services.session.conversation import Change
 from services.session.metrics import SessionMetrics
 from services.session.models import OPEN_STATUSES, STATUSES, SessionMeta
@@ -128,10 +128,7 @@ class ConversationTimers:
                 f"{DUE_PREFIX}.>", durable=TIMERS_CONSUMER, stream=TIMERS_STREAM,
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
                                       ack_wait=ACK_WAIT_S, max_deliver=MAX_DELIVER))
-        try:
-            return await self._subscription.fetch(FETCH_BATCH, timeout=timeout_s)
-        except TimeoutError:  # nats-py raises its own subclass, or asyncio's when the deadline ran out
-            return []
+        return await fetch_batch(self._subscription, FETCH_BATCH, timeout_s)
 
     async def _drop_subscription(self) -> None:
         subscription, self._subscription = self._subscription, None

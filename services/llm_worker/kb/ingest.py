@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from services.common.nats_client import ensure_stream
+from services.common.nats_client import ensure_stream, fetch_batch
 from services.llm_worker.kb.build import BuildResult, IndexBuilder, Outcome, SourceDocument, UnreadableIndex
 from services.llm_worker.kb.embeddings import EmbeddingsUnavailable
 from services.llm_worker.kb.metrics import KnowledgeMetrics
@@ -100,13 +100,9 @@ class Ingestor:
                     config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S))
                 try:
                     while True:
-                        try:
-                            batch = await subscription.fetch(BATCH, timeout=fetch_timeout_s)
-                        except TimeoutError:
-                            # nats-py's own, or asyncio's when a loaded loop spent the deadline before the
-                            # lingering pull: either way keep this subscription, whose inbox may still get a job.
-                            continue
-                        await self._handle(batch)
+                        # None within the timeout: keep this subscription, whose inbox may still get a job.
+                        if batch := await fetch_batch(subscription, BATCH, fetch_timeout_s):
+                            await self._handle(batch)
                 finally:
                     with contextlib.suppress(NatsError, TimeoutError):
                         await subscription.unsubscribe()
