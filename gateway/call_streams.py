@@ -1,4 +1,4 @@
-"""The edge's live-chat calls over one long-lived, id-tagged stream per backend (issue 20 item 5).
+"""A turn's session and moderation calls over one long-lived, id-tagged stream per backend (issue 20 item 5).
 
 A unary grpc.aio call costs about 0.6 ms of CPU over both ends; a message on an open stream 0.15-0.4 ms,
 and calls queued while a write is in flight share the next message. Each call keeps its own deadline and
@@ -283,21 +283,53 @@ class _ModerationCodec:
         return result.HasField("status") and is_draining(result.status)
 
 
-SessionStream = CallStream[session_pb2.SessionCall, session_pb2.SessionCallBatch, session_pb2.SessionResultBatch,
-                           session_pb2.SessionResult]
-ModerationStream = CallStream[moderation_pb2.CheckItem, moderation_pb2.CheckBatch, moderation_pb2.CheckResults,
-                              moderation_pb2.CheckResult]
+class CallStreams(Generic[ItemT, BatchT, OutT, ResultT]):
+    """Several streams to one service, calls dealt to them in turn. Each stream is one RPC, which the channel's
+    round_robin policy places on the next replica: the edge's calls spread over a service's replicas as its
+    unary calls did, where one stream would pin them all to one."""
+
+    def __init__(self, backend: str, open_call: Callable[[], grpc.aio.StreamStreamCall[BatchT, OutT]],
+                 codec: _Codec[ItemT, BatchT, OutT, ResultT], streams: int) -> None:
+        if streams < 1:
+            raise ValueError("streams must be >= 1")
+        self.streams = [CallStream(backend, open_call, codec) for _ in range(streams)]
+        self._turns = itertools.cycle(self.streams)
+
+    async def call(self, make_item: Callable[[int, int], ItemT], timeout_s: float) -> ResultT:
+        return await next(self._turns).call(make_item, timeout_s)
+
+    @property
+    def pending(self) -> int:
+        return sum(stream.pending for stream in self.streams)
+
+    @property
+    def writes(self) -> int:
+        return sum(stream.writes for stream in self.streams)
+
+    @property
+    def opened(self) -> int:
+        return sum(stream.opened for stream in self.streams)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(stream.close() for stream in self.streams))
 
 
-class LiveCalls:
-    """The live path's session and moderation calls (the visitor's message to a human, the agent's reply),
-    each over its service's stream. The methods mirror the unary stubs' calls they replace."""
+SessionStreams = CallStreams[session_pb2.SessionCall, session_pb2.SessionCallBatch, session_pb2.SessionResultBatch,
+                             session_pb2.SessionResult]
+ModerationStreams = CallStreams[moderation_pb2.CheckItem, moderation_pb2.CheckBatch, moderation_pb2.CheckResults,
+                                moderation_pb2.CheckResult]
+
+
+class TurnCalls:
+    """A turn's calls before and after its answer (the input check, BeginTurn, the answer's Append; SSE and
+    live chat alike) and the agent's reply, each over its service's stream. The methods mirror the unary
+    stubs' calls they replace. `streams`: per service (KEFU_CALL_STREAMS)."""
 
     def __init__(self, session: session_pb2_grpc.SessionServiceStub,
-                 moderation: moderation_pb2_grpc.ModerationServiceStub) -> None:
-        self.session: SessionStream = CallStream("session", lambda: session.Calls(), _SessionCodec())
-        self.moderation: ModerationStream = CallStream("moderation", lambda: moderation.CheckMany(),
-                                                       _ModerationCodec())
+                 moderation: moderation_pb2_grpc.ModerationServiceStub, streams: int) -> None:
+        self.session: SessionStreams = CallStreams("session", lambda: session.Calls(), _SessionCodec(), streams)
+        self.moderation: ModerationStreams = CallStreams("moderation", lambda: moderation.CheckMany(),
+                                                         _ModerationCodec(), streams)
 
     async def check(self, request: moderation_pb2.CheckRequest, timeout_s: float,
                     request_id: str = "") -> moderation_pb2.CheckResponse:

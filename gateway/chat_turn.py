@@ -162,7 +162,7 @@ def _stream_failure(error: grpc.aio.AioRpcError, backend: str) -> StreamFailed:
 class ChatTurn:
     def __init__(self, clients: BackendClients, settings: GatewaySettings, principal: Principal,
                  request_id: str, tenant_settings: TenantSettingsStore | None = None, *,
-                 bus: EdgeBus | None = None, live: bool = False) -> None:
+                 bus: EdgeBus | None = None) -> None:
         self._clients = clients
         self._settings = settings
         self._principal = session_principal(principal.session_caller())
@@ -170,8 +170,6 @@ class ChatTurn:
         self._visitor = principal.is_visitor
         self._metadata = request_metadata(request_id)
         self._request_id = request_id
-        self._live = live
-        """The live chat's turn: its input check and BeginTurn go over the call streams (gateway/call_streams.py)."""
         self._bus = bus
         """With NATS, an answer stops the moment an agent claims its conversation (else only at its end)."""
         self._tenant_settings = tenant_settings
@@ -233,12 +231,12 @@ class ChatTurn:
         if session_id and parts:
             try:
                 # Stored only if no agent claimed the conversation while the answer was generated.
-                await self._clients.session.Append(session_pb2.AppendRequest(
+                await self._clients.calls.append(session_pb2.AppendRequest(
                     principal=self._principal, session_id=session_id, role="assistant",
                     content="".join(parts), message_id=message_id,
                     if_version=state.version if state is not None else 0,
                     citations=[c.to_session() for c in citations]),
-                    timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+                    self._settings.rpc_timeout_s, self._request_id)
             except grpc.aio.AioRpcError as error:
                 if error.code() is not grpc.StatusCode.ABORTED:
                     raise _stream_failure(error, "session") from None
@@ -273,11 +271,7 @@ class ChatTurn:
             model=self._settings.model if not request.route or request.route == "default" else "",
             store_only=history is not None or not request.answer)
         try:
-            if self._live:
-                begun = await self._clients.live.begin_turn(begin, self._settings.rpc_timeout_s, self._request_id)
-            else:
-                begun = await self._clients.session.BeginTurn(
-                    begin, timeout=self._settings.rpc_timeout_s, metadata=self._metadata)
+            begun = await self._clients.calls.begin_turn(begin, self._settings.rpc_timeout_s, self._request_id)
         except grpc.aio.AioRpcError as error:
             raise api_error_from_grpc(error, "session") from None
         appended = begun.stored
@@ -296,8 +290,7 @@ class ChatTurn:
         only the last); a BLOCK in any is ContentBlocked, a MASK goes on masked."""
         earlier = [m.content for m in request.history or () if m.role == "user"]
         checked = await asyncio.gather(*(
-            checked_input(self._clients, self._settings, self._tenant, text, self._metadata,
-                          live=self._request_id if self._live else None)
+            checked_input(self._clients, self._settings, self._tenant, text, self._request_id)
             for text in (request.message, *earlier)))
         if request.history is None:
             return checked[0], None
@@ -365,16 +358,13 @@ def _answer_backend(error: grpc.aio.AioRpcError) -> str:
 
 
 async def checked_input(clients: BackendClients, settings: GatewaySettings, tenant: str, text: str,
-                        metadata: tuple[tuple[str, str], ...] = (), *, live: str | None = None) -> str:
+                        request_id: str) -> str:
     """The text as moderation lets it on (masked where it says so); ContentBlocked for a BLOCK, and the
-    edge's error for moderation being unreachable: nothing unfiltered goes on (fail closed).
-    `live`: the live chat's request id; the check goes over the moderation call stream."""
+    edge's error for moderation being unreachable: nothing unfiltered goes on (fail closed). Over the
+    moderation call stream (gateway/call_streams.py), as every call of a turn before its answer."""
     check = moderation_pb2.CheckRequest(tenant=tenant, text=text)
     try:
-        if live is not None:
-            verdict = await clients.live.check(check, settings.rpc_timeout_s, live)
-        else:
-            verdict = await clients.moderation.Check(check, timeout=settings.rpc_timeout_s, metadata=metadata)
+        verdict = await clients.calls.check(check, settings.rpc_timeout_s, request_id)
     except grpc.aio.AioRpcError as error:
         raise api_error_from_grpc(error, "moderation") from None
     if verdict.verdict == moderation_pb2.VERDICT_BLOCK:

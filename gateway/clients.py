@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import Principal
-from gateway.call_streams import LiveCalls
+from gateway.call_streams import TurnCalls
 from gateway.settings import GatewaySettings
 from kefu.llm.v1 import knowledge_pb2_grpc, llm_pb2_grpc
 from kefu.moderation.v1 import moderation_pb2_grpc
@@ -64,11 +64,13 @@ class BackendClients:
     moderation: moderation_pb2_grpc.ModerationServiceStub
     llm: llm_pb2_grpc.LlmServiceStub
     knowledge: knowledge_pb2_grpc.KnowledgeServiceStub
-    live: LiveCalls = field(init=False)
-    """The live chat's session and moderation calls, over one long-lived stream per service."""
+    call_streams: int
+    calls: TurnCalls = field(init=False)
+    """A turn's session and moderation calls (SSE and live chat), over `call_streams` long-lived streams per
+    service."""
 
     def __post_init__(self) -> None:
-        self.live = LiveCalls(self.session, self.moderation)
+        self.calls = TurnCalls(self.session, self.moderation, self.call_streams)
 
     @classmethod
     def connect(cls, settings: GatewaySettings) -> BackendClients:
@@ -81,7 +83,7 @@ class BackendClients:
             *CHANNEL_OPTIONS, ("grpc.max_send_message_length", -1)))
         return cls(session, moderation, worker, session_pb2_grpc.SessionServiceStub(session),
                    moderation_pb2_grpc.ModerationServiceStub(moderation), llm_pb2_grpc.LlmServiceStub(worker),
-                   knowledge_pb2_grpc.KnowledgeServiceStub(worker))
+                   knowledge_pb2_grpc.KnowledgeServiceStub(worker), settings.call_streams)
 
     def channels(self) -> dict[str, grpc.aio.Channel]:
         return {"session": self.session_channel, "moderation": self.moderation_channel,
@@ -100,6 +102,6 @@ class BackendClients:
         return result
 
     async def close(self) -> None:
-        await self.live.close()
+        await self.calls.close()
         for channel in self.channels().values():
             await channel.close()

@@ -59,7 +59,10 @@ class GatewaySettings(KefuSettings):
     tenant_max_output_tokens: Mapping[str, int] = Field(default_factory=dict)
     """KEFU_TENANT_MAX_OUTPUT_TOKENS: per-tenant caps over KEFU_MAX_OUTPUT_TOKENS, e.g. "acme=2048,beta=256"."""
     rpc_timeout_s: float = Field(5.0, ge=0.05)
-    """Deadline of each unary gRPC call (moderation, session)."""
+    """Deadline of each call to moderation and session (unary, or one on the call streams)."""
+    call_streams: int = Field(4, ge=1, le=64)
+    """KEFU_CALL_STREAMS: long-lived call streams per service (session, moderation) carrying a turn's calls;
+    each lands on a replica of its own (round_robin), so several spread the calls over the replicas."""
     stream_timeout_s: float = Field(300.0, ge=1)
     """Deadline of a whole answer stream."""
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -44,7 +44,7 @@ async def send(context: SocketContext, frame: Send) -> None:
         raise Refused("not_assigned", "claim the conversation before replying")
     try:
         text = await checked_input(context.live.clients, context.settings, context.principal.tenant, frame.text,
-                                   live=context.request_id)
+                                   context.request_id)
     except ApiError as error:  # content_blocked, or moderation unreachable (fail closed)
         raise Refused(error.code, error.message) from None
     await _store(context, conversation_id, frame.cid, text, kind="message")
@@ -83,7 +83,7 @@ async def _store(context: SocketContext, conversation_id: str, cid: str, text: s
     context.connection.remember_cid(message_id, cid)
     try:
         # Over the session call stream (gateway/call_streams.py): the live path's hot call.
-        reply = await context.live.clients.live.append(session_pb2.AppendRequest(
+        reply = await context.live.clients.calls.append(session_pb2.AppendRequest(
             principal=session_principal(principal), session_id=conversation_id, role="agent", content=text,
             message_id=message_id, kind=kind, sender_name=principal.name or principal.subject),
             context.settings.rpc_timeout_s, context.request_id)

@@ -91,7 +91,7 @@ async def _turn(context: SocketContext, conversation_id: str | None, frame: Send
 async def _run_turn(context: SocketContext, conversation_id: str | None, frame: Send, message_id: str) -> None:
     live, connection, principal, feeds = context.live, context.connection, context.principal, context.feeds
     wants_human = live.handoff_rules.asks_for_human(frame.text)
-    turn = ChatTurn(live.clients, live.settings, principal, context.request_id, live.tenant_settings, live=True)
+    turn = ChatTurn(live.clients, live.settings, principal, context.request_id, live.tenant_settings)
     lease: AnswerLease | None = None
     # run() is an async generator (typed as an iterator): close it to end its gRPC streams.
     events = turn.run(TurnRequest(

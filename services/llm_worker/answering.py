@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeGuard, TypeVar
 
 from services.common.errors import NotFound
 from services.llm_worker.cache import AnswerCache, CachedAnswer
@@ -44,6 +45,7 @@ from services.llm_worker.plugin_api import (
     Finish,
     GenerationParams,
     KnowsQuestions,
+    Provider,
     ProviderError,
 )
 from services.llm_worker.plugin_host import Generation, PluginHost, Target
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 REPLAY_CHUNK_CHARS = 24
 MAX_SUGGESTIONS = 3
 MAX_WARM_QUESTIONS = 100
+HelperT = TypeVar("HelperT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,13 +346,7 @@ class Answerer:
 
 def _canonizer(generation: Generation, target: Target) -> CanonicalQuestions | None:
     """Like `_knower`, for the canonical questions."""
-    if isinstance(target.provider, CanonicalQuestions):
-        return target.provider
-    for route in generation.routes.values():
-        for candidate in route.targets:
-            if isinstance(candidate.provider, CanonicalQuestions):
-                return candidate.provider
-    return None
+    return _helper(generation, target, generation.canonizers, _canonizes)
 
 
 class WarmedContexts:
@@ -378,10 +375,22 @@ class WarmedContexts:
 def _knower(generation: Generation, target: Target) -> KnowsQuestions | None:
     """The route's own provider if it knows the common questions, else any provider of the
     generation that does (the knowledge base serves an LLM route too)."""
-    if isinstance(target.provider, KnowsQuestions):
-        return target.provider
-    for route in generation.routes.values():
-        for candidate in route.targets:
-            if isinstance(candidate.provider, KnowsQuestions):
-                return candidate.provider
-    return None
+    return _helper(generation, target, generation.knowers, _knows)
+
+
+def _knows(provider: Provider) -> TypeGuard[KnowsQuestions]:
+    return isinstance(provider, KnowsQuestions)
+
+
+def _canonizes(provider: Provider) -> TypeGuard[CanonicalQuestions]:
+    return isinstance(provider, CanonicalQuestions)
+
+
+def _helper(generation: Generation, target: Target, found: dict[int, HelperT | None],
+            implements: Callable[[Provider], TypeGuard[HelperT]]) -> HelperT | None:
+    """The target's own provider if it `implements` the helper, else the generation's first that does; looked
+    up once per target (`found`, kept by the generation)."""
+    if id(target) not in found:
+        candidates = (c.provider for route in generation.routes.values() for c in route.targets)
+        found[id(target)] = next((p for p in (target.provider, *candidates) if implements(p)), None)
+    return found[id(target)]

@@ -16,7 +16,13 @@ from pathlib import Path
 from types import ModuleType
 
 from services.common.errors import KefuError
-from services.llm_worker.plugin_api import PluginContext, Provider, ProviderFactory
+from services.llm_worker.plugin_api import (
+    CanonicalQuestions,
+    KnowsQuestions,
+    PluginContext,
+    Provider,
+    ProviderFactory,
+)
 from services.llm_worker.routes import RouteSpec, TargetSpec, parse_routes, pick_target
 from services.llm_worker.snapshot import FolderSnapshot, take_snapshot
 
@@ -67,6 +73,10 @@ class Generation:
     active: int = 0
     retired: bool = False
     closed: bool = False
+    knowers: dict[int, KnowsQuestions | None] = field(default_factory=dict, repr=False)
+    """answering.py's lookups by id(target) (a target lives as long as its generation), made once: a runtime
+    protocol's isinstance check costs microseconds, and a turn asks several times."""
+    canonizers: dict[int, CanonicalQuestions | None] = field(default_factory=dict, repr=False)
 
     def route(self, name: str) -> Route | None:
         return self.routes.get(name)

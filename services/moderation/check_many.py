@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import grpc
@@ -11,6 +12,8 @@ from services.common.call_streams import CallFailed, CallStatus, CallStreamSpec
 from services.common.errors import InvalidArgument
 
 Check = Callable[[moderation_pb2.CheckRequest], moderation_pb2.CheckResponse]
+log = logging.getLogger(__name__)
+
 CheckManySpec = CallStreamSpec[moderation_pb2.CheckBatch, moderation_pb2.CheckItem, moderation_pb2.CheckResult,
                                moderation_pb2.CheckResults]
 
@@ -19,6 +22,7 @@ def check_many_spec(check: Check) -> CheckManySpec:
     """The stream's items run the unary Check's own work (the servicer's check)."""
 
     async def run(item: moderation_pb2.CheckItem) -> moderation_pb2.CheckResult:
+        log.debug("check %d", item.id)  # as the unary interceptor's "rpc" line: the request id's trace
         if not item.HasField("check"):
             raise CallFailed(CallStatus(grpc.StatusCode.INVALID_ARGUMENT, "the item names no check"))
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -12,6 +13,8 @@ from services.session.statuses import REFUSALS, status_of
 
 BeginTurn = Callable[[session_pb2.BeginTurnRequest], Awaitable[session_pb2.BeginTurnResponse]]
 Append = Callable[[session_pb2.AppendRequest], Awaitable[session_pb2.AppendResponse]]
+log = logging.getLogger(__name__)
+
 SessionCallSpec = CallStreamSpec[session_pb2.SessionCallBatch, session_pb2.SessionCall, session_pb2.SessionResult,
                                  session_pb2.SessionResultBatch]
 
@@ -20,8 +23,10 @@ def call_stream_spec(begin_turn: BeginTurn, append: Append) -> SessionCallSpec:
     """The stream's calls run the unary RPCs' own work (the servicer's begin_turn and append)."""
 
     async def run(call: session_pb2.SessionCall) -> session_pb2.SessionResult:
+        kind = call.WhichOneof("call")
+        log.debug("call %d: %s", call.id, kind)  # as the unary interceptor's "rpc" line: the request id's trace
         try:
-            match call.WhichOneof("call"):
+            match kind:
                 case "begin_turn":
                     return session_pb2.SessionResult(id=call.id, begin_turn=await begin_turn(call.begin_turn))
                 case "append":

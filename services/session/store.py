@@ -403,14 +403,15 @@ class SessionStore:
         meta = meta.with_delta(delta, self._answer_lease_s)
         key = meta_key(tenant, session_id)
         try:
-            revision = await self._meta.create(key, meta.to_json())
+            # Armed beside the write, with the first message counted (the idle timer starts from it): a timer
+            # whose conversation never got its metadata finds nothing when due, and does nothing.
+            revision, _ = await asyncio.gather(self._meta.create(key, meta.to_json()),
+                                               self._arm(tenant, session_id, meta))
         except BaseException:
             # Nobody knows the session yet: leave nothing of it behind (a create that timed out may have landed).
             await self._discard(tenant, session_id, meta.owner, created=True)
             raise
         self._cache.put(key, meta, revision)
-        # Armed with the first message counted, so the idle timer starts from it.
-        await self._arm(tenant, session_id, meta)
         return AppendResult(session_id, first, True, state=meta.state, user_message_count=meta.user_message_count,
                             history=(first,) if with_history else None)
 

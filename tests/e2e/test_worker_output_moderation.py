@@ -163,9 +163,10 @@ async def test_blocked_words_never_leave_the_worker(stack: Stack, upstream_port:
     # The edge's turn no longer asks moderation about the answer: no CheckStream call at all.
     async with FakeUpstream(FakeUpstreamConfig(reply="您好"), port=upstream_port):
         assert (await chat(stack, "你好"))[-1][0] == "done"
-    calls = _samples(f"http://127.0.0.1:{stack.config.ports.moderation_metrics}/metrics",
-                     "kefu_grpc_server_handling_seconds_count")
-    assert any(labels["method"] == "Check" for labels, _ in calls)
+    metrics = f"http://127.0.0.1:{stack.config.ports.moderation_metrics}/metrics"
+    checks = _samples(metrics, "kefu_moderation_check_duration_seconds_count")
+    assert [value for labels, value in checks if labels["kind"] == "unary"][0] >= 1  # the turn's input check
+    calls = _samples(metrics, "kefu_grpc_server_handling_seconds_count")
     assert not [labels for labels, _ in calls if labels["method"] == "CheckStream"]
 
 

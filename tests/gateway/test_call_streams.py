@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from devtools.devstack.nats_server import NatsServer
-from gateway.call_streams import LiveCalls
+from gateway.call_streams import TurnCalls
 from gateway.clients import CHANNEL_OPTIONS
 from gateway.errors import api_error_from_grpc
 from kefu.moderation.v1 import moderation_pb2, moderation_pb2_grpc
@@ -44,7 +44,7 @@ INTRUDER = session_pb2.Principal(tenant="shop2", subject="mallory", role="agent"
 
 @dataclass
 class Backends:
-    calls: LiveCalls
+    calls: TurnCalls
     session: session_pb2_grpc.SessionServiceStub
     moderation: moderation_pb2_grpc.ModerationServiceStub
 
@@ -72,7 +72,7 @@ async def backends(nats_client: NatsClient, tmp_path: Path) -> AsyncIterator[Bac
     moderation_channel = internal_channel(f"127.0.0.1:{moderation_port}", TOKEN)
     session = session_pb2_grpc.SessionServiceStub(session_channel)
     moderation = moderation_pb2_grpc.ModerationServiceStub(moderation_channel)
-    calls = LiveCalls(session, moderation)
+    calls = TurnCalls(session, moderation, streams=1)
     try:
         yield Backends(calls, session, moderation)
     finally:
@@ -188,16 +188,17 @@ async def test_call_streams_a_closed_stream_fails_its_calls_unavailable(backends
     assert api_error_from_grpc(closed.value, "moderation").code == "moderation_unavailable"
 
 
-async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica(
-        nats_client: NatsClient, nats_server: NatsServer) -> None:
-    """Two session replicas behind one round-robin channel, as in a rolling restart: the one the stream is
-    on stops; its call in flight finishes there, and the next call, refused unrun, is sent again and lands
-    on the other replica over a new stream."""
+Replica = tuple[SessionServicer, SessionMetrics, grpc.aio.Server, int]
+
+
+@pytest.fixture
+async def two_replicas(nats_client: NatsClient) -> AsyncIterator[tuple[list[Replica], grpc.aio.Channel]]:
+    """Two session replicas on one store, behind one round-robin channel (the edge's options)."""
     counters = TokenCounters(CL100K)
     settings = SessionSettings(grpc_port=0, internal_token=TOKEN)
     store = await SessionStore.open(nats_client, counters.default_counter, max_history=200,
                                     max_message_chars=1000, ttl_s=3600)
-    replicas: list[tuple[SessionServicer, SessionMetrics, grpc.aio.Server, int]] = []
+    replicas: list[Replica] = []
     for _ in range(2):
         metrics = SessionMetrics()
         servicer = SessionServicer(settings, store, counters, metrics)
@@ -206,11 +207,45 @@ async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica
         replicas.append((servicer, metrics, server, port))
     channel = internal_channel(f"ipv4:127.0.0.1:{replicas[0][3]},127.0.0.1:{replicas[1][3]}", TOKEN,
                                CHANNEL_OPTIONS)
-    calls = LiveCalls(session_pb2_grpc.SessionServiceStub(channel), moderation_pb2_grpc.ModerationServiceStub(channel))
+    try:
+        yield replicas, channel
+    finally:
+        await channel.close()
+        for _, _, server, _ in replicas:
+            await server.stop(None)
+        await store.close()
+
+
+def appended(replica: Replica) -> float:
+    return float(replica[1].messages_appended.labels("user")._value.get())
+
+
+async def test_call_streams_spread_a_turns_calls_over_the_replicas(
+        two_replicas: tuple[list[Replica], grpc.aio.Channel]) -> None:
+    """KEFU_CALL_STREAMS streams per service, calls dealt in turn: both replicas serve, as with unary calls."""
+    replicas, channel = two_replicas
+    calls = TurnCalls(session_pb2_grpc.SessionServiceStub(channel), moderation_pb2_grpc.ModerationServiceStub(channel),
+                      streams=4)
+    try:
+        for n in range(20):
+            await calls.begin_turn(begin(f"turn {n}"), 5.0)
+        served = [appended(replica) for replica in replicas]
+        assert sum(served) == 20 and min(served) >= 5  # one stream would have sent all 20 to one replica
+        assert calls.session.opened == 4 and calls.session.pending == 0
+    finally:
+        await calls.close()
+
+
+async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica(
+        nats_server: NatsServer, two_replicas: tuple[list[Replica], grpc.aio.Channel]) -> None:
+    """As in a rolling restart: the replica the stream is on stops; its call in flight finishes there, and the
+    next call, refused unrun, is sent again and lands on the other replica over a new stream."""
+    replicas, channel = two_replicas
+    calls = TurnCalls(session_pb2_grpc.SessionServiceStub(channel), moderation_pb2_grpc.ModerationServiceStub(channel),
+                      streams=1)
     try:
         conversation = (await calls.begin_turn(begin("hello"), 5.0)).stored.session_id
-        served = [metrics.messages_appended.labels("user")._value.get() for _, metrics, _, _ in replicas]
-        first = served.index(1.0)  # the replica the stream went to
+        first = [appended(replica) for replica in replicas].index(1.0)  # the replica the stream went to
         with nats_paused(nats_server):
             in_flight = asyncio.create_task(calls.begin_turn(begin("in flight", conversation), 5.0))
             await asyncio.sleep(0.1)
@@ -221,13 +256,8 @@ async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica
         assert (await in_flight).stored.message.content == "in flight"
         assert (await resent).stored.message.content == "resent"
         await stopping
-        other = replicas[1 - first][1].messages_appended.labels("user")._value.get()
-        assert other == 1.0 and calls.session.opened == 2
+        assert appended(replicas[1 - first]) == 1.0 and calls.session.opened == 2
         assert (await calls.begin_turn(begin("next", conversation), 5.0)).stored.message.content == "next"
         assert calls.session.opened == 2 and calls.session.pending == 0
     finally:
         await calls.close()
-        await channel.close()
-        for _, _, server, _ in replicas:
-            await server.stop(None)
-        await store.close()
