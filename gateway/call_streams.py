@@ -123,6 +123,11 @@ class CallStream(Generic[ItemT, BatchT, OutT, ResultT]):
         """Calls awaiting a result (0 once every caller got its answer or gave up)."""
         return len(self._pending)
 
+    @property
+    def gathering(self) -> bool:
+        """Calls wait to be written (a write is in flight): a call added now shares their message."""
+        return bool(self._queued)
+
     async def call(self, make_item: Callable[[int, int], ItemT], timeout_s: float) -> ResultT:
         """`make_item(id, deadline_ms)`'s result. Raises grpc.aio.AioRpcError as its unary RPC would."""
         if self._closed:
@@ -286,7 +291,8 @@ class _ModerationCodec:
 class CallStreams(Generic[ItemT, BatchT, OutT, ResultT]):
     """Several streams to one service, calls dealt to them in turn. Each stream is one RPC, which the channel's
     round_robin policy places on the next replica: the edge's calls spread over a service's replicas as its
-    unary calls did, where one stream would pin them all to one."""
+    unary calls did, where one stream would pin them all to one. A call joins the last stream while that one
+    is gathering a message (under load), so spreading never splits what would have been one write."""
 
     def __init__(self, backend: str, open_call: Callable[[], grpc.aio.StreamStreamCall[BatchT, OutT]],
                  codec: _Codec[ItemT, BatchT, OutT, ResultT], streams: int) -> None:
@@ -294,9 +300,12 @@ class CallStreams(Generic[ItemT, BatchT, OutT, ResultT]):
             raise ValueError("streams must be >= 1")
         self.streams = [CallStream(backend, open_call, codec) for _ in range(streams)]
         self._turns = itertools.cycle(self.streams)
+        self._last = self.streams[-1]
 
     async def call(self, make_item: Callable[[int, int], ItemT], timeout_s: float) -> ResultT:
-        return await next(self._turns).call(make_item, timeout_s)
+        if not self._last.gathering:
+            self._last = next(self._turns)
+        return await self._last.call(make_item, timeout_s)
 
     @property
     def pending(self) -> int:

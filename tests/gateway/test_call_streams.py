@@ -236,6 +236,21 @@ async def test_call_streams_spread_a_turns_calls_over_the_replicas(
         await calls.close()
 
 
+async def test_call_streams_calls_arriving_together_share_one_streams_message(backends: Backends) -> None:
+    """Dealt in turn, yet a burst goes on the stream gathering it: spreading never splits one write into four."""
+    calls = TurnCalls(backends.session, backends.moderation, streams=4)
+    try:
+        texts = [f"苹果 {n}" for n in range(40)]
+        checked = await asyncio.gather(*(calls.check(moderation_pb2.CheckRequest(tenant="shop1", text=text), 5.0)
+                                         for text in texts))
+        assert [c.masked_text for c in checked] == [f"** {n}" for n in range(40)]
+        assert calls.moderation.writes < 4 and calls.moderation.opened == 1  # one per stream without the rule
+        await calls.check(moderation_pb2.CheckRequest(tenant="shop1", text="next"), 5.0)
+        assert calls.moderation.opened == 2  # alone, a call goes to the next stream
+    finally:
+        await calls.close()
+
+
 async def test_call_streams_a_draining_server_hands_new_calls_to_another_replica(
         nats_server: NatsServer, two_replicas: tuple[list[Replica], grpc.aio.Channel]) -> None:
     """As in a rolling restart: the replica the stream is on stops; its call in flight finishes there, and the
