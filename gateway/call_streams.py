@@ -1,4 +1,4 @@
-"""A turn's session and moderation calls over one long-lived, id-tagged stream per backend (issue 20 item 5).
+"""A turn's session and moderation calls over long-lived, id-tagged streams to each backend (issue 20 item 5).
 
 A unary grpc.aio call costs about 0.6 ms of CPU over both ends; a message on an open stream 0.15-0.4 ms,
 and calls queued while a write is in flight share the next message. Each call keeps its own deadline and

@@ -389,7 +389,8 @@ def _canonizes(provider: Provider) -> TypeGuard[CanonicalQuestions]:
 def _helper(generation: Generation, target: Target, found: dict[int, HelperT | None],
             implements: Callable[[Provider], TypeGuard[HelperT]]) -> HelperT | None:
     """The target's own provider if it `implements` the helper, else the generation's first that does; looked
-    up once per target (`found`, kept by the generation)."""
+    up once per target (`found`, kept by the generation, keyed by id: `target` must be one of the generation's
+    routes', never a per-turn wrapper such as the grounded one)."""
     if id(target) not in found:
         candidates = (c.provider for route in generation.routes.values() for c in route.targets)
         found[id(target)] = next((p for p in (target.provider, *candidates) if implements(p)), None)

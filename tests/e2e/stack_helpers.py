@@ -5,8 +5,11 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack.stack import Stack, StackConfig, StackPorts, free_port
 from devtools.mint_token import mint
@@ -87,3 +90,9 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, what: s
     raise TimeoutError(f"{what} not reached within {timeout_s} s")
 
 
+def metric_samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample named `name` (e.g. `..._count`) a process's /metrics shows now, with its labels."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]

@@ -3,29 +3,23 @@ its session and moderation calls go over the edge's call streams, not one unary 
 
 from __future__ import annotations
 
-import urllib.request
 from collections import Counter
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack.stack import Stack
-from tests.e2e.stack_helpers import auth
+from tests.e2e.stack_helpers import auth, metric_samples
 
 SESSION_SERVICE = "kefu.session.v1.SessionService"
 MODERATION_SERVICE = "kefu.moderation.v1.ModerationService"
 
 
-def counts(url: str, family_name: str, label: str, **only: str) -> Counter[str]:
+def counts(url: str, histogram: str, label: str, **only: str) -> Counter[str]:
     """A histogram's counts so far, per value of `label` (samples with the `only` labels)."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
     found: Counter[str] = Counter()
-    for family in text_string_to_metric_families(text):
-        if family.name != family_name:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_count") and all(sample.labels.get(k) == v for k, v in only.items()):
-                found[sample.labels[label]] += int(sample.value)
+    for labels, value in metric_samples(url, f"{histogram}_count"):
+        if all(labels.get(k) == v for k, v in only.items()):
+            found[labels[label]] += int(value)
     return found
 
 

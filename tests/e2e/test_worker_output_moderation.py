@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import grpc
 import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.sse_reader import read_sse
 from devtools.devstack.stack import Stack, free_port
@@ -25,7 +23,7 @@ from services.common.grpc_client import internal_channel
 from services.common.grpc_server import LIVENESS_SERVICE
 from services.common.lexicon.wire import LEXICON_BUCKET, LEXICON_KEY
 from services.moderation.settings import BUNDLED_LEXICON
-from tests.e2e.stack_helpers import auth, start_stack
+from tests.e2e.stack_helpers import auth, metric_samples, start_stack
 
 Event = tuple[str, dict[str, object]]
 WORD = "蓝莓松饼"
@@ -57,15 +55,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream_port: int, lexicon_
         stack.stop()
 
 
-def _samples(url: str, name: str) -> list[tuple[dict[str, str], float]]:
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == name]
-
-
 def worker_revision(stack: Stack) -> int:
-    found = _samples(f"http://127.0.0.1:{stack.config.ports.worker_metrics}/metrics", "kefu_worker_lexicon_revision")
+    found = metric_samples(f"http://127.0.0.1:{stack.config.ports.worker_metrics}/metrics",
+                           "kefu_worker_lexicon_revision")
     return int(found[0][1])
 
 
@@ -164,9 +156,9 @@ async def test_blocked_words_never_leave_the_worker(stack: Stack, upstream_port:
     async with FakeUpstream(FakeUpstreamConfig(reply="您好"), port=upstream_port):
         assert (await chat(stack, "你好"))[-1][0] == "done"
     metrics = f"http://127.0.0.1:{stack.config.ports.moderation_metrics}/metrics"
-    checks = _samples(metrics, "kefu_moderation_check_duration_seconds_count")
+    checks = metric_samples(metrics, "kefu_moderation_check_duration_seconds_count")
     assert [value for labels, value in checks if labels["kind"] == "unary"][0] >= 1  # the turn's input check
-    calls = _samples(metrics, "kefu_grpc_server_handling_seconds_count")
+    calls = metric_samples(metrics, "kefu_grpc_server_handling_seconds_count")
     assert not [labels for labels, _ in calls if labels["method"] == "CheckStream"]
 
 
