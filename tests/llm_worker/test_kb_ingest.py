@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -394,6 +395,15 @@ async def test_kb_a_build_on_an_unreadable_index_parses_every_document_again(kb:
 
 
 @pytest.mark.timeout(240)  # the queue may take ACK_WAIT_S to empty (below)
+def task_stacks(tasks: list[asyncio.Task[None]]) -> str:
+    """Each task's stack and whether a job keepalive is running: what a failure needs to say where a job waits."""
+    out = io.StringIO()
+    for task in tasks:
+        task.print_stack(file=out)
+    keepalives = [t for t in asyncio.all_tasks() if t.get_name() == "kb-job-keepalive"]
+    return f"{len(keepalives)} keepalive(s) running\n{out.getvalue()}"
+
+
 async def test_kb_two_replicas_share_the_job_queue(kb: Kb, nats_client: NatsClient, builder: IndexBuilder) -> None:
     other = await open_kb(nats_client, builder)
     runs = [asyncio.create_task(replica.ingestor.run(nats_client, fetch_timeout_s=0.3)) for replica in (kb, other)]
@@ -427,7 +437,8 @@ async def test_kb_two_replicas_share_the_job_queue(kb: Kb, nats_client: NatsClie
         consumer = await js.consumer_info(JOBS_STREAM, JOBS_CONSUMER)
         assert (await js.stream_info(JOBS_STREAM)).state.messages == 0, (
             f"unacked {consumer.num_ack_pending}, undelivered {consumer.num_pending}, "
-            f"redelivered {consumer.num_redelivered}, waiting pulls {consumer.num_waiting}")
+            f"redelivered {consumer.num_redelivered}, waiting pulls {consumer.num_waiting}; "
+            f"where the ingestors are: {task_stacks(runs)}")
     finally:
         for run in runs:
             run.cancel()
