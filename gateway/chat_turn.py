@@ -234,7 +234,7 @@ class ChatTurn:
                 await self._clients.calls.append(session_pb2.AppendRequest(
                     principal=self._principal, session_id=session_id, role="assistant",
                     content="".join(parts), message_id=message_id,
-                    if_version=state.version if state is not None else 0,
+                    if_version=state.version if state is not None else 0, after_seq=prepared.seq,
                     citations=[c.to_session() for c in citations]),
                     self._settings.rpc_timeout_s, self._request_id)
             except grpc.aio.AioRpcError as error:

@@ -67,7 +67,9 @@ class StateWatch:
         seq = after_seq
         try:
             for _ in range(MAX_LOOK_BACK):
-                stored = await js.get_msg(LOG_STREAM, seq + 1, subject=subject, next=True)
+                # A direct get (the log allows them): served by the stream, not the JetStream API. A replica a
+                # moment behind may miss the newest event; the answer's conditional append still catches it.
+                stored = await js.get_msg(LOG_STREAM, seq + 1, subject=subject, next=True, direct=True)
                 if stored.seq is None or stored.data is None:
                     return
                 if newer_state(stored.data, stored.seq, self._version):

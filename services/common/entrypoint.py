@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -34,6 +35,7 @@ def run_process(name: str, load_settings: Callable[[], S],
     except SettingsError as error:
         sys.exit(f"{name}: {error}")
     configure_logging(name, settings.log_level)
+    tune_garbage_collector()  # after the imports: what they made is frozen
     try:
         run_on_loop(serve(settings), loop_settings)
     except NatsCredentialsRefused as error:
@@ -50,6 +52,20 @@ def run_on_loop(main: Coroutine[object, object, T], settings: EventLoopSettings)
 def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
     """"uvloop" or "asyncio": the name the start-up log line gives the running loop."""
     return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"
+
+
+GC_YOUNG_THRESHOLD = 20_000
+"""Tracked objects allocated (net of those freed) before a young-generation collection; CPython's default is
+700. A turn makes thousands of short-lived objects, nearly all freed by reference counting, yet at 700 the
+collector ran several times a turn: 2.5-3.5 % of the edge's and the worker's CPU under load (py-spy, issue 20)."""
+
+
+def tune_garbage_collector() -> None:
+    """Collect young objects less often, and never again look at what the imports made (gc.freeze)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _announced(main: Coroutine[object, object, T]) -> T:

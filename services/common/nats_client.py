@@ -145,7 +145,8 @@ async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig, *, reco
     """Open a bucket, creating it on first use (two processes racing to create it is fine).
 
     A bucket this call creates gets the short duplicate window (SHORT_DUPLICATE_WINDOW_S); `reconcile`: an
-    existing one too. Only for the bucket's owner: changing it takes `$JS.API.STREAM.UPDATE` permission."""
+    existing one too, and direct gets when `config.direct` asks for them (a bucket made by an older kefu).
+    Only for the bucket's owner: changing it takes `$JS.API.STREAM.UPDATE` permission."""
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
@@ -155,20 +156,28 @@ async def ensure_key_value(js: JetStreamContext, config: KeyValueConfig, *, reco
             # Another process created it between our two calls.
             return await js.key_value(config.bucket)
         reconcile = True
-    if reconcile:
-        await narrow_duplicate_window(js, f"KV_{config.bucket}", SHORT_DUPLICATE_WINDOW_S)
+    if reconcile and await reconcile_stream(js, f"KV_{config.bucket}", SHORT_DUPLICATE_WINDOW_S,
+                                            allow_direct=bool(config.direct)):
+        kv = await js.key_value(config.bucket)  # a handle reads with direct gets only if the stream allowed them
     return kv
 
 
-async def narrow_duplicate_window(js: JetStreamContext, stream: str, window_s: float) -> None:
-    """Bring a stream's duplicate window down to `window_s` (never above its max age: the server refuses it)."""
+async def reconcile_stream(js: JetStreamContext, stream: str, window_s: float, *, allow_direct: bool = False) -> bool:
+    """Bring a stream's duplicate window down to `window_s` (never above its max age: the server refuses it)
+    and allow direct gets if asked; whether it changed the stream."""
     config = (await js.stream_info(stream)).config
     target = min(window_s, config.max_age) if config.max_age else window_s
-    if config.duplicate_window is not None and config.duplicate_window <= target:
-        return
-    log.info("%s: duplicate window %s -> %s s", stream, config.duplicate_window, target)
-    config.duplicate_window = target
+    narrow = config.duplicate_window is None or config.duplicate_window > target
+    direct = allow_direct and not config.allow_direct
+    if not narrow and not direct:
+        return False
+    if narrow:
+        config.duplicate_window = target
+    config.allow_direct = config.allow_direct or allow_direct
+    log.info("%s: duplicate window %s s, direct gets %s", stream, config.duplicate_window,
+             "allowed" if config.allow_direct else "not allowed")
     await js.update_stream(config)
+    return True
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -186,8 +186,11 @@ class AnswerCache:
     @classmethod
     async def with_nats(cls, local: LocalTier, nc: NatsClient, ttl_s: float, replicas: int = 1) -> AnswerCache:
         js = nc.jetstream()
+        # Direct gets: a lookup per turn is served by the stream itself (any replica; a second-stale answer is
+        # still a right one), not by the JetStream API's JSON and base64 round trip.
         shared = await ensure_key_value(js, KeyValueConfig(bucket=CACHE_BUCKET, history=1, ttl=ttl_s,
-                                                           storage=StorageType.FILE, replicas=replicas))
+                                                           storage=StorageType.FILE, replicas=replicas, direct=True),
+                                        reconcile=True)
         epoch_kv = await ensure_key_value(js, KeyValueConfig(bucket=EPOCH_BUCKET, history=1,
                                                              storage=StorageType.FILE, replicas=replicas))
         epochs = Epochs(epoch_kv)

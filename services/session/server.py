@@ -155,7 +155,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 self._store.append(
                     principal, request.session_id, request.role, request.content, request.message_id,
                     kind=request.kind, sender_name=request.sender_name, if_version=request.if_version,
-                    citations=[citation_of(c) for c in request.citations], admit=admit)))
+                    after_seq=request.after_seq, citations=[citation_of(c) for c in request.citations], admit=admit)))
         return append_response(result)
 
     async def begin_turn(self, request: session_pb2.BeginTurnRequest) -> session_pb2.BeginTurnResponse:

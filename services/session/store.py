@@ -39,7 +39,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
@@ -54,6 +54,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import (
+    BadRequestError,
     KeyNotFoundError,
     KeyValueLimitMarkerTTLNotSupportedError,
     KeyWrongLastSequenceError,
@@ -111,6 +112,8 @@ MAX_DUPLICATE_WINDOW_S = 120.0
 APPEND_KINDS = frozenset({"message", "note"})
 STREAM_FULL = 10077
 """JetStream's err_code for a publish refused by a stream's limits under DiscardPolicy.NEW."""
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's err_code for a publish whose Nats-Expected-Last-Subject-Sequence is no longer the last."""
 MAX_ANSWER_LEASE_S = 300.0
 CONVERSATION_BYTES = 2048
 """What a new conversation adds to its tenant's usage besides its messages: its metadata and index
@@ -235,13 +238,15 @@ class SessionStore:
 
     async def append(self, principal: Principal, session_id: str, role: str, content: str,
                      message_id: str = "", *, kind: str = "", sender_name: str = "",
-                     if_version: int = 0, citations: Sequence[Citation] = (),
+                     if_version: int = 0, after_seq: int = 0, citations: Sequence[Citation] = (),
                      with_history: bool = False, admit: Admit | None = None) -> AppendResult:
         """Store one message. `if_version` non-zero: only while the state version is still that one
         (Conflict otherwise, and nothing stays stored: a change that lands while publishing is
-        caught by the check after it, which deletes the message again). `with_history`: also
-        return the kept events (a turn's context, read beside the state check). `admit`: the
-        caller's own refusal (the visitor's rate), taken first, before anything is stored."""
+        caught by the check after it, which deletes the message again). `after_seq` with it, for a reply:
+        the newest event the caller knew of; while the log still ends there, the reply is stored in one
+        conditional write, without that check (a state change stores its event in the log, so none came).
+        `with_history`: also return the kept events (a turn's context, read beside the state check).
+        `admit`: the caller's own refusal (the visitor's rate), taken first, before anything is stored."""
         kind = kind or "message"
         if role not in ROLES:
             raise InvalidArgument(f"role must be one of {sorted(ROLES)}")
@@ -325,14 +330,19 @@ class SessionStore:
                                 sender_name=sender_name, version=if_version, citations=tuple(citations))
         if created:
             return await self._begin(principal, session_id, meta, message, with_history)
-        ack = await self._publish(principal.tenant, session_id, message)
+        ack = None
+        if if_version and after_seq > 0 and not visitor_message:
+            ack = await self._publish(principal.tenant, session_id, message, after_seq=after_seq)
+        checked = ack is not None  # stored right after `after_seq`: no state change came between
+        if ack is None:
+            ack = await self._publish(principal.tenant, session_id, message)
         if ack.duplicate:
             first = await self._first_copy(principal, session_id, created, ack.seq)
             return replace(first, state=meta.state, reopened=reopened)
         stored = replace(message, seq=ack.seq)
         history: Sequence[StoredMessage] | None = None
         state = meta.state
-        if visitor_message or if_version:
+        if visitor_message or (if_version and not checked):
             # Whether the AI answers (or its answer stands) depends on the state as of now, after the
             # message is in the log: a change not seen here stores its event after this message, where
             # the edge's watch of the log sees it. So read it, rather than trust this process's view.
@@ -452,16 +462,33 @@ class SessionStore:
         self._pending.add(meta_key(tenant, session_id), stored)
         return stored
 
-    async def _publish(self, tenant: str, session_id: str, message: StoredMessage) -> PubAck:
-        """Append to the log, counting its bytes against the tenant's quota; StorageFull when the log is."""
+    @overload
+    async def _publish(self, tenant: str, session_id: str, message: StoredMessage) -> PubAck: ...
+
+    @overload
+    async def _publish(self, tenant: str, session_id: str, message: StoredMessage, *,
+                       after_seq: int) -> PubAck | None: ...
+
+    async def _publish(self, tenant: str, session_id: str, message: StoredMessage, *,
+                       after_seq: int = 0) -> PubAck | None:
+        """Append to the log, counting its bytes against the tenant's quota; StorageFull when the log is.
+
+        `after_seq`: only if the conversation's newest event is still that one (None, nothing stored, if not)."""
         subject, payload = log_subject(tenant, session_id), message.to_json()
+        headers = {"Nats-Msg-Id": message.id}
+        if after_seq:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(after_seq)
         try:
-            ack = await self._js.publish(subject, payload, headers={"Nats-Msg-Id": message.id})
+            ack = await self._js.publish(subject, payload, headers=headers)
         except ServiceUnavailableError as error:
             if error.err_code != STREAM_FULL:
                 raise
             log.error("the conversation log is full (KEFU_MESSAGES_MAX_BYTES): new messages are refused")
             raise StorageFull("the conversation store is full; try again later") from None
+        except BadRequestError as error:
+            if not after_seq or error.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            return None
         if self.usage is not None and not ack.duplicate:
             self.usage.add(tenant, len(subject) + len(payload) + MESSAGE_OVERHEAD_BYTES)
         return ack

@@ -28,7 +28,9 @@ def state(version: int, status: str = "human") -> bytes:
 
 @pytest.fixture
 async def log(nats_client: NatsClient) -> AsyncIterator[NatsClient]:
-    await nats_client.jetstream().add_stream(StreamConfig(name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"]))
+    # Direct gets allowed, as the session creates the log (services/session/store.py): the watch reads with them.
+    await nats_client.jetstream().add_stream(StreamConfig(name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"],
+                                                          allow_direct=True))
     yield nats_client
 
 

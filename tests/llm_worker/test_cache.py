@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, StorageType
 
 from services.llm_worker.answering import AnswerDone, Answerer, AnswerRequest
-from services.llm_worker.cache import AnswerCache, CachedAnswer, LocalTier
+from services.llm_worker.cache import CACHE_BUCKET, AnswerCache, CachedAnswer, LocalTier
 from services.llm_worker.cache_key import CacheKey, cacheable_question, normalize_question
 from services.llm_worker.metrics import WorkerMetrics
 from services.llm_worker.plugin_api import ChatMessage, GenerationParams
@@ -106,6 +108,32 @@ async def test_cache_shared_tier_and_epochs_span_replicas(nats_client: NatsClien
     finally:
         await replica_a.aclose()
         await replica_b.aclose()
+
+
+async def test_cache_lookups_are_direct_gets_also_in_a_bucket_an_older_kefu_made(nats_client: NatsClient) -> None:
+    js = nats_client.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=CACHE_BUCKET, history=1, ttl=60, storage=StorageType.FILE))
+    assert not (await js.stream_info(f"KV_{CACHE_BUCKET}")).config.allow_direct
+    seen: list[str] = []
+
+    async def heard(message: Msg) -> None:
+        seen.append(message.subject.split(".")[2])  # DIRECT or STREAM
+
+    api = [await nats_client.subscribe(f"$JS.API.{kind}.>", cb=heard) for kind in ("DIRECT", "STREAM")]
+    cache = await AnswerCache.with_nats(LocalTier(10_000, 60), nats_client, 60)
+    try:
+        assert (await js.stream_info(f"KV_{CACHE_BUCKET}")).config.allow_direct
+        key = CacheKey.of("t1", "default", "v", [ChatMessage("user", "Shipping?")], "shipping", GenerationParams(),
+                          cache.epoch_token("t1", "default"))
+        seen.clear()
+        assert await cache.lookup(key) is None
+        await nats_client.flush()
+        # One request for the lookup, to the stream itself, not the JetStream API's message get.
+        assert seen == ["DIRECT"]
+    finally:
+        await cache.aclose()
+        for subscription in api:
+            await subscription.unsubscribe()
 
 
 @pytest.fixture
