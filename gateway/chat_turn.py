@@ -190,8 +190,7 @@ class ChatTurn:
                            0, 0, False, "")
             return
         watch = await self._watch(prepared)
-        answer = self._filtered_answer(request, session_id, context)
-        source = answer if watch is None else _until_changed(answer, watch)
+        source = self._filtered_answer(request, session_id, context, watch)
         first: str | llm_pb2.Done | None = None
         parts: list[str] = []
         done: llm_pb2.Done | None = None
@@ -217,8 +216,7 @@ class ChatTurn:
                 except _StateChanged:
                     superseded = True
         finally:
-            await source.aclose()
-            await answer.aclose()  # cancels the generation upstream
+            await source.aclose()  # cancels the generation upstream
             if watch is not None:
                 await watch.stop()
         if superseded:
@@ -310,8 +308,9 @@ class ChatTurn:
             return None
 
     async def _filtered_answer(self, request: TurnRequest, session_id: str, context: list[ContextMessage],
-                               ) -> AsyncGenerator[str | llm_pb2.Done, None]:
-        """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed."""
+                               watch: StateWatch | None) -> AsyncGenerator[str | llm_pb2.Done, None]:
+        """Safe deltas of the answer, then its Done; a BLOCK word ends it with StreamFailed, a change of the
+        conversation's state (`watch`) with _StateChanged, at once, even while the next delta is awaited."""
         max_tokens = request.max_tokens
         if self._visitor:
             # Visitors never get more than the tenant's cap, whatever they ask for (issue 17).
@@ -328,6 +327,10 @@ class ChatTurn:
             generate.temperature = request.temperature
         answer = self._clients.llm.Generate(generate, timeout=self._settings.stream_timeout_s,
                                             metadata=self._metadata)
+        if watch is not None:
+            # A claim cancels the call: the pending read ends at once (grpc.aio raises CancelledError), and
+            # no task per delta races the read against the watch.
+            watch.on_change(answer.cancel)
         # Output moderation runs inside the worker (issue 20): every delta that arrives has passed the
         # lexicon's filter, and a blocked word ends the answer with a Done marked `blocked`.
         try:
@@ -338,12 +341,23 @@ class ChatTurn:
                     break
                 if response.delta:
                     yield response.delta
+                    if watch is not None and watch.changed.is_set():
+                        raise _StateChanged()
+            if watch is not None and watch.changed.is_set():
+                raise _StateChanged()
             if done is None:
                 raise StreamFailed("upstream_unavailable", "the answer stream ended early")
             if done.blocked:
                 raise StreamFailed("content_blocked", "the answer contained blocked content and was stopped")
             yield done
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if watch is not None and watch.changed.is_set() and task is not None and not task.cancelling():
+                raise _StateChanged() from None  # our own cancel of the call, not of this task
+            raise
         except grpc.aio.AioRpcError as error:
+            if watch is not None and watch.changed.is_set() and error.code() is grpc.StatusCode.CANCELLED:
+                raise _StateChanged() from None
             raise _stream_failure(error, _answer_backend(error)) from None
         finally:
             # Leaving the loop does not cancel a gRPC stream by itself (grpc.aio keeps it streaming).
@@ -370,36 +384,6 @@ async def checked_input(clients: BackendClients, settings: GatewaySettings, tena
     if verdict.verdict == moderation_pb2.VERDICT_BLOCK:
         raise ContentBlocked()
     return verdict.masked_text if verdict.verdict == moderation_pb2.VERDICT_MASK else text
-
-
-async def _until_changed(answer: AsyncGenerator[str | llm_pb2.Done, None],
-                         watch: StateWatch) -> AsyncGenerator[str | llm_pb2.Done, None]:
-    """The answer's items until the conversation changes state; then _StateChanged, at once, even while
-    the next delta is still awaited (the pending read is cancelled, which ends the gRPC streams)."""
-    changed = asyncio.ensure_future(watch.changed.wait())
-    step: asyncio.Future[str | llm_pb2.Done] | None = None
-    try:
-        while True:
-            if watch.changed.is_set():
-                raise _StateChanged()
-            step = asyncio.ensure_future(anext(answer))
-            await asyncio.wait((step, changed), return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise _StateChanged()
-            try:
-                item = step.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        changed.cancel()
-        if step is not None and not step.done():
-            # Also when the client went away (this generator cancelled or closed): the read must end
-            # before anyone closes `answer`, which it is still running.
-            step.cancel()
-            await asyncio.wait((step,))
-        if step is not None and not step.cancelled():
-            step.exception()  # retrieved: a failure after we stopped listening is nobody's to report
 
 
 async def _chain(first: Iterable[str | llm_pb2.Done],

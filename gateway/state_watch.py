@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -43,6 +44,7 @@ class StateWatch:
     def __init__(self, version: int) -> None:
         self.changed = asyncio.Event()
         self._version = version
+        self._on_change: list[Callable[[], object]] = []
         self._subscription: Subscription | None = None
         self._look_back: asyncio.Task[None] | None = None
 
@@ -57,10 +59,26 @@ class StateWatch:
         watch._look_back = asyncio.create_task(watch._read_log(nc, subject, after_seq))
         return watch
 
+    def on_change(self, callback: Callable[[], object]) -> None:
+        """Call `callback` once the state changes (at once if it has): to stop a read that awaits the next
+        delta, without a task racing each read against `changed`."""
+        if self.changed.is_set():
+            callback()
+        else:
+            self._on_change.append(callback)
+
+    def _change(self) -> None:
+        if self.changed.is_set():
+            return
+        self.changed.set()
+        callbacks, self._on_change = self._on_change, []
+        for callback in callbacks:
+            callback()
+
     async def _heard(self, message: Msg) -> None:
         # The session's JetStream publish carries its ack inbox as reply subject: never answer it.
         if newer_state(message.data, 0, self._version):
-            self.changed.set()
+            self._change()
 
     async def _read_log(self, nc: NatsClient, subject: str, after_seq: int) -> None:
         js = nc.jetstream()
@@ -73,7 +91,7 @@ class StateWatch:
                 if stored.seq is None or stored.data is None:
                     return
                 if newer_state(stored.data, stored.seq, self._version):
-                    self.changed.set()
+                    self._change()
                     return
                 seq = stored.seq
         except NotFoundError:

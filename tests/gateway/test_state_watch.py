@@ -84,3 +84,19 @@ async def test_state_watch_ignores_changes_before_the_answer_began(log: NatsClie
         assert not await changed_within(watch, 0.3)
     finally:
         await watch.stop()
+
+
+async def test_state_watch_calls_back_once_on_a_change_and_at_once_when_it_came_before(log: NatsClient) -> None:
+    seq = await append(log, message("question"))
+    watch = await StateWatch.start(log, TENANT, CONVERSATION, seq, version=1)
+    calls: list[str] = []
+    try:
+        watch.on_change(lambda: calls.append("reading"))  # the answer's call, cancelled by a claim
+        await append(log, state(2))
+        assert await changed_within(watch)
+        await append(log, state(3))  # a second change calls nobody again
+        await asyncio.sleep(0.2)
+        watch.on_change(lambda: calls.append("late"))  # registered after the change: called at once
+        assert calls == ["reading", "late"]
+    finally:
+        await watch.stop()
