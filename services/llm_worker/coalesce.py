@@ -2,7 +2,7 @@
 
 # Every gRPC message costs CPU on the worker, the edge and the output moderation (0.15-0.4 ms each,
 # issue 20) whatever its size, and an upstream sends 20-100 small chunks per answer. Joining the texts
-# of a window (KEFU_STREAM_WINDOW_MS, 40 ms: still smooth to read) halves the messages at 20 ms chunks
+# of a window (KEFU_STREAM_WINDOW_MS, 50 ms: still smooth to read) halves the messages at 20 ms chunks
 # and cuts more at faster ones, without delaying the first token.
 
 from __future__ import annotations
