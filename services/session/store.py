@@ -208,7 +208,8 @@ class SessionStore:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         js = nc.jetstream()
         config = KeyValueConfig(bucket=META_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                                limit_marker_ttl=EXPIRY_MARKER_TTL_S, replicas=replicas)
+                                limit_marker_ttl=EXPIRY_MARKER_TTL_S, replicas=replicas,
+                                direct=meta_reads_direct(replicas))
         markers = True
         try:
             meta = await ensure_key_value(js, config, reconcile=True)
@@ -217,7 +218,8 @@ class SessionStore:
             markers = False
             config.limit_marker_ttl = None
             meta = await ensure_key_value(js, config, reconcile=True)
-        await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None, replicas)
+        if await _reconcile_meta_stream(nc, ttl_s, EXPIRY_MARKER_TTL_S if markers else None, replicas):
+            meta = await js.key_value(META_BUCKET)  # a handle reads directly only if the stream allowed it when opened
         await ensure_stream(js, StreamConfig(
             name=LOG_STREAM, subjects=[f"{LOG_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
             num_replicas=replicas,
@@ -932,15 +934,25 @@ class SessionStore:
         return messages
 
 
+def meta_reads_direct(replicas: int) -> bool:
+    """Whether metadata is read with direct gets: only from a stream with one replica, which is then the one
+    that answers, so a read sees every write acknowledged before it. With more, any replica may answer a
+    direct get, a follower a moment behind: a state check (a claim, a close) must not read that."""
+    return replicas == 1
+
+
 async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: float | None,
-                                 replicas: int) -> None:
-    """An existing bucket keeps the config it was created with: bring TTL, markers and replicas up to date."""
+                                 replicas: int) -> bool:
+    """An existing bucket keeps the config it was created with: bring TTL, markers, replicas and direct gets
+    up to date; whether it changed the stream."""
     js = nc.jetstream()
     config = (await js.stream_info(META_STREAM)).config
+    direct = meta_reads_direct(replicas)
     if (config.max_age == ttl_s and (config.subject_delete_marker_ttl or None) == marker_ttl_s
-            and (config.num_replicas or 1) == replicas):
-        return
+            and (config.num_replicas or 1) == replicas and bool(config.allow_direct) == direct):
+        return False
     config.num_replicas = replicas
+    config.allow_direct = direct
     log.info("updating %s: max age %s -> %s s", META_STREAM, config.max_age, ttl_s)
     config.max_age = ttl_s
     config.duplicate_window = min(config.duplicate_window or MAX_DUPLICATE_WINDOW_S, ttl_s)
@@ -948,6 +960,7 @@ async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: flo
     if marker_ttl_s:
         config.allow_msg_ttl = True
     await js.update_stream(config)
+    return True
 
 
 def meta_key(tenant: str, session_id: str) -> str:
