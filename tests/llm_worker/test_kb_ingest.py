@@ -22,7 +22,7 @@ from services.llm_worker.kb.library import KnowledgeLibrary
 from services.llm_worker.kb.metrics import KnowledgeMetrics
 from services.llm_worker.kb.seed import seed, wait_settled
 from services.llm_worker.kb.service import KnowledgeBase
-from services.llm_worker.kb.store import KnowledgeStore, Limits, QuotaExceeded
+from services.llm_worker.kb.store import FILES_BUCKET, KnowledgeStore, Limits, QuotaExceeded
 from services.llm_worker.knowledge.parsing import UnsupportedFormat
 
 SHIPPING = b"# Shipping\n\nOrders ship within 48 hours. Shipping is free over 99 yuan.\n"
@@ -444,3 +444,41 @@ async def test_kb_two_replicas_share_the_job_queue(kb: Kb, nats_client: NatsClie
             run.cancel()
         await asyncio.wait(runs)
         await other.library.aclose()
+
+
+async def purge_file_chunks(nc: NatsClient, blob: str) -> None:
+    """Leave the file's object listed with its size but without its bytes (purged, aged out)."""
+    js = nc.jetstream()
+    info = await (await js.object_store(FILES_BUCKET)).get_info(blob)
+    await js.purge_stream(f"OBJ_{FILES_BUCKET}", subject=f"$O.{FILES_BUCKET}.C.{info.nuid}")
+
+
+async def test_kb_a_file_without_its_bytes_fails_its_jobs_instead_of_holding_them(
+        kb: Kb, nats_client: NatsClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # nats-py waits on such an object's chunks without a deadline: the job's keepalive would then hold the job
+    # from every replica, forever. The read gives up; the job is retried, then its document is marked failed.
+    monkeypatch.setattr("services.llm_worker.kb.ingest.RETRY_DELAY_S", 0.2)
+    kb.store.object_timeout_s = 0.5
+    await put(kb, "shop5", "lost", SHIPPING)
+    await purge_file_chunks(nats_client, (await kb.store.get("shop5", "lost")).blob)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="not read within 0.5 s"):
+        await kb.store.read_file((await kb.store.get("shop5", "lost")).blob)
+    assert time.monotonic() - started < 5
+    run = asyncio.create_task(kb.ingestor.run(nats_client, fetch_timeout_s=0.3))
+    try:
+        for _ in range(600):
+            if (await kb.store.get("shop5", "lost")).status == "failed":
+                break
+            await asyncio.sleep(0.05)
+        record = await kb.store.get("shop5", "lost")
+        assert record.status == "failed" and "TimeoutError" in record.error, record
+        js = nats_client.jetstream()
+        for _ in range(100):  # the last attempt's ack follows the record's update
+            if (await js.stream_info(JOBS_STREAM)).state.messages == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await js.stream_info(JOBS_STREAM)).state.messages == 0
+    finally:
+        run.cancel()
+        await asyncio.wait([run])

@@ -38,6 +38,8 @@ MAX_ATTEMPTS = 4
 RETRY_DELAY_S = 2.0
 BUILD_TIMEOUT_S = 900.0
 """One rebuild (parse, chunk, index) longer than this is stopped (a parser stuck on a hostile file)."""
+RECONCILE_TIMEOUT_S = BUILD_TIMEOUT_S + 300.0
+"""A tenant's whole reconciliation (its reads, build and writes): past it the job is retried like a failure."""
 PUBLISH_ATTEMPTS = 5
 PENDING = frozenset({"queued", "indexing"})
 REBUILD = b"rebuild"
@@ -118,7 +120,9 @@ class Ingestor:
         for tenant, messages in by_tenant.items():
             keepalive = asyncio.create_task(_keep_in_progress(messages), name="kb-job-keepalive")
             try:
-                await self.reconcile(tenant, rebuild=any(m.data == REBUILD for m in messages))
+                # Bounded: whatever hangs, the keepalive must not hold the job from every other replica forever.
+                async with asyncio.timeout(RECONCILE_TIMEOUT_S):
+                    await self.reconcile(tenant, rebuild=any(m.data == REBUILD for m in messages))
             except Exception as error:
                 self._metrics.ingest_failures.inc()
                 if isinstance(error, EmbeddingsUnavailable):

@@ -13,6 +13,7 @@ Every change of a key is a compare-and-set on its revision: worker replicas may 
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import io
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 DOCUMENTS_BUCKET = "kefu_kb_documents"
 TENANTS_BUCKET = "kefu_kb_tenants"
 FILES_BUCKET = "kefu_kb_files"
+OBJECT_READ_TIMEOUT_S = 60.0
+"""Longest read of one stored file or index (a 10 MB object takes well under a second on a healthy server)."""
 INDEXES_BUCKET = "kefu_kb_indexes"
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -188,8 +191,10 @@ class KnowledgeStore:
     """Records, tenant state and bytes of every tenant's documents; stateless apart from its handles."""
 
     def __init__(self, js: JetStreamContext, documents: KeyValue, tenants: KeyValue, files: ObjectStore,
-                 indexes: ObjectStore, limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
+                 indexes: ObjectStore, limits: Limits, *, clock: Callable[[], float] = time.time,
+                 object_timeout_s: float = OBJECT_READ_TIMEOUT_S) -> None:
         self._js = js
+        self.object_timeout_s = object_timeout_s
         self.documents = documents
         self.tenants = tenants
         self._files = files
@@ -406,7 +411,7 @@ class KnowledgeStore:
 
     async def read_file(self, name: str) -> bytes | None:
         """An uploaded file's bytes, or None when it is gone (deleted meanwhile)."""
-        return await _read_object(self._files, name)
+        return await _read_object(self._files, name, self.object_timeout_s)
 
     async def write_index(self, tenant: str, data: bytes) -> str:
         name = f"{tenant}/{secrets.token_hex(12)}"
@@ -414,7 +419,7 @@ class KnowledgeStore:
         return name
 
     async def read_index(self, name: str) -> bytes | None:
-        return await _read_object(self._indexes, name)
+        return await _read_object(self._indexes, name, self.object_timeout_s)
 
     async def delete_index(self, name: str) -> None:
         await _delete_object(self._indexes, name)
@@ -427,15 +432,23 @@ class KnowledgeStore:
             await _delete_object(self._files, name)
 
 
-async def _read_object(store: ObjectStore, name: str) -> bytes | None:
+async def _read_object(store: ObjectStore, name: str, timeout_s: float) -> bytes | None:
+    """The object's bytes, None when it is gone; TimeoutError when they do not all come within `timeout_s`.
+
+    nats-py's get reads the chunks with an ordered push consumer and no deadline: an object whose chunks
+    are missing (purged, aged out) or a stalled consumer would hang the read, and with it an ingestion job
+    whose keepalive then holds it from every other replica, forever."""
     if not name:
         return None
     buffer = io.BytesIO()
     try:
-        # writeinto: nats-py appends chunk to chunk with bytes +=, quadratic on a large object.
-        await store.get(name, writeinto=buffer)
+        async with asyncio.timeout(timeout_s):
+            # writeinto: nats-py appends chunk to chunk with bytes +=, quadratic on a large object.
+            await store.get(name, writeinto=buffer)
     except NotFoundError:
         return None
+    except TimeoutError:
+        raise TimeoutError(f"knowledge object {name} not read within {timeout_s:g} s") from None
     return buffer.getvalue()
 
 
