@@ -1,4 +1,4 @@
-"""Session fixtures over a real nats-server: the gRPC service on port 0 (live-chat tests) and two stores as two replicas."""
+"""Session fixtures on a real nats-server: the gRPC service on port 0 (live chat), two stores as two replicas."""
 
 from __future__ import annotations
 
