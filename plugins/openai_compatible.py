@@ -5,12 +5,8 @@
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
-import random
-import re
-import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +15,11 @@ from urllib.parse import urlsplit
 import aiohttp
 import tiktoken
 
+from services.llm_worker.openai_stream import SSEDecoder as SSEDecoder
+from services.llm_worker.openai_stream import StreamState, error_text
+from services.llm_worker.openai_stream import UpstreamHTTPError as UpstreamHTTPError
+from services.llm_worker.openai_stream import backoff_delay as backoff_delay
+from services.llm_worker.openai_stream import retry_after_s as retry_after_s
 from services.llm_worker.plugin_api import (
     ChatMessage,
     Delta,
@@ -29,6 +30,7 @@ from services.llm_worker.plugin_api import (
     StreamEvent,
     Usage,
 )
+from services.llm_worker.read_watchdog import ReadTimeout, ReadWatchdog
 
 # A fixed logger name: the module's own __name__ changes with every loaded generation.
 log = logging.getLogger("kefu.plugins.openai_compatible")
@@ -58,7 +60,6 @@ _KNOWN_SETTINGS = frozenset(
         "retry_backoff_max_s",
     }
 )
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,148 +178,6 @@ def _headers(settings: Mapping[str, object]) -> Mapping[str, str]:
     return dict(value)
 
 
-def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: a uniform wait in [0, min(cap, base * 2**attempt)].
-
-    Full jitter spreads the retries of many streams that failed together (an upstream restart)
-    instead of sending them back in waves (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/).
-    """
-    ceiling = min(cap_s, base_s * 2.0 ** min(attempt, 62))
-    return (rng or random).uniform(0.0, ceiling)
-
-
-def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """The wait an upstream asks for: `retry-after-ms` (OpenAI), else `Retry-After` in seconds or as
-    an HTTP date; None when absent or unreadable."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(millis) / 1000.0)
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-        when = email.utils.parsedate_to_datetime(value)
-        if when.tzinfo is not None:
-            return max(0.0, when.timestamp() - (time.time() if now is None else now))
-    return None
-
-
-class UpstreamHTTPError(ProviderError):
-    """The upstream answered with an HTTP error status; `retry_after_s` is its `Retry-After`, if any."""
-
-    def __init__(self, message: str, *, status: int, retryable: bool, retry_after_s: float | None = None) -> None:
-        super().__init__(message, retryable=retryable, status=status)
-        self.retry_after_s = retry_after_s
-
-
-class SSEDecoder:
-    """Incremental text/event-stream decoder: feed bytes as they arrive, get each complete event's data.
-
-    Lines may be split anywhere across reads (inside a UTF-8 character too: lines are split as bytes
-    and decoded whole). Comments (keep-alives) and fields other than `data` are skipped.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._buffer.extend(chunk)
-        events: list[str] = []
-        start = 0
-        while match := _LINE_END.search(self._buffer, start):
-            if match.group() == b"\r" and match.end() == len(self._buffer):
-                break  # may be the first half of \r\n: wait for the next read
-            self._line(bytes(self._buffer[start : match.start()]).decode("utf-8"), events)
-            start = match.end()
-        del self._buffer[:start]
-        return events
-
-    def close(self) -> list[str]:
-        """End of stream: dispatch the data of complete lines; an unterminated last line is dropped."""
-        if self._buffer.endswith(b"\r"):
-            self._buffer.extend(b"\n")
-            return self.feed(b"") + self._flush()
-        return self._flush()
-
-    def _flush(self) -> list[str]:
-        events = ["\n".join(self._data)] if self._data else []
-        self._data = []
-        return events
-
-    def _line(self, line: str, events: list[str]) -> None:
-        if not line:
-            events.extend(self._flush())
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value.removeprefix(" "))
-
-
-@dataclass(slots=True)
-class _StreamState:
-    """What the chunks of one completion said so far."""
-
-    model: str
-    finish_reason: str | None = None
-    usage: Mapping[str, object] | None = None
-    done: bool = False
-    texts: list[str] = field(default_factory=list)
-
-    def apply(self, data: str) -> str:
-        """Take one event's data; return its content text (may be empty)."""
-        if data.strip() == "[DONE]":
-            self.done = True
-            return ""
-        chunk = _loads_object(data)
-        if chunk.get("error"):
-            raise ProviderError(
-                f"upstream reported an error mid-stream: {_error_text(chunk) or 'no message'}", retryable=True
-            )
-        if isinstance(chunk.get("model"), str) and chunk["model"]:
-            self.model = chunk["model"]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        text = "".join(self._apply_choice(choice) for choice in chunk.get("choices") or ())
-        if text:
-            self.texts.append(text)
-        return text
-
-    def _apply_choice(self, choice: object) -> str:
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-            return ""  # we ask for n=1; anything else is not ours to show
-        if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
-            self.finish_reason = choice["finish_reason"]
-        delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        return content if isinstance(content, str) else ""
-
-
-def _loads_object(data: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ProviderError("upstream sent a malformed stream event (not a JSON object)", retryable=True)
-    return value
-
-
-def _error_text(body: object) -> str:
-    """The message of an error body: OpenAI `{"error": {"message"}}`, vLLM `{"message"}`, `{"detail"}`."""
-    if not isinstance(body, dict):
-        return ""
-    error = body.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or error.get("code") or "")
-    if isinstance(error, str):
-        return error
-    return str(body.get("message") or body.get("detail") or "")
-
-
 def _safe_cause(exc: BaseException) -> BaseException | None:
     """The cause to chain: the exception itself when its text cannot hold the URL (whose query may
     carry a key), a fresh TimeoutError for timeouts (the host reads `__cause__` to tell them apart)."""
@@ -327,72 +186,6 @@ def _safe_cause(exc: BaseException) -> BaseException | None:
     if isinstance(exc, OSError | aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
         return exc
     return None
-
-
-class _ReadTimeout(Exception):
-    """A read of the response ran past its deadline (`kind`: first_token, idle or total)."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-class _ReadWatchdog:
-    """One timer over every read of a response, instead of a timeout per read (issue 20).
-
-    A read only stores its deadline; the timer, when it fires before the deadline of the read in
-    progress (which moved on since it was set), sets itself again for that deadline, so a stream
-    arms it about once per idle period. It cancels the reading task only during a read that ran
-    past its deadline, and that read raises _ReadTimeout (asyncio.Timeout's way of telling its own
-    cancellation from anyone else's)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_for = 0.0
-        self._by = 0.0
-        self._reader: asyncio.Task[object] | None = None
-        self._cancelling = 0
-        self._expired = False
-
-    async def read(self, content: aiohttp.StreamReader, by: float, kind: str) -> bytes:
-        """`content.readany()`, or _ReadTimeout(kind) if nothing came by `by` (loop time)."""
-        self._by = by
-        self._reader = reader = asyncio.current_task()
-        if self._handle is None or by < self._armed_for:
-            self._arm(by)
-        try:
-            return await content.readany()
-        except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
-                if reader is not None and reader.uncancel() <= self._cancelling:
-                    raise _ReadTimeout(kind) from None
-            raise
-        finally:
-            self._reader = None
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _arm(self, when: float) -> None:
-        self.close()
-        self._armed_for = when
-        self._handle = self._loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        reader = self._reader
-        if reader is None:
-            return  # between reads: the next read sets the timer again
-        if self._loop.time() < self._by:
-            self._arm(self._by)
-            return
-        self._expired = True
-        self._cancelling = reader.cancelling()
-        reader.cancel()
 
 
 class OpenAICompatibleProvider:
@@ -450,7 +243,7 @@ class OpenAICompatibleProvider:
         deadline = loop.time() + self._settings.total_timeout_s
         attempt = 0
         while True:
-            state = _StreamState(model=self._settings.model)
+            state = StreamState(model=self._settings.model)
             try:
                 async with contextlib.aclosing(self._attempt(body, state, deadline)) as texts:
                     async for text in texts:
@@ -471,7 +264,7 @@ class OpenAICompatibleProvider:
                 await asyncio.sleep(delay)
         yield Finish(finish_reason=state.finish_reason or "stop", usage=self._usage(messages, state), model=state.model)
 
-    def _retry_delay(self, error: ProviderError, attempt: int, state: _StreamState, remaining_s: float) -> float | None:
+    def _retry_delay(self, error: ProviderError, attempt: int, state: StreamState, remaining_s: float) -> float | None:
         """How long to wait before trying again, or None to give up."""
         if state.texts or not error.retryable or attempt >= self._settings.max_retries:
             return None  # never retry once a delta was yielded: the caller has already shown it
@@ -486,7 +279,7 @@ class OpenAICompatibleProvider:
         return delay if delay < remaining_s else None
 
     async def _attempt(
-        self, body: Mapping[str, object], state: _StreamState, deadline: float
+        self, body: Mapping[str, object], state: StreamState, deadline: float
     ) -> AsyncGenerator[str, None]:
         """One upstream request: the content texts as they arrive; ProviderError on any failure."""
         assert self._session is not None  # checked by stream()
@@ -497,7 +290,7 @@ class OpenAICompatibleProvider:
                 response = await self._session.post(self._settings.endpoint, json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc) from _safe_cause(exc)
-        watchdog = _ReadWatchdog(loop)
+        watchdog = ReadWatchdog(loop)
         try:
             async with self._deadline(first_token_by, "first_token", deadline):
                 await self._check_response(response)
@@ -511,7 +304,7 @@ class OpenAICompatibleProvider:
                     read_by, kind = deadline, "total"
                 try:
                     raw = await watchdog.read(response.content, read_by, kind)
-                except _ReadTimeout as timeout:
+                except ReadTimeout as timeout:
                     # A fresh TimeoutError as the cause: the host reads __cause__ to tell timeouts apart.
                     raise self._timeout_error(timeout.kind) from TimeoutError(timeout.kind)
                 try:
@@ -599,7 +392,7 @@ class OpenAICompatibleProvider:
     async def _check_response(self, response: aiohttp.ClientResponse) -> None:
         if response.status >= 400:
             body = await self._read_error_body(response)
-            detail = self._redact(_error_text(body) or response.reason or "no message")[:300]
+            detail = self._redact(error_text(body) or response.reason or "no message")[:300]
             raise UpstreamHTTPError(
                 f"upstream {self._settings.origin} returned HTTP {response.status}: {detail}",
                 status=response.status,
@@ -609,7 +402,7 @@ class OpenAICompatibleProvider:
         if response.content_type == "application/json":
             # A server that ignores stream=true; its answer is not a stream we can relay.
             body = await self._read_error_body(response)
-            detail = _error_text(body) or "it answered with one JSON object"
+            detail = error_text(body) or "it answered with one JSON object"
             raise ProviderError(f"upstream {self._settings.origin} did not stream: {self._redact(detail)[:300]}")
 
     async def _read_error_body(self, response: aiohttp.ClientResponse) -> object:
@@ -641,7 +434,7 @@ class OpenAICompatibleProvider:
             return ProviderError(f"upstream {origin} broke the connection mid-answer", retryable=True)
         return ProviderError(f"request to upstream {origin} failed: {type(exc).__name__}", retryable=True)
 
-    def _usage(self, messages: Sequence[ChatMessage], state: _StreamState) -> Usage:
+    def _usage(self, messages: Sequence[ChatMessage], state: StreamState) -> Usage:
         reported = state.usage or {}
         prompt = reported.get("prompt_tokens")
         completion = reported.get("completion_tokens")
