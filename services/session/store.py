@@ -953,7 +953,8 @@ async def _reconcile_meta_stream(nc: NatsClient, ttl_s: float, marker_ttl_s: flo
         return False
     config.num_replicas = replicas
     config.allow_direct = direct
-    log.info("updating %s: max age %s -> %s s", META_STREAM, config.max_age, ttl_s)
+    log.info("updating %s: max age %s -> %s s, %s replica(s), direct gets %s", META_STREAM, config.max_age, ttl_s,
+             replicas, "allowed" if direct else "not allowed")
     config.max_age = ttl_s
     config.duplicate_window = min(config.duplicate_window or MAX_DUPLICATE_WINDOW_S, ttl_s)
     config.subject_delete_marker_ttl = marker_ttl_s
