@@ -10,13 +10,26 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, BrowserContext, Page
 
-from devtools.devstack.stack import free_port
 from devtools.mint_token import mint
 from tests.e2e.stack_helpers import SECRET
 
 OUTPUT = Path(__file__).resolve().parent / "output"
 TENANT = "demo"
-CUSTOMER_PORT = free_port()
+
+
+def _held_port() -> socket.socket:
+    """A loopback port kept bound (not listening, SO_REUSEPORT) from collection on: the browser tests run minutes
+    later, and a port merely seen free then was taken meanwhile (CI: EADDRINUSE); while this socket holds it, no
+    other socket gets it. CustomerSite listens on it beside this one."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    return held
+
+
+CUSTOMER_PORT_HOLD = _held_port()
+"""Closed at the end of the session (tests/browser/conftest.py)."""
+CUSTOMER_PORT = CUSTOMER_PORT_HOLD.getsockname()[1]
 CUSTOMER_ORIGIN = f"http://localhost:{CUSTOMER_PORT}"
 """A customer's site on another origin that embeds the widget from the edge (see `serve_customer_page`)."""
 
@@ -159,7 +172,10 @@ class CustomerSite:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", CUSTOMER_PORT), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            allow_reuse_port = True  # beside CUSTOMER_PORT_HOLD
+
+        self._server = Server(("127.0.0.1", CUSTOMER_PORT), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

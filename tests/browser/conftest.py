@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from devtools.devstack.stack import Stack
-from tests.browser.browser_helpers import CUSTOMER_ORIGIN, TENANT, BrowserPages, Relay
+from tests.browser.browser_helpers import CUSTOMER_ORIGIN, CUSTOMER_PORT_HOLD, TENANT, BrowserPages, Relay
 from tests.e2e.stack_helpers import faq_plugins_env, start_stack
 
 CHROMIUM = "/usr/bin/chromium"
@@ -21,6 +21,13 @@ def pytest_runtest_makereport(item: pytest.Item,
     report = yield
     setattr(item, f"report_{report.when}", report)  # read by the `browser_pages` fixture to screenshot failures
     return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def customer_port_released() -> Iterator[None]:
+    """The customer site's port is held for the whole run, let go at its end."""
+    yield
+    CUSTOMER_PORT_HOLD.close()
 
 
 @pytest.fixture(scope="module")
